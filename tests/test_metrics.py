@@ -1,0 +1,101 @@
+"""Metrics on small cases whose expected values are worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+
+from saecache.evaluate import metrics as M
+
+# x and its reconstruction: residual e = x - x_hat = [[0, 2], [0, -1]]
+X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+X_HAT = torch.tensor([[1.0, 0.0], [3.0, 5.0]])
+# features: row 0 has two nonzeros (|2| + |-1| = 3), row 1 one nonzero (3)
+F = torch.tensor([[0.0, 2.0, -1.0], [0.0, 0.0, 3.0]])
+
+
+def test_mse_is_per_element():
+    # (0 + 4 + 0 + 1) / 4 elements
+    assert M.mse(X, X_HAT) == pytest.approx(1.25)
+
+
+def test_l1_l0_alive_frequencies():
+    assert M.l1(F) == pytest.approx(3.0)  # (3 + 3) / 2 rows
+    assert M.l0(F) == pytest.approx(1.5)  # (2 + 1) / 2 rows
+    counts = M.firing_counts(F)
+    assert counts.tolist() == [0, 1, 2]
+    assert M.fraction_alive(counts) == pytest.approx(2 / 3)
+    assert M.firing_frequencies(counts, 2).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_fraction_variance_explained():
+    # Var over rows: x col0 {1,3} -> 1, col1 {2,4} -> 1, total 2; e col0 {0,0} -> 0, col1 {2,-1} -> 2.25
+    assert M.fraction_variance_explained(X, X_HAT) == pytest.approx(1 - 2.25 / 2)
+    assert M.fraction_variance_explained(X, X) == pytest.approx(1.0)
+
+
+def test_cosine_ratio_bias():
+    # row 0: <x,y> = 1, |x| = sqrt5, |y| = 1; row 1: <x,y> = 29, |x| = 5, |y| = sqrt34
+    cos = (1 / math.sqrt(5) + 29 / (5 * math.sqrt(34))) / 2
+    assert M.cosine_similarity(X, X_HAT) == pytest.approx(cos)
+    assert M.l2_ratio(X, X_HAT) == pytest.approx((1 / math.sqrt(5) + math.sqrt(34) / 5) / 2)
+    # mean |y|^2 = (1 + 34) / 2, mean <x,y> = (1 + 29) / 2
+    assert M.relative_reconstruction_bias(X, X_HAT) == pytest.approx(17.5 / 15)
+    assert M.cosine_similarity(X, 2 * X) == pytest.approx(1.0)
+    assert M.l2_ratio(X, 2 * X) == pytest.approx(2.0)
+
+
+def test_next_token_ce_and_mask():
+    ids = torch.tensor([[0, 1, 0]])
+    # position 0: uniform over 2 tokens, predicts id 1 -> ln 2; position 1: p = [3/4, 1/4], predicts id 0 -> ln(4/3)
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, -5.0]]])
+    s, n = M.next_token_ce(logits, ids)
+    assert n == 2 and s == pytest.approx(math.log(2) + math.log(4 / 3))
+    s, n = M.next_token_ce(logits, ids, torch.tensor([[0, 1, 1]]))
+    assert n == 1 and s == pytest.approx(math.log(4 / 3))
+
+
+def test_kl_clean_to_spliced():
+    clean = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    spliced = torch.tensor([[[math.log(3), 0.0], [0.0, 0.0], [9.0, 0.0]]])
+    # position 0: KL([1/2,1/2] || [3/4,1/4]) = 1/2 ln(2/3) + 1/2 ln 2; position 1: identical -> 0; last ignored
+    s, n = M.kl_clean_to_spliced(clean, spliced)
+    assert n == 2 and s == pytest.approx(0.5 * math.log(4 / 3))
+    assert M.kl_clean_to_spliced(clean, clean)[0] == 0.0
+
+
+def test_fraction_recovered():
+    assert M.fraction_recovered(clean=2.0, spliced=3.0, ablated=6.0) == pytest.approx(0.75)
+    assert M.fraction_recovered(2.0, 2.0, 6.0) == 1.0
+    assert M.fraction_recovered(2.0, 6.0, 6.0) == 0.0
+    assert math.isnan(M.fraction_recovered(2.0, 3.0, 2.0))
+
+
+def test_accumulator_over_batches_matches_hand_values():
+    acc = M.ReconAccumulator(n_features=3)
+    acc.update(X[:1], X_HAT[:1], F[:1])
+    acc.update(X[1:], X_HAT[1:], F[1:])
+    r = acc.result()
+    assert r["n_rows"] == 2
+    assert r["mse"] == pytest.approx(1.25)
+    assert r["l1"] == pytest.approx(3.0)
+    assert r["l0"] == pytest.approx(1.5)
+    assert r["frac_alive"] == pytest.approx(2 / 3)
+    assert r["fve"] == pytest.approx(1 - 2.25 / 2)
+    assert r["rel_bias"] == pytest.approx(17.5 / 15)
+    assert r["cos"] == pytest.approx((1 / math.sqrt(5) + 29 / (5 * math.sqrt(34))) / 2)
+    assert acc.frequencies().tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_accumulator_equals_one_shot_on_random_batches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) + 3.0
+    y = x + 0.3 * torch.randn(50, 6, generator=g)
+    f = torch.relu(torch.randn(50, 10, generator=g))
+    acc = M.ReconAccumulator(10)
+    for i in range(0, 50, 7):
+        acc.update(x[i : i + 7], y[i : i + 7], f[i : i + 7])
+    r = acc.result()
+    assert r["fve"] == pytest.approx(M.fraction_variance_explained(x, y), rel=1e-9)
+    assert r["mse"] == pytest.approx(M.mse(x, y), rel=1e-6)
+    assert r["l2_ratio"] == pytest.approx(M.l2_ratio(x, y), rel=1e-9)

@@ -1,0 +1,305 @@
+"""Training batches from activation stores: random inner chunks → shuffle windows → ``[B, D]`` tensors.
+
+Never reads random single rows (each would decode a whole compressed inner chunk). The order is a pure function of
+(seed, epoch, the stores' complete shards, ``partitions``):
+
+1. units = every inner chunk of every complete shard of every store, minus the held-out contexts;
+2. per epoch, units are permuted with ``default_rng([seed, epoch])`` and dealt round-robin to ``partitions``
+   canonical partitions (fixed by the config, NOT by the number of ranks or threads);
+3. each partition reads its units in groups of ``shuffle_chunks`` (a window), permutes the window's rows with
+   ``default_rng([seed, epoch, partition, window])`` and serves them as a stream;
+4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order.
+
+A DDP rank reads only the partitions ``p % world_size == rank`` (disjoint reads, same global batches as one process).
+Resume state is ``{"epoch", "batches_served", "seed"}``: resuming recomputes the windows and skips rows without
+reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
+counts never change the batches. Held out = the last ``heldout_fraction`` of contexts by context id (rows of a shard
+that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` serves exactly those rows to evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from saecache.errors import ConfigError, StoreError
+from saecache.harvest.store import Store
+from saecache.train.shard_reader import DirectArray
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One inner chunk to read: rows ``[row0, row0 + n)`` of store ``src``; ``keep`` filters rows (held-out cut)."""
+
+    src: int
+    row0: int
+    n: int
+    keep: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.n if self.keep is None else len(self.keep)
+
+
+def heldout_cutoff(store: Store, heldout_fraction: float) -> int:
+    """First held-out context id: contexts ``[cutoff, n_contexts)`` are never trained on."""
+    n = store.geometry.n_contexts
+    return n - (math.ceil(heldout_fraction * n) if heldout_fraction > 0 else 0)
+
+
+def _bits_to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
+    """Storage-dtype rows → torch tensor of ``dtype``, converted in numpy (single-threaded, no torch pool)."""
+    if logical == "bfloat16":
+        if dtype == torch.bfloat16:
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}.get(dtype)
+    if np_dtype is None:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
+
+
+class _Reader:
+    """Reads units of one store for a set of hooks; direct shard reader on local disk, zarr otherwise."""
+
+    def __init__(self, store: Store, hooks: list[str], direct: bool):
+        self.store = store
+        self.direct = {}
+        for h in hooks:
+            arr = DirectArray.open(store.loc.path(f"acts/{h}")) if (direct and store.loc.local) else None
+            self.direct[h] = arr
+
+    def read(self, unit: Unit) -> dict[str, np.ndarray]:
+        out = {}
+        for h, arr in self.direct.items():
+            if arr is not None:
+                a = arr.read_rows(unit.row0, unit.n).copy()
+            else:
+                a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
+            out[h] = a if unit.keep is None else a[unit.keep]
+        return out
+
+
+def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True) -> list[Store]:
+    """Open and check stores: hooks exist with one width across stores, completeness, one storage dtype."""
+    stores = [Store.open(u) for u in urls]
+    for st in stores:
+        for h in hooks:
+            st.require_hook(h)
+            d0 = stores[0].hooks[h]["d"]
+            if st.hooks[h]["d"] != d0:
+                raise StoreError(f"hook {h} has width {st.hooks[h]['d']} in {st.url} but {d0} in {stores[0].url}")
+        if require_complete:
+            st.require_complete()
+        elif not st.complete_shards():
+            raise StoreError(f"store {st.url} has no complete shard yet; wait for the harvest to publish one")
+        if st.logical_dtype != stores[0].logical_dtype:
+            raise StoreError(f"stores mix dtypes ({st.logical_dtype} vs {stores[0].logical_dtype}); use one dtype")
+    return stores
+
+
+def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
+    """Every readable inner chunk of the complete shards, held-out contexts removed (see module docstring)."""
+    units = []
+    for i, st in enumerate(stores):
+        g, cut = st.geometry, heldout_cutoff(st, heldout_fraction)
+        for s in st.complete_shards():
+            c0, c1 = g.shard_contexts(s)
+            if c0 >= cut:
+                continue
+            r0, r1 = g.shard_row_range(s)
+            ctx = st.array("rows/context")[r0:r1] if c1 > cut else None
+            for c in range(g.chunks_per_shard):
+                a, b = r0 + c * g.chunk_rows, min(r0 + (c + 1) * g.chunk_rows, r1)
+                if a >= b:
+                    break
+                keep = None if ctx is None else np.flatnonzero(ctx[a - r0:b - r0] < cut)
+                if keep is None or len(keep):
+                    units.append(Unit(i, a, b - a, keep))
+    return units
+
+
+class Loader:
+    """Iterator of training batches: ``dict hook -> [B_local, D] tensor`` (the same rows for every hook).
+
+    ``batch_size`` is the GLOBAL batch; on rank ``r`` of ``world_size`` the local batch holds the rows of partitions
+    ``p % world_size == r``. Call ``state_dict()`` after consuming a batch to record the position.
+    """
+
+    def __init__(self, stores: list[Store], hooks: list[str], batch_size: int, seed: int = 0, *,
+                 heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4,
+                 reader_threads: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None):
+        if batch_size % partitions:
+            raise ConfigError(f"batch_size {batch_size} must be a multiple of partitions {partitions}")
+        if partitions % world_size:
+            raise ConfigError(f"partitions {partitions} must be a multiple of the number of ranks {world_size}")
+        self.stores, self.hooks, self.batch_size, self.seed = stores, list(hooks), batch_size, seed
+        self.partitions, self.shuffle_chunks, self.dtype = partitions, shuffle_chunks, dtype
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.logical = stores[0].logical_dtype
+        self.units = training_units(stores, heldout_fraction)
+        self.per_part = batch_size // partitions
+        self.my_parts = [p for p in range(partitions) if p % world_size == rank]
+        self._readers = [_Reader(st, self.hooks, direct) for st in stores]
+        self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
+        self.epoch, self.batches_served = 0, 0
+        self._plans: dict[int, list] = {}
+        if state is not None:
+            self.load_state_dict(state)
+        if self.batches_per_epoch(0) == 0:
+            raise StoreError(f"too few training rows ({sum(u.rows for u in self.units)}) for batch_size {batch_size} "
+                             f"over {partitions} partitions; lower the batch size or harvest more")
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._queue: queue.Queue | None = None
+
+    # -- order (pure functions of seed, epoch, units)
+    def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        """plan[p][w] = unit indices of window w of partition p."""
+        plan = self._plans.get(epoch)
+        if plan is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+            plan = []
+            for p in range(self.partitions):
+                mine = order[p::self.partitions].tolist()
+                plan.append([mine[i:i + self.shuffle_chunks] for i in range(0, len(mine), self.shuffle_chunks)])
+            self._plans = {e: v for e, v in self._plans.items() if e >= epoch - 1}  # dict swap: thread-safe enough
+            self._plans[epoch] = plan
+        return plan
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        plan = self._epoch_plan(epoch)
+        return min(sum(self.units[u].rows for w in part for u in w) for part in plan) // self.per_part
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_served": self.batches_served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ConfigError(f"loader state is for seed {state['seed']}, not {self.seed}")
+        self.epoch, self.batches_served = int(state["epoch"]), int(state["batches_served"])
+
+    # -- reading
+    def _window(self, epoch: int, p: int, w: int, futures: list) -> dict[str, np.ndarray]:
+        parts = [f.result() if hasattr(f, "result") else f for f in futures]
+        perm = np.random.default_rng([self.seed, epoch, p, w]).permutation(sum(len(x[self.hooks[0]]) for x in parts))
+        return {h: np.concatenate([x[h] for x in parts])[perm] for h in self.hooks}
+
+    def _submit(self, epoch: int, p: int, w: int) -> list:
+        plan = self._epoch_plan(epoch)[p]
+        if w >= len(plan):
+            return []
+        units = [self.units[u] for u in plan[w]]
+        read = lambda u: self._readers[u.src].read(u)  # noqa: E731
+        return [self._pool.submit(read, u) for u in units] if self._pool else [read(u) for u in units]
+
+    def _partition_stream(self, epoch: int, p: int, start_batch: int):
+        """Yield ``per_part`` rows at a time of partition p's stream from batch ``start_batch`` of the epoch."""
+        plan = self._epoch_plan(epoch)[p]
+        skip, w = start_batch * self.per_part, 0
+        while w < len(plan) and skip >= (n := sum(self.units[u].rows for u in plan[w])):
+            skip, w = skip - n, w + 1
+        pending = self._submit(epoch, p, w)
+        carry = None
+        while w < len(plan):
+            win = self._window(epoch, p, w, pending)
+            pending = self._submit(epoch, p, w + 1)  # prefetch the next window while this one is served
+            if skip:
+                win = {h: a[skip:] for h, a in win.items()}
+                skip = 0
+            if carry is not None:
+                win = {h: np.concatenate([carry[h], win[h]]) for h in self.hooks}
+            n, i = len(win[self.hooks[0]]), 0
+            while i + self.per_part <= n:
+                yield {h: win[h][i:i + self.per_part] for h in self.hooks}
+                i += self.per_part
+            carry = {h: win[h][i:] for h in self.hooks}
+            w += 1
+
+    def _numpy_batches(self):
+        epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
+        while True:
+            streams = [self._partition_stream(epoch, p, start) for p in self.my_parts]
+            for _ in range(start, self.batches_per_epoch(epoch)):
+                parts = [next(s) for s in streams]
+                yield {h: np.concatenate([x[h] for x in parts]) for h in self.hooks}
+            for s in streams:
+                s.close()
+            epoch, start = epoch + 1, 0
+
+    def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {}
+        for h, a in batch.items():
+            t = _bits_to_float(a, self.logical, self.dtype)
+            if self._cuda:
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            elif self.device.type != "cpu":
+                t = t.to(self.device)
+            out[h] = t
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "_gen"):
+            self._gen = self._produce() if not self._cuda else self._prefetched()
+        batch = next(self._gen)
+        self.batches_served += 1
+        if self.batches_served >= self.batches_per_epoch(self.epoch):
+            self.epoch, self.batches_served = self.epoch + 1, 0
+        return batch
+
+    def _produce(self):
+        for b in self._numpy_batches():
+            yield self._to_torch(b)
+
+    def _prefetched(self):
+        """CUDA only: a background thread keeps two pinned batches ready (the GPU never waits on decode)."""
+        q: queue.Queue = queue.Queue(maxsize=2)
+
+        def work():
+            for b in self._produce():
+                q.put(b)
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            yield q.get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,
+                    dtype: torch.dtype = torch.float32, max_rows: int | None = None):
+    """Yield the held-out rows (contexts ``>= heldout_cutoff``) in storage order, for evaluation:
+    ``{hook: [b, D] tensor, "context": [b] int64, "position": [b] int64, "token": [b] int64}``."""
+    g, cut, served = store.geometry, heldout_cutoff(store, heldout_fraction), 0
+    if cut >= g.n_contexts:
+        raise ConfigError("heldout_fraction is 0: the run has no held-out rows; evaluate on another store")
+    for s in store.complete_shards():
+        if g.shard_contexts(s)[1] <= cut:
+            continue
+        r0, r1 = g.shard_row_range(s)
+        meta = store.read_meta(r0, r1)
+        keep = np.flatnonzero(meta["context"] >= cut)
+        for i in range(0, len(keep), batch_size):
+            idx = keep[i:i + batch_size]
+            if max_rows is not None:
+                idx = idx[:max_rows - served]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            out = {h: _bits_to_float(store.read_acts(h, r0 + lo, r0 + hi)[idx - lo], store.logical_dtype, dtype)
+                   for h in hooks}
+            out.update({k: torch.from_numpy(meta[k][idx].astype(np.int64)) for k in ("context", "position", "token")})
+            yield out
+            served += len(idx)
+            if max_rows is not None and served >= max_rows:
+                return

@@ -1,0 +1,119 @@
+"""HarvestConfig: everything one `saecache harvest` run needs. The click command only builds it; the store header
+records it (minus the worker fields, which do not change the store's content)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from saecache.errors import ConfigError
+from saecache.harvest.store import CODECS, DTYPES
+
+WORKER_FIELDS = ("worker",)
+NONFINITE_POLICIES = ("error", "count")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    out: str
+    """Store location: a local directory or an fsspec URL (s3://bucket/path, gs://…)."""
+    model: str = "EleutherAI/pythia-70m-deduped"
+    """Hugging Face causal LM name or local directory."""
+    revision: str | None = None
+    """Model revision (branch, tag or commit) on the Hub."""
+    model_dtype: str = "float32"
+    """dtype the model runs in: float32, float16 or bfloat16."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda, cuda:1, …"""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub. Off unless asked."""
+    hooks: tuple[str, ...] = ("mlp_out.3",)
+    """Hook points: aliases (mlp_out.i, mlp_in.i, attn_out.i, resid_post.i, embed) or module.path:output|input."""
+    dataset: str = "monology/pile-uncopyrighted"
+    """Text: .jsonl/.jsonl.zst/.txt files or globs (comma-separated), a local HF dataset dir, or a Hub dataset name."""
+    dataset_name: str | None = None
+    """Hub dataset config name, if any."""
+    split: str = "train"
+    """Dataset split."""
+    text_field: str = "text"
+    """Field holding the document text."""
+    ctx_len: int = 128
+    """Tokens per context (the seed used 128)."""
+    bos: bool = True
+    """Start every context with the BOS token (documents are packed, separated by EOS)."""
+    exclude_bos: bool = False
+    """Keep position 0 (the BOS position) out of the store."""
+    tokens: int = 1_000_000
+    """Budget of stored rows (token positions); rounded up to whole contexts."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    dtype: str = "float16"
+    """Storage dtype: float16, bfloat16 (stored as uint16 bits) or float32."""
+    codec: str = "blosc-zstd"
+    """Compressor inside the sharding codec: blosc-zstd, blosc-lz4, zstd or none."""
+    ctx_per_chunk: int | None = None
+    """Contexts per inner chunk (the unit of random reads); default ≈ 4096 rows."""
+    chunks_per_shard: int = 16
+    """Inner chunks per shard (the unit of writing and resume); default ≈ 65536 rows."""
+    seed: int = 0
+    """Seed of the within-shard row permutation."""
+    nonfinite: str = "error"
+    """NaN/Inf activations: 'error' refuses the shard (nothing published), 'count' stores them and counts them."""
+    worker: str | None = None
+    """'i/N': this process harvests shards s with s % N == i. Default: from RANK/WORLD_SIZE (torchrun) or
+    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for remote stores (endpoint_url, anon, …). Never written to the store."""
+
+    def __post_init__(self) -> None:
+        if self.ctx_len < 2:
+            raise ConfigError(f"--ctx-len must be at least 2, got {self.ctx_len}")
+        if self.tokens < 1:
+            raise ConfigError(f"--tokens must be positive, got {self.tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown storage dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.model_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"unknown model dtype {self.model_dtype!r}; choose float32, float16 or bfloat16")
+        if self.codec not in CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"unknown --nonfinite policy {self.nonfinite!r}; choose error or count")
+        if not self.hooks:
+            raise ConfigError("no hooks given; pass --hooks, e.g. --hooks mlp_out.3")
+        if self.exclude_bos and not self.bos:
+            raise ConfigError("--exclude-bos needs --bos (position 0 is only a BOS position when contexts start with BOS)")
+        if self.ctx_per_chunk is not None and self.ctx_per_chunk < 1:
+            raise ConfigError("--ctx-per-chunk must be positive")
+        if self.chunks_per_shard < 1:
+            raise ConfigError("--chunks-per-shard must be positive")
+        self.worker_slot()  # validates
+
+    def worker_slot(self) -> tuple[int, int]:
+        """(i, N) from --worker, else from the launcher's environment, else (0, 1)."""
+        spec = self.worker
+        if spec is None:
+            env = os.environ
+            if "RANK" in env and "WORLD_SIZE" in env:
+                spec = f"{env['RANK']}/{env['WORLD_SIZE']}"
+            elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+                first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                spec = f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}"
+            else:
+                return 0, 1
+        try:
+            i, n = (int(p) for p in spec.split("/"))
+        except ValueError:
+            raise ConfigError(f"--worker must look like i/N (e.g. 0/4), got {spec!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"--worker {spec}: need 0 <= i < N")
+        return i, n
+
+    def as_recorded(self) -> dict:
+        """The config as written into the store header: no worker fields, no storage options (may hold secrets)."""
+        d = asdict(self)
+        for k in (*WORKER_FIELDS, "storage_options", "out", "device"):
+            d.pop(k)
+        d["hooks"] = list(d["hooks"])
+        return d

@@ -1,0 +1,379 @@
+"""The activation store: geometry, writer and reader of the format written down in `SPEC.md` (the contract between
+stages and teammates).
+
+zarr v3 does the array layout, sharding and codecs. What zarr does not do is written here by hand: whole-shard
+publication through a manifest (zarr silently reads unwritten chunks as zeros), per-shard checksums, per-shard
+statistics, worker claims and the final record. Local paths use zarr's LocalStore; any other URL goes through fsspec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import crc32c
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from saecache import __version__
+from saecache.errors import StoreError
+
+FORMAT_VERSION = 1
+MANIFEST_DIR = "_manifest"
+CLAIMS_DIR = "_claims"
+FINAL_FILE = "_final.json"
+
+# storage dtype name -> (zarr dtype, logical dtype)
+DTYPES = {"float16": ("float16", "float16"), "float32": ("float32", "float32"), "bfloat16": ("uint16", "bfloat16")}
+
+# codec name -> factory of the zarr compressor inside the sharding codec (None = uncompressed)
+CODECS = {
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+    "zstd": lambda: ZstdCodec(level=3),
+    "none": lambda: None,
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where every context and row lives (SPEC.md "Geometry"). Pure arithmetic, no I/O."""
+
+    ctx_len: int
+    first_position: int
+    ctx_per_chunk: int
+    chunks_per_shard: int
+    n_contexts: int
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.ctx_len - self.first_position
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.ctx_per_chunk * self.rows_per_context
+
+    @property
+    def shard_rows(self) -> int:
+        return self.chunks_per_shard * self.chunk_rows
+
+    @property
+    def ctx_per_shard(self) -> int:
+        return self.ctx_per_chunk * self.chunks_per_shard
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_contexts // self.ctx_per_shard)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    def shard_contexts(self, s: int) -> tuple[int, int]:
+        c0 = s * self.ctx_per_shard
+        return c0, min(c0 + self.ctx_per_shard, self.n_contexts)
+
+    def shard_row_range(self, s: int) -> tuple[int, int]:
+        c0, c1 = self.shard_contexts(s)
+        r0 = s * self.shard_rows
+        return r0, r0 + (c1 - c0) * self.rows_per_context
+
+    def chunk_row_range(self, g: int) -> tuple[int, int]:
+        """Rows of global inner chunk `g` (chunk `g % chunks_per_shard` of shard `g // chunks_per_shard`)."""
+        r0 = g * self.chunk_rows
+        return r0, min(r0 + self.chunk_rows, self.n_rows)
+
+    def shard_of_row(self, r: int) -> int:
+        return r // self.shard_rows
+
+    @staticmethod
+    def default_ctx_per_chunk(rows_per_context: int, target_rows: int = 4096) -> int:
+        return max(1, round(target_rows / rows_per_context))
+
+    @classmethod
+    def from_header(cls, header: dict) -> Geometry:
+        st = header["storage"]
+        return cls(header["ctx_len"], st["first_position"], st["ctx_per_chunk"], st["chunks_per_shard"],
+                   header["n_contexts"])
+
+
+def shard_permutation(seed: int, shard: int, n_rows: int) -> np.ndarray:
+    """Stored row j of a shard is unpermuted row perm[j] (SPEC.md "Row order inside a shard")."""
+    return np.random.default_rng([seed, shard]).permutation(n_rows)
+
+
+def unpermuted_meta(geom: Geometry, shard: int, contexts_CT: np.ndarray) -> dict[str, np.ndarray]:
+    """token/context/position of the shard's rows in unpermuted order; contexts_CT holds the shard's contexts."""
+    c0, c1 = geom.shard_contexts(shard)
+    n_ctx, rpc, p0 = c1 - c0, geom.rows_per_context, geom.first_position
+    return {
+        "token": contexts_CT[:, p0:].reshape(-1).astype(np.int32),
+        "context": np.repeat(np.arange(c0, c1, dtype=np.int32), rpc),
+        "position": np.tile(np.arange(p0, geom.ctx_len, dtype=np.int16), n_ctx),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- I/O base
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class _Location:
+    """A store root: the zarr store object plus an fsspec filesystem for the non-zarr files."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, read_only: bool = True):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.read_only = read_only
+        if _is_local(url):
+            self.local = True
+            self.root = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+            self.fs = fsspec.filesystem("file")
+        else:
+            self.local = False
+            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+            self.root = self.root.rstrip("/")
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def zarr_store(self):
+        if self.local:
+            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        return zarr.storage.FsspecStore(self.fs if self.fs.async_impl else _async_wrap(self.fs), path=self.root,
+                                        read_only=self.read_only)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def put_atomic(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (not paths) of the files directly under `prefix`."""
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            entries = self.fs.ls(self.path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+
+def _async_wrap(fs):
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, indent=1).encode()
+
+
+def shard_object_keys(header: dict, s: int) -> list[str]:
+    """Every zarr object written for shard `s` (SPEC.md "Manifest")."""
+    keys = [f"acts/{h}/c/{s}/0" for h in sorted(header["hooks"])]
+    keys += [f"rows/{name}/c/{s}" for name in ("token", "context", "position")]
+    keys.append(f"contexts/c/{s}/0")
+    return keys
+
+
+def manifest_key(s: int) -> str:
+    return f"{MANIFEST_DIR}/shard-{s:06d}.json"
+
+
+# ------------------------------------------------------------------------------------------------------------ reader
+
+
+class Store:
+    """Read access to a store. Only shards recorded in the manifest are readable."""
+
+    def __init__(self, loc: _Location, header: dict):
+        self.loc = loc
+        self.header = header
+        self.geometry = Geometry.from_header(header)
+        self._manifest: dict[int, dict] | None = None
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True) -> Store:
+        loc = _Location(url, storage_options, read_only=read_only)
+        raw = loc.get("zarr.json")
+        if raw is None:
+            raise StoreError(f"no store at {url}: zarr.json not found (harvest one with `saecache harvest --out {url}`)")
+        header = json.loads(raw).get("attributes", {}).get("saecache")
+        if header is None:
+            raise StoreError(f"{url} is a zarr group but not a saecache store (no 'saecache' attribute)")
+        check_format_version(header, url)
+        return cls(loc, header)
+
+    # -- metadata
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    @property
+    def hooks(self) -> dict[str, dict]:
+        return self.header["hooks"]
+
+    @property
+    def seed(self) -> int:
+        return self.header["seed"]
+
+    @property
+    def logical_dtype(self) -> str:
+        return DTYPES[self.header["storage"]["dtype"]][1]
+
+    def require_hook(self, hook: str) -> dict:
+        if hook not in self.hooks:
+            raise StoreError(f"store {self.url} has no hook {hook!r}; it has: {', '.join(sorted(self.hooks))}")
+        return self.hooks[hook]
+
+    def manifest(self, refresh: bool = False) -> dict[int, dict]:
+        if self._manifest is None or refresh:
+            entries = {}
+            for name in self.loc.list(MANIFEST_DIR):
+                if name.startswith("shard-") and name.endswith(".json"):
+                    raw = self.loc.get(f"{MANIFEST_DIR}/{name}")
+                    if raw is not None:
+                        entry = json.loads(raw)
+                        entries[entry["shard"]] = entry
+            self._manifest = entries
+        return self._manifest
+
+    def complete_shards(self, refresh: bool = False) -> list[int]:
+        return sorted(s for s in self.manifest(refresh) if s < self.geometry.n_shards)
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.complete_shards()) == self.geometry.n_shards
+
+    @property
+    def final(self) -> dict | None:
+        raw = self.loc.get(FINAL_FILE)
+        return None if raw is None else json.loads(raw)
+
+    def require_complete(self) -> None:
+        done, n = len(self.complete_shards()), self.geometry.n_shards
+        if done < n:
+            raise StoreError(f"store {self.url} is incomplete: {done}/{n} shards written; rerun the harvest command "
+                             "to finish it (or the missing workers)")
+
+    # -- arrays
+    @cached_property
+    def group(self) -> zarr.Group:
+        return zarr.open_group(store=self.loc.zarr_store(), mode="r", zarr_format=3)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def _check_rows(self, r0: int, r1: int) -> None:
+        if not 0 <= r0 <= r1 <= self.geometry.n_rows:
+            raise StoreError(f"rows [{r0}, {r1}) outside the store's {self.geometry.n_rows} rows")
+        done = self.manifest()
+        for s in range(self.geometry.shard_of_row(r0), self.geometry.shard_of_row(max(r1 - 1, r0)) + 1):
+            if r1 > r0 and s not in done:
+                raise StoreError(f"shard {s} of {self.url} is not complete (no manifest entry): refusing to read "
+                                 "unwritten rows, which zarr would return as zeros")
+
+    def read_acts(self, hook: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a hook in the storage dtype (uint16 bits for bf16), shape [r1-r0, D]."""
+        self.require_hook(hook)
+        self._check_rows(r0, r1)
+        return self.array(f"acts/{hook}")[r0:r1]
+
+    def read_acts_torch(self, hook: str, r0: int, r1: int):
+        """Rows [r0, r1) as a torch tensor in the logical dtype (float16/float32/bfloat16)."""
+        return to_torch(self.read_acts(hook, r0, r1), self.logical_dtype)
+
+    def read_meta(self, r0: int, r1: int) -> dict[str, np.ndarray]:
+        self._check_rows(r0, r1)
+        return {k: self.array(f"rows/{k}")[r0:r1] for k in ("token", "context", "position")}
+
+    def contexts(self, c0: int, c1: int) -> np.ndarray:
+        """Token ids of contexts [c0, c1), shape [c1-c0, T]."""
+        g = self.geometry
+        for s in range(c0 // g.ctx_per_shard, (max(c1, c0 + 1) - 1) // g.ctx_per_shard + 1):
+            if c1 > c0 and s not in self.manifest():
+                raise StoreError(f"shard {s} of {self.url} is not complete: its contexts are not readable yet")
+        return self.array("contexts")[c0:c1]
+
+    # -- statistics and identity
+    def stats(self, hook: str) -> dict:
+        """{"mean": [D] float64, "mean_sq_norm": float, "count": int, "nonfinite": int} over complete shards."""
+        self.require_hook(hook)
+        final = self.final
+        if final is not None:
+            st = final["stats"][hook]
+            return {**st, "mean": np.asarray(st["mean"], dtype=np.float64)}
+        return aggregate_stats(self.manifest(), hook)
+
+    def fingerprint(self) -> str:
+        return compute_fingerprint(self.header, self.manifest())
+
+    def object_keys(self, s: int) -> list[str]:
+        return shard_object_keys(self.header, s)
+
+
+def aggregate_stats(manifest: dict[int, dict], hook: str) -> dict:
+    count, total, sq, nonfinite = 0, None, 0.0, 0
+    for s in sorted(manifest):
+        st = manifest[s]["stats"][hook]
+        count += st["count"]
+        sq += st["sum_sq_norm"]
+        nonfinite += st["nonfinite"]
+        v = np.asarray(st["sum"], dtype=np.float64)
+        total = v if total is None else total + v
+    if count == 0:
+        raise StoreError("no complete shards: statistics are not available yet")
+    return {"mean": total / count, "mean_sq_norm": sq / count, "count": count, "nonfinite": nonfinite}
+
+
+def compute_fingerprint(header: dict, manifest: dict[int, dict]) -> str:
+    h = hashlib.sha256(_json_bytes(header))
+    for s in sorted(manifest):
+        h.update(_json_bytes({"shard": s, "objects": manifest[s]["objects"]}))
+    return h.hexdigest()
+
+
+def check_format_version(header: dict, url: str) -> None:
+    v = header.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise StoreError(f"store {url} has format version {v}, newer than this saecache ({__version__}) reads "
+                         f"(version {FORMAT_VERSION}); upgrade saecache")
+
+
+def to_torch(a: np.ndarray, logical_dtype: str):
+    import torch
+
+    if logical_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def checksum(data: bytes) -> dict:
+    return {"nbytes": len(data), "crc32c": crc32c.crc32c(data)}

@@ -1,0 +1,212 @@
+"""Writing a store: create-or-validate the header, claim work, write whole shards, publish them in the manifest,
+and write the final record once every shard exists. Format: `SPEC.md`.
+
+Creation is idempotent (the header is a pure function of the config, so concurrent workers write identical bytes) and
+never overwrites: a store made from another config is refused. A shard is published by writing its manifest entry
+last, after every object of the shard is written and read back for its checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+import numpy as np
+import zarr
+
+from saecache import __version__
+from saecache.errors import StoreError
+from saecache.harvest.store import (
+    CLAIMS_DIR, CODECS, DTYPES, FINAL_FILE, Geometry, Store, _json_bytes, _Location, aggregate_stats, checksum,
+    check_format_version, compute_fingerprint, manifest_key, shard_object_keys, shard_permutation, unpermuted_meta,
+)
+
+CLAIM_LEASE_SECONDS = 600  # a claim from another host is trusted as live for this long after its last heartbeat
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+class StoreWriter:
+    """Writes shards of one store. Several writers (processes, machines) may write disjoint shards concurrently."""
+
+    def __init__(self, url: str, header: dict, storage_options: dict | None = None):
+        self.loc = _Location(url, storage_options, read_only=False)
+        self.header = header
+        self.geometry = Geometry.from_header(header)
+        self._probe_writable()
+        self._create_or_validate()
+        self.group = zarr.open_group(store=self.loc.zarr_store(), mode="r+", zarr_format=3)
+        self.store = Store(self.loc, header)
+        self.claim_id = uuid.uuid4().hex
+
+    # -- creation
+    def _probe_writable(self) -> None:
+        if self.loc.local:
+            if os.path.exists(self.loc.root) and not os.path.isdir(self.loc.root):
+                raise StoreError(f"cannot write store to {self.loc.url}: it exists and is not a directory")
+            try:
+                os.makedirs(self.loc.root, exist_ok=True)
+                probe = os.path.join(self.loc.root, f".probe-{os.getpid()}")
+                with open(probe, "wb") as f:
+                    f.write(b"ok")
+                os.remove(probe)
+            except OSError as e:
+                raise StoreError(f"cannot write store to {self.loc.url}: {e.strerror or e}; choose a writable --out")
+            existing = set(os.listdir(self.loc.root)) - {"zarr.json"}
+            if existing and not os.path.exists(os.path.join(self.loc.root, "zarr.json")):
+                raise StoreError(f"{self.loc.url} is a non-empty directory that is not a store; choose a new --out")
+
+    def _create_or_validate(self) -> None:
+        raw = self.loc.get("zarr.json")
+        if raw is None:
+            try:
+                self._create()
+            except zarr.errors.ContainsGroupError:  # another worker won the race; validate below
+                pass
+            except zarr.errors.ContainsArrayError:
+                pass
+            raw = self.loc.get("zarr.json")
+        found = json.loads(raw).get("attributes", {}).get("saecache")
+        if found is None:
+            raise StoreError(f"{self.loc.url} is a zarr group but not a saecache store; choose a new --out")
+        check_format_version(found, self.loc.url)
+        if found != self.header:
+            diff = ", ".join(_diff_keys(found, self.header)[:8])
+            raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: {diff});"
+                             " rerun with the original settings or write to a new --out")
+
+    def _create(self) -> None:
+        h, g = self.header, self.geometry
+        zstore = self.loc.zarr_store()
+        group = zarr.create_group(store=zstore, zarr_format=3, attributes={"saecache": h}, overwrite=False)
+        zdtype, logical = DTYPES[h["storage"]["dtype"]]
+        compressor = CODECS[h["storage"]["codec"]]()
+        common = dict(fill_value=0, config={"write_empty_chunks": True}, overwrite=False)
+        comp = {"compressors": compressor} if compressor is not None else {"compressors": None}
+        for name, info in sorted(h["hooks"].items()):
+            group.create_array(f"acts/{name}", shape=(g.n_rows, info["d"]), dtype=zdtype,
+                               chunks=(g.chunk_rows, info["d"]), shards=(g.shard_rows, info["d"]),
+                               attributes={"logical_dtype": logical, "hook": name, "d": info["d"]}, **comp, **common)
+        for name, dt in (("token", "int32"), ("context", "int32"), ("position", "int16")):
+            group.create_array(f"rows/{name}", shape=(g.n_rows,), dtype=dt, chunks=(g.chunk_rows,),
+                               shards=(g.shard_rows,), compressors=CODECS["blosc-zstd"](), **common)
+        group.create_array("contexts", shape=(g.n_contexts, g.ctx_len), dtype="int32",
+                           chunks=(g.ctx_per_shard, g.ctx_len), compressors=CODECS["blosc-zstd"](), **common)
+
+    # -- claims
+    def claim_worker(self, worker: int, n_workers: int) -> None:
+        """Refuse if another live process holds the same worker slot, or the store is split with a different N."""
+        for name in self.loc.list(CLAIMS_DIR):
+            raw = self.loc.get(f"{CLAIMS_DIR}/{name}")
+            if raw is None:
+                continue
+            c = json.loads(raw)
+            if c["n_workers"] != n_workers:
+                raise StoreError(f"store {self.loc.url} is being harvested as {c['n_workers']} workers (claim by "
+                                 f"{c['host']} pid {c['pid']}); every worker of one store must use the same N, "
+                                 f"not {n_workers}")
+            if c["worker"] == worker and c["id"] != self.claim_id and _claim_is_live(c):
+                raise StoreError(f"worker {worker}/{n_workers} of {self.loc.url} is already running on {c['host']} "
+                                 f"(pid {c['pid']}, last seen {time.time() - c['time']:.0f}s ago); give this process "
+                                 "another --worker index, or wait until that one stops")
+        self._worker = (worker, n_workers)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        worker, n = self._worker
+        claim = {"id": self.claim_id, "worker": worker, "n_workers": n, "host": socket.gethostname(),
+                 "pid": os.getpid(), "time": time.time()}
+        self.loc.put_atomic(f"{CLAIMS_DIR}/worker-{worker:05d}-of-{n:05d}.json", _json_bytes(claim))
+
+    def release(self) -> None:
+        worker, n = self._worker
+        try:
+            self.loc.fs.rm(self.loc.path(f"{CLAIMS_DIR}/worker-{worker:05d}-of-{n:05d}.json"))
+        except FileNotFoundError:
+            pass
+
+    # -- shards
+    def done_shards(self) -> set[int]:
+        return set(self.store.complete_shards(refresh=True))
+
+    def write_shard(self, s: int, acts: dict[str, np.ndarray], contexts_CT: np.ndarray) -> dict:
+        """Write shard `s` from unpermuted rows (acts[hook]: [rows, D] in the storage dtype) and publish it."""
+        g, h = self.geometry, self.header
+        r0, r1 = g.shard_row_range(s)
+        c0, c1 = g.shard_contexts(s)
+        assert contexts_CT.shape == (c1 - c0, g.ctx_len)
+        perm = shard_permutation(h["seed"], s, r1 - r0)
+        meta = unpermuted_meta(g, s, contexts_CT)
+        stats = {}
+        for name in sorted(h["hooks"]):
+            a = acts[name]
+            assert a.shape == (r1 - r0, h["hooks"][name]["d"]), (a.shape, name)
+            stats[name] = shard_stats(a, DTYPES[h["storage"]["dtype"]][1])
+            self.group[f"acts/{name}"][r0:r1] = a[perm]
+        for name, v in meta.items():
+            self.group[f"rows/{name}"][r0:r1] = v[perm]
+        self.group["contexts"][c0:c1] = contexts_CT.astype(np.int32)
+        objects = {}
+        for key in shard_object_keys(h, s):
+            data = self.loc.get(key)
+            if data is None:
+                raise StoreError(f"shard object {key} vanished right after writing it to {self.loc.url}")
+            objects[key] = checksum(data)
+        worker, n = getattr(self, "_worker", (0, 1))
+        entry = {"shard": s, "contexts": [c0, c1], "rows": [r0, r1], "objects": objects, "stats": stats,
+                 "writer": {"worker": f"{worker}/{n}", "host": socket.gethostname(), "pid": os.getpid(),
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "package_version": __version__}}
+        self.loc.put_atomic(manifest_key(s), _json_bytes(entry))
+        return entry
+
+    def finalize_if_complete(self) -> bool:
+        """Write `_final.json` when every shard is published. Content is a pure function of the manifest."""
+        manifest = self.store.manifest(refresh=True)
+        if len([s for s in manifest if s < self.geometry.n_shards]) < self.geometry.n_shards:
+            return False
+        stats = {}
+        for hook in sorted(self.header["hooks"]):
+            st = aggregate_stats(manifest, hook)
+            stats[hook] = {**st, "mean": [float(x) for x in st["mean"]]}
+        final = {"complete": True, "n_rows": self.geometry.n_rows, "n_contexts": self.geometry.n_contexts,
+                 "stats": stats, "fingerprint": compute_fingerprint(self.header, manifest)}
+        self.loc.put_atomic(FINAL_FILE, _json_bytes(final))
+        return True
+
+
+def shard_stats(a: np.ndarray, logical_dtype: str) -> dict:
+    """Sum, sum of squared row norms, count and non-finite count of a shard's rows (float64 accumulation)."""
+    if logical_dtype == "bfloat16":
+        x = (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        x = a.astype(np.float64)
+    finite = np.isfinite(x)
+    nonfinite = int(x.size - finite.sum())
+    x = np.where(finite, x, 0.0)
+    return {"count": int(x.shape[0]), "sum": [float(v) for v in x.sum(0)],
+            "sum_sq_norm": float((x * x).sum()), "nonfinite": nonfinite}
+
+
+def _claim_is_live(c: dict) -> bool:
+    if c["host"] == socket.gethostname():
+        try:
+            os.kill(c["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - c["time"] < CLAIM_LEASE_SECONDS

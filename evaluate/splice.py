@@ -1,0 +1,147 @@
+"""% loss recovered: splice an SAE's reconstruction into the model and compare next-token cross-entropy.
+
+For each batch of contexts (token ids read from the store itself, so the text is exactly what the SAE saw) four
+forwards run: clean; spliced (the hooked module's output replaced by the reconstruction); zero-ablated (replaced by
+zeros); mean-ablated (replaced by the store's per-hook mean from `_final.json`). For a transcoder the reconstruction of
+`hook_out` is computed from the activation at `hook_in` (e.g. the MLP's input), captured in the same forward.
+
+BOS / padding policy, matching the store: contexts are fixed length with no padding. When the store keeps position 0
+out (`first_position == 1`, the BOS position), the SAE never saw that position, so it is left untouched in every
+variant (spliced, zero, mean) and the prediction made AT position 0 is not counted; every prediction made at positions
+`first_position .. T-2` counts (targets `first_position+1 .. T-1`). With `first_position == 0` every position is
+replaced and every prediction counts. The same positions count for the KL divergence to the clean model.
+
+The hooks themselves are `saecache.harvest.hooks.patch_output` (a forward hook replacing a module's output or input);
+the capture for transcoders is an identity patch at `hook_in` that records the tensor it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from saecache.evaluate import metrics as M
+from saecache.harvest.hooks import HookPoint, patch_output
+
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+"""[N, D_in] -> [N, D_out]: the SAE (or any stand-in) mapping flattened activations to their reconstruction."""
+
+
+@dataclass
+class SpliceLosses:
+    """Mean next-token cross-entropies (nats per counted prediction) and derived scores."""
+
+    clean: float
+    """The unmodified model."""
+    spliced: float
+    """The hooked module's output replaced by the reconstruction."""
+    zero: float
+    """The hooked module's output replaced by zeros."""
+    mean: float
+    """The hooked module's output replaced by the store's mean activation of that hook."""
+    kl: float
+    """Mean KL(p_clean || p_spliced) per counted position (nats)."""
+    n_predictions: int
+    """Number of next-token predictions counted."""
+    n_contexts: int
+    """Number of contexts run."""
+
+    @property
+    def recovered_zero(self) -> float:
+        """(L_zero - L_spliced) / (L_zero - L_clean)."""
+        return M.fraction_recovered(self.clean, self.spliced, self.zero)
+
+    @property
+    def recovered_mean(self) -> float:
+        """(L_mean - L_spliced) / (L_mean - L_clean)."""
+        return M.fraction_recovered(self.clean, self.spliced, self.mean)
+
+    def as_dict(self) -> dict:
+        return {"ce_clean": self.clean, "ce_spliced": self.spliced, "ce_zero": self.zero, "ce_mean": self.mean,
+                "recovered_zero": self.recovered_zero, "recovered_mean": self.recovered_mean, "kl": self.kl,
+                "n_predictions": self.n_predictions, "n_contexts": self.n_contexts}
+
+
+def _replace_from(first_position: int, new_BTD: Callable[[torch.Tensor], torch.Tensor]):
+    """fn for patch_output: positions >= first_position come from new_BTD(t), earlier ones stay as they were."""
+
+    def fn(t_BTD: torch.Tensor) -> torch.Tensor:
+        new = new_BTD(t_BTD).to(dtype=t_BTD.dtype, device=t_BTD.device)
+        if first_position == 0:
+            return new
+        out = t_BTD.clone()
+        out[:, first_position:] = new[:, first_position:]
+        return out
+
+    return fn
+
+
+def _apply(reconstruct: Reconstruct, src_BTD: torch.Tensor, d_out: int) -> torch.Tensor:
+    B, T, D = src_BTD.shape
+    return reconstruct(src_BTD.reshape(B * T, D)).reshape(B, T, d_out)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids_BT: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids_BT, use_cache=False).logits
+
+
+@torch.no_grad()
+def splice_losses(
+    model: torch.nn.Module,
+    ids_CT: torch.Tensor,
+    hook_out: HookPoint,
+    reconstruct: Reconstruct,
+    mean_D: torch.Tensor,
+    hook_in: HookPoint | None = None,
+    first_position: int = 0,
+    batch_size: int = 8,
+) -> SpliceLosses:
+    """Clean / spliced / zero / mean-ablated CE and KL over contexts `ids_CT` [C, T] (see the module docstring).
+
+    `hook_in` is None for an ordinary SAE (input = the replaced tensor itself) or the transcoder's input hook.
+    `mean_D` is the mean of `hook_out`'s activation (the mean-ablation value).
+    """
+    device = next(model.parameters()).device
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
+    count = 0
+    transcoder = hook_in is not None and (hook_in.module, hook_in.io) != (hook_out.module, hook_out.io)
+    for c0 in range(0, ids_CT.shape[0], batch_size):
+        ids = ids_CT[c0 : c0 + batch_size].to(device=device, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        mask[:, first_position:] = True
+
+        clean = _logits(model, ids)
+        s, n = M.next_token_ce(clean, ids, mask)
+        sums["clean"] += s
+        count += n
+
+        if transcoder:
+            seen: dict[str, torch.Tensor] = {}
+
+            def record(t: torch.Tensor) -> torch.Tensor:
+                seen.setdefault("x", t)
+                return t
+
+            with patch_output(model, hook_in, record), patch_output(
+                model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
+            ):
+                spliced = _logits(model, ids)
+        else:
+            with patch_output(model, hook_out, _replace_from(first_position,
+                                                             lambda t: _apply(reconstruct, t, t.shape[-1]))):
+                spliced = _logits(model, ids)
+        sums["spliced"] += M.next_token_ce(spliced, ids, mask)[0]
+        sums["kl"] += M.kl_clean_to_spliced(clean, spliced, mask)[0]
+
+        with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
+            sums["zero"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+        with patch_output(model, hook_out,
+                          _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
+            sums["mean"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+
+    n = max(count, 1)
+    return SpliceLosses(clean=sums["clean"] / n, spliced=sums["spliced"] / n, zero=sums["zero"] / n,
+                        mean=sums["mean"] / n, kl=sums["kl"] / n, n_predictions=count, n_contexts=int(ids_CT.shape[0]))

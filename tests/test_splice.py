@@ -1,0 +1,104 @@
+"""Splicing: identity -> clean loss, zero -> zero-ablation loss, and the spliced loss equals a manual forward where the
+MLP module is swapped for one that returns the reconstruction (no hooks involved), for SAEs and transcoders."""
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from saecache.evaluate.splice import splice_losses
+from saecache.harvest.hooks import HookPoint
+
+D, V, T, LAYER = 32, 97, 12, 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, V, (6, T), generator=torch.Generator().manual_seed(1))
+
+
+MLP_OUT = HookPoint(name="mlp_out.1", module=f"gpt_neox.layers.{LAYER}.mlp", io="output", d=D, order=0)
+MLP_IN = HookPoint(name="mlp_in.1", module=f"gpt_neox.layers.{LAYER}.mlp", io="input", d=D, order=0)
+
+
+def small_sae(seed=2, f=48):
+    g = torch.Generator().manual_seed(seed)
+    W_enc, b_enc = torch.randn(D, f, generator=g) * 0.3, torch.randn(f, generator=g) * 0.1
+    W_dec, b_dec = torch.randn(f, D, generator=g) * 0.3, torch.randn(D, generator=g) * 0.1
+    return lambda x: torch.relu(x @ W_enc + b_enc) @ W_dec + b_dec
+
+
+class Swapped(torch.nn.Module):
+    """Stands in for the MLP: output = new(input, original output) at positions >= p0, the original elsewhere."""
+
+    def __init__(self, mlp, new, p0):
+        super().__init__()
+        self.mlp, self.new, self.p0 = mlp, new, p0
+
+    def forward(self, x):
+        y = self.mlp(x)
+        out = y.clone()
+        out[:, self.p0:] = self.new(x, y)[:, self.p0:]
+        return out
+
+
+def manual_ce(model, ids, p0, new=None):
+    """Mean CE of predictions made at positions p0..T-2, with layer LAYER's MLP swapped when `new` is given."""
+    layer = model.gpt_neox.layers[LAYER]
+    original = layer.mlp
+    if new is not None:
+        layer.mlp = Swapped(original, new, p0)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        layer.mlp = original
+    return float(Fn.cross_entropy(logits[:, p0:-1].reshape(-1, V).double(), ids[:, p0 + 1:].reshape(-1)))
+
+
+def flat(fn):
+    return lambda x_BTD: fn(x_BTD.reshape(-1, D)).reshape(x_BTD.shape)
+
+
+@pytest.mark.parametrize("p0", [0, 1])
+def test_identity_recovers_everything_and_zero_nothing(model, ids, p0):
+    mean = torch.randn(D)
+    ident = splice_losses(model, ids, MLP_OUT, lambda x: x, mean, first_position=p0, batch_size=4)
+    assert ident.spliced == ident.clean
+    assert ident.recovered_zero == 1.0 and ident.recovered_mean == 1.0
+    assert ident.kl == pytest.approx(0.0, abs=1e-12)
+    assert ident.n_predictions == ids.shape[0] * (T - 1 - p0)
+    zero = splice_losses(model, ids, MLP_OUT, torch.zeros_like, mean, first_position=p0, batch_size=4)
+    assert zero.spliced == zero.zero
+    assert zero.recovered_zero == 0.0
+    assert zero.zero != zero.clean and zero.kl > 0
+
+
+@pytest.mark.parametrize("p0", [0, 1])
+def test_spliced_equals_manual_module_swap(model, ids, p0):
+    sae = small_sae()
+    mean = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    res = splice_losses(model, ids, MLP_OUT, sae, mean, first_position=p0, batch_size=6)
+    assert res.clean == pytest.approx(manual_ce(model, ids, p0), rel=1e-9)
+    assert res.spliced == pytest.approx(manual_ce(model, ids, p0, lambda x, y: flat(sae)(y)), rel=1e-9)
+    assert res.zero == pytest.approx(manual_ce(model, ids, p0, lambda x, y: torch.zeros_like(y)), rel=1e-9)
+    assert res.mean == pytest.approx(manual_ce(model, ids, p0, lambda x, y: mean.expand_as(y)), rel=1e-9)
+    assert res.spliced != pytest.approx(res.clean)
+    want = (res.zero - res.spliced) / (res.zero - res.clean)
+    assert res.recovered_zero == pytest.approx(want)
+
+
+def test_transcoder_reconstructs_output_from_module_input(model, ids):
+    tc = small_sae(seed=5)
+    res = splice_losses(model, ids, MLP_OUT, tc, torch.zeros(D), hook_in=MLP_IN, first_position=1, batch_size=6)
+    assert res.spliced == pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(x)), rel=1e-9)
+    # and it differs from treating the output as the input
+    assert res.spliced != pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(y)), rel=1e-6)

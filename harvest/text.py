@@ -1,0 +1,306 @@
+"""Text input for harvesting: documents from files, local or Hub datasets, and their packing into fixed contexts.
+
+Sources (`TextSpec.source`):
+- files: a path or glob (`**` allowed), or several separated by commas; globs expand sorted. `.jsonl` (Pile format:
+  one JSON object per line with a text field), `.json` (JSON lines, or one array of objects), `.txt` (one document
+  per file), each optionally compressed as `.zst` (needs `zstandard`) or `.gz`.
+- a local directory: written by `Dataset.save_to_disk` (loaded with `datasets.load_from_disk`) or holding data files
+  (`datasets.load_dataset(dir, streaming=True)`).
+- anything else that looks like `name` or `owner/name`: a Hugging Face Hub dataset, streamed with `datasets`.
+
+Local JSON-lines files are read here with `json` + `zstandard` rather than through `datasets.load_dataset("json")`:
+that keeps errors exact (file and line, the fields a record does have), reads nothing past the point where the
+caller stops, converts nothing to Arrow and writes no cache directory. The document stream is the same.
+
+Packing policy (recorded in the store as `bos_policy`, see `packing_policy`): every non-empty document is tokenized
+without special tokens and followed by the EOS token (when the tokenizer has one); the documents are concatenated
+into one stream in order and cut into contexts of `ctx_len` tokens. With `bos=True` each context is `[BOS]` followed
+by the next `ctx_len - 1` stream tokens (BOS = the tokenizer's BOS id, else its EOS id); with `bos=False` it is the
+next `ctx_len` stream tokens. The final partial context is dropped. Documents therefore span context boundaries.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from saecache.errors import ConfigError, DataError
+
+FILE_KINDS = (".jsonl", ".json", ".txt")
+COMPRESSIONS = ("", ".zst", ".gz")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Where the documents come from."""
+
+    source: str
+    """Path(s)/glob(s) of .jsonl/.jsonl.zst/.json/.txt files (comma-separated), a local dataset dir, or a Hub name."""
+    text_field: str = "text"
+    """Field of each record holding the document text (ignored for .txt files)."""
+    split: str = "train"
+    """Dataset split (datasets sources only)."""
+    name: str | None = None
+    """Dataset config name (datasets sources only)."""
+    revision: str | None = None
+    """Hub dataset revision (Hub sources only); part of the fingerprint."""
+
+
+# ---- resolving the source ----
+
+def _kind(path: str) -> tuple[str, str] | None:
+    """(base kind, compression) from the file name, or None when the extension is not supported."""
+    for comp in COMPRESSIONS:
+        for kind in FILE_KINDS:
+            if path.endswith(kind + comp):
+                return kind, comp
+    return None
+
+
+def _resolve(spec: TextSpec) -> tuple[str, list[str]]:
+    """("files", sorted files) | ("disk", [dir]) | ("dir", [dir]) | ("hub", [name])."""
+    src = spec.source.strip()
+    parts = [src] if os.path.exists(os.path.expanduser(src)) else [p.strip() for p in src.split(",") if p.strip()]
+    if not parts:
+        raise DataError("empty text source: give a file, a glob, a dataset directory or a Hub dataset name")
+    if len(parts) == 1 and os.path.isdir(os.path.expanduser(parts[0])):
+        d = os.path.expanduser(parts[0])
+        is_saved = any(os.path.exists(os.path.join(d, f)) for f in ("state.json", "dataset_dict.json"))
+        return ("disk" if is_saved else "dir"), [d]
+    if len(parts) == 1 and not glob.has_magic(parts[0]) and not os.path.exists(parts[0]) \
+            and _kind(parts[0]) is None and _HUB_NAME.fullmatch(parts[0]):
+        return "hub", [parts[0]]
+    files: list[str] = []
+    for part in parts:
+        part = os.path.expanduser(part)
+        matched = sorted(glob.glob(part, recursive=True)) if glob.has_magic(part) else [part]
+        matched = [f for f in matched if os.path.isfile(f)]
+        if not matched:
+            raise DataError(f"no files match {part!r}: check the path or glob (text source {spec.source!r})")
+        files.extend(matched)
+    bad = [f for f in files if _kind(f) is None]
+    if bad:
+        raise DataError(f"unsupported text file {bad[0]!r}: use .jsonl, .json or .txt, optionally .zst/.gz compressed")
+    return "files", list(dict.fromkeys(files))
+
+
+# ---- reading files ----
+
+def _open_text(path: str, comp: str) -> io.TextIOBase:
+    if comp == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path!r} is zstd-compressed but `zstandard` is not installed: pip install zstandard") \
+                from None
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    if comp == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _text_of(record: Any, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
+    if field not in record:
+        raise DataError(f"{where}: no field {field!r} (fields present: {', '.join(map(str, record)) or 'none'}); "
+                        f"pick one with --text-field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} holds {type(text).__name__}, not text")
+    return text
+
+
+def _iter_records(f, path: str, kind: str, field: str) -> Iterator[str]:
+    if kind == ".txt":
+        yield f.read()
+        return
+    first = ""
+    if kind == ".json":  # JSON lines, or one array of objects
+        while (c := f.read(1)) and c.isspace():
+            pass
+        if c == "[":
+            for j, rec in enumerate(json.loads(c + f.read())):
+                yield _text_of(rec, field, f"{path} item {j}")
+            return
+        first = c
+    for lineno, line in enumerate(f, 1):
+        if first:
+            line, first = first + line, ""
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
+            yield _text_of(rec, field, f"{path}:{lineno}")
+
+
+def _iter_file(path: str, field: str) -> Iterator[str]:
+    kind, comp = _kind(path)
+    try:
+        with _open_text(path, comp) as f:
+            yield from _iter_records(f, path, kind, field)
+    except (OSError, UnicodeDecodeError, EOFError, json.JSONDecodeError) as e:  # ZstdError: below
+        raise DataError(f"cannot read {path!r} ({type(e).__name__}: {_first_line(e)}): check that it is a readable "
+                        f"UTF-8 {kind}{comp} file") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise DataError(f"cannot read {path!r}: corrupt zstd data ({_first_line(e)})") from None
+        raise
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+
+
+# ---- datasets sources ----
+
+def _load_datasets(kind: str, target: str, spec: TextSpec):
+    import datasets
+
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(target)
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise DataError(f"dataset {target!r} has no split {spec.split!r} (splits: {', '.join(ds)})")
+                ds = ds[spec.split]
+            return ds
+        return datasets.load_dataset(target, name=spec.name, split=spec.split, streaming=True,
+                                     revision=spec.revision if kind == "hub" else None)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError, ...)
+        first = _first_line(e)
+        where = "local dataset directory" if kind != "hub" else "dataset"
+        hint = ("check the directory" if kind != "hub" else "it is not a local path, and the Hub is unreachable or "
+                "has no such dataset/config/split; pass local files or connect to the Hub")
+        raise DataError(f"cannot load {where} {target!r} (split {spec.split!r}): {type(e).__name__}: {first}; {hint}") \
+            from None
+
+
+def _iter_dataset(ds, spec: TextSpec, target: str) -> Iterator[str]:
+    for j, rec in enumerate(ds):
+        yield _text_of(rec, spec.text_field, f"dataset {target!r} row {j}")
+
+
+def iter_documents(spec: TextSpec) -> Iterator[str]:
+    """The documents of `spec` in a deterministic order (files sorted, records in file order)."""
+    kind, targets = _resolve(spec)
+    n = 0
+    if kind == "files":
+        docs = itertools.chain.from_iterable(_iter_file(f, spec.text_field) for f in targets)
+    else:
+        docs = _iter_dataset(_load_datasets(kind, targets[0], spec), spec, targets[0])
+    for doc in docs:
+        n += 1
+        yield doc
+    if n == 0:
+        raise DataError(f"text source {spec.source!r} holds no documents")
+
+
+def fingerprint(spec: TextSpec) -> str:
+    """sha256 identifying the data: Hub sources by name+config+split+revision; local sources by each file's
+    relative name, size and content hash (reads every byte once)."""
+    kind, targets = _resolve(spec)
+    h = hashlib.sha256()
+    if kind == "hub":
+        h.update(json.dumps({"hub": targets[0], "name": spec.name, "split": spec.split,
+                             "revision": spec.revision}, sort_keys=True).encode())
+        return h.hexdigest()
+    if kind == "files":
+        files = targets
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    else:
+        root = targets[0]
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
+        h.update(json.dumps({"split": spec.split, "name": spec.name}).encode())
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        rel = os.path.relpath(os.path.abspath(f), root)
+        h.update(f"{rel}\0{os.path.getsize(f)}\0{digest.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+# ---- packing ----
+
+def _special_ids(tokenizer, bos: bool) -> tuple[int | None, int | None]:
+    eos = tokenizer.eos_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    if bos and start is None:
+        raise ConfigError("bos=True but the tokenizer has neither a BOS nor an EOS token: pack without BOS")
+    return (start if bos else None), eos
+
+
+def packing_policy(tokenizer, bos: bool) -> str:
+    """The packing policy as one line, with the actual ids: the store header's `bos_policy`."""
+    start, eos = _special_ids(tokenizer, bos)
+    sep = f"followed by EOS id {eos}" if eos is not None else "with no separator (tokenizer has no EOS)"
+    head = f"[BOS id {start}] + ctx_len-1 stream tokens" if bos else "ctx_len stream tokens (no BOS)"
+    return (f"non-empty documents tokenized without special tokens, each {sep}, concatenated in order; "
+            f"contexts = {head}; final partial context dropped")
+
+
+def iter_contexts(docs: Iterable[str], tokenizer, ctx_len: int, bos: bool = True,
+                  batch_docs: int = 256) -> Iterator[np.ndarray]:
+    """Yield blocks of packed contexts, int32 [c, ctx_len] (c >= 1), following the packing policy; reads `docs`
+    lazily, `batch_docs` documents per fast-tokenizer call. DataError if the text holds less than one context."""
+    start, eos = _special_ids(tokenizer, bos)
+    body = ctx_len - (1 if bos else 0)
+    if body < 1:
+        raise ConfigError(f"ctx_len {ctx_len} is too small: need at least {2 if bos else 1}")
+    carry = np.zeros(0, dtype=np.int32)
+    n_tokens, n_contexts = 0, 0
+    it = iter(docs)
+    while raw := list(itertools.islice(it, batch_docs)):
+        batch = [d for d in raw if d]
+        if not batch:
+            continue
+        ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        tail = [eos] if eos is not None else []
+        count = sum(len(x) for x in ids) + len(tail) * len(ids)
+        flat = np.fromiter(itertools.chain.from_iterable(x + tail for x in ids), dtype=np.int32, count=count)
+        stream = np.concatenate([carry, flat])
+        n_tokens += count
+        n = len(stream) // body
+        if n:
+            block = stream[: n * body].reshape(n, body)
+            if bos:
+                block = np.concatenate([np.full((n, 1), start, dtype=np.int32), block], axis=1)
+            n_contexts += n
+            yield block
+        carry = stream[n * body:]
+    if n_contexts == 0:
+        raise DataError(f"the text holds {n_tokens} tokens, fewer than one context of {ctx_len} "
+                        f"({body} text tokens{' + BOS' if bos else ''}): give more text or a smaller --ctx-len")
+
+
+def pack_contexts(docs: Iterable[str], tokenizer, ctx_len: int, bos: bool = True, max_contexts: int | None = None,
+                  batch_docs: int = 256) -> np.ndarray:
+    """All packed contexts, int32 [C, ctx_len]; stops reading `docs` once `max_contexts` are made."""
+    if max_contexts is not None and max_contexts < 1:
+        raise ConfigError(f"max_contexts must be >= 1, got {max_contexts}")
+    blocks, have = [], 0
+    for block in iter_contexts(docs, tokenizer, ctx_len, bos=bos, batch_docs=batch_docs):
+        blocks.append(block)
+        have += len(block)
+        if max_contexts is not None and have >= max_contexts:
+            break
+    return np.ascontiguousarray(np.concatenate(blocks)[:max_contexts])
+

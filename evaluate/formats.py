@@ -1,0 +1,316 @@
+"""Other libraries' SAE formats: import dictionary_learning dictionaries, export to SAELens and dictionary_learning.
+
+Written by hand because neither library is a dependency (dictionary_learning pins nnsight<0.4; SAELens needs
+TransformerLens) and both formats are small: a state dict plus a JSON config. Nothing is unpickled: foreign `.pt`
+files go through `torch.load(weights_only=True)` and must hold a plain {name: tensor} state dict; we write safetensors.
+
+Formats, as documented by their code (dictionary_learning `dictionary.py`, `trainers/{top_k,batch_top_k}.py`;
+SAELens `saes/*_sae.py`, `constants.py`). `pre` below is the encoder pre-activation.
+
+| ours      | dictionary_learning class (ae.pt keys)                                                   | SAELens `architecture` (sae_weights.safetensors keys)        |
+|-----------|------------------------------------------------------------------------------------------|--------------------------------------------------------------|
+| relu      | AutoEncoder: encoder.weight [F,D], encoder.bias [F], decoder.weight [D,F], bias [D]       | standard: W_enc [D,F], b_enc [F], W_dec [F,D], b_dec [D]     |
+| topk      | AutoEncoderTopK: encoder.weight, encoder.bias, decoder.weight, b_dec, k (int), threshold | topk: W_enc, b_enc, W_dec, b_dec; cfg `k`                    |
+| batchtopk | BatchTopKSAE: same keys as AutoEncoderTopK; inference keeps f > threshold                | jumprelu with threshold [F] = the scalar (same inference map) |
+| jumprelu  | JumpReluAutoEncoder: W_enc [D,F], b_enc, W_dec [F,D], b_dec, threshold [F]; no pre-bias   | jumprelu: W_enc, b_enc, W_dec, b_dec, threshold              |
+| gated     | GatedAutoEncoder: encoder.weight [F,D] (no bias), r_mag, gate_bias, mag_bias, decoder.weight, decoder_bias | gated: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec |
+
+The pre-bias: every class above except JumpReluAutoEncoder (and AutoEncoderNew) computes
+`pre = (x - b_dec) @ W_enc + b_enc`; those two use `pre = x @ W_enc + b_enc`. When the source and target disagree the
+encoder bias is rewritten so the map is unchanged: `b_enc' = b_enc + (a' - a) * b_dec @ W_enc` (a = 1 when b_dec is
+subtracted). SAELens records its choice as `apply_b_dec_to_input`, so SAELens exports keep ours.
+
+Refused, with a message: transcoders (both libraries' classes reconstruct their own input: one width, one bias),
+batchtopk without a recorded inference threshold, dictionary_learning classes not listed above.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from saecache.errors import RunDirError
+
+# dictionary_learning dict_class -> (our architecture, expected ae.pt keys, trainer_class written on export)
+DL_CLASSES: dict[str, tuple[str, frozenset, str]] = {
+    "AutoEncoder": ("relu", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "bias"}), "StandardTrainer"),
+    "AutoEncoderNew": ("relu", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}),
+                       "StandardTrainerAprilUpdate"),
+    "AutoEncoderTopK": ("topk", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k",
+                                           "threshold"}), "TopKTrainer"),
+    "BatchTopKSAE": ("batchtopk", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k",
+                                             "threshold"}), "BatchTopKTrainer"),
+    "JumpReluAutoEncoder": ("jumprelu", frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}), "JumpReluTrainer"),
+    "GatedAutoEncoder": ("gated", frozenset({"encoder.weight", "r_mag", "gate_bias", "mag_bias", "decoder.weight",
+                                             "decoder_bias"}), "GatedSAETrainer"),
+}
+DL_EXPORT_CLASS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
+                   "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder"}
+DL_NO_PRE_BIAS = {"JumpReluAutoEncoder", "AutoEncoderNew"}
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+SAELENS_WEIGHTS_FILE, SAELENS_CFG_FILE = "sae_weights.safetensors", "cfg.json"
+DL_WEIGHTS_FILE, DL_CFG_FILE = "ae.pt", "config.json"
+
+
+@dataclass
+class DictWeights:
+    """A dictionary in library-neutral form: pre = (x - a * b_dec_D) @ W_enc_DF + b_enc_F with a = pre_bias."""
+
+    architecture: str
+    """relu, topk, batchtopk, jumprelu or gated (our names)."""
+    W_enc_DF: torch.Tensor
+    W_dec_FD: torch.Tensor
+    b_dec_D: torch.Tensor
+    b_enc_F: torch.Tensor | None = None
+    """None for gated (it has b_gate_F / b_mag_F instead)."""
+    pre_bias: bool = True
+    """Whether b_dec is subtracted from the input before the encoder."""
+    k: int | None = None
+    """Active features per row (topk, batchtopk)."""
+    threshold: torch.Tensor | None = None
+    """jumprelu: [F]; batchtopk / topk: a scalar inference threshold (negative = never set)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """gated: r_mag_F, b_gate_F, b_mag_F."""
+    meta: dict = field(default_factory=dict)
+    """Provenance carried along: lm_name, layer, submodule_name, hook, io, ctx_len..."""
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc_DF.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.W_enc_DF.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec_FD.shape[1]
+
+    def with_pre_bias(self, want: bool) -> DictWeights:
+        """The same map rewritten for another pre-bias convention (see the module docstring)."""
+        if want == self.pre_bias:
+            return self
+        sign = 1.0 if want else -1.0  # a' - a
+        if self.d_in != self.d_out:
+            raise RunDirError("cannot move the pre-bias of a transcoder (b_dec lives in the output space)")
+        shift_F = sign * (self.b_dec_D.double() @ self.W_enc_DF.double())
+        if self.architecture == "gated":
+            ex = dict(self.extras)
+            ex["b_gate_F"] = (ex["b_gate_F"].double() + shift_F).to(ex["b_gate_F"].dtype)
+            ex["b_mag_F"] = (ex["b_mag_F"].double() + shift_F * ex["r_mag_F"].double().exp()).to(ex["b_mag_F"].dtype)
+            return replace(self, extras=ex, pre_bias=want)
+        b = (self.b_enc_F.double() + shift_F).to(self.b_enc_F.dtype)
+        return replace(self, b_enc_F=b, pre_bias=want)
+
+
+def _shape_error(name: str, key: str, got, want) -> RunDirError:
+    return RunDirError(f"{name}: tensor {key!r} has shape {tuple(got)}, expected {tuple(want)}")
+
+
+# --------------------------------------------------------------------------------------- dictionary_learning import
+
+
+def load_plain_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """`torch.load(weights_only=True)` of a file that must hold {name: tensor}; anything else -> one-line RunDirError."""
+    if not os.path.exists(path):
+        raise RunDirError(f"{path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for pickled classes, RuntimeError/EOFError for non-torch or torn files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RunDirError(f"{path} is not a plain state dict readable with weights_only=True "
+                          f"({type(e).__name__}: {first}); save it with torch.save(model.state_dict(), path)") from None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = type(obj).__name__ if not isinstance(obj, dict) else \
+            "a dict with non-tensor values: " + ", ".join(sorted(k for k, v in obj.items()
+                                                                 if not isinstance(v, torch.Tensor))[:6])
+        raise RunDirError(f"{path} is not a plain state dict (found {what}); a training backup holds the weights "
+                          f"under 'ae': save that dict alone with torch.save(backup['ae'], path)")
+    return obj
+
+
+def read_dictionary_learning(src: str) -> DictWeights:
+    """A dictionary_learning save dir (`ae.pt` + `config.json`) -> DictWeights (raw-activation weights)."""
+    cfg_path, pt_path = os.path.join(src, DL_CFG_FILE), os.path.join(src, DL_WEIGHTS_FILE)
+    if not os.path.exists(cfg_path):
+        raise RunDirError(f"{src}: {DL_CFG_FILE} is missing (dictionary_learning saves ae.pt with config.json beside it)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    trainer, buffer = config.get("trainer", {}), config.get("buffer", {})
+    cls = trainer.get("dict_class")
+    if cls not in DL_CLASSES:
+        raise RunDirError(f"{cfg_path}: dict_class {cls!r} is not supported; supported: {', '.join(DL_CLASSES)}")
+    arch, keys, _ = DL_CLASSES[cls]
+    sd = load_plain_state_dict(pt_path)
+    if set(sd) != keys:
+        raise RunDirError(f"{pt_path} does not match {cls}: missing {sorted(keys - set(sd))}, "
+                          f"unexpected {sorted(set(sd) - keys)}")
+    f32 = {k: v.detach().to(torch.float32) for k, v in sd.items()}
+    if cls == "JumpReluAutoEncoder":
+        W_enc, W_dec, b_enc, b_dec = f32["W_enc"], f32["W_dec"], f32["b_enc"], f32["b_dec"]
+    elif cls == "GatedAutoEncoder":
+        W_enc, W_dec, b_enc, b_dec = f32["encoder.weight"].T, f32["decoder.weight"].T, None, f32["decoder_bias"]
+    else:
+        W_enc, W_dec, b_enc = f32["encoder.weight"].T, f32["decoder.weight"].T, f32["encoder.bias"]
+        b_dec = f32.get("b_dec", f32.get("bias", f32.get("decoder.bias")))
+    D, F = W_enc.shape
+    for key, t, want in (("W_dec", W_dec, (F, D)), ("b_dec", b_dec, (D,))) + \
+            ((("b_enc", b_enc, (F,)),) if b_enc is not None else ()):
+        if tuple(t.shape) != want:
+            raise _shape_error(pt_path, key, t.shape, want)
+    w = DictWeights(arch, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(),
+                    None if b_enc is None else b_enc.contiguous(), pre_bias=cls not in DL_NO_PRE_BIAS)
+    if arch in ("topk", "batchtopk"):
+        w.k = int(sd["k"].item())
+        w.threshold = f32["threshold"].reshape(())
+        if not 1 <= w.k <= F:
+            raise RunDirError(f"{pt_path}: k={w.k} outside [1, dict_size={F}]")
+    if arch == "jumprelu":
+        w.threshold = f32["threshold"]
+        if tuple(w.threshold.shape) != (F,):
+            raise _shape_error(pt_path, "threshold", w.threshold.shape, (F,))
+    if arch == "gated":
+        w.extras = {"r_mag_F": f32["r_mag"], "b_gate_F": f32["gate_bias"], "b_mag_F": f32["mag_bias"]}
+        for key, t in w.extras.items():
+            if tuple(t.shape) != (F,):
+                raise _shape_error(pt_path, key, t.shape, (F,))
+    for key, want in (("activation_dim", D), ("dict_size", F)):
+        if key in trainer and trainer[key] != want:
+            raise RunDirError(f"{cfg_path}: trainer.{key}={trainer[key]} but {DL_WEIGHTS_FILE} has {want}")
+    w.meta = {"lm_name": trainer.get("lm_name"), "layer": trainer.get("layer"),
+              "submodule_name": trainer.get("submodule_name"), "io": buffer.get("io"), "ctx_len": buffer.get("ctx_len"),
+              "dict_class": cls, "trainer_class": trainer.get("trainer_class")}
+    return w
+
+
+# ------------------------------------------------------------------------------------------------------ exports
+
+
+def _refuse_transcoder(w: DictWeights, target: str) -> None:
+    if w.d_in != w.d_out:
+        raise RunDirError(f"cannot export a transcoder (d_in={w.d_in}, d_out={w.d_out}) to {target}: its SAE classes "
+                          "reconstruct their own input (one width, one decoder bias)")
+
+
+def _batchtopk_threshold(w: DictWeights, target: str) -> float:
+    t = float(w.threshold) if w.threshold is not None else -1.0
+    if t < 0:
+        raise RunDirError(f"cannot export this batchtopk SAE to {target}: it has no inference threshold yet "
+                          "(train past the threshold start so encode does not depend on the batch)")
+    return t
+
+
+def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None) -> None:
+    """Write `ae.pt` (a plain state dict, torch.save) and `config.json` as dictionary_learning saves them."""
+    _refuse_transcoder(w, "dictionary_learning")
+    cls = DL_EXPORT_CLASS.get(w.architecture)
+    if cls is None:
+        raise RunDirError(f"architecture {w.architecture!r} has no dictionary_learning class")
+    w = w.with_pre_bias(cls not in DL_NO_PRE_BIAS)
+    c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
+    if cls == "JumpReluAutoEncoder":
+        sd = {"W_enc": c(w.W_enc_DF), "b_enc": c(w.b_enc_F), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D),
+              "threshold": c(w.threshold)}
+    elif cls == "GatedAutoEncoder":
+        sd = {"encoder.weight": c(w.W_enc_DF.T), "decoder.weight": c(w.W_dec_FD.T), "decoder_bias": c(w.b_dec_D),
+              "r_mag": c(w.extras["r_mag_F"]), "gate_bias": c(w.extras["b_gate_F"]), "mag_bias": c(w.extras["b_mag_F"])}
+    else:
+        sd = {"encoder.weight": c(w.W_enc_DF.T), "encoder.bias": c(w.b_enc_F), "decoder.weight": c(w.W_dec_FD.T)}
+        if cls == "AutoEncoder":
+            sd["bias"] = c(w.b_dec_D)
+        else:
+            if cls == "BatchTopKSAE":
+                _batchtopk_threshold(w, "dictionary_learning")
+            sd.update(b_dec=c(w.b_dec_D), k=torch.tensor(int(w.k), dtype=torch.int32),
+                      threshold=(c(w.threshold).reshape(()) if w.threshold is not None
+                                 else torch.tensor(-1.0, dtype=torch.float32)))
+    m = {**w.meta, **(meta or {})}
+    trainer = {"dict_class": cls, "trainer_class": DL_CLASSES[cls][2], "activation_dim": w.d_in,
+               "dict_size": w.n_features, "lm_name": m.get("lm_name"), "layer": m.get("layer"),
+               "submodule_name": m.get("submodule_name")}
+    if w.k is not None:
+        trainer["k"] = int(w.k)
+    buffer = {"d_submodule": w.d_in, "io": m.get("io") or "out", "ctx_len": m.get("ctx_len")}
+    os.makedirs(out, exist_ok=True)
+    torch.save(sd, os.path.join(out, DL_WEIGHTS_FILE))
+    with open(os.path.join(out, DL_CFG_FILE), "w") as f:
+        json.dump({"trainer": trainer, "buffer": buffer}, f, indent=1)
+
+
+def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
+    """Write `cfg.json` + `sae_weights.safetensors` in SAELens' inference format (pre-6.0 flat cfg, which SAELens 6
+    converts on load; `sae_lens_training_version` null marks it as not trained by SAELens)."""
+    from safetensors.torch import save_file
+
+    _refuse_transcoder(w, "SAELens")
+    arch = SAELENS_ARCH.get(w.architecture)
+    if arch is None:
+        raise RunDirError(f"architecture {w.architecture!r} has no SAELens equivalent")
+    c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
+    tensors = {"W_enc": c(w.W_enc_DF), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D)}
+    if arch == "gated":
+        tensors.update(b_gate=c(w.extras["b_gate_F"]), r_mag=c(w.extras["r_mag_F"]), b_mag=c(w.extras["b_mag_F"]))
+    else:
+        tensors["b_enc"] = c(w.b_enc_F)
+    if w.architecture == "jumprelu":
+        tensors["threshold"] = c(w.threshold)
+    elif w.architecture == "batchtopk":
+        tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
+    m = {**w.meta, **(meta or {})}
+    cfg = {
+        "architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
+        "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
+        "hook_layer": m.get("layer") if isinstance(m.get("layer"), int) else None, "hook_head_index": None,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_kwargs": {"k": int(w.k)} if arch == "topk" else {},
+        "apply_b_dec_to_input": bool(w.pre_bias), "finetuning_scaling_factor": False,
+        "normalize_activations": "none", "context_size": m.get("ctx_len"), "prepend_bos": m.get("prepend_bos", True),
+        "dataset_path": m.get("dataset"), "dataset_trust_remote_code": False, "sae_lens_training_version": None,
+        "model_from_pretrained_kwargs": {}, "neuronpedia_id": None,
+    }
+    if arch == "topk":
+        cfg["k"] = int(w.k)
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, SAELENS_WEIGHTS_FILE))
+    with open(os.path.join(out, SAELENS_CFG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def read_saelens(src: str) -> DictWeights:
+    """A SAELens save dir (`cfg.json` + `sae_weights.safetensors`, the inference architectures above) -> DictWeights.
+    A SAELens jumprelu comes back as jumprelu (a batchtopk export is a jumprelu with a constant threshold)."""
+    from safetensors.torch import load_file
+
+    cfg_path, st_path = os.path.join(src, SAELENS_CFG_FILE), os.path.join(src, SAELENS_WEIGHTS_FILE)
+    for p in (cfg_path, st_path):
+        if not os.path.exists(p):
+            raise RunDirError(f"{src}: {os.path.basename(p)} is missing (a SAELens dir has cfg.json and "
+                              f"{SAELENS_WEIGHTS_FILE})")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+    arch = ours.get(cfg.get("architecture", "standard"))
+    if arch is None:
+        raise RunDirError(f"{cfg_path}: SAELens architecture {cfg.get('architecture')!r} is not supported; "
+                          f"supported: {', '.join(ours)}")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise RunDirError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported "
+                          "(fold the scaling into the weights first)")
+    t = {k: v.to(torch.float32) for k, v in load_file(st_path).items()}
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    w = DictWeights(arch, t["W_enc"], t["W_dec"], t["b_dec"], t.get("b_enc"),
+                    pre_bias=bool(cfg.get("apply_b_dec_to_input", True)),
+                    meta={"lm_name": cfg.get("model_name", meta.get("model_name")),
+                          "hook_name": cfg.get("hook_name", meta.get("hook_name")),
+                          "layer": cfg.get("hook_layer", meta.get("hook_layer")),
+                          "ctx_len": cfg.get("context_size", meta.get("context_size"))})
+    if arch == "topk":
+        w.k = int(cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k"))
+    if arch == "jumprelu":
+        w.threshold = t["threshold"]
+    if arch == "gated":
+        w.extras = {"r_mag_F": t["r_mag"], "b_gate_F": t["b_gate"], "b_mag_F": t["b_mag"]}
+    return w

@@ -7,6 +7,7 @@ Every `SaecacheError` becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -51,6 +52,8 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # our own progress bars only: the Hub's and transformers' weight-loading bars are noise on stderr
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(args=argv, prog_name="saecache", standalone_mode=False)
     except SaecacheError as e:

@@ -1,0 +1,62 @@
+"""Optimizer, schedules and the unit-norm decoder constraint. Schedules are pure functions of the step number, so a
+resumed run reproduces them exactly.
+
+Step loop order: loss.backward() → project_decoder_grad_(sae) → optimizer.step() → renorm_decoder_(sae).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saecache.errors import ConfigError
+
+
+def make_optimizer(sae: torch.nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam over every parameter. The fused kernel is used where this torch has it for the device (deterministic,
+    and faster than the per-tensor loop); otherwise the default implementation."""
+    params = list(sae.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_start: int | None = None,
+              resample_steps: int | None = None) -> float:
+    """Multiplier of the base LR at 0-based `step`: linear warmup over `warmup_steps` (step 0 already gets 1/warmup),
+    then 1; with `decay_start`, linear decay to 0 at `total_steps`. With `resample_steps`, the warmup restarts after
+    every resample (at multiples of resample_steps), re-warming the LR for the reinitialised neurons."""
+    if decay_start is not None and resample_steps is not None:
+        raise ConfigError("LR decay and periodic resampling cannot be combined (choose decay_start or resample_steps)")
+    if decay_start is not None and not 0 <= decay_start <= total_steps:
+        raise ConfigError(f"decay_start must be in [0, total_steps={total_steps}], got {decay_start}")
+    phase = step % resample_steps if resample_steps else step
+    factor = min(1.0, (phase + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if decay_start is not None and step >= decay_start:
+        span = total_steps - decay_start
+        factor *= max(0.0, (total_steps - step) / span) if span > 0 else 0.0
+    return factor
+
+
+def sparsity_warmup_factor(step: int, sparsity_warmup_steps: int) -> float:
+    """Multiplier of the sparsity coefficient: linear 0 → 1 over `sparsity_warmup_steps` (1 when that is 0)."""
+    if sparsity_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / sparsity_warmup_steps)
+
+
+@torch.no_grad()
+def project_decoder_grad_(sae) -> None:
+    """Remove from each decoder row's gradient its component along the row (call before the optimizer step)."""
+    W, g = sae.W_dec_FD, sae.W_dec_FD.grad
+    if g is None:
+        return
+    w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g.sub_((g * w_hat).sum(1, keepdim=True) * w_hat)
+
+
+@torch.no_grad()
+def renorm_decoder_(sae) -> None:
+    """Rescale each decoder row to unit norm (call after the optimizer step)."""
+    W = sae.W_dec_FD
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,104 @@
+"""Sparsity penalties and auxiliary losses as small pure functions, plus the JumpReLU straight-through pieces and the
+geometric median used to initialise the decoder bias.
+
+Conventions: every penalty returns a scalar averaged over the B rows of the batch; reconstruction errors are summed
+over D and averaged over B (so they match `SAE.loss`'s `recon`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reconstruction_loss(x_hat_BD: Tensor, target_BD: Tensor) -> Tensor:
+    """Σ_D (x̂ − target)², mean over B."""
+    return (x_hat_BD - target_BD).pow(2).sum(-1).mean()
+
+
+def l1_penalty(f_BF: Tensor) -> Tensor:
+    """Σ_F |f|, mean over B. With unit-norm decoder rows this equals the decoder-norm-weighted L1."""
+    return f_BF.abs().sum(-1).mean()
+
+
+def entropy_penalty(f_BF: Tensor, eps: float = 1e-12) -> Tensor:
+    """Mean over rows of the Shannon entropy (nats) of the row's normalised activation mass p_i = |f_i| / Σ_j |f_j|.
+
+    H is 0 for a one-hot row and log(n) for n equal active features, so exp(H) is an "effective L0". It is
+    scale-free: it concentrates mass on few features without shrinking magnitudes (unlike L1). All-zero rows count 0.
+    d H / d|f_i| = −(log p_i + H) / Σ|f| for active i: small activations are pushed down, large ones up.
+    """
+    a_BF = f_BF.abs()
+    s_B1 = a_BF.sum(-1, keepdim=True)
+    p_BF = a_BF / s_B1.clamp_min(eps)
+    h_B = -(p_BF * p_BF.clamp_min(eps).log()).sum(-1)  # clamp: 0·log 0 = 0 with a finite gradient
+    return h_B.mean()
+
+
+def auxk_loss(e_hat_BD: Tensor, e_BD: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): squared error of the dead latents' reconstruction ê of the residual e = target − x̂
+    (e detached by the caller), normalised by the residual's total variance over the batch. 0 when that is 0."""
+    err = (e_hat_BD - e_BD).pow(2).sum(-1).mean()
+    var = (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean()
+    return torch.where(var > 0, err / var.clamp_min(1e-30), torch.zeros_like(err))
+
+
+def _rect(u: Tensor) -> Tensor:
+    """Rectangle kernel K(u) = 1 for |u| < 1/2, else 0."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = relu(z) · H(z − θ). Gradient wrt z: H(z − θ) (where z > 0); wrt θ: −(relu(θ)/ε) K((z − θ)/ε) (the
+    rectangle-kernel pseudo-derivative of Rajamanoharan et al. 2024b; relu(θ) keeps a negative θ from acting)."""
+
+    @staticmethod
+    def forward(ctx, z_BF, threshold_F, bandwidth: float):
+        ctx.save_for_backward(z_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        return z_BF.relu() * (z_BF > threshold_F)
+
+    @staticmethod
+    def backward(ctx, g_BF):
+        z_BF, threshold_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = g_BF * ((z_BF > threshold_F) & (z_BF > 0))
+        grad_t = -(threshold_F.relu() / eps) * _rect((z_BF - threshold_F) / eps) * g_BF
+        return grad_z, grad_t.sum(0), None
+
+
+class Step(torch.autograd.Function):
+    """H(z − θ) with no gradient to z and the pseudo-derivative −(1/ε) K((z − θ)/ε) to θ (for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, z_BF, threshold_F, bandwidth: float):
+        ctx.save_for_backward(z_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        return (z_BF > threshold_F).to(z_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, g_BF):
+        z_BF, threshold_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_t = -(1.0 / eps) * _rect((z_BF - threshold_F) / eps) * g_BF
+        return None, grad_t.sum(0), None
+
+
+def l0_toward_target(l0_mean: Tensor, target_l0: float) -> Tensor:
+    """(L0 / target − 1)²: the normalised L0 penalty dictionary_learning uses for JumpReLU (0 at the target)."""
+    return (l0_mean / target_l0 - 1.0).pow(2)
+
+
+@torch.no_grad()
+def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising Σ_n ‖x_n − m‖, started at the mean."""
+    x = x_ND.float()
+    m_D = x.mean(0)
+    for _ in range(iters):
+        w_N = 1.0 / (x - m_D).norm(dim=-1).clamp_min(1e-8)
+        new = (w_N[:, None] * x).sum(0) / w_N.sum()
+        done = (new - m_D).norm() <= tol * max(1.0, float(m_D.norm()))
+        m_D = new
+        if done:
+            break
+    return m_D.to(x_ND.dtype)

@@ -33,6 +33,9 @@ from saecache.harvest.store import Store
 from saecache.train.shard_reader import DirectArray
 
 
+META = ("context", "position", "token")  # per-row metadata that can be requested like a hook (int64 tensors)
+
+
 @dataclass(frozen=True)
 class Unit:
     """One inner chunk to read: rows ``[row0, row0 + n)`` of store ``src``; ``keep`` filters rows (held-out cut)."""
@@ -72,13 +75,15 @@ class _Reader:
         self.store = store
         self.direct = {}
         for h in hooks:
-            arr = DirectArray.open(store.loc.path(f"acts/{h}")) if (direct and store.loc.local) else None
+            arr = None if h in META else DirectArray.open(store.loc.path(f"acts/{h}")) if (direct and store.loc.local) else None
             self.direct[h] = arr
 
     def read(self, unit: Unit) -> dict[str, np.ndarray]:
         out = {}
         for h, arr in self.direct.items():
-            if arr is not None:
+            if h in META:
+                a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
+            elif arr is not None:
                 a = arr.read_rows(unit.row0, unit.n).copy()
             else:
                 a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
@@ -91,6 +96,8 @@ def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True
     stores = [Store.open(u) for u in urls]
     for st in stores:
         for h in hooks:
+            if h in META:
+                continue
             st.require_hook(h)
             d0 = stores[0].hooks[h]["d"]
             if st.hooks[h]["d"] != d0:
@@ -126,7 +133,8 @@ def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
 
 
 class Loader:
-    """Iterator of training batches: ``dict hook -> [B_local, D] tensor`` (the same rows for every hook).
+    """Iterator of training batches: ``dict hook -> [B_local, D] tensor`` (the same rows for every hook; the names
+    in ``META`` give the rows' context/position/token ids as int64 ``[B_local]``).
 
     ``batch_size`` is the GLOBAL batch; on rank ``r`` of ``world_size`` the local batch holds the rows of partitions
     ``p % world_size == r``. Call ``state_dict()`` after consuming a batch to record the position.
@@ -237,7 +245,7 @@ class Loader:
     def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
         for h, a in batch.items():
-            t = _bits_to_float(a, self.logical, self.dtype)
+            t = torch.from_numpy(a.astype(np.int64)) if h in META else _bits_to_float(a, self.logical, self.dtype)
             if self._cuda:
                 t = t.pin_memory().to(self.device, non_blocking=True)
             elif self.device.type != "cpu":

@@ -1,0 +1,194 @@
+"""`TrainConfig`: everything one `saecache train` run needs, saved exactly as run into every SAE's `cfg.json`.
+
+A run reads the data once and feeds each batch to every SAE in `saes` (a sweep over architecture, width, penalty,
+layer). Only `SAESpec` describes an SAE; the rest is about where data comes from and how to train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from saecache.errors import ConfigError
+
+LOG_BACKENDS = ("none", "tensorboard", "wandb")
+AUTOCAST = ("float32", "bfloat16", "float16")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+
+
+@dataclass
+class SAESpec:
+    """One SAE of the sweep."""
+
+    arch: str = "topk"
+    """Architecture name (see `saecache.train.sae` for the known ones: relu, topk, batchtopk, jumprelu, gated...)."""
+    width: int = 4096
+    """Number of dictionary features F."""
+    hook_in: str = ""
+    """Store hook the SAE encodes (e.g. `mlp_out.0`)."""
+    hook_out: str | None = None
+    """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
+    k: int | None = None
+    """Active features per row for topk/batchtopk (required there)."""
+    penalty: str | None = None
+    """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
+    coeff: float | None = None
+    """Sparsity coefficient λ of the penalty; None = the architecture default (for E‖x‖² = 1 inputs)."""
+    lr: float | None = None
+    """Learning rate override for this SAE; None = `TrainConfig.lr`."""
+    name: str | None = None
+    """Directory name under the run root; None = derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra `SAEConfig` fields passed through unchanged (e.g. `{"auxk_alpha": 0.03, "target_l0": 30}`)."""
+
+    def __post_init__(self):
+        if not self.hook_in:
+            raise ConfigError("every SAE needs hook_in (the store hook it reads), e.g. --hook mlp_out.0")
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ConfigError(f"width must be a positive integer, got {self.width!r}")
+        if self.k is not None and not (isinstance(self.k, int) and 1 <= self.k <= self.width):
+            raise ConfigError(f"k must be an integer in [1, width={self.width}], got {self.k!r}")
+        if self.coeff is not None and not self.coeff >= 0:
+            raise ConfigError(f"coeff must be >= 0, got {self.coeff}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.name is None:
+            hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
+            self.name = f"{self.arch}-{hooks}-{self.width}" + (f"-k{self.k}" if self.k is not None else "") + \
+                (f"-{self.penalty}" if self.penalty is not None else "") + \
+                (f"-c{self.coeff:g}" if self.coeff is not None else "")
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(f"SAE name {self.name!r} may only use letters, digits and _.=+-")
+
+    @property
+    def target_hook(self) -> str:
+        return self.hook_out or self.hook_in
+
+
+@dataclass
+class TrainConfig:
+    """One training run over one or more stores; a sweep of SAEs trained from a single read of the data."""
+
+    stores: list[str]
+    """Store URLs (local paths or fsspec URLs). Several stores are mixed into one stream; hooks must exist in each."""
+    out: str
+    """Run root: each SAE writes `<out>/<name>/` (cfg.json, sae.safetensors, metrics.jsonl, checkpoints/)."""
+    saes: list[SAESpec]
+    """The SAEs to train; every batch is fed to each of them."""
+    seed: int = 0
+    """Seeds SAE initialisation, the data order and resampling. Same store + config + seed → identical weights."""
+    batch_size: int = 4096
+    """Global batch (rows per optimizer step, summed over DDP ranks)."""
+    total_tokens: int | None = None
+    """Training length in rows; rounded up to whole steps. Exactly one of total_tokens / steps is set."""
+    steps: int | None = None
+    """Training length in optimizer steps (alternative to total_tokens)."""
+    lr: float = 3e-4
+    """Adam learning rate (per-SAE override: SAESpec.lr)."""
+    warmup_steps: int = 1000
+    """Linear LR warmup from 0 at the start (and again after every resample)."""
+    decay_start: int | None = None
+    """Step from which the LR decays linearly to 0 at the last step; None = no decay. Not combinable with resampling."""
+    sparsity_warmup_steps: int = 0
+    """Linear warmup of the sparsity penalty's coefficient from 0 to 1."""
+    resample_steps: int | None = None
+    """Resample dead features every this many steps (Anthropic's procedure); None = never."""
+    resample_window: int | None = None
+    """A feature is dead when it has not fired for this many steps; None = resample_steps // 2 (also the window of
+    the logged dead fraction; 100 steps when resampling is off)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (weights + optimizer + loader + RNG state)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per SAE (older ones are deleted after a newer one is written)."""
+    heldout_fraction: float = 0.01
+    """The last this fraction of contexts (by context id) in every store is never trained on; evaluate reads them."""
+    allow_incomplete: bool = False
+    """Train on the complete shards of a store that is still being harvested."""
+    normalize: bool = True
+    """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
+    partitions: int = 8
+    """Canonical data partitions: fixes the data order independent of DDP ranks; must be a multiple of world size."""
+    shuffle_chunks: int = 4
+    """Inner chunks per shuffle window per partition (each batch draws from partitions × shuffle_chunks chunks)."""
+    reader_threads: int = 2
+    """Threads decoding chunks ahead of use. Does not change the batches."""
+    autocast: str = "float32"
+    """Autocast dtype of the SAE forward: float32 (off), bfloat16 or float16."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
+    log: str = "none"
+    """Extra metrics backend: none, tensorboard or wandb (metrics.jsonl is always written)."""
+    log_every: int = 10
+    """Steps between metric records."""
+    wandb_project: str = "saecache"
+    """W&B project when log=wandb."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+
+    def __post_init__(self):
+        self.saes = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in self.saes]
+        if not self.stores:
+            raise ConfigError("no store given: pass --store PATH (harvest one with `saecache harvest`)")
+        if not self.saes:
+            raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
+        names = [s.name for s in self.saes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"SAE names must be unique, got {names}")
+        if (self.total_tokens is None) == (self.steps is None):
+            raise ConfigError("set exactly one of total_tokens (--tokens) and steps (--steps)")
+        for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
+        if (self.steps is not None and self.steps < 1) or (self.total_tokens is not None and self.total_tokens < 1):
+            raise ConfigError("the training length must be at least one step")
+        if self.batch_size % self.partitions:
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of partitions {self.partitions}")
+        if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
+            raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.decay_start is not None and self.resample_steps is not None:
+            raise ConfigError("decay_start and resample_steps cannot be combined (the LR re-warms after resampling)")
+        if self.resample_steps is not None and self.resample_steps < 1:
+            raise ConfigError(f"resample_steps must be >= 1, got {self.resample_steps}")
+        if self.resample_window is not None and self.resample_window < 1:
+            raise ConfigError(f"resample_window must be >= 1, got {self.resample_window}")
+        if self.decay_start is not None and not 0 <= self.decay_start < self.total_steps:
+            raise ConfigError(f"decay_start must be in [0, {self.total_steps}), got {self.decay_start}")
+        if self.autocast not in AUTOCAST:
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if self.log not in LOG_BACKENDS:
+            raise ConfigError(f"log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else -(-self.total_tokens // self.batch_size)
+
+    @property
+    def dead_window_steps(self) -> int:
+        if self.resample_window is not None:
+            return self.resample_window
+        return max(1, self.resample_steps // 2) if self.resample_steps else 100
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every store hook the sweep reads, in first-use order."""
+        out: list[str] = []
+        for s in self.saes:
+            for h in (s.hook_in, s.target_hook):
+                if h not in out:
+                    out.append(h)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**d)

@@ -1,0 +1,93 @@
+"""Data-parallel training through `torch.distributed` (launched by `torchrun`; NCCL on GPU, gloo on CPU).
+
+The trainer does not wrap SAEs in `DistributedDataParallel`: a sweep holds several SAEs that step together and the
+TopK decoders use custom sparse autograd, so gradients are averaged explicitly after `backward()` (one all-reduce per
+parameter, the same arithmetic DDP performs). Every helper is a no-op in a single process, so the loop reads the same
+with and without DDP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not is_distributed():
+        dev = resolve_device(device)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    if not is_distributed():
+        return 0, 1, resolve_device(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (the global batch); identity in one process."""
+    if not is_distributed():
+        return x_BD
+    parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_BD.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(module: torch.nn.Module, world: int) -> None:
+    """Mean of every parameter's gradient over ranks (parameters without a gradient count as zero)."""
+    if not is_distributed() or world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+@torch.no_grad()
+def sync_sae_stats_(sae, since_before_F: torch.Tensor, global_batch: int) -> None:
+    """Make the SAE's dead-latent counters (and batchtopk's threshold) those of the global batch on every rank: a
+    latent fired if it fired on any rank; counters advance by the global batch, as in one process."""
+    fired_F = all_reduce_max((sae.tokens_since_fired_F == 0).to(torch.int64)) > 0
+    sae.tokens_since_fired_F.copy_(torch.where(fired_F, 0, since_before_F + global_batch))
+    if hasattr(sae, "threshold"):
+        t = sae.threshold.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        sae.threshold.copy_(t / dist.get_world_size())
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

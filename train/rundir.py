@@ -1,0 +1,180 @@
+"""Run directories (layout in `RUNDIR.md`): `cfg.json`, `sae.safetensors`, `metrics.jsonl`, `checkpoints/`.
+
+Everything is JSON or safetensors — never pickle. Checkpoints are written to a temporary directory and renamed into
+place (atomic on POSIX), so a `kill -9` at any moment leaves either the previous or the new checkpoint, never half of
+one. `load_run` is the entry point for evaluate and other consumers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saecache.errors import RunDirError
+
+FORMAT_VERSION = 1
+CFG_FILE, WEIGHTS_FILE, METRICS_FILE, CKPT_DIR = "cfg.json", "sae.safetensors", "metrics.jsonl", "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d{9})$")
+
+
+def redact_url(url: str) -> str:
+    """A store URL without credentials (user:password@ or query tokens), safe to record in cfg.json."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_cfg(run_dir: str) -> dict:
+    path = os.path.join(run_dir, CFG_FILE)
+    if not os.path.exists(path):
+        raise RunDirError(f"{run_dir} is not a run dir: {CFG_FILE} is missing (train one with `saecache train`)")
+    with open(path) as f:
+        cfg = json.load(f)
+    v = cfg.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise RunDirError(f"{path} has format version {v}, newer than this saecache reads ({FORMAT_VERSION}); "
+                          "upgrade saecache")
+    return cfg
+
+
+def load_run(run_dir: str, device: str | torch.device = "cpu"):
+    """Rebuild a trained SAE from its run dir: returns ``(sae, cfg)``; weights take raw (unnormalised) activations."""
+    from saecache.train.sae import SAEConfig, load_sae
+
+    cfg = read_cfg(run_dir)
+    path = os.path.join(run_dir, WEIGHTS_FILE)
+    if not os.path.exists(path):
+        ckpts = list_checkpoints(run_dir)
+        hint = f"; latest checkpoint: step {ckpts[-1]} (rerun the train command to finish)" if ckpts else ""
+        raise RunDirError(f"{run_dir} has no {WEIGHTS_FILE}: training did not finish{hint}")
+    return load_sae(SAEConfig.from_dict(cfg["sae"]), path, device), cfg
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(run_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in a run dir, ascending."""
+    d = os.path.join(run_dir, CKPT_DIR)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(m.group(1)) for n in os.listdir(d) if (m := _STEP_RE.match(n)))
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, CKPT_DIR, f"step-{step:09d}")
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in rest["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def save_checkpoint(run_dir: str, step: int, model_tensors: dict[str, torch.Tensor],
+                    extra_tensors: dict[str, torch.Tensor], state: dict, keep: int) -> str:
+    """Write ``checkpoints/step-XXXXXXXXX/`` atomically (tmp dir + rename), then prune to the newest ``keep``."""
+    final = checkpoint_path(run_dir, step)
+    tmp = os.path.join(run_dir, CKPT_DIR, f".tmp-{step:09d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
+    save_file(extra_tensors, os.path.join(tmp, "state.safetensors"))
+    write_json_atomic(os.path.join(tmp, "state.json"), state)
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(final):  # a rerun reached the same step again: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(checkpoint_path(run_dir, old), ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: str, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    p = checkpoint_path(run_dir, step)
+    with open(os.path.join(p, "state.json")) as f:
+        state = json.load(f)
+    return load_file(os.path.join(p, "model.safetensors")), load_file(os.path.join(p, "state.safetensors")), state
+
+
+def clean_tmp(run_dir: str) -> None:
+    """Remove half-written checkpoint directories left by a killed process."""
+    d = os.path.join(run_dir, CKPT_DIR)
+    if os.path.isdir(d):
+        for n in os.listdir(d):
+            if n.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+
+
+def truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop metric records after ``step`` (written before a crash, replayed after resume) and any torn last line."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def append_metrics(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, METRICS_FILE), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def rng_to_tensor(state: torch.Tensor) -> torch.Tensor:
+    """torch RNG states are uint8 tensors already; copy so safetensors owns contiguous memory."""
+    return state.detach().cpu().clone().contiguous()

@@ -1,0 +1,238 @@
+"""The training loop: one read of the data feeds every SAE of a sweep; checkpoints make `kill -9` resumable exactly.
+
+Per step, for every SAE (a `Member`): normalise the batch, loss → backward → (DDP: average gradients) → project
+decoder gradients → set the scheduled LR → Adam step → renormalise decoder → track dead features → maybe resample.
+Everything that influences the weights (data order, initialisation, resampling draws) is a pure function of the
+config and seed, and every piece of state is checkpointed, so a resumed run ends bit-identical (CPU) to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+
+import torch
+
+from saecache import __version__
+from saecache.errors import ConfigError, DivergedError, RunDirError, StoreError
+from saecache.train import ddp, rundir
+from saecache.train.config import SAESpec, TrainConfig
+from saecache.train.loader import Loader, heldout_cutoff, open_stores
+from saecache.train.monitor import Logger, step_metrics
+from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
+                                  sparsity_warmup_factor)
+from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
+from saecache.train.resample import resample_dead_
+
+# TrainConfig fields that may change between a run and its resumption without changing the result
+RESUMABLE_CHANGES = {"progress", "reader_threads", "log", "log_every", "wandb_project", "device", "out"}
+
+
+@dataclasses.dataclass
+class Member:
+    """One SAE of the sweep with its optimizer, run dir and bookkeeping."""
+
+    spec: SAESpec
+    sae: SAE
+    opt: torch.optim.Optimizer
+    run_dir: str
+    in_scale: float
+    """Training sees x / in_scale (sqrt of the hook's mean squared norm, so E‖x‖² = 1); folded back at save."""
+    out_scale: float
+    generator: torch.Generator
+    lr: float
+    done: bool = False
+
+
+def pooled_mean_sq_norm(stores, hook: str) -> float:
+    """Mean squared row norm of a hook over all stores (count-weighted), from the stores' statistics."""
+    stats = [st.stats(hook) for st in stores]
+    return sum(s["mean_sq_norm"] * s["count"] for s in stats) / sum(s["count"] for s in stats)
+
+
+def _sae_config(spec: SAESpec, d_in: int, d_out: int) -> SAEConfig:
+    return SAEConfig(**{"architecture": spec.arch, "d_in": d_in, "n_features": spec.width, "d_out": d_out,
+                        "transcoder": spec.target_hook != spec.hook_in, "k": spec.k, "penalty": spec.penalty,
+                        "sparsity_coeff": spec.coeff, **spec.options})
+
+
+def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
+    return {
+        "format_version": rundir.FORMAT_VERSION, "package_version": __version__, "name": m.spec.name,
+        "complete": False, "sae": m.sae.cfg.to_dict(), "spec": dataclasses.asdict(m.spec),
+        "train": cfg.to_dict(), "seed": cfg.seed, "world_size": world,
+        "hooks": {"in": m.spec.hook_in, "out": m.spec.target_hook},
+        "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint(),
+                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction)} for st in stores],
+        "heldout": {"fraction": cfg.heldout_fraction,
+                    "rule": "contexts with id >= n_contexts - ceil(fraction * n_contexts) in every store"},
+        "normalization": {"in_scale": m.in_scale, "out_scale": m.out_scale,
+                          "source": "training saw x / scale, scale = sqrt(mean_sq_norm) from the store statistics; "
+                                    "folded back into sae.safetensors (it takes raw activations)"},
+        "tokens_seen": 0, "steps_done": 0,
+    }
+
+
+def _check_existing(run_dir: str, record: dict) -> dict | None:
+    """The cfg.json of an earlier run in `run_dir`, after checking it is the same run; None when fresh."""
+    if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
+        return None
+    old = rundir.read_cfg(run_dir)
+    if old["sae"] != record["sae"]:
+        diff = [k for k in record["sae"] if old["sae"].get(k) != record["sae"][k]]
+        raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
+                          "mismatch on resume); use a new --out")
+    a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
+    b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise RunDirError(f"{run_dir} was started with a different config (differs in {', '.join(diff)}); rerun with "
+                          "the original settings or use a new --out")
+    if [s["fingerprint"] for s in old["stores"]] != [s["fingerprint"] for s in record["stores"]]:
+        raise RunDirError(f"the store changed since {run_dir} was started (fingerprint differs); use a new --out")
+    return old
+
+
+def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) -> list[Member]:
+    members = []
+    for i, spec in enumerate(cfg.saes):
+        d_in, d_out = stores[0].hooks[spec.hook_in]["d"], stores[0].hooks[spec.target_hook]["d"]
+        torch.manual_seed(cfg.seed * 1_000_003 + i)  # initialisation: a pure function of (seed, position in sweep)
+        sae = SAE(_sae_config(spec, d_in, d_out)).to(device)
+        lr = spec.lr or cfg.lr
+        in_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.hook_in)) if cfg.normalize else 1.0
+        out_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.target_hook)) if cfg.normalize else 1.0
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + i)
+        m = Member(spec, sae, make_optimizer(sae, lr), os.path.join(cfg.out, spec.name), in_scale, out_scale,
+                   gen, lr)
+        members.append(m)
+    return members
+
+
+def _checkpoint(m: Member, step: int, loader: Loader, cfg: TrainConfig) -> None:
+    opt_tensors, opt_rest = rundir.optimizer_to_flat(m.opt)
+    extra = {**opt_tensors, "rng.resample": m.generator.get_state(), "rng.torch": torch.get_rng_state()}
+    state = {"format_version": rundir.FORMAT_VERSION, "step": step, "tokens_seen": step * cfg.batch_size,
+             "loader": loader.state_dict(), "optimizer": opt_rest}
+    rundir.save_checkpoint(m.run_dir, step, m.sae.state_for_save(), extra, state, cfg.keep_checkpoints)
+
+
+def _restore(m: Member, step: int) -> dict:
+    model, extra, state = rundir.load_checkpoint(m.run_dir, step)
+    m.sae.load_state_dict(model)
+    rundir.optimizer_from_flat(m.opt, {k: v for k, v in extra.items() if k.startswith("optim.")}, state["optimizer"])
+    m.generator.set_state(extra["rng.resample"])
+    torch.set_rng_state(extra["rng.torch"])
+    return state
+
+
+def _finish(m: Member, record: dict, steps: int, cfg: TrainConfig) -> None:
+    """Save raw-activation-space weights (normalisation folded back) and mark cfg.json complete."""
+    final = copy.deepcopy(m.sae).cpu()
+    final.fold_scale(m.in_scale, m.out_scale)
+    tmp = os.path.join(m.run_dir, f".tmp-{rundir.WEIGHTS_FILE}")
+    save_sae(final, tmp)
+    os.replace(tmp, os.path.join(m.run_dir, rundir.WEIGHTS_FILE))
+    rundir.write_json_atomic(os.path.join(m.run_dir, rundir.CFG_FILE),
+                             {**record, "complete": True, "steps_done": steps, "tokens_seen": steps * cfg.batch_size})
+
+
+def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, autocast: dict, world: int):
+    """One optimizer step of one SAE. Returns the LossOutput (for metrics) and the normalised target."""
+    x_BD = batch[m.spec.hook_in] / m.in_scale
+    t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
+    if step == 0:
+        m.sae.init_from_batch(ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD))
+    since_F = m.sae.tokens_since_fired_F.clone() if world > 1 else None
+    with torch.autocast(**autocast):
+        out = m.sae.loss(x_BD, t_BD, sparsity_warmup_factor(step, cfg.sparsity_warmup_steps))
+    if not torch.isfinite(ddp.all_reduce_max(out.total.detach().float())):
+        last = rundir.list_checkpoints(m.run_dir)
+        raise DivergedError(f"{m.spec.name}: loss became {out.total.item()} at step {step}; kept the last good "
+                            f"checkpoint ({'step ' + str(last[-1]) if last else 'none yet'}); lower the lr "
+                            "or check the store for non-finite rows")
+    m.opt.zero_grad(set_to_none=True)
+    out.total.backward()
+    ddp.average_gradients(m.sae, world)
+    project_decoder_grad_(m.sae)
+    factor = lr_factor(step, cfg.warmup_steps, total, cfg.decay_start, cfg.resample_steps)
+    for g in m.opt.param_groups:
+        g["lr"] = m.lr * factor
+    m.opt.step()
+    renorm_decoder_(m.sae)
+    if world > 1:
+        ddp.sync_sae_stats_(m.sae, since_F, cfg.batch_size)
+    if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
+        dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
+        if dead_F.any():
+            resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
+    return out, t_BD
+
+
+def run_training(cfg: TrainConfig) -> list[str]:
+    """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs."""
+    rank, world, device = ddp.setup(cfg.device)
+    stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)
+    members = build_members(cfg, stores, device, world)
+    records = {m.spec.name: _cfg_record(cfg, m, stores, world) for m in members}
+    for m in members:
+        old = _check_existing(m.run_dir, records[m.spec.name])
+        m.done = bool(old and old.get("complete") and os.path.exists(os.path.join(m.run_dir, rundir.WEIGHTS_FILE)))
+    active = [m for m in members if not m.done]
+    total = cfg.total_steps
+    if not active:
+        return [m.run_dir for m in members]
+    ddp.barrier()
+    if rank == 0:
+        for m in active:
+            os.makedirs(os.path.join(m.run_dir, rundir.CKPT_DIR), exist_ok=True)
+            rundir.clean_tmp(m.run_dir)
+            if not os.path.exists(os.path.join(m.run_dir, rundir.CFG_FILE)):
+                rundir.write_json_atomic(os.path.join(m.run_dir, rundir.CFG_FILE), records[m.spec.name])
+    ddp.barrier()
+
+    # resume: the newest step every unfinished SAE has a checkpoint for
+    common = set.intersection(*(set(rundir.list_checkpoints(m.run_dir)) for m in active))
+    start, loader_state = 0, None
+    if common:
+        start = max(common)
+        for m in active:
+            loader_state = _restore(m, start)["loader"]
+    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
+                    partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, reader_threads=cfg.reader_threads,
+                    device=device, rank=rank, world_size=world, state=loader_state)
+    if rank == 0:
+        for m in active:
+            rundir.truncate_metrics(m.run_dir, start)
+    logger = Logger(cfg, [m.spec.name for m in active], start, total, enabled=rank == 0)
+    autocast = {"device_type": device.type, "dtype": getattr(torch, cfg.autocast),
+                "enabled": cfg.autocast != "float32"}
+    try:
+        t0 = time.perf_counter()
+        for step in range(start, total):
+            batch = next(loader)
+            results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+                recs = [step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,
+                                     cfg.batch_size)
+                        for (out, t), m in zip(results, active)]
+                for m, rec in zip(active, recs):
+                    rundir.append_metrics(m.run_dir, rec)
+                logger.log(step + 1, recs, (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
+            logger.advance()
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                if rank == 0:
+                    for m in active:
+                        _checkpoint(m, step + 1, loader, cfg)
+                ddp.barrier()
+        if rank == 0:  # the loop ended with a checkpoint at `total`, so a kill from here on only redoes this
+            for m in active:
+                _finish(m, records[m.spec.name], total, cfg)
+        ddp.barrier()
+    finally:
+        logger.close()
+        loader.close()
+    return [m.run_dir for m in members]

@@ -76,6 +76,8 @@ class DictWeights:
     """gated: r_mag_F, b_gate_F, b_mag_F."""
     meta: dict = field(default_factory=dict)
     """Provenance carried along: lm_name, layer, submodule_name, hook, io, ctx_len..."""
+    transcoder: bool = False
+    """Predicts another hook than its input (its input centre, if any, is extras["b_in_D"]); no export format has one."""
 
     @property
     def d_in(self) -> int:
@@ -190,7 +192,7 @@ def read_dictionary_learning(src: str) -> DictWeights:
 
 
 def _refuse_transcoder(w: DictWeights, target: str) -> None:
-    if w.d_in != w.d_out:
+    if w.transcoder or w.d_in != w.d_out:
         raise RunDirError(f"cannot export a transcoder (d_in={w.d_in}, d_out={w.d_out}) to {target}: its SAE classes "
                           "reconstruct their own input (one width, one decoder bias)")
 
@@ -313,4 +315,54 @@ def read_saelens(src: str) -> DictWeights:
         w.threshold = t["threshold"]
     if arch == "gated":
         w.extras = {"r_mag_F": t["r_mag"], "b_gate_F": t["b_gate"], "b_mag_F": t["b_mag"]}
+    return w
+
+
+# ------------------------------------------------------------------------------------------- our SAE <-> neutral
+
+
+def to_sae(w: DictWeights):
+    """Our `SAE` computing the same map as `w` (the pre-bias convention is converted where the architectures differ)."""
+    from saecache.train.sae import ARCHITECTURES, SAE, SAEConfig
+
+    if w.architecture not in ARCHITECTURES:
+        raise RunDirError(f"architecture {w.architecture!r} unknown here; known: {', '.join(ARCHITECTURES)}")
+    w = w.with_pre_bias(ARCHITECTURES[w.architecture].pre_bias)
+    cfg = SAEConfig(architecture=w.architecture, d_in=w.d_in, n_features=w.n_features, d_out=w.d_out,
+                    k=w.k if w.architecture in ("topk", "batchtopk") else None)
+    state = {k: v.clone() for k, v in SAE(cfg).state_dict().items()}  # buffers (dead counters...) at their defaults
+    state.update(W_enc_DF=w.W_enc_DF, W_dec_FD=w.W_dec_FD, b_dec_D=w.b_dec_D)
+    state["b_enc_F"] = w.extras["b_gate_F"] if w.architecture == "gated" else w.b_enc_F
+    if w.architecture == "gated":
+        state.update(r_mag_F=w.extras["r_mag_F"], b_mag_F=w.extras["b_mag_F"])
+    if w.architecture == "jumprelu":
+        state["threshold_F"] = w.threshold
+    if w.architecture == "batchtopk":
+        state["threshold"] = w.threshold.reshape(())
+    if "tokens_since_fired_F" in state:
+        state["tokens_since_fired_F"].zero_()
+    return SAE.from_state(cfg, {k: v.detach().to(torch.float32) if v.is_floating_point() else v
+                                for k, v in state.items()})
+
+
+def from_sae(sae, meta: dict | None = None) -> DictWeights:
+    """The neutral form of our `SAE` (raw-activation weights as saved in a run dir)."""
+    from saecache.train.sae import ARCHITECTURES
+
+    c, arch = sae.cfg, sae.cfg.architecture
+    g = lambda name: getattr(sae, name).detach().to(torch.float32).cpu().clone()  # noqa: E731
+    w = DictWeights(arch, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"),
+                    None if arch == "gated" else g("b_enc_F"), pre_bias=ARCHITECTURES[arch].pre_bias,
+                    k=c.k, meta=dict(meta or {}))
+    w.transcoder = bool(c.transcoder)
+    if w.transcoder:
+        w.extras["b_in_D"] = g("b_in_D")
+    if arch == "gated":
+        w.extras.update(b_gate_F=g("b_enc_F"), r_mag_F=g("r_mag_F"), b_mag_F=g("b_mag_F"))
+    if arch == "jumprelu":
+        w.threshold = g("threshold_F")
+    if arch == "batchtopk":
+        w.threshold = g("threshold").reshape(())
+    if arch == "topk" and (meta or {}).get("dl_threshold") is not None:
+        w.threshold = torch.tensor(float(meta["dl_threshold"]))  # kept from an import, unused by inference
     return w

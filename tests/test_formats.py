@@ -222,3 +222,32 @@ def test_unrepresentable_exports_are_refused(tmp_path):
         with pytest.raises(RunDirError, match="no inference threshold"):
             writer(w, str(tmp_path / "y"))
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_import_into_our_sae_and_back(tmp_path, cls):
+    """dictionary_learning -> our SAE: same outputs; -> back to dictionary_learning: same tensors and outputs."""
+    sd = write_dl(tmp_path / "src", cls)
+    w = FM.read_dictionary_learning(str(tmp_path / "src"))
+    sae = FM.to_sae(w).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sae(X), dl_forward(cls, sd, X), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(sae.encode(X)), dl_forward(cls, sd, X), rtol=1e-5, atol=1e-5)
+    meta = {"dl_threshold": float(sd["threshold"])} if cls == "AutoEncoderTopK" else {}
+    FM.write_dictionary_learning(FM.from_sae(sae, meta), str(tmp_path / "out"))
+    back = torch.load(tmp_path / "out" / "ae.pt", weights_only=True)
+    assert set(back) == set(sd)
+    for key in sd:
+        torch.testing.assert_close(back[key].float(), sd[key].float(), rtol=0, atol=0)
+    sae2 = FM.to_sae(FM.read_dictionary_learning(str(tmp_path / "out")))
+    for (k1, v1), (k2, v2) in zip(sae.state_dict().items(), sae2.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def test_our_transcoder_is_refused_on_export():
+    from saecache.train.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(architecture="relu", d_in=D, n_features=F, d_out=D, transcoder=True))
+    for writer in (FM.write_dictionary_learning, FM.write_saelens):
+        with pytest.raises(RunDirError, match="transcoder"):
+            writer(FM.from_sae(sae), "unused")

@@ -1,0 +1,100 @@
+"""`EvalConfig`: everything one `saecache evaluate` run needs, saved as `eval_config.json` beside the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from saecache.errors import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate one or more run dirs against one store: reconstruction statistics on the store's held-out rows and
+    % loss recovered by splicing the reconstruction into the model on held-out contexts."""
+
+    run_dirs: list[str]
+    """Run directories (cfg.json + sae.safetensors), trained by `saecache train` or made by `saecache import`."""
+    store: str
+    """Store URL: the store the runs were trained on (its held-out contexts are used) or another store of the same
+    model and hooks (then every row of it is used, since none of it was trained on)."""
+    out: str = "eval"
+    """Output directory: report.md/.json/.csv, one histogram PNG per SAE, eval_config.json."""
+    prune_above: float | None = None
+    """Also report every statistic again with the features whose held-out firing frequency exceeds this dropped
+    (set to zero after encoding); the seed killed features above 0.038."""
+    n_contexts: int = 64
+    """Held-out contexts run through the model for the loss figures (fewer if the store has fewer)."""
+    max_rows: int | None = 65536
+    """Cap on the held-out rows read for the reconstruction statistics and firing frequencies; None = all."""
+    batch_size: int = 2048
+    """Rows per SAE batch when reading the store."""
+    ctx_batch_size: int = 8
+    """Contexts per model forward when splicing."""
+    model: str | None = None
+    """Model directory or Hub name; None = the one named in the store header (its config hash must match)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
+    histograms: bool = True
+    """Write the log10 feature-frequency histogram PNG per SAE (needs matplotlib)."""
+    splice: bool = True
+    """Run the model for the loss figures (turn off for a statistics-only report without loading the model)."""
+    hist_bins: int = 50
+    """Bins of the frequency histograms."""
+    extra: dict = field(default_factory=dict)
+    """Free-form notes recorded with the config (e.g. the command line)."""
+
+    def __post_init__(self):
+        if not self.run_dirs:
+            raise ConfigError("no run dir given: saecache evaluate RUN_DIR... --store STORE")
+        if not self.store:
+            raise ConfigError("no store given: pass --store (the store the runs were trained on)")
+        if self.prune_above is not None and not 0 < self.prune_above <= 1:
+            raise ConfigError(f"--prune-above is a firing frequency in (0, 1], got {self.prune_above}")
+        for name in ("n_contexts", "batch_size", "ctx_batch_size", "hist_bins"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"max_rows must be a positive integer or None, got {self.max_rows}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FeaturesConfig:
+    """`saecache features`: top-activating contexts of some features of one SAE, read from the store."""
+
+    run_dir: str
+    """The SAE's run directory."""
+    store: str
+    """Store to scan (token ids -> text via the store's tokenizer or `tokenizer`)."""
+    features: list[int]
+    """Feature indices to show."""
+    top: int = 20
+    """Contexts shown per feature."""
+    max_rows: int | None = 262144
+    """Rows scanned (from the start of the store, in storage order); None = all."""
+    window: int = 16
+    """Tokens of context shown before the firing token (4 after)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or Hub name; None = the one named in the store header."""
+    html: str | None = None
+    """Also write a static HTML page with the features to this path."""
+    batch_size: int = 2048
+    """Rows per SAE batch."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`..."""
+
+    def __post_init__(self):
+        if not self.features:
+            raise ConfigError("no feature given: pass --feature N (several allowed)")
+        if any(f < 0 for f in self.features):
+            raise ConfigError(f"feature indices must be >= 0, got {self.features}")
+        if self.top < 1 or self.window < 0 or self.batch_size < 1:
+            raise ConfigError("--top and batch size must be >= 1 and --window >= 0")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"max_rows must be a positive integer or None, got {self.max_rows}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

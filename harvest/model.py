@@ -32,10 +32,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
+# config keys that say how/where the model was loaded, not what it is: left out of the hash
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "dtype", "torch_dtype", "transformers_version")
+
+
 def config_hash(config: Any) -> str:
-    """sha256 of the model config as sorted-key JSON (`PretrainedConfig.to_json_string`, re-dumped with sort_keys)."""
-    text = json.dumps(json.loads(config.to_json_string(use_diff=False)), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 of the model config as sorted-key JSON (`PretrainedConfig.to_json_string`), without the keys that
+    depend on how it was loaded (local path, load dtype, transformers version): same model -> same hash."""
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    for key in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(key, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def max_positions(config: Any) -> int | None:

@@ -101,20 +101,26 @@ def _file_sha(path: Path) -> str:
 
 
 def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: Path, val_file: Path, seconds: float,
-                ctx_len: int = 128, batch: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = False) -> dict:
+                ctx_len: int = 128, batch: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = False,
+                steps: int | None = None, threads: int = 2) -> dict:
     """Train the model in `out_dir` (made by `init_model`) from its seeded init for about `seconds` of wall time.
 
     The step budget is fixed after timing a few steps, so the warmup + cosine schedule ends when the time does.
     Saves the weights over `out_dir` and writes `training.json` (val loss, unigram entropy of the val tokens, steps,
     tokens, seconds). If `training.json` already records the same recipe hash the cached result is returned as is.
+    With `steps` the budget is that many steps instead (deterministic; `seconds` is then ignored). `threads` sets
+    torch's intra-op threads for the run only (2 suits a quiet 2-core machine; use 1 for tiny models or when the
+    machine is shared: 2 threads on 1 free core can be many times slower).
     """
+    if (steps is None and seconds <= 0) or (steps is not None and steps < 1):
+        raise ConfigError(f"training budget must be positive: seconds={seconds}, steps={steps}")
     out_dir = Path(out_dir)
     if not (out_dir / "config.json").is_file():
         raise ModelError(f"{out_dir} holds no model config; create it with init_model first")
     config = GPTNeoXConfig.from_pretrained(str(out_dir))
     recipe = {"config": {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"},
               "tokenizer_len": len(tokenizer), "train_sha256": _file_sha(train_file),
-              "val_sha256": _file_sha(val_file), "seconds": seconds, "ctx_len": ctx_len, "batch": batch, "lr": lr,
+              "val_sha256": _file_sha(val_file), "seconds": None if steps else seconds, "steps": steps, "ctx_len": ctx_len, "batch": batch, "lr": lr,
               "seed": seed, "val_contexts": VAL_CONTEXTS}
     recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
     result_path = out_dir / RESULT_FILE
@@ -134,12 +140,29 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
     if int(train_ids.max()) >= config.vocab_size:
         raise ConfigError(f"token id {int(train_ids.max())} exceeds the model vocab {config.vocab_size}")
 
-    torch.set_num_threads(2)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx_len, batch, lr, seed,
+                      progress, steps)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx_len, batch, lr, seed, progress,
+           steps) -> dict:
+    result_path = out_dir / RESULT_FILE
     model = _seeded_model(config, seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
-    t0, step, total, warmup = time.perf_counter(), 0, None, 100
-    bar = None
+    t0, step, total, warmup = time.perf_counter(), 0, steps, min(100, max(1, (steps or 1000) // 10))
+    bar, history = None, []
+    eval_steps = set(range(0, steps + 1, max(1, steps // 8))) if steps else set()
+    next_eval = seconds / 8 if steps is None else float("inf")
+    if steps and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="train tiny model", unit="step")
     while total is None or step < total:
         # batch: random windows of the train stream, a pure function of (seed, step)
         starts = torch.randint(0, len(train_ids) - ctx_len, (batch,), generator=gen)
@@ -154,7 +177,7 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
         step += 1
         if step == 2:  # the first steps are slow (allocation, warm caches): time from here
             t_calib = time.perf_counter()
-        if step >= 12 and step % 10 == 2:  # (re)fix the step budget from the measured pace, so the schedule
+        if steps is None and step >= 12 and step % 10 == 2:  # (re)fix the step budget from the measured pace, so the schedule
             per_step = (time.perf_counter() - t_calib) / (step - 2)  # ends when the time does even under load
             left = seconds - (time.perf_counter() - t0)
             total = max(step + 1, step + int(left / per_step)) if total is None or left > 0 else step
@@ -170,6 +193,11 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        if time.perf_counter() - t0 > next_eval or step in eval_steps:  # a learning curve for the record
+            history.append({"seconds": round(time.perf_counter() - t0, 1), "step": step,
+                            "val_loss": round(eval_loss(model, val_BT), 4)})
+            model.train()
+            next_eval += seconds / 8
         if total is None and time.perf_counter() - t0 > seconds:
             break
     if bar is not None:
@@ -186,7 +214,7 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
               "train_seconds": round(train_seconds, 2), "final_train_loss": round(loss.item(), 4),
               "val_loss": round(val_loss, 4), "unigram_entropy": round(unigram_entropy(val_BT.numpy()), 4),
               "unigram_xent": round(unigram_xent, 4), "val_tokens": int(val_BT.numel()),
-              "train_tokens_available": int(len(train_ids))}
+              "train_tokens_available": int(len(train_ids)), "history": history}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(result_path)

@@ -122,6 +122,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     device = next(model.parameters()).device
     bar = tqdm(total=sum(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0] for s in todo), unit="tok",
                unit_scale=True, desc=f"harvest {worker}/{n_workers}", disable=not progress, smoothing=0.1)
+    t_loop = time.time()
     try:
         with ActivationCapture(model, hooks) as capture:
             for s in todo:
@@ -132,14 +133,10 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
                 bar.update(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0])
     finally:
         bar.close()
+    loop_seconds = time.time() - t_loop
     complete = writer.finalize_if_complete()
     writer.release()
-    return summarize(cfg.out, cfg.storage_options, len(todo), len(mine), complete, time.time() - t_start)
-
-
-def summarize(url: str, storage_options: dict, written: int, mine: int, complete: bool, seconds: float) -> dict:
     from saecache.harvest.inspect import store_size
 
-    size = store_size(url, storage_options)
-    return {"store": url, "shards_written": written, "shards_of_this_worker": mine, "complete": complete,
-            "seconds": seconds, **size}
+    return {"store": cfg.out, "shards_written": len(todo), "shards_of_this_worker": len(mine), "complete": complete,
+            "seconds": time.time() - t_start, "loop_seconds": loop_seconds, **store_size(cfg.out, cfg.storage_options)}

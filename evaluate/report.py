@@ -1,0 +1,153 @@
+"""The evaluation report: markdown tables in the seed's format (Layer | MSE | L1 | L0 | % Alive | % Loss Recovered,
+plus FVE, cosine, KL...), the same rows as JSON and CSV, a log10 feature-frequency histogram PNG per SAE, the
+frequencies themselves (`.npy`), and `eval_config.json` (the EvalConfig exactly as run).
+
+matplotlib is imported lazily (Agg backend, no display needed) and only when histograms are asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+
+from saecache import __version__
+from saecache.errors import ConfigError
+
+# (column title, row key, formatter) of the markdown tables, in order
+COLUMNS = [
+    ("Layer", "layer", str),
+    ("MSE", "mse", lambda v: f"{v:.4g}"),
+    ("L1", "l1", lambda v: f"{v:.4g}"),
+    ("L0", "l0", lambda v: f"{v:.1f}"),
+    ("% Alive", "frac_alive", lambda v: f"{100 * v:.1f}"),
+    ("% Loss Recovered", "recovered_zero", lambda v: f"{100 * v:.1f}"),
+    ("% Rec. (mean abl.)", "recovered_mean", lambda v: f"{100 * v:.1f}"),
+    ("FVE", "fve", lambda v: f"{v:.3f}"),
+    ("Cos", "cos", lambda v: f"{v:.3f}"),
+    ("L2 ratio", "l2_ratio", lambda v: f"{v:.3f}"),
+    ("Rel. bias", "rel_bias", lambda v: f"{v:.3f}"),
+    ("CE clean", "ce_clean", lambda v: f"{v:.3f}"),
+    ("CE spliced", "ce_spliced", lambda v: f"{v:.3f}"),
+    ("CE zero", "ce_zero", lambda v: f"{v:.3f}"),
+    ("KL", "kl", lambda v: f"{v:.4f}"),
+]
+
+DEFINITIONS = {
+    "mse": "mean over held-out rows and activation dimensions of (x - x_hat)^2 (per element)",
+    "l1": "mean over rows of the L1 norm of the feature vector",
+    "l0": "mean over rows of the number of nonzero features",
+    "frac_alive": "fraction of features nonzero on at least one of the n_rows held-out rows",
+    "fve": "1 - sum_d Var(x - x_hat) / sum_d Var(x), variances over the held-out rows",
+    "cos": "mean over rows of cos(x, x_hat)",
+    "l2_ratio": "mean over rows of |x_hat| / |x|",
+    "rel_bias": "mean |x_hat|^2 / mean <x, x_hat>",
+    "recovered_zero": "(CE_zero - CE_spliced) / (CE_zero - CE_clean), output replaced by zeros as the baseline",
+    "recovered_mean": "(CE_mean - CE_spliced) / (CE_mean - CE_clean), output replaced by the store's mean activation",
+    "kl": "mean KL(p_clean || p_spliced) per counted next-token prediction (nats)",
+    "ce_*": "mean next-token cross-entropy (nats) over the predictions made at positions first_position..T-2 of "
+            "n_contexts held-out contexts",
+}
+
+
+def _fmt(fn, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return fn(v)
+
+
+def _group(row: dict) -> str:
+    """Table group: the hook kind (mlp_out, resid_post, ...) or the whole hook name for raw paths."""
+    hook = row["hook_out"] if row["hook_in"] == row["hook_out"] else f"{row['hook_in']} -> {row['hook_out']}"
+    return re.sub(r"\.\d+(?=$| ->)", "", hook)
+
+
+def _layer_key(row: dict):
+    return (0, int(row["layer"])) if str(row["layer"]).isdigit() else (1, str(row["layer"]))
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    """One table per run group (hook kind, pruned or not), rows sorted by layer, in the seed's column order."""
+    lines = ["# saecache evaluation", "", f"Store: `{header['store']}` (model `{header['model']}`, fingerprint "
+             f"`{header['fingerprint'][:16]}`).", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((_group(r), r.get("pruned", False)), []).append(r)
+    for (group, pruned), rs in groups.items():
+        title = f"## {group}" + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
+        lines += [title, ""]
+        cols = ([("Run", "run", str)] if len({r["run"] for r in rs}) > 1 else []) + COLUMNS
+        if pruned:
+            cols = cols + [("Pruned", "n_pruned", str)]
+        lines.append("| " + " | ".join(c[0] for c in cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"])):
+            lines.append("| " + " | ".join(_fmt(fn, r.get(key)) for _, key, fn in cols) + " |")
+        lines.append("")
+    n = sorted({r["n_rows"] for r in rows})
+    ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
+    lines += ["## Definitions", "",
+              f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE ({rows[0]['rows']}); "
+              f"% Alive counts a feature alive when it fires on at least one of them. Loss figures over "
+              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts.", ""]
+    lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -> None:
+    """log10 firing frequency of every feature that fired; the never-firing count goes in the title."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ConfigError("histograms need matplotlib: pip install 'saecache[plots]' (or pass --no-histograms)") from e
+    f = freq_F.double().cpu().numpy()
+    alive = f[f > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if alive.size:
+        ax.hist(np.log10(alive), bins=bins, color="#3b6ea8")
+    ax.set_xlabel("log10 feature firing frequency")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}\n{alive.size} of {f.size} features fired ({f.size - alive.size} never)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
+
+
+def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write every output into cfg.out; returns {kind: path}."""
+    os.makedirs(cfg.out, exist_ok=True)
+    header = {"store": store.url, "model": store.header["model"].get("name"), "fingerprint": store.fingerprint(),
+              "first_position": store.header["storage"]["first_position"], "package_version": __version__}
+    paths = {"config": os.path.join(cfg.out, "eval_config.json"), "json": os.path.join(cfg.out, "report.json"),
+             "csv": os.path.join(cfg.out, "report.csv"), "md": os.path.join(cfg.out, "report.md")}
+    with open(paths["config"], "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    with open(paths["json"], "w") as f:
+        json.dump({**header, "definitions": DEFINITIONS, "rows": clean}, f, indent=1)
+    keys = list(dict.fromkeys(k for r in clean for k in r))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(clean)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, header))
+    for label, freq in freqs.items():
+        np.save(os.path.join(cfg.out, f"freq-{_safe(label)}.npy"), freq.double().cpu().numpy(), allow_pickle=False)
+        if cfg.histograms:
+            p = os.path.join(cfg.out, f"hist-{_safe(label)}.png")
+            histogram_png(freq, p, label, cfg.hist_bins)
+            paths[f"hist:{label}"] = p
+    return paths

@@ -1,0 +1,202 @@
+"""`saecache evaluate` end to end: check each run dir against the store, stream the held-out rows through the SAE for
+the reconstruction statistics and firing frequencies, splice into the model for the loss figures, optionally prune
+high-frequency features and measure everything again, then write the report (`report.py`).
+
+Which rows are "held out": if the store is one the run was trained on (same fingerprint), the contexts the run's
+cfg.json records as held out (`heldout.fraction`, the last contexts by id); for any other store of the same model and
+hooks, every row (none of it was trained on). Loss figures use the first `n_contexts` of those contexts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from saecache.errors import RunDirError, StoreError
+from saecache.evaluate import metrics as M
+from saecache.evaluate.config import EvalConfig
+from saecache.evaluate.splice import splice_losses
+from saecache.harvest.hooks import HookPoint
+from saecache.harvest.store import Store
+
+ALL_ROWS = 1.0  # heldout fraction meaning "every context" (heldout_cutoff -> 0)
+
+
+def open_store(url: str) -> Store:
+    store = Store.open(url)
+    store.require_complete()
+    return store
+
+
+def load_run_checked(run_dir: str, device="cpu"):
+    """(sae, cfg) from a run dir; missing directory / files -> one-line RunDirError."""
+    from saecache.train.rundir import load_run
+
+    if not os.path.isdir(run_dir):
+        raise RunDirError(f"run dir {run_dir} does not exist")
+    sae, cfg = load_run(run_dir, device=device)
+    sae.eval()
+    return sae, cfg
+
+
+def run_hooks(cfg: dict) -> tuple[str, str]:
+    hooks = cfg.get("hooks") or {}
+    if "in" not in hooks:
+        raise RunDirError(f"cfg.json of run {cfg.get('name')!r} records no hooks (hooks.in / hooks.out)")
+    return hooks["in"], hooks.get("out") or hooks["in"]
+
+
+def heldout_fraction_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[float, str]:
+    """Check the run matches the store (hooks, widths, model) and say which rows are held out for it.
+
+    Returns (heldout fraction for `heldout_batches`, a sentence for the report)."""
+    h_in, h_out = run_hooks(cfg)
+    for h in dict.fromkeys((h_in, h_out)):
+        if h not in store.hooks:
+            raise RunDirError(f"run {run_dir} uses hook {h!r} but store {store.url} has only "
+                              f"{', '.join(sorted(store.hooks))}: they come from different hooks")
+    for h, d in ((h_in, sae.cfg.d_in), (h_out, sae.cfg.d_out)):
+        if store.hooks[h]["d"] != d:
+            raise RunDirError(f"run {run_dir} expects width {d} at {h!r} but store {store.url} has "
+                              f"{store.hooks[h]['d']}: different model or hook")
+    header_model = store.header["model"]
+    recorded = (cfg.get("model") or {}).get("config_hash")
+    if recorded and recorded != header_model.get("config_hash"):
+        raise RunDirError(f"run {run_dir} was made for model {cfg['model'].get('name')!r} (config hash "
+                          f"{recorded[:12]}) but store {store.url} holds model {header_model.get('name')!r} "
+                          f"({str(header_model.get('config_hash'))[:12]}): different models")
+    fp = store.fingerprint()
+    for s in cfg.get("stores") or []:
+        if s.get("fingerprint") == fp:
+            frac = float((cfg.get("heldout") or {}).get("fraction", 0.0))
+            if frac <= 0:
+                raise RunDirError(f"run {run_dir} was trained on all of {store.url} (heldout fraction 0): no held-out "
+                                  "rows; evaluate on another store of the same model")
+            return frac, f"held-out contexts of the training store (last {frac:g} by context id)"
+    for s in cfg.get("stores") or []:  # another store: its model and hooks must be the training store's
+        try:
+            trained = Store.open(s["url"])
+        except (StoreError, OSError):
+            continue
+        if trained.header["model"].get("config_hash") != header_model.get("config_hash"):
+            raise RunDirError(f"run {run_dir} was trained on a store of model {trained.header['model'].get('name')!r}"
+                              f" but {store.url} holds model {header_model.get('name')!r}: different models")
+        for h in dict.fromkeys((h_in, h_out)):
+            a, b = trained.hooks.get(h, {}), store.hooks[h]
+            if (a.get("module"), a.get("io")) != (b.get("module"), b.get("io")):
+                raise RunDirError(f"hook {h!r} is {a.get('module')}:{a.get('io')} in the run's training store but "
+                                  f"{b.get('module')}:{b.get('io')} in {store.url}: different hooks")
+    return ALL_ROWS, "every row of a store the run was not trained on"
+
+
+def hook_point(store: Store, name: str) -> HookPoint:
+    h = store.hooks[name]
+    return HookPoint(name=name, module=h["module"], io=h["io"], d=h["d"], order=0)
+
+
+def layer_of(hook: str) -> str:
+    m = re.search(r"(\d+)(?!.*\d)", hook)
+    return m.group(1) if m else hook
+
+
+@torch.no_grad()
+def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, frac: float, cfg: EvalConfig, device,
+                         keep_F: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies."""
+    from saecache.train.loader import heldout_batches
+
+    acc = M.ReconAccumulator(sae.cfg.n_features)
+    keep = None if keep_F is None else keep_F.to(device=device, dtype=torch.float32)
+    for batch in heldout_batches(store, list(dict.fromkeys((h_in, h_out))), frac, batch_size=cfg.batch_size,
+                                 max_rows=cfg.max_rows):
+        x = batch[h_in].to(device)
+        f = sae.encode(x)
+        if keep is not None:
+            f = f * keep
+        acc.update(batch[h_out].to(device), sae.decode(f), f)
+    return acc.result(), acc.frequencies()
+
+
+def splice_contexts(store: Store, frac: float, n: int) -> torch.Tensor:
+    """The first `n` held-out contexts' token ids [C, T]."""
+    from saecache.train.loader import heldout_cutoff
+
+    c0 = heldout_cutoff(store, frac)
+    c1 = min(store.geometry.n_contexts, c0 + n)
+    return torch.from_numpy(np.asarray(store.contexts(c0, c1)).astype(np.int64))
+
+
+def load_store_model(store: Store, cfg: EvalConfig):
+    from saecache.errors import ModelError
+    from saecache.harvest.model import config_hash, load_model
+
+    m = store.header["model"]
+    name = cfg.model or m["name"]
+    model, _, _ = load_model(name, revision=None if cfg.model else m.get("revision"), dtype=m.get("dtype", "float32"),
+                             device=cfg.device)
+    if config_hash(model.config) != m.get("config_hash"):
+        raise ModelError(f"model {name!r} is not the one store {store.url} was harvested from (config hash differs: "
+                         f"{config_hash(model.config)[:12]} vs {str(m.get('config_hash'))[:12]})")
+    return model
+
+
+def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device) -> tuple[list[dict], dict]:
+    """Rows for the report (the run, and the pruned run when asked) and {label: frequencies_F}."""
+    sae, rcfg = load_run_checked(run_dir, device)
+    h_in, h_out = run_hooks(rcfg)
+    frac, rows_note = heldout_fraction_for(run_dir, rcfg, sae, store)
+    name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
+    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.architecture, "hook_in": h_in, "hook_out": h_out,
+            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.n_features, "k": sae.cfg.k,
+            "rows": rows_note}
+    ids = splice_contexts(store, frac, cfg.n_contexts) if model is not None else None
+    mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
+    first = store.header["storage"]["first_position"]
+
+    def measure(keep_F, label):
+        stats, freq = reconstruction_stats(sae, store, h_in, h_out, frac, cfg, device, keep_F)
+        row = {**base, **stats, "pruned": keep_F is not None,
+               "n_pruned": 0 if keep_F is None else int((~keep_F).sum())}
+        if model is not None:
+            if keep_F is None:
+                recon = sae.forward
+            else:
+                kf = keep_F.to(device=device, dtype=torch.float32)
+                recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
+            res = splice_losses(model, ids, hook_point(store, h_out), lambda x: recon(x.to(device).float()), mean_D,
+                                hook_in=hook_point(store, h_in) if h_in != h_out else None, first_position=first,
+                                batch_size=cfg.ctx_batch_size)
+            row.update(res.as_dict())
+        return row, {label: freq}
+
+    row, freqs = measure(None, name)
+    rows = [row]
+    if cfg.prune_above is not None:
+        keep_F = freqs[name] <= cfg.prune_above
+        row2, f2 = measure(keep_F.cpu(), f"{name}-pruned")
+        rows.append({**row2, "prune_above": cfg.prune_above})
+        freqs.update(f2)
+    return rows, freqs
+
+
+def run_evaluation(cfg: EvalConfig) -> list[dict]:
+    """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows."""
+    from saecache.evaluate.report import write_report
+    from saecache.harvest.model import pick_device
+
+    device = pick_device(cfg.device)
+    store = open_store(cfg.store)
+    for run_dir in cfg.run_dirs:  # fail fast, before loading the model, on any mismatch
+        sae, rcfg = load_run_checked(run_dir)
+        heldout_fraction_for(run_dir, rcfg, sae, store)
+    model = load_store_model(store, cfg) if cfg.splice else None
+    rows, freqs = [], {}
+    for run_dir in cfg.run_dirs:
+        r, f = evaluate_run(run_dir, store, model, cfg, device)
+        rows += r
+        freqs.update(f)
+    write_report(cfg, store, rows, freqs)
+    return rows

@@ -1,0 +1,195 @@
+"""The evaluate-stage commands end to end on the tiny store: runs trained for a few steps with the train API, then
+`saecache evaluate` (tables, histograms, pruning), `features`, `import`/`export`, and one-line errors."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from saecache.cli import main
+
+HELDOUT = 0.25
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_store, tmp_path_factory):
+    from saecache.train.config import SAESpec, TrainConfig
+    from saecache.train.trainer import run_training
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(stores=[str(tiny_store)], out=str(out), steps=40, batch_size=64, warmup_steps=5,
+                      heldout_fraction=HELDOUT, checkpoint_every=1000, progress=False, device="cpu",
+                      saes=[SAESpec(arch="topk", width=64, hook_in="mlp_out.0", k=4, name="topk0"),
+                            SAESpec(arch="relu", width=64, hook_in="mlp_in.0", hook_out="mlp_out.0", name="tc0")])
+    dirs = run_training(cfg)
+    return {p.rsplit("/", 1)[-1]: p for p in dirs}
+
+
+def run_cli(args, capsys):
+    """Run `saecache ARGS`; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(map(str, args)))
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def heldout_rows(store_path, hook):
+    """Held-out rows read directly: every row whose context id is in the last HELDOUT fraction."""
+    from saecache.harvest.store import Store
+
+    st = Store.open(str(store_path))
+    n_ctx = st.geometry.n_contexts
+    cut = n_ctx - math.ceil(HELDOUT * n_ctx)
+    ctx = np.asarray(st.array("rows/context")[:])
+    rows = np.flatnonzero(ctx >= cut)
+    return torch.from_numpy(np.asarray(st.array(f"acts/{hook}")[:])[rows].astype(np.float32)), st
+
+
+def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(["evaluate", runs["topk0"], runs["tc0"], "--store", tiny_store, "--out", out,
+                                 "--prune-above", "0.2", "--n-contexts", "6"], capsys)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "| Run | Layer | MSE | L1 | L0 | % Alive | % Loss Recovered |" in md
+    assert "## mlp_out" in md and "## mlp_in -> mlp_out" in md and "dropped" in md
+    assert md in stdout
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["run"], r["pruned"]): r for r in report["rows"]}
+    assert set(rows) == {("topk0", False), ("topk0", True), ("tc0", False), ("tc0", True)}
+    csv_lines = (out / "report.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 5 and "recovered_zero" in csv_lines[0]
+    assert json.loads((out / "eval_config.json").read_text())["prune_above"] == 0.2
+    for label in ("topk0", "topk0-pruned", "tc0", "tc0-pruned"):
+        png = (out / f"hist-{label}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+    # the statistics agree with a direct computation over the held-out rows
+    from saecache.train.rundir import load_run
+
+    x, st = heldout_rows(tiny_store, "mlp_out.0")
+    n_ctx = st.geometry.n_contexts
+    assert rows[("topk0", False)]["n_rows"] == math.ceil(HELDOUT * n_ctx) * st.geometry.rows_per_context == len(x)
+    sae, _ = load_run(runs["topk0"])
+    with torch.no_grad():
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+    r = rows[("topk0", False)]
+    assert r["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-4)
+    assert r["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
+    assert r["frac_alive"] == pytest.approx(float((f != 0).any(0).float().mean()))
+
+    # pruning drops exactly the features firing above the threshold, and L0 is re-measured without them
+    freq = np.load(out / "freq-topk0.npy")
+    assert freq == pytest.approx((f != 0).float().mean(0).numpy().astype(np.float64), abs=1e-9)
+    pr = rows[("topk0", True)]
+    assert pr["n_pruned"] == int((freq > 0.2).sum()) > 0
+    keep = torch.from_numpy(freq <= 0.2)
+    assert pr["l0"] == pytest.approx(float(((f != 0) & keep).sum(1).float().mean()), rel=1e-6)
+    # loss figures: the same clean loss for both runs (same contexts), ablations worse than clean
+    for run in ("topk0", "tc0"):
+        r = rows[(run, False)]
+        assert r["ce_clean"] == pytest.approx(rows[("topk0", False)]["ce_clean"])
+        assert r["n_contexts"] == 6 and r["ce_zero"] != r["ce_clean"]
+        assert r["recovered_zero"] == pytest.approx((r["ce_zero"] - r["ce_spliced"]) / (r["ce_zero"] - r["ce_clean"]))
+
+
+def test_features_marks_the_firing_token(runs, tiny_store, tmp_path, capsys):
+    x_all, st = None, None
+    from saecache.evaluate.config import FeaturesConfig
+    from saecache.evaluate.features import feature_contexts
+    from saecache.harvest.store import Store
+    from saecache.train.rundir import load_run
+
+    st = Store.open(str(tiny_store))
+    sae, _ = load_run(runs["topk0"])
+    x_all = torch.from_numpy(np.asarray(st.array("acts/mlp_out.0")[:1024]).astype(np.float32))
+    with torch.no_grad():
+        fired = (sae.encode(x_all) != 0).sum(0)
+    feats = fired.argsort(descending=True)[:2].tolist()
+    page = tmp_path / "f.html"
+    code, out, err = run_cli(["features", runs["topk0"], "--store", tiny_store, "--feature", feats[0], "--feature",
+                              feats[1], "--top", 5, "--max-rows", 1024, "--html", page], capsys)
+    assert code == 0, err
+    assert f"feature {feats[0]} of topk0" in out and f"fires on {int(fired[feats[0]])} of 1024 rows" in out
+    assert out.count("«") >= 5
+    assert page.read_text().count("<mark") >= 5
+    res = feature_contexts(FeaturesConfig(run_dir=runs["topk0"], store=str(tiny_store), features=feats, top=5,
+                                          max_rows=1024, device="cpu"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(st.header["tokenizer"]["name"])
+    for feat in feats:
+        acts = [c["activation"] for c in res["features"][feat]["contexts"]]
+        assert acts == sorted(acts, reverse=True) and len(acts) == 5
+        for c in res["features"][feat]["contexts"]:
+            token_id = int(np.asarray(st.contexts(c["context"], c["context"] + 1))[0, c["position"]])
+            assert c["tokens"][c["at"]] == tok.decode([token_id])
+
+
+def test_import_evaluate_export(tiny_store, tmp_path, capsys):
+    d, F = 64, 32
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "dl"
+    src.mkdir()
+    torch.save({"bias": torch.randn(d, generator=g) * 0.01, "encoder.weight": torch.randn(F, d, generator=g) * 0.1,
+                "encoder.bias": torch.zeros(F), "decoder.weight": torch.randn(d, F, generator=g) * 0.1}, src / "ae.pt")
+    (src / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": d,
+                                                             "dict_size": F, "lm_name": "tiny", "layer": 0}}))
+    run = tmp_path / "imported"
+    code, out, err = run_cli(["import", src, "--out", run, "--hook", "mlp_out.0", "--store", tiny_store], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["evaluate", run, "--store", tiny_store, "--out", tmp_path / "ev", "--n-contexts", 2,
+                              "--no-histograms"], capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "ev" / "report.json").read_text())["rows"][0]
+    assert row["n_rows"] == 256 * 32 and "every row" in row["rows"]  # imported: nothing of the store is trained on
+    for to, files in (("saelens", {"cfg.json", "sae_weights.safetensors"}),
+                      ("dictionary_learning", {"ae.pt", "config.json"})):
+        code, out, err = run_cli(["export", run, "--to", to, "--out", tmp_path / to], capsys)
+        assert code == 0, err
+        assert {p.name for p in (tmp_path / to).iterdir()} == files
+    back = torch.load(tmp_path / "dictionary_learning" / "ae.pt", weights_only=True)
+    assert torch.equal(back["decoder.weight"], torch.load(src / "ae.pt", weights_only=True)["decoder.weight"])
+    sl = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert sl["hook_name"] == "mlp_out.0" and sl["d_in"] == d and sl["d_sae"] == F
+
+
+def one_line_error(args, capsys, match):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert match in err, err
+
+
+def test_one_line_errors(runs, tiny_store, tmp_path, capsys):
+    one_line_error(["evaluate", tmp_path / "nope", "--store", tiny_store], capsys, "does not exist")
+    one_line_error(["evaluate", runs["topk0"], "--store", tmp_path / "nostore"], capsys, "no store")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["topk0"], unfinished)
+    (unfinished / "sae.safetensors").unlink()
+    one_line_error(["evaluate", unfinished, "--store", tiny_store], capsys, "training did not finish")
+    other_hook = tmp_path / "other_hook"
+    shutil.copytree(runs["topk0"], other_hook)
+    cfg = json.loads((other_hook / "cfg.json").read_text())
+    cfg["hooks"] = {"in": "mlp_out.5", "out": "mlp_out.5"}
+    (other_hook / "cfg.json").write_text(json.dumps(cfg))
+    one_line_error(["evaluate", other_hook, "--store", tiny_store], capsys, "different hooks")
+    other_model = tmp_path / "other_model"
+    shutil.copytree(runs["topk0"], other_model)
+    cfg = json.loads((other_model / "cfg.json").read_text())
+    cfg["stores"][0]["fingerprint"] = "0" * 64
+    cfg["model"] = {"name": "EleutherAI/pythia-70m-deduped", "config_hash": "f" * 64}
+    (other_model / "cfg.json").write_text(json.dumps(cfg))
+    one_line_error(["evaluate", other_model, "--store", tiny_store], capsys, "different models")
+    (tmp_path / "bad").mkdir()
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "bad" / "ae.pt")
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    one_line_error(["import", tmp_path / "bad", "--out", tmp_path / "r", "--hook", "mlp_out.0"], capsys,
+                   "not a plain state dict")
+    one_line_error(["export", runs["tc0"], "--to", "saelens", "--out", tmp_path / "x"], capsys, "transcoder")

@@ -83,7 +83,10 @@ def load_model(
     records. `gguf_file` (optional) loads a GGUF checkpoint inside the directory (transformers needs `gguf` installed).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes"):
+        hf_logging.disable_progress_bar()  # transformers reads the variable only at its import: honour it when set later
     if dtype not in DTYPES:
         raise ConfigError(f"unknown model dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     dev = pick_device(device)

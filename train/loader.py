@@ -10,7 +10,8 @@ Never reads random single rows (each would decode a whole compressed inner chunk
    ``default_rng([seed, epoch, partition, window])`` and serves them as a stream;
 4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order.
 
-A DDP rank reads only the partitions ``p % world_size == rank`` (disjoint reads, same global batches as one process).
+A DDP rank reads only its contiguous block of partitions (rank r of W: ``[r·P/W, (r+1)·P/W)``), so the ranks' reads
+are disjoint and gathering the local batches in rank order gives exactly the global batch of one process.
 Resume state is ``{"epoch", "batches_served", "seed"}``: resuming recomputes the windows and skips rows without
 reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
 counts never change the batches. Held out = the last ``heldout_fraction`` of contexts by context id (rows of a shard
@@ -33,7 +34,9 @@ from saecache.harvest.store import Store
 from saecache.train.shard_reader import DirectArray
 
 
-META = ("context", "position", "token")  # per-row metadata that can be requested like a hook (int64 tensors)
+# per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
+# index inside its store) and "store" (the index of its store in the loader's list)
+META = ("context", "position", "token", "row", "store")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,11 @@ class _Reader:
     def read(self, unit: Unit) -> dict[str, np.ndarray]:
         out = {}
         for h, arr in self.direct.items():
-            if h in META:
+            if h == "row":
+                a = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64)
+            elif h == "store":
+                a = np.full(unit.n, unit.src, dtype=np.int64)
+            elif h in META:
                 a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
             elif arr is not None:
                 a = arr.read_rows(unit.row0, unit.n).copy()
@@ -137,7 +144,7 @@ class Loader:
     in ``META`` give the rows' context/position/token ids as int64 ``[B_local]``).
 
     ``batch_size`` is the GLOBAL batch; on rank ``r`` of ``world_size`` the local batch holds the rows of partitions
-    ``p % world_size == r``. Call ``state_dict()`` after consuming a batch to record the position.
+    ``[r·P/W, (r+1)·P/W)`` (rank order = partition order, so gathered local batches = the one-process batch). Call ``state_dict()`` after consuming a batch to record the position.
     """
 
     def __init__(self, stores: list[Store], hooks: list[str], batch_size: int, seed: int = 0, *,
@@ -155,7 +162,8 @@ class Loader:
         self.logical = stores[0].logical_dtype
         self.units = training_units(stores, heldout_fraction)
         self.per_part = batch_size // partitions
-        self.my_parts = [p for p in range(partitions) if p % world_size == rank]
+        per_rank = partitions // world_size
+        self.my_parts = list(range(rank * per_rank, (rank + 1) * per_rank))
         self._readers = [_Reader(st, self.hooks, direct) for st in stores]
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
         self.epoch, self.batches_served = 0, 0

@@ -1,0 +1,207 @@
+"""The training loader on real harvested stores: order determinism (seed, not threads), exact resume, mixing, held-out
+rows, several hooks row-aligned, several stores, DDP partitions, and the direct shard reader against zarr."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from _store import harvest_tiny
+from saecache.errors import ConfigError, StoreError
+from saecache.harvest.store import Store
+from saecache.train.loader import Loader, heldout_batches, heldout_cutoff, open_stores
+from saecache.train.shard_reader import DirectArray
+
+HOOKS = ["mlp_in.0", "mlp_out.0", "mlp_out.1"]
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """fp16 store with BOS kept out (15 rows per context, 60-row chunks) and a partial last shard."""
+    return harvest_tiny(tmp_path_factory.mktemp("odd") / "odd.zarr", tiny_model_dir, tiny_corpus, ctx_len=16,
+                        exclude_bos=True, tokens=3000, seed=5)
+
+
+@pytest.fixture(scope="module")
+def bf16_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    return harvest_tiny(tmp_path_factory.mktemp("bf16") / "bf16.zarr", tiny_model_dir, tiny_corpus, dtype="bfloat16",
+                        codec="zstd", tokens=2000)
+
+
+def _take(loader, n):
+    return [{k: v.clone() for k, v in next(loader).items()} for _ in range(n)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def _all_rows(store_path, hook):
+    return np.asarray(zarr.open_group(str(store_path), mode="r")[f"acts/{hook}"][:])
+
+
+def test_order_depends_on_seed_not_on_threads_or_reader(tiny_store):
+    stores = open_stores([str(tiny_store)], HOOKS)
+    hooks = ["mlp_out.0", "row"]
+    mk = lambda **kw: Loader(stores, hooks, 256, seed=3, heldout_fraction=0.05, **kw)  # noqa: E731
+    ref_loader = mk(reader_threads=0)
+    n_epoch = ref_loader.batches_per_epoch(0)
+    ref = _take(ref_loader, n_epoch + 5)  # crosses into the second epoch
+    assert _same(ref, _take(mk(reader_threads=4), n_epoch + 5))
+    assert _same(ref, _take(mk(reader_threads=1, direct=False), n_epoch + 5))  # zarr path, same bytes
+    other = _take(Loader(stores, hooks, 256, seed=4, heldout_fraction=0.05, reader_threads=0), 3)
+    assert not torch.equal(other[0]["row"], ref[0]["row"])
+    rows = torch.cat([b["row"] for b in ref[:n_epoch]])
+    assert len(set(rows.tolist())) == len(rows)  # an epoch serves each row at most once
+    # the second epoch is a fresh permutation, not a replay of the first
+    assert not torch.equal(ref[n_epoch]["row"], ref[0]["row"])
+
+
+def test_resume_state_is_tiny_and_gives_the_exact_remaining_batches(tiny_store):
+    stores = open_stores([str(tiny_store)], HOOKS)
+    mk = lambda state=None: Loader(stores, ["mlp_in.0", "mlp_out.1", "row"], 128, seed=1, shuffle_chunks=3,  # noqa
+                                   heldout_fraction=0.1, reader_threads=2, state=state)
+    ref_loader = mk()
+    n_epoch = ref_loader.batches_per_epoch(0)
+    states, ref = [], []
+    for _ in range(n_epoch + 6):
+        states.append(json.loads(json.dumps(ref_loader.state_dict())))  # must survive JSON
+        ref.append({k: v.clone() for k, v in next(ref_loader).items()})
+    assert len(json.dumps(states[-1])) < 200
+    for k in (0, 1, 7, n_epoch - 1, n_epoch, n_epoch + 2):
+        resumed = mk(states[k])
+        assert _same(_take(resumed, 4), ref[k:k + 4]), f"resume at batch {k}"
+
+
+def test_batches_are_well_mixed(tiny_store):
+    """No batch draws more than a few % of its rows from one context, and every batch spans many shards."""
+    st = Store.open(str(tiny_store))
+    loader = Loader([st], ["context"], 256, seed=0, reader_threads=0)
+    rows_per_context = st.geometry.rows_per_context
+    worst, min_shards = 0, 10**9
+    for _ in range(loader.batches_per_epoch(0)):
+        ctx = next(loader)["context"].numpy()
+        worst = max(worst, collections.Counter(ctx.tolist()).most_common(1)[0][1])
+        min_shards = min(min_shards, len(set((ctx // st.geometry.ctx_per_shard).tolist())))
+    # reading in storage order would put a whole context (32 rows, 12.5 %) into one batch
+    assert worst <= 0.04 * 256 < rows_per_context
+    assert min_shards >= 8
+
+
+def test_heldout_rows_are_never_served_for_training(tiny_store):
+    st = Store.open(str(tiny_store))
+    frac = 0.1
+    cut = heldout_cutoff(st, frac)
+    assert 0 < cut < st.geometry.n_contexts and cut % st.geometry.ctx_per_shard  # the cut splits a shard
+    loader = Loader([st], ["context", "row"], 128, seed=2, heldout_fraction=frac, shuffle_chunks=2)
+    served = torch.cat([next(loader)["context"] for _ in range(2 * loader.batches_per_epoch(0) + 3)])
+    assert int(served.max()) < cut
+    assert len(set(served.tolist())) == cut  # every training context is used
+
+    got = list(heldout_batches(st, ["mlp_out.0"], frac, batch_size=100))
+    ctx = torch.cat([b["context"] for b in got])
+    assert int(ctx.min()) == cut and len(ctx) == (st.geometry.n_contexts - cut) * st.geometry.rows_per_context
+    meta_ctx = np.asarray(zarr.open_group(str(tiny_store), mode="r")["rows/context"][:])
+    acts = _all_rows(tiny_store, "mlp_out.0")
+    want = acts[meta_ctx >= cut]
+    assert np.array_equal(torch.cat([b["mlp_out.0"] for b in got]).numpy(), want.astype(np.float32))
+
+
+def test_several_hooks_are_aligned_row_for_row(tiny_store):
+    g = zarr.open_group(str(tiny_store), mode="r")
+    acts = {h: np.asarray(g[f"acts/{h}"][:]) for h in HOOKS}
+    meta = {k: np.asarray(g[f"rows/{k}"][:]) for k in ("context", "position", "token")}
+    contexts = np.asarray(g["contexts"][:])
+    stores = open_stores([str(tiny_store)], HOOKS)
+    for dtype in (torch.float16, torch.float32):
+        loader = Loader(stores, HOOKS + ["row", "context", "position", "token"], 256, seed=7, dtype=dtype)
+        for _ in range(5):
+            b = next(loader)
+            row = b["row"].numpy()
+            for h in HOOKS:
+                assert b[h].dtype == dtype and b[h].device.type == "cpu" and b[h].shape == (256, 64)
+                assert np.array_equal(b[h].numpy(), acts[h][row].astype(b[h].numpy().dtype)), h
+            for k in ("context", "position", "token"):
+                assert np.array_equal(b[k].numpy(), meta[k][row])
+            # and each row maps back to its text: the token at (context, position) of the stored contexts
+            assert np.array_equal(b["token"].numpy(), contexts[b["context"].numpy(), b["position"].numpy()])
+
+
+def test_several_stores_are_mixed_and_read_correctly(tiny_store, odd_store):
+    stores = open_stores([str(tiny_store), str(odd_store)], ["mlp_out.0"])
+    loader = Loader(stores, ["mlp_out.0", "store", "row"], 240, seed=0, partitions=4, heldout_fraction=0.0)
+    acts = [_all_rows(tiny_store, "mlp_out.0"), _all_rows(odd_store, "mlp_out.0")]
+    n_rows = [s.geometry.n_rows for s in stores]
+    assert n_rows[1] % stores[1].geometry.shard_rows  # the odd store ends with a partial shard
+    seen, batches = set(), loader.batches_per_epoch(0)
+    for _ in range(batches):
+        b = next(loader)
+        src, row = b["store"].numpy(), b["row"].numpy()
+        for s in (0, 1):
+            assert np.array_equal(b["mlp_out.0"].numpy()[src == s], acts[s][row[src == s]].astype(np.float32))
+        pairs = set(zip(src.tolist(), row.tolist()))
+        assert len(pairs) == 240 and not pairs & seen
+        seen |= pairs
+    per_store = collections.Counter(s for s, _ in seen)
+    assert all(r < n for s, r in seen for n in [n_rows[s]])
+    # the epoch covers (almost) every row of both stores: at most one batch's worth per partition is dropped
+    assert sum(n_rows) - len(seen) < 4 * 240 and per_store[1] > 0.8 * n_rows[1]
+
+
+def test_store_mismatches_are_refused(tiny_store, bf16_store):
+    with pytest.raises(StoreError, match="dtype"):
+        open_stores([str(tiny_store), str(bf16_store)], ["mlp_out.0"])
+    with pytest.raises(StoreError, match="no hook 'mlp_out.7'"):
+        open_stores([str(tiny_store)], ["mlp_out.7"])
+    stores = open_stores([str(tiny_store)], ["mlp_out.0"])
+    with pytest.raises(ConfigError, match="multiple of partitions"):
+        Loader(stores, ["mlp_out.0"], 100, partitions=8)
+    with pytest.raises(StoreError, match="too few training rows"):
+        Loader(stores, ["mlp_out.0"], 8192, heldout_fraction=0.5)
+
+
+def test_ranks_read_disjoint_partitions_that_gather_to_the_global_batch(tiny_store):
+    stores = open_stores([str(tiny_store)], HOOKS)
+    one = Loader(stores, ["row"], 256, seed=9)
+    ranks = [Loader(stores, ["row"], 256, seed=9, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(one.batches_per_epoch(0) + 2):
+        parts = [next(r)["row"] for r in ranks]
+        assert len(parts[0]) == len(parts[1]) == 128 and not set(parts[0].tolist()) & set(parts[1].tolist())
+        assert torch.equal(torch.cat(parts), next(one)["row"])
+
+
+def test_bfloat16_store_serves_exact_values(bf16_store):
+    g = zarr.open_group(str(bf16_store), mode="r")
+    bits = np.asarray(g["acts/mlp_out.1"][:])
+    assert bits.dtype == np.uint16
+    want_BD = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    loader = Loader(open_stores([str(bf16_store)], ["mlp_out.1"]), ["mlp_out.1", "row"], 64, seed=0, partitions=4)
+    for dtype in (torch.bfloat16, torch.float32):
+        loader.dtype = dtype
+        b = next(loader)
+        assert b["mlp_out.1"].dtype == dtype
+        assert torch.equal(b["mlp_out.1"], want_BD[b["row"]].to(dtype))
+
+
+@pytest.mark.parametrize("which", ["tiny", "odd", "bf16"])
+def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store, odd_store, bf16_store):
+    path = {"tiny": tiny_store, "odd": odd_store, "bf16": bf16_store}[which]
+    st = Store.open(str(path))
+    g = st.geometry
+    for hook in HOOKS:
+        z = zarr.open_array(str(path / "acts" / hook), mode="r", zarr_format=3)
+        direct = DirectArray.open(str(path / "acts" / hook))
+        assert direct is not None
+        for s in range(g.n_shards):
+            for c in range(g.chunks_per_shard):
+                r0 = s * g.shard_rows + c * g.chunk_rows
+                if r0 >= g.n_rows:
+                    break
+                n = min(g.chunk_rows, g.n_rows - r0)
+                got, want = direct.read_rows(r0, n), np.asarray(z[r0:r0 + n])
+                assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (hook, s, c)
+        direct.close()

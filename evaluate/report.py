@@ -1,6 +1,8 @@
-"""The evaluation report: markdown tables in the seed's format (Layer | MSE | L1 | L0 | % Alive | % Loss Recovered,
-plus FVE, cosine, KL...), the same rows as JSON and CSV, a log10 feature-frequency histogram PNG per SAE, the
-frequencies themselves (`.npy`), and `eval_config.json` (the EvalConfig exactly as run).
+"""The evaluation report: markdown tables in the seed's format (Layer | MSE Loss | L1 loss | L0 | % Alive |
+% Loss Recovered, then FVE, cosine, KL... after them), one table per set of SAEs (hook kind, architecture, width; the
+pruned re-measurements in their own tables) with one row per layer; the same rows as JSON and CSV; a log10
+feature-frequency histogram PNG per SAE; the frequencies themselves (`.npy`); and `eval_config.json` (the EvalConfig
+exactly as run).
 
 matplotlib is imported lazily (Agg backend, no display needed) and only when histograms are asked for.
 """
@@ -20,10 +22,12 @@ from saecache import __version__
 from saecache.errors import ConfigError
 
 # (column title, row key, formatter) of the markdown tables, in order
+SEED_COLUMNS = ["Layer", "MSE Loss", "L1 loss", "L0", "% Alive", "% Loss Recovered"]
+"""The seed's (dictionary_learning README) column titles, in its order; our extra columns follow them."""
 COLUMNS = [
     ("Layer", "layer", str),
-    ("MSE", "mse", lambda v: f"{v:.4g}"),
-    ("L1", "l1", lambda v: f"{v:.4g}"),
+    ("MSE Loss", "mse", lambda v: f"{v:.4g}"),
+    ("L1 loss", "l1", lambda v: f"{v:.4g}"),
     ("L0", "l0", lambda v: f"{v:.1f}"),
     ("% Alive", "frac_alive", lambda v: f"{100 * v:.1f}"),
     ("% Loss Recovered", "recovered_zero", lambda v: f"{100 * v:.1f}"),
@@ -62,26 +66,30 @@ def _fmt(fn, v) -> str:
 
 
 def _group(row: dict) -> str:
-    """Table group: the hook kind (mlp_out, resid_post, ...) or the whole hook name for raw paths."""
+    """Table group (one table per set of SAEs, like the seed's): hook kind (mlp_out, resid_post, ...; the whole hook
+    name for raw paths), architecture, width and k."""
     hook = row["hook_out"] if row["hook_in"] == row["hook_out"] else f"{row['hook_in']} -> {row['hook_out']}"
-    return re.sub(r"\.\d+(?=$| ->)", "", hook)
+    kind = re.sub(r"\.\d+(?=$| ->)", "", hook)
+    k = f", k={row['k']}" if row.get("k") else ""
+    return f"{kind}: {row['architecture']}, {row['n_features']} features{k}"
 
 
 def _layer_key(row: dict):
     return (0, int(row["layer"])) if str(row["layer"]).isdigit() else (1, str(row["layer"]))
 
 
-def markdown(rows: list[dict], header: dict) -> str:
-    """One table per run group (hook kind, pruned or not), rows sorted by layer, in the seed's column order."""
-    lines = ["# saecache evaluation", "", f"Store: `{header['store']}` (model `{header['model']}`, fingerprint "
-             f"`{header['fingerprint'][:16]}`).", ""]
+def tables(rows: list[dict]) -> str:
+    """The markdown tables alone: one per set of SAEs (see `_group`; pruned re-measurements apart), one row per layer
+    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table."""
+    lines: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((_group(r), r.get("pruned", False)), []).append(r)
     for (group, pruned), rs in groups.items():
         title = f"## {group}" + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
         lines += [title, ""]
-        cols = ([("Run", "run", str)] if len({r["run"] for r in rs}) > 1 else []) + COLUMNS
+        repeated = len({str(r["layer"]) for r in rs}) < len(rs)
+        cols = ([("Run", "run", str)] if repeated else []) + COLUMNS
         if pruned:
             cols = cols + [("Pruned", "n_pruned", str)]
         lines.append("| " + " | ".join(c[0] for c in cols) + " |")
@@ -89,12 +97,22 @@ def markdown(rows: list[dict], header: dict) -> str:
         for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"])):
             lines.append("| " + " | ".join(_fmt(fn, r.get(key)) for _, key, fn in cols) + " |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    """report.md: provenance, the tables (`tables`), and what every figure means (rows, contexts, BOS policy)."""
+    lines = ["# saecache evaluation", "", f"Store: `{header['store']}` (model `{header['model']}`, fingerprint "
+             f"`{header['fingerprint'][:16]}`).", "", tables(rows)]
     n = sorted({r["n_rows"] for r in rows})
     ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
     lines += ["## Definitions", "",
               f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE ({rows[0]['rows']}); "
               f"% Alive counts a feature alive when it fires on at least one of them. Loss figures over "
-              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts.", ""]
+              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts of the store's own token ids. BOS/padding: contexts are "
+              f"fixed-length with no padding, as harvested ({header.get('bos_policy') or 'policy not recorded'}); "
+              f"positions before {header['first_position']} are never replaced and their predictions not counted.",
+              ""]
     lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
 
@@ -129,7 +147,8 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
     """Write every output into cfg.out; returns {kind: path}."""
     os.makedirs(cfg.out, exist_ok=True)
     header = {"store": store.url, "model": store.header["model"].get("name"), "fingerprint": store.fingerprint(),
-              "first_position": store.header["storage"]["first_position"], "package_version": __version__}
+              "first_position": store.header["storage"]["first_position"], "bos_policy": store.header.get("bos_policy"),
+              "package_version": __version__}
     paths = {"config": os.path.join(cfg.out, "eval_config.json"), "json": os.path.join(cfg.out, "report.json"),
              "csv": os.path.join(cfg.out, "report.csv"), "md": os.path.join(cfg.out, "report.md")}
     with open(paths["config"], "w") as f:

@@ -75,6 +75,8 @@ def heldout_fraction_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[fl
             if frac <= 0:
                 raise RunDirError(f"run {run_dir} was trained on all of {store.url} (heldout fraction 0): no held-out "
                                   "rows; evaluate on another store of the same model")
+            if frac >= ALL_ROWS:  # recorded by `saecache import`: the store was only used to check widths
+                return ALL_ROWS, "every row of the store (the run was never trained on it)"
             return frac, f"held-out contexts of the training store (last {frac:g} by context id)"
     for s in cfg.get("stores") or []:  # another store: its model and hooks must be the training store's
         try:

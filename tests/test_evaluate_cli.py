@@ -51,53 +51,95 @@ def heldout_rows(store_path, hook):
     return torch.from_numpy(np.asarray(st.array(f"acts/{hook}")[:])[rows].astype(np.float32)), st
 
 
+def md_table(md: str, title_part: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows) of the first markdown table under a `## ...title_part...` heading."""
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("## ") and title_part in line)
+    i = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("|"))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    body = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append(cells(line))
+    return cells(lines[i]), body
+
+
 def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp_path, capsys):
+    from saecache.train.rundir import load_run
+
+    # independent figures first: the topk run on the held-out rows, read straight from the zarr arrays
+    x, st = heldout_rows(tiny_store, "mlp_out.0")
+    sae, _ = load_run(runs["topk0"])
+    keep_hat = lambda keep: sae.decode(f * keep)  # noqa: E731
+    with torch.no_grad():
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+    freq_F = (f != 0).double().mean(0).numpy()
+    # a pruning threshold half-way between two distinct frequencies near the median: some, not all, dropped
+    levels = np.unique(freq_F)
+    j = len(levels) // 2
+    thr = float((levels[j - 1] + levels[j]) / 2)
+
     out = tmp_path / "eval"
     code, stdout, err = run_cli(["evaluate", runs["topk0"], runs["tc0"], "--store", tiny_store, "--out", out,
-                                 "--prune-above", "0.2", "--n-contexts", "6"], capsys)
+                                 "--prune-above", thr, "--n-contexts", "6"], capsys)
     assert code == 0, err
     md = (out / "report.md").read_text()
-    assert "| Run | Layer | MSE | L1 | L0 | % Alive | % Loss Recovered |" in md
-    assert "## mlp_out" in md and "## mlp_in -> mlp_out" in md and "dropped" in md
     assert md in stdout
+    # the seed's table: Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered, one table per set of SAEs
+    head, body = md_table(md, "mlp_out: topk, 64 features, k=4")
+    assert head[:6] == ["Layer", "MSE Loss", "L1 loss", "L0", "% Alive", "% Loss Recovered"]
+    assert len(body) == 1 and body[0][0] == "0"
+    assert float(body[0][1]) == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-3)
+    assert float(body[0][3]) == pytest.approx(float((f != 0).sum(1).float().mean()), abs=0.05)
+    assert float(body[0][4]) == pytest.approx(100 * float((f != 0).any(0).float().mean()), abs=0.05)
+    head_tc, body_tc = md_table(md, "mlp_in -> mlp_out: relu, 64 features")
+    assert head_tc[:6] == head[:6] and len(body_tc) == 1
+    head_pr, body_pr = md_table(md, "mlp_out: topk, 64 features, k=4 — features firing more often than")
+    assert head_pr[-1] == "Pruned" and body_pr[0][-1] == str(int((freq_F > thr).sum()))
+    assert "2048 held-out rows" in md and "6 held-out contexts" in md  # what the figures are over
+
     report = json.loads((out / "report.json").read_text())
     rows = {(r["run"], r["pruned"]): r for r in report["rows"]}
     assert set(rows) == {("topk0", False), ("topk0", True), ("tc0", False), ("tc0", True)}
     csv_lines = (out / "report.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 5 and "recovered_zero" in csv_lines[0]
-    assert json.loads((out / "eval_config.json").read_text())["prune_above"] == 0.2
+    cfg = json.loads((out / "eval_config.json").read_text())
+    assert cfg["prune_above"] == thr and cfg["n_contexts"] == 6 and cfg["store"] == str(tiny_store)
     for label in ("topk0", "topk0-pruned", "tc0", "tc0-pruned"):
         png = (out / f"hist-{label}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
 
-    # the statistics agree with a direct computation over the held-out rows
-    from saecache.train.rundir import load_run
-
-    x, st = heldout_rows(tiny_store, "mlp_out.0")
+    # the statistics agree with the direct computation over the held-out rows
     n_ctx = st.geometry.n_contexts
     assert rows[("topk0", False)]["n_rows"] == math.ceil(HELDOUT * n_ctx) * st.geometry.rows_per_context == len(x)
-    sae, _ = load_run(runs["topk0"])
-    with torch.no_grad():
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
     r = rows[("topk0", False)]
     assert r["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-4)
     assert r["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
     assert r["frac_alive"] == pytest.approx(float((f != 0).any(0).float().mean()))
 
-    # pruning drops exactly the features firing above the threshold, and L0 is re-measured without them
+    # pruning drops exactly the features firing above the threshold, and every statistic is re-measured without them
     freq = np.load(out / "freq-topk0.npy")
-    assert freq == pytest.approx((f != 0).float().mean(0).numpy().astype(np.float64), abs=1e-9)
+    assert freq == pytest.approx(freq_F, abs=1e-9)
     pr = rows[("topk0", True)]
-    assert pr["n_pruned"] == int((freq > 0.2).sum()) > 0
-    keep = torch.from_numpy(freq <= 0.2)
-    assert pr["l0"] == pytest.approx(float(((f != 0) & keep).sum(1).float().mean()), rel=1e-6)
+    keep = torch.from_numpy(freq_F <= thr)
+    assert 0 < pr["n_pruned"] == int((~keep).sum()) < 64
+    with torch.no_grad():
+        f_kept, x_hat_kept = f * keep, keep_hat(keep)
+    assert pr["l0"] == pytest.approx(float((f_kept != 0).sum(1).float().mean()), rel=1e-6)
+    assert pr["l0"] < r["l0"]
+    assert pr["mse"] == pytest.approx(float(((x - x_hat_kept) ** 2).mean()), rel=1e-4)
+    assert pr["frac_alive"] == pytest.approx(float((f_kept != 0).any(0).float().mean()))
+    assert np.load(out / "freq-topk0-pruned.npy")[~keep.numpy()].max() == 0
+    assert pr["ce_spliced"] != r["ce_spliced"] and pr["ce_clean"] == r["ce_clean"]  # loss re-measured as well
     # loss figures: the same clean loss for both runs (same contexts), ablations worse than clean
     for run in ("topk0", "tc0"):
         r = rows[(run, False)]
         assert r["ce_clean"] == pytest.approx(rows[("topk0", False)]["ce_clean"])
         assert r["n_contexts"] == 6 and r["ce_zero"] != r["ce_clean"]
         assert r["recovered_zero"] == pytest.approx((r["ce_zero"] - r["ce_spliced"]) / (r["ce_zero"] - r["ce_clean"]))
+        assert r["recovered_mean"] == pytest.approx((r["ce_mean"] - r["ce_spliced"]) / (r["ce_mean"] - r["ce_clean"]))
 
 
 def test_features_marks_the_firing_token(runs, tiny_store, tmp_path, capsys):
@@ -149,7 +191,8 @@ def test_import_evaluate_export(tiny_store, tmp_path, capsys):
                               "--no-histograms"], capsys)
     assert code == 0, err
     row = json.loads((tmp_path / "ev" / "report.json").read_text())["rows"][0]
-    assert row["n_rows"] == 256 * 32 and "every row" in row["rows"]  # imported: nothing of the store is trained on
+    # imported: the store was never trained on, so every row of it is held out (256 contexts x 32 positions)
+    assert row["n_rows"] == 256 * 32 and "every row" in row["rows"]
     for to, files in (("saelens", {"cfg.json", "sae_weights.safetensors"}),
                       ("dictionary_learning", {"ae.pt", "config.json"})):
         code, out, err = run_cli(["export", run, "--to", to, "--out", tmp_path / to], capsys)

@@ -27,19 +27,25 @@ _D = EvalConfig.__dataclass_fields__
 @click.option("--device", default=_D["device"].default, show_default=True)
 @click.option("--no-histograms", is_flag=True, help="Skip the frequency histogram PNGs (no matplotlib needed).")
 @click.option("--no-splice", is_flag=True, help="Statistics only: do not load the model for the loss figures.")
+@click.option("--html-features", type=int, default=_D["html_features"].default, show_default=True,
+              help="Features on the static HTML page written per SAE (0 = no pages).")
+@click.option("--tokenizer", default=None, help="Tokenizer for those pages (default: the store header's).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is often fastest for "
+                                                        "small models on a busy CPU).")
 def evaluate(run_dirs, store, out, prune_above, n_contexts, max_rows, batch_size, model, device, no_histograms,
-             no_splice):
+             no_splice, html_features, tokenizer, threads):
     """Statistics, % loss recovered and frequency histograms for RUN_DIRS on a store's held-out data."""
     from saecache.evaluate.runner import run_evaluation
 
     cfg = EvalConfig(run_dirs=list(run_dirs), store=store, out=out, prune_above=prune_above, n_contexts=n_contexts,
                      max_rows=max_rows or None, batch_size=batch_size, model=model, device=device,
-                     histograms=not no_histograms, splice=not no_splice)
+                     histograms=not no_histograms, splice=not no_splice, html_features=html_features,
+                     tokenizer=tokenizer, threads=threads)
     run_evaluation(cfg)
     with open(os.path.join(cfg.out, "report.md")) as f:
         click.echo(f.read())
-    click.echo(f"report written to {cfg.out}/ (report.md, report.json, report.csv, eval_config.json"
-               + (", hist-*.png)" if cfg.histograms else ")"))
+    click.echo(f"report written to {cfg.out}/ (report.md, report.json, report.csv, eval_config.json, freq-*.npy"
+               + (", hist-*.png" if cfg.histograms else "") + (", features-*.html" if cfg.html_features else "") + ")")
 
 
 @click.command()

@@ -41,6 +41,19 @@ class EvalConfig:
     """Run the model for the loss figures (turn off for a statistics-only report without loading the model)."""
     hist_bins: int = 50
     """Bins of the frequency histograms."""
+    html_features: int = 6
+    """Features shown on a static HTML page per SAE (`features-<run>.html`: top-activating contexts with the firing
+    token marked, read from the store); picked evenly along the ranking of the alive features by frequency, most
+    frequent first. 0 = no pages (and no tokenizer needed)."""
+    html_top: int = 8
+    """Contexts shown per feature on those pages."""
+    html_max_rows: int = 16384
+    """Rows scanned (from the start of the store, in storage order) for those contexts."""
+    tokenizer: str | None = None
+    """Tokenizer for the HTML pages; None = the one named in the store header, else `model` when that fails."""
+    threads: int | None = None
+    """torch CPU threads during the evaluation (restored afterwards); None leaves torch's setting. With a small model
+    on a busy CPU, 1 is often several times faster than more."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the config (e.g. the command line)."""
 
@@ -51,11 +64,15 @@ class EvalConfig:
             raise ConfigError("no store given: pass --store (the store the runs were trained on)")
         if self.prune_above is not None and not 0 < self.prune_above <= 1:
             raise ConfigError(f"--prune-above is a firing frequency in (0, 1], got {self.prune_above}")
-        for name in ("n_contexts", "batch_size", "ctx_batch_size", "hist_bins"):
+        for name in ("n_contexts", "batch_size", "ctx_batch_size", "hist_bins", "html_top", "html_max_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows must be a positive integer or None, got {self.max_rows}")
+        if not isinstance(self.html_features, int) or self.html_features < 0:
+            raise ConfigError(f"html_features must be an integer >= 0, got {self.html_features!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

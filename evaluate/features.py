@@ -3,6 +3,8 @@ token marked, plus each feature's firing frequency; optionally a static HTML pag
 
 Rows are scanned in storage order from the start of the store (complete shards only, up to `max_rows`); each row maps
 back to its text through rows/context + rows/position + contexts and the tokenizer named in the store header.
+`saecache features` shows chosen features; `saecache evaluate` writes one page per SAE with a few features picked
+along the frequency ranking (`pick_features`).
 """
 
 from __future__ import annotations
@@ -59,20 +61,37 @@ def top_activations(sae, store, hook: str, features: list[int], top: int, max_ro
     return out, seen
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str | None, fallback: str | None = None):
+    """AutoTokenizer for `name` (else `fallback`, e.g. the model directory); one-line ModelError when neither loads."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ModelError(f"cannot load tokenizer {name!r} ({first}); pass --tokenizer DIR") from None
+    tried = []
+    for candidate in dict.fromkeys(c for c in (name, fallback) if c):
+        try:
+            return AutoTokenizer.from_pretrained(candidate)
+        except (OSError, ValueError) as e:
+            tried.append(f"{candidate!r} ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+    raise ModelError(f"cannot load a tokenizer: {'; '.join(tried) or 'none named'}; pass --tokenizer DIR")
 
 
 def snippet(tok, ids_T: np.ndarray, pos: int, window: int) -> tuple[list[str], int]:
     """Token strings from pos-window to pos+AFTER and the index of the firing token among them."""
     lo, hi = max(0, pos - window), min(len(ids_T), pos + AFTER + 1)
     return [tok.decode([int(t)]) for t in ids_T[lo:hi]], pos - lo
+
+
+def render(found: dict[int, dict], n_rows: int, store, tok, window: int, run: str, hook: str) -> dict:
+    """`top_activations` output -> {"run", "hook", "n_rows", "features": {N: {frequency, count, contexts[...]}}},
+    each context with its token strings and the index `at` of the firing token."""
+    result = {"run": run, "hook": hook, "n_rows": n_rows, "features": {}}
+    for feat, info in found.items():
+        contexts = []
+        for act, c, p in info["top"]:
+            toks, at = snippet(tok, np.asarray(store.contexts(c, c + 1))[0], p, window)
+            contexts.append({"activation": act, "context": c, "position": p, "tokens": toks, "at": at})
+        result["features"][feat] = {"count": info["count"], "frequency": info["count"] / max(n_rows, 1),
+                                    "contexts": contexts}
+    return result
 
 
 def feature_contexts(cfg: FeaturesConfig) -> dict:
@@ -89,18 +108,18 @@ def feature_contexts(cfg: FeaturesConfig) -> dict:
         raise ConfigError(f"feature(s) {bad} out of range: this SAE has {sae.cfg.n_features} features (0.."
                           f"{sae.cfg.n_features - 1})")
     hook = run_hooks(rcfg)[0]
-    found, n_rows = top_activations(sae, store, hook, cfg.features, cfg.top, cfg.max_rows, cfg.batch_size, device)
     tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"])
-    result = {"run": rcfg.get("name") or os.path.basename(os.path.normpath(cfg.run_dir)), "hook": hook,
-              "n_rows": n_rows, "features": {}}
-    for feat, info in found.items():
-        contexts = []
-        for act, c, p in info["top"]:
-            toks, at = snippet(tok, np.asarray(store.contexts(c, c + 1))[0], p, cfg.window)
-            contexts.append({"activation": act, "context": c, "position": p, "tokens": toks, "at": at})
-        result["features"][feat] = {"count": info["count"], "frequency": info["count"] / max(n_rows, 1),
-                                    "contexts": contexts}
-    return result
+    found, n_rows = top_activations(sae, store, hook, cfg.features, cfg.top, cfg.max_rows, cfg.batch_size, device)
+    run = rcfg.get("name") or os.path.basename(os.path.normpath(cfg.run_dir))
+    return render(found, n_rows, store, tok, cfg.window, run, hook)
+
+
+def pick_features(freq_F: torch.Tensor, n: int) -> list[int]:
+    """`n` features spread evenly along the ranking of the alive ones by frequency (most frequent first)."""
+    alive = [int(i) for i in torch.argsort(freq_F, descending=True, stable=True) if freq_F[i] > 0]
+    if len(alive) <= n:
+        return alive
+    return [alive[int(j)] for j in np.unique(np.linspace(0, len(alive) - 1, n).round().astype(int))]
 
 
 def as_text(result: dict) -> str:

@@ -109,10 +109,11 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines += ["## Definitions", "",
               f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE ({rows[0]['rows']}); "
               f"% Alive counts a feature alive when it fires on at least one of them. Loss figures over "
-              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts of the store's own token ids. BOS/padding: contexts are "
-              f"fixed-length with no padding, as harvested ({header.get('bos_policy') or 'policy not recorded'}); "
-              f"positions before {header['first_position']} are never replaced and their predictions not counted.",
-              ""]
+              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts of the store's own token ids. BOS/padding: "
+              f"contexts are fixed-length with no padding, as harvested ({header.get('bos_policy') or 'not recorded'}); "
+              + ("every position, BOS included, is replaced and every prediction counts." if not header["first_position"]
+                 else f"positions before {header['first_position']} (not in the store) are never replaced and the "
+                      "predictions made there not counted."), ""]
     lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
 
@@ -139,7 +140,8 @@ def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -
     plt.close(fig)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A run label as a file-name part."""
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
@@ -164,9 +166,9 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
     with open(paths["md"], "w") as f:
         f.write(markdown(rows, header))
     for label, freq in freqs.items():
-        np.save(os.path.join(cfg.out, f"freq-{_safe(label)}.npy"), freq.double().cpu().numpy(), allow_pickle=False)
+        np.save(os.path.join(cfg.out, f"freq-{safe_name(label)}.npy"), freq.double().cpu().numpy(), allow_pickle=False)
         if cfg.histograms:
-            p = os.path.join(cfg.out, f"hist-{_safe(label)}.png")
+            p = os.path.join(cfg.out, f"hist-{safe_name(label)}.png")
             histogram_png(freq, p, label, cfg.hist_bins)
             paths[f"hist:{label}"] = p
     return paths

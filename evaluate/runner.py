@@ -9,6 +9,7 @@ hooks, every row (none of it was trained on). Loss figures use the first `n_cont
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -145,8 +146,10 @@ def load_store_model(store: Store, cfg: EvalConfig):
     return model
 
 
-def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device) -> tuple[list[dict], dict]:
-    """Rows for the report (the run, and the pruned run when asked) and {label: frequencies_F}."""
+def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device, tok=None,
+                 cache: dict | None = None) -> tuple[list[dict], dict]:
+    """Rows for the report (the run, and the pruned run when asked) and {label: frequencies_F}; writes the run's
+    feature page when `tok` is given. `cache` holds the ablation baselines shared between runs (see splice_losses)."""
     sae, rcfg = load_run_checked(run_dir, device)
     h_in, h_out = run_hooks(rcfg)
     frac, rows_note = heldout_fraction_for(run_dir, rcfg, sae, store)
@@ -157,6 +160,7 @@ def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device) -> 
     ids = splice_contexts(store, frac, cfg.n_contexts) if model is not None else None
     mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
     first = store.header["storage"]["first_position"]
+    cache = {} if cache is None else cache
 
     def measure(keep_F, label):
         stats, freq = reconstruction_stats(sae, store, h_in, h_out, frac, cfg, device, keep_F)
@@ -170,7 +174,7 @@ def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device) -> 
                 recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
             res = splice_losses(model, ids, hook_point(store, h_out), lambda x: recon(x.to(device).float()), mean_D,
                                 hook_in=hook_point(store, h_in) if h_in != h_out else None, first_position=first,
-                                batch_size=cfg.ctx_batch_size)
+                                batch_size=cfg.ctx_batch_size, cache=cache.setdefault((h_out, frac), {}))
             row.update(res.as_dict())
         return row, {label: freq}
 
@@ -181,11 +185,44 @@ def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device) -> 
         row2, f2 = measure(keep_F.cpu(), f"{name}-pruned")
         rows.append({**row2, "prune_above": cfg.prune_above})
         freqs.update(f2)
+    if tok is not None:
+        write_feature_page(sae, store, h_in, name, freqs[name], cfg, device, tok)
     return rows, freqs
 
 
+def write_feature_page(sae, store: Store, hook: str, name: str, freq_F: torch.Tensor, cfg: EvalConfig, device,
+                       tok) -> str:
+    """features-<run>.html in cfg.out: `html_features` features along the frequency ranking, their top contexts."""
+    from saecache.evaluate.features import as_html, pick_features, render, top_activations
+    from saecache.evaluate.report import safe_name
+
+    feats = pick_features(freq_F, cfg.html_features)
+    found, n_rows = top_activations(sae, store, hook, feats, cfg.html_top, cfg.html_max_rows, cfg.batch_size, device)
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"features-{safe_name(name)}.html")
+    with open(path, "w") as f:
+        f.write(as_html(render(found, n_rows, store, tok, 16, name, hook)))
+    return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with `n` torch CPU threads (None: unchanged), restoring the previous count afterwards."""
+    prev = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
-    """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows."""
+    """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows (one dict per
+    run, plus one per pruned run; keys in README/report.json: run, layer, architecture, n_features, k, hook_in,
+    hook_out, n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, pruned, n_pruned, and with splicing
+    ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero, recovered_mean, kl, n_predictions, n_contexts)."""
+    from saecache.evaluate.features import load_tokenizer
     from saecache.evaluate.report import write_report
     from saecache.harvest.model import pick_device
 
@@ -194,11 +231,13 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     for run_dir in cfg.run_dirs:  # fail fast, before loading the model, on any mismatch
         sae, rcfg = load_run_checked(run_dir)
         heldout_fraction_for(run_dir, rcfg, sae, store)
-    model = load_store_model(store, cfg) if cfg.splice else None
-    rows, freqs = [], {}
-    for run_dir in cfg.run_dirs:
-        r, f = evaluate_run(run_dir, store, model, cfg, device)
-        rows += r
-        freqs.update(f)
-    write_report(cfg, store, rows, freqs)
+    tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"], cfg.model) if cfg.html_features else None
+    with torch_threads(cfg.threads):
+        model = load_store_model(store, cfg) if cfg.splice else None
+        rows, freqs, cache = [], {}, {}
+        for run_dir in cfg.run_dirs:
+            r, f = evaluate_run(run_dir, store, model, cfg, device, tok, cache)
+            rows += r
+            freqs.update(f)
+        write_report(cfg, store, rows, freqs)
     return rows

@@ -98,11 +98,14 @@ def splice_losses(
     hook_in: HookPoint | None = None,
     first_position: int = 0,
     batch_size: int = 8,
+    cache: dict | None = None,
 ) -> SpliceLosses:
     """Clean / spliced / zero / mean-ablated CE and KL over contexts `ids_CT` [C, T] (see the module docstring).
 
     `hook_in` is None for an ordinary SAE (input = the replaced tensor itself) or the transcoder's input hook.
     `mean_D` is the mean of `hook_out`'s activation (the mean-ablation value).
+    `cache`: a dict kept by the caller across SAEs that replace the same hook with the same `mean_D`; the zero- and
+    mean-ablated losses (which do not depend on the SAE) are then computed once per batch of contexts.
     """
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
@@ -136,11 +139,18 @@ def splice_losses(
         sums["spliced"] += M.next_token_ce(spliced, ids, mask)[0]
         sums["kl"] += M.kl_clean_to_spliced(clean, spliced, mask)[0]
 
-        with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
-            sums["zero"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
-        with patch_output(model, hook_out,
-                          _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
-            sums["mean"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+        key = (hook_out.module, hook_out.io, first_position, c0, tuple(ids.shape), hash(ids.cpu().numpy().tobytes()))
+        if cache is None or key not in cache:
+            with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
+                zero = M.next_token_ce(_logits(model, ids), ids, mask)[0]
+            with patch_output(model, hook_out,
+                              _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
+                mean = M.next_token_ce(_logits(model, ids), ids, mask)[0]
+            if cache is None:
+                cache = {}
+            cache[key] = (zero, mean)
+        sums["zero"] += cache[key][0]
+        sums["mean"] += cache[key][1]
 
     n = max(count, 1)
     return SpliceLosses(clean=sums["clean"] / n, spliced=sums["spliced"] / n, zero=sums["zero"] / n,

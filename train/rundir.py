@@ -108,6 +108,15 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    # safetensors stores contiguous tensors; give every moment its parameter's memory layout again (W_enc_DF is a
+    # transposed view). The fused Adam kernel walks param and moments as flat memory, so a layout mismatch would
+    # silently pair each weight with another element's moments and a resumed run would drift.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(v)
 
 
 def save_checkpoint(run_dir: str, step: int, model_tensors: dict[str, torch.Tensor],
@@ -126,8 +135,10 @@ def save_checkpoint(run_dir: str, step: int, model_tensors: dict[str, torch.Tens
     if os.path.exists(final):  # a rerun reached the same step again: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(checkpoint_path(run_dir, old), ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:  # rename first: a kill mid-delete leaves no half checkpoint
+        doomed = os.path.join(run_dir, CKPT_DIR, f".tmp-del-{old:09d}-{os.getpid()}")
+        os.rename(checkpoint_path(run_dir, old), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

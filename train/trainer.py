@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import time
 
@@ -96,20 +97,34 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     return old
 
 
+def member_seed(seed: int, name: str) -> int:
+    """Seed of one SAE's initialisation and resampling draws: a pure function of (run seed, SAE name), so an SAE
+    trained inside a sweep is bit-identical to the same SAE trained alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
 def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) -> list[Member]:
     members = []
-    for i, spec in enumerate(cfg.saes):
+    for spec in cfg.saes:
         d_in, d_out = stores[0].hooks[spec.hook_in]["d"], stores[0].hooks[spec.target_hook]["d"]
-        torch.manual_seed(cfg.seed * 1_000_003 + i)  # initialisation: a pure function of (seed, position in sweep)
+        torch.manual_seed(member_seed(cfg.seed, spec.name))
         sae = SAE(_sae_config(spec, d_in, d_out)).to(device)
         lr = spec.lr or cfg.lr
         in_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.hook_in)) if cfg.normalize else 1.0
         out_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.target_hook)) if cfg.normalize else 1.0
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + i)
+        gen = torch.Generator(device="cpu").manual_seed(member_seed(cfg.seed, spec.name))
         m = Member(spec, sae, make_optimizer(sae, lr), os.path.join(cfg.out, spec.name), in_scale, out_scale,
                    gen, lr)
         members.append(m)
     return members
+
+
+def _require_finite(m: Member, step: int) -> None:
+    bad = [n for n, p in m.sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        last = rundir.list_checkpoints(m.run_dir)
+        raise DivergedError(f"{m.spec.name}: {', '.join(bad)} became non-finite by step {step}; kept the last good "
+                            f"checkpoint ({'step ' + str(last[-1]) if last else 'none yet'}); lower the lr")
 
 
 def _checkpoint(m: Member, step: int, loader: Loader, cfg: TrainConfig) -> None:
@@ -224,6 +239,8 @@ def run_training(cfg: TrainConfig) -> list[str]:
                 logger.log(step + 1, recs, (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
             logger.advance()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                for m in active:  # never checkpoint non-finite weights: the last checkpoint must stay good
+                    _require_finite(m, step + 1)
                 if rank == 0:
                     for m in active:
                         _checkpoint(m, step + 1, loader, cfg)

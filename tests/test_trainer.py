@@ -1,0 +1,174 @@
+"""The training run end to end on the tiny store: determinism across reader threads, kill -9 at random moments then
+rerun → bit-identical weights, divergence keeps the last good checkpoint, cfg.json provenance, metrics.jsonl,
+normalisation folded back at save, and a sweep from a config file (each member = the same SAE trained alone)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saecache
+from saecache.harvest.store import Store
+from saecache.train import rundir
+from saecache.train.config import TrainConfig
+from saecache.train.loader import Loader, open_stores
+from saecache.train.sae import SAE, SAEConfig
+from saecache.train.trainer import run_training
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saecache", "train", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, **kw)
+
+
+def popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "saecache", "train", *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def small_cfg(store, out, **kw) -> TrainConfig:
+    base = dict(stores=[str(store)], out=str(out), saes=[dict(arch="topk", hook_in="mlp_out.0", width=128, k=8),
+                                                         dict(arch="relu", hook_in="mlp_out.1", width=96)],
+                steps=40, batch_size=256, checkpoint_every=10, warmup_steps=5, resample_steps=10, resample_window=3,
+                log_every=5, heldout_fraction=0.05, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir) -> bytes:
+    return (Path(run_dir) / rundir.WEIGHTS_FILE).read_bytes()
+
+
+def test_same_weights_with_any_reader_thread_count_and_different_with_another_seed(tiny_store, tmp_path):
+    dirs = {t: run_training(small_cfg(tiny_store, tmp_path / f"t{t}", reader_threads=t)) for t in (0, 3)}
+    for a, b in zip(dirs[0], dirs[3]):
+        assert weights(a) == weights(b)
+    other = run_training(small_cfg(tiny_store, tmp_path / "seed1", seed=1))
+    assert all(weights(a) != weights(b) for a, b in zip(dirs[0], other))
+
+
+def _files(run_root):
+    return sorted(str(p.relative_to(run_root)) for p in Path(run_root).rglob("*") if p.is_file())
+
+
+def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_path):
+    ref_root, root = tmp_path / "ref", tmp_path / "killed"
+    cfg = {"stores": [str(tiny_store)], "out": str(root), "steps": 120, "batch_size": 256, "checkpoint_every": 7,
+           "warmup_steps": 5, "resample_steps": 10, "resample_window": 4, "log_every": 5, "heldout_fraction": 0.05,
+           "progress": False,
+           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 128, "k": 8},
+                    {"arch": "relu", "hook_in": "mlp_out.1", "width": 128}]}
+    (tmp_path / "sweep.json").write_text(json.dumps(cfg))
+    ref = cli("--config", tmp_path / "sweep.json", "--out", ref_root)  # uninterrupted
+    assert ref.returncode == 0, ref.stderr
+    rng = random.Random()
+    seed = rng.randrange(10**6)
+    rng.seed(seed)
+    kills, resumed_from = 0, []
+    names = ["topk-mlp_out.0-128-k8", "relu-mlp_out.1-128"]
+    p = popen("--config", tmp_path / "sweep.json")  # first a kill at a random wall-clock moment (maybe at startup)
+    time.sleep(rng.uniform(0.2, 3.0))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    for target in sorted(rng.sample(range(1, 17), 4)):  # then soon after checkpoint number `target` appears
+        p = popen("--config", tmp_path / "sweep.json")
+        while p.poll() is None:
+            done = [rundir.list_checkpoints(root / n) for n in names]
+            if all(d and d[-1] >= 7 * target for d in done):
+                time.sleep(rng.uniform(0, 0.05))  # anywhere inside the next step(s), checkpoint writes included
+                break
+            time.sleep(0.002)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            resumed_from.append(min(rundir.list_checkpoints(root / n)[-1] for n in names))
+        p.stderr.close()
+    assert kills >= 2, f"random seed {seed}: the runs finished before they could be killed"
+    final = cli("--config", tmp_path / "sweep.json")
+    assert final.returncode == 0, final.stderr
+    for n in names:
+        assert weights(root / n) == weights(ref_root / n), f"{n} differs after kills (random seed {seed})"
+        assert (root / n / rundir.METRICS_FILE).read_text() == (ref_root / n / rundir.METRICS_FILE).read_text()
+        assert not [f for f in _files(root / n) if ".tmp" in f]
+    assert len(set(resumed_from)) >= 2  # the kills landed at different points of the run
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
+    args = ["--store", tiny_store, "--out", tmp_path, "--hook", "mlp_out.0", "--arch", "relu", "--width", "64",
+            "--steps", "50", "--batch-size", "128", "--checkpoint-every", "1", "--warmup", "3", "--lr", "1e15",
+            "--no-progress"]
+    r = cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "kept the last good checkpoint" in lines[0], r.stderr
+    run = tmp_path / "relu-mlp_out.0-64"
+    steps = rundir.list_checkpoints(run)
+    assert steps and f"step {steps[-1]}" in lines[0]
+    model, extra, state = rundir.load_checkpoint(run, steps[-1])
+    assert all(torch.isfinite(t).all() for t in model.values()) and state["step"] == steps[-1]
+    assert not (run / rundir.WEIGHTS_FILE).exists() and not rundir.read_cfg(run)["complete"]
+    # rerunning resumes from that checkpoint and diverges the same way, again keeping it
+    r2 = cli(*args)
+    assert r2.returncode != 0 and r2.stderr == r.stderr
+    assert rundir.list_checkpoints(run)[-1] == steps[-1]
+
+
+def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_path):
+    cfg = small_cfg(tiny_store, tmp_path, steps=23, log_every=4, checkpoint_every=23, keep_checkpoints=1)
+    topk_dir, relu_dir = run_training(cfg)
+    rec = rundir.read_cfg(topk_dir)
+    st = Store.open(str(tiny_store))
+    assert rec["complete"] and rec["package_version"] == saecache.__version__ and rec["seed"] == 0
+    assert rec["stores"][0]["fingerprint"] == st.fingerprint()
+    assert rec["hooks"] == {"in": "mlp_out.0", "out": "mlp_out.0"}
+    assert rec["tokens_seen"] == 23 * 256 and rec["steps_done"] == 23
+    assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
+    assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
+    assert SAEConfig.from_dict(rec["sae"]).n_features == 128
+
+    lines = [json.loads(x) for x in (Path(topk_dir) / rundir.METRICS_FILE).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8, 12, 16, 20, 23]
+    for x in lines:
+        assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 8 and 0 <= x["dead_frac"] <= 1
+        assert x["fve"] is not None and x["fve"] < 1 and x["loss"] > 0
+
+    # the saved SAE takes raw activations: it equals the normalised-space SAE of the last checkpoint, rescaled
+    loaded, _ = rundir.load_run(topk_dir)
+    trained = SAE(loaded.cfg)
+    trained.load_state_dict(rundir.load_checkpoint(topk_dir, 23)[0])
+    scale = rec["normalization"]["in_scale"]
+    assert scale == pytest.approx(st.stats("mlp_out.0")["mean_sq_norm"] ** 0.5)
+    x_BD = next(Loader(open_stores([str(tiny_store)], ["mlp_out.0"]), ["mlp_out.0"], 256))["mlp_out.0"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_BD), trained(x_BD / scale) * scale, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(loaded(x_BD), trained(x_BD))
+
+
+def test_sweep_from_config_file_matches_each_sae_trained_alone(tiny_store, tmp_path):
+    saes = [{"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 4},
+            {"arch": "jumprelu", "hook_in": "mlp_out.1", "width": 64},
+            {"arch": "batchtopk", "hook_in": "mlp_in.0", "hook_out": "mlp_out.0", "width": 64, "k": 4,
+             "name": "transcoder"}]
+    common = {"stores": [str(tiny_store)], "steps": 15, "batch_size": 128, "warmup_steps": 2, "progress": False,
+              "checkpoint_every": 100}
+    (tmp_path / "sweep.json").write_text(json.dumps({**common, "out": "ignored", "saes": saes}))
+    r = cli("--config", tmp_path / "sweep.json", "--out", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr
+    dirs = r.stdout.split()
+    assert [Path(d).name for d in dirs] == ["topk-mlp_out.0-64-k4", "jumprelu-mlp_out.1-64", "transcoder"]
+    sae, rec = rundir.load_run(dirs[2])
+    assert sae.cfg.transcoder and rec["hooks"] == {"in": "mlp_in.0", "out": "mlp_out.0"}
+    alone = run_training(TrainConfig(**common, out=str(tmp_path / "alone"), saes=[saes[1]]))
+    assert weights(alone[0]) == weights(dirs[1])

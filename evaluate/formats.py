@@ -5,7 +5,9 @@ TransformerLens) and both formats are small: a state dict plus a JSON config. No
 files go through `torch.load(weights_only=True)` and must hold a plain {name: tensor} state dict; we write safetensors.
 
 Formats, as documented by their code (dictionary_learning `dictionary.py`, `trainers/{top_k,batch_top_k}.py`;
-SAELens `saes/*_sae.py`, `constants.py`). `pre` below is the encoder pre-activation.
+SAELens 6 `saes/*_sae.py`, `constants.py`, `SAE.save_model`). Checked by loading our exports with the libraries
+themselves (dictionary_learning 0.1.0 `utils.load_dictionary`, sae-lens 6.54 `SAE.load_from_disk`): same outputs for
+all five classes. `pre` below is the encoder pre-activation.
 
 | ours      | dictionary_learning class (ae.pt keys)                                                   | SAELens `architecture` (sae_weights.safetensors keys)        |
 |-----------|------------------------------------------------------------------------------------------|--------------------------------------------------------------|
@@ -242,9 +244,16 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
         json.dump({"trainer": trainer, "buffer": buffer}, f, indent=1)
 
 
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens version whose on-disk layout `write_saelens` writes (SAELens >= 6 reads it as its own; older cfgs
+without `metadata.sae_lens_version` go through its pre-6.0 converter instead)."""
+
+
 def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
-    """Write `cfg.json` + `sae_weights.safetensors` in SAELens' inference format (pre-6.0 flat cfg, which SAELens 6
-    converts on load; `sae_lens_training_version` null marks it as not trained by SAELens)."""
+    """Write `cfg.json` + `sae_weights.safetensors` as SAELens 6 `SAE.save_model` does: top-level architecture,
+    d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations (+ k and
+    rescale_acts_by_decoder_norm for topk), provenance under `metadata` (`sae_lens_training_version` null: not
+    trained by SAELens)."""
     from safetensors.torch import save_file
 
     _refuse_transcoder(w, "SAELens")
@@ -262,19 +271,16 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
     elif w.architecture == "batchtopk":
         tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
     m = {**w.meta, **(meta or {})}
-    cfg = {
-        "architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
-        "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
-        "hook_layer": m.get("layer") if isinstance(m.get("layer"), int) else None, "hook_head_index": None,
-        "activation_fn_str": "topk" if arch == "topk" else "relu",
-        "activation_fn_kwargs": {"k": int(w.k)} if arch == "topk" else {},
-        "apply_b_dec_to_input": bool(w.pre_bias), "finetuning_scaling_factor": False,
-        "normalize_activations": "none", "context_size": m.get("ctx_len"), "prepend_bos": m.get("prepend_bos", True),
-        "dataset_path": m.get("dataset"), "dataset_trust_remote_code": False, "sae_lens_training_version": None,
-        "model_from_pretrained_kwargs": {}, "neuronpedia_id": None,
-    }
+    cfg = {"architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": bool(w.pre_bias), "normalize_activations": "none", "reshape_activations": "none"}
     if arch == "topk":
-        cfg["k"] = int(w.k)
+        cfg.update(k=int(w.k), rescale_acts_by_decoder_norm=False)
+    cfg["metadata"] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+        "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
+        "hook_head_index": None, "context_size": m.get("ctx_len"), "prepend_bos": m.get("prepend_bos", True),
+        "dataset_path": m.get("dataset"), "model_from_pretrained_kwargs": {}, "neuronpedia_id": None,
+    }
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, SAELENS_WEIGHTS_FILE))
     with open(os.path.join(out, SAELENS_CFG_FILE), "w") as f:
@@ -302,12 +308,12 @@ def read_saelens(src: str) -> DictWeights:
         raise RunDirError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported "
                           "(fold the scaling into the weights first)")
     t = {k: v.to(torch.float32) for k, v in load_file(st_path).items()}
-    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    meta = cfg.get("metadata") or {}  # SAELens 6 keeps provenance here; pre-6.0 cfgs have it at the top level
     w = DictWeights(arch, t["W_enc"], t["W_dec"], t["b_dec"], t.get("b_enc"),
                     pre_bias=bool(cfg.get("apply_b_dec_to_input", True)),
                     meta={"lm_name": cfg.get("model_name", meta.get("model_name")),
                           "hook_name": cfg.get("hook_name", meta.get("hook_name")),
-                          "layer": cfg.get("hook_layer", meta.get("hook_layer")),
+                          "layer": cfg.get("hook_layer"),
                           "ctx_len": cfg.get("context_size", meta.get("context_size"))})
     if arch == "topk":
         w.k = int(cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k"))

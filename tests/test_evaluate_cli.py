@@ -201,7 +201,7 @@ def test_import_evaluate_export(tiny_store, tmp_path, capsys):
     back = torch.load(tmp_path / "dictionary_learning" / "ae.pt", weights_only=True)
     assert torch.equal(back["decoder.weight"], torch.load(src / "ae.pt", weights_only=True)["decoder.weight"])
     sl = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
-    assert sl["hook_name"] == "mlp_out.0" and sl["d_in"] == d and sl["d_sae"] == F
+    assert sl["metadata"]["hook_name"] == "mlp_out.0" and sl["d_in"] == d and sl["d_sae"] == F
 
 
 def one_line_error(args, capsys, match):

@@ -120,11 +120,12 @@ SAELENS_KEYS = {"standard": {"W_enc", "b_enc", "W_dec", "b_dec"}, "topk": {"W_en
                 "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
                 "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}}
 SAELENS_SHAPES = {"W_enc": (D, F), "W_dec": (F, D), "b_dec": (D,)}
-SAELENS_CFG_FIELDS = {"architecture", "d_in", "d_sae", "dtype", "device", "model_name", "hook_name", "hook_layer",
-                      "hook_head_index", "activation_fn_str", "activation_fn_kwargs", "apply_b_dec_to_input",
-                      "finetuning_scaling_factor", "normalize_activations", "context_size", "prepend_bos",
-                      "dataset_path", "dataset_trust_remote_code", "sae_lens_training_version",
-                      "model_from_pretrained_kwargs", "neuronpedia_id"}
+# the fields SAELens 6 `SAE.save_model` writes (top level; topk adds k and rescale_acts_by_decoder_norm) and the
+# provenance keys it reads from `metadata` (LLM_METADATA_KEYS of its loaders)
+SAELENS_CFG_FIELDS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                      "normalize_activations", "reshape_activations", "metadata"}
+SAELENS_METADATA = {"sae_lens_version", "sae_lens_training_version", "model_name", "hook_name", "hook_head_index",
+                    "context_size", "prepend_bos", "dataset_path", "model_from_pretrained_kwargs", "neuronpedia_id"}
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -142,12 +143,16 @@ def test_saelens_export_keys_shapes_and_outputs(tmp_path, cls):
         assert tuple(t[key].shape) == shape
     assert all(tuple(v.shape) == (F,) for k, v in t.items() if k not in SAELENS_SHAPES)
     assert all(v.dtype == torch.float32 for v in t.values())
-    assert SAELENS_CFG_FIELDS <= set(cfg) and (set(cfg) - SAELENS_CFG_FIELDS) <= {"k"}
-    assert cfg["d_in"] == D and cfg["d_sae"] == F and cfg["dtype"] == "float32" and cfg["hook_name"] == "mlp_out.3"
-    assert cfg["model_name"] == "EleutherAI/pythia-70m-deduped" and cfg["normalize_activations"] == "none"
+    extra = {"k", "rescale_acts_by_decoder_norm"} if arch == "topk" else set()
+    assert set(cfg) == SAELENS_CFG_FIELDS | extra and set(cfg["metadata"]) == SAELENS_METADATA
+    md = cfg["metadata"]
+    assert cfg["d_in"] == D and cfg["d_sae"] == F and cfg["dtype"] == "float32" and md["hook_name"] == "mlp_out.3"
+    assert md["model_name"] == "EleutherAI/pythia-70m-deduped" and cfg["normalize_activations"] == "none"
+    assert md["sae_lens_version"].split(".")[0] == "6" and md["sae_lens_training_version"] is None
+    assert md["context_size"] == 128  # from the dictionary_learning buffer config
     assert cfg["apply_b_dec_to_input"] is (cls != "JumpReluAutoEncoder")
     if arch == "topk":
-        assert cfg["k"] == K and cfg["activation_fn_kwargs"] == {"k": K}
+        assert cfg["k"] == K and cfg["rescale_acts_by_decoder_norm"] is False
     torch.testing.assert_close(saelens_forward(cfg, t, X), dl_forward(cls, sd, X), rtol=1e-5, atol=1e-5)
     if cls != "BatchTopKSAE":  # (a batchtopk comes back from SAELens as the equivalent jumprelu)
         back = FM.read_saelens(str(tmp_path / "sl"))

@@ -83,7 +83,8 @@ def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp
 
     out = tmp_path / "eval"
     code, stdout, err = run_cli(["evaluate", runs["topk0"], runs["tc0"], "--store", tiny_store, "--out", out,
-                                 "--prune-above", thr, "--n-contexts", "6"], capsys)
+                                 "--prune-above", thr, "--n-contexts", "6", "--threads", 1, "--html-features", 3],
+                                capsys)
     assert code == 0, err
     md = (out / "report.md").read_text()
     assert md in stdout
@@ -110,6 +111,10 @@ def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp
     for label in ("topk0", "topk0-pruned", "tc0", "tc0-pruned"):
         png = (out / f"hist-{label}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    # a static feature page per SAE (not per pruned re-measurement): 3 features, each context's firing token marked
+    assert sorted(p.name for p in out.glob("features-*.html")) == ["features-tc0.html", "features-topk0.html"]
+    page = (out / "features-topk0.html").read_text()
+    assert page.count("<h2>Feature ") == 3 and page.count("<mark") >= 3
 
     # the statistics agree with the direct computation over the held-out rows
     n_ctx = st.geometry.n_contexts
@@ -188,7 +193,7 @@ def test_import_evaluate_export(tiny_store, tmp_path, capsys):
     code, out, err = run_cli(["import", src, "--out", run, "--hook", "mlp_out.0", "--store", tiny_store], capsys)
     assert code == 0, err
     code, out, err = run_cli(["evaluate", run, "--store", tiny_store, "--out", tmp_path / "ev", "--n-contexts", 2,
-                              "--no-histograms"], capsys)
+                              "--no-histograms", "--html-features", 0, "--threads", 1], capsys)
     assert code == 0, err
     row = json.loads((tmp_path / "ev" / "report.json").read_text())["rows"][0]
     # imported: the store was never trained on, so every row of it is held out (256 contexts x 32 positions)
@@ -236,3 +241,23 @@ def test_one_line_errors(runs, tiny_store, tmp_path, capsys):
     one_line_error(["import", tmp_path / "bad", "--out", tmp_path / "r", "--hook", "mlp_out.0"], capsys,
                    "not a plain state dict")
     one_line_error(["export", runs["tc0"], "--to", "saelens", "--out", tmp_path / "x"], capsys, "transcoder")
+    assert not (tmp_path / "x" / "cfg.json").exists()
+    # missing files: a run dir without cfg.json, a dictionary_learning dir without config.json, a non-store
+    no_cfg = tmp_path / "no_cfg"
+    shutil.copytree(runs["topk0"], no_cfg)
+    (no_cfg / "cfg.json").unlink()
+    one_line_error(["evaluate", no_cfg, "--store", tiny_store], capsys, "cfg.json is missing")
+    (tmp_path / "dl_no_cfg").mkdir()
+    torch.save({"bias": torch.zeros(2)}, tmp_path / "dl_no_cfg" / "ae.pt")
+    one_line_error(["import", tmp_path / "dl_no_cfg", "--out", tmp_path / "r2", "--hook", "mlp_out.0"], capsys,
+                   "config.json is missing")
+    one_line_error(["evaluate", runs["topk0"], "--store", tmp_path / "dl_no_cfg"], capsys, "dl_no_cfg")
+    # a dictionary of another width than the store's hook
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    torch.save({"bias": torch.zeros(32), "encoder.weight": torch.zeros(8, 32), "encoder.bias": torch.zeros(8),
+                "decoder.weight": torch.zeros(32, 8)}, narrow / "ae.pt")
+    (narrow / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    one_line_error(["import", narrow, "--out", tmp_path / "r3", "--hook", "mlp_out.0", "--store", tiny_store], capsys,
+                   "width 32")
+    assert not (tmp_path / "r3").exists()

@@ -78,7 +78,7 @@ class _Reader:
         self.store = store
         self.direct = {}
         for h in hooks:
-            arr = None if h in META else DirectArray.open(store.loc.path(f"acts/{h}")) if (direct and store.loc.local) else None
+            arr = None if h in META or not direct else DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h)  # remote: cached shard reader
             self.direct[h] = arr
 
     def read(self, unit: Unit) -> dict[str, np.ndarray]:

@@ -1,16 +1,18 @@
-"""Looking at a store without changing it: `info` (what a newcomer needs to trust it), `verify` (recompute every
-shard checksum, find missing and corrupt shards) and on-disk size."""
+"""Looking at a store without changing it (read-only: works with read-only credentials): `info` (what a newcomer
+needs to trust it: model, revision, tokenizer, data, contexts, seed, hooks, codec, rows, who wrote it when with which
+version, derivation, fingerprint), `verify` (recompute every shard checksum, find missing and corrupt shards, a
+final record that disagrees with the manifest) and on-disk size."""
 
 from __future__ import annotations
 
 import json
 
-from saecache.harvest.store import DTYPES, MANIFEST_DIR, Store, _Location, checksum
+from saecache.harvest.store import DTYPES, FINAL_FILE, MANIFEST_DIR, Store, checksum
 
 
-def store_size(url: str, storage_options: dict | None = None) -> dict:
+def store_size(url: str | Store, storage_options: dict | None = None) -> dict:
     """Bytes of the store's array objects and bytes per stored activation value."""
-    store = Store.open(url, storage_options)
+    store = url if isinstance(url, Store) else Store.open(url, storage_options, cache=None)
     acts_bytes = 0
     for entry in store.manifest().values():
         acts_bytes += sum(o["nbytes"] for k, o in entry["objects"].items() if k.startswith("acts/"))
@@ -26,12 +28,14 @@ def store_size(url: str, storage_options: dict | None = None) -> dict:
 
 
 def store_info(url: str, storage_options: dict | None = None) -> dict:
-    store = Store.open(url, storage_options)
+    store = Store.open(url, storage_options, cache=None)
     h, g = store.header, store.geometry
     writers = sorted({(e["writer"]["host"], e["writer"]["package_version"]) for e in store.manifest().values()})
+    workers = sorted({e["writer"].get("worker", "0/1") for e in store.manifest().values()})
     times = sorted(e["writer"]["time"] for e in store.manifest().values())
+    fp, final = store.fingerprint(), store.final
     return {
-        "url": url,
+        "url": store.url,
         "format_version": h["format_version"],
         "model": h["model"], "tokenizer": h["tokenizer"], "dataset": h["dataset"],
         "ctx_len": h["ctx_len"], "bos_policy": h["bos_policy"], "seed": h["seed"],
@@ -39,9 +43,13 @@ def store_info(url: str, storage_options: dict | None = None) -> dict:
         "shards": {"complete": len(store.complete_shards()), "total": g.n_shards},
         "complete": store.is_complete,
         "written_by": [{"host": w[0], "package_version": w[1]} for w in writers],
+        "workers": workers,
         "written_between": [times[0], times[-1]] if times else None,
-        "fingerprint": store.fingerprint(),
-        **store_size(url, storage_options),
+        "created_by_version": h.get("package_version"),
+        "derived_from": h.get("derived_from"),
+        "fingerprint": fp,
+        "final_fingerprint_matches": None if final is None else final.get("fingerprint") == fp,
+        **store_size(store),
     }
 
 
@@ -62,15 +70,22 @@ def format_info(info: dict) -> str:
         f"{info['shards']['total']} {'(complete)' if info['complete'] else '(INCOMPLETE: rerun the harvest)'}",
         f"size         {info['bytes_on_disk']:,} bytes; {info['bytes_per_value']:.3f} bytes per activation value",
         "written by   " + ", ".join(f"{w['host']} (saecache {w['package_version']})" for w in info["written_by"])
+        + (f" as worker(s) {', '.join(info['workers'])}" if info.get("workers") else "")
         + (f" between {info['written_between'][0]} and {info['written_between'][1]}" if info["written_between"] else ""),
-        f"fingerprint  {info['fingerprint']}",
     ]
+    if info.get("derived_from"):
+        d = info["derived_from"]
+        lines.append(f"derived from {d['url']} (hooks {', '.join(d['kept_hooks'])} of {', '.join(d['hooks'])}; "
+                     f"fingerprint {d['fingerprint'][:16]}…)")
+    check = {None: "", True: " (matches the final record)",
+             False: " (DOES NOT MATCH the final record: manifest changed after completion; run `saecache verify`)"}
+    lines.append(f"fingerprint  {info['fingerprint']}{check[info.get('final_fingerprint_matches')]}")
     return "\n".join(lines)
 
 
 def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
     """Every problem found, one line each (empty = healthy): missing shards, missing, resized or corrupt objects."""
-    store = Store.open(url, storage_options)
+    store = Store.open(url, storage_options, cache=None)
     problems = []
     manifest = store.manifest()
     for s in range(store.geometry.n_shards):
@@ -86,8 +101,12 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             if got != want:
                 problems.append(f"shard {s}: object {key} is corrupt (crc32c {got['crc32c']} != {want['crc32c']}, "
                                 f"{got['nbytes']} vs {want['nbytes']} bytes)")
-    for name in _Location(url, storage_options).list(MANIFEST_DIR):
+    for name in store.loc.list(MANIFEST_DIR):
         raw = store.loc.get(f"{MANIFEST_DIR}/{name}")
         if raw is not None and json.loads(raw)["shard"] >= store.geometry.n_shards:
             problems.append(f"manifest entry {name} names a shard beyond the store's {store.geometry.n_shards}")
+    final = store.final
+    if final is not None and final.get("fingerprint") != store.fingerprint():
+        problems.append(f"{FINAL_FILE} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest gives "
+                        f"{store.fingerprint()[:16]}…: shards were changed after the store was completed")
     return problems

@@ -3,11 +3,14 @@ stages and teammates).
 
 zarr v3 does the array layout, sharding and codecs. What zarr does not do is written here by hand: whole-shard
 publication through a manifest (zarr silently reads unwritten chunks as zeros), per-shard checksums, per-shard
-statistics, worker claims and the final record. Local paths use zarr's LocalStore; any other URL goes through fsspec.
+statistics, worker claims and the final record. Local paths use zarr's LocalStore; any other URL goes through fsspec
+(`remote.py` turns backend failures into one-line errors). Reads of a remote store go through the bounded local shard
+cache (`cache.py`), which checks every object against the manifest, so a damaged store fails loudly, never as zeros.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,10 +22,13 @@ import crc32c
 import fsspec
 import numpy as np
 import zarr
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import WrapperStore
 
 from saecache import __version__
 from saecache.errors import StoreError
+from saecache.harvest.remote import ErrorTranslatingStore, open_filesystem, probe_writable, remote_errors, safe_url
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "_manifest"
@@ -131,7 +137,10 @@ def _is_local(url: str) -> bool:
 
 
 class _Location:
-    """A store root: the zarr store object plus an fsspec filesystem for the non-zarr files."""
+    """A store root: the zarr store object plus an fsspec filesystem for the non-zarr files.
+
+    A writable remote location is probed with one tiny PUT when it is made, so missing write permission fails
+    before any work; a read-only one never writes."""
 
     def __init__(self, url: str, storage_options: dict | None = None, read_only: bool = True):
         self.url = url
@@ -143,21 +152,28 @@ class _Location:
             self.fs = fsspec.filesystem("file")
         else:
             self.local = False
-            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
-            self.root = self.root.rstrip("/")
+            self.fs, self.root = open_filesystem(url, self.storage_options)
+            if not read_only:
+                probe_writable(self.fs, self.root, url)
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def zarr_store(self):
+    def zarr_store(self, manifest_objects=None, cache=None, cache_id: str = ""):
+        """The zarr store of the root. Remote: errors translated, and reads of manifest-listed objects checked
+        (and served through `cache` when given); `manifest_objects()` maps object key -> manifest checksum."""
         if self.local:
             return zarr.storage.LocalStore(self.root, read_only=self.read_only)
-        return zarr.storage.FsspecStore(self.fs if self.fs.async_impl else _async_wrap(self.fs), path=self.root,
-                                        read_only=self.read_only)
+        fs, root = open_filesystem(self.url, self.storage_options, asynchronous=True)  # zarr runs its own loop
+        inner = zarr.storage.FsspecStore(fs if fs.async_impl else _async_wrap(fs), path=root, read_only=self.read_only)
+        if manifest_objects is not None:
+            inner = ManifestCheckedStore(inner, self, manifest_objects, cache, cache_id)
+        return ErrorTranslatingStore(inner, self.url)
 
     def get(self, key: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self.path(key))
+            with remote_errors(self.url, f"reading {key} of"):
+                return self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             return None
 
@@ -172,17 +188,71 @@ class _Location:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+            with remote_errors(self.url, f"writing {key} to"):
+                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
     def list(self, prefix: str) -> list[str]:
         """Names (not paths) of the files directly under `prefix`."""
         if not self.local:
             self.fs.invalidate_cache()
         try:
-            entries = self.fs.ls(self.path(prefix), detail=False)
+            with remote_errors(self.url, f"listing {prefix} of"):
+                entries = self.fs.ls(self.path(prefix), detail=False)
         except FileNotFoundError:
             return []
         return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+    def sizes(self) -> dict[str, int]:
+        """Byte size of every object under the root, by key (one recursive listing)."""
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            with remote_errors(self.url, "listing"):
+                found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        return {p[len(root):]: int(d.get("size") or 0) for p, d in found.items() if p.startswith(root)}
+
+
+class ManifestCheckedStore(WrapperStore):
+    """zarr reads of a remote store that go by the manifest: an object the manifest lists must exist (zarr would
+    silently read zeros), and with a shard cache it is fetched whole once, checked against its crc32c, and every
+    partial read is then served from local disk."""
+
+    def __init__(self, store, loc: _Location, manifest_objects, cache=None, cache_id: str = ""):
+        super().__init__(store)
+        self._loc, self._objects, self._cache, self._cache_id = loc, manifest_objects, cache, cache_id
+
+    def _with_store(self, store):
+        return type(self)(store, self._loc, self._objects, self._cache, self._cache_id)
+
+    async def get(self, key, prototype, byte_range=None):
+        want = self._objects().get(key)
+        if want is None:
+            return await self._store.get(key, prototype, byte_range)
+        if self._cache is None:
+            out = await self._store.get(key, prototype, byte_range)
+            if out is None:
+                raise StoreError(f"{key} of {safe_url(self._loc.url)} is listed in the manifest but missing from the "
+                                 f"store: the store is damaged; run `saecache verify {safe_url(self._loc.url)}`")
+            return out
+        start, end = _byte_span(byte_range, want["nbytes"])
+        data = await asyncio.to_thread(self._cache.read, self._loc, self._cache_id, key, want, start, end)
+        return prototype.buffer.from_bytes(data)
+
+
+def _byte_span(byte_range, n: int) -> tuple[int, int]:
+    """(start, end) of a zarr ByteRequest (Range, Offset or Suffix) in an object of n bytes."""
+    if byte_range is None:
+        return 0, n
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, min(byte_range.end, n)
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, n
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, n - byte_range.suffix), n
+    raise TypeError(f"unknown byte range {byte_range!r}")
 
 
 def _async_wrap(fs):
@@ -210,31 +280,50 @@ def manifest_key(s: int) -> str:
 # ------------------------------------------------------------------------------------------------------------ reader
 
 
-class Store:
-    """Read access to a store. Only shards recorded in the manifest are readable."""
+_DEFAULT = object()
 
-    def __init__(self, loc: _Location, header: dict):
+
+class Store:
+    """Read access to a store. Only shards recorded in the manifest are readable.
+
+    `cache`: the local shard cache used for a remote store's array reads (default: the one configured by the
+    environment, see `cache.py`; None reads remote objects directly). Local stores never use it."""
+
+    def __init__(self, loc: _Location, header: dict, cache=None):
         self.loc = loc
         self.header = header
         self.geometry = Geometry.from_header(header)
+        self.cache = None if loc.local else cache
         self._manifest: dict[int, dict] | None = None
+        self._objects: dict[str, dict] = {}
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True) -> Store:
+    def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True, cache=_DEFAULT) -> Store:
         loc = _Location(url, storage_options, read_only=read_only)
         raw = loc.get("zarr.json")
         if raw is None:
-            raise StoreError(f"no store at {url}: zarr.json not found (harvest one with `saecache harvest --out {url}`)")
-        header = json.loads(raw).get("attributes", {}).get("saecache")
+            raise StoreError(f"no store at {safe_url(url)}: zarr.json not found (harvest one with "
+                             f"`saecache harvest --out {safe_url(url)}`)")
+        try:
+            header = json.loads(raw).get("attributes", {}).get("saecache")
+        except (ValueError, AttributeError):
+            raise StoreError(f"{safe_url(url)}/zarr.json is not valid zarr metadata: the store is damaged") from None
         if header is None:
-            raise StoreError(f"{url} is a zarr group but not a saecache store (no 'saecache' attribute)")
-        check_format_version(header, url)
-        return cls(loc, header)
+            raise StoreError(f"{safe_url(url)} is a zarr group but not a saecache store (no 'saecache' attribute)")
+        check_format_version(header, safe_url(url))
+        if cache is _DEFAULT:
+            cache = None
+            if not loc.local:
+                from saecache.harvest.cache import default_cache
+
+                cache = default_cache()
+        return cls(loc, header, cache)
 
     # -- metadata
     @property
     def url(self) -> str:
-        return self.loc.url
+        """The URL without credentials (what messages and run dirs show)."""
+        return safe_url(self.loc.url)
 
     @property
     def hooks(self) -> dict[str, dict]:
@@ -260,10 +349,20 @@ class Store:
                 if name.startswith("shard-") and name.endswith(".json"):
                     raw = self.loc.get(f"{MANIFEST_DIR}/{name}")
                     if raw is not None:
-                        entry = json.loads(raw)
-                        entries[entry["shard"]] = entry
+                        try:
+                            entry = json.loads(raw)
+                            entries[int(entry["shard"])] = entry
+                        except (ValueError, KeyError, TypeError):
+                            raise StoreError(f"manifest entry {name} of {self.url} is not valid JSON with a shard "
+                                             "number: the store is damaged; run `saecache verify`") from None
             self._manifest = entries
+            self._objects = {k: v for e in entries.values() for k, v in e["objects"].items()}
         return self._manifest
+
+    def manifest_objects(self) -> dict[str, dict]:
+        """Every object the manifest lists, key -> {"nbytes", "crc32c"} (the shards published so far)."""
+        self.manifest()
+        return self._objects
 
     def complete_shards(self, refresh: bool = False) -> list[int]:
         return sorted(s for s in self.manifest(refresh) if s < self.geometry.n_shards)
@@ -286,7 +385,19 @@ class Store:
     # -- arrays
     @cached_property
     def group(self) -> zarr.Group:
-        return zarr.open_group(store=self.loc.zarr_store(), mode="r", zarr_format=3)
+        from saecache.harvest.cache import store_cache_id
+
+        zstore = self.loc.zarr_store(self.manifest_objects, self.cache, store_cache_id(self.url))
+        return zarr.open_group(store=zstore, mode="r", zarr_format=3)
+
+    def cached_array(self, hook: str):
+        """Fast inner-chunk reader of `acts/<hook>` through the shard cache (remote stores with a cache), else None.
+        Same `read_rows` contract as the local direct reader of the training loader."""
+        if self.loc.local or self.cache is None:
+            return None
+        from saecache.harvest.cache import CachedShardArray
+
+        return CachedShardArray.open(self, hook, self.cache)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]

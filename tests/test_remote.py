@@ -1,0 +1,468 @@
+"""Stores on object storage, against a real S3-API server on loopback: moto in server mode, in a subprocess started
+and stopped by the `s3` fixture, with IAM authorization switched on (a `writer` user with s3:*, a `reader` user with
+only s3:GetObject/ListBucket). Nothing leaves 127.0.0.1.
+
+Note on the server: moto 5.2 checks SigV4 signatures of S3 requests with the query string as werkzeug decodes it
+(`prefix=x/` instead of `prefix=x%2F`), so any listing with a prefix fails with SignatureDoesNotMatch although the
+client is right. The launcher below re-encodes the query before moto checks the signature; nothing else is changed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _store import TINY_STORE_HOOKS, tiny_harvest_config
+from saecache.cli import main
+
+BUCKET = "team-bucket"
+
+MOTO_LAUNCHER = r"""
+import sys
+from urllib.parse import parse_qsl, quote, urlsplit
+from moto.iam import access_control as ac
+_orig = ac.IAMRequestBase._create_aws_request
+def _create(self):
+    parts = urlsplit(self._path)
+    if parts.query:
+        q = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+        self._path = parts.path + "?" + q
+    return _orig(self)
+ac.IAMRequestBase._create_aws_request = _create
+from moto.server import main
+main(sys.argv[1:])
+"""
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+BASE_ENV = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A loopback S3 server with a bucket and two IAM users; yields {endpoint, writer: (key, secret), reader: …}."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", MOTO_LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.1)
+        import boto3
+
+        admin = dict(endpoint_url=endpoint, aws_access_key_id="admin", aws_secret_access_key="admin",
+                     region_name="us-east-1")
+        boto3.client("s3", **admin).create_bucket(Bucket=BUCKET)
+        iam = boto3.client("iam", **admin)
+        users = {}
+        for user, actions in (("writer", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
+            iam.create_user(UserName=user)
+            policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+            iam.put_user_policy(UserName=user, PolicyName="store", PolicyDocument=json.dumps(policy))
+            k = iam.create_access_key(UserName=user)["AccessKey"]
+            users[user] = (k["AccessKeyId"], k["SecretAccessKey"])
+        # from here on every request needs valid credentials and is checked against the users' policies
+        req = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req)
+        yield {"endpoint": endpoint, **users}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _clear_fs_caches():
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances are cached by arguments, not by the environment
+
+
+def use_identity(monkeypatch, s3, who: str | None, cache_dir: Path, endpoint: str | None = None) -> dict:
+    """Point the process (and its subprocesses) at the server as `who` (writer, reader, None = no credentials)."""
+    env = {**BASE_ENV, "AWS_ENDPOINT_URL": endpoint or s3["endpoint"], "SAECACHE_CACHE_DIR": str(cache_dir)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if who is None:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3[who][0])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3[who][1])
+    _clear_fs_caches()
+    return env
+
+
+def boto(s3, who="writer"):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3[who][0],
+                        aws_secret_access_key=s3[who][1], region_name="us-east-1")
+
+
+def run_cli(args, capsys):
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err) -> str:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a local store; manifest entries without their `writer` (host, pid, time of the harvest)."""
+    out = {}
+    for p in root.rglob("*"):
+        key = str(p.relative_to(root))
+        if p.is_file() and not key.startswith("_claims"):
+            out[key] = p.read_bytes()
+            if key.startswith("_manifest/"):
+                out[key] = {k: v for k, v in json.loads(out[key]).items() if k != "writer"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3, tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """The tiny store harvested straight into the bucket by the writer (same config as `tiny_store`)."""
+    from saecache.harvest.run import run_harvest
+
+    mp = pytest.MonkeyPatch()
+    try:
+        use_identity(mp, s3, "writer", tmp_path_factory.mktemp("cache"))
+        url = f"s3://{BUCKET}/stores/tiny.zarr"
+        run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus), progress=False)
+    finally:
+        mp.undo()
+        _clear_fs_caches()
+    return url
+
+
+def test_harvest_to_s3_and_copy_out_and_back_equal_local(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+    from saecache.harvest.store import Store
+
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    local = Store.open(str(tiny_store))
+    remote = Store.open(s3_store)
+    assert remote.is_complete and remote.final is not None
+    assert remote.fingerprint() == local.fingerprint()
+    for h in TINY_STORE_HOOKS:
+        np.testing.assert_array_equal(remote.read_acts(h, 0, remote.geometry.n_rows),
+                                      local.read_acts(h, 0, local.geometry.n_rows))
+    # pull to local disk: byte-identical to the locally harvested store (but for who wrote it when)
+    pulled = tmp_path / "pulled.zarr"
+    code, out, err = run_cli(["copy", s3_store, pulled, "--quiet"], capsys)
+    assert code == 0, err
+    assert f"copied {local.geometry.n_shards} shard(s)" in out
+    assert store_files(pulled) == store_files(Path(tiny_store))
+    # push back under another prefix: same fingerprint, verify passes on the server
+    back = f"s3://{BUCKET}/stores/back.zarr"
+    code, out, err = run_cli(["copy", pulled, back, "--quiet", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["fingerprint"] == local.fingerprint()
+    code, out, err = run_cli(["verify", back], capsys)
+    assert code == 0 and f"all {local.geometry.n_shards} shards verified" in out, out + err
+
+
+def _train(store_url: str, out: Path):
+    from saecache.train.config import SAESpec, TrainConfig
+    from saecache.train.trainer import run_training
+
+    cfg = TrainConfig(stores=[store_url], out=str(out), steps=24, batch_size=64, warmup_steps=4, heldout_fraction=0.25,
+                      checkpoint_every=1000, progress=False, device="cpu",
+                      saes=[SAESpec(arch="topk", width=32, hook_in="mlp_out.0", k=4, name="topk0")])
+    return run_training(cfg)[0]
+
+
+def _evaluate(store_url: str, run_dir: str, out: Path) -> dict:
+    from saecache.evaluate.config import EvalConfig
+    from saecache.evaluate.runner import run_evaluation
+
+    rows = run_evaluation(EvalConfig(run_dirs=[run_dir], store=store_url, out=str(out), n_contexts=8, device="cpu",
+                                     histograms=False, html_features=0, threads=1))
+    return {k: v for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def test_read_only_client_trains_and_evaluates_like_local(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from saecache.harvest.store import Store
+
+    local_run = _train(str(tiny_store), tmp_path / "local")
+    local_eval = _evaluate(str(tiny_store), local_run, tmp_path / "eval-local")
+
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    with pytest.raises(PermissionError):  # the reader really cannot write
+        import s3fs
+
+        s3fs.S3FileSystem().pipe_file(f"{BUCKET}/stores/tiny.zarr/intruder", b"x")
+    for cmd in (["info", s3_store], ["verify", s3_store]):
+        code, out, err = run_cli(cmd, capsys)
+        assert code == 0, err
+    remote_run = _train(s3_store, tmp_path / "remote")
+    a, b = load_file(f"{local_run}/sae.safetensors"), load_file(f"{remote_run}/sae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    remote_eval = _evaluate(s3_store, remote_run, tmp_path / "eval-remote")
+    assert remote_eval == local_eval and len(remote_eval) > 5
+    # the run dir names the store by URL and fingerprint, and holds no credentials
+    cfg = json.loads(Path(remote_run, "cfg.json").read_text())
+    assert cfg["stores"][0]["url"] == s3_store
+    assert cfg["stores"][0]["fingerprint"] == Store.open(str(tiny_store)).fingerprint()
+    for p in list(Path(remote_run).rglob("*")) + list((tmp_path / "eval-remote").rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            assert s3["reader"][0].encode() not in data and s3["reader"][1].encode() not in data, p
+
+
+def test_read_only_client_cannot_write(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    line = one_line_error(*run_cli(["copy", tiny_store, f"s3://{BUCKET}/stores/by-reader.zarr", "--quiet"], capsys)[::2])
+    assert "permission denied" in line
+    line = one_line_error(*run_cli(["harvest", "--out", f"s3://{BUCKET}/stores/h.zarr", "--model", "/nonexistent",
+                                    "--quiet"], capsys)[::2])
+    assert "permission denied" in line  # refused before the model is even looked for
+    assert "Contents" not in boto(s3).list_objects_v2(Bucket=BUCKET, Prefix="stores/by-reader.zarr")
+
+
+def _upload_copy(s3, tiny_store, name: str, capsys) -> str:
+    url = f"s3://{BUCKET}/stores/{name}"
+    code, _, err = run_cli(["copy", tiny_store, url, "--quiet"], capsys)
+    assert code == 0, err
+    return url
+
+
+def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tmp_path, monkeypatch, capsys):
+    from saecache.harvest.store import Store
+    from saecache.train.loader import Loader, heldout_batches
+
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    url = _upload_copy(s3, tiny_store, "damaged.zarr", capsys)
+    c = boto(s3)
+    key = "stores/damaged.zarr/acts/mlp_out.0/c/3/0"
+    body = bytearray(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF  # same size, one flipped byte
+    c.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    c.delete_object(Bucket=BUCKET, Key="stores/damaged.zarr/acts/mlp_out.0/c/15/0")
+
+    code, out, err = run_cli(["verify", url], capsys)
+    assert code == 1
+    assert "shard 3: object acts/mlp_out.0/c/3/0 is corrupt" in out
+    assert "shard 15: object acts/mlp_out.0/c/15/0 is missing" in out
+
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache2")
+    for direct in (True, False):  # the loader's cached shard reader and its zarr path
+        loader = Loader([Store.open(url)], ["mlp_out.0"], batch_size=64, partitions=1, direct=direct,
+                        reader_threads=0)
+        with pytest.raises(Exception) as e:
+            for _ in range(loader.batches_per_epoch(0)):
+                next(loader)
+        assert "does not match its manifest checksum" in str(e.value) or "missing from the store" in str(e.value)
+    with pytest.raises(Exception, match="listed in the manifest but missing"):  # evaluation's read path
+        list(heldout_batches(Store.open(url, cache=None), ["mlp_out.0"], heldout_fraction=0.1))
+    line = one_line_error(*run_cli(["train", "--store", url, "--out", tmp_path / "runs", "--hook", "mlp_out.0",
+                                    "--width", "32", "--k", "4", "--steps", "20", "--batch-size", "512",
+                                    "--heldout", "0", "--partitions", "1", "--device", "cpu", "--no-progress"], capsys)[::2])
+    assert "damaged.zarr" in line and ("checksum" in line or "missing" in line)
+
+
+def test_cache_is_bounded_and_serves_second_epoch_locally(s3, s3_store, tiny_store, tmp_path, monkeypatch):
+    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store import Store
+    from saecache.train.loader import Loader
+
+    use_identity(monkeypatch, s3, "reader", tmp_path / "unused")
+    probe = Store.open(s3_store, cache=None)
+    obj = probe.manifest()[0]["objects"]["acts/mlp_out.0/c/0/0"]["nbytes"]
+    epoch = []
+    for bound in (10**9, 3 * obj):  # roomy, and tighter than one epoch's 16 shard objects
+        cache = ShardCache(CacheConfig(str(tmp_path / f"cache-{bound}"), bound))
+        loader = Loader([Store.open(s3_store, cache=cache)], ["mlp_out.0"], batch_size=64, partitions=2,
+                        reader_threads=2)
+        n = loader.batches_per_epoch(0)
+        first = [next(loader)["mlp_out.0"] for _ in range(n)]
+        fetched = cache.bytes_fetched
+        second = [next(loader)["mlp_out.0"] for _ in range(n)]
+        loader.close()
+        disk = sum(p.stat().st_size for p in Path(cache.cfg.dir).rglob("*") if p.is_file())
+        assert disk <= bound + obj
+        if bound == 10**9:
+            assert cache.bytes_fetched == fetched  # second epoch: nothing downloaded again
+            assert cache.hits > 0
+        epoch.append((first, second))
+    (a1, a2), (b1, b2) = epoch
+    assert all(torch.equal(x, y) for x, y in zip(a1 + a2, b1 + b2))  # eviction does not change the batches
+    ref = Loader([Store.open(str(tiny_store))], ["mlp_out.0"], batch_size=64, partitions=2, reader_threads=2)
+    assert all(torch.equal(next(ref)["mlp_out.0"], x) for x in a1 + a2)  # = the same store on local disk
+
+
+def test_two_workers_harvest_into_one_s3_store(s3, tiny_model_dir, tiny_corpus, tiny_store, tmp_path, monkeypatch):
+    from saecache.harvest.store import Store
+
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    env = dict(os.environ)
+    url = f"s3://{BUCKET}/stores/two-workers.zarr"
+    cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus)
+    args = ["--out", url, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
+            "--ctx-len", cfg.ctx_len, "--tokens", cfg.tokens, "--batch-size", cfg.batch_size, "--ctx-per-chunk",
+            cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--quiet"]
+    procs = [subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", f"{i}/2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    store = Store.open(url)
+    assert store.is_complete and store.final is not None
+    assert store.fingerprint() == Store.open(str(tiny_store)).fingerprint()
+    workers = {e["writer"]["worker"] for e in store.manifest().values()}
+    assert workers == {"0/2", "1/2"}
+
+
+def test_copy_resumes_after_kill_and_repairs_damage(s3, tiny_store, tmp_path, monkeypatch, capsys):
+    from saecache.harvest.store import Store
+
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    env = dict(os.environ)
+    url = f"s3://{BUCKET}/stores/resumed.zarr"
+    want = Store.open(str(tiny_store)).fingerprint()
+    p = subprocess.Popen([sys.executable, "-m", "saecache", "copy", str(tiny_store), url, "--quiet", "--threads", "1"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    c = boto(s3)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        listed = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/").get("KeyCount", 0)
+        if listed >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/").get("KeyCount", 0)
+    assert 0 < done < 16, "the copy was not interrupted midway"
+    assert "Contents" not in c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_final.json")
+
+    code, out, err = run_cli(["copy", tiny_store, url, "--quiet", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["shards_skipped"] >= done - 1 and s["shards_copied"] == 16 - s["shards_skipped"]
+    assert s["fingerprint"] == want and s["complete"]
+
+    # damage the destination: an object corrupted in place (same size) and a shard unpublished
+    key = "stores/resumed.zarr/rows/token/c/5"
+    body = bytearray(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-10] ^= 0x55
+    c.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    c.delete_object(Bucket=BUCKET, Key="stores/resumed.zarr/_manifest/shard-000009.json")
+    code, out, err = run_cli(["copy", tiny_store, url, "--quiet", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["shards_repaired"] == [5] and s["shards_skipped"] == 15
+    code, out, err = run_cli(["verify", url], capsys)
+    assert code == 0, out
+
+
+def test_hook_subset_copy_is_a_derived_store(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+    from saecache.harvest.store import Store
+
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    dst = tmp_path / "subset.zarr"
+    code, out, err = run_cli(["copy", s3_store, dst, "--hooks", "mlp_out.1", "--quiet"], capsys)
+    assert code == 0, err
+    sub, full = Store.open(str(dst)), Store.open(str(tiny_store))
+    assert list(sub.hooks) == ["mlp_out.1"] and sub.is_complete
+    np.testing.assert_array_equal(sub.read_acts("mlp_out.1", 0, 8192), full.read_acts("mlp_out.1", 0, 8192))
+    assert sub.fingerprint() != full.fingerprint() and sub.final["fingerprint"] == sub.fingerprint()
+    np.testing.assert_allclose(sub.stats("mlp_out.1")["mean"], full.stats("mlp_out.1")["mean"])
+    assert not (dst / "acts" / "mlp_out.0").exists()
+    code, out, err = run_cli(["info", dst], capsys)
+    assert code == 0 and "derived from s3://team-bucket/stores/tiny.zarr" in out
+    code, out, err = run_cli(["verify", dst], capsys)
+    assert code == 0, out
+
+
+def test_info_shows_provenance_and_fingerprint_tracks_content(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    code, out, err = run_cli(["info", s3_store], capsys)
+    assert code == 0, err
+    header = json.loads((Path(tiny_store) / "zarr.json").read_text())["attributes"]["saecache"]
+    for needle in (s3_store, header["model"]["name"], header["tokenizer"]["name"], header["dataset"]["spec"],
+                   "ctx_len 32", "seed 0", "mlp_in.0 (d=", "mlp_out.1 (d=", "blosc-zstd", "8,192 of 8,192",
+                   "(complete)", socket.gethostname(), "saecache 0.", "as worker(s) 0/1", "matches the final record"):
+        assert needle in out, needle
+    fp = json.loads(run_cli(["info", s3_store, "--json"], capsys)[1])["fingerprint"]
+    assert len(fp) == 64
+
+    # change content: one manifest entry edited (as a partial re-harvest would) -> new fingerprint, verify complains
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    url = _upload_copy(s3, tiny_store, "edited.zarr", capsys)
+    assert json.loads(run_cli(["info", url, "--json"], capsys)[1])["fingerprint"] == fp
+    c = boto(s3)
+    key = "stores/edited.zarr/_manifest/shard-000002.json"
+    entry = json.loads(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    entry["objects"]["rows/position/c/2"]["crc32c"] ^= 1
+    c.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(entry).encode())
+    info = json.loads(run_cli(["info", url, "--json"], capsys)[1])
+    assert info["fingerprint"] != fp and info["final_fingerprint_matches"] is False
+    code, out, _ = run_cli(["verify", url], capsys)
+    assert code == 1 and "shard 2: object rows/position/c/2 is corrupt" in out and "_final.json records" in out
+
+
+def test_one_line_errors(s3, s3_store, tmp_path, monkeypatch, capsys):
+    # unreachable endpoint
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache", endpoint=f"http://127.0.0.1:{_free_port()}")
+    line = one_line_error(*run_cli(["info", s3_store], capsys)[::2])
+    assert "cannot reach the storage endpoint" in line
+    # no credentials at all
+    use_identity(monkeypatch, s3, None, tmp_path / "cache")
+    line = one_line_error(*run_cli(["info", s3_store], capsys)[::2])
+    assert "no credentials" in line
+    # credentials the server does not know
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    _clear_fs_caches()
+    line = one_line_error(*run_cli(["verify", s3_store], capsys)[::2])
+    assert "permission denied" in line and "wrong" not in line
+    # a store from a newer format
+    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
+    c = boto(s3)
+    meta = json.loads(c.get_object(Bucket=BUCKET, Key="stores/tiny.zarr/zarr.json")["Body"].read())
+    meta["attributes"]["saecache"]["format_version"] = 99
+    c.put_object(Bucket=BUCKET, Key="stores/future.zarr/zarr.json", Body=json.dumps(meta).encode())
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    line = one_line_error(*run_cli(["info", f"s3://{BUCKET}/stores/future.zarr"], capsys)[::2])
+    assert "format version 99" in line and "upgrade saecache" in line
+    # nothing there
+    line = one_line_error(*run_cli(["verify", f"s3://{BUCKET}/stores/nothing.zarr"], capsys)[::2])
+    assert "no store at s3://team-bucket/stores/nothing.zarr" in line

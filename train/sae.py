@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from saecache.errors import ConfigError
 from saecache.train import penalties as P
-from saecache.train.sparse_ops import (batch_topk_select, dead_topk_select, sparse_decode, sparse_encode,
-                                       topk_select, with_extra_columns)
+from saecache.train.sparse_ops import (batch_topk_select, centered_linear, dead_topk_select, sparse_decode,
+                                       sparse_encode, topk_select, with_extra_columns)
 
 
 @dataclass(frozen=True)
@@ -215,14 +215,11 @@ class SAE(nn.Module):
         return self.b_in_D if self.cfg.transcoder else self.b_dec_D
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        b = self._pre_bias()
-        return torch.addmm(self.b_enc_F, x_BD if b is None else x_BD - b, self.W_enc_DF)
+        return centered_linear(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F)
 
     def _gated(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        b = self._pre_bias()
-        pre_BF = (x_BD - b) @ self.W_enc_DF
-        pi_gate = pre_BF + self.b_enc_F
-        pi_mag = pre_BF * self.r_mag_F.exp() + self.b_mag_F
+        pi_gate = self.pre_acts(x_BD)  # the gate bias is b_enc_F; the magnitude path shares the product with it
+        pi_mag = (pi_gate - self.b_enc_F) * self.r_mag_F.exp() + self.b_mag_F
         return (pi_gate > 0) * pi_mag.relu(), pi_gate.relu()
 
     def _code(self, x_BD: Tensor, train: bool) -> Code:
@@ -284,7 +281,7 @@ class SAE(nn.Module):
         sparsity, aux = zero, zero
         if name in ("relu", "gated"):
             acts = code.f_BF if name == "relu" else code.gate_BF
-            sparsity = P.l1_penalty(acts) if cfg.penalty == "l1" else P.entropy_penalty(acts)
+            sparsity = P.l1_penalty(acts, nonneg=True) if cfg.penalty == "l1" else P.entropy_penalty(acts)
         if name == "gated":
             frozen = torch.addmm(self.b_dec_D.detach(), code.gate_BF, self.W_dec_FD.detach())
             aux = P.reconstruction_loss(frozen, target_BD)
@@ -295,9 +292,9 @@ class SAE(nn.Module):
             aux = cfg.auxk_alpha * P.auxk_loss(e_hat, (target_BD - x_hat).detach())
         total = recon + cfg.sparsity_coeff * sparsity_scale * sparsity + aux
         with torch.no_grad():
-            if code.f_BF is not None:
-                active = code.f_BF > 0
-                l0, fired_F = active.sum(-1).float().mean(), active.any(0)
+            if code.f_BF is not None:  # one pass over [B, F]: features are ≥ 0, so nonzero means active
+                count_F = torch.count_nonzero(code.f_BF, dim=0)
+                l0, fired_F = count_F.sum().float() / code.f_BF.shape[0], count_F > 0
             else:
                 active = code.vals_BK > 0
                 l0 = active.sum(-1).float().mean()

@@ -180,7 +180,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     renorm_decoder_(m.sae)
     if world > 1:
         ddp.sync_sae_stats_(m.sae, since_F, cfg.batch_size)
-    if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
+    if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)

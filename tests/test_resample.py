@@ -1,0 +1,149 @@
+"""Dead-latent resampling (Anthropic, "Towards Monosemanticity"): only dead latents change, exactly their Adam moments
+are reset, inputs are drawn ∝ squared reconstruction loss, encoder norms are 0.2 × the mean alive norm, decoder rows
+unit norm, and the training loop re-warms the LR after each resample."""
+
+import copy
+
+import pytest
+import torch
+
+from saecache.train.config import TrainConfig
+from saecache.train.optim import make_optimizer
+from saecache.train.resample import resample_dead_
+from saecache.train.sae import SAE, SAEConfig
+from saecache.train import trainer as T
+
+
+def _trained(arch="relu", d=16, F=40, d_out=None, steps=3, **kw):
+    """An SAE with a few Adam steps behind it, so every moment is non-zero."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch, d, F, d_out=d_out, **kw))
+    opt = make_optimizer(sae, 1e-2)
+    for _ in range(steps):
+        x = torch.randn(64, d)
+        t = None if d_out is None else torch.randn(64, d_out)
+        opt.zero_grad()
+        sae.loss(x, t).total.backward()
+        opt.step()
+    return sae, opt
+
+
+def _unit(v):
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("arch,kw", [("relu", {}), ("topk", {"k": 4}), ("gated", {}), ("jumprelu", {})])
+def test_only_dead_latents_change_and_exactly_their_moments_are_reset(arch, kw):
+    sae, opt = _trained(arch, **kw)
+    F = sae.cfg.n_features
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[[1, 5, 6, 17, 39]] = True
+    alive = ~dead
+    params = dict(sae.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    moments = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in params.items()}
+    want_enc_norm = 0.2 * float(sae.W_enc_DF.detach()[:, alive].norm(dim=0).mean())
+    x = torch.randn(32, 16)
+
+    n = resample_dead_(sae, opt, x, None, dead, torch.Generator().manual_seed(1))
+    assert n == 5
+    for name, p in params.items():
+        feat_dim = {"W_enc_DF": 1}.get(name, 0)
+        per_feature = p.shape[feat_dim] == F if p.dim() else False
+        for k, m in opt.state[p].items():
+            old = moments[name][k]
+            if k == "step":
+                assert torch.equal(m, old)  # the step count (bias correction) is not touched
+            elif per_feature:
+                sel = (slice(None), alive) if feat_dim else (alive,)
+                dsel = (slice(None), dead) if feat_dim else (dead,)
+                assert torch.equal(m[sel], old[sel]), f"{name}.{k} changed for alive latents"
+                assert bool((m[dsel] == 0).all()), f"{name}.{k} not reset"
+                if name in ("W_enc_DF", "W_dec_FD"):
+                    assert bool((old[dsel] != 0).any())  # (so the reset is visible)
+            else:
+                assert torch.equal(m, old), f"{name}.{k} changed"  # e.g. b_dec: not per feature
+        if per_feature:
+            sel = (slice(None), alive) if feat_dim else (alive,)
+            assert torch.equal(p[sel], before[name][sel]), f"{name} changed for alive latents"
+        else:
+            assert torch.equal(p, before[name]), name
+
+    W_enc_FD, W_dec_FD = sae.W_enc_DF.t()[dead], sae.W_dec_FD[dead]
+    torch.testing.assert_close(W_dec_FD.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(W_enc_FD.norm(dim=1), torch.full((5,), want_enc_norm))
+    # each dead latent got a distinct input of the batch: encoder and decoder both point along it
+    picked = (_unit(W_dec_FD) @ _unit(x).t()).isclose(torch.tensor(1.0), atol=1e-5)
+    assert picked.sum(1).tolist() == [1] * 5 and len(set(picked.float().argmax(1).tolist())) == 5
+    torch.testing.assert_close(_unit(W_enc_FD), W_dec_FD)
+    assert bool((sae.b_enc_F[dead] == 0).all()) and bool((sae.tokens_since_fired_F[dead] == 0).all())
+    if arch == "gated":
+        assert bool((sae.r_mag_F[dead] == 0).all()) and bool((sae.b_mag_F[dead] == 0).all())
+    if arch == "jumprelu":
+        assert bool((sae.threshold_F[dead] == sae.cfg.jumprelu_init_threshold).all())
+
+
+def test_transcoder_decoder_takes_the_target_direction_encoder_the_input_direction():
+    sae, opt = _trained("relu", d=16, F=24, d_out=8)
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[3] = True
+    x, t = torch.randn(1, 16), torch.randn(1, 8)  # one row: it must be the one drawn
+    resample_dead_(sae, opt, x, t, dead, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.W_dec_FD[3], _unit(t[0]))
+    torch.testing.assert_close(_unit(sae.W_enc_DF[:, 3]), _unit(x[0]))
+
+
+def test_inputs_are_drawn_proportional_to_squared_loss():
+    """With x̂ = 0, row losses are ‖x‖: 1 and 3. Squared loss gives P(row 1) = 9/10, the plain norm would give 3/4;
+    rows reconstructed perfectly are never drawn."""
+    sae = SAE(SAEConfig("relu", 4, 8))
+    with torch.no_grad():
+        sae.b_enc_F.fill_(-1e3)  # nothing fires: x̂ = b_dec = 0
+    opt = make_optimizer(sae, 1e-3)
+    state = copy.deepcopy(sae.state_dict())
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 0]])
+    dead = torch.zeros(8, dtype=torch.bool)
+    dead[2] = True
+    gen, counts = torch.Generator().manual_seed(0), [0, 0, 0]
+    for _ in range(2000):
+        sae.load_state_dict(state)
+        resample_dead_(sae, opt, x, None, dead, gen)
+        counts[int(sae.W_dec_FD[2].abs().argmax())] += 1
+    assert counts[2] == 0  # (column 2 would only be hit by the zero row)
+    assert 0.87 < counts[1] / 2000 < 0.93
+
+
+def test_more_dead_latents_than_rows_and_none_dead():
+    sae, opt = _trained("relu", F=40)
+    before = copy.deepcopy(sae.state_dict())
+    assert resample_dead_(sae, opt, torch.randn(8, 16), None, torch.zeros(40, dtype=torch.bool)) == 0
+    assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
+    dead = torch.ones(40, dtype=torch.bool)
+    dead[0] = False
+    assert resample_dead_(sae, opt, torch.randn(8, 16), None, dead, torch.Generator().manual_seed(0)) == 8
+    changed = (sae.W_dec_FD != before["W_dec_FD"]).any(1)
+    assert changed[1:9].all() and not changed[9:].any() and not changed[0]
+
+
+def test_training_loop_resamples_at_the_chosen_steps_and_rewarms_the_lr(tiny_store, tmp_path, monkeypatch):
+    cfg = TrainConfig(stores=[str(tiny_store)], out=str(tmp_path), steps=30, batch_size=128, lr=1e-3, warmup_steps=4,
+                      resample_steps=10, resample_window=2, progress=False,
+                      saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2}])
+    calls = []
+    real = T.resample_dead_
+
+    def spy(sae, opt, x, t, dead_F, gen):
+        # the loop passes exactly the latents that have not fired for resample_window steps
+        assert torch.equal(dead_F, sae.tokens_since_fired_F >= 2 * 128) and x.shape == (128, 64)
+        calls.append(int(sae.n_steps))
+        return real(sae, opt, x, t, dead_F, gen)
+
+    monkeypatch.setattr(T, "resample_dead_", spy)
+    lrs = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, _s=torch.optim.Adam.step, **k: (
+        lrs.append(self.param_groups[0]["lr"]), _s(self, *a, **k))[1])
+    T.run_training(cfg)
+    assert calls == [10, 20]  # not at the last step: freshly resampled latents would be saved untrained
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10:14] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # re-warmed after the resample at step 10
+    assert lrs[20:24] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])

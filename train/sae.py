@@ -292,9 +292,9 @@ class SAE(nn.Module):
             aux = cfg.auxk_alpha * P.auxk_loss(e_hat, (target_BD - x_hat).detach())
         total = recon + cfg.sparsity_coeff * sparsity_scale * sparsity + aux
         with torch.no_grad():
-            if code.f_BF is not None:  # one pass over [B, F]: features are ≥ 0, so nonzero means active
-                count_F = torch.count_nonzero(code.f_BF, dim=0)
-                l0, fired_F = count_F.sum().float() / code.f_BF.shape[0], count_F > 0
+            if code.f_BF is not None:  # features are ≥ 0: sign() is the activity indicator (cheapest [B, F] pass)
+                count_F = code.f_BF.sign().sum(0, dtype=torch.float32)
+                l0, fired_F = (count_F.double().sum() / code.f_BF.shape[0]).float(), count_F > 0
             else:
                 active = code.vals_BK > 0
                 l0 = active.sum(-1).float().mean()

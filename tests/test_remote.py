@@ -330,20 +330,24 @@ def test_cache_is_bounded_and_serves_second_epoch_locally(s3, s3_store, tiny_sto
 
 
 def test_two_workers_harvest_into_one_s3_store(s3, tiny_model_dir, tiny_corpus, tiny_store, tmp_path, monkeypatch):
+    """`--worker 1/2` in another process and `0/2` in this one, at the same time, into one bucket prefix."""
+    from saecache.harvest.run import run_harvest
     from saecache.harvest.store import Store
 
     use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
-    env = dict(os.environ)
     url = f"s3://{BUCKET}/stores/two-workers.zarr"
     cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus)
     args = ["--out", url, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
             "--ctx-len", cfg.ctx_len, "--tokens", cfg.tokens, "--batch-size", cfg.batch_size, "--ctx-per-chunk",
             cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--quiet"]
-    procs = [subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", f"{i}/2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()
+    other = subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", "1/2"],
+                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        mine = run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus, worker="0/2"), progress=False)
+    finally:
+        out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err.decode()
+    assert mine["shards_written"] == 8
     store = Store.open(url)
     assert store.is_complete and store.final is not None
     assert store.fingerprint() == Store.open(str(tiny_store)).fingerprint()
@@ -440,11 +444,13 @@ def test_info_shows_provenance_and_fingerprint_tracks_content(s3, s3_store, tiny
 
 
 def test_one_line_errors(s3, s3_store, tmp_path, monkeypatch, capsys):
-    # unreachable endpoint
+    # unreachable endpoint (AWS_MAX_ATTEMPTS=1: botocore's retries would only make the test slow)
     use_identity(monkeypatch, s3, "reader", tmp_path / "cache", endpoint=f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     line = one_line_error(*run_cli(["info", s3_store], capsys)[::2])
     assert "cannot reach the storage endpoint" in line
     # no credentials at all
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     use_identity(monkeypatch, s3, None, tmp_path / "cache")
     line = one_line_error(*run_cli(["info", s3_store], capsys)[::2])
     assert "no credentials" in line
@@ -466,3 +472,9 @@ def test_one_line_errors(s3, s3_store, tmp_path, monkeypatch, capsys):
     # nothing there
     line = one_line_error(*run_cli(["verify", f"s3://{BUCKET}/stores/nothing.zarr"], capsys)[::2])
     assert "no store at s3://team-bucket/stores/nothing.zarr" in line
+
+
+def test_missing_backend_package_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed: `import gcsfs` fails
+    line = one_line_error(*run_cli(["info", "gs://some-bucket/store.zarr"], capsys)[::2])
+    assert "needs the gcsfs package" in line and "pip install gcsfs" in line

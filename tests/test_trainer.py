@@ -26,6 +26,15 @@ from saecache.train.trainer import run_training
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process training with one intra-op thread (a shared 2-core machine runs tiny ops faster that way)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "saecache", "train", *map(str, args)], env=ENV,
                           capture_output=True, text=True, **kw)
@@ -37,7 +46,7 @@ def popen(*args) -> subprocess.Popen:
 
 
 def small_cfg(store, out, **kw) -> TrainConfig:
-    base = dict(stores=[str(store)], out=str(out), saes=[dict(arch="topk", hook_in="mlp_out.0", width=128, k=8),
+    base = dict(stores=[str(store)], out=str(out), saes=[dict(arch="topk", hook_in="mlp_out.0", width=512, k=4),
                                                          dict(arch="relu", hook_in="mlp_out.1", width=96)],
                 steps=40, batch_size=256, checkpoint_every=10, warmup_steps=5, resample_steps=10, resample_window=3,
                 log_every=5, heldout_fraction=0.05, progress=False)
@@ -66,7 +75,7 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_pa
     cfg = {"stores": [str(tiny_store)], "out": str(root), "steps": 120, "batch_size": 256, "checkpoint_every": 7,
            "warmup_steps": 5, "resample_steps": 10, "resample_window": 4, "log_every": 5, "heldout_fraction": 0.05,
            "progress": False,
-           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 128, "k": 8},
+           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4},
                     {"arch": "relu", "hook_in": "mlp_out.1", "width": 128}]}
     (tmp_path / "sweep.json").write_text(json.dumps(cfg))
     ref = cli("--config", tmp_path / "sweep.json", "--out", ref_root)  # uninterrupted
@@ -75,7 +84,7 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_pa
     seed = rng.randrange(10**6)
     rng.seed(seed)
     kills, resumed_from = 0, []
-    names = ["topk-mlp_out.0-128-k8", "relu-mlp_out.1-128"]
+    names = ["topk-mlp_out.0-512-k4", "relu-mlp_out.1-128"]
     p = popen("--config", tmp_path / "sweep.json")  # first a kill at a random wall-clock moment (maybe at startup)
     time.sleep(rng.uniform(0.2, 3.0))
     p.send_signal(signal.SIGKILL)
@@ -136,12 +145,12 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     assert rec["tokens_seen"] == 23 * 256 and rec["steps_done"] == 23
     assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
     assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
-    assert SAEConfig.from_dict(rec["sae"]).n_features == 128
+    assert SAEConfig.from_dict(rec["sae"]).n_features == 512
 
     lines = [json.loads(x) for x in (Path(topk_dir) / rundir.METRICS_FILE).read_text().splitlines()]
     assert [x["step"] for x in lines] == [4, 8, 12, 16, 20, 23]
     for x in lines:
-        assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 8 and 0 <= x["dead_frac"] <= 1
+        assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 4 and 0 <= x["dead_frac"] <= 1
         assert x["fve"] is not None and x["fve"] < 1 and x["loss"] > 0
 
     # the saved SAE takes raw activations: it equals the normalised-space SAE of the last checkpoint, rescaled

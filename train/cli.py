@@ -46,7 +46,10 @@ def build_config(opts: dict):
     if opts.get("hook"):
         if base.get("saes"):
             raise ConfigError("give the SAEs either with --hook/--arch/--width flags or in the config's `saes`")
-        options = json.loads(opts["sae_options"]) if opts.get("sae_options") else {}
+        try:
+            options = json.loads(opts["sae_options"]) if opts.get("sae_options") else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--sae-options is not valid JSON ({e}); e.g. '{{\"auxk_alpha\": 0.03}}'") from None
         base["saes"] = [dict(arch=opts["arch"], hook_in=h, hook_out=opts.get("hook_out"), width=w, k=k,
                              penalty=opts.get("penalty"), coeff=c, options=options)
                         for h, w, k, c in itertools.product(opts["hook"], opts["width"] or (4096,),

@@ -13,6 +13,7 @@ from typing import Any
 
 from saecache.errors import ConfigError
 
+CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -54,6 +55,7 @@ class SAESpec:
             raise ConfigError(f"coeff must be >= 0, got {self.coeff}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        self._check_against_sae_config()
         if self.name is None:
             hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
             self.name = f"{self.arch}-{hooks}-{self.width}" + (f"-k{self.k}" if self.k is not None else "") + \
@@ -65,6 +67,23 @@ class SAESpec:
     @property
     def target_hook(self) -> str:
         return self.hook_out or self.hook_in
+
+    def _check_against_sae_config(self) -> None:
+        """Refuse an unknown architecture, k/penalty nonsense or unknown options now, before any store is opened."""
+        from saecache.train.sae import SAEConfig
+
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a JSON object of SAEConfig fields, got {self.options!r}")
+        fixed = {"architecture", "d_in", "n_features", "d_out", "transcoder", "k", "penalty", "sparsity_coeff"}
+        known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
+        bad = sorted(set(self.options) - known)
+        if bad:
+            raise ConfigError(f"unknown SAE option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        try:
+            SAEConfig(architecture=self.arch, d_in=1, n_features=self.width, k=self.k, penalty=self.penalty,
+                      sparsity_coeff=self.coeff, **self.options)
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ConfigError(f"bad SAE options {self.options}: {e}") from None
 
 
 @dataclass
@@ -128,6 +147,15 @@ class TrainConfig:
     """Show a tqdm progress bar (rank 0 only)."""
 
     def __post_init__(self):
+        if not isinstance(self.saes, list):
+            raise ConfigError("saes must be a list of SAE specs (objects with arch, width, hook_in, ...)")
+        spec_fields = {f.name for f in dataclasses.fields(SAESpec)}
+        for s in self.saes:
+            if not isinstance(s, (SAESpec, dict)):
+                raise ConfigError(f"each SAE spec must be an object, got {s!r}")
+            bad = sorted(set(s) - spec_fields) if isinstance(s, dict) else []
+            if bad:
+                raise ConfigError(f"unknown SAE spec field(s) {', '.join(bad)}; known: {', '.join(sorted(spec_fields))}")
         self.saes = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in self.saes]
         if not self.stores:
             raise ConfigError("no store given: pass --store PATH (harvest one with `saecache harvest`)")
@@ -145,6 +173,8 @@ class TrainConfig:
             raise ConfigError("the training length must be at least one step")
         if self.batch_size % self.partitions:
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of partitions {self.partitions}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
@@ -187,8 +217,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """Build from a JSON object (a --config file or cfg.json's "train"); an optional `format_version` newer than
+        this saecache's is refused."""
+        d = dict(d)
+        v = d.pop("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(v, int) or v > CONFIG_FORMAT_VERSION:
+            raise ConfigError(f"the config has format_version {v!r}, newer than this saecache reads "
+                              f"({CONFIG_FORMAT_VERSION}); upgrade saecache")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)} (written by a newer saecache? "
+                              "upgrade it, or remove them)")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a value of the wrong type, e.g. "steps": "ten"
+            raise ConfigError(f"bad config value: {e}") from None

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from saecache.errors import ConfigError
+
 
 def fve(x_hat_BD: torch.Tensor, target_BD: torch.Tensor) -> float:
     """Fraction of variance explained: 1 - Σ‖t - x̂‖² / Σ‖t - mean(t)‖² over the batch."""
@@ -29,6 +31,15 @@ def step_metrics(out, target_BD: torch.Tensor, dead_F: torch.Tensor, step: int, 
         if v is not None:
             rec[name] = float(v.detach()) if torch.is_tensor(v) else float(v)
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def check_backend(log: str) -> None:
+    """Fail early (before any run dir is written) when the requested metrics backend is not installed."""
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"--log {log} needs the {module} package: pip install {module} (or use --log none)")
 
 
 class Logger:

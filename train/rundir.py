@@ -146,6 +146,10 @@ def load_checkpoint(run_dir: str, step: int) -> tuple[dict[str, torch.Tensor], d
     p = checkpoint_path(run_dir, step)
     with open(os.path.join(p, "state.json")) as f:
         state = json.load(f)
+    v = state.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise RunDirError(f"checkpoint {p} has format version {v}, newer than this saecache reads ({FORMAT_VERSION}); "
+                          "upgrade saecache")
     return load_file(os.path.join(p, "model.safetensors")), load_file(os.path.join(p, "state.safetensors")), state
 
 

@@ -22,7 +22,7 @@ from saecache.errors import ConfigError, DivergedError, RunDirError, StoreError
 from saecache.train import ddp, rundir
 from saecache.train.config import SAESpec, TrainConfig
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
-from saecache.train.monitor import Logger, step_metrics
+from saecache.train.monitor import Logger, check_backend, step_metrics
 from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
                                   sparsity_warmup_factor)
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
@@ -189,6 +189,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
 
 def run_training(cfg: TrainConfig) -> list[str]:
     """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs."""
+    check_backend(cfg.log)
     rank, world, device = ddp.setup(cfg.device)
     stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)
     members = build_members(cfg, stores, device, world)
@@ -200,6 +201,10 @@ def run_training(cfg: TrainConfig) -> list[str]:
     total = cfg.total_steps
     if not active:
         return [m.run_dir for m in members]
+    # the loader checks batch size vs. the training rows: build it before anything is written
+    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
+                    partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, reader_threads=cfg.reader_threads,
+                    device=device, rank=rank, world_size=world)
     ddp.barrier()
     if rank == 0:
         for m in active:
@@ -211,14 +216,11 @@ def run_training(cfg: TrainConfig) -> list[str]:
 
     # resume: the newest step every unfinished SAE has a checkpoint for
     common = set.intersection(*(set(rundir.list_checkpoints(m.run_dir)) for m in active))
-    start, loader_state = 0, None
+    start = 0
     if common:
         start = max(common)
         for m in active:
-            loader_state = _restore(m, start)["loader"]
-    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
-                    partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, reader_threads=cfg.reader_threads,
-                    device=device, rank=rank, world_size=world, state=loader_state)
+            loader.load_state_dict(_restore(m, start)["loader"])
     if rank == 0:
         for m in active:
             rundir.truncate_metrics(m.run_dir, start)

@@ -1,0 +1,180 @@
+"""Bad input to `saecache train`: one line on stderr, a non-zero exit, no traceback, nothing already written damaged
+(incomplete store, missing hook, width/k nonsense, dimension mismatch on resume, unknown architecture, newer formats)."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saecache.cli import main
+
+
+def _run(capsys, *argv):
+    capsys.readouterr()
+    try:
+        main(["train", *map(str, argv)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _tree(root):
+    """{relative path: sha256} of every file under root (what "nothing damaged" compares)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fails(capsys, *argv, match):
+    code, out, err = _run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code not in (0, None) and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def base(store, out, *more):
+    return ["--store", store, "--out", out, "--hook", "mlp_out.0", "--arch", "topk", "--width", "64", "--k", "4",
+            "--steps", "3",
+            "--batch-size", "64", "--warmup", "1", "--no-progress", *more]
+
+
+@pytest.fixture
+def incomplete_store(tiny_store, tmp_path):
+    st = tmp_path / "incomplete.zarr"
+    shutil.copytree(tiny_store, st)
+    manifests = sorted(p for p in st.rglob("shard-*.json"))
+    assert manifests
+    manifests[3].unlink()
+    return st
+
+
+def test_incomplete_or_missing_store(capsys, tmp_path, incomplete_store):
+    before = _tree(incomplete_store)
+    line = _fails(capsys, *base(incomplete_store, tmp_path / "out"), match="incomplete")
+    assert "15/16" in line
+    assert _tree(incomplete_store) == before and not (tmp_path / "out").exists()
+    _fails(capsys, *base(tmp_path / "nowhere.zarr", tmp_path / "out"), match="no store at")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--hook", "mlp_out.9"], "no hook 'mlp_out.9'; it has: mlp_in.0, mlp_out.0, mlp_out.1"),
+    (["--width", "0"], "width must be a positive integer"),
+    (["--width", "-8"], "width must be a positive integer"),
+    (["--k", "0"], "k must be an integer in [1, width=64]"),
+    (["--k", "65"], "k must be an integer in [1, width=64]"),
+    (["--arch", "relu"], "k is only for topk/batchtopk"),
+    (["--arch", "resnet"], "unknown SAE architecture 'resnet'; known: relu, topk, batchtopk, jumprelu, gated"),
+    (["--penalty", "l7"], "penalty 'l7' not available for topk"),
+    (["--sae-options", "{bad json"], "--sae-options is not valid JSON"),
+    (["--sae-options", '{"bogus": 1}'], "unknown SAE option(s) bogus"),
+    (["--heldout", "1.5"], "heldout_fraction must be in [0, 1)"),
+    (["--batch-size", "60"], "must be a multiple of partitions"),
+    (["--batch-size", "8192", "--heldout", "0.5"], "too few training rows"),
+    (["--steps", "0"], "at least one step"),
+    (["--lr", "-1"], "lr must be > 0"),
+])
+def test_bad_flags(capsys, tiny_store, tmp_path, args, match):
+    argv = base(tiny_store, tmp_path / "out")
+    for flag, value in zip(args[::2], args[1::2]):  # override the base flag (or add it)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    _fails(capsys, *argv, match=match)
+    assert not (tmp_path / "out").exists() or not _tree(tmp_path / "out")
+
+
+def test_missing_flags(capsys, tiny_store, tmp_path):
+    _fails(capsys, "--out", tmp_path / "o", "--hook", "mlp_out.0", "--k", "4", "--steps", "2", match="missing --store")
+    _fails(capsys, "--store", tiny_store, "--out", tmp_path / "o", "--hook", "mlp_out.0", "--k", "4",
+           match="--tokens N or --steps N")
+    _fails(capsys, "--store", tiny_store, "--out", tmp_path / "o", "--steps", "2", match="no SAE to train")
+
+
+def _named_config(tmp_path, store, out, **spec):
+    cfg = {"stores": [str(store)], "out": str(out), "steps": 3, "batch_size": 64, "warmup_steps": 1,
+           "progress": False, "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 4, "name": "mine",
+                                        **spec}]}
+    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_dimension_or_config_mismatch_on_resume_leaves_the_run_untouched(capsys, tiny_store, tmp_path):
+    out = tmp_path / "runs"
+    code, stdout, err = _run(capsys, "--config", _named_config(tmp_path, tiny_store, out))
+    assert code == 0, err
+    before = _tree(out)
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, width=128), match="differs in n_features")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, hook_in="mlp_in.0", hook_out="mlp_out.1"),
+           match="differs in transcoder")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--steps", "5", match="differs in steps")
+    assert _tree(out) == before
+
+
+def test_newer_formats_are_refused(capsys, tiny_store, tmp_path):
+    out = tmp_path / "runs"
+    path = _named_config(tmp_path, tiny_store, out)
+    cfg = json.loads(path.read_text())
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**cfg, "format_version": 2}))
+    _fails(capsys, "--config", newer, match="newer than this saecache reads")
+    newer.write_text(json.dumps({**cfg, "shiny_new_option": True}))
+    _fails(capsys, "--config", newer, match="unknown TrainConfig field(s): shiny_new_option (written by a newer")
+    newer.write_text(json.dumps({**cfg, "saes": [{**cfg["saes"][0], "shiny": 1}]}))
+    _fails(capsys, "--config", newer, match="unknown SAE spec field(s) shiny")
+    newer.write_text("{not json")
+    _fails(capsys, "--config", newer, match="cannot read --config")
+    assert not out.exists()
+
+    # a run dir written by a newer saecache (cfg.json format_version 2): refused, left as it was
+    code, _, err = _run(capsys, "--config", path)
+    assert code == 0, err
+    cfg_json = out / "mine" / "cfg.json"
+    rec = json.loads(cfg_json.read_text())
+    cfg_json.write_text(json.dumps({**rec, "format_version": 2, "complete": False}))
+    before = _tree(out)
+    _fails(capsys, "--config", path, match="newer than this saecache reads")
+    assert _tree(out) == before
+
+
+def test_real_process_prints_one_line_and_exits_nonzero(tiny_store, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "saecache", "train", *map(str, base(tiny_store, tmp_path / "o")),
+                        "--arch", "nope"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: unknown SAE architecture 'nope'"), r.stderr
+
+
+def test_newer_checkpoint_format_is_refused(capsys, tiny_store, tmp_path):
+    out = tmp_path / "runs"
+    path = _named_config(tmp_path, tiny_store, out)
+    code, _, err = _run(capsys, "--config", path)
+    assert code == 0, err
+    run = out / "mine"
+    (run / "sae.safetensors").unlink()  # as if killed before the end
+    rec = json.loads((run / "cfg.json").read_text())
+    (run / "cfg.json").write_text(json.dumps({**rec, "complete": False}))
+    state = run / "checkpoints" / "step-000000003" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format_version": 2}))
+    before = _tree(out)
+    _fails(capsys, "--config", path, match="checkpoint")
+    assert _tree(out) == before
+
+
+def test_missing_metrics_backend_fails_before_writing(capsys, tiny_store, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    _fails(capsys, *base(tiny_store, tmp_path / "out"), "--log", "tensorboard", match="pip install tensorboard")
+    assert not (tmp_path / "out").exists()

@@ -266,6 +266,7 @@ def _upload_copy(s3, tiny_store, name: str, capsys) -> str:
 
 
 def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tmp_path, monkeypatch, capsys):
+    from saecache.errors import StoreError
     from saecache.harvest.store import Store
     from saecache.train.loader import Loader, heldout_batches
 
@@ -287,12 +288,25 @@ def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tm
     for direct in (True, False):  # the loader's cached shard reader and its zarr path
         loader = Loader([Store.open(url)], ["mlp_out.0"], batch_size=64, partitions=1, direct=direct,
                         reader_threads=0)
-        with pytest.raises(Exception) as e:
+        with pytest.raises(StoreError) as e:
             for _ in range(loader.batches_per_epoch(0)):
                 next(loader)
         assert "does not match its manifest checksum" in str(e.value) or "missing from the store" in str(e.value)
-    with pytest.raises(Exception, match="listed in the manifest but missing"):  # evaluation's read path
+    with pytest.raises(StoreError, match="listed in the manifest but missing"):  # evaluation's read path
         list(heldout_batches(Store.open(url, cache=None), ["mlp_out.0"], heldout_fraction=0.1))
+    # each damage on its own, through the cached chunk reader and through zarr reads
+    store = Store.open(url)
+    r3, r15 = store.geometry.shard_row_range(3)[0], store.geometry.shard_row_range(15)[0]
+    with pytest.raises(StoreError, match="c/3/0 of s3://team-bucket/stores/damaged.zarr does not match its manifest"):
+        store.cached_array("mlp_out.0").read_rows(r3, 128)
+    with pytest.raises(StoreError, match="c/15/0 of s3://team-bucket/stores/damaged.zarr is listed in the manifest"):
+        store.cached_array("mlp_out.0").read_rows(r15, 128)
+    with pytest.raises(StoreError, match="does not match its manifest checksum"):
+        store.read_acts("mlp_out.0", r3, r3 + 10)
+    with pytest.raises(StoreError, match="listed in the manifest but missing"):
+        Store.open(url, cache=None).read_acts("mlp_out.0", r15, r15 + 10)
+    np.testing.assert_array_equal(store.read_acts("mlp_out.0", 0, 512),  # undamaged shards read fine
+                                  Store.open(str(tiny_store)).read_acts("mlp_out.0", 0, 512))
     line = one_line_error(*run_cli(["train", "--store", url, "--out", tmp_path / "runs", "--hook", "mlp_out.0",
                                     "--width", "32", "--k", "4", "--steps", "20", "--batch-size", "512",
                                     "--heldout", "0", "--partitions", "1", "--device", "cpu", "--no-progress"], capsys)[::2])

@@ -59,15 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     except SaecacheError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: completed work is kept; rerun the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: completed work is kept; rerun the same command to resume", err=True)
-        sys.exit(130)
     except OSError as e:
         # disk full, permission denied, unreachable endpoints: one line, no traceback
         click.echo(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})".rstrip(" ()"), err=True)

@@ -180,3 +180,28 @@ def test_other_dtypes_and_codecs_hold_the_same_values(tmp_path, tiny_store, tiny
     tb = b.read_acts_torch("mlp_out.0", 0, 512).float()
     torch.testing.assert_close(ta, tb, rtol=1e-2, atol=1e-2)
     assert b.array("acts/mlp_out.0").attrs["logical_dtype"] == dtype
+
+
+def test_ctrl_c_leaves_a_resumable_store(tmp_path, tiny_model_dir, tiny_corpus):
+    """SIGINT (Ctrl-C) mid-harvest: one line, exit 130, published shards kept; rerunning completes the same store."""
+    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=4096)
+    ref = tmp_path / "ref.zarr"
+    p = _run_cli(_cli_args(ref, tiny_model_dir, tiny_corpus, **small))
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    out = tmp_path / "interrupted.zarr"
+    p = _run_cli(_cli_args(out, tiny_model_dir, tiny_corpus, **small))
+    mdir = out / "_manifest"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (mdir.exists() and os.listdir(mdir)):
+        time.sleep(0.01)
+    assert p.poll() is None, "the harvest finished before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    lines = [line for line in err.decode().splitlines() if line.strip() and "harvest" not in line[:12]]
+    assert lines and "rerun the same command to resume" in lines[-1] and "Traceback" not in err.decode()
+    assert not Store.open(str(out)).is_complete
+    p = _run_cli(_cli_args(out, tiny_model_dir, tiny_corpus, **small))
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert_same(array_snapshot(ref), array_snapshot(out))
+    assert verify_store(str(out)) == []

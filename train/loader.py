@@ -91,7 +91,7 @@ class _Reader:
             elif h in META:
                 a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
             elif arr is not None:
-                a = arr.read_rows(unit.row0, unit.n).copy()
+                a = arr.read_rows(unit.row0, unit.n)  # a view of a fresh buffer: keeping it needs no copy
             else:
                 a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
             out[h] = a if unit.keep is None else a[unit.keep]
@@ -174,6 +174,9 @@ class Loader:
             raise StoreError(f"too few training rows ({sum(u.rows for u in self.units)}) for batch_size {batch_size} "
                              f"over {partitions} partitions; lower the batch size or harvest more")
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        # fp16/fp32 storage: cast while concatenating the batch (one pass less; _bits_to_float then copies nothing)
+        np_out = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}.get(dtype)
+        self._cast = {h: np_out for h in self.hooks if h not in META} if self.logical in ("float16", "float32") else {}
         self._queue: queue.Queue | None = None
 
     # -- order (pure functions of seed, epoch, units)
@@ -245,7 +248,7 @@ class Loader:
             streams = [self._partition_stream(epoch, p, start) for p in self.my_parts]
             for _ in range(start, self.batches_per_epoch(epoch)):
                 parts = [next(s) for s in streams]
-                yield {h: np.concatenate([x[h] for x in parts]) for h in self.hooks}
+                yield {h: np.concatenate([x[h] for x in parts], dtype=self._cast.get(h)) for h in self.hooks}
             for s in streams:
                 s.close()
             epoch, start = epoch + 1, 0

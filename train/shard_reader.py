@@ -116,15 +116,22 @@ class DirectArray:
         if offset == _MISSING:
             out.fill(self.fill_value)
             return out
+        dst = out.reshape(-1).view(np.uint8)
+        if self._decode is None and dst.nbytes == nbytes:  # raw: read straight into the caller's buffer
+            got = os.preadv(fd, [dst], int(offset))
+            if got != nbytes:
+                raise OSError(f"short read ({got} of {nbytes} bytes) in {self.path} shard {shard}")
+            return out
         raw = os.pread(fd, int(nbytes), int(offset))
         if self._decode is None:
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+            dst[:] = np.frombuffer(raw, dtype=np.uint8)
         else:
-            self._decode.decode(raw, out=out.reshape(-1).view(np.uint8))
+            self._decode.decode(raw, out=dst)
         return out
 
     def read_rows(self, row0: int, n: int) -> np.ndarray:
-        """Rows ``[row0, row0+n)`` lying inside one inner chunk (aligned to ``chunk_rows``)."""
+        """Rows ``[row0, row0+n)`` lying inside one inner chunk (aligned to ``chunk_rows``): a view of a freshly
+        allocated chunk buffer that nothing else references, so callers may keep it without copying."""
         shard, rem = divmod(row0, self.shard_rows)
         inner, start = divmod(rem, self.chunk_rows)
         assert start + n <= self.chunk_rows, "read_rows spans more than one inner chunk"

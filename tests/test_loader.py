@@ -75,6 +75,10 @@ def test_resume_state_is_tiny_and_gives_the_exact_remaining_batches(tiny_store):
     for k in (0, 1, 7, n_epoch - 1, n_epoch, n_epoch + 2):
         resumed = mk(states[k])
         assert _same(_take(resumed, 4), ref[k:k + 4]), f"resume at batch {k}"
+    moved = mk()  # loading a state into a loader already in use repositions it too
+    _take(moved, 3)
+    moved.load_state_dict(states[n_epoch - 2])
+    assert _same(_take(moved, 4), ref[n_epoch - 2:n_epoch + 2])
 
 
 def test_batches_are_well_mixed(tiny_store):

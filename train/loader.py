@@ -204,6 +204,7 @@ class Loader:
         if state["seed"] != self.seed:
             raise ConfigError(f"loader state is for seed {state['seed']}, not {self.seed}")
         self.epoch, self.batches_served = int(state["epoch"]), int(state["batches_served"])
+        self.__dict__.pop("_gen", None)  # restart the stream at the new position
 
     # -- reading
     def _window(self, epoch: int, p: int, w: int, futures: list) -> dict[str, np.ndarray]:

@@ -7,16 +7,25 @@ act on: botocore raises `NoCredentialsError`, aiohttp `ClientConnectorError`, s3
 `PermissionError` — each with a long traceback. `remote_errors` maps them to what to do. Credentials come from the
 backend's usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, …) or from storage options;
 they are never written anywhere by saecache: `safe_url` strips any user info before a URL is recorded.
+
+Also here: `_Location`, a store root (local directory or URL) with the few file operations the store needs, and
+`ManifestCheckedStore`, the zarr store wrapper that makes remote array reads go by the manifest (a listed object must
+exist and, through the shard cache of `cache.py`, match its checksum).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 import uuid
 from collections.abc import Iterable
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
+import fsspec
+import zarr
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
 from saecache.errors import StoreError
@@ -158,3 +167,138 @@ class ErrorTranslatingStore(WrapperStore):
     async def delete(self, key):
         with remote_errors(self._url, f"deleting {key} from"):
             await self._store.delete(key)
+
+
+# ------------------------------------------------------------------------------------- store roots (local or URL)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class _Location:
+    """A store root: the zarr store object plus an fsspec filesystem for the non-zarr files.
+
+    A writable remote location is probed with one tiny PUT when it is made, so missing write permission fails
+    before any work; a read-only one never writes."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, read_only: bool = True):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.read_only = read_only
+        if _is_local(url):
+            self.local = True
+            self.root = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+            self.fs = fsspec.filesystem("file")
+        else:
+            self.local = False
+            self.fs, self.root = open_filesystem(url, self.storage_options)
+            if not read_only:
+                probe_writable(self.fs, self.root, url)
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def zarr_store(self, manifest_objects=None, cache=None, cache_id: str = ""):
+        """The zarr store of the root. Remote: errors translated, and reads of manifest-listed objects checked
+        (and served through `cache` when given); `manifest_objects()` maps object key -> manifest checksum."""
+        if self.local:
+            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        fs, root = open_filesystem(self.url, self.storage_options, asynchronous=True)  # zarr runs its own loop
+        inner = zarr.storage.FsspecStore(fs if fs.async_impl else _async_wrap(fs), path=root, read_only=self.read_only)
+        if manifest_objects is not None:
+            inner = ManifestCheckedStore(inner, self, manifest_objects, cache, cache_id)
+        return ErrorTranslatingStore(inner, self.url)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            with remote_errors(self.url, f"reading {key} of"):
+                return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def put_atomic(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with remote_errors(self.url, f"writing {key} to"):
+                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (not paths) of the files directly under `prefix`."""
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            with remote_errors(self.url, f"listing {prefix} of"):
+                entries = self.fs.ls(self.path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+    def sizes(self) -> dict[str, int]:
+        """Byte size of every object under the root, by key (one recursive listing)."""
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            with remote_errors(self.url, "listing"):
+                found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        return {p[len(root):]: int(d.get("size") or 0) for p, d in found.items() if p.startswith(root)}
+
+
+class ManifestCheckedStore(WrapperStore):
+    """zarr reads of a remote store that go by the manifest: an object the manifest lists must exist (zarr would
+    silently read zeros), and with a shard cache it is fetched whole once, checked against its crc32c, and every
+    partial read is then served from local disk."""
+
+    def __init__(self, store, loc: _Location, manifest_objects, cache=None, cache_id: str = ""):
+        super().__init__(store)
+        self._loc, self._objects, self._cache, self._cache_id = loc, manifest_objects, cache, cache_id
+
+    def _with_store(self, store):
+        return type(self)(store, self._loc, self._objects, self._cache, self._cache_id)
+
+    async def get(self, key, prototype, byte_range=None):
+        want = self._objects().get(key)
+        if want is None:
+            return await self._store.get(key, prototype, byte_range)
+        if self._cache is None:
+            out = await self._store.get(key, prototype, byte_range)
+            if out is None:
+                raise StoreError(f"{key} of {safe_url(self._loc.url)} is listed in the manifest but missing from the "
+                                 f"store: the store is damaged; run `saecache verify {safe_url(self._loc.url)}`")
+            return out
+        start, end = _byte_span(byte_range, want["nbytes"])
+        data = await asyncio.to_thread(self._cache.read, self._loc, self._cache_id, key, want, start, end)
+        return prototype.buffer.from_bytes(data)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+
+def _byte_span(byte_range, n: int) -> tuple[int, int]:
+    """(start, end) of a zarr ByteRequest (Range, Offset or Suffix) in an object of n bytes."""
+    if byte_range is None:
+        return 0, n
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, min(byte_range.end, n)
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, n
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, n - byte_range.suffix), n
+    raise TypeError(f"unknown byte range {byte_range!r}")
+
+
+def _async_wrap(fs):
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs)

@@ -32,7 +32,7 @@ import crc32c
 import numcodecs
 import numpy as np
 
-from saecache.errors import StoreError
+from saecache.errors import ConfigError, StoreError
 
 _MISSING = np.uint64(2**64 - 1)
 
@@ -53,7 +53,7 @@ class CacheConfig:
         try:
             gb = float(os.environ.get("SAECACHE_CACHE_GB", "20"))
         except ValueError:
-            raise StoreError(f"SAECACHE_CACHE_GB must be a number of GiB, got {os.environ['SAECACHE_CACHE_GB']!r}")
+            raise ConfigError(f"SAECACHE_CACHE_GB must be a number of GiB, got {os.environ['SAECACHE_CACHE_GB']!r}")
         return cls(d, int(gb * 2**30))
 
 

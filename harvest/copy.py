@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from saecache.errors import ConfigError, StoreError
-from saecache.harvest.remote import safe_url
+from saecache.harvest.remote import remote_errors, safe_url
 from saecache.harvest.store import (
     FINAL_FILE, Store, _json_bytes, _Location, aggregate_stats, checksum, compute_fingerprint,
     manifest_key,
@@ -48,6 +48,9 @@ class CopyConfig:
             raise ConfigError(f"--threads must be positive, got {self.threads}")
         if self.hooks is not None and not self.hooks:
             raise ConfigError("--hooks is empty; name at least one hook or leave it out to copy all")
+
+
+_STORE_TOP = {"zarr.json", "acts", "rows", "contexts", "_manifest", "_claims", "_final.json"}
 
 
 def _metadata_keys(hooks) -> list[str]:
@@ -103,6 +106,10 @@ class _Copier:
                 raise StoreError(f"{safe_url(self.cfg.dst)} already holds a different store (its header differs "
                                  "from the one being copied); choose a new destination")
             return
+        foreign = sorted(k for k in self.dst.sizes() if k.split("/")[0] not in _STORE_TOP)
+        if foreign:
+            raise StoreError(f"{safe_url(self.cfg.dst)} is not empty and not a store (it holds {foreign[0]}); choose "
+                             "a new destination")
         for key in _metadata_keys(self.hooks):
             self.dst.put_atomic(key, self._get_src(key))
         group = json.loads(self._get_src("zarr.json"))
@@ -193,7 +200,8 @@ def copy_store(cfg: CopyConfig, progress=None) -> dict:
                              f"twice (e.g. shard {first[0]}: {first[1]}); check the destination storage")
         for s in bad:
             try:
-                c.dst.fs.rm(c.dst.path(manifest_key(s)))  # unpublish before rewriting
+                with remote_errors(cfg.dst, "unpublishing a damaged shard of"):
+                    c.dst.fs.rm(c.dst.path(manifest_key(s)))  # unpublish before rewriting
             except FileNotFoundError:
                 pass
         todo, repaired = sorted(bad), sorted(bad)

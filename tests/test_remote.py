@@ -492,3 +492,16 @@ def test_missing_backend_package_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed: `import gcsfs` fails
     line = one_line_error(*run_cli(["info", "gs://some-bucket/store.zarr"], capsys)[::2])
     assert "needs the gcsfs package" in line and "pip install gcsfs" in line
+
+
+def test_copy_refuses_a_foreign_destination(tiny_store, tmp_path, capsys):
+    dst = tmp_path / "photos"
+    dst.mkdir()
+    (dst / "cat.jpg").write_bytes(b"meow")
+    line = one_line_error(*run_cli(["copy", tiny_store, dst, "--quiet"], capsys)[::2])
+    assert "not empty and not a store" in line
+    assert sorted(p.name for p in dst.iterdir()) == ["cat.jpg"]  # nothing written
+    other = tmp_path / "other.zarr"
+    assert run_cli(["copy", tiny_store, other, "--quiet", "--hooks", "mlp_out.0"], capsys)[0] == 0
+    line = one_line_error(*run_cli(["copy", tiny_store, other, "--quiet"], capsys)[::2])  # full copy onto a subset
+    assert "already holds a different store" in line

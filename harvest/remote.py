@@ -200,10 +200,12 @@ class _Location:
         return f"{self.root}/{key}"
 
     def zarr_store(self, manifest_objects=None, cache=None, cache_id: str = ""):
-        """The zarr store of the root. Remote: errors translated, and reads of manifest-listed objects checked
-        (and served through `cache` when given); `manifest_objects()` maps object key -> manifest checksum."""
+        """The zarr store of the root. Given `manifest_objects()` (object key -> manifest checksum), reads of
+        listed objects must find them; remote ones are also served through `cache` when given (and checked against
+        the checksum there). Remote backend errors become one-line StoreErrors."""
         if self.local:
-            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+            local = zarr.storage.LocalStore(self.root, read_only=self.read_only)
+            return local if manifest_objects is None else ManifestCheckedStore(local, self, manifest_objects)
         fs, root = open_filesystem(self.url, self.storage_options, asynchronous=True)  # zarr runs its own loop
         inner = zarr.storage.FsspecStore(fs if fs.async_impl else _async_wrap(fs), path=root, read_only=self.read_only)
         if manifest_objects is not None:

@@ -505,3 +505,21 @@ def test_copy_refuses_a_foreign_destination(tiny_store, tmp_path, capsys):
     assert run_cli(["copy", tiny_store, other, "--quiet", "--hooks", "mlp_out.0"], capsys)[0] == 0
     line = one_line_error(*run_cli(["copy", tiny_store, other, "--quiet"], capsys)[::2])  # full copy onto a subset
     assert "already holds a different store" in line
+
+
+def test_local_store_object_missing_despite_manifest_is_an_error_not_zeros(tiny_store, tmp_path, capsys):
+    import shutil
+
+    from saecache.errors import StoreError
+    from saecache.harvest.store import Store
+
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, dst)
+    (dst / "acts" / "mlp_out.1" / "c" / "4" / "0").unlink()
+    store = Store.open(str(dst))
+    r0 = store.geometry.shard_row_range(4)[0]
+    with pytest.raises(StoreError, match="acts/mlp_out.1/c/4/0 of .* is listed in the manifest but missing"):
+        store.read_acts("mlp_out.1", r0, r0 + 5)
+    assert store.read_acts("mlp_out.1", 0, 5).any()  # other shards unaffected
+    code, out, _ = run_cli(["verify", dst], capsys)
+    assert code == 1 and "shard 4: object acts/mlp_out.1/c/4/0 is missing" in out

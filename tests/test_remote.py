@@ -61,7 +61,8 @@ def s3(tmp_path_factory):
     """A loopback S3 server with a bucket and two IAM users; yields {endpoint, writer: (key, secret), reader: …}."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"  # werkzeug logs one line per request
+    log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-c", MOTO_LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -91,7 +92,7 @@ def s3(tmp_path_factory):
         req = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
                                      headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req)
-        yield {"endpoint": endpoint, **users}
+        yield {"endpoint": endpoint, "log": log_path, **users}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -230,6 +231,7 @@ def test_read_only_client_trains_and_evaluates_like_local(s3, s3_store, tiny_sto
         import s3fs
 
         s3fs.S3FileSystem().pipe_file(f"{BUCKET}/stores/tiny.zarr/intruder", b"x")
+    log_start = s3["log"].stat().st_size
     for cmd in (["info", s3_store], ["verify", s3_store]):
         code, out, err = run_cli(cmd, capsys)
         assert code == 0, err
@@ -238,6 +240,10 @@ def test_read_only_client_trains_and_evaluates_like_local(s3, s3_store, tiny_sto
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     remote_eval = _evaluate(s3_store, remote_run, tmp_path / "eval-remote")
     assert remote_eval == local_eval and len(remote_eval) > 5
+    time.sleep(0.5)  # let the server flush its request log
+    requests = s3["log"].read_bytes()[log_start:].decode(errors="replace").splitlines()
+    methods = {ln.split('"')[1].split()[0] for ln in requests if ln.count('"') >= 2 and "HTTP/1.1" in ln}
+    assert "GET" in methods and not methods - {"GET", "HEAD"}, methods  # not a single write attempt
     # the run dir names the store by URL and fingerprint, and holds no credentials
     cfg = json.loads(Path(remote_run, "cfg.json").read_text())
     assert cfg["stores"][0]["url"] == s3_store

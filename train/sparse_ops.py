@@ -42,6 +42,16 @@ def _gather_dot(idx_BK: Tensor, M_FD: Tensor, y_BD: Tensor) -> Tensor:
         return torch.autograd.grad(out, w_BK, y_BD.to(M_FD.dtype))[0]
 
 
+def _autocast_inputs(*ts: Tensor | None) -> tuple:
+    """Under autocast, the dtype the matmul would run in: custom Functions see autocast in forward but not in
+    backward, so the forward casts explicitly and saves the cast tensors (the backward then matches them)."""
+    dev = next(t for t in ts if t is not None).device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else t.to(dt) for t in ts)
+
+
 class CenteredLinear(torch.autograd.Function):
     """z_BF = (x_BD − b_pre_D) @ W_enc_DF + b_enc_F for the dense architectures.
 
@@ -52,6 +62,7 @@ class CenteredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
+        x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         ctx.save_for_backward(x_c_BD, W_enc_DF)
         ctx.has_pre = b_pre_D is not None
         return torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
@@ -81,6 +92,7 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Callable[[Tensor], Tensor]):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
+        x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         z_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
         idx_BK = select(z_BF)
         vals_BK = z_BF.gather(1, idx_BK).relu_()
@@ -133,7 +145,8 @@ def sparse_encode(x_BD, b_pre_D, W_enc_DF, b_enc_F, select) -> tuple[Tensor, Ten
 
 
 def sparse_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
-    return SparseDecode.apply(vals_BK, idx_BK, W_dec_FD)
+    """Runs in the decoder's dtype (under autocast the codes may be bf16; the K-sparse decode is cheap anyway)."""
+    return SparseDecode.apply(vals_BK.to(W_dec_FD.dtype), idx_BK, W_dec_FD)
 
 
 def topk_select(k: int) -> Callable[[Tensor], Tensor]:

@@ -159,14 +159,26 @@ def store_files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def s3_store(s3, tiny_model_dir, tiny_corpus, tmp_path_factory):
-    """The tiny store harvested straight into the bucket by the writer (same config as `tiny_store`)."""
+    """The tiny store harvested straight into the bucket by the writer (same config as `tiny_store`), by two
+    workers at the same time: `--worker 1/2` in another process (`saecache harvest`) and `0/2` in this one."""
     from saecache.harvest.run import run_harvest
 
     mp = pytest.MonkeyPatch()
+    url = f"s3://{BUCKET}/stores/tiny.zarr"
     try:
         use_identity(mp, s3, "writer", tmp_path_factory.mktemp("cache"))
-        url = f"s3://{BUCKET}/stores/tiny.zarr"
-        run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus), progress=False)
+        cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus)
+        args = ["--out", url, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
+                "--ctx-len", cfg.ctx_len, "--tokens", cfg.tokens, "--batch-size", cfg.batch_size, "--ctx-per-chunk",
+                cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--quiet"]
+        other = subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", "1/2"],
+                                 env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            mine = run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus, worker="0/2"), progress=False)
+        finally:
+            _, err = other.communicate(timeout=300)
+        assert other.returncode == 0, err.decode()
+        assert mine["shards_written"] == 8
     finally:
         mp.undo()
         _clear_fs_caches()
@@ -349,30 +361,15 @@ def test_cache_is_bounded_and_serves_second_epoch_locally(s3, s3_store, tiny_sto
     assert all(torch.equal(next(ref)["mlp_out.0"], x) for x in a1 + a2)  # = the same store on local disk
 
 
-def test_two_workers_harvest_into_one_s3_store(s3, tiny_model_dir, tiny_corpus, tiny_store, tmp_path, monkeypatch):
-    """`--worker 1/2` in another process and `0/2` in this one, at the same time, into one bucket prefix."""
-    from saecache.harvest.run import run_harvest
+def test_two_workers_harvest_into_one_s3_store(s3, s3_store, tiny_store, tmp_path, monkeypatch):
     from saecache.harvest.store import Store
 
-    use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
-    url = f"s3://{BUCKET}/stores/two-workers.zarr"
-    cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus)
-    args = ["--out", url, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
-            "--ctx-len", cfg.ctx_len, "--tokens", cfg.tokens, "--batch-size", cfg.batch_size, "--ctx-per-chunk",
-            cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--quiet"]
-    other = subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", "1/2"],
-                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        mine = run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus, worker="0/2"), progress=False)
-    finally:
-        out, err = other.communicate(timeout=300)
-    assert other.returncode == 0, err.decode()
-    assert mine["shards_written"] == 8
-    store = Store.open(url)
+    use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
+    store = Store.open(s3_store)
     assert store.is_complete and store.final is not None
-    assert store.fingerprint() == Store.open(str(tiny_store)).fingerprint()
-    workers = {e["writer"]["worker"] for e in store.manifest().values()}
-    assert workers == {"0/2", "1/2"}
+    assert store.fingerprint() == Store.open(str(tiny_store)).fingerprint()  # = one local worker
+    assert {e["writer"]["worker"] for e in store.manifest().values()} == {"0/2", "1/2"}
+    assert not store.loc.list("_claims")  # both workers released their claims
 
 
 def test_copy_resumes_after_kill_and_repairs_damage(s3, tiny_store, tmp_path, monkeypatch, capsys):
@@ -443,7 +440,7 @@ def test_info_shows_provenance_and_fingerprint_tracks_content(s3, s3_store, tiny
     header = json.loads((Path(tiny_store) / "zarr.json").read_text())["attributes"]["saecache"]
     for needle in (s3_store, header["model"]["name"], header["tokenizer"]["name"], header["dataset"]["spec"],
                    "ctx_len 32", "seed 0", "mlp_in.0 (d=", "mlp_out.1 (d=", "blosc-zstd", "8,192 of 8,192",
-                   "(complete)", socket.gethostname(), "saecache 0.", "as worker(s) 0/1", "matches the final record"):
+                   "(complete)", socket.gethostname(), "saecache 0.", "as worker(s) 0/2, 1/2", "matches the final record"):
         assert needle in out, needle
     fp = json.loads(run_cli(["info", s3_store, "--json"], capsys)[1])["fingerprint"]
     assert len(fp) == 64

@@ -86,16 +86,15 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_pa
     rng.seed(seed)
     kills, resumed_from = 0, []
     names = ["topk-mlp_out.0-512-k4", "relu-mlp_out.1-128"]
-    p = popen("--config", tmp_path / "sweep.json")  # first a kill at a random wall-clock moment (maybe at startup)
-    time.sleep(rng.uniform(0.2, 3.0))
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    p.stderr.close()
-    for target in sorted(rng.sample(range(1, 14), 3)):  # then soon after checkpoint number `target` appears
-        p = popen("--config", tmp_path / "sweep.json")
+
+    def run_until(goal_step: int, deadline_s: float) -> None:
+        """Start the sweep; SIGKILL it a random few ms after every SAE has a checkpoint >= goal_step or once
+        deadline_s has passed, whichever comes first (unless it finished by itself)."""
+        nonlocal kills
+        p, t0 = popen("--config", tmp_path / "sweep.json"), time.monotonic()
         while p.poll() is None:
             done = [rundir.list_checkpoints(root / n) for n in names]
-            if all(d and d[-1] >= 7 * target for d in done):
+            if all(d and d[-1] >= goal_step for d in done) or time.monotonic() - t0 > deadline_s:
                 time.sleep(rng.uniform(0, 0.05))  # anywhere inside the next step(s), checkpoint writes included
                 break
             time.sleep(0.002)
@@ -103,16 +102,21 @@ def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_pa
             p.send_signal(signal.SIGKILL)
             p.wait()
             kills += 1
-            resumed_from.append(min(rundir.list_checkpoints(root / n)[-1] for n in names))
+            resumed_from.append(min((rundir.list_checkpoints(root / n) or [0])[-1] for n in names))
         p.stderr.close()
-    assert kills >= 2, f"random seed {seed}: the runs finished before they could be killed"
+
+    run_until(14, rng.uniform(0.2, 3.0))  # a random wall-clock moment, maybe still at startup
+    for target in sorted(rng.sample(range(1, 14), 3)):  # then soon after checkpoint number `target` appears
+        have = [rundir.list_checkpoints(root / n) for n in names]
+        run_until(max(7 * target, min(d[-1] if d else 0 for d in have) + 7), 1e9)  # >= 1 new checkpoint per run
+    assert kills >= 3, f"random seed {seed}: the runs finished before they could be killed"
     final = cli("--config", tmp_path / "sweep.json")
     assert final.returncode == 0, final.stderr
     for n in names:
         assert weights(root / n) == weights(ref_root / n), f"{n} differs after kills (random seed {seed})"
         assert (root / n / rundir.METRICS_FILE).read_text() == (ref_root / n / rundir.METRICS_FILE).read_text()
         assert not [f for f in _files(root / n) if ".tmp" in f]
-    assert len(set(resumed_from)) >= 2  # the kills landed at different points of the run
+    assert len(set(resumed_from)) >= 3  # the kills landed at different points of the run
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path, capsys):
@@ -184,3 +188,10 @@ def test_sweep_from_config_file_matches_each_sae_trained_alone(tiny_store, tmp_p
     assert sae.cfg.transcoder and rec["hooks"] == {"in": "mlp_in.0", "out": "mlp_out.0"}
     alone = run_training(TrainConfig(**common, out=str(tmp_path / "alone"), saes=[saes[1]]))
     assert weights(alone[0]) == weights(dirs[1])
+
+
+def test_progress_bar_shows_tokens_per_second_l0_fve_and_dead(tiny_store, tmp_path, capsys):
+    run_training(small_cfg(tiny_store, tmp_path, steps=6, log_every=3, progress=True))
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "6/6" in last and all(f"{k}=" in last for k in ("tok/s", "L0", "FVE", "dead")), last

@@ -4,6 +4,13 @@ The trainer does not wrap SAEs in `DistributedDataParallel`: a sweep holds sever
 TopK decoders use custom sparse autograd, so gradients are averaged explicitly after `backward()` (one all-reduce per
 parameter, the same arithmetic DDP performs). Every helper is a no-op in a single process, so the loop reads the same
 with and without DDP.
+
+What equals one process at the same global batch (up to float rounding): the data (rank r reads a contiguous block of
+the canonical partitions, so gathering local batches in rank order gives the global batch), gradients of per-row
+mean losses, the geometric-median init and resampling (both see the gathered global batch, same RNG on every rank)
+and the dead-latent counters. What is per rank, hence only approximately equal: batchtopk's selection (top k·B_local
+of each rank's rows) and its inference threshold (mean of the ranks' EMAs), and AuxK's normalisation by the residual
+variance of the local batch.
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     since_F = m.sae.tokens_since_fired_F.clone() if world > 1 else None
     with torch.autocast(**autocast):
         out = m.sae.loss(x_BD, t_BD, sparsity_warmup_factor(step, cfg.sparsity_warmup_steps))
-    if not torch.isfinite(ddp.all_reduce_max(out.total.detach().float())):
+    # a 0/1 flag, not the loss itself: MAX over ranks of a NaN is not reliably NaN, and every rank must stop together
+    if ddp.all_reduce_max((~torch.isfinite(out.total.detach())).float()) > 0:
         last = rundir.list_checkpoints(m.run_dir)
         raise DivergedError(f"{m.spec.name}: loss became {out.total.item()} at step {step}; kept the last good "
                             f"checkpoint ({'step ' + str(last[-1]) if last else 'none yet'}); lower the lr "

@@ -118,6 +118,16 @@ def test_dimension_or_config_mismatch_on_resume_leaves_the_run_untouched(capsys,
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, hook_in="mlp_in.0", hook_out="mlp_out.1"),
            match="differs in transcoder")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--steps", "5", match="differs in steps")
+    # a copy of the store elsewhere is the same data (same fingerprint): accepted; changed data is refused
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    code, stdout, err = _run(capsys, "--config", _named_config(tmp_path, copy, out))
+    assert code == 0 and stdout.strip() == str(out / "mine"), err
+    manifest = sorted(copy.rglob("shard-*.json"))[0]
+    entry = json.loads(manifest.read_text())
+    entry["objects"] = {k: {**v, "crc32c": v["crc32c"] ^ 1} for k, v in entry["objects"].items()}
+    manifest.write_text(json.dumps(entry))
+    _fails(capsys, "--config", _named_config(tmp_path, copy, out), match="the store changed")
     assert _tree(out) == before
 
 

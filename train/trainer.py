@@ -28,8 +28,9 @@ from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_gra
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
 from saecache.train.resample import resample_dead_
 
-# TrainConfig fields that may change between a run and its resumption without changing the result
-RESUMABLE_CHANGES = {"progress", "reader_threads", "log", "log_every", "wandb_project", "device", "out"}
+# TrainConfig fields that may change between a run and its resumption without changing the result. Store URLs may
+# change (a moved or copied store): the stores' fingerprints, checked in order, are what must stay the same.
+RESUMABLE_CHANGES = {"progress", "reader_threads", "log", "log_every", "wandb_project", "device", "out", "stores"}
 
 
 @dataclasses.dataclass

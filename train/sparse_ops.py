@@ -159,8 +159,9 @@ def batch_topk_select(k: int, out: dict) -> Callable[[Tensor], Tensor]:
     reach the provisional threshold (they may hold more winners) are widened, 4x at a time, until no row can hide a
     winner. The final threshold (the k·B-th largest candidate) is stored in out["threshold"]; callers zero
     candidates below it. Rows narrower than the widest are padded with their smallest candidate, which lies below
-    the threshold, so padding is always zeroed. Typical batches need no widening, and a few high-norm rows (common
-    at initialisation) no longer widen the whole batch."""
+    the threshold, so padding is always zeroed. Finally the candidates are compacted to the number of winners of
+    the fullest row, so the sparse decoder and backward see B × (most winners in a row) entries, not B × (widest
+    candidate list)."""
 
     def select(z_BF: Tensor) -> Tensor:
         B, F = z_BF.shape
@@ -184,6 +185,12 @@ def batch_topk_select(k: int, out: dict) -> Callable[[Tensor], Tensor]:
                 i_BM = torch.cat([i_BM, i_BM.gather(1, low).expand(B, pad)], 1)
             v_BM[grow], i_BM[grow], width_B[grow] = v_new, i_new, m_new
         out["threshold"] = thr
+        # compact: keep only as many columns as the row with the most winners needs (every row's best candidates)
+        real_BM = torch.arange(v_BM.shape[1], device=z_BF.device) < width_B[:, None]
+        v_BM = v_BM.masked_fill(~real_BM, float("-inf"))
+        K_out = max(1, int((v_BM >= thr).sum(1).max()))
+        if K_out < v_BM.shape[1]:
+            i_BM = i_BM.gather(1, v_BM.topk(K_out, dim=1, sorted=False).indices)
         return i_BM
 
     return select

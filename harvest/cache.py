@@ -110,10 +110,13 @@ class ShardCache:
                     break
             ev.wait()
         try:
-            if path in self._entries and os.path.exists(path) and _matches(path, want):
+            if os.path.exists(path) and _matches(path, want):  # left by an earlier run or another process
                 with self._lock:
+                    self._entries[path] = want["nbytes"]
+                    self._entries.move_to_end(path)
                     self._checked.add(path)
                     self.hits += 1
+                    self._evict(keep=path)
                 return path
             data = loc.get(key)
             if data is None:

@@ -526,3 +526,30 @@ def test_local_store_object_missing_despite_manifest_is_an_error_not_zeros(tiny_
     assert store.read_acts("mlp_out.1", 0, 5).any()  # other shards unaffected
     code, out, _ = run_cli(["verify", dst], capsys)
     assert code == 1 and "shard 4: object acts/mlp_out.1/c/4/0 is missing" in out
+
+
+def test_cache_survives_restarts_and_rechecks_files_on_disk(s3, s3_store, tiny_store, tmp_path, monkeypatch):
+    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store import Store
+
+    use_identity(monkeypatch, s3, "reader", tmp_path / "unused")
+    cfg = CacheConfig(str(tmp_path / "cache"), 10**9)
+    want = Store.open(str(tiny_store)).read_acts("mlp_out.1", 0, 8192)
+
+    def read_all(cache):
+        arr = Store.open(s3_store, cache=cache).cached_array("mlp_out.1")
+        return np.concatenate([arr.read_rows(r, 128) for r in range(0, 8192, 128)])
+
+    first = ShardCache(cfg)
+    np.testing.assert_array_equal(read_all(first), want)
+    assert first.misses == 16 and first.bytes_fetched > 0
+    again = ShardCache(cfg)  # a new process: files on disk are reused after a checksum check
+    np.testing.assert_array_equal(read_all(again), want)
+    assert again.bytes_fetched == 0
+    victim = next(Path(cfg.dir).rglob("*/acts/mlp_out.1/c/7/0.*"))
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01  # bit rot in the local cache
+    victim.write_bytes(bytes(data))
+    healed = ShardCache(cfg)
+    np.testing.assert_array_equal(read_all(healed), want)
+    assert healed.misses == 1 and healed.bytes_fetched == len(data)  # only the damaged object fetched again

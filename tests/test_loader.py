@@ -209,3 +209,27 @@ def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store
                 got, want = direct.read_rows(r0, n), np.asarray(z[r0:r0 + n])
                 assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (hook, s, c)
         direct.close()
+
+
+def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(tiny_store, tmp_path):
+    """The CUDA path's prefetch thread (exercised here on CPU, without pinning): same batches in the same order, and
+    a corrupt shard raises in the consumer instead of leaving it waiting forever."""
+    import shutil
+
+    stores = open_stores([str(tiny_store)], HOOKS)
+    plain = Loader(stores, ["mlp_out.0", "row"], 256, seed=4)
+    pre = Loader(stores, ["mlp_out.0", "row"], 256, seed=4)
+    pre._gen = pre._prefetched()
+    assert _same(_take(plain, 40), _take(pre, 40))
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(tiny_store, bad)
+    for shard in (bad / "acts" / "mlp_out.0" / "c").iterdir():  # break every shard index's checksum
+        f = shard / "0"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    loader = Loader(open_stores([str(bad)], ["mlp_out.0"]), ["mlp_out.0"], 256, seed=4)
+    loader._gen = loader._prefetched()
+    with pytest.raises(OSError, match="corrupt shard index"):
+        next(loader)

@@ -286,12 +286,18 @@ class Loader:
         q: queue.Queue = queue.Queue(maxsize=2)
 
         def work():
-            for b in self._produce():
-                q.put(b)
+            try:
+                for b in self._produce():
+                    q.put(b)
+            except BaseException as e:  # hand read errors to the consumer instead of leaving it waiting forever
+                q.put(e)
 
         threading.Thread(target=work, daemon=True).start()
         while True:
-            yield q.get()
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def close(self) -> None:
         if self._pool is not None:

@@ -195,3 +195,17 @@ def test_progress_bar_shows_tokens_per_second_l0_fve_and_dead(tiny_store, tmp_pa
     err = capsys.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "6/6" in last and all(f"{k}=" in last for k in ("tok/s", "L0", "FVE", "dead")), last
+
+
+def test_rerun_cleans_what_a_kill_left_half_written(tiny_store, tmp_path):
+    cfg = small_cfg(tiny_store, tmp_path, steps=4, checkpoint_every=2)
+    first = run_training(cfg)
+    ref = {d: weights(d) for d in first}
+    run = Path(first[0])
+    (run / rundir.WEIGHTS_FILE).unlink()
+    (run / "cfg.json.tmp-99999").write_text("{half")
+    (run / ".tmp-sae.safetensors").write_bytes(b"half")
+    (run / "checkpoints" / ".tmp-000000004-99999").mkdir()
+    (run / "checkpoints" / ".tmp-000000004-99999" / "model.safetensors").write_bytes(b"half")
+    assert run_training(cfg) == first
+    assert weights(run) == ref[first[0]] and not [f for f in _files(run) if ".tmp" in f]

@@ -154,12 +154,14 @@ def load_checkpoint(run_dir: str, step: int) -> tuple[dict[str, torch.Tensor], d
 
 
 def clean_tmp(run_dir: str) -> None:
-    """Remove half-written checkpoint directories left by a killed process."""
-    d = os.path.join(run_dir, CKPT_DIR)
-    if os.path.isdir(d):
-        for n in os.listdir(d):
-            if n.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+    """Remove half-written files left by a killed process: checkpoint directories and the temporaries of atomic
+    writes (``cfg.json.tmp-<pid>``, ``metrics.jsonl.tmp-<pid>``, ``.tmp-sae.safetensors``)."""
+    for d in (os.path.join(run_dir, CKPT_DIR), run_dir):
+        if os.path.isdir(d):
+            for n in os.listdir(d):
+                if n.startswith(".tmp-") or ".tmp-" in n:
+                    p = os.path.join(d, n)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
 
 
 # ------------------------------------------------------------------------------------------------------- metrics

@@ -144,16 +144,13 @@ class _Copier:
             return False
         return all(sizes.get(k) == v["nbytes"] for k, v in entry["objects"].items())
 
-    def bad_shards(self, shards: list[int]) -> dict[int, str]:
-        """Destination shards whose objects do not read back with the manifest's checksums."""
-        bad = {}
-        for s in shards:
-            for key, want in sorted(self.entry(s)[0]["objects"].items()):
-                data = self.dst.get(key)
-                if data is None or checksum(data) != want:
-                    bad[s] = f"{key} {'missing' if data is None else 'corrupt'}"
-                    break
-        return bad
+    def shard_problem(self, s: int) -> str | None:
+        """None if every destination object of shard `s` reads back with the manifest's checksum."""
+        for key, want in sorted(self.entry(s)[0]["objects"].items()):
+            data = self.dst.get(key)
+            if data is None or checksum(data) != want:
+                return f"{key} {'missing' if data is None else 'corrupt'}"
+        return None
 
     def finish(self) -> bool:
         final_raw = self.src.loc.get(FINAL_FILE)
@@ -191,7 +188,8 @@ def copy_store(cfg: CopyConfig, progress=None) -> dict:
                 nbytes += n
                 if progress:
                     progress(1)
-        bad = c.bad_shards(shards)  # the end-to-end check: every destination object read back
+        with ThreadPoolExecutor(cfg.threads) as pool:  # the end-to-end check: every destination object read back
+            bad = {s: p for s, p in zip(shards, pool.map(c.shard_problem, shards)) if p is not None}
         if not bad:
             break
         if attempt == 1:

@@ -79,12 +79,17 @@ def next_token_ce(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch
     """Summed next-token cross-entropy (nats) and the number of predictions counted.
 
     Position t predicts ids[t+1]; `mask_BT[:, t]` says whether the prediction made AT position t counts (the last
-    position never does). Returns (sum, count) so callers can add batches; mean = sum / count.
+    position never does). Returns (sum, count) so callers can add batches; mean = sum / count. Computed in float64
+    one row at a time (a [T, V] slice), so a 50k vocabulary costs tens of MB, not gigabytes.
     """
-    logp = torch.log_softmax(logits_BTV[:, :-1].double(), dim=-1)
-    nll_BT = -logp.gather(-1, ids_BT[:, 1:, None].long()).squeeze(-1)
-    keep = torch.ones_like(nll_BT, dtype=torch.bool) if mask_BT is None else mask_BT[:, :-1].bool()
-    return float(nll_BT[keep].sum()), int(keep.sum())
+    total, count = 0.0, 0
+    for b in range(logits_BTV.shape[0]):
+        logp = torch.log_softmax(logits_BTV[b, :-1].double(), dim=-1)
+        nll_T = -logp.gather(-1, ids_BT[b, 1:, None].long()).squeeze(-1)
+        keep = torch.ones_like(nll_T, dtype=torch.bool) if mask_BT is None else mask_BT[b, :-1].bool()
+        total += float(nll_T[keep].sum())
+        count += int(keep.sum())
+    return total, count
 
 
 def kl_clean_to_spliced(
@@ -92,13 +97,17 @@ def kl_clean_to_spliced(
 ) -> tuple[float, int]:
     """Summed KL(p_clean || p_spliced) over next-token distributions (nats) and the count of positions counted.
 
-    Same positions as `next_token_ce`: every position except the last, filtered by `mask_BT`.
+    Same positions as `next_token_ce`: every position except the last, filtered by `mask_BT`; float64, row by row.
     """
-    lp = torch.log_softmax(clean_logits_BTV[:, :-1].double(), dim=-1)
-    lq = torch.log_softmax(spliced_logits_BTV[:, :-1].double(), dim=-1)
-    kl_BT = (lp.exp() * (lp - lq)).sum(-1)
-    keep = torch.ones_like(kl_BT, dtype=torch.bool) if mask_BT is None else mask_BT[:, :-1].bool()
-    return float(kl_BT[keep].sum()), int(keep.sum())
+    total, count = 0.0, 0
+    for b in range(clean_logits_BTV.shape[0]):
+        lp = torch.log_softmax(clean_logits_BTV[b, :-1].double(), dim=-1)
+        lq = torch.log_softmax(spliced_logits_BTV[b, :-1].double(), dim=-1)
+        kl_T = (lp.exp() * (lp - lq)).sum(-1)
+        keep = torch.ones_like(kl_T, dtype=torch.bool) if mask_BT is None else mask_BT[b, :-1].bool()
+        total += float(kl_T[keep].sum())
+        count += int(keep.sum())
+    return total, count
 
 
 def fraction_recovered(clean: float, spliced: float, ablated: float) -> float:

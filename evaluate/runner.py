@@ -19,7 +19,6 @@ import torch
 from saecache.errors import RunDirError, StoreError
 from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
-from saecache.evaluate.splice import splice_losses
 from saecache.harvest.hooks import HookPoint
 from saecache.harvest.store import Store
 
@@ -146,10 +145,10 @@ def load_store_model(store: Store, cfg: EvalConfig):
     return model
 
 
-def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device, tok=None,
-                 cache: dict | None = None) -> tuple[list[dict], dict]:
-    """Rows for the report (the run, and the pruned run when asked) and {label: frequencies_F}; writes the run's
-    feature page when `tok` is given. `cache` holds the ablation baselines shared between runs (see splice_losses)."""
+def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dict]:
+    """The reconstruction statistics of one run (and of its pruned version when asked): one entry per variant with
+    its report row, label, firing frequencies [F], and what splicing needs (reconstruction fn, hooks, held-out
+    fraction). Loss figures are added by `splice_variants`."""
     sae, rcfg = load_run_checked(run_dir, device)
     h_in, h_out = run_hooks(rcfg)
     frac, rows_note = heldout_fraction_for(run_dir, rcfg, sae, store)
@@ -157,37 +156,45 @@ def evaluate_run(run_dir: str, store: Store, model, cfg: EvalConfig, device, tok
     base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.architecture, "hook_in": h_in, "hook_out": h_out,
             "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.n_features, "k": sae.cfg.k,
             "rows": rows_note}
-    ids = splice_contexts(store, frac, cfg.n_contexts) if model is not None else None
-    mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
-    first = store.header["storage"]["first_position"]
-    cache = {} if cache is None else cache
 
-    def measure(keep_F, label):
+    def variant(keep_F, label):
         stats, freq = reconstruction_stats(sae, store, h_in, h_out, frac, cfg, device, keep_F)
         row = {**base, **stats, "pruned": keep_F is not None,
                "n_pruned": 0 if keep_F is None else int((~keep_F).sum())}
-        if model is not None:
-            if keep_F is None:
-                recon = sae.forward
-            else:
-                kf = keep_F.to(device=device, dtype=torch.float32)
-                recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
-            res = splice_losses(model, ids, hook_point(store, h_out), lambda x: recon(x.to(device).float()), mean_D,
-                                hook_in=hook_point(store, h_in) if h_in != h_out else None, first_position=first,
-                                batch_size=cfg.ctx_batch_size, cache=cache.setdefault((h_out, frac), {}))
-            row.update(res.as_dict())
-        return row, {label: freq}
+        if keep_F is None:
+            recon = sae.forward
+        else:
+            kf = keep_F.to(device=device, dtype=torch.float32)
+            recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
+        return {"row": row, "label": label, "freq": freq, "sae": sae, "frac": frac,
+                "reconstruct": lambda x: recon(x.to(device).float())}
 
-    row, freqs = measure(None, name)
-    rows = [row]
+    out = [variant(None, name)]
     if cfg.prune_above is not None:
-        keep_F = freqs[name] <= cfg.prune_above
-        row2, f2 = measure(keep_F.cpu(), f"{name}-pruned")
-        rows.append({**row2, "prune_above": cfg.prune_above})
-        freqs.update(f2)
-    if tok is not None:
-        write_feature_page(sae, store, h_in, name, freqs[name], cfg, device, tok)
-    return rows, freqs
+        keep_F = (out[0]["freq"] <= cfg.prune_above).cpu()
+        out.append(variant(keep_F, f"{name}-pruned"))
+        out[1]["row"]["prune_above"] = cfg.prune_above
+    return out
+
+
+def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) -> None:
+    """Add the loss figures to each variant's row; variants replacing the same hook on the same contexts share one
+    clean / zero / mean forward per batch (`splice_losses_many`)."""
+    from saecache.evaluate.splice import splice_losses_many
+
+    first = store.header["storage"]["first_position"]
+    groups: dict[tuple, list[dict]] = {}
+    for v in variants:
+        groups.setdefault((v["row"]["hook_out"], v["frac"]), []).append(v)
+    for (h_out, frac), vs in groups.items():
+        ids = splice_contexts(store, frac, cfg.n_contexts)
+        mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
+        recons = {i: (v["reconstruct"], hook_point(store, v["row"]["hook_in"]) if v["row"]["hook_in"] != h_out
+                      else None) for i, v in enumerate(vs)}
+        res = splice_losses_many(model, ids, hook_point(store, h_out), recons, mean_D, first_position=first,
+                                 batch_size=cfg.ctx_batch_size)
+        for i, v in enumerate(vs):
+            v["row"].update(res[i].as_dict())
 
 
 def write_feature_page(sae, store: Store, hook: str, name: str, freq_F: torch.Tensor, cfg: EvalConfig, device,
@@ -218,26 +225,39 @@ def torch_threads(n: int | None):
 
 
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
-    """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows (one dict per
-    run, plus one per pruned run; keys in README/report.json: run, layer, architecture, n_features, k, hook_in,
-    hook_out, n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, pruned, n_pruned, and with splicing
-    ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero, recovered_mean, kl, n_predictions, n_contexts)."""
+    """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows, in run-dir order
+    (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
+    n_features, k, rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
+    pruned, n_pruned (+ prune_above), and with splicing ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero,
+    recovered_mean, kl, n_predictions, n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
+
+    Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
     from saecache.evaluate.features import load_tokenizer
     from saecache.evaluate.report import write_report
     from saecache.harvest.model import pick_device
 
     device = pick_device(cfg.device)
     store = open_store(cfg.store)
+    by_hook: dict[str, list[str]] = {}
     for run_dir in cfg.run_dirs:  # fail fast, before loading the model, on any mismatch
         sae, rcfg = load_run_checked(run_dir)
         heldout_fraction_for(run_dir, rcfg, sae, store)
+        by_hook.setdefault(run_hooks(rcfg)[1], []).append(run_dir)
     tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"], cfg.model) if cfg.html_features else None
+    done: dict[str, list[dict]] = {}
     with torch_threads(cfg.threads):
         model = load_store_model(store, cfg) if cfg.splice else None
-        rows, freqs, cache = [], {}, {}
-        for run_dir in cfg.run_dirs:
-            r, f = evaluate_run(run_dir, store, model, cfg, device, tok, cache)
-            rows += r
-            freqs.update(f)
-        write_report(cfg, store, rows, freqs)
+        for run_dirs in by_hook.values():
+            variants = {run_dir: measure_run(run_dir, store, cfg, device) for run_dir in run_dirs}
+            if model is not None:
+                splice_variants([v for vs in variants.values() for v in vs], store, model, cfg)
+            for run_dir, vs in variants.items():
+                if tok is not None:
+                    write_feature_page(vs[0]["sae"], store, vs[0]["row"]["hook_in"], vs[0]["label"], vs[0]["freq"],
+                                       cfg, device, tok)
+                done[run_dir] = [{"row": v["row"], "label": v["label"], "freq": v["freq"]} for v in vs]
+            del variants
+        ordered = [v for run_dir in dict.fromkeys(cfg.run_dirs) for v in done[run_dir]]
+        rows = [v["row"] for v in ordered]
+        write_report(cfg, store, rows, {v["label"]: v["freq"] for v in ordered})
     return rows

@@ -89,6 +89,68 @@ def _logits(model: torch.nn.Module, ids_BT: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def splice_losses_many(
+    model: torch.nn.Module,
+    ids_CT: torch.Tensor,
+    hook_out: HookPoint,
+    reconstructions: dict[str, tuple[Reconstruct, HookPoint | None]],
+    mean_D: torch.Tensor,
+    first_position: int = 0,
+    batch_size: int = 8,
+) -> dict[str, SpliceLosses]:
+    """`splice_losses` for several reconstructions of the same hook on the same contexts: {label: (reconstruct,
+    hook_in)} -> {label: SpliceLosses}. Per batch of contexts the clean, zero- and mean-ablated forwards run once and
+    each reconstruction adds one spliced forward (n + 3 forwards instead of 4n)."""
+    device = next(model.parameters()).device
+    base = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+    spliced_sum = {label: 0.0 for label in reconstructions}
+    kl_sum = {label: 0.0 for label in reconstructions}
+    count = 0
+    for c0 in range(0, ids_CT.shape[0], batch_size):
+        ids = ids_CT[c0 : c0 + batch_size].to(device=device, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        mask[:, first_position:] = True
+
+        clean = _logits(model, ids)
+        s, n = M.next_token_ce(clean, ids, mask)
+        base["clean"] += s
+        count += n
+        with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
+            base["zero"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+        with patch_output(model, hook_out,
+                          _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
+            base["mean"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+
+        for label, (reconstruct, hook_in) in reconstructions.items():
+            spliced = _spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position)
+            spliced_sum[label] += M.next_token_ce(spliced, ids, mask)[0]
+            kl_sum[label] += M.kl_clean_to_spliced(clean, spliced, mask)[0]
+            del spliced
+
+    n = max(count, 1)
+    return {label: SpliceLosses(clean=base["clean"] / n, spliced=spliced_sum[label] / n, zero=base["zero"] / n,
+                                mean=base["mean"] / n, kl=kl_sum[label] / n, n_predictions=count,
+                                n_contexts=int(ids_CT.shape[0])) for label in reconstructions}
+
+
+def _spliced_logits(model, ids, hook_out: HookPoint, reconstruct: Reconstruct, hook_in: HookPoint | None,
+                    first_position: int) -> torch.Tensor:
+    """Logits with hook_out's tensor replaced by the reconstruction (of the tensor at hook_in for a transcoder)."""
+    if hook_in is not None and (hook_in.module, hook_in.io) != (hook_out.module, hook_out.io):
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(t: torch.Tensor) -> torch.Tensor:
+            seen.setdefault("x", t)
+            return t
+
+        with patch_output(model, hook_in, record), patch_output(
+            model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
+        ):
+            return _logits(model, ids)
+    with patch_output(model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, t, t.shape[-1]))):
+        return _logits(model, ids)
+
+
 def splice_losses(
     model: torch.nn.Module,
     ids_CT: torch.Tensor,
@@ -98,60 +160,11 @@ def splice_losses(
     hook_in: HookPoint | None = None,
     first_position: int = 0,
     batch_size: int = 8,
-    cache: dict | None = None,
 ) -> SpliceLosses:
     """Clean / spliced / zero / mean-ablated CE and KL over contexts `ids_CT` [C, T] (see the module docstring).
 
     `hook_in` is None for an ordinary SAE (input = the replaced tensor itself) or the transcoder's input hook.
     `mean_D` is the mean of `hook_out`'s activation (the mean-ablation value).
-    `cache`: a dict kept by the caller across SAEs that replace the same hook with the same `mean_D`; the zero- and
-    mean-ablated losses (which do not depend on the SAE) are then computed once per batch of contexts.
     """
-    device = next(model.parameters()).device
-    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
-    count = 0
-    transcoder = hook_in is not None and (hook_in.module, hook_in.io) != (hook_out.module, hook_out.io)
-    for c0 in range(0, ids_CT.shape[0], batch_size):
-        ids = ids_CT[c0 : c0 + batch_size].to(device=device, dtype=torch.long)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        mask[:, first_position:] = True
-
-        clean = _logits(model, ids)
-        s, n = M.next_token_ce(clean, ids, mask)
-        sums["clean"] += s
-        count += n
-
-        if transcoder:
-            seen: dict[str, torch.Tensor] = {}
-
-            def record(t: torch.Tensor) -> torch.Tensor:
-                seen.setdefault("x", t)
-                return t
-
-            with patch_output(model, hook_in, record), patch_output(
-                model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
-            ):
-                spliced = _logits(model, ids)
-        else:
-            with patch_output(model, hook_out, _replace_from(first_position,
-                                                             lambda t: _apply(reconstruct, t, t.shape[-1]))):
-                spliced = _logits(model, ids)
-        sums["spliced"] += M.next_token_ce(spliced, ids, mask)[0]
-        sums["kl"] += M.kl_clean_to_spliced(clean, spliced, mask)[0]
-
-        key = (hook_out.module, hook_out.io, first_position, c0, tuple(ids.shape), hash(ids.cpu().numpy().tobytes()))
-        if cache is None or key not in cache:
-            with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
-                zero = M.next_token_ce(_logits(model, ids), ids, mask)[0]
-            with patch_output(model, hook_out,
-                              _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
-                mean = M.next_token_ce(_logits(model, ids), ids, mask)[0]
-            if cache is None:
-                cache = {}
-            cache[key] = (zero, mean)
-        sums["zero"] += cache[key][0]
-        sums["mean"] += cache[key][1]
-
-    n = max(count, 1)
-    return SpliceLosses(clean=sums["clean"] / n, spliced=sums["spliced"] / n, zero=sums["zero"] / n,
-                        mean=sums["mean"] / n, kl=sums["kl"] / n, n_predictions=count, n_contexts=int(ids_CT.shape[0]))
+    return splice_losses_many(model, ids_CT, hook_out, {"": (reconstruct, hook_in)}, mean_D, first_position,
+                              batch_size)[""]

@@ -102,3 +102,19 @@ def test_transcoder_reconstructs_output_from_module_input(model, ids):
     assert res.spliced == pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(x)), rel=1e-9)
     # and it differs from treating the output as the input
     assert res.spliced != pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(y)), rel=1e-6)
+
+
+def test_many_reconstructions_share_baselines_and_match_single_runs(model, ids):
+    """splice_losses_many (clean/zero/mean once per batch, one spliced forward per reconstruction) gives each
+    reconstruction exactly what a run of its own gives."""
+    from saecache.evaluate.splice import splice_losses_many
+
+    mean = torch.randn(D, generator=torch.Generator().manual_seed(4))
+    sae, tc = small_sae(seed=2), small_sae(seed=5)
+    many = splice_losses_many(model, ids, MLP_OUT, {"sae": (sae, None), "tc": (tc, MLP_IN), "id": (lambda x: x, None)},
+                              mean, first_position=1, batch_size=4)
+    for label, (fn, hook_in) in (("sae", (sae, None)), ("tc", (tc, MLP_IN))):
+        one = splice_losses(model, ids, MLP_OUT, fn, mean, hook_in=hook_in, first_position=1, batch_size=4)
+        assert many[label] == one, label
+    assert many["id"].spliced == many["id"].clean and many["id"].kl == 0.0
+    assert len({many[k].spliced for k in many}) == 3

@@ -1,5 +1,6 @@
-"""Bad input to `saecache train`: one line on stderr, a non-zero exit, no traceback, nothing already written damaged
-(incomplete store, missing hook, width/k nonsense, dimension mismatch on resume, unknown architecture, newer formats)."""
+"""Bad input to `saecache train`: one line on stderr, a non-zero exit, no traceback, nothing already written
+damaged (incomplete store, missing hook, width/k nonsense, dimension mismatch on resume, unknown architecture, newer
+formats)."""
 
 import hashlib
 import json

@@ -155,7 +155,8 @@ class TrainConfig:
                 raise ConfigError(f"each SAE spec must be an object, got {s!r}")
             bad = sorted(set(s) - spec_fields) if isinstance(s, dict) else []
             if bad:
-                raise ConfigError(f"unknown SAE spec field(s) {', '.join(bad)}; known: {', '.join(sorted(spec_fields))}")
+                raise ConfigError(f"unknown SAE spec field(s) {', '.join(bad)}; "
+                                  f"known: {', '.join(sorted(spec_fields))}")
         self.saes = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in self.saes]
         if not self.stores:
             raise ConfigError("no store given: pass --store PATH (harvest one with `saecache harvest`)")

@@ -76,7 +76,8 @@ class Logger:
         if self.bar is not None and recs:
             r = recs[0]
             self.bar.set_postfix({"tok/s": f"{tokens_per_s:,.0f}", "L0": f"{r['l0']:.1f}",
-                                  "FVE": f"{r['fve'] if r['fve'] is not None else float('nan'):.3f}", "dead": f"{100 * r['dead_frac']:.1f}%"},
+                                  "FVE": f"{r['fve'] if r['fve'] is not None else float('nan'):.3f}",
+                                  "dead": f"{100 * r['dead_frac']:.1f}%"},
                                  refresh=False)
         for n, r in zip(self.names, recs):
             nums = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "step"}

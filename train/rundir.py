@@ -126,7 +126,8 @@ def save_checkpoint(run_dir: str, step: int, model_tensors: dict[str, torch.Tens
     tmp = os.path.join(run_dir, CKPT_DIR, f".tmp-{step:09d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()},
+              os.path.join(tmp, "model.safetensors"))
     save_file(extra_tensors, os.path.join(tmp, "state.safetensors"))
     write_json_atomic(os.path.join(tmp, "state.json"), state)
     for name in os.listdir(tmp):

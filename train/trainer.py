@@ -18,7 +18,7 @@ import time
 import torch
 
 from saecache import __version__
-from saecache.errors import ConfigError, DivergedError, RunDirError, StoreError
+from saecache.errors import DivergedError, RunDirError
 from saecache.train import ddp, rundir
 from saecache.train.config import SAESpec, TrainConfig
 from saecache.train.loader import Loader, heldout_cutoff, open_stores

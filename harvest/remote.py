@@ -303,4 +303,4 @@ def _byte_span(byte_range, n: int) -> tuple[int, int]:
 def _async_wrap(fs):
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-    return AsyncFileSystemWrapper(fs)
+    return AsyncFileSystemWrapper(fs, asynchronous=True)

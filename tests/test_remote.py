@@ -553,3 +553,18 @@ def test_cache_survives_restarts_and_rechecks_files_on_disk(s3, s3_store, tiny_s
     healed = ShardCache(cfg)
     np.testing.assert_array_equal(read_all(healed), want)
     assert healed.misses == 1 and healed.bytes_fetched == len(data)  # only the damaged object fetched again
+
+
+def test_any_fsspec_url_memory_filesystem(tiny_store, tmp_path, monkeypatch, capsys):
+    """A backend without async support (fsspec's in-memory filesystem) goes through the same code."""
+    from saecache.harvest.store import Store
+
+    monkeypatch.setenv("SAECACHE_CACHE_DIR", str(tmp_path / "cache"))
+    url = "memory://team/tiny.zarr"
+    assert run_cli(["copy", tiny_store, url, "--quiet"], capsys)[0] == 0
+    local, remote = Store.open(str(tiny_store)), Store.open(url)
+    assert remote.fingerprint() == local.fingerprint()
+    np.testing.assert_array_equal(remote.read_acts("mlp_in.0", 0, 8192), local.read_acts("mlp_in.0", 0, 8192))
+    np.testing.assert_array_equal(remote.cached_array("mlp_in.0").read_rows(640, 128),
+                                  local.read_acts("mlp_in.0", 640, 768))
+    assert run_cli(["verify", url], capsys)[0] == 0

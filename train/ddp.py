@@ -20,15 +20,28 @@ import os
 import torch
 import torch.distributed as dist
 
+from saecache.errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; otherwise the named device, refused (one line) when absent."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"device {device} is not available ({n} CUDA device(s) here); use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device} is not supported for training; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:

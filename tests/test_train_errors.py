@@ -82,6 +82,7 @@ def test_incomplete_or_missing_store(capsys, tmp_path, incomplete_store):
     (["--batch-size", "8192", "--heldout", "0.5"], "too few training rows"),
     (["--steps", "0"], "at least one step"),
     (["--lr", "-1"], "lr must be > 0"),
+    (["--seed", "-1"], "seed must be a non-negative integer"),
     (["--device", "cuda:99"], "device cuda:99 is not available"),
     (["--device", "gpu"], "unknown device 'gpu'"),
 ])

@@ -174,6 +174,8 @@ class TrainConfig:
             raise ConfigError("the training length must be at least one step")
         if self.batch_size % self.partitions:
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of partitions {self.partitions}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:

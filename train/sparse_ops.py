@@ -13,8 +13,18 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def _argsort(flat: Tensor) -> Tensor:
+    """Any order that sorts `flat` (small non-negative ints). On CPU numpy's vectorised int32 argsort runs on this
+    thread in ~2 ms for B·K = 131k entries, while torch.sort's 1-D parallel path takes 30-700 ms when the cores are
+    shared (it waits on busy intra-op threads); elsewhere torch.sort."""
+    if flat.device.type == "cpu" and flat.numel() and int(flat.max()) < 2**31:
+        return torch.from_numpy(np.argsort(flat.to(torch.int32).numpy())).to(torch.long)
+    return flat.sort().indices
 
 
 def _scatter_rows(idx_BK: Tensor, w_BK: Tensor, y_BD: Tensor, n_features: int) -> Tensor:
@@ -25,7 +35,7 @@ def _scatter_rows(idx_BK: Tensor, w_BK: Tensor, y_BD: Tensor, n_features: int) -
     `torch.sparse.mm` on a COO matrix on CPU, and it never materialises the [B·K, D] products."""
     B, K = idx_BK.shape
     flat = idx_BK.reshape(-1)
-    _, order = flat.sort()
+    order = _argsort(flat)
     offsets = torch.zeros(n_features, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.bincount(flat, minlength=n_features)[:-1].cumsum(0)
     rows = torch.div(order, K, rounding_mode="floor")

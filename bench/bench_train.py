@@ -22,7 +22,10 @@ Peer environment (outside the repository):
     /tmp/peers-venv/bin/pip uninstall -y torchvision     # nnsight's CUDA-linked torchvision breaks transformers
 
 Usage: python -m bench.bench_train [--peers-python /tmp/peers-venv/bin/python] [--widths 8192 32768]
-       [--rounds 3] [--out bench/results]        (without --peers-python, or if it fails to start: ours only)
+       [--rounds 2] [--out bench/results]
+Without --peers-python (or $SAECACHE_PEERS_PYTHON, which `make bench` picks up) only saecache is measured.
+Wall time: one round costs the sum of every candidate's step, ~1.5 min at width 32768 on 2 free cores (the dense
+ReLU-style steps dominate); a busy machine stretches that several-fold.
 The worker is this same file run as a script by that interpreter (`<python> bench/bench_train.py --worker`); it does
 not import saecache.
 """
@@ -242,10 +245,11 @@ def write_results(out: Path, result: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--peers-python", default=None, help="python of the peer environment (see module docstring)")
+    ap.add_argument("--peers-python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),
+                    help="python of the peer environment (default: $SAECACHE_PEERS_PYTHON; see module docstring)")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--widths", nargs="*", type=int, default=[8192, 32768])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     if args.worker:

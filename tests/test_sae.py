@@ -417,3 +417,23 @@ def test_bf16_autocast_loss_and_grads_track_float32(name):
         if r is not None and r.abs().sum() > 0:
             assert a.dtype == p.dtype
             assert torch.nn.functional.cosine_similarity(a.flatten(), r.flatten(), dim=0) > 0.98, n
+
+
+@pytest.mark.parametrize("negative_threshold", [False, True])
+def test_fused_jumprelu_equals_jumprelu_and_step(negative_threshold):
+    """The SAE's fused JumpReLU + L0 op gives the values and pseudo-gradients of the two hand-checked ops composed."""
+    torch.manual_seed(7)
+    eps = 0.3
+    z = (torch.randn(40, 16, dtype=torch.float64) * 0.6).requires_grad_()
+    theta = (torch.rand(16, dtype=torch.float64) * 0.5 - (0.3 if negative_threshold else 0.0)).requires_grad_()
+    g_f, g_l0 = torch.randn(40, 16, dtype=torch.float64), 0.37
+    f, l0 = P.JumpReLUWithL0.apply(z, theta, eps)
+    mine = torch.autograd.grad((f * g_f).sum() + g_l0 * l0, (z, theta))
+    f_ref = P.JumpReLU.apply(z, theta, eps)
+    l0_ref = P.Step.apply(z, theta, eps).sum(-1).mean()
+    ref = torch.autograd.grad((f_ref * g_f).sum() + g_l0 * l0_ref, (z, theta))
+    assert_close(f, f_ref)
+    assert_close(l0, l0_ref)
+    assert (theta < 0).any() == negative_threshold and ref[1].abs().sum() > 0
+    for a, r in zip(mine, ref):
+        assert_close(a, r)

@@ -86,6 +86,35 @@ class Step(torch.autograd.Function):
         return None, grad_t.sum(0), None
 
 
+class JumpReLUWithL0(torch.autograd.Function):
+    """(JumpReLU(z, θ), mean_b Σ_F Step(z, θ)) in one pass set: the same values and pseudo-gradients as `JumpReLU` and
+    `Step` composed, with the [B, F] work fused (about 9 full passes instead of ~25). f = z where z > max(θ, 0)."""
+
+    @staticmethod
+    def forward(ctx, z_BF, threshold_F, bandwidth: float):
+        active_BF = z_BF > threshold_F.clamp_min(0)
+        f_BF = z_BF * active_BF
+        above = active_BF if bool((threshold_F >= 0).all()) else z_BF > threshold_F
+        l0 = above.sum(dtype=torch.float64).div(z_BF.shape[0]).to(z_BF.dtype)
+        ctx.save_for_backward(z_BF, threshold_F, active_BF)
+        ctx.bandwidth = bandwidth
+        return f_BF, l0
+
+    @staticmethod
+    def backward(ctx, g_f_BF, g_l0):
+        z_BF, threshold_F, active_BF = ctx.saved_tensors
+        eps, B = ctx.bandwidth, z_BF.shape[0]
+        near_BF = (z_BF - threshold_F).abs_() < eps / 2  # rectangle kernel K((z − θ)/ε)
+        grad_t = torch.zeros_like(threshold_F)
+        grad_z = None
+        if g_f_BF is not None:
+            grad_z = g_f_BF * active_BF
+            grad_t -= threshold_F.relu() / eps * (g_f_BF * near_BF).sum(0)
+        if g_l0 is not None:
+            grad_t -= g_l0 / (eps * B) * near_BF.sum(0, dtype=threshold_F.dtype)
+        return grad_z, grad_t, None
+
+
 def l0_toward_target(l0_mean: Tensor, target_l0: float) -> Tensor:
     """(L0 / target − 1)²: the normalised L0 penalty dictionary_learning uses for JumpReLU (0 at the target)."""
     return (l0_mean / target_l0 - 1.0).pow(2)

@@ -230,10 +230,8 @@ class SAE(nn.Module):
             f, gate = self._gated(x_BD)
             return Code(f_BF=f, gate_BF=gate)
         if name == "jumprelu":
-            z = self.pre_acts(x_BD)
-            f = P.JumpReLU.apply(z, self.threshold_F, cfg.jumprelu_bandwidth)
-            l0 = P.Step.apply(z, self.threshold_F, cfg.jumprelu_bandwidth).sum(-1).mean() if train else None
-            return Code(f_BF=f, l0_pen=l0)
+            f, l0 = P.JumpReLUWithL0.apply(self.pre_acts(x_BD), self.threshold_F, cfg.jumprelu_bandwidth)
+            return Code(f_BF=f, l0_pen=l0 if train else None)
         # topk family
         if name == "batchtopk" and not train and float(self.threshold) >= 0:
             z = self.pre_acts(x_BD)

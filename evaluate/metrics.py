@@ -79,15 +79,16 @@ def next_token_ce(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch
     """Summed next-token cross-entropy (nats) and the number of predictions counted.
 
     Position t predicts ids[t+1]; `mask_BT[:, t]` says whether the prediction made AT position t counts (the last
-    position never does). Returns (sum, count) so callers can add batches; mean = sum / count. Computed in float64
-    one row at a time (a [T, V] slice), so a 50k vocabulary costs tens of MB, not gigabytes.
+    position never does). Returns (sum, count) so callers can add batches; mean = sum / count.
+    Per prediction CE = logsumexp(logits) - logit[target], in float32 one row at a time (a [T, V] slice: tens of MB
+    for a 50k vocabulary), summed in float64.
     """
     total, count = 0.0, 0
     for b in range(logits_BTV.shape[0]):
-        logp = torch.log_softmax(logits_BTV[b, :-1].double(), dim=-1)
-        nll_T = -logp.gather(-1, ids_BT[b, 1:, None].long()).squeeze(-1)
+        z_TV = logits_BTV[b, :-1].float()
+        nll_T = torch.logsumexp(z_TV, dim=-1) - z_TV.gather(-1, ids_BT[b, 1:, None].long()).squeeze(-1)
         keep = torch.ones_like(nll_T, dtype=torch.bool) if mask_BT is None else mask_BT[b, :-1].bool()
-        total += float(nll_T[keep].sum())
+        total += float(nll_T[keep].double().sum())
         count += int(keep.sum())
     return total, count
 
@@ -97,15 +98,17 @@ def kl_clean_to_spliced(
 ) -> tuple[float, int]:
     """Summed KL(p_clean || p_spliced) over next-token distributions (nats) and the count of positions counted.
 
-    Same positions as `next_token_ce`: every position except the last, filtered by `mask_BT`; float64, row by row.
+    Same positions as `next_token_ce`. KL = sum_v p_v (z_v - z'_v) - logsumexp(z) + logsumexp(z') with z, z' the
+    clean and spliced logits: float32 row by row, summed in float64 (exactly 0 when the logits are equal).
     """
     total, count = 0.0, 0
     for b in range(clean_logits_BTV.shape[0]):
-        lp = torch.log_softmax(clean_logits_BTV[b, :-1].double(), dim=-1)
-        lq = torch.log_softmax(spliced_logits_BTV[b, :-1].double(), dim=-1)
-        kl_T = (lp.exp() * (lp - lq)).sum(-1)
+        z, zs = clean_logits_BTV[b, :-1].float(), spliced_logits_BTV[b, :-1].float()
+        lse, lse_s = torch.logsumexp(z, dim=-1), torch.logsumexp(zs, dim=-1)
+        p = torch.exp(z - lse[:, None])
+        kl_T = (p * (z - zs)).sum(-1) - lse + lse_s
         keep = torch.ones_like(kl_T, dtype=torch.bool) if mask_BT is None else mask_BT[b, :-1].bool()
-        total += float(kl_T[keep].sum())
+        total += float(kl_T[keep].double().sum())
         count += int(keep.sum())
     return total, count
 

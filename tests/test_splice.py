@@ -87,10 +87,10 @@ def test_spliced_equals_manual_module_swap(model, ids, p0):
     sae = small_sae()
     mean = torch.randn(D, generator=torch.Generator().manual_seed(3))
     res = splice_losses(model, ids, MLP_OUT, sae, mean, first_position=p0, batch_size=6)
-    assert res.clean == pytest.approx(manual_ce(model, ids, p0), rel=1e-9)
-    assert res.spliced == pytest.approx(manual_ce(model, ids, p0, lambda x, y: flat(sae)(y)), rel=1e-9)
-    assert res.zero == pytest.approx(manual_ce(model, ids, p0, lambda x, y: torch.zeros_like(y)), rel=1e-9)
-    assert res.mean == pytest.approx(manual_ce(model, ids, p0, lambda x, y: mean.expand_as(y)), rel=1e-9)
+    assert res.clean == pytest.approx(manual_ce(model, ids, p0), rel=1e-6)
+    assert res.spliced == pytest.approx(manual_ce(model, ids, p0, lambda x, y: flat(sae)(y)), rel=1e-6)
+    assert res.zero == pytest.approx(manual_ce(model, ids, p0, lambda x, y: torch.zeros_like(y)), rel=1e-6)
+    assert res.mean == pytest.approx(manual_ce(model, ids, p0, lambda x, y: mean.expand_as(y)), rel=1e-6)
     assert res.spliced != pytest.approx(res.clean)
     want = (res.zero - res.spliced) / (res.zero - res.clean)
     assert res.recovered_zero == pytest.approx(want)
@@ -99,7 +99,7 @@ def test_spliced_equals_manual_module_swap(model, ids, p0):
 def test_transcoder_reconstructs_output_from_module_input(model, ids):
     tc = small_sae(seed=5)
     res = splice_losses(model, ids, MLP_OUT, tc, torch.zeros(D), hook_in=MLP_IN, first_position=1, batch_size=6)
-    assert res.spliced == pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(x)), rel=1e-9)
+    assert res.spliced == pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(x)), rel=1e-6)
     # and it differs from treating the output as the input
     assert res.spliced != pytest.approx(manual_ce(model, ids, 1, lambda x, y: flat(tc)(y)), rel=1e-6)
 

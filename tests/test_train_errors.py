@@ -146,6 +146,14 @@ def test_newer_formats_are_refused(capsys, tiny_store, tmp_path):
     _fails(capsys, "--config", newer, match="unknown TrainConfig field(s): shiny_new_option (written by a newer")
     newer.write_text(json.dumps({**cfg, "saes": [{**cfg["saes"][0], "shiny": 1}]}))
     _fails(capsys, "--config", newer, match="unknown SAE spec field(s) shiny")
+    for bad, match in ((dict(steps="3"), "config field steps must be int or None, got '3'"),
+                       (dict(normalize="yes"), "config field normalize must be bool"),
+                       (dict(stores=[1]), "stores must be a list of store paths or URLs"),
+                       (dict(saes=[{**cfg["saes"][0], "coeff": "x"}]), "SAE spec field coeff must be float or None"),
+                       (dict(saes=[{**cfg["saes"][0], "options": {"auxk_alpha": "x"}}]),
+                        "SAE option field auxk_alpha must be float")):
+        newer.write_text(json.dumps({**cfg, **bad}))
+        _fails(capsys, "--config", newer, match=match)
     newer.write_text("{not json")
     _fails(capsys, "--config", newer, match="cannot read --config")
     assert not out.exists()

@@ -185,8 +185,10 @@ def test_sweep_from_config_file_matches_each_sae_trained_alone(tiny_store, tmp_p
     assert [Path(d).name for d in dirs] == ["topk-mlp_out.0-64-k4", "jumprelu-mlp_out.1-64", "transcoder"]
     sae, rec = rundir.load_run(dirs[2])
     assert sae.cfg.transcoder and rec["hooks"] == {"in": "mlp_in.0", "out": "mlp_out.0"}
-    alone = run_training(TrainConfig(**common, out=str(tmp_path / "alone"), saes=[saes[1]]))
-    assert weights(alone[0]) == weights(dirs[1])
+    (tmp_path / "alone.json").write_text(json.dumps({**common, "out": str(tmp_path / "alone"), "saes": [saes[1]]}))
+    alone = cli("--config", tmp_path / "alone.json")  # (a process too: same code and thread settings)
+    assert alone.returncode == 0, alone.stderr
+    assert weights(alone.stdout.strip()) == weights(dirs[1])
 
 
 def test_progress_bar_shows_tokens_per_second_l0_fve_and_dead(tiny_store, tmp_path, capsys):

@@ -7,6 +7,7 @@ layer). Only `SAESpec` describes an SAE; the rest is about where data comes from
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,23 @@ CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numb
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(values: dict, cls, what: str) -> None:
+    """One-line error for a JSON value of the wrong type in a scalar field of dataclass `cls` (int, float, bool, str,
+    optionally `| None`), so a config typo never surfaces later as a traceback."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        parts = [t.strip() for t in str(types.get(name, "")).split("|")]
+        if not parts or any(t not in _SCALARS and t != "None" for t in parts):
+            continue  # not a plain scalar field: checked elsewhere
+        if value is None and "None" in parts:
+            continue
+        ok = any(isinstance(value, _SCALARS[t]) and not (t != "bool" and isinstance(value, bool))
+                 for t in parts if t in _SCALARS)
+        if not ok:
+            raise ConfigError(f"{what} field {name} must be {' or '.join(parts)}, got {value!r}")
 
 
 @dataclass
@@ -45,6 +63,7 @@ class SAESpec:
     """Extra `SAEConfig` fields passed through unchanged (e.g. `{"auxk_alpha": 0.03, "target_l0": 30}`)."""
 
     def __post_init__(self):
+        check_types(dataclasses.asdict(self), SAESpec, "SAE spec")
         if not self.hook_in:
             raise ConfigError("every SAE needs hook_in (the store hook it reads), e.g. --hook mlp_out.0")
         if not isinstance(self.width, int) or self.width < 1:
@@ -74,6 +93,7 @@ class SAESpec:
 
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a JSON object of SAEConfig fields, got {self.options!r}")
+        check_types(self.options, SAEConfig, "SAE option")
         fixed = {"architecture", "d_in", "n_features", "d_out", "transcoder", "k", "penalty", "sparsity_coeff"}
         known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
         bad = sorted(set(self.options) - known)
@@ -147,6 +167,15 @@ class TrainConfig:
     """Show a tqdm progress bar (rank 0 only)."""
 
     def __post_init__(self):
+        if isinstance(self.stores, (str, os.PathLike)):
+            self.stores = [self.stores]
+        if isinstance(self.stores, (list, tuple)):  # Path objects are fine from Python; cfg.json needs strings
+            self.stores = [os.fspath(s) if isinstance(s, os.PathLike) else s for s in self.stores]
+        if isinstance(self.out, os.PathLike):
+            self.out = os.fspath(self.out)
+        if not isinstance(self.stores, list) or not all(isinstance(s, str) for s in self.stores):
+            raise ConfigError(f"stores must be a list of store paths or URLs, got {self.stores!r}")
+        check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, TrainConfig, "config")
         if not isinstance(self.saes, list):
             raise ConfigError("saes must be a list of SAE specs (objects with arch, width, hook_in, ...)")
         spec_fields = {f.name for f in dataclasses.fields(SAESpec)}

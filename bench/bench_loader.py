@@ -3,7 +3,7 @@ storage, batch 4096) against references measured in the same run, in interleaved
 
 - uncompressed store (codec none) vs a page-cached numpy memmap of the same rows read as random 4096-row blocks
   (target >= 0.5x). Compared twice: both delivering fp16 (the loader with dtype=float16 vs a raw block copy) and both
-  delivering the float32 torch batch the trainer consumes (the memmap block converted to float32);
+  delivering the float32 torch batch the trainer consumes (the memmap block converted with the loader's own cast);
 - the default compressed store (blosc zstd clevel 3 bitshuffle) vs the codec's single-core decode rate: every inner
   chunk's bytes, already in memory, decoded by numcodecs in one thread into a preallocated buffer (target >= 0.8x).
 
@@ -81,12 +81,14 @@ def loader_epoch(url: str, dtype: torch.dtype) -> tuple[float, int]:
 
 def memmap_epoch(mm: np.ndarray, to_float32: bool, seed: int) -> tuple[float, int]:
     """Random 4096-row blocks (start aligned to the block size), as many rows as the store holds."""
+    from saecache.train.loader import _bits_to_float  # the loader's own fp16 -> fp32 cast: same cost on both sides
+
     n_blocks = len(mm) // BATCH
     order = np.random.default_rng(seed).permutation(n_blocks)
     t0 = time.perf_counter()
     for i in order:
         a = mm[i * BATCH:(i + 1) * BATCH]
-        b = torch.from_numpy(a.astype(np.float32)) if to_float32 else torch.from_numpy(np.array(a))
+        b = _bits_to_float(a, "float16", torch.float32) if to_float32 else torch.from_numpy(np.array(a))
     dt = time.perf_counter() - t0
     assert b.shape == (BATCH, D)
     return dt, n_blocks * BATCH

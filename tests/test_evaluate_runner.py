@@ -157,3 +157,17 @@ def test_store_of_other_hooks_and_model_of_another_store_are_refused(identity_an
         evaluate([run], tiny_store, tmp_path / "e2", model=str(tmp_path / "other_model"))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "e2" / "report.md").exists()
+
+
+def test_statistics_only_report_without_the_model(identity_and_zero, tiny_store, tmp_path):
+    """splice=False: no model loaded, no loss keys, "—" in the loss column; two SAEs of one set at the same layer get
+    a Run column in their shared table."""
+    runs = [identity_and_zero[k]["run_dir"] for k in ("identity", "zero")]
+    rows = evaluate(runs, tiny_store, tmp_path / "ev", splice=False, model="/nonexistent/model")
+    assert [r["run"] for r in rows] == ["identity", "zero"]
+    assert all("ce_clean" not in r and "recovered_zero" not in r for r in rows)
+    assert rows[0]["mse"] == identity_and_zero["identity"]["mse"] and rows[1]["l0"] == identity_and_zero["zero"]["l0"]
+    md = (tmp_path / "ev" / "report.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| Run | Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |")
+    assert len(lines) == 4 and all(line.split("|")[7].strip() == "—" for line in lines[2:])

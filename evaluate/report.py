@@ -154,7 +154,7 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
     paths = {"config": os.path.join(cfg.out, "eval_config.json"), "json": os.path.join(cfg.out, "report.json"),
              "csv": os.path.join(cfg.out, "report.csv"), "md": os.path.join(cfg.out, "report.md")}
     with open(paths["config"], "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1, sort_keys=True)
+        json.dump({**cfg.to_dict(), "store": store.url}, f, indent=1, sort_keys=True)  # URL without credentials
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     with open(paths["json"], "w") as f:
         json.dump({**header, "definitions": DEFINITIONS, "rows": clean}, f, indent=1)

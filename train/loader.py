@@ -21,6 +21,7 @@ that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` se
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -84,8 +85,22 @@ class _Reader:
         self.store = store
         self.direct = {}
         for h in hooks:
-            arr = None if h in META or not direct else DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h)  # remote: cached shard reader
+            arr = None if h in META or not direct else (  # remote stores: the verified local shard cache
+                DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
             self.direct[h] = arr
+        if store.loc.local:
+            self._check_files(store, hooks)
+
+    @staticmethod
+    def _check_files(store: Store, hooks: list[str]) -> None:
+        """A shard the manifest lists must have its files: a missing one would read back as zeros, silently."""
+        wanted = set(hooks)
+        for s in store.complete_shards():
+            for key in store.manifest()[s]["objects"]:
+                parts = key.split("/")
+                if parts[0] in ("acts", "rows") and parts[1] in wanted and not os.path.exists(store.loc.path(key)):
+                    raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
+                                     "run `saecache verify` and re-harvest that shard")
 
     def read(self, unit: Unit) -> dict[str, np.ndarray]:
         out = {}

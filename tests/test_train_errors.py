@@ -200,3 +200,12 @@ def test_missing_metrics_backend_fails_before_writing(capsys, tiny_store, tmp_pa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     _fails(capsys, *base(tiny_store, tmp_path / "out"), "--log", "tensorboard", match="pip install tensorboard")
     assert not (tmp_path / "out").exists()
+
+
+def test_store_with_a_missing_shard_file_is_refused_not_read_as_zeros(capsys, tiny_store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_store, damaged)
+    (damaged / "acts" / "mlp_out.0" / "c" / "5" / "0").unlink()  # listed in the manifest, gone from disk
+    before = _tree(damaged)
+    _fails(capsys, *base(damaged, tmp_path / "out"), match="acts/mlp_out.0/c/5/0 of complete shard 5 is missing")
+    assert _tree(damaged) == before and not (tmp_path / "out").exists()

@@ -61,7 +61,8 @@ def format_info(info: dict) -> str:
         f"config sha256 {str(m['config_hash'])[:12]}]",
         f"tokenizer    {t.get('name')}  (vocab {t.get('vocab_size')}, bos {t.get('bos_token_id')}, "
         f"eos {t.get('eos_token_id')})",
-        f"data         {d['spec']}  split={d['split']} field={d['text_field']}  fingerprint {str(d['fingerprint'])[:12]}",
+        f"data         {d['spec']}  split={d['split']} field={d['text_field']}  "
+        f"fingerprint {str(d['fingerprint'])[:12]}",
         f"contexts     ctx_len {info['ctx_len']}, seed {info['seed']}; {info['bos_policy']}",
         f"storage      {st['dtype']} ({DTYPES[st['dtype']][0]} on disk), codec {st['codec']}, "
         f"shards of {st['shard_rows']} rows, inner chunks of {st['chunk_rows']} rows",
@@ -71,7 +72,8 @@ def format_info(info: dict) -> str:
         f"size         {info['bytes_on_disk']:,} bytes; {info['bytes_per_value']:.3f} bytes per activation value",
         "written by   " + ", ".join(f"{w['host']} (saecache {w['package_version']})" for w in info["written_by"])
         + (f" as worker(s) {', '.join(info['workers'])}" if info.get("workers") else "")
-        + (f" between {info['written_between'][0]} and {info['written_between'][1]}" if info["written_between"] else ""),
+        + (f" between {info['written_between'][0]} and {info['written_between'][1]}"
+           if info["written_between"] else ""),
     ]
     if info.get("derived_from"):
         d = info["derived_from"]
@@ -107,6 +109,6 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             problems.append(f"manifest entry {name} names a shard beyond the store's {store.geometry.n_shards}")
     final = store.final
     if final is not None and final.get("fingerprint") != store.fingerprint():
-        problems.append(f"{FINAL_FILE} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest gives "
-                        f"{store.fingerprint()[:16]}…: shards were changed after the store was completed")
+        problems.append(f"{FINAL_FILE} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest "
+                        f"gives {store.fingerprint()[:16]}…: shards were changed after the store was completed")
     return problems

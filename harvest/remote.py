@@ -41,7 +41,8 @@ BACKENDS = {
     "abfs": ("adlfs", "pip install adlfs"),
 }
 
-_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError")
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialRetrievalError")
 _UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError",
                 "ConnectionRefusedError", "ConnectionResetError", "gaierror", "ReadTimeoutError")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
@@ -62,7 +63,7 @@ def safe_url(url: str) -> str:
 
 
 def open_filesystem(url: str, storage_options: dict | None = None, asynchronous: bool = False):
-    """(fsspec filesystem, root path) for a URL; a missing backend package becomes a StoreError with the install hint."""
+    """(fsspec filesystem, root path) for a URL; a missing backend package is a StoreError with the install hint."""
     import fsspec
 
     opts = dict(storage_options or {})

@@ -268,7 +268,8 @@ def test_read_only_client_trains_and_evaluates_like_local(s3, s3_store, tiny_sto
 
 def test_read_only_client_cannot_write(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
     use_identity(monkeypatch, s3, "reader", tmp_path / "cache")
-    line = one_line_error(*run_cli(["copy", tiny_store, f"s3://{BUCKET}/stores/by-reader.zarr", "--quiet"], capsys)[::2])
+    dst = f"s3://{BUCKET}/stores/by-reader.zarr"
+    line = one_line_error(*run_cli(["copy", tiny_store, dst, "--quiet"], capsys)[::2])
     assert "permission denied" in line
     line = one_line_error(*run_cli(["harvest", "--out", f"s3://{BUCKET}/stores/h.zarr", "--model", "/nonexistent",
                                     "--quiet"], capsys)[::2])
@@ -327,7 +328,8 @@ def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tm
                                   Store.open(str(tiny_store)).read_acts("mlp_out.0", 0, 512))
     line = one_line_error(*run_cli(["train", "--store", url, "--out", tmp_path / "runs", "--hook", "mlp_out.0",
                                     "--width", "32", "--k", "4", "--steps", "20", "--batch-size", "512",
-                                    "--heldout", "0", "--partitions", "1", "--device", "cpu", "--no-progress"], capsys)[::2])
+                                    "--heldout", "0", "--partitions", "1", "--device", "cpu", "--no-progress"],
+                                   capsys)[::2])
     assert "damaged.zarr" in line and ("checksum" in line or "missing" in line)
 
 
@@ -440,7 +442,8 @@ def test_info_shows_provenance_and_fingerprint_tracks_content(s3, s3_store, tiny
     header = json.loads((Path(tiny_store) / "zarr.json").read_text())["attributes"]["saecache"]
     for needle in (s3_store, header["model"]["name"], header["tokenizer"]["name"], header["dataset"]["spec"],
                    "ctx_len 32", "seed 0", "mlp_in.0 (d=", "mlp_out.1 (d=", "blosc-zstd", "8,192 of 8,192",
-                   "(complete)", socket.gethostname(), "saecache 0.", "as worker(s) 0/2, 1/2", "matches the final record"):
+                   "(complete)", socket.gethostname(), "saecache 0.", "as worker(s) 0/2, 1/2",
+                   "matches the final record"):
         assert needle in out, needle
     fp = json.loads(run_cli(["info", s3_store, "--json"], capsys)[1])["fingerprint"]
     assert len(fp) == 64

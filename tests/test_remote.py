@@ -571,3 +571,25 @@ def test_any_fsspec_url_memory_filesystem(tiny_store, tmp_path, monkeypatch, cap
     np.testing.assert_array_equal(remote.cached_array("mlp_in.0").read_rows(640, 128),
                                   local.read_acts("mlp_in.0", 640, 768))
     assert run_cli(["verify", url], capsys)[0] == 0
+
+
+def test_copy_of_a_store_still_being_harvested_catches_up_later(tmp_path, monkeypatch, capsys):
+    """Copy publishes only the source's finished shards; a later run adds the rest and the final record."""
+    from test_store import make_header, write_all
+
+    from saecache.harvest.store import Store
+
+    monkeypatch.setenv("SAECACHE_CACHE_DIR", str(tmp_path / "cache"))
+    src, dst = str(tmp_path / "src.zarr"), "memory://team/growing.zarr"
+    header = make_header(n_contexts=20)  # 5 shards
+    write_all(src, header, shards={0, 1, 3})
+    code, out, err = run_cli(["copy", src, dst, "--quiet", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["shards"], s["shards_total"], s["complete"]) == (3, 5, False)
+    partial = Store.open(dst)
+    assert partial.complete_shards() == [0, 1, 3] and partial.final is None
+    write_all(src, header)  # the harvest finishes (rewrites identical shards 0, 1, 3; adds 2 and 4)
+    s = json.loads(run_cli(["copy", src, dst, "--quiet", "--json"], capsys)[1])
+    assert (s["shards_skipped"], s["shards_copied"], s["complete"]) == (3, 2, True)
+    assert Store.open(dst).fingerprint() == Store.open(src).fingerprint() == Store.open(dst).final["fingerprint"]

@@ -15,8 +15,10 @@ because harvest must not import from train.
 
 Configuration (environment, read when the first remote store is opened; `CacheConfig` documents the fields):
 `SAECACHE_CACHE_DIR` (default `$XDG_CACHE_HOME/saecache/shards`, i.e. `~/.cache/saecache/shards`),
-`SAECACHE_CACHE_GB` (default 20; 0 turns the cache off). Several processes may share one directory: files are
-published by rename and each process re-checks a file against the manifest before its first use.
+`SAECACHE_CACHE_GB` (default 20; 0 turns the cache off). Several processes (e.g. DDP ranks) may share one
+directory: files are published by rename, each process re-checks a file against the manifest before its first use,
+and a file evicted by one process while another reads it stays readable to the reader (POSIX). Each process counts
+the files it found at start plus those it fetched, so with N processes the directory can briefly exceed the bound.
 """
 
 from __future__ import annotations

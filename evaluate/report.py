@@ -106,14 +106,17 @@ def markdown(rows: list[dict], header: dict) -> str:
              f"`{header['fingerprint'][:16]}`).", "", tables(rows)]
     n = sorted({r["n_rows"] for r in rows})
     ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
+    bos = (f"BOS/padding: contexts are fixed-length with no padding, as harvested "
+           f"({header.get('bos_policy') or 'not recorded'}); "
+           + ("every position, BOS included, is replaced and every prediction counts." if not header["first_position"]
+              else f"positions before {header['first_position']} (not in the store) are never replaced and the "
+                   "predictions made there not counted."))
+    loss = (f"Loss figures over {', '.join(map(str, ctx))} held-out contexts of the store's own token ids. {bos}" if ctx
+            else "Loss figures not computed (no splicing).")
     lines += ["## Definitions", "",
-              f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE ({rows[0]['rows']}); "
-              f"% Alive counts a feature alive when it fires on at least one of them. Loss figures over "
-              f"{', '.join(map(str, ctx)) or 'no'} held-out contexts of the store's own token ids. BOS/padding: "
-              f"contexts are fixed-length with no padding, as harvested ({header.get('bos_policy') or 'not recorded'}); "
-              + ("every position, BOS included, is replaced and every prediction counts." if not header["first_position"]
-                 else f"positions before {header['first_position']} (not in the store) are never replaced and the "
-                      "predictions made there not counted."), ""]
+              f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
+              f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "
+              f"% Alive counts a feature alive when it fires on at least one of them. {loss}", ""]
     lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
 

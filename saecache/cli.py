@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except OSError as e:
         # disk full, permission denied, unreachable endpoints: one line, no traceback
-        click.echo(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})".rstrip(" ()"), err=True)
+        where = getattr(e, "filename", None)
+        click.echo(f"error: {e.strerror or e}" + (f" ({where})" if where else ""), err=True)
         sys.exit(2)
 
 

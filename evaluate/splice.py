@@ -112,9 +112,10 @@ def splice_losses_many(
         mask[:, first_position:] = True
 
         clean = _logits(model, ids)
-        s, n = M.next_token_ce(clean, ids, mask)
-        base["clean"] += s
-        count += n
+        ref = M.CleanReference(clean, ids, mask)
+        del clean
+        base["clean"] += ref.ce_sum
+        count += ref.count
         with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
             base["zero"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
         with patch_output(model, hook_out,
@@ -122,10 +123,9 @@ def splice_losses_many(
             base["mean"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
 
         for label, (reconstruct, hook_in) in reconstructions.items():
-            spliced = _spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position)
-            spliced_sum[label] += M.next_token_ce(spliced, ids, mask)[0]
-            kl_sum[label] += M.kl_clean_to_spliced(clean, spliced, mask)[0]
-            del spliced
+            ce, kl = ref.compare(_spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position))
+            spliced_sum[label] += ce
+            kl_sum[label] += kl
 
     n = max(count, 1)
     return {label: SpliceLosses(clean=base["clean"] / n, spliced=spliced_sum[label] / n, zero=base["zero"] / n,

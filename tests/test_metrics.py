@@ -119,3 +119,17 @@ def test_ce_and_kl_match_float64_references_on_a_large_vocabulary():
     lq = torch.log_softmax(spliced[:, 1:-1].double(), -1)
     ref = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="sum")
     assert n == 15 and s == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_clean_reference_gives_the_same_sums_as_the_separate_functions():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randn(2, 6, 300, generator=g) * 3
+    spliced = clean + torch.randn(2, 6, 300, generator=g) * 0.5
+    ids = torch.randint(0, 300, (2, 6), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    ref = M.CleanReference(clean, ids, mask)
+    assert (ref.ce_sum, ref.count) == pytest.approx(M.next_token_ce(clean, ids, mask), rel=1e-12)
+    ce, kl = ref.compare(spliced)
+    assert ce == pytest.approx(M.next_token_ce(spliced, ids, mask)[0], rel=1e-12)
+    assert kl == pytest.approx(M.kl_clean_to_spliced(clean, spliced, mask)[0], rel=1e-12)
+    assert ref.compare(clean) == (ref.ce_sum, 0.0)

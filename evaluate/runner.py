@@ -1,6 +1,7 @@
 """`saecache evaluate` end to end: check each run dir against the store, stream the held-out rows through the SAE for
-the reconstruction statistics and firing frequencies, splice into the model for the loss figures, optionally prune
-high-frequency features and measure everything again, then write the report (`report.py`).
+the reconstruction statistics and firing frequencies, optionally prune high-frequency features and measure again,
+splice every SAE (and pruned SAE) of one hook into the model together for the loss figures, write a feature page per
+SAE, then the report (`report.py`). Runs are processed one output hook at a time.
 
 Which rows are "held out": if the store is one the run was trained on (same fingerprint), the contexts the run's
 cfg.json records as held out (`heldout.fraction`, the last contexts by id); for any other store of the same model and

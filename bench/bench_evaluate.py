@@ -135,7 +135,9 @@ def write_results(result: dict, out: Path) -> None:
               f"| {t['forward_equivalents_per_sae']} |" for t in result["timings"]]
     lines += ["", "Minimum possible: 7 forwards per hook per batch (clean, zero, mean + 4 SAEs) = 1.75 "
               "forward-equivalents per SAE; the rest is the softmax over the vocabulary, the statistics passes over the "
-              "store, histograms and feature pages."]
+              "store, histograms and feature pages. The reference forward is timed once, right before its "
+              "evaluation: on a machine shared with other jobs the load changes during a several-minute evaluation, "
+              "so ratios are rough (compare the absolute seconds of the thread counts too)."]
     (out / "evaluate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

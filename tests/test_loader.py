@@ -26,6 +26,13 @@ def odd_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
 
 
 @pytest.fixture(scope="module")
+def raw_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """Uncompressed store (codec none): the direct reader reads its inner chunks with preadv, no decode."""
+    return harvest_tiny(tmp_path_factory.mktemp("raw") / "raw.zarr", tiny_model_dir, tiny_corpus, codec="none",
+                        tokens=2048)
+
+
+@pytest.fixture(scope="module")
 def bf16_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
     return harvest_tiny(tmp_path_factory.mktemp("bf16") / "bf16.zarr", tiny_model_dir, tiny_corpus, dtype="bfloat16",
                         codec="zstd", tokens=2000)
@@ -191,15 +198,18 @@ def test_bfloat16_store_serves_exact_values(bf16_store):
         assert torch.equal(b["mlp_out.1"], want_BD[b["row"]].to(dtype))
 
 
-@pytest.mark.parametrize("which", ["tiny", "odd", "bf16"])
-def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store, odd_store, bf16_store):
-    path = {"tiny": tiny_store, "odd": odd_store, "bf16": bf16_store}[which]
+@pytest.mark.parametrize("which", ["tiny", "odd", "bf16", "raw"])
+def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store, odd_store, bf16_store, raw_store):
+    path = {"tiny": tiny_store, "odd": odd_store, "bf16": bf16_store, "raw": raw_store}[which]
     st = Store.open(str(path))
+    if which == "raw":  # really uncompressed: the inner codec chain is bytes only (the preadv path)
+        meta = json.loads((path / "acts" / HOOKS[0] / "zarr.json").read_text())
+        assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == ["bytes"]
     g = st.geometry
     for hook in HOOKS:
         z = zarr.open_array(str(path / "acts" / hook), mode="r", zarr_format=3)
         direct = DirectArray.open(str(path / "acts" / hook))
-        assert direct is not None
+        assert direct is not None and (direct._decode is None) == (which == "raw")
         for s in range(g.n_shards):
             for c in range(g.chunks_per_shard):
                 r0 = s * g.shard_rows + c * g.chunk_rows
@@ -209,6 +219,24 @@ def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store
                 got, want = direct.read_rows(r0, n), np.asarray(z[r0:r0 + n])
                 assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (hook, s, c)
         direct.close()
+
+
+def test_direct_reader_refuses_a_missing_shard_file_instead_of_returning_zeros(raw_store, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(raw_store, broken)
+    arr_dir = broken / "acts" / "mlp_out.0"
+    direct = DirectArray.open(str(arr_dir))
+    assert direct.read_rows(direct.shard_rows, direct.chunk_rows).any()  # shard 1 reads fine while present
+    (arr_dir / "c" / "1" / "0").unlink()
+    fresh = DirectArray.open(str(arr_dir))
+    with pytest.raises(StoreError, match="missing") as e:
+        fresh.read_rows(fresh.shard_rows, fresh.chunk_rows)
+    assert "\n" not in str(e.value)
+    assert fresh.read_rows(0, fresh.chunk_rows).any()  # the other shards still read
+    direct.close()
+    fresh.close()
 
 
 def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(tiny_store, tmp_path):

@@ -290,23 +290,38 @@ class Loader:
         skip, w = start_batch * self.per_part, 0
         while w < len(plan) and skip >= (n := self._window_rows(plan[w])):
             skip, w = skip - n, w + 1
+        pool, live = free.setdefault(p, []), {}  # live: windows whose buffers a batch or a reader may still use
         pending = self._submit(epoch, p, w, free)
         segs, have = [], 0
-        while pending is not None:
-            win = pending
-            win.wait()
-            pending = self._submit(epoch, p, w + 1, free)  # prefetch the next window while this one is served
-            i, skip = skip, 0
-            while i < win.n:
-                k = min(self.per_part - have, win.n - i)
-                segs.append((win, i, i + k))
-                have, i = have + k, i + k
-                if have == self.per_part:
-                    yield segs
-                    done = {id(s[0]): s[0] for s in segs if s[0] is not win or i == win.n}
-                    free.setdefault(p, []).extend(x.base for x in done.values())
-                    segs, have = [], 0
-            w += 1
+        try:
+            while pending is not None:
+                win, pending = pending, None
+                live[id(win)] = win
+                win.wait()
+                i, skip = skip, 0
+                while i < win.n:
+                    k = min(self.per_part - have, win.n - i)
+                    segs.append((win, i, i + k))
+                    have, i = have + k, i + k
+                    if have == self.per_part:
+                        yield segs
+                        for x, _, _ in segs:  # served: buffers of fully served windows are free again
+                            if (x is not win or i == win.n) and id(x) in live:
+                                pool.append(live.pop(id(x)).base)
+                        segs, have = [], 0
+                        if pending is None:  # read the next window (into the buffers just freed)
+                            pending = self._submit(epoch, p, w + 1, free)
+                if pending is None:
+                    pending = self._submit(epoch, p, w + 1, free)
+                w += 1
+        finally:  # end of the epoch or stream closed: recycle every buffer no reader is still writing
+            if pending is not None:
+                try:
+                    pending.wait()
+                    live[id(pending)] = pending
+                except Exception:
+                    pass
+            pool.extend(x.base for x in live.values())
 
     def _new_batch(self, h: str, n: int, stage: dict) -> tuple[np.ndarray, torch.Tensor | None]:
         """Gather target for hook h: a fresh tensor's memory when no cast follows, else a reused staging buffer."""

@@ -7,22 +7,6 @@ import click
 from saecache.data.demo import DemoConfig
 
 
-def seed_tables(rows: list[dict]) -> str:
-    """The seed's table (Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered), one per architecture and width."""
-    sets: dict[str, list[dict]] = {}
-    for r in rows:
-        if not r.get("pruned"):
-            sets.setdefault(f"{r['architecture']} width {r['n_features']}", []).append(r)
-    out = []
-    for name, group in sets.items():
-        out += [f"\n{name}", "| Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |",
-                "|---|---|---|---|---|---|"]
-        for r in sorted(group, key=lambda r: str(r["layer"]).zfill(4)):
-            out.append(f"| {r['layer']} | {r['mse']:.4g} | {r['l1']:.4g} | {r['l0']:.1f} | {100 * r['frac_alive']:.1f} | "
-                       f"{100 * r['recovered_zero']:.1f} |")
-    return "\n".join(out)
-
-
 @click.command("demo")
 @click.option("--out", default=DemoConfig.out, show_default=True, help="Directory for every artefact; reruns reuse it.")
 @click.option("--tokenizer", type=click.Choice(["auto", "pythia", "bpe"]), default="auto", show_default=True,
@@ -39,6 +23,7 @@ def demo(out, tokenizer, model_steps, model_seconds, train_tokens, device, quiet
     """The main job offline: a Pile-format corpus from local text, a small Pythia-architecture model, harvest of every
     layer's MLP output, a ReLU+L1 / TopK sweep from one store, evaluation by splicing, and the seed's table."""
     from saecache.data.demo import run_demo
+    from saecache.evaluate.report import tables
 
     cfg = DemoConfig(out=out, tokenizer=tokenizer, model_steps=model_steps or None, model_seconds=model_seconds,
                      train_tokens=train_tokens,
@@ -48,6 +33,6 @@ def demo(out, tokenizer, model_steps, model_seconds, train_tokens, device, quiet
     click.echo(f"demo model: validation loss {s['val_loss']:.3f} nats vs unigram entropy {s['unigram_entropy']:.3f} "
                f"(a unigram model fit on the train split: {s['unigram_xent']:.3f}); trained "
                f"{s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens")
-    click.echo(seed_tables(s["rows"]))
+    click.echo("\n" + tables(s["rows"]))
     click.echo(f"\nreport: {s['report']} (histograms beside it); store: {out}/store.zarr; runs: {out}/runs; "
                f"total {s['timings_s']['total']:.0f} s")

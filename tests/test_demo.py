@@ -4,7 +4,7 @@ and a second run reuses the model, the store and the finished SAEs instead of re
 import json
 
 from saecache.data.demo import DemoConfig, run_demo, sweep
-from saecache.data.demo_cli import seed_tables
+from saecache.evaluate.report import tables
 
 
 def mini(out, **kw) -> DemoConfig:
@@ -32,7 +32,7 @@ def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
     assert s["val_loss"] < s["unigram_xent"]  # the model learned something beyond token frequencies
 
     # the seed's table: one per (architecture, width), one line per layer
-    table = seed_tables(s["rows"])
+    table = tables(s["rows"])
     assert table.count("| Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |") == 4
     assert sum(line.startswith("| 0 |") for line in table.splitlines()) == 4
 

@@ -16,6 +16,11 @@ Resume state is ``{"epoch", "batches_served", "seed"}``: resuming recomputes the
 reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
 counts never change the batches. Held out = the last ``heldout_fraction`` of contexts by context id (rows of a shard
 that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` serves exactly those rows to evaluate.
+
+Data path (one read and one gather per row): reader threads decode each inner chunk straight into its slot of a
+per-partition window buffer (recycled: two live per partition); a window is served as index slices of its shuffle
+order, never as a shuffled copy; a batch is built by one ``np.take`` per (hook, partition segment) into the batch
+memory, then cast once, the gathers and the cast split between the consumer and one helper thread.
 """
 
 from __future__ import annotations

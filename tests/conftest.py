@@ -3,9 +3,22 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _assets import *  # noqa: E402,F401,F403
 from _store import *  # noqa: E402,F401,F403
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for in-process training of tiny SAEs (faster on a shared 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from saecache.train import trainer as T
 
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process training with one intra-op thread (a shared 2-core machine runs tiny ops faster that way)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _trained(arch="relu", d=16, F=40, d_out=None, steps=3, **kw):
     """An SAE with a few Adam steps behind it, so every moment is non-zero."""

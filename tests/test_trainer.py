@@ -27,13 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process training with one intra-op thread (a shared 2-core machine runs tiny ops faster that way)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "saecache", "train", *map(str, args)], env=ENV,

@@ -220,7 +220,7 @@ def default_cache() -> ShardCache | None:
         return _CACHES[cfg]
 
 
-def _decoder(codecs: list[dict]):
+def inner_decoder(codecs: list[dict]):
     """numcodecs decoder of the inner codec chain (None for raw bytes); KeyError when we do not handle it."""
     names = [c["name"] for c in codecs]
     if names[0] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
@@ -247,7 +247,7 @@ class CachedShardArray:
         self.shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
         self.chunk_rows = shard["chunk_shape"][0]
         self.n_inner = self.shard_rows // self.chunk_rows
-        self._decode = _decoder(shard["codecs"])
+        self._decode = inner_decoder(shard["codecs"])
         self._crc = any(c["name"] == "crc32c" for c in shard["index_codecs"])
         self._index: dict[int, np.ndarray] = {}
 

@@ -16,29 +16,12 @@ import os
 import threading
 
 import crc32c
-import numcodecs
 import numpy as np
 
 from saecache.errors import StoreError
+from saecache.harvest.cache import inner_decoder
 
 _MISSING = np.uint64(2**64 - 1)
-
-
-def _decoder(codecs: list[dict]):
-    """Map the inner codec chain to a numcodecs decoder (None for raw bytes); raise KeyError when unsupported."""
-    names = [c["name"] for c in codecs]
-    if names[0] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
-        raise KeyError("inner codecs must start with little-endian bytes")
-    if len(codecs) == 1:
-        return None
-    if len(codecs) != 2:
-        raise KeyError(f"unsupported codec chain {names}")
-    name, conf = codecs[1]["name"], codecs[1].get("configuration", {})
-    if name == "blosc":
-        return numcodecs.Blosc()  # decoding needs no parameters: the blosc header carries them
-    if name == "zstd":
-        return numcodecs.Zstd()
-    raise KeyError(f"unsupported compressor {name}")
 
 
 class DirectArray:
@@ -54,7 +37,7 @@ class DirectArray:
         self.n_inner = self.shard_rows // self.chunk_rows
         self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         self.fill_value = meta.get("fill_value", 0)
-        self._decode = _decoder(shard["codecs"])
+        self._decode = inner_decoder(shard["codecs"])
         self._crc = any(c["name"] == "crc32c" for c in shard["index_codecs"])
         self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}

@@ -13,15 +13,15 @@ in the same run, and against the peer libraries when they are installed.
 - Each round runs every candidate once in a fresh order; the figure per candidate is the median over rounds of its
   step time, and the median over rounds of the paired ratio to that round's reference step.
 
-Peer environment (outside the repository):
+Peer environment (anywhere outside the repository, e.g. PEERS=$HOME/saecache-peers; mkdir -p $PEERS):
 
-    python3 -m venv /tmp/peers-venv
-    /tmp/peers-venv/bin/pip install torch==2.13.0
-    echo torch==2.13.0 > /tmp/peers-constraints.txt      # else pip may swap in a multi-GB CUDA build
-    /tmp/peers-venv/bin/pip install -c /tmp/peers-constraints.txt sae-lens dictionary-learning eai-sparsify
-    /tmp/peers-venv/bin/pip uninstall -y torchvision     # nnsight's CUDA-linked torchvision breaks transformers
+    python3 -m venv $PEERS/venv
+    $PEERS/venv/bin/pip install torch==2.13.0
+    echo torch==2.13.0 > $PEERS/constraints.txt      # else pip may swap in a multi-GB CUDA build
+    $PEERS/venv/bin/pip install -c $PEERS/constraints.txt sae-lens dictionary-learning eai-sparsify
+    $PEERS/venv/bin/pip uninstall -y torchvision     # nnsight's CUDA-linked torchvision breaks transformers
 
-Usage: python -m bench.bench_train [--peers-python /tmp/peers-venv/bin/python] [--widths 8192 32768]
+Usage: python -m bench.bench_train [--peers-python $PEERS/venv/bin/python] [--widths 8192 32768]
        [--rounds 2] [--out bench/results]
 Without --peers-python (or $SAECACHE_PEERS_PYTHON, which `make bench` picks up) only saecache is measured.
 Wall time: one round costs the sum of every candidate's step, ~1.5 min at width 32768 on 2 free cores (the dense

@@ -184,7 +184,7 @@ def test_other_dtypes_and_codecs_hold_the_same_values(tmp_path, tiny_store, tiny
 
 def test_ctrl_c_leaves_a_resumable_store(tmp_path, tiny_model_dir, tiny_corpus):
     """SIGINT (Ctrl-C) mid-harvest: one line, exit 130, published shards kept; rerunning completes the same store."""
-    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=4096)
+    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=16384)  # 256 shards: the signal lands mid-run
     ref = tmp_path / "ref.zarr"
     p = _run_cli(_cli_args(ref, tiny_model_dir, tiny_corpus, **small))
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()

@@ -189,7 +189,10 @@ def test_ctrl_c_leaves_a_resumable_store(tmp_path, tiny_model_dir, tiny_corpus):
     p = _run_cli(_cli_args(ref, tiny_model_dir, tiny_corpus, **small))
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     out = tmp_path / "interrupted.zarr"
-    p = _run_cli(_cli_args(out, tiny_model_dir, tiny_corpus, **small))
+    # a Ctrl-C-able child even when this test runs as a background job (shells start those with SIGINT ignored, and
+    # an ignored signal stays ignored across exec)
+    p = _run_cli(_cli_args(out, tiny_model_dir, tiny_corpus, **small),
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     mdir = out / "_manifest"
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and not (mdir.exists() and os.listdir(mdir)):

@@ -120,12 +120,17 @@ def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) ->
     return members
 
 
+def _diverged(m: Member, what: str, hint: str = "lower the lr") -> DivergedError:
+    """The one-line divergence error, naming the last good checkpoint that is kept."""
+    last = rundir.list_checkpoints(m.run_dir)
+    return DivergedError(f"{m.spec.name}: {what}; kept the last good checkpoint "
+                         f"({'step ' + str(last[-1]) if last else 'none yet'}); {hint}")
+
+
 def _require_finite(m: Member, step: int) -> None:
     bad = [n for n, p in m.sae.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        last = rundir.list_checkpoints(m.run_dir)
-        raise DivergedError(f"{m.spec.name}: {', '.join(bad)} became non-finite by step {step}; kept the last good "
-                            f"checkpoint ({'step ' + str(last[-1]) if last else 'none yet'}); lower the lr")
+        raise _diverged(m, f"{', '.join(bad)} became non-finite by step {step}")
 
 
 def _checkpoint(m: Member, step: int, loader: Loader, cfg: TrainConfig) -> None:
@@ -167,10 +172,8 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
         out = m.sae.loss(x_BD, t_BD, sparsity_warmup_factor(step, cfg.sparsity_warmup_steps))
     # a 0/1 flag, not the loss itself: MAX over ranks of a NaN is not reliably NaN, and every rank must stop together
     if ddp.all_reduce_max((~torch.isfinite(out.total.detach())).float()) > 0:
-        last = rundir.list_checkpoints(m.run_dir)
-        raise DivergedError(f"{m.spec.name}: loss became {out.total.item()} at step {step}; kept the last good "
-                            f"checkpoint ({'step ' + str(last[-1]) if last else 'none yet'}); lower the lr "
-                            "or check the store for non-finite rows")
+        raise _diverged(m, f"loss became {out.total.item()} at step {step}",
+                        "lower the lr or check the store for non-finite rows")
     m.opt.zero_grad(set_to_none=True)
     out.total.backward()
     ddp.average_gradients(m.sae, world)

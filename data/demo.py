@@ -100,6 +100,11 @@ def build_tokenizer(cfg: DemoConfig, train_file: Path):
     return train_bpe([train_file], cfg.bpe_vocab), f"local byte-level BPE ({cfg.bpe_vocab} tokens)"
 
 
+def _read_record(path: Path) -> dict:
+    """A cache record written by an earlier run, or {} when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
     """Corpus, tokenizer and trained model under `root`; cached by the recipe (see `train_model`)."""
     from saecache.data.corpus import build_pile_corpus
@@ -108,7 +113,7 @@ def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
     corpus_dir = root / "corpus"
     record = corpus_dir / "corpus.json"
     want = {"bytes": cfg.corpus_bytes, "seed": cfg.seed}
-    if not (record.is_file() and json.loads(record.read_text()).get("recipe") == want):
+    if _read_record(record).get("recipe") != want:
         _step(f"building a Pile-format corpus from local text ({cfg.corpus_bytes / 1e6:.0f} MB)", t0)
         info = build_pile_corpus(corpus_dir, cfg.corpus_bytes, heldout_fraction=0.05, seed=cfg.seed)
         record.write_text(json.dumps({"recipe": want, "docs": info["docs"], "bytes": info["bytes"],
@@ -118,10 +123,11 @@ def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
     tok_record = model_dir / "demo_tokenizer.json"
     want_tok = {"tokenizer": cfg.tokenizer, "bpe_vocab": cfg.bpe_vocab, "corpus": want, "layers": cfg.layers,
                 "hidden": cfg.hidden, "seed": cfg.seed}
-    if tok_record.is_file() and json.loads(tok_record.read_text()).get("recipe") == want_tok:
+    cached = _read_record(tok_record)
+    if cached.get("recipe") == want_tok:
         from transformers import AutoTokenizer
 
-        tokenizer, tok_desc = AutoTokenizer.from_pretrained(str(model_dir)), json.loads(tok_record.read_text())["used"]
+        tokenizer, tok_desc = AutoTokenizer.from_pretrained(str(model_dir)), cached["used"]
     else:
         _step("preparing the tokenizer and the model's initial weights", t0)
         tokenizer, tok_desc = build_tokenizer(cfg, train_file)
@@ -139,7 +145,8 @@ def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
 
 
 def sweep(cfg: DemoConfig, hooks: list[str]) -> list[dict]:
-    """Per layer: ReLU+L1 with resampling (the seed's method) and TopK, at every width."""
+    """Per layer: ReLU+L1 (the seed's method) and TopK, at every width. Resampling is a run-level setting, so the
+    TopK SAEs of the sweep are resampled (and their LR re-warmed) on the same schedule as the ReLU ones."""
     saes = []
     for hook in hooks:
         for width in cfg.widths:

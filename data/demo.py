@@ -145,8 +145,8 @@ def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
 
 
 def sweep(cfg: DemoConfig, hooks: list[str]) -> list[dict]:
-    """Per layer: ReLU+L1 (the seed's method) and TopK, at every width. Resampling is a run-level setting, so the
-    TopK SAEs of the sweep are resampled (and their LR re-warmed) on the same schedule as the ReLU ones."""
+    """Per layer: ReLU+L1 (the seed's method) and TopK, at every width. Only the ReLU SAEs are resampled (the
+    `SAESpec.resample` default); the TopK ones rely on AuxK for dead latents and keep the plain LR warmup."""
     saes = []
     for hook in hooks:
         for width in cfg.widths:

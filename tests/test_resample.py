@@ -1,12 +1,16 @@
 """Dead-latent resampling (Anthropic, "Towards Monosemanticity"): only dead latents change, exactly their Adam moments
 are reset, inputs are drawn ∝ squared reconstruction loss, encoder norms are 0.2 × the mean alive norm, decoder rows
-unit norm, and the training loop re-warms the LR after each resample."""
+unit norm, and the training loop re-warms the LR after each resample. Resampling is per SAE: in a sweep, a relu member
+is resampled while a topk member (AuxK, not resampled by default) trains bit-identically to the same SAE alone."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from saecache.train import rundir
 from saecache.train.config import TrainConfig
 from saecache.train.optim import make_optimizer
 from saecache.train.resample import resample_dead_
@@ -129,9 +133,10 @@ def test_more_dead_latents_than_rows_and_none_dead():
 
 
 def test_training_loop_resamples_at_the_chosen_steps_and_rewarms_the_lr(tiny_store, tmp_path, monkeypatch):
+    # resample=true is honoured on a topk SAE (not resampled by default)
     cfg = TrainConfig(stores=[str(tiny_store)], out=str(tmp_path), steps=30, batch_size=128, lr=1e-3, warmup_steps=4,
                       resample_steps=10, resample_window=2, progress=False,
-                      saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2}])
+                      saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2, "resample": True}])
     calls = []
     real = T.resample_dead_
 
@@ -150,3 +155,60 @@ def test_training_loop_resamples_at_the_chosen_steps_and_rewarms_the_lr(tiny_sto
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and lrs[9] == pytest.approx(1e-3)
     assert lrs[10:14] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # re-warmed after the resample at step 10
     assert lrs[20:24] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+RELU = {"arch": "relu", "hook_in": "mlp_out.0", "width": 96, "coeff": 0.3, "name": "relu"}
+TOPK = {"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2, "name": "topk"}
+LR = 3e-2  # high enough for some relu latents to die within 10 steps
+
+
+def _run(store, out, saes, **kw) -> dict:
+    """Train; {name: run dir}. Checkpoint 10 is the state right after the resample at step 10."""
+    cfg = TrainConfig(**{**dict(stores=[str(store)], out=str(out), steps=20, batch_size=128, lr=LR, warmup_steps=4,
+                                resample_window=3, checkpoint_every=10, log_every=1, progress=False, saes=saes), **kw})
+    return {Path(d).name: Path(d) for d in T.run_training(cfg)}
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / rundir.METRICS_FILE).read_text().splitlines()]
+
+
+def _checkpoint(run_dir, step: int) -> tuple[dict, dict]:
+    """(parameters and buffers, {parameter name: Adam state}) of a checkpoint."""
+    model, extra, _ = rundir.load_checkpoint(run_dir, step)
+    names = [n for n, _ in SAE(SAEConfig.from_dict(rundir.read_cfg(run_dir)["sae"])).named_parameters()]
+    adam = {n: {k.split(".")[2]: v for k, v in extra.items() if k.startswith(f"optim.{i}.")}
+            for i, n in enumerate(names)}
+    return model, adam
+
+
+def test_a_sweep_resamples_its_relu_member_and_leaves_its_topk_member_as_if_trained_alone(tiny_store, tmp_path):
+    sweep = _run(tiny_store, tmp_path / "sweep", [RELU, TOPK], resample_steps=10)
+    relu_kept = _run(tiny_store, tmp_path / "no", [{**RELU, "resample": False}], resample_steps=10)["relu"]
+    topk_alone = _run(tiny_store, tmp_path / "alone", [TOPK])["topk"]  # a run without resampling at all
+    assert rundir.read_cfg(sweep["relu"])["spec"]["resample"] is True  # the resolved defaults are recorded
+    assert rundir.read_cfg(sweep["topk"])["spec"]["resample"] is False
+    assert rundir.read_cfg(relu_kept)["spec"]["resample"] is False
+    assert rundir.read_cfg(topk_alone)["spec"]["resample"] is False
+
+    # topk: bit-identical weights and metrics (LR included: plain warmup, no re-warm at step 10) to the solo run
+    assert (sweep["topk"] / rundir.WEIGHTS_FILE).read_bytes() == (topk_alone / rundir.WEIGHTS_FILE).read_bytes()
+    assert _metrics(sweep["topk"]) == _metrics(topk_alone)
+    assert [r["lr"] for r in _metrics(sweep["topk"])] == pytest.approx([min(1, s / 4) * LR for s in range(1, 21)])
+
+    # relu: at step 10 exactly the dead latents were reinitialised, with their Adam moments zeroed; the LR re-warms
+    assert [r["lr"] for r in _metrics(sweep["relu"])][9:13] == pytest.approx([LR, LR / 4, LR / 2, LR * 3 / 4])
+    assert [r["lr"] for r in _metrics(relu_kept)][9:13] == pytest.approx([LR] * 4)
+    (got, got_adam), (ref, ref_adam) = _checkpoint(sweep["relu"], 10), _checkpoint(relu_kept, 10)
+    dead_F = ref["tokens_since_fired_F"] >= 3 * 128  # (the same run up to the resample, without it)
+    assert 0 < int(dead_F.sum()) < 96
+    for name, feature_dim in (("W_dec_FD", 0), ("W_enc_DF", 1), ("b_enc_F", 0)):
+        dead = (slice(None), dead_F) if feature_dim else (dead_F,)
+        alive = (slice(None), ~dead_F) if feature_dim else (~dead_F,)
+        assert torch.equal(got[name][alive], ref[name][alive]), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got_adam[name][k][alive], ref_adam[name][k][alive]), f"{name}.{k}"
+            assert bool((got_adam[name][k][dead] == 0).all()), f"{name}.{k} not reset"
+    assert bool((got["W_dec_FD"][dead_F] != ref["W_dec_FD"][dead_F]).any(1).all())  # every dead latent moved
+    assert bool((ref_adam["W_dec_FD"]["exp_avg_sq"][dead_F] != 0).any())  # (so the reset is visible)
+    assert (sweep["relu"] / rundir.WEIGHTS_FILE).read_bytes() != (relu_kept / rundir.WEIGHTS_FILE).read_bytes()

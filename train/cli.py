@@ -1,7 +1,7 @@
 """`saecache train`: builds a `TrainConfig` from flags or a JSON file and runs it (resuming when the run dir exists).
 
 Repeated `--hook`, `--width`, `--k` and `--coeff` flags make a sweep over their product, trained from one read of
-the data. `--config sweep.json` holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on
+the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...) apply to every SAE of it. `--config sweep.json` holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on
 the command line override the file's top-level fields.
 """
 
@@ -51,9 +51,12 @@ def build_config(opts: dict):
         except json.JSONDecodeError as e:
             raise ConfigError(f"--sae-options is not valid JSON ({e}); e.g. '{{\"auxk_alpha\": 0.03}}'") from None
         base["saes"] = [dict(arch=opts["arch"], hook_in=h, hook_out=opts.get("hook_out"), width=w, k=k,
-                             penalty=opts.get("penalty"), coeff=c, options=options)
+                             penalty=opts.get("penalty"), coeff=c, resample=opts.get("resample"), options=options)
                         for h, w, k, c in itertools.product(opts["hook"], opts["width"] or (4096,),
                                                             opts["k"] or (None,), opts["coeff"] or (None,))]
+    elif opts.get("resample") is not None:
+        raise ConfigError("--resample/--no-resample applies to SAEs given with --hook; in a --config, set `resample` "
+                          "in each entry of `saes`")
     for need, flag in (("stores", "--store"), ("out", "--out")):
         if not base.get(need):
             raise ConfigError(f"missing {flag}")
@@ -84,6 +87,8 @@ def build_config(opts: dict):
 @click.option("--decay-start", type=int, help="Step where linear LR decay to 0 begins.")
 @click.option("--sparsity-warmup", type=int, help="Sparsity-penalty warmup steps.")
 @click.option("--resample-steps", type=int, help="Resample dead features every N steps.")
+@click.option("--resample/--no-resample", default=None,
+              help="Resample these SAEs at --resample-steps (default: relu/gated/jumprelu yes, topk/batchtopk no).")
 @click.option("--resample-window", type=int, help="Steps without firing that make a feature dead.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default 1000).")
 @click.option("--heldout", type=float, help="Held-out fraction of contexts (default 0.01).")

@@ -19,6 +19,7 @@ LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+AUXK_ARCHS = ("topk", "batchtopk")  # AuxK keeps their latents alive: not resampled unless SAESpec.resample says so
 
 
 def check_types(values: dict, cls, what: str) -> None:
@@ -57,6 +58,11 @@ class SAESpec:
     """Sparsity coefficient λ of the penalty; None = the architecture default (for E‖x‖² = 1 inputs)."""
     lr: float | None = None
     """Learning rate override for this SAE; None = `TrainConfig.lr`."""
+    resample: bool | None = None
+    """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
+    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk (AuxK
+    handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
+    records the resolved value."""
     name: str | None = None
     """Directory name under the run root; None = derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -127,13 +133,15 @@ class TrainConfig:
     lr: float = 3e-4
     """Adam learning rate (per-SAE override: SAESpec.lr)."""
     warmup_steps: int = 1000
-    """Linear LR warmup from 0 at the start (and again after every resample)."""
+    """Linear LR warmup from 0 at the start (and again after every resample, for the SAEs that resample)."""
     decay_start: int | None = None
-    """Step from which the LR decays linearly to 0 at the last step; None = no decay. Not combinable with resampling."""
+    """Step from which the LR decays linearly to 0 at the last step; None = no decay. Refused when an SAE of the run
+    resamples (its LR re-warms after each resample): decay is for runs whose SAEs all have resample false."""
     sparsity_warmup_steps: int = 0
     """Linear warmup of the sparsity penalty's coefficient from 0 to 1."""
     resample_steps: int | None = None
-    """Resample dead features every this many steps (Anthropic's procedure); None = never."""
+    """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
+    default relu/gated/jumprelu, not the topk family); None = never."""
     resample_window: int | None = None
     """A feature is dead when it has not fired for this many steps; None = resample_steps // 2 (also the window of
     the logged dead fraction; 100 steps when resampling is off)."""
@@ -211,10 +219,9 @@ class TrainConfig:
             raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.decay_start is not None and self.resample_steps is not None:
-            raise ConfigError("decay_start and resample_steps cannot be combined (the LR re-warms after resampling)")
         if self.resample_steps is not None and self.resample_steps < 1:
             raise ConfigError(f"resample_steps must be >= 1, got {self.resample_steps}")
+        self._resolve_resample()
         if self.resample_window is not None and self.resample_window < 1:
             raise ConfigError(f"resample_window must be >= 1, got {self.resample_window}")
         if self.decay_start is not None and not 0 <= self.decay_start < self.total_steps:
@@ -223,6 +230,21 @@ class TrainConfig:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.log not in LOG_BACKENDS:
             raise ConfigError(f"log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
+
+    def _resolve_resample(self) -> None:
+        """Replace each spec's `resample=None` by the architecture default (False without resample_steps), so the
+        specs, and the cfg.json records built from them, say which SAEs are resampled."""
+        for s in self.saes:
+            if s.resample and self.resample_steps is None:
+                raise ConfigError(f"SAE {s.name} has resample=true but the run has no resample_steps "
+                                  "(set resample_steps, e.g. --resample-steps 25000)")
+        self.saes = [s if s.resample is not None else dataclasses.replace(
+            s, resample=self.resample_steps is not None and s.arch not in AUXK_ARCHS) for s in self.saes]
+        both = [s.name for s in self.saes if s.resample]
+        if self.decay_start is not None and both:
+            raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
+                              f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
+                              "decay_start")
 
     @property
     def total_steps(self) -> int:

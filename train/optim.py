@@ -25,7 +25,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_start: int |
               resample_steps: int | None = None) -> float:
     """Multiplier of the base LR at 0-based `step`: linear warmup over `warmup_steps` (step 0 already gets 1/warmup),
     then 1; with `decay_start`, linear decay to 0 at `total_steps`. With `resample_steps`, the warmup restarts after
-    every resample (at multiples of resample_steps), re-warming the LR for the reinitialised neurons."""
+    every resample (at multiples of resample_steps), re-warming the LR for the reinitialised neurons. The trainer
+    passes resample_steps only for the SAEs that resample (`SAESpec.resample`); the others get the plain schedule."""
     if decay_start is not None and resample_steps is not None:
         raise ConfigError("LR decay and periodic resampling cannot be combined (choose decay_start or resample_steps)")
     if decay_start is not None and not 0 <= decay_start <= total_steps:

@@ -2,6 +2,8 @@
 
 Per step, for every SAE (a `Member`): normalise the batch, loss → backward → (DDP: average gradients) → project
 decoder gradients → set the scheduled LR → Adam step → renormalise decoder → track dead features → maybe resample.
+Resampling and the LR re-warm after it are per SAE (`SAESpec.resample`, resolved by TrainConfig): a member that does
+not resample trains exactly as it would alone in a run without resampling.
 Everything that influences the weights (data order, initialisation, resampling draws) is a pure function of the
 config and seed, and every piece of state is checkpointed, so a resumed run ends bit-identical (CPU) to an
 uninterrupted one.
@@ -78,6 +80,16 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
     }
 
 
+def _explicit_resample(train: dict) -> dict:
+    """A cfg.json "train" with every SAE's `resample` explicit. Records written before SAESpec.resample existed lack
+    it: those runs resampled every SAE when resample_steps was set, so a relu run resumes and a topk one (now not
+    resampled by default) is refused as a different config."""
+    resampled = train.get("resample_steps") is not None
+    saes = [s if not isinstance(s, dict) or "resample" in s else {**s, "resample": resampled}
+            for s in train.get("saes", [])]
+    return {**train, "saes": saes}
+
+
 def _check_existing(run_dir: str, record: dict) -> dict | None:
     """The cfg.json of an earlier run in `run_dir`, after checking it is the same run; None when fresh."""
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
@@ -87,7 +99,7 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
         diff = [k for k in record["sae"] if old["sae"].get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
                           "mismatch on resume); use a new --out")
-    a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
+    a = {k: v for k, v in _explicit_resample(old["train"]).items() if k not in RESUMABLE_CHANGES}
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
     if a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -178,14 +190,15 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     out.total.backward()
     ddp.average_gradients(m.sae, world)
     project_decoder_grad_(m.sae)
-    factor = lr_factor(step, cfg.warmup_steps, total, cfg.decay_start, cfg.resample_steps)
+    resample_steps = cfg.resample_steps if m.spec.resample else None
+    factor = lr_factor(step, cfg.warmup_steps, total, cfg.decay_start, resample_steps)
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()
     renorm_decoder_(m.sae)
     if world > 1:
         ddp.sync_sae_stats_(m.sae, since_F, cfg.batch_size)
-    if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
+    if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
@@ -242,7 +255,7 @@ def run_training(cfg: TrainConfig) -> list[str]:
                                      cfg.batch_size)
                         for (out, t), m in zip(results, active)]
                 for m, rec in zip(active, recs):
-                    rundir.append_metrics(m.run_dir, rec)
+                    rundir.append_metrics(m.run_dir, {**rec, "lr": m.opt.param_groups[0]["lr"]})
                 logger.log(step + 1, recs, (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
             logger.advance()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:

@@ -1,6 +1,6 @@
 """Bad input to `saecache train`: one line on stderr, a non-zero exit, no traceback, nothing already written
 damaged (incomplete store, missing hook, width/k nonsense, dimension mismatch on resume, unknown architecture, newer
-formats)."""
+formats, resample=true without resample_steps, LR decay with a resampled SAE)."""
 
 import hashlib
 import json
@@ -209,3 +209,59 @@ def test_store_with_a_missing_shard_file_is_refused_not_read_as_zeros(capsys, ti
     before = _tree(damaged)
     _fails(capsys, *base(damaged, tmp_path / "out"), match="acts/mlp_out.0/c/5/0 of complete shard 5 is missing")
     assert _tree(damaged) == before and not (tmp_path / "out").exists()
+
+
+def _relu(store, out, *more):
+    argv = base(store, out, *more)
+    argv[argv.index("topk")] = "relu"
+    i = argv.index("--k")
+    return argv[:i] + argv[i + 2:]
+
+
+def test_resample_flag_errors_and_the_decay_rule(capsys, tiny_store, tmp_path):
+    out = tmp_path / "out"
+    _fails(capsys, *base(tiny_store, out, "--resample"),
+           match="SAE topk-mlp_out.0-64-k4 has resample=true but the run has no resample_steps")
+    decaying = ("--resample-steps", "2", "--decay-start", "1")
+    _fails(capsys, *_relu(tiny_store, out, *decaying),  # relu resamples by default
+           match="decay_start cannot be combined with resampling (the LR re-warms after each resample); "
+                 "resampled SAE(s): relu-mlp_out.0-64; set their resample to false")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, resample="yes"),
+           match="SAE spec field resample must be bool or None, got 'yes'")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--no-resample",
+           match="--resample/--no-resample applies to SAEs given with --hook")
+    assert not out.exists()
+    # decay next to resample_steps is fine when no SAE resamples; cfg.json records the resolved flag
+    for argv, name, resampled in ((_relu(tiny_store, out, *decaying, "--no-resample"), "relu-mlp_out.0-64", False),
+                                  (base(tiny_store, out, *decaying), "topk-mlp_out.0-64-k4", False),
+                                  (base(tiny_store, tmp_path / "o2", "--resample-steps", "2", "--resample"),
+                                   "topk-mlp_out.0-64-k4", True)):
+        code, stdout, err = _run(capsys, *argv)
+        assert code == 0 and Path(stdout.strip()).name == name, err
+        assert json.loads((Path(stdout.strip()) / "cfg.json").read_text())["spec"]["resample"] is resampled
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_run_dir_from_before_per_sae_resampling(capsys, tiny_store, tmp_path, arch):
+    """A cfg.json without `resample` (every SAE was resampled when resample_steps was set): an unfinished relu run
+    resumes to the same weights; a topk run, no longer resampled by default, is refused as a different config."""
+    argv = (_relu if arch == "relu" else base)(tiny_store, tmp_path / "out", "--resample-steps", "2",
+                                               "--checkpoint-every", "2")
+    argv[argv.index("--steps") + 1] = "4"
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    run = Path(stdout.strip())
+    whole = (run / "sae.safetensors").read_bytes()
+    rec = json.loads((run / "cfg.json").read_text())
+    for spec in (rec["spec"], *rec["train"]["saes"]):
+        assert spec.pop("resample") is (arch == "relu")
+    (run / "cfg.json").write_text(json.dumps({**rec, "complete": False}))  # as if killed after step 2 long ago
+    (run / "sae.safetensors").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    if arch == "relu":
+        code, _, err = _run(capsys, *argv)
+        assert code == 0 and (run / "sae.safetensors").read_bytes() == whole, err
+    else:
+        before = _tree(tmp_path / "out")
+        _fails(capsys, *argv, match="was started with a different config (differs in saes)")
+        assert _tree(tmp_path / "out") == before

@@ -146,12 +146,16 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
     assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
     assert SAEConfig.from_dict(rec["sae"]).n_features == 512
+    # which SAEs were resampled, resolved from the architecture defaults: relu yes, topk (AuxK) no
+    assert rec["spec"]["resample"] is False and rundir.read_cfg(relu_dir)["spec"]["resample"] is True
+    assert [s["resample"] for s in rec["train"]["saes"]] == [False, True]
 
     lines = [json.loads(x) for x in (Path(topk_dir) / rundir.METRICS_FILE).read_text().splitlines()]
     assert [x["step"] for x in lines] == [4, 8, 12, 16, 20, 23]
     for x in lines:
         assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 4 and 0 <= x["dead_frac"] <= 1
         assert x["fve"] is not None and x["fve"] < 1 and x["loss"] > 0
+        assert x["lr"] == pytest.approx(cfg.lr * min(1, x["step"] / 5))  # warmup 5, never re-warmed (not resampled)
 
     # the saved SAE takes raw activations: it equals the normalised-space SAE of the last checkpoint, rescaled
     loaded, _ = rundir.load_run(topk_dir)

@@ -122,12 +122,12 @@ def _objective_with_stop_gradients_frozen(sae, x, t, frozen):
     total = o.total - o.aux
     if sae.cfg.architecture == "gated":
         total = total + P.reconstruction_loss(o.code.gate_BF @ frozen["W_dec"] + frozen["b_dec"], t)
-    elif o.code.aux_idx_BK is not None:
-        assert torch.equal(o.code.aux_idx_BK, frozen["aux_idx"])  # no selection flip under the perturbation
-        e_hat = torch.zeros(B, F, dtype=x.dtype).scatter(1, o.code.aux_idx_BK, o.code.aux_vals_BK) @ sae.W_dec_FD
+    elif o.code.aux is not None:
+        assert torch.equal(o.code.aux.idx_N, frozen["aux_idx"])  # no selection flip under the perturbation
+        e_hat = o.code.aux.dense(F) @ sae.W_dec_FD
         total = total + sae.cfg.auxk_alpha * P.auxk_loss(e_hat, frozen["e"])
-    if o.code.idx_BK is not None:
-        assert torch.equal(o.code.idx_BK, frozen["idx"])
+    if o.code.sparse is not None:
+        assert torch.equal(o.code.sparse.idx_N, frozen["idx"])
     return total.item()
 
 
@@ -141,13 +141,14 @@ def test_loss_gradient_matches_finite_differences(name):
     sae, x, t = make(name, dtype=torch.float64)
     perturb_(sae)
     sae.eval()  # no counter updates between evaluations
-    if name == "topk":  # exercise AuxK too: pretend some latents are dead
+    if name in ("topk", "batchtopk"):  # exercise AuxK too: pretend some latents are dead
         sae.tokens_since_fired_F[:10] = sae.cfg.dead_tokens_threshold
     out = sae.loss(x, t, sparsity_scale=0.7)
-    if name in ("topk", "gated"):
+    if name in ("topk", "batchtopk", "gated"):
         assert out.aux > 0
     frozen = dict(W_dec=sae.W_dec_FD.detach().clone(), b_dec=sae.b_dec_D.detach().clone(),
-                  e=(t - out.x_hat_BD).detach(), idx=out.code.idx_BK, aux_idx=out.code.aux_idx_BK)
+                  e=(t - out.x_hat_BD).detach(), idx=out.code.sparse and out.code.sparse.idx_N,
+                  aux_idx=out.code.aux and out.code.aux.idx_N)
     names = [n for n, _ in sae.named_parameters()]
     grads = torch.autograd.grad(out.total, [p for _, p in sae.named_parameters()])
     gen = torch.Generator().manual_seed(1)
@@ -261,8 +262,8 @@ def test_sparse_topk_encode_decode_match_dense_reference():
     W_dec = torch.randn(Ft, 7, dtype=torch.float64, requires_grad=True)
     g_out = torch.randn(Bt, 7, dtype=torch.float64)
     # sparse path
-    vals, idx = sparse_encode(x, b_pre, W, b, topk_select(k))
-    y = sparse_decode(vals, idx, W_dec)
+    code = sparse_encode(x, b_pre, W, b, topk_select(k))
+    y = sparse_decode(code, W_dec)
     sparse_grads = torch.autograd.grad(y, (x, b_pre, W, b, W_dec), g_out)
     # dense reference: plain autograd through topk + scatter + matmul
     z = (x - b_pre) @ W + b
@@ -271,18 +272,18 @@ def test_sparse_topk_encode_decode_match_dense_reference():
     y_ref = f @ W_dec
     dense_grads = torch.autograd.grad(y_ref, (x, b_pre, W, b, W_dec), g_out)
     assert_close(y, y_ref)
-    assert torch.equal(idx.sort(1).values, i_ref.sort(1).values)
+    assert torch.equal(code.idx_N.view(Bt, k).sort(1).values, i_ref.sort(1).values)
     for gs, gd in zip(sparse_grads, dense_grads):
         assert_close(gs, gd)
 
 
 def test_batchtopk_loss_and_grads_match_dense_reference():
-    """BatchTopK through the sparse path (candidate widening for a dominant row, padding, threshold mask) equals plain
-    autograd on the dense definition: keep the batch's k·B largest relu pre-activations, decode densely."""
+    """BatchTopK through the sparse path (rows holding very different numbers of winners) equals plain autograd on
+    the dense definition: keep the batch's k·B largest relu pre-activations, decode densely."""
     sae, x, t = make("batchtopk", dtype=torch.float64)
     perturb_(sae)
     x = x.clone()
-    x[0] *= 8.0  # row 0 alone holds far more than 2k winners: its candidates must widen, the others get padded
+    x[0] *= 8.0  # row 0 alone holds far more than 2k winners, the other rows fewer than k
     sae.eval()
     out = sae.loss(x)
     grads = torch.autograd.grad(out.recon, [sae.W_enc_DF, sae.b_enc_F, sae.W_dec_FD, sae.b_dec_D])
@@ -319,14 +320,16 @@ def test_centered_linear_matches_autograd():
 def test_batch_topk_selection_is_exact():
     torch.manual_seed(4)
     z = torch.randn(32, 200)
-    z[0] += 5.0  # one row owns far more than 2k winners: forces the candidate widening
+    z[0] += 5.0  # one row owns far more than 2k winners
     info = {}
-    idx = batch_topk_select(4, info)(z)
-    vals = z.gather(1, idx)
-    chosen = torch.zeros_like(z, dtype=torch.bool).scatter(1, idx, vals >= info["threshold"])
+    row, idx = batch_topk_select(4, info)(z)
+    chosen = torch.zeros_like(z, dtype=torch.bool)
+    chosen[row, idx] = True
+    top = z.flatten().topk(4 * 32)
     ref = torch.zeros(z.numel(), dtype=torch.bool)
-    ref[z.flatten().topk(4 * 32).indices] = True
-    assert torch.equal(chosen.flatten(), ref)
+    ref[top.indices] = True
+    assert torch.equal(chosen.flatten(), ref) and row.numel() == 4 * 32 and chosen[0].sum() > 8
+    assert (row.diff() >= 0).all() and info["threshold"] == top.values.min()
 
 
 def test_dead_counters_and_auxk_reach_dead_latents():

@@ -17,7 +17,7 @@ the first input batch, set by `init_from_batch`), which plays the pre-bias role 
 
 Scale convention: the default penalty coefficients assume inputs (and targets) normalised to E‖x‖² = 1; `fold_scale`
 rewrites the weights afterwards so the saved module maps raw activations to raw targets.
-Shapes: B rows, D width (D_in/D_out), F features, K selected per row.
+Shapes: B rows, D width (D_in/D_out), F features, N selected entries in the batch (`sparse_ops.SparseCode`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from saecache.errors import ConfigError
 from saecache.train import penalties as P
-from saecache.train.sparse_ops import (batch_topk_select, centered_linear, dead_topk_select, sparse_decode,
-                                       sparse_encode, topk_select, with_extra_columns)
+from saecache.train.sparse_ops import (SparseCode, batch_topk_select, centered_linear, dead_topk_select,
+                                       sparse_decode, sparse_encode, topk_select, with_extra_columns)
 
 
 @dataclass(frozen=True)
@@ -145,18 +145,13 @@ class SAEConfig:
 class Code:
     """Post-activation features in whichever form the architecture produces."""
     f_BF: Tensor | None = None          # dense features (relu, jumprelu, gated, dense inference)
-    vals_BK: Tensor | None = None       # sparse features: values ...
-    idx_BK: Tensor | None = None        # ... and their latent indices
+    sparse: SparseCode | None = None    # topk family: the selected latents (values, latents, rows)
     gate_BF: Tensor | None = None       # gated: relu(π_gate), for the penalty and aux loss
-    aux_vals_BK: Tensor | None = None   # topk family: AuxK codes over dead latents
-    aux_idx_BK: Tensor | None = None
+    aux: SparseCode | None = None       # topk family: AuxK codes over dead latents
     l0_pen: Tensor | None = None        # jumprelu: differentiable mean L0
 
     def dense(self, n_features: int) -> Tensor:
-        if self.f_BF is not None:
-            return self.f_BF
-        f = torch.zeros(self.vals_BK.shape[0], n_features, dtype=self.vals_BK.dtype, device=self.vals_BK.device)
-        return f.scatter_add_(1, self.idx_BK, self.vals_BK)
+        return self.f_BF if self.f_BF is not None else self.sparse.dense(n_features)
 
 
 @dataclass
@@ -236,25 +231,21 @@ class SAE(nn.Module):
         if name == "batchtopk" and not train and float(self.threshold) >= 0:
             z = self.pre_acts(x_BD)
             return Code(f_BF=z.relu() * (z > self.threshold))
-        info: dict = {}
-        select = topk_select(cfg.k) if name == "topk" else batch_topk_select(cfg.k, info)
+        select = topk_select(cfg.k) if name == "topk" else batch_topk_select(cfg.k)
         dead_N = (self.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1) if train else None
         n_aux = 0 if dead_N is None else min(cfg.k_aux, dead_N.numel())
         if n_aux:
             select = with_extra_columns(select, dead_topk_select(dead_N, n_aux))
-        vals, idx = sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select)
-        K = vals.shape[1] - n_aux
-        code = Code(vals_BK=vals[:, :K], idx_BK=idx[:, :K])
-        if n_aux:
-            code.aux_vals_BK, code.aux_idx_BK = vals[:, K:], idx[:, K:]
-        if name == "batchtopk":
-            code.vals_BK = code.vals_BK * (code.vals_BK >= info["threshold"])
-        return code
+        sparse = sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select)
+        if not n_aux:
+            return Code(sparse=sparse)
+        main, aux = sparse.split(sparse.vals_N.numel() - x_BD.shape[0] * n_aux)  # the extras come last
+        return Code(sparse=main, aux=aux)
 
     def _decode_code(self, code: Code) -> Tensor:
         if code.f_BF is not None:
             return self.decode(code.f_BF)
-        return sparse_decode(code.vals_BK, code.idx_BK, self.W_dec_FD) + self.b_dec_D
+        return sparse_decode(code.sparse, self.W_dec_FD) + self.b_dec_D
 
     # ---- public API ----
     def encode(self, x_BD: Tensor) -> Tensor:
@@ -285,8 +276,8 @@ class SAE(nn.Module):
             aux = P.reconstruction_loss(frozen, target_BD)
         if name == "jumprelu":
             sparsity = P.l0_toward_target(code.l0_pen, cfg.target_l0)
-        if code.aux_vals_BK is not None:
-            e_hat = sparse_decode(code.aux_vals_BK, code.aux_idx_BK, self.W_dec_FD)
+        if code.aux is not None:
+            e_hat = sparse_decode(code.aux, self.W_dec_FD)
             aux = cfg.auxk_alpha * P.auxk_loss(e_hat, (target_BD - x_hat).detach())
         total = recon + cfg.sparsity_coeff * sparsity_scale * sparsity + aux
         with torch.no_grad():
@@ -294,10 +285,10 @@ class SAE(nn.Module):
                 count_F = code.f_BF.sign().sum(0, dtype=torch.float32)
                 l0, fired_F = (count_F.double().sum() / code.f_BF.shape[0]).float(), count_F > 0
             else:
-                active = code.vals_BK > 0
-                l0 = active.sum(-1).float().mean()
+                active_N = code.sparse.vals_N > 0
+                l0 = active_N.sum().float() / x_BD.shape[0]
                 fired_F = torch.zeros(cfg.n_features, dtype=torch.bool, device=x_BD.device)
-                fired_F[code.idx_BK[active]] = True
+                fired_F[code.sparse.idx_N[active_N]] = True
             if self.training:
                 self._update_stats(code, fired_F, x_BD.shape[0])
         return LossOutput(total, recon, sparsity, aux, x_hat, l0, code, cfg.n_features)
@@ -308,7 +299,7 @@ class SAE(nn.Module):
         self.tokens_since_fired_F[fired_F] = 0
         self.n_steps += 1
         if self.cfg.architecture == "batchtopk" and int(self.n_steps) > self.cfg.threshold_start_step:
-            kept = code.vals_BK[code.vals_BK > 0]
+            kept = code.sparse.vals_N[code.sparse.vals_N > 0]
             if kept.numel():
                 m, beta = kept.min(), self.cfg.threshold_beta
                 self.threshold.copy_(m if float(self.threshold) < 0 else beta * self.threshold + (1 - beta) * m)

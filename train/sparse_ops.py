@@ -1,55 +1,83 @@
 """Sparse encoder/decoder autograd for the TopK family (TopK, BatchTopK, AuxK).
 
-A TopK SAE keeps K ≪ F latents per row, so after the dense encoder matmul everything can touch only the K selected
-latents: the decoder is a gather-and-sum of K decoder rows (`embedding_bag` with per-sample weights), and both
-backward passes produce gradients for only the touched rows/columns. Written by hand because PyTorch's autograd
-through `topk` + `scatter` + a dense decode would materialise [B, F] gradients and run three more dense matmuls.
+A TopK SAE keeps K ≪ F latents per row, so after the dense encoder matmul everything can touch only the selected
+latents: the decoder is a gather-and-sum of decoder rows (`embedding_bag` with per-sample weights), and both backward
+passes produce gradients for only the touched rows/columns. Written by hand because PyTorch's autograd through
+`topk` + `scatter` + a dense decode would materialise [B, F] gradients and run three more dense matmuls.
 Plain PyTorch ops only, so the same code runs on CPU and CUDA.
 
-Shapes: B rows, D width, F features, K selected per row (K may exceed k: BatchTopK candidates, AuxK extras).
+The selected latents are one flat list of N entries (`SparseCode`: value, latent, row), rows in order. TopK and AuxK
+give every row the same count; BatchTopK's rows hold different counts, and the list holds exactly the batch's k·B
+winners (no padding), so the decode and both backward passes cost what TopK's do.
+
+Shapes: B rows, D width, F features, N selected entries in the batch (k·B for TopK and BatchTopK), A AuxK per row.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+# A selection maps pre-activations z_BF to the chosen entries (row_N, idx_N), rows nondecreasing within each part.
+Select = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class SparseCode(NamedTuple):
+    """A batch's selected latents, row by row: entry n is latent idx_N[n] of row row_N[n] with value vals_N[n]."""
+    vals_N: Tensor
+    idx_N: Tensor
+    row_N: Tensor   # nondecreasing: each row's entries are contiguous (`embedding_bag` bags)
+    n_rows: int
+
+    def dense(self, n_features: int) -> Tensor:
+        f_BF = torch.zeros(self.n_rows, n_features, dtype=self.vals_N.dtype, device=self.vals_N.device)
+        return f_BF.index_put_((self.row_N, self.idx_N), self.vals_N, accumulate=True)
+
+    def split(self, n: int) -> tuple["SparseCode", "SparseCode"]:
+        """The first n entries and the rest (the selection and its AuxK extras)."""
+        return (SparseCode(self.vals_N[:n], self.idx_N[:n], self.row_N[:n], self.n_rows),
+                SparseCode(self.vals_N[n:], self.idx_N[n:], self.row_N[n:], self.n_rows))
+
 
 def _argsort(flat: Tensor) -> Tensor:
     """Any order that sorts `flat` (small non-negative ints). On CPU numpy's vectorised int32 argsort runs on this
-    thread in ~2 ms for B·K = 131k entries, while torch.sort's 1-D parallel path takes 30-700 ms when the cores are
+    thread in ~2 ms for 131k entries, while torch.sort's 1-D parallel path takes 30-700 ms when the cores are
     shared (it waits on busy intra-op threads); elsewhere torch.sort."""
     if flat.device.type == "cpu" and flat.numel() and int(flat.max()) < 2**31:
         return torch.from_numpy(np.argsort(flat.to(torch.int32).numpy())).to(torch.long)
     return flat.sort().indices
 
 
-def _scatter_rows(idx_BK: Tensor, w_BK: Tensor, y_BD: Tensor, n_features: int) -> Tensor:
-    """out_FD[f] = Σ over (b, j) with idx_BK[b, j] == f of w_BK[b, j] · y_BD[b]  (= Gᵀ @ y for the sparse G_BF).
-
-    Sorting the B·K entries by feature turns this into one `embedding_bag` over y's rows (bag f = the entries of
-    feature f): a single fused gather-scale-sum that writes each output row once. About 2x faster than
-    `torch.sparse.mm` on a COO matrix on CPU, and it never materialises the [B·K, D] products."""
-    B, K = idx_BK.shape
-    flat = idx_BK.reshape(-1)
-    order = _argsort(flat)
-    offsets = torch.zeros(n_features, dtype=torch.long, device=flat.device)
-    offsets[1:] = torch.bincount(flat, minlength=n_features)[:-1].cumsum(0)
-    rows = torch.div(order, K, rounding_mode="floor")
-    return torch.nn.functional.embedding_bag(rows, y_BD, offsets, mode="sum",
-                                             per_sample_weights=w_BK.reshape(-1)[order].to(y_BD.dtype))
+def _bag_starts(key_N: Tensor, n_bags: int) -> Tensor:
+    """Start of each bag in a list sorted by key (empty bags start where the next one does)."""
+    starts = torch.zeros(n_bags, dtype=torch.long, device=key_N.device)
+    starts[1:] = torch.bincount(key_N, minlength=n_bags)[:-1].cumsum(0)
+    return starts
 
 
-def _gather_dot(idx_BK: Tensor, M_FD: Tensor, y_BD: Tensor) -> Tensor:
-    """out_BK[b, j] = ⟨M_FD[idx_BK[b, j]], y_BD[b]⟩: the per-sample-weight gradient of `embedding_bag`, whose kernel
-    never materialises the [B, K, D] gathered rows (about 3x faster than gather + bmm on CPU)."""
+def _bag_sum(key_N: Tensor, src_N: Tensor, w_N: Tensor, y_SD: Tensor, n_out: int) -> Tensor:
+    """out[o] = Σ over entries n with key_N[n] == o of w_N[n] · y_SD[src_N[n]]  (a sparse matrix times y).
+
+    Sorting the entries by key turns this into one `embedding_bag` over y's rows: a single fused gather-scale-sum
+    that writes each output row once. About 2x faster than `torch.sparse.mm` on a COO matrix on CPU, and it never
+    materialises the [N, D] products."""
+    order = _argsort(key_N)
+    return torch.nn.functional.embedding_bag(src_N[order], y_SD, _bag_starts(key_N, n_out), mode="sum",
+                                             per_sample_weights=w_N[order].to(y_SD.dtype))
+
+
+def _gather_dot(c: SparseCode, M_FD: Tensor, y_BD: Tensor) -> Tensor:
+    """out_N[n] = ⟨M_FD[idx_N[n]], y_BD[row_N[n]]⟩: the per-sample-weight gradient of `embedding_bag`, whose kernel
+    never materialises the [N, D] gathered rows (about 3x faster than gather + bmm on CPU)."""
     with torch.enable_grad():
-        w_BK = torch.ones(idx_BK.shape, dtype=M_FD.dtype, device=M_FD.device, requires_grad=True)
-        out = torch.nn.functional.embedding_bag(idx_BK, M_FD.detach(), per_sample_weights=w_BK, mode="sum")
-        return torch.autograd.grad(out, w_BK, y_BD.to(M_FD.dtype))[0]
+        w_N = torch.ones(c.idx_N.shape, dtype=M_FD.dtype, device=M_FD.device, requires_grad=True)
+        out = torch.nn.functional.embedding_bag(c.idx_N, M_FD.detach(), _bag_starts(c.row_N, c.n_rows),
+                                                per_sample_weights=w_N, mode="sum")
+        return torch.autograd.grad(out, w_N, y_BD.to(M_FD.dtype))[0]
 
 
 def _autocast_inputs(*ts: Tensor | None) -> tuple:
@@ -93,124 +121,143 @@ def centered_linear(x_BD, b_pre_D, W_enc_DF, b_enc_F) -> Tensor:
 
 
 class SparseEncode(torch.autograd.Function):
-    """vals_BK, idx_BK = relu(z_BF)[selected], z_BF = (x_BD - b_pre_D) @ W_enc_DF + b_enc_F.
-
-    `select(z_BF) -> idx_BK` picks the latents (no gradient through the choice). Backward touches only the selected
-    pre-activations: grad W_enc = x_cᵀ @ G with G sparse, grad b_pre = -W_enc @ Σ_b G_b.
-    """
+    """vals_N = relu(z_BF[row_N, idx_N]) for the entries `select(z_BF)` picks, z_BF = (x_BD − b_pre_D) @ W_enc_DF +
+    b_enc_F. No gradient through the choice; backward touches only the selected pre-activations:
+    grad W_enc = x_cᵀ @ G with G sparse, grad b_pre = −W_enc @ Σ_b G_b."""
 
     @staticmethod
-    def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Callable[[Tensor], Tensor]):
+    def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Select):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
         x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         z_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
-        idx_BK = select(z_BF)
-        vals_BK = z_BF.gather(1, idx_BK).relu_()
+        row_N, idx_N = select(z_BF)
+        vals_N = z_BF[row_N, idx_N].relu_()
         del z_BF
-        ctx.save_for_backward(x_c_BD, W_enc_DF, idx_BK, vals_BK)
+        ctx.save_for_backward(x_c_BD, W_enc_DF, row_N, idx_N, vals_N)
         ctx.has_pre = b_pre_D is not None
-        ctx.mark_non_differentiable(idx_BK)
-        return vals_BK, idx_BK
+        ctx.mark_non_differentiable(row_N, idx_N)
+        return vals_N, idx_N, row_N
 
     @staticmethod
-    def backward(ctx, g_vals_BK, _g_idx):
-        x_c_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        F = W_enc_DF.shape[1]
-        g_BK = g_vals_BK * (vals_BK > 0)
+    def backward(ctx, g_vals_N, _g_idx, _g_row):
+        x_c_BD, W_enc_DF, row_N, idx_N, vals_N = ctx.saved_tensors
+        (B, D), F = x_c_BD.shape, W_enc_DF.shape[1]
+        g_N = g_vals_N * (vals_N > 0)
         grad_x = grad_pre = grad_W = grad_b = None
         need_x, need_pre, need_W, need_b, _ = ctx.needs_input_grad
         if need_b or need_pre:
-            grad_b = torch.zeros(F, dtype=g_BK.dtype, device=g_BK.device)
-            grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            grad_b = torch.zeros(F, dtype=g_N.dtype, device=g_N.device).index_add_(0, idx_N, g_N)
         if need_W:
-            grad_W = _scatter_rows(idx_BK, g_BK, x_c_BD, F).t()
+            grad_W = _bag_sum(idx_N, row_N, g_N, x_c_BD, F).t()
         if need_pre and ctx.has_pre:
             grad_pre = -(W_enc_DF @ grad_b)
-        if need_x:
-            # Σ_j g_bj · W_enc[:, idx_bj] (rarely needed: inputs carry no grad).
+        if need_x:  # Σ_n g_n · W_enc[:, idx_n] into row_n (rarely needed: inputs carry no grad)
             W_FD = W_enc_DF.t().contiguous()  # free when the parameter is stored feature-major
-            grad_x = torch.nn.functional.embedding_bag(idx_BK, W_FD, per_sample_weights=g_BK, mode="sum")
+            grad_x = _bag_sum(row_N, idx_N, g_N, W_FD, B)
         return grad_x, grad_pre, grad_W, (grad_b if need_b else None), None
 
 
 class SparseDecode(torch.autograd.Function):
-    """x_hat_BD = Σ_j vals_BK[:, j] · W_dec_FD[idx_BK[:, j]] (no bias). Backward touches only the K used rows."""
+    """x_hat_BD[b] = Σ over row b's entries n of vals_N[n] · W_dec_FD[idx_N[n]] (no bias). Backward touches only the
+    used decoder rows."""
 
     @staticmethod
-    def forward(ctx, vals_BK, idx_BK, W_dec_FD):
-        ctx.save_for_backward(vals_BK, idx_BK, W_dec_FD)
-        return torch.nn.functional.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK, mode="sum")
+    def forward(ctx, vals_N, idx_N, row_N, n_rows: int, W_dec_FD):
+        ctx.save_for_backward(vals_N, idx_N, row_N, W_dec_FD)
+        ctx.n_rows = n_rows
+        return torch.nn.functional.embedding_bag(idx_N, W_dec_FD, _bag_starts(row_N, n_rows),
+                                                 per_sample_weights=vals_N, mode="sum")
 
     @staticmethod
     def backward(ctx, g_BD):
-        vals_BK, idx_BK, W_dec_FD = ctx.saved_tensors
+        vals_N, idx_N, row_N, W_dec_FD = ctx.saved_tensors
         g_BD = g_BD.contiguous()
-        grad_vals = _gather_dot(idx_BK, W_dec_FD, g_BD) if ctx.needs_input_grad[0] else None
-        grad_W = _scatter_rows(idx_BK, vals_BK, g_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
-        return grad_vals, None, grad_W
+        c = SparseCode(vals_N, idx_N, row_N, ctx.n_rows)
+        grad_vals = _gather_dot(c, W_dec_FD, g_BD) if ctx.needs_input_grad[0] else None
+        grad_W = _bag_sum(idx_N, row_N, vals_N, g_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[4] else None
+        return grad_vals, None, None, None, grad_W
 
 
-def sparse_encode(x_BD, b_pre_D, W_enc_DF, b_enc_F, select) -> tuple[Tensor, Tensor]:
-    return SparseEncode.apply(x_BD, b_pre_D, W_enc_DF, b_enc_F, select)
+def sparse_encode(x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Select) -> SparseCode:
+    vals_N, idx_N, row_N = SparseEncode.apply(x_BD, b_pre_D, W_enc_DF, b_enc_F, select)
+    return SparseCode(vals_N, idx_N, row_N, x_BD.shape[0])
 
 
-def sparse_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor) -> Tensor:
-    """Runs in the decoder's dtype (under autocast the codes may be bf16; the K-sparse decode is cheap anyway)."""
-    return SparseDecode.apply(vals_BK.to(W_dec_FD.dtype), idx_BK, W_dec_FD)
+def sparse_decode(c: SparseCode, W_dec_FD: Tensor) -> Tensor:
+    """Runs in the decoder's dtype (under autocast the codes may be bf16; the sparse decode is cheap anyway)."""
+    return SparseDecode.apply(c.vals_N.to(W_dec_FD.dtype), c.idx_N, c.row_N, c.n_rows, W_dec_FD)
 
 
-def topk_select(k: int) -> Callable[[Tensor], Tensor]:
+def _per_row(idx_BK: Tensor) -> tuple[Tensor, Tensor]:
+    """(row_N, idx_N) of the same number of latents per row."""
+    B, K = idx_BK.shape
+    return torch.arange(B, device=idx_BK.device).repeat_interleave(K), idx_BK.reshape(-1)
+
+
+def topk_select(k: int) -> Select:
     """Per-row top-k."""
-    return lambda z_BF: z_BF.topk(k, dim=1, sorted=False).indices
+    return lambda z_BF: _per_row(z_BF.topk(k, dim=1, sorted=False).indices)
 
 
-def batch_topk_select(k: int, out: dict) -> Callable[[Tensor], Tensor]:
-    """Candidates for the batch-wide top (k·B), exactly: every row's top-2k, then only the rows whose candidates all
-    reach the provisional threshold (they may hold more winners) are widened, 4x at a time, until no row can hide a
-    winner. The final threshold (the k·B-th largest candidate) is stored in out["threshold"]; callers zero
-    candidates below it. Rows narrower than the widest are padded with their smallest candidate, which lies below
-    the threshold, so padding is always zeroed. Finally the candidates are compacted to the number of winners of
-    the fullest row, so the sparse decoder and backward see B × (most winners in a row) entries, not B × (widest
-    candidate list)."""
+def _coprime_stride(n_keep: int, n_features: int) -> int:
+    """A sampling stride leaving ~2k sample points above the threshold, coprime to F so the strided sample of the
+    row-major z visits every column (a stride dividing F would sample the same few features in every row)."""
+    s = max(1, n_keep // 2048)
+    while math.gcd(s, n_features) != 1:
+        s += 1
+    return s
 
-    def select(z_BF: Tensor) -> Tensor:
+
+def batch_topk_select(k: int, out: dict | None = None) -> Select:
+    """Exactly the batch-wide top k·B pre-activations, as entries row by row; the threshold (the k·B-th largest) is
+    stored in out["threshold"] when `out` is given.
+
+    A strided sample of z gives a provisional threshold t, chosen so about 1.25·k·B entries of z reach it. One pass
+    collects every entry ≥ t; if they are at least k·B, they hold all the winners (everything else is below them) and
+    the k·B-th largest among them is the exact threshold. An unlucky sample (fewer than k·B reach t) lowers t and
+    retries, down to taking all of z. Ties at the threshold are cut so exactly k·B entries are kept."""
+
+    def select(z_BF: Tensor) -> tuple[Tensor, Tensor]:
         B, F = z_BF.shape
-        m = min(F, 2 * k)
-        v_BM, i_BM = z_BF.topk(m, dim=1, sorted=False)
-        width_B = torch.full((B,), m, device=z_BF.device)  # real candidates per row (the rest is padding)
+        n_keep = k * B
+        z_N = z_BF.reshape(-1)
+        s = _coprime_stride(n_keep, F)
+        sample = z_N[::s]
+        rank = math.ceil(1.25 * n_keep / s)  # the rank-th largest sample point is t
         while True:
-            real_BM = torch.arange(v_BM.shape[1], device=z_BF.device) < width_B[:, None]
-            flat = v_BM.masked_fill(~real_BM, float("-inf")).reshape(-1)
-            thr = flat.kthvalue(flat.numel() - k * B + 1).values
-            row_min = v_BM.masked_fill(~real_BM, float("inf")).min(1).values
-            grow = ((row_min >= thr) & (width_B < F)).nonzero().squeeze(1)
-            if grow.numel() == 0:
+            everything = rank > sample.numel()
+            t = -math.inf if everything else sample.kthvalue(sample.numel() - rank + 1).values
+            pos_N = (z_BF >= t).view(-1).nonzero().squeeze(1)  # row-major: rows stay in order
+            if pos_N.numel() >= n_keep or everything:
                 break
-            m_new = min(F, 4 * int(width_B[grow].max()))
-            v_new, i_new = z_BF[grow].topk(m_new, dim=1, sorted=False)
-            if m_new > v_BM.shape[1]:  # pad every row to m_new with its smallest candidate
-                pad = m_new - v_BM.shape[1]
-                low = v_BM.masked_fill(~real_BM, float("inf")).argmin(1, keepdim=True)
-                v_BM = torch.cat([v_BM, v_BM.gather(1, low).expand(B, pad)], 1)
-                i_BM = torch.cat([i_BM, i_BM.gather(1, low).expand(B, pad)], 1)
-            v_BM[grow], i_BM[grow], width_B[grow] = v_new, i_new, m_new
-        out["threshold"] = thr
-        # compact: keep only as many columns as the row with the most winners needs (every row's best candidates)
-        real_BM = torch.arange(v_BM.shape[1], device=z_BF.device) < width_B[:, None]
-        v_BM = v_BM.masked_fill(~real_BM, float("-inf"))
-        K_out = max(1, int((v_BM >= thr).sum(1).max()))
-        if K_out < v_BM.shape[1]:
-            i_BM = i_BM.gather(1, v_BM.topk(K_out, dim=1, sorted=False).indices)
-        return i_BM
+            rank *= 4
+        v_N = z_N[pos_N]
+        n_keep = min(n_keep, v_N.numel())  # fewer only if z holds NaN
+        thr = v_N.kthvalue(v_N.numel() - n_keep + 1).values
+        keep_N = v_N >= thr
+        surplus = int(keep_N.sum()) - n_keep
+        if surplus > 0:  # ties at the threshold
+            keep_N[(v_N == thr).nonzero().squeeze(1)[:surplus]] = False
+        if out is not None:
+            out["threshold"] = thr
+        pos_N = pos_N[keep_N]
+        row_N = torch.div(pos_N, F, rounding_mode="floor")
+        return row_N, pos_N - row_N * F
 
     return select
 
 
-def with_extra_columns(select, extra: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Append more selected columns per row (AuxK candidates) computed from the same pre-activations."""
-    return lambda z_BF: torch.cat([select(z_BF), extra(z_BF)], dim=1)
+def with_extra_columns(select: Select, extra: Callable[[Tensor], Tensor]) -> Select:
+    """Append A more latents per row (AuxK candidates, `extra(z_BF) -> idx_BA`) after the selection's entries,
+    computed from the same pre-activations."""
+
+    def both(z_BF: Tensor) -> tuple[Tensor, Tensor]:
+        (row_N, idx_N), (row_X, idx_X) = select(z_BF), _per_row(extra(z_BF))
+        return torch.cat([row_N, row_X]), torch.cat([idx_N, idx_X])
+
+    return both
 
 
-def dead_topk_select(dead_idx_N: Tensor, k_aux: int) -> Callable[[Tensor], Tensor]:
-    """Per-row top-k_aux among the dead latents only (AuxK)."""
-    return lambda z_BF: dead_idx_N[z_BF[:, dead_idx_N].topk(k_aux, dim=1, sorted=False).indices]
+def dead_topk_select(dead_idx_M: Tensor, k_aux: int) -> Callable[[Tensor], Tensor]:
+    """Per-row top-k_aux among the dead latents only (AuxK): idx_BA."""
+    return lambda z_BF: dead_idx_M[z_BF[:, dead_idx_M].topk(k_aux, dim=1, sorted=False).indices]

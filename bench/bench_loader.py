@@ -81,14 +81,14 @@ def loader_epoch(url: str, dtype: torch.dtype) -> tuple[float, int]:
 
 def memmap_epoch(mm: np.ndarray, to_float32: bool, seed: int) -> tuple[float, int]:
     """Random 4096-row blocks (start aligned to the block size), as many rows as the store holds."""
-    from saecache.train.loader import _bits_to_float  # the loader's own fp16 -> fp32 cast: same cost on both sides
+    from saecache.train.chunks import to_float  # the loader's own fp16 -> fp32 cast: same cost on both sides
 
     n_blocks = len(mm) // BATCH
     order = np.random.default_rng(seed).permutation(n_blocks)
     t0 = time.perf_counter()
     for i in order:
         a = mm[i * BATCH:(i + 1) * BATCH]
-        b = _bits_to_float(a, "float16", torch.float32) if to_float32 else torch.from_numpy(np.array(a))
+        b = to_float(a, "float16", torch.float32) if to_float32 else torch.from_numpy(np.array(a))
     dt = time.perf_counter() - t0
     assert b.shape == (BATCH, D)
     return dt, n_blocks * BATCH

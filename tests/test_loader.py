@@ -261,3 +261,34 @@ def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(t
     loader._gen = loader._prefetched()
     with pytest.raises(OSError, match="corrupt shard index"):
         next(loader)
+
+
+def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, tiny_store):
+    """Uncompressed local chunks are gathered straight from the memory-mapped shard files: same batches as the zarr
+    path, row for row equal to zarr's values, with a held-out cut that splits a shard (mapped and copied units mix in
+    one window), and nothing written into a served view reaches the file."""
+    st = Store.open(str(raw_store))
+    frac = 0.3
+    assert heldout_cutoff(st, frac) % st.geometry.ctx_per_shard  # the cut splits a shard: filtered units exist
+    stores = open_stores([str(raw_store)], HOOKS)
+    hooks = ["mlp_out.0", "mlp_in.0", "row"]
+    for dtype in (torch.float16, torch.float32):
+        mk = lambda **kw: Loader(stores, hooks, 64, seed=2, heldout_fraction=frac, partitions=4,  # noqa: E731
+                                 shuffle_chunks=3, dtype=dtype, **kw)
+        mapped = mk()
+        n = mapped.batches_per_epoch(0) + 2
+        got = _take(mapped, n)
+        assert _same(got, _take(mk(direct=False, reader_threads=0), n))
+        for h in ("mlp_out.0", "mlp_in.0"):
+            acts = _all_rows(raw_store, h)
+            for b in got:
+                assert np.array_equal(b[h].numpy(), acts[b["row"].numpy()].astype(b[h].numpy().dtype))
+
+    direct = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    view = direct.chunk_view(0, 0)
+    want = _all_rows(raw_store, "mlp_out.0")[:direct.chunk_rows]
+    assert np.array_equal(view, want)
+    view[:] = 0  # a private mapping: the file keeps its bytes
+    fresh = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    assert np.array_equal(fresh.read_rows(0, direct.chunk_rows), want) and want.any()
+    assert DirectArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode

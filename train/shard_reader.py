@@ -4,7 +4,8 @@ Why hand-written: zarr-python 3.1.6 re-reads the shard index on every partial re
 (see the storage notes), which caps random-inner-chunk reads at roughly half of the codec's decode rate. This reader
 follows the zarr v3 sharding spec exactly — shard = concatenated inner-chunk blobs + an index of
 ``n_inner × (offset u64, nbytes u64)`` (2^64-1 = missing) with a crc32c, at the end of the shard object — caches each
-shard's index once, and reads one inner chunk with ``os.pread`` + a numcodecs decode into a preallocated buffer.
+shard's index once, and reads one inner chunk with ``os.pread`` + a numcodecs decode into a preallocated buffer;
+an uncompressed inner chunk can also be had without any copy, as a view of the memory-mapped shard file.
 It handles exactly the layouts the saecache store writes (1-D chunking along rows, ``bytes`` + optional
 ``blosc``/``zstd``); for anything else ``DirectArray.open`` returns None and callers read through zarr instead.
 """
@@ -12,6 +13,7 @@ It handles exactly the layouts the saecache store writes (1-D chunking along row
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 
@@ -41,6 +43,7 @@ class DirectArray:
         self._crc = any(c["name"] == "crc32c" for c in shard["index_codecs"])
         self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -113,6 +116,25 @@ class DirectArray:
             self._decode.decode(raw, out=dst)
         return out
 
+    def chunk_view(self, shard: int, inner: int) -> np.ndarray | None:
+        """Uncompressed arrays only: inner chunk ``inner`` of shard ``shard`` as a ``[chunk_rows, D]`` view of the
+        memory-mapped shard file (no copy; the page cache is the buffer). None when the array is compressed or the
+        chunk is missing. The mapping is private: writing into the view never changes the file."""
+        if self._decode is not None:
+            return None
+        fd = self._fd(shard)
+        offset, nbytes = self._shard_index(shard, fd)[inner]
+        count = self.chunk_rows * self.shape[1]
+        if offset == _MISSING or nbytes != count * self.dtype.itemsize:
+            return None
+        with self._lock:
+            m = self._maps.get(shard)
+            if m is None:
+                m = self._maps[shard] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        if offset + nbytes > len(m):
+            raise OSError(f"short shard file in {self.path} shard {shard}: chunk {inner} ends past the file")
+        return np.frombuffer(m, dtype=self.dtype, count=count, offset=int(offset)).reshape(self.chunk_rows, -1)
+
     def read_rows(self, row0: int, n: int) -> np.ndarray:
         """Rows ``[row0, row0+n)`` lying inside one inner chunk (aligned to ``chunk_rows``): a view of a freshly
         allocated chunk buffer that nothing else references, so callers may keep it without copying."""
@@ -126,6 +148,7 @@ class DirectArray:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._maps.clear()  # views handed out keep their mapping alive until they are dropped
 
     def __del__(self):  # best effort; file descriptors are also released at exit
         try:

@@ -1,0 +1,192 @@
+"""What the training loader reads: stores → units (inner chunks, held-out contexts removed) → row sources.
+
+A unit is one inner chunk of one complete shard. `ChunkReader.read` gives, per hook, the unit's rows as an array the
+loader gathers from: on an uncompressed local store a zero-copy view of the memory-mapped shard file; otherwise the
+chunk decoded straight into the caller's window buffer (direct shard reader on local disk, the verified shard cache
+for remote stores, zarr as the fallback). Also here: opening and checking the stores, the held-out cut, the
+storage-bits → float cast, and `heldout_batches` (the held-out rows in storage order, for evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from saecache.errors import StoreError
+from saecache.harvest.store import Store
+from saecache.train.shard_reader import DirectArray
+
+# per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
+# index inside its store) and "store" (the index of its store in the loader's list)
+META = ("context", "position", "token", "row", "store")
+
+# gathers move storage bits: an integer type of the element's width (so bf16, fp16, fp32 and int64 all gather alike)
+BITS = {2: np.int16, 4: np.int32, 8: np.int64}
+TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int64": torch.int64}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One inner chunk to read: rows ``[row0, row0 + n)`` of store ``src``; ``keep`` filters rows (held-out cut)."""
+
+    src: int
+    row0: int
+    n: int
+    keep: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.n if self.keep is None else len(self.keep)
+
+
+def heldout_cutoff(store: Store, heldout_fraction: float) -> int:
+    """First held-out context id: contexts ``[cutoff, n_contexts)`` are never trained on."""
+    n = store.geometry.n_contexts
+    return n - (math.ceil(heldout_fraction * n) if heldout_fraction > 0 else 0)
+
+
+def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True) -> list[Store]:
+    """Open and check stores: hooks exist with one width across stores, completeness, one storage dtype."""
+    stores = [Store.open(u) for u in urls]
+    for st in stores:
+        for h in hooks:
+            if h in META:
+                continue
+            st.require_hook(h)
+            d0 = stores[0].hooks[h]["d"]
+            if st.hooks[h]["d"] != d0:
+                raise StoreError(f"hook {h} has width {st.hooks[h]['d']} in {st.url} but {d0} in {stores[0].url}")
+        if require_complete:
+            st.require_complete()
+        elif not st.complete_shards():
+            raise StoreError(f"store {st.url} has no complete shard yet; wait for the harvest to publish one")
+        if st.logical_dtype != stores[0].logical_dtype:
+            raise StoreError(f"stores mix dtypes ({st.logical_dtype} vs {stores[0].logical_dtype}); use one dtype")
+    return stores
+
+
+def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
+    """Every readable inner chunk of the complete shards, held-out contexts removed."""
+    units = []
+    for i, st in enumerate(stores):
+        g, cut = st.geometry, heldout_cutoff(st, heldout_fraction)
+        for s in st.complete_shards():
+            c0, c1 = g.shard_contexts(s)
+            if c0 >= cut:
+                continue
+            r0, r1 = g.shard_row_range(s)
+            ctx = st.array("rows/context")[r0:r1] if c1 > cut else None
+            for c in range(g.chunks_per_shard):
+                a, b = r0 + c * g.chunk_rows, min(r0 + (c + 1) * g.chunk_rows, r1)
+                if a >= b:
+                    break
+                keep = None if ctx is None else np.flatnonzero(ctx[a - r0:b - r0] < cut)
+                if keep is None or len(keep):
+                    units.append(Unit(i, a, b - a, keep))
+    return units
+
+
+def as_bits(a: np.ndarray) -> torch.Tensor:
+    """A torch view of ``a``'s storage bits (int16/int32/int64 of the element width), sharing its memory."""
+    return torch.from_numpy(a.view(BITS[a.dtype.itemsize]))
+
+
+def bits_to(t_bits: torch.Tensor, logical: str, dtype: torch.dtype) -> torch.Tensor:
+    """Storage bits → values of ``dtype``: a view of ``t_bits`` when no cast is needed, else a new tensor."""
+    src = t_bits.view(TORCH[logical])
+    return src if src.dtype == dtype else src.to(dtype)
+
+
+def to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows in storage dtype (numpy) → a torch tensor of ``dtype``, bit-exact conversion."""
+    return bits_to(as_bits(np.ascontiguousarray(a)), logical, dtype)
+
+
+class ChunkReader:
+    """Reads units of one store for a set of hooks; direct shard reader on local disk, zarr otherwise."""
+
+    def __init__(self, store: Store, hooks: list[str], direct: bool):
+        self.store = store
+        self.direct = {}
+        for h in hooks:
+            arr = None if h in META or not direct else (  # remote stores: the verified local shard cache
+                DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
+            self.direct[h] = arr
+        if store.loc.local:
+            self._check_files(store, hooks)
+
+    @staticmethod
+    def _check_files(store: Store, hooks: list[str]) -> None:
+        """A shard the manifest lists must have its files: a missing one would read back as zeros, silently."""
+        wanted = set(hooks)
+        for s in store.complete_shards():
+            for key in store.manifest()[s]["objects"]:
+                parts = key.split("/")
+                if parts[0] in ("acts", "rows") and parts[1] in wanted and not os.path.exists(store.loc.path(key)):
+                    raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
+                                     "run `saecache verify` and re-harvest that shard")
+
+    def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int) -> dict[str, np.ndarray]:
+        """The unit's rows per hook: a view of the mapped shard file when the store is uncompressed (no copy), else
+        rows ``[off, off + unit.rows)`` of the hook's window buffer, written here (a whole local inner chunk is
+        decoded straight into the buffer)."""
+        out = {}
+        sl = slice(off, off + unit.rows)
+        for h, arr in self.direct.items():
+            dst = bufs[h]
+            whole = unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows
+            if whole:
+                shard, rem = divmod(unit.row0, arr.shard_rows)
+                view = arr.chunk_view(shard, rem // arr.chunk_rows)
+                if view is not None:
+                    out[h] = view
+                    continue
+                arr.read_chunk(shard, rem // arr.chunk_rows, out=dst[sl])
+            elif h == "row":
+                dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if unit.keep is None else \
+                    unit.row0 + unit.keep
+            elif h == "store":
+                dst[sl] = unit.src
+            else:
+                if h in META:
+                    a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
+                elif arr is not None:
+                    a = arr.read_rows(unit.row0, unit.n)
+                else:
+                    a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
+                dst[sl] = a if unit.keep is None else a[unit.keep]
+            out[h] = dst[sl]
+        return out
+
+
+def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,
+                    dtype: torch.dtype = torch.float32, max_rows: int | None = None):
+    """Yield the held-out rows (contexts ``>= heldout_cutoff``) in storage order, for evaluation:
+    ``{hook: [b, D] tensor, "context": [b] int64, "position": [b] int64, "token": [b] int64}``."""
+    from saecache.errors import ConfigError
+
+    g, cut, served = store.geometry, heldout_cutoff(store, heldout_fraction), 0
+    if cut >= g.n_contexts:
+        raise ConfigError("heldout_fraction is 0: the run has no held-out rows; evaluate on another store")
+    for s in store.complete_shards():
+        if g.shard_contexts(s)[1] <= cut:
+            continue
+        r0, r1 = g.shard_row_range(s)
+        meta = store.read_meta(r0, r1)
+        keep = np.flatnonzero(meta["context"] >= cut)
+        for i in range(0, len(keep), batch_size):
+            idx = keep[i:i + batch_size]
+            if max_rows is not None:
+                idx = idx[:max_rows - served]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            out = {h: to_float(store.read_acts(h, r0 + lo, r0 + hi)[idx - lo], store.logical_dtype, dtype)
+                   for h in hooks}
+            out.update({k: torch.from_numpy(meta[k][idx].astype(np.int64)) for k in ("context", "position", "token")})
+            yield out
+            served += len(idx)
+            if max_rows is not None and served >= max_rows:
+                return

@@ -1,8 +1,9 @@
 """`saecache train`: builds a `TrainConfig` from flags or a JSON file and runs it (resuming when the run dir exists).
 
 Repeated `--hook`, `--width`, `--k` and `--coeff` flags make a sweep over their product, trained from one read of
-the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...) apply to every SAE of it. `--config sweep.json` holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on
-the command line override the file's top-level fields.
+the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...) apply to every SAE of it.
+`--config sweep.json` holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on the command
+line override the file's top-level fields.
 """
 
 from __future__ import annotations

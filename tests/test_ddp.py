@@ -20,7 +20,7 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly(tiny_store, tmp
     cfg = {"stores": [str(tiny_store)], "steps": 24, "batch_size": 256, "warmup_steps": 4, "checkpoint_every": 12,
            "resample_steps": 8, "resample_window": 2, "heldout_fraction": 0.05, "log_every": 4, "progress": False,
            "device": "cpu",
-           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4},  # resamples ~200 latents
+           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4, "resample": True},  # resamples ~200
                     {"arch": "relu", "hook_in": "mlp_out.1", "width": 128}]}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     one = subprocess.run([sys.executable, "-m", "saecache", "train", "--config", tmp_path / "cfg.json",

@@ -178,16 +178,19 @@ class Loader:
         win.perm = np.random.default_rng([self.seed, epoch, p, w]).permutation(n)
         return win
 
-    def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict):
+    def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict, ahead: dict):
         """Yield partition p's stream from batch ``start_batch`` of the epoch, ``per_part`` rows at a time, as a list
         of ``(window, i, j)`` segments: rows ``window.perm[i:j]`` of the window's buffers. A segment is valid until
-        the generator is resumed (then its window's buffers may be refilled)."""
+        the generator is resumed (then its window's buffers may be refilled). While serving its last window the
+        stream starts reading the next epoch's first window into ``ahead[(epoch + 1, p)]`` (no stall between
+        epochs)."""
         plan = self._epoch_plan(epoch)[p]
         skip, w = start_batch * self.per_part, 0
         while w < len(plan) and skip >= (n := self._window_rows(plan[w])):
             skip, w = skip - n, w + 1
         pool, live = free.setdefault(p, []), {}  # live: windows whose buffers a batch or a reader may still use
-        pending = self._submit(epoch, p, w, free)
+        pending = ahead.pop((epoch, p), None) if w == 0 else None
+        pending = pending or self._submit(epoch, p, w, free)
         segs, have = [], 0
         try:
             while pending is not None:
@@ -206,9 +209,9 @@ class Loader:
                                 pool.append(live.pop(id(x)).base)
                         segs, have = [], 0
                         if pending is None:  # read the next window (into the buffers just freed)
-                            pending = self._submit(epoch, p, w + 1, free)
+                            pending = self._submit_next(epoch, p, w, free, ahead)
                 if pending is None:
-                    pending = self._submit(epoch, p, w + 1, free)
+                    pending = self._submit_next(epoch, p, w, free, ahead)
                 w += 1
         finally:  # end of the epoch or stream closed: recycle every buffer no reader is still writing
             if pending is not None:
@@ -219,15 +222,23 @@ class Loader:
                     pass
             pool.extend(x.base for x in live.values())
 
+    def _submit_next(self, epoch: int, p: int, w: int, free: dict, ahead: dict) -> _Window | None:
+        """Start reading window w + 1; after the last window, the next epoch's first one (kept in ``ahead``)."""
+        nxt = self._submit(epoch, p, w + 1, free)
+        if nxt is None and (epoch + 1, p) not in ahead:
+            ahead[(epoch + 1, p)] = self._submit(epoch + 1, p, 0, free)
+        return nxt
+
     def _batches(self):
         """Torch batches from the current position on: per (hook, partition share) a sorted ``np.take`` per source
         into the batch's storage bits, then one cast; the gathers are split between this thread and a helper."""
         epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
         free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
+        ahead: dict[tuple, _Window] = {}  # (epoch, partition): first window of the next epoch, already reading
         stage: dict[str, torch.Tensor] = {}  # per hook: storage-bits batch when a cast follows (reused)
         n_local = self.per_part * len(self.my_parts)
         while True:
-            streams = [self._partition_stream(epoch, p, start, free) for p in self.my_parts]
+            streams = [self._partition_stream(epoch, p, start, free, ahead) for p in self.my_parts]
             for _ in range(start, self.batches_per_epoch(epoch)):
                 shares, o = [], 0  # (window, sorted window rows, unit cuts, first batch row)
                 for s in streams:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import sys
 import threading
 
 import crc32c
@@ -24,6 +25,8 @@ from saecache.errors import StoreError
 from saecache.harvest.cache import inner_decoder
 
 _MISSING = np.uint64(2**64 - 1)
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14): read a range into the page cache and map it now, synchronously
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform == "linux" else None
 
 
 class DirectArray:
@@ -44,6 +47,7 @@ class DirectArray:
         self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
+        self._scratch = threading.local()  # per reader thread: a reused buffer for compressed bytes (no page faults)
         self._lock = threading.Lock()
 
     @classmethod
@@ -109,17 +113,24 @@ class DirectArray:
             if got != nbytes:
                 raise OSError(f"short read ({got} of {nbytes} bytes) in {self.path} shard {shard}")
             return out
-        raw = os.pread(fd, int(nbytes), int(offset))
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._scratch.buf = bytearray(int(nbytes))
+        raw = memoryview(buf)[:int(nbytes)]
+        got = os.preadv(fd, [raw], int(offset))
+        if got != nbytes:
+            raise OSError(f"short read ({got} of {nbytes} bytes) in {self.path} shard {shard}")
         if self._decode is None:
             dst[:] = np.frombuffer(raw, dtype=np.uint8)
         else:
             self._decode.decode(raw, out=dst)
         return out
 
-    def chunk_view(self, shard: int, inner: int) -> np.ndarray | None:
+    def chunk_view(self, shard: int, inner: int, populate: bool = True) -> np.ndarray | None:
         """Uncompressed arrays only: inner chunk ``inner`` of shard ``shard`` as a ``[chunk_rows, D]`` view of the
         memory-mapped shard file (no copy; the page cache is the buffer). None when the array is compressed or the
-        chunk is missing. The mapping is private: writing into the view never changes the file."""
+        chunk is missing. The mapping is private: writing into the view never changes the file. ``populate`` reads
+        the chunk from disk and maps its pages now (called from a reader thread, so the consumer never faults)."""
         if self._decode is not None:
             return None
         fd = self._fd(shard)
@@ -133,6 +144,12 @@ class DirectArray:
                 m = self._maps[shard] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         if offset + nbytes > len(m):
             raise OSError(f"short shard file in {self.path} shard {shard}: chunk {inner} ends past the file")
+        if populate:
+            start = int(offset) - int(offset) % mmap.PAGESIZE
+            try:
+                m.madvise(_POPULATE, start, int(offset + nbytes) - start)
+            except (OSError, ValueError, TypeError):  # older kernel: ask for read-ahead instead
+                m.madvise(mmap.MADV_WILLNEED, start, int(offset + nbytes) - start)
         return np.frombuffer(m, dtype=self.dtype, count=count, offset=int(offset)).reshape(self.chunk_rows, -1)
 
     def read_rows(self, row0: int, n: int) -> np.ndarray:

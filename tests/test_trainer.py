@@ -25,9 +25,8 @@ from saecache.train.trainer import run_training
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "saecache", "train", *map(str, args)], env=ENV,

@@ -251,11 +251,11 @@ def run_training(cfg: TrainConfig) -> list[str]:
             batch = next(loader)
             results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                recs = [step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,
-                                     cfg.batch_size)
+                recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,
+                                        cfg.batch_size), "lr": m.opt.param_groups[0]["lr"]}
                         for (out, t), m in zip(results, active)]
-                for m, rec in zip(active, recs):
-                    rundir.append_metrics(m.run_dir, {**rec, "lr": m.opt.param_groups[0]["lr"]})
+                for m, rec in zip(active, recs):  # the same record goes to metrics.jsonl and the logger's backend
+                    rundir.append_metrics(m.run_dir, rec)
                 logger.log(step + 1, recs, (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0))
             logger.advance()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:

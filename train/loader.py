@@ -129,20 +129,24 @@ class Loader:
     # -- order (pure functions of seed, epoch, units)
     def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
         """plan[p][w] = unit indices of window w of partition p."""
-        plan = self._plans.get(epoch)
-        if plan is None:
+        return self._plan_and_length(epoch)[0]
+
+    def _plan_and_length(self, epoch: int) -> tuple[list[list[list[int]]], int]:
+        got = self._plans.get(epoch)
+        if got is None:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
             plan = []
             for p in range(self.partitions):
                 mine = order[p::self.partitions].tolist()
                 plan.append([mine[i:i + self.shuffle_chunks] for i in range(0, len(mine), self.shuffle_chunks)])
+            n = min(sum(self.units[u].rows for w in part for u in w) for part in plan) // self.per_part
+            got = (plan, n)
             self._plans = {e: v for e, v in self._plans.items() if e >= epoch - 1}  # dict swap: thread-safe enough
-            self._plans[epoch] = plan
-        return plan
+            self._plans[epoch] = got
+        return got
 
     def batches_per_epoch(self, epoch: int) -> int:
-        plan = self._epoch_plan(epoch)
-        return min(sum(self.units[u].rows for w in part for u in w) for part in plan) // self.per_part
+        return self._plan_and_length(epoch)[1]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_served": self.batches_served, "seed": self.seed}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from saecache.train.sparse_ops import (_coprime_stride, batch_topk_select, dead_topk_select, sparse_decode,
-                                       sparse_encode, topk_select, with_extra_columns)
+from saecache.train.sparse_ops import (_positions_at_least, _sample_stride, batch_topk_select, dead_topk_select,
+                                       sparse_decode, sparse_encode, topk_select, with_extra_columns)
 
 B, D, F, D_OUT, K, A = 16, 10, 50, 7, 4, 3
 DEAD = torch.tensor([1, 5, 7, 20, 33, 41])
@@ -75,10 +75,10 @@ def _batch(case):
         return torch.randint(0, 4, (128, 512), generator=g).float(), 32
     Bz, Fz, k = (64, 256, 128) if case == "sample_short_of_k_B" else (128, 512, 32)
     z = torch.randn(Bz, Fz, generator=g) * torch.rand(Bz, 1, generator=g) * 3  # rows of very different scales
-    s = _coprime_stride(k * Bz, Fz)
+    s = _sample_stride(k * Bz, Bz, Fz)
     assert s > 1
     if case != "random":  # every sampled point above all others: the first provisional threshold admits only
-        z.view(-1)[::s] += 20.0  # ~1.25·k·B/s < k·B entries; too few, so the selection has to lower it and retry
+        z.view(-1)[::s] += 20.0  # ~1.1·k·B/s + 5 sd < k·B entries, too few: the selection must lower it and retry
     if case == "sample_short_of_k_B":  # ... and even the whole sample is fewer than k·B points: take all of z
         assert z.numel() // s < k * Bz
     return z, k
@@ -101,3 +101,9 @@ def test_batch_topk_selection_equals_brute_force(case):
         ref = torch.zeros(z.numel(), dtype=torch.bool)
         ref[top.indices] = True
         assert torch.equal(chosen.flatten(), ref)
+
+
+@pytest.mark.parametrize("block", [1, 3 * 40, 7 * 40 + 5, 1 << 22], ids=["row", "3_rows", "7_rows_ragged_end", "one"])
+def test_blocked_threshold_pass_equals_one_pass(block):
+    z = torch.randn(50, 40, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(_positions_at_least(z, 0.7, block), (z >= 0.7).flatten().nonzero().squeeze(1))

@@ -199,35 +199,52 @@ def topk_select(k: int) -> Select:
     return lambda z_BF: _per_row(z_BF.topk(k, dim=1, sorted=False).indices)
 
 
-def _coprime_stride(n_keep: int, n_features: int) -> int:
-    """A sampling stride leaving ~2k sample points above the threshold, coprime to F so the strided sample of the
-    row-major z visits every column (a stride dividing F would sample the same few features in every row)."""
-    s = max(1, n_keep // 2048)
-    while math.gcd(s, n_features) != 1:
+def _sample_stride(n_keep: int, B: int, F: int) -> int:
+    """Stride of the threshold sample of the row-major z_BF: at most ~2^18 sample points (a selection over a larger
+    sample costs more than it saves), and ≥ 1024 of the k·B winners' worth when that is smaller. Coprime to F so
+    the sample visits every column (a stride dividing F would see the same few features in every row)."""
+    s = max(1, n_keep // 1024, (B * F) >> 18)
+    while math.gcd(s, F) != 1:
         s += 1
     return s
+
+
+def _positions_at_least(z_BF: Tensor, t: Tensor | float, block: int = 1 << 23) -> Tensor:
+    """Flat row-major positions of the entries ≥ t. On CPU in blocks of rows (~`block` entries) sharing one mask
+    buffer: a fresh [B, F] mask costs more in page faults than the comparison itself."""
+    B, F = z_BF.shape
+    if z_BF.device.type != "cpu":
+        return (z_BF >= t).view(-1).nonzero().squeeze(1)
+    R = max(1, block // F)
+    mask = torch.empty(min(B, R) * F, dtype=torch.bool)
+    parts = []
+    for r0 in range(0, B, R):
+        z_chunk = z_BF[r0:r0 + R].reshape(-1)
+        parts.append(torch.ge(z_chunk, t, out=mask[:z_chunk.numel()]).nonzero().squeeze(1) + r0 * F)
+    return torch.cat(parts)
 
 
 def batch_topk_select(k: int, out: dict | None = None) -> Select:
     """Exactly the batch-wide top k·B pre-activations, as entries row by row; the threshold (the k·B-th largest) is
     stored in out["threshold"] when `out` is given.
 
-    A strided sample of z gives a provisional threshold t, chosen so about 1.25·k·B entries of z reach it. One pass
-    collects every entry ≥ t; if they are at least k·B, they hold all the winners (everything else is below them) and
-    the k·B-th largest among them is the exact threshold. An unlucky sample (fewer than k·B reach t) lowers t and
-    retries, down to taking all of z. Ties at the threshold are cut so exactly k·B entries are kept."""
+    A strided sample of z gives a provisional threshold t, chosen so a little more than k·B entries of z reach it.
+    One pass collects every entry ≥ t; if they are at least k·B, they hold all the winners (everything else is below
+    them) and the k·B-th largest among them is the exact threshold. An unlucky sample (fewer than k·B reach t)
+    lowers t and retries, down to taking all of z. Ties at the threshold are cut so exactly k·B entries are kept."""
 
     def select(z_BF: Tensor) -> tuple[Tensor, Tensor]:
         B, F = z_BF.shape
         n_keep = k * B
         z_N = z_BF.reshape(-1)
-        s = _coprime_stride(n_keep, F)
+        s = _sample_stride(n_keep, B, F)
         sample = z_N[::s]
-        rank = math.ceil(1.25 * n_keep / s)  # the rank-th largest sample point is t
+        expected = n_keep / s  # sample points above the true threshold; 5 sd of margin (plus 10%) on top
+        rank = math.ceil(1.1 * expected + 5 * math.sqrt(expected))  # the rank-th largest sample point is t
         while True:
             everything = rank > sample.numel()
             t = -math.inf if everything else sample.kthvalue(sample.numel() - rank + 1).values
-            pos_N = (z_BF >= t).view(-1).nonzero().squeeze(1)  # row-major: rows stay in order
+            pos_N = _positions_at_least(z_BF, t)  # row-major: rows stay in order
             if pos_N.numel() >= n_keep or everything:
                 break
             rank *= 4

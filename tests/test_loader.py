@@ -88,19 +88,26 @@ def test_resume_state_is_tiny_and_gives_the_exact_remaining_batches(tiny_store):
     assert _same(_take(moved, 4), ref[n_epoch - 2:n_epoch + 2])
 
 
-def test_batches_are_well_mixed(tiny_store):
-    """No batch draws more than a few % of its rows from one context, and every batch spans many shards."""
+@pytest.mark.parametrize("batch,partitions,run", [(256, 8, 1), (512, 4, 4)])
+def test_batches_are_well_mixed(tiny_store, batch, partitions, run):
+    """No batch draws more than a few % of its rows from one context, and every batch spans many shards, also when
+    windows are served in runs of adjacent stored rows (the run length the loader derives from the batch)."""
     st = Store.open(str(tiny_store))
-    loader = Loader([st], ["context"], 256, seed=0, reader_threads=0)
+    loader = Loader([st], ["context", "row"], batch, seed=0, partitions=partitions, reader_threads=0)
+    assert loader.shuffle_run == run
     rows_per_context = st.geometry.rows_per_context
-    worst, min_shards = 0, 10**9
+    worst, min_shards, adjacent = 0, 10**9, []
     for _ in range(loader.batches_per_epoch(0)):
-        ctx = next(loader)["context"].numpy()
+        b = next(loader)
+        ctx, rows = b["context"].numpy(), set(b["row"].tolist())
         worst = max(worst, collections.Counter(ctx.tolist()).most_common(1)[0][1])
         min_shards = min(min_shards, len(set((ctx // st.geometry.ctx_per_shard).tolist())))
-    # reading in storage order would put a whole context (32 rows, 12.5 %) into one batch
-    assert worst <= 0.04 * 256 < rows_per_context
+        adjacent.append(sum(r + 1 in rows for r in rows) / batch)
+    # reading in storage order would put a whole context (32 rows, 12.5 % / 6 %) into one batch
+    assert worst <= 0.04 * batch < rows_per_context
     assert min_shards >= 8
+    # runs: about (run - 1) / run of the rows have their storage successor in the same batch; random rows rarely do
+    assert min(adjacent) >= 0.9 * (run - 1) / run and max(adjacent) <= (run - 1) / run + 0.15
 
 
 def test_heldout_rows_are_never_served_for_training(tiny_store):
@@ -265,20 +272,23 @@ def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(t
 
 def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, tiny_store):
     """Uncompressed local chunks are gathered straight from the memory-mapped shard files: same batches as the zarr
-    path, row for row equal to zarr's values, with a held-out cut that splits a shard (mapped and copied units mix in
-    one window), and nothing written into a served view reaches the file."""
+    path, row for row equal to zarr's values, each training row once per epoch, with a held-out cut that splits a
+    shard (mapped and copied units mix in one window), and nothing written into a served view reaches the file."""
     st = Store.open(str(raw_store))
     frac = 0.3
     assert heldout_cutoff(st, frac) % st.geometry.ctx_per_shard  # the cut splits a shard: filtered units exist
     stores = open_stores([str(raw_store)], HOOKS)
     hooks = ["mlp_out.0", "mlp_in.0", "row"]
     for dtype in (torch.float16, torch.float32):
-        mk = lambda **kw: Loader(stores, hooks, 64, seed=2, heldout_fraction=frac, partitions=4,  # noqa: E731
+        mk = lambda **kw: Loader(stores, hooks, 256, seed=2, heldout_fraction=frac, partitions=2,  # noqa: E731
                                  shuffle_chunks=3, dtype=dtype, **kw)
         mapped = mk()
+        assert mapped.shuffle_run == 4  # runs of 4 rows; the cut leaves units whose last run is shorter
         n = mapped.batches_per_epoch(0) + 2
         got = _take(mapped, n)
         assert _same(got, _take(mk(direct=False, reader_threads=0), n))
+        epoch = torch.cat([b["row"] for b in got[:n - 2]])
+        assert len(set(epoch.tolist())) == len(epoch) > 0.9 * sum(u.rows for u in mapped.units)
         for h in ("mlp_out.0", "mlp_in.0"):
             acts = _all_rows(raw_store, h)
             for b in got:

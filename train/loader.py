@@ -6,8 +6,9 @@ Never reads random single rows (each would decode a whole compressed inner chunk
 1. units = every inner chunk of every complete shard of every store, minus the held-out contexts (``chunks.py``);
 2. per epoch, units are permuted with ``default_rng([seed, epoch])`` and dealt round-robin to ``partitions``
    canonical partitions (fixed by the config, NOT by the number of ranks or threads);
-3. each partition reads its units in groups of ``shuffle_chunks`` (a window), permutes the window's rows with
-   ``default_rng([seed, epoch, partition, window])`` and serves them as a stream;
+3. each partition reads its units in groups of ``shuffle_chunks`` (a window), cuts the window's rows into runs of
+   ``shuffle_run`` adjacent stored rows (stored rows are already shuffled within their shard), permutes the runs
+   with ``default_rng([seed, epoch, partition, window])`` and serves their rows as a stream;
 4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order; inside
    a partition's share the rows are in window order (a batch is a set to the loss; sorted reads are faster).
 
@@ -20,8 +21,9 @@ that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` se
 
 Data path (one copy per row into the batch, plus the cast): a compressed chunk is decoded by a reader thread straight
 into its slot of a per-partition window buffer (recycled: two live per partition); an uncompressed local chunk is not
-copied at all, the window points into the memory-mapped shard file. A batch is built by ``torch.index_select`` of each
-partition's rows (sorted) from the window into the batch memory, then cast once to the requested dtype.
+copied at all, the window points into the memory-mapped shard file (its pages mapped by the reader thread). A batch is
+built by ``np.take`` of each partition's rows (sorted) from the window sources, cast share by share when the requested
+dtype differs from storage (on one thread: torch's intra-op pool stalls on a busy core).
 """
 
 from __future__ import annotations
@@ -35,11 +37,24 @@ import torch
 
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
-from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, bits_to, heldout_batches,  # noqa: F401
+from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, bits_to, single_threaded, heldout_batches,  # noqa: F401
                                    heldout_cutoff, open_stores, training_units)
 
 
 TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def run_order(offs: np.ndarray, run: int, rng: np.random.Generator) -> np.ndarray:
+    """A window's serving order: its units' rows cut into runs of ``run`` consecutive rows (a unit's last run may be
+    shorter; runs never cross units), the runs permuted, expanded to rows. Stored rows are already a random
+    permutation of their shard (SPEC.md, pre-shuffle), so a run is a random sample of its shard, while the gathers
+    copy ``run`` adjacent rows at a time (random single rows are DRAM-latency bound)."""
+    starts = np.concatenate([np.arange(a, b, run) for a, b in zip(offs[:-1], offs[1:])])
+    ends = np.minimum(starts + run, np.repeat(offs[1:], np.diff(offs) // run + (np.diff(offs) % run > 0)))
+    order = rng.permutation(len(starts))
+    lens = (ends - starts)[order]
+    first = np.cumsum(lens) - lens  # serving position of each run's first row
+    return np.repeat(starts[order] - first, lens) + np.arange(int(offs[-1]))
 
 
 def _run_gathers(jobs: list) -> None:
@@ -92,7 +107,7 @@ class Loader:
     """
 
     def __init__(self, stores: list[Store], hooks: list[str], batch_size: int, seed: int = 0, *,
-                 heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4,
+                 heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4, shuffle_run: int = 16,
                  reader_threads: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None):
         if batch_size % partitions:
@@ -101,6 +116,8 @@ class Loader:
             raise ConfigError(f"partitions {partitions} must be a multiple of the number of ranks {world_size}")
         self.stores, self.hooks, self.batch_size, self.seed = stores, list(hooks), batch_size, seed
         self.partitions, self.shuffle_chunks, self.dtype = partitions, shuffle_chunks, dtype
+        # each partition's share of a batch holds at least 32 runs (batch 4096 / 8 partitions: runs of 16 rows)
+        self.shuffle_run = max(1, min(shuffle_run, batch_size // partitions // 32))
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.logical = stores[0].logical_dtype
@@ -179,7 +196,7 @@ class Loader:
         read = lambda u, off: self._readers[u.src].read(u, win.bufs, off)  # noqa: E731
         for u, off in zip(units, win.offs[:-1].tolist()):
             win.futures.append(self._pool.submit(read, u, off) if self._pool else read(u, off))
-        win.perm = np.random.default_rng([self.seed, epoch, p, w]).permutation(n)
+        win.perm = run_order(win.offs, self.shuffle_run, np.random.default_rng([self.seed, epoch, p, w]))
         return win
 
     def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict, ahead: dict):
@@ -234,8 +251,9 @@ class Loader:
         return nxt
 
     def _batches(self):
-        """Torch batches from the current position on: per (hook, partition share) a sorted ``np.take`` per source
-        into the batch's storage bits, then one cast; the gathers are split between this thread and a helper."""
+        """Torch batches from the current position on. Per (hook, partition share): a sorted ``np.take`` per source.
+        Without a cast the gathers write the batch's memory directly, split between this thread and a helper; with
+        a cast each share is gathered into a small (cache-resident) buffer and cast from there, on this thread."""
         epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
         free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
         ahead: dict[tuple, _Window] = {}  # (epoch, partition): first window of the next epoch, already reading
@@ -250,25 +268,36 @@ class Loader:
                         idx = np.sort(win.perm[i:j])
                         shares.append((win, idx, np.searchsorted(idx, win.offs), o))
                         o += j - i
-                bits, jobs = {}, []
+                out, jobs, casts = {}, [], []
                 for h in self.hooks:
                     tail, dt, logical = self._buf_spec[h]
-                    cast = TORCH[logical] != self._want(h)
-                    bits[h] = stage.get(h) if cast else None
-                    if bits[h] is None:
-                        bits[h] = torch.empty((n_local, *tail), dtype=TORCH_BITS[dt.itemsize])
-                        if cast:
-                            stage[h] = bits[h]
-                    dst = bits[h].numpy()
-                    jobs += [(win, h, idx, cuts, dst[o:o + len(idx)]) for win, idx, cuts, o in shares]
+                    want = self._want(h)
+                    bits = torch.empty((n_local, *tail), dtype=TORCH_BITS[dt.itemsize])
+                    if TORCH[logical] == want:  # no cast: gather straight into the batch's memory
+                        dst = bits.numpy()
+                        jobs += [(win, h, idx, cuts, dst[o:o + len(idx)]) for win, idx, cuts, o in shares]
+                        out[h] = bits.view(want)
+                    else:  # gather each share into a small (cache-resident) buffer, then cast it into the batch
+                        out[h] = torch.empty((n_local, *tail), dtype=want)
+                        casts.append((h, logical, out[h]))
                 half = len(jobs) // 2 if self._helper is not None else 0
                 helped = self._helper.submit(_run_gathers, jobs[half:]) if half else None  # numpy frees the GIL
                 _run_gathers(jobs[:half] if half else jobs)
                 if helped is not None:
                     helped.result()
-                out = {}
+                if casts:
+                    with single_threaded():
+                        for h, logical, t in casts:
+                            tail, dt, _ = self._buf_spec[h]
+                            if h not in stage:
+                                stage[h] = torch.empty((self.per_part, *tail), dtype=TORCH_BITS[dt.itemsize])
+                            sb = stage[h]
+                            for win, idx, cuts, o in shares:
+                                k = len(idx)
+                                win.gather(h, idx, cuts, sb.numpy()[:k])
+                                t[o:o + k].copy_(sb[:k].view(TORCH[logical]))
                 for h in self.hooks:
-                    t = bits_to(bits[h], self._buf_spec[h][2], self._want(h), )
+                    t = out[h]
                     if self._cuda:
                         t = t.pin_memory().to(self.device, non_blocking=True)
                     elif self.device.type != "cpu":
@@ -313,6 +342,11 @@ class Loader:
             yield item
 
     def close(self) -> None:
+        """Stop the reader threads and drop the batch stream. The stream's generator refers back to the loader, so
+        without this its window buffers (hundreds of MB) live until the cyclic garbage collector runs."""
         for pool in (self._pool, self._helper):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        gen = self.__dict__.pop("_gen", None)
+        if gen is not None:
+            gen.close()

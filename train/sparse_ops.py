@@ -10,7 +10,8 @@ The selected latents are one flat list of N entries (`SparseCode`: value, latent
 give every row the same count; BatchTopK's rows hold different counts, and the list holds exactly the batch's k·B
 winners (no padding), so the decode and both backward passes cost what TopK's do.
 
-Shapes: B rows, D width, F features, N selected entries in the batch (k·B for TopK and BatchTopK), A AuxK per row.
+Shapes: B rows, D width, F features, N selected entries in the batch (k·B for TopK and BatchTopK), A AuxK latents
+per row, M dead latents.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ class SparseCode(NamedTuple):
                 SparseCode(self.vals_N[n:], self.idx_N[n:], self.row_N[n:], self.n_rows))
 
 
-def _argsort(flat: Tensor) -> Tensor:
-    """Any order that sorts `flat` (small non-negative ints). On CPU numpy's vectorised int32 argsort runs on this
+def _argsort(flat: Tensor, bound: int) -> Tensor:
+    """Any order that sorts `flat` (ints in [0, bound)). On CPU numpy's vectorised int32 argsort runs on this
     thread in ~2 ms for 131k entries, while torch.sort's 1-D parallel path takes 30-700 ms when the cores are
     shared (it waits on busy intra-op threads); elsewhere torch.sort."""
-    if flat.device.type == "cpu" and flat.numel() and int(flat.max()) < 2**31:
+    if flat.device.type == "cpu" and bound <= 2**31:
         return torch.from_numpy(np.argsort(flat.to(torch.int32).numpy())).to(torch.long)
     return flat.sort().indices
 
@@ -65,7 +66,7 @@ def _bag_sum(key_N: Tensor, src_N: Tensor, w_N: Tensor, y_SD: Tensor, n_out: int
     Sorting the entries by key turns this into one `embedding_bag` over y's rows: a single fused gather-scale-sum
     that writes each output row once. About 2x faster than `torch.sparse.mm` on a COO matrix on CPU, and it never
     materialises the [N, D] products."""
-    order = _argsort(key_N)
+    order = _argsort(key_N, n_out)
     return torch.nn.functional.embedding_bag(src_N[order], y_SD, _bag_starts(key_N, n_out), mode="sum",
                                              per_sample_weights=w_N[order].to(y_SD.dtype))
 
@@ -200,8 +201,8 @@ def topk_select(k: int) -> Select:
 
 
 def _sample_stride(n_keep: int, B: int, F: int) -> int:
-    """Stride of the threshold sample of the row-major z_BF: at most ~2^18 sample points (a selection over a larger
-    sample costs more than it saves), and ≥ 1024 of the k·B winners' worth when that is smaller. Coprime to F so
+    """Stride of the threshold sample of the row-major z_BF: about 1024 sample points above the threshold, fewer when
+    that would take more than ~2^18 sample points (a kthvalue over more costs more than it saves). Coprime to F so
     the sample visits every column (a stride dividing F would see the same few features in every row)."""
     s = max(1, n_keep // 1024, (B * F) >> 18)
     while math.gcd(s, F) != 1:
@@ -269,8 +270,8 @@ def with_extra_columns(select: Select, extra: Callable[[Tensor], Tensor]) -> Sel
     computed from the same pre-activations."""
 
     def both(z_BF: Tensor) -> tuple[Tensor, Tensor]:
-        (row_N, idx_N), (row_X, idx_X) = select(z_BF), _per_row(extra(z_BF))
-        return torch.cat([row_N, row_X]), torch.cat([idx_N, idx_X])
+        (row_N, idx_N), (aux_row_N, aux_idx_N) = select(z_BF), _per_row(extra(z_BF))
+        return torch.cat([row_N, aux_row_N]), torch.cat([idx_N, aux_idx_N])
 
     return both
 

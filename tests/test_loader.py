@@ -88,12 +88,13 @@ def test_resume_state_is_tiny_and_gives_the_exact_remaining_batches(tiny_store):
     assert _same(_take(moved, 4), ref[n_epoch - 2:n_epoch + 2])
 
 
-@pytest.mark.parametrize("batch,partitions,run", [(256, 8, 1), (512, 4, 4)])
-def test_batches_are_well_mixed(tiny_store, batch, partitions, run):
-    """No batch draws more than a few % of its rows from one context, and every batch spans many shards, also when
-    windows are served in runs of adjacent stored rows (the run length the loader derives from the batch)."""
+@pytest.mark.parametrize("batch,partitions,asked,run", [(256, 8, 1, 1), (512, 4, 128, 32)])
+def test_batches_are_well_mixed(tiny_store, batch, partitions, asked, run):
+    """No batch draws more than a few % of its rows from one context, and every batch spans many shards, with single
+    rows and with runs of adjacent stored rows (the default, capped at a quarter of a partition's share)."""
     st = Store.open(str(tiny_store))
-    loader = Loader([st], ["context", "row"], batch, seed=0, partitions=partitions, reader_threads=0)
+    loader = Loader([st], ["context", "row"], batch, seed=0, partitions=partitions, reader_threads=0,
+                    shuffle_run=asked)
     assert loader.shuffle_run == run
     rows_per_context = st.geometry.rows_per_context
     worst, min_shards, adjacent = 0, 10**9, []
@@ -283,7 +284,7 @@ def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, t
         mk = lambda **kw: Loader(stores, hooks, 256, seed=2, heldout_fraction=frac, partitions=2,  # noqa: E731
                                  shuffle_chunks=3, dtype=dtype, **kw)
         mapped = mk()
-        assert mapped.shuffle_run == 4  # runs of 4 rows; the cut leaves units whose last run is shorter
+        assert mapped.shuffle_run == 32  # runs of 32 rows; units are cut at random shifts, the held-out cut too
         n = mapped.batches_per_epoch(0) + 2
         got = _take(mapped, n)
         assert _same(got, _take(mk(direct=False, reader_threads=0), n))

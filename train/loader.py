@@ -28,6 +28,8 @@ dtype differs from storage (on one thread: torch's intra-op pool stalls on a bus
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,57 +46,60 @@ from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, bits_to, sing
 TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def run_order(offs: np.ndarray, run: int, rng: np.random.Generator) -> np.ndarray:
-    """A window's serving order: its units' rows cut into runs of ``run`` consecutive rows (a unit's last run may be
-    shorter; runs never cross units), the runs permuted, expanded to rows. Stored rows are already a random
-    permutation of their shard (SPEC.md, pre-shuffle), so a run is a random sample of its shard, while the gathers
-    copy ``run`` adjacent rows at a time (random single rows are DRAM-latency bound)."""
-    starts = np.concatenate([np.arange(a, b, run) for a, b in zip(offs[:-1], offs[1:])])
-    ends = np.minimum(starts + run, np.repeat(offs[1:], np.diff(offs) // run + (np.diff(offs) % run > 0)))
-    order = rng.permutation(len(starts))
-    lens = (ends - starts)[order]
-    first = np.cumsum(lens) - lens  # serving position of each run's first row
-    return np.repeat(starts[order] - first, lens) + np.arange(int(offs[-1]))
+def run_plan(rows: list[int], run: int, rng: np.random.Generator) -> tuple[list, list, list, list]:
+    """A window's serving order, as runs of adjacent stored rows: per run (unit, first row in the unit, length) in
+    serving order, and each run's serving position. Each unit is cut into runs of ``run`` rows at a random shift (so
+    the runs differ between epochs; the cut-off pieces are shorter runs), then all runs are permuted. Stored rows are
+    already a random permutation of their shard (SPEC.md, pre-shuffle), so a run is a random sample of its shard,
+    and a batch's rows are copied a run at a time (random single rows are DRAM-latency bound)."""
+    unit, start, length = [], [], []
+    for m, n in enumerate(rows):
+        cuts = np.unique(np.r_[0, np.arange(int(rng.integers(run)) if n > run else 0, n, run), n])
+        unit += [m] * (len(cuts) - 1)
+        start += cuts[:-1].tolist()
+        length += np.diff(cuts).tolist()
+    order = rng.permutation(len(unit)).tolist()
+    unit, start, length = [unit[k] for k in order], [start[k] for k in order], [length[k] for k in order]
+    return unit, start, length, list(itertools.accumulate(length[:-1], initial=0))
 
 
 def _run_gathers(jobs: list) -> None:
-    for win, h, idx, cuts, out in jobs:
-        win.gather(h, idx, cuts, out)
+    """``(window, hook, pieces, out)``: copy each piece ``(unit, row, n)`` of the window's rows to ``out`` in turn."""
+    for win, h, pieces, out in jobs:
+        srcs, o = win.srcs[h], 0
+        for m, r, n in pieces:
+            out[o:o + n] = srcs[m][r:r + n]
+            o += n
 
 
 class _Window:
-    """One shuffle window being read: per hook, the rows of its units (views of the mapped shard file, or slices of
-    a recycled ``base`` buffer the readers decode into), served in the order ``perm`` (never a shuffled copy)."""
+    """One shuffle window being read: per hook and unit, the unit's rows (a view of the mapped shard file, or a
+    slice of a recycled ``base`` buffer the readers decode into), served as runs (``run_plan``), never copied."""
 
-    def __init__(self, base: dict[str, np.ndarray], rows: list[int]):
+    def __init__(self, base: dict[str, np.ndarray], rows: list[int], run: int, rng: np.random.Generator):
         self.base, self.n = base, sum(rows)
         self.bufs = {h: b[:self.n] for h, b in base.items()}
         self.offs = np.cumsum([0] + rows)  # window row of each unit's first row, then n
         self.futures: list = []
-        self.perm: np.ndarray | None = None
-        self.srcs: dict[str, list[np.ndarray]] = {}  # per hook: the storage bits of each unit (or one for all)
+        self.r_unit, self.r_start, self.r_len, self.r_first = run_plan(rows, run, rng)
+        self.srcs: dict[str, list[np.ndarray]] = {}  # per hook: the storage bits of each unit
 
     def wait(self) -> None:
         views = [f.result() if hasattr(f, "result") else f for f in self.futures]  # re-raises a reader's error here
         for h, buf in self.bufs.items():
             bits = BITS[buf.dtype.itemsize]
-            if not any(h in v for v in views):  # every unit in the buffer: one source, one gather per batch share
-                self.srcs[h] = [buf.view(bits)]
-                continue
             self.srcs[h] = [v[h].view(bits) if h in v else buf[o0:o1].view(bits)
-                            for v, o0, o1 in zip(views, self.offs[:-1], self.offs[1:])]
+                            for v, o0, o1 in zip(views, self.offs[:-1].tolist(), self.offs[1:].tolist())]
 
-    def gather(self, h: str, idx: np.ndarray, cuts: np.ndarray, out: np.ndarray) -> None:
-        """``out[k] = rows[idx[k]]`` of hook h, for sorted window rows ``idx`` (``cuts`` = where each unit starts).
-        ``np.take`` with mode="clip": single-threaded, GIL released, as fast as torch's index_select on one core."""
-        srcs = self.srcs[h]
-        if len(srcs) == 1:
-            np.take(srcs[0], idx, axis=0, out=out, mode="clip")
-            return
-        for m, src in enumerate(srcs):
-            a, b = int(cuts[m]), int(cuts[m + 1])
-            if b > a:
-                np.take(src, idx[a:b] - self.offs[m], axis=0, out=out[a:b], mode="clip")
+    def pieces(self, i: int, j: int) -> list[tuple[int, int, int]]:
+        """Serving positions ``[i, j)`` as ``(unit, first row in the unit, n)`` pieces (whole runs, except where the
+        range cuts one)."""
+        out, first = [], self.r_first
+        for r in range(bisect.bisect_right(first, i) - 1, bisect.bisect_left(first, j)):
+            f, n = first[r], self.r_len[r]
+            a, b = max(i, f), min(j, f + n)
+            out.append((self.r_unit[r], self.r_start[r] + a - f, b - a))
+        return out
 
 
 class Loader:
@@ -107,7 +112,7 @@ class Loader:
     """
 
     def __init__(self, stores: list[Store], hooks: list[str], batch_size: int, seed: int = 0, *,
-                 heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4, shuffle_run: int = 16,
+                 heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4, shuffle_run: int = 128,
                  reader_threads: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None):
         if batch_size % partitions:
@@ -116,8 +121,8 @@ class Loader:
             raise ConfigError(f"partitions {partitions} must be a multiple of the number of ranks {world_size}")
         self.stores, self.hooks, self.batch_size, self.seed = stores, list(hooks), batch_size, seed
         self.partitions, self.shuffle_chunks, self.dtype = partitions, shuffle_chunks, dtype
-        # each partition's share of a batch holds at least 32 runs (batch 4096 / 8 partitions: runs of 16 rows)
-        self.shuffle_run = max(1, min(shuffle_run, batch_size // partitions // 32))
+        # each partition's share of a batch spans at least 4 runs (batch 4096 / 8 partitions: runs of 128 rows)
+        self.shuffle_run = max(1, min(shuffle_run, batch_size // partitions // 4))
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.logical = stores[0].logical_dtype
@@ -192,16 +197,16 @@ class Loader:
             base = {h: np.empty((cap, *tail), dtype=dt) for h, (tail, dt, _) in self._buf_spec.items()}
         else:
             pool.remove(base)
-        win = _Window(base, [u.rows for u in units])
+        win = _Window(base, [u.rows for u in units], self.shuffle_run,
+                      np.random.default_rng([self.seed, epoch, p, w]))
         read = lambda u, off: self._readers[u.src].read(u, win.bufs, off)  # noqa: E731
         for u, off in zip(units, win.offs[:-1].tolist()):
             win.futures.append(self._pool.submit(read, u, off) if self._pool else read(u, off))
-        win.perm = run_order(win.offs, self.shuffle_run, np.random.default_rng([self.seed, epoch, p, w]))
         return win
 
     def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict, ahead: dict):
         """Yield partition p's stream from batch ``start_batch`` of the epoch, ``per_part`` rows at a time, as a list
-        of ``(window, i, j)`` segments: rows ``window.perm[i:j]`` of the window's buffers. A segment is valid until
+        of ``(window, i, j)`` segments: serving positions ``[i, j)`` of the window. A segment is valid until
         the generator is resumed (then its window's buffers may be refilled). While serving its last window the
         stream starts reading the next epoch's first window into ``ahead[(epoch + 1, p)]`` (no stall between
         epochs)."""
@@ -251,9 +256,9 @@ class Loader:
         return nxt
 
     def _batches(self):
-        """Torch batches from the current position on. Per (hook, partition share): a sorted ``np.take`` per source.
-        Without a cast the gathers write the batch's memory directly, split between this thread and a helper; with
-        a cast each share is gathered into a small (cache-resident) buffer and cast from there, on this thread."""
+        """Torch batches from the current position on: every (hook, partition share) is copied run by run from its
+        window's sources into the batch's storage bits (split between this thread and a helper), then cast once on
+        this thread when the requested dtype differs."""
         epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
         free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
         ahead: dict[tuple, _Window] = {}  # (epoch, partition): first window of the next epoch, already reading
@@ -262,40 +267,34 @@ class Loader:
         while True:
             streams = [self._partition_stream(epoch, p, start, free, ahead) for p in self.my_parts]
             for _ in range(start, self.batches_per_epoch(epoch)):
-                shares, o = [], 0  # (window, sorted window rows, unit cuts, first batch row)
+                pieces, o = [], 0  # (window, its pieces, first batch row)
                 for s in streams:
                     for win, i, j in next(s):
-                        idx = np.sort(win.perm[i:j])
-                        shares.append((win, idx, np.searchsorted(idx, win.offs), o))
+                        pieces.append((win, win.pieces(i, j), o))
                         o += j - i
                 out, jobs, casts = {}, [], []
                 for h in self.hooks:
                     tail, dt, logical = self._buf_spec[h]
                     want = self._want(h)
-                    bits = torch.empty((n_local, *tail), dtype=TORCH_BITS[dt.itemsize])
-                    if TORCH[logical] == want:  # no cast: gather straight into the batch's memory
-                        dst = bits.numpy()
-                        jobs += [(win, h, idx, cuts, dst[o:o + len(idx)]) for win, idx, cuts, o in shares]
-                        out[h] = bits.view(want)
-                    else:  # gather each share into a small (cache-resident) buffer, then cast it into the batch
-                        out[h] = torch.empty((n_local, *tail), dtype=want)
-                        casts.append((h, logical, out[h]))
+                    cast = TORCH[logical] != want
+                    bits = stage.get(h) if cast else None  # a cast reads a reused staging batch
+                    if bits is None:
+                        bits = torch.empty((n_local, *tail), dtype=TORCH_BITS[dt.itemsize])
+                        if cast:
+                            stage[h] = bits
+                    dst = bits.numpy()
+                    jobs += [(win, h, pcs, dst[o:]) for win, pcs, o in pieces]
+                    out[h] = bits.view(want) if not cast else None
+                    if cast:
+                        casts.append((h, bits.view(TORCH[logical])))
                 half = len(jobs) // 2 if self._helper is not None else 0
                 helped = self._helper.submit(_run_gathers, jobs[half:]) if half else None  # numpy frees the GIL
                 _run_gathers(jobs[:half] if half else jobs)
                 if helped is not None:
                     helped.result()
-                if casts:
-                    with single_threaded():
-                        for h, logical, t in casts:
-                            tail, dt, _ = self._buf_spec[h]
-                            if h not in stage:
-                                stage[h] = torch.empty((self.per_part, *tail), dtype=TORCH_BITS[dt.itemsize])
-                            sb = stage[h]
-                            for win, idx, cuts, o in shares:
-                                k = len(idx)
-                                win.gather(h, idx, cuts, sb.numpy()[:k])
-                                t[o:o + k].copy_(sb[:k].view(TORCH[logical]))
+                with single_threaded():
+                    for h, src in casts:
+                        out[h] = src.to(self._want(h))
                 for h in self.hooks:
                     t = out[h]
                     if self._cuda:

@@ -159,6 +159,9 @@ class TrainConfig:
     """Canonical data partitions: fixes the data order independent of DDP ranks; must be a multiple of world size."""
     shuffle_chunks: int = 4
     """Inner chunks per shuffle window per partition (each batch draws from partitions × shuffle_chunks chunks)."""
+    shuffle_run: int = 128
+    """A window is served in runs of up to this many adjacent stored rows (already shuffled within their shard);
+    capped at a quarter of a partition's share of the batch; 1 = single rows (slower: random rows are latency-bound)."""
     reader_threads: int = 2
     """Threads decoding chunks ahead of use. Does not change the batches."""
     autocast: str = "float32"
@@ -204,7 +207,8 @@ class TrainConfig:
             raise ConfigError(f"SAE names must be unique, got {names}")
         if (self.total_tokens is None) == (self.steps is None):
             raise ConfigError("set exactly one of total_tokens (--tokens) and steps (--steps)")
-        for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks"):
+        for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks",
+                  "shuffle_run"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
         if (self.steps is not None and self.steps < 1) or (self.total_tokens is not None and self.total_tokens < 1):

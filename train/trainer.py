@@ -221,7 +221,8 @@ def run_training(cfg: TrainConfig) -> list[str]:
         return [m.run_dir for m in members]
     # the loader checks batch size vs. the training rows: build it before anything is written
     loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
-                    partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, reader_threads=cfg.reader_threads,
+                    partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, shuffle_run=cfg.shuffle_run,
+                    reader_threads=cfg.reader_threads,
                     device=device, rank=rank, world_size=world)
     ddp.barrier()
     if rank == 0:

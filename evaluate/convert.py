@@ -1,5 +1,6 @@
-"""Run-dir level import and export (`saecache import` / `saecache export`): `formats.py` converts the weights, this
-module reads and writes the surrounding files (cfg.json of a run dir, provenance for the target's config)."""
+"""Run-dir level import and export (`saecache import` / `saecache export`): `formats.py` and `saelens.py` convert
+the weights, this module reads and writes the surrounding files (cfg.json of a run dir, provenance for the target's
+config)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import re
 from saecache import __version__
 from saecache.errors import ConfigError, RunDirError, StoreError
 from saecache.evaluate import formats as FM
+from saecache.evaluate import saelens as SL
 
-EXPORTERS = {"saelens": FM.write_saelens, "dictionary_learning": FM.write_dictionary_learning}
+EXPORTERS = {"saelens": SL.write_saelens, "dictionary_learning": FM.write_dictionary_learning}
 IMPORTERS = {"dictionary_learning": FM.read_dictionary_learning}
 HELDOUT_ALL = {"fraction": 1.0, "rule": "imported: never trained on a saecache store, so every row is held out"}
 
@@ -89,7 +91,7 @@ def export_run(run_dir: str, to: str, out: str) -> str:
 
     if to not in EXPORTERS:
         raise ConfigError(f"unknown export format {to!r}; known: {', '.join(EXPORTERS)}")
-    target_files = {"saelens": (FM.SAELENS_CFG_FILE, FM.SAELENS_WEIGHTS_FILE),
+    target_files = {"saelens": (SL.SAELENS_CFG_FILE, SL.SAELENS_WEIGHTS_FILE),
                     "dictionary_learning": (FM.DL_CFG_FILE, FM.DL_WEIGHTS_FILE)}[to]
     existing = [f for f in target_files if os.path.exists(os.path.join(out, f))]
     if existing:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from saecache.errors import RunDirError
 from saecache.evaluate import formats as FM
+from saecache.evaluate import saelens as SL
 
 D, F, K = 8, 24, 3
 
@@ -132,7 +133,7 @@ SAELENS_METADATA = {"sae_lens_version", "sae_lens_training_version", "model_name
 def test_saelens_export_keys_shapes_and_outputs(tmp_path, cls):
     sd = write_dl(tmp_path / "src", cls)
     w = FM.read_dictionary_learning(str(tmp_path / "src"))
-    FM.write_saelens(w, str(tmp_path / "sl"), meta={"hook_name": "mlp_out.3"})
+    SL.write_saelens(w, str(tmp_path / "sl"), meta={"hook_name": "mlp_out.3"})
     t = load_file(tmp_path / "sl" / "sae_weights.safetensors")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     arch = {"AutoEncoder": "standard", "AutoEncoderTopK": "topk", "BatchTopKSAE": "jumprelu",
@@ -155,7 +156,7 @@ def test_saelens_export_keys_shapes_and_outputs(tmp_path, cls):
         assert cfg["k"] == K and cfg["rescale_acts_by_decoder_norm"] is False
     torch.testing.assert_close(saelens_forward(cfg, t, X), dl_forward(cls, sd, X), rtol=1e-5, atol=1e-5)
     if cls != "BatchTopKSAE":  # (a batchtopk comes back from SAELens as the equivalent jumprelu)
-        back = FM.read_saelens(str(tmp_path / "sl"))
+        back = SL.read_saelens(str(tmp_path / "sl"))
         assert back.architecture == w.architecture and back.k == w.k and back.pre_bias == w.pre_bias
         for name in ("W_enc_DF", "W_dec_FD", "b_dec_D", "b_enc_F"):
             a, b = getattr(back, name), getattr(w, name)
@@ -168,7 +169,7 @@ def test_pre_bias_fold_keeps_the_map(tmp_path, cls):
     w = FM.read_dictionary_learning(str(tmp_path / "src"))
     flipped = w.with_pre_bias(not w.pre_bias)
     assert flipped.pre_bias != w.pre_bias
-    FM.write_saelens(flipped, str(tmp_path / "sl"))
+    SL.write_saelens(flipped, str(tmp_path / "sl"))
     t = load_file(tmp_path / "sl" / "sae_weights.safetensors")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["apply_b_dec_to_input"] is flipped.pre_bias
@@ -216,14 +217,14 @@ def test_unrepresentable_exports_are_refused(tmp_path):
     write_dl(tmp_path / "src", "AutoEncoder")
     w = FM.read_dictionary_learning(str(tmp_path / "src"))
     tc = FM.DictWeights("relu", w.W_enc_DF, rnd(F, D + 2, seed=9), rnd(D + 2, seed=10), w.b_enc_F)
-    for writer in (FM.write_dictionary_learning, FM.write_saelens):
+    for writer in (FM.write_dictionary_learning, SL.write_saelens):
         with pytest.raises(RunDirError, match="transcoder"):
             writer(tc, str(tmp_path / "x"))
     sd = dl_state("BatchTopKSAE")
     sd["threshold"] = torch.tensor(-1.0)  # never set: encode would depend on the batch
     write_dl(tmp_path / "b", "BatchTopKSAE", sd=sd)
     w = FM.read_dictionary_learning(str(tmp_path / "b"))
-    for writer in (FM.write_dictionary_learning, FM.write_saelens):
+    for writer in (FM.write_dictionary_learning, SL.write_saelens):
         with pytest.raises(RunDirError, match="no inference threshold"):
             writer(w, str(tmp_path / "y"))
     assert not (tmp_path / "y").exists()
@@ -253,6 +254,6 @@ def test_our_transcoder_is_refused_on_export():
     from saecache.train.sae import SAE, SAEConfig
 
     sae = SAE(SAEConfig(architecture="relu", d_in=D, n_features=F, d_out=D, transcoder=True))
-    for writer in (FM.write_dictionary_learning, FM.write_saelens):
+    for writer in (FM.write_dictionary_learning, SL.write_saelens):
         with pytest.raises(RunDirError, match="transcoder"):
             writer(FM.from_sae(sae), "unused")

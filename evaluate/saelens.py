@@ -1,0 +1,96 @@
+"""SAELens save dirs (`cfg.json` + `sae_weights.safetensors`): export our dictionaries, read SAELens ones back.
+
+The layout and the architecture mapping are described in `formats.py` (module docstring table); this file only
+reads and writes it, through the library-neutral `DictWeights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from saecache.errors import RunDirError
+from saecache.evaluate.formats import DictWeights, _batchtopk_threshold, _refuse_transcoder
+
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+SAELENS_WEIGHTS_FILE, SAELENS_CFG_FILE = "sae_weights.safetensors", "cfg.json"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens version whose on-disk layout `write_saelens` writes (SAELens >= 6 reads it as its own; older cfgs
+without `metadata.sae_lens_version` go through its pre-6.0 converter instead)."""
+
+
+def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
+    """Write `cfg.json` + `sae_weights.safetensors` as SAELens 6 `SAE.save_model` does: top-level architecture,
+    d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations (+ k and
+    rescale_acts_by_decoder_norm for topk), provenance under `metadata` (`sae_lens_training_version` null: not
+    trained by SAELens)."""
+    from safetensors.torch import save_file
+
+    _refuse_transcoder(w, "SAELens")
+    arch = SAELENS_ARCH.get(w.architecture)
+    if arch is None:
+        raise RunDirError(f"architecture {w.architecture!r} has no SAELens equivalent")
+    c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
+    tensors = {"W_enc": c(w.W_enc_DF), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D)}
+    if arch == "gated":
+        tensors.update(b_gate=c(w.extras["b_gate_F"]), r_mag=c(w.extras["r_mag_F"]), b_mag=c(w.extras["b_mag_F"]))
+    else:
+        tensors["b_enc"] = c(w.b_enc_F)
+    if w.architecture == "jumprelu":
+        tensors["threshold"] = c(w.threshold)
+    elif w.architecture == "batchtopk":
+        tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
+    m = {**w.meta, **(meta or {})}
+    cfg = {"architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": bool(w.pre_bias), "normalize_activations": "none", "reshape_activations": "none"}
+    if arch == "topk":
+        cfg.update(k=int(w.k), rescale_acts_by_decoder_norm=False)
+    cfg["metadata"] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+        "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
+        "hook_head_index": None, "context_size": m.get("ctx_len"), "prepend_bos": m.get("prepend_bos", True),
+        "dataset_path": m.get("dataset"), "model_from_pretrained_kwargs": {}, "neuronpedia_id": None,
+    }
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, SAELENS_WEIGHTS_FILE))
+    with open(os.path.join(out, SAELENS_CFG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def read_saelens(src: str) -> DictWeights:
+    """A SAELens save dir (`cfg.json` + `sae_weights.safetensors`, the inference architectures above) -> DictWeights.
+    A SAELens jumprelu comes back as jumprelu (a batchtopk export is a jumprelu with a constant threshold)."""
+    from safetensors.torch import load_file
+
+    cfg_path, st_path = os.path.join(src, SAELENS_CFG_FILE), os.path.join(src, SAELENS_WEIGHTS_FILE)
+    for p in (cfg_path, st_path):
+        if not os.path.exists(p):
+            raise RunDirError(f"{src}: {os.path.basename(p)} is missing (a SAELens dir has cfg.json and "
+                              f"{SAELENS_WEIGHTS_FILE})")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+    arch = ours.get(cfg.get("architecture", "standard"))
+    if arch is None:
+        raise RunDirError(f"{cfg_path}: SAELens architecture {cfg.get('architecture')!r} is not supported; "
+                          f"supported: {', '.join(ours)}")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise RunDirError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported "
+                          "(fold the scaling into the weights first)")
+    t = {k: v.to(torch.float32) for k, v in load_file(st_path).items()}
+    meta = cfg.get("metadata") or {}  # SAELens 6 keeps provenance here; pre-6.0 cfgs have it at the top level
+    w = DictWeights(arch, t["W_enc"], t["W_dec"], t["b_dec"], t.get("b_enc"),
+                    pre_bias=bool(cfg.get("apply_b_dec_to_input", True)),
+                    meta={"lm_name": cfg.get("model_name", meta.get("model_name")),
+                          "hook_name": cfg.get("hook_name", meta.get("hook_name")),
+                          "layer": cfg.get("hook_layer"),
+                          "ctx_len": cfg.get("context_size", meta.get("context_size"))})
+    if arch == "topk":
+        w.k = int(cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k"))
+    if arch == "jumprelu":
+        w.threshold = t["threshold"]
+    if arch == "gated":
+        w.extras = {"r_mag_F": t["r_mag"], "b_gate_F": t["b_gate"], "b_mag_F": t["b_mag"]}
+    return w

@@ -39,8 +39,8 @@ import torch
 
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
-from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, bits_to, single_threaded, heldout_batches,  # noqa: F401
-                                   heldout_cutoff, open_stores, training_units)
+from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
+                                   open_stores, single_threaded, training_units)
 
 
 TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -137,7 +137,6 @@ class Loader:
                           for h in self.hooks}
         self._window_cap = shuffle_chunks * max((u.n for u in self.units), default=0)
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
-        self._helper = ThreadPoolExecutor(1) if reader_threads > 0 else None  # gathers half of each batch
         self.epoch, self.batches_served = 0, 0
         self._plans: dict[int, list] = {}
         if state is not None:
@@ -257,8 +256,7 @@ class Loader:
 
     def _batches(self):
         """Torch batches from the current position on: every (hook, partition share) is copied run by run from its
-        window's sources into the batch's storage bits (split between this thread and a helper), then cast once on
-        this thread when the requested dtype differs."""
+        window's sources into the batch's storage bits, then cast once when the requested dtype differs."""
         epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
         free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
         ahead: dict[tuple, _Window] = {}  # (epoch, partition): first window of the next epoch, already reading
@@ -287,11 +285,7 @@ class Loader:
                     out[h] = bits.view(want) if not cast else None
                     if cast:
                         casts.append((h, bits.view(TORCH[logical])))
-                half = len(jobs) // 2 if self._helper is not None else 0
-                helped = self._helper.submit(_run_gathers, jobs[half:]) if half else None  # numpy frees the GIL
-                _run_gathers(jobs[:half] if half else jobs)
-                if helped is not None:
-                    helped.result()
+                _run_gathers(jobs)  # one thread: a second one gains nothing on a memory-bound copy (measured slower)
                 with single_threaded():
                     for h, src in casts:
                         out[h] = src.to(self._want(h))
@@ -343,9 +337,8 @@ class Loader:
     def close(self) -> None:
         """Stop the reader threads and drop the batch stream. The stream's generator refers back to the loader, so
         without this its window buffers (hundreds of MB) live until the cyclic garbage collector runs."""
-        for pool in (self._pool, self._helper):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         gen = self.__dict__.pop("_gen", None)
         if gen is not None:
             gen.close()

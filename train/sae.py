@@ -17,7 +17,8 @@ the first input batch, set by `init_from_batch`), which plays the pre-bias role 
 
 Scale convention: the default penalty coefficients assume inputs (and targets) normalised to E‖x‖² = 1; `fold_scale`
 rewrites the weights afterwards so the saved module maps raw activations to raw targets.
-Shapes: B rows, D width (D_in/D_out), F features, N selected entries in the batch (`sparse_ops.SparseCode`).
+Shapes: B rows, D width (D_in/D_out), F features, N selected entries in the batch (`sparse_ops.SparseCode`), M dead
+latents.
 """
 
 from __future__ import annotations
@@ -232,10 +233,10 @@ class SAE(nn.Module):
             z = self.pre_acts(x_BD)
             return Code(f_BF=z.relu() * (z > self.threshold))
         select = topk_select(cfg.k) if name == "topk" else batch_topk_select(cfg.k)
-        dead_N = (self.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1) if train else None
-        n_aux = 0 if dead_N is None else min(cfg.k_aux, dead_N.numel())
+        dead_M = (self.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1) if train else None
+        n_aux = 0 if dead_M is None else min(cfg.k_aux, dead_M.numel())
         if n_aux:
-            select = with_extra_columns(select, dead_topk_select(dead_N, n_aux))
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
         sparse = sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select)
         if not n_aux:
             return Code(sparse=sparse)

@@ -107,3 +107,27 @@ def test_batch_topk_selection_equals_brute_force(case):
 def test_blocked_threshold_pass_equals_one_pass(block):
     z = torch.randn(50, 40, generator=torch.Generator().manual_seed(8))
     assert torch.equal(_positions_at_least(z, 0.7, block), (z >= 0.7).flatten().nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_workspace_is_reused_and_codes_never_alias_it(kind):
+    """The reused z buffer: the second call writes into the same memory, yet the first call's codes and gradients
+    are those of a call without a workspace; a different batch size replaces the buffer."""
+    torch.manual_seed(9)
+    W = torch.randn(D, F, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(F, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(F, D_OUT, dtype=torch.float64)
+    x1, x2 = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    select = topk_select(K) if kind == "topk" else batch_topk_select(K)
+    ws = {}
+    first = sparse_encode(x1, None, W, b, select, ws)
+    ptr = ws["z_BF"].data_ptr()
+    sparse_encode(x2, None, W, b, select, ws)
+    assert ws["z_BF"].data_ptr() == ptr
+    ref = sparse_encode(x1, None, W, b, select)
+    assert torch.equal(first.idx_N, ref.idx_N) and torch.equal(first.vals_N, ref.vals_N)
+    mine = torch.autograd.grad(sparse_decode(first, W_dec).sum(), (W, b))
+    for m, r in zip(mine, torch.autograd.grad(sparse_decode(ref, W_dec).sum(), (W, b))):
+        assert_close(m, r)
+    sparse_encode(x1[:5], None, W, b, select, ws)
+    assert ws["z_BF"].shape == (5, F)

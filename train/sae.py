@@ -203,6 +203,7 @@ class SAE(nn.Module):
             self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
         self.register_buffer("tokens_since_fired_F", torch.zeros(F, dtype=torch.long))
         self.register_buffer("n_steps", torch.zeros((), dtype=torch.long))
+        self._workspace: dict = {}  # topk family, training: the reused [B, F] pre-activation buffer (sparse_ops)
 
     # ---- pieces ----
     def _pre_bias(self) -> Tensor | None:
@@ -237,7 +238,8 @@ class SAE(nn.Module):
         n_aux = 0 if dead_M is None else min(cfg.k_aux, dead_M.numel())
         if n_aux:
             select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
-        sparse = sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select)
+        sparse = sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select,
+                               self._workspace if train else None)
         if not n_aux:
             return Code(sparse=sparse)
         main, aux = sparse.split(sparse.vals_N.numel() - x_BD.shape[0] * n_aux)  # the extras come last

@@ -2,12 +2,14 @@
 of very different sizes, AuxK extras) against plain autograd through dense ops, and the BatchTopK selection against the
 brute-force batch top k·B, including inputs that defeat its sampled provisional threshold."""
 
+import copy
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from saecache.train.sparse_ops import (_positions_at_least, _sample_stride, batch_topk_select, dead_topk_select,
-                                       sparse_decode, sparse_encode, topk_select, with_extra_columns)
+from saecache.train.sparse_ops import (Workspace, _positions_at_least, _sample_stride, batch_topk_select,
+                                       dead_topk_select, sparse_decode, sparse_encode, topk_select, with_extra_columns)
 
 B, D, F, D_OUT, K, A = 16, 10, 50, 7, 4, 3
 DEAD = torch.tensor([1, 5, 7, 20, 33, 41])
@@ -119,8 +121,9 @@ def test_workspace_is_reused_and_codes_never_alias_it(kind):
     W_dec = torch.randn(F, D_OUT, dtype=torch.float64)
     x1, x2 = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
     select = topk_select(K) if kind == "topk" else batch_topk_select(K)
-    ws = {}
+    ws = Workspace()
     first = sparse_encode(x1, None, W, b, select, ws)
+    assert copy.deepcopy(ws) == {} and "z_BF" in ws  # a copied SAE does not duplicate the buffer
     ptr = ws["z_BF"].data_ptr()
     sparse_encode(x2, None, W, b, select, ws)
     assert ws["z_BF"].data_ptr() == ptr

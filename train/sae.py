@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from saecache.errors import ConfigError
 from saecache.train import penalties as P
-from saecache.train.sparse_ops import (SparseCode, batch_topk_select, centered_linear, dead_topk_select,
+from saecache.train.sparse_ops import (SparseCode, Workspace, batch_topk_select, centered_linear, dead_topk_select,
                                        sparse_decode, sparse_encode, topk_select, with_extra_columns)
 
 
@@ -203,7 +203,7 @@ class SAE(nn.Module):
             self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
         self.register_buffer("tokens_since_fired_F", torch.zeros(F, dtype=torch.long))
         self.register_buffer("n_steps", torch.zeros((), dtype=torch.long))
-        self._workspace: dict = {}  # topk family, training: the reused [B, F] pre-activation buffer (sparse_ops)
+        self._workspace = Workspace()  # topk family, training: the reused [B, F] pre-activation buffer
 
     # ---- pieces ----
     def _pre_bias(self) -> Tensor | None:

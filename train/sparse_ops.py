@@ -121,6 +121,14 @@ def centered_linear(x_BD, b_pre_D, W_enc_DF, b_enc_F) -> Tensor:
     return CenteredLinear.apply(x_BD, b_pre_D, W_enc_DF, b_enc_F)
 
 
+class Workspace(dict):
+    """Scratch buffers a caller keeps between `sparse_encode` calls. Not state: a deep copy (of the SAE holding it)
+    starts empty instead of duplicating a [B, F] buffer."""
+
+    def __deepcopy__(self, memo) -> "Workspace":
+        return Workspace()
+
+
 def _workspace_BF(workspace: dict | None, like_BD: Tensor, F: int) -> Tensor | None:
     """The caller's reusable [B, F] buffer for z (allocated or replaced when the shape, dtype or device changes).
     Writing z into memory the process already holds saves the page faults of a fresh [B, F] tensor every step,

@@ -303,3 +303,18 @@ def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, t
     fresh = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
     assert np.array_equal(fresh.read_rows(0, direct.chunk_rows), want) and want.any()
     assert DirectArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode
+
+
+def test_run_plan_serves_every_row_once_in_runs_cut_differently_each_time():
+    from saecache.train.loader import run_plan
+
+    rows, run = [4096, 60, 0, 128, 5, 300], 32
+    cuts = set()
+    for seed in range(4):
+        unit, start, length, first = run_plan(rows, run, np.random.default_rng(seed))
+        served = sorted((u, s + t) for u, s, n in zip(unit, start, length) for t in range(n))
+        assert served == [(u, r) for u, n in enumerate(rows) for r in range(n)]  # each row exactly once
+        assert 1 <= min(length) and max(length) <= run
+        assert first == [sum(length[:i]) for i in range(len(length))]  # serving positions are consecutive
+        cuts.add(tuple(sorted(s for u, s in zip(unit, start) if u == 0)))
+    assert len(cuts) == 4  # the cut points of a unit move with the generator (runs differ between epochs)

@@ -1,9 +1,9 @@
 """What the training loader reads: stores → units (inner chunks, held-out contexts removed) → row sources.
 
-A unit is one inner chunk of one complete shard. `ChunkReader.read` gives, per hook, the unit's rows as an array the
-loader gathers from: on an uncompressed local store a zero-copy view of the memory-mapped shard file; otherwise the
-chunk decoded straight into the caller's window buffer (direct shard reader on local disk, the verified shard cache
-for remote stores, zarr as the fallback). Also here: opening and checking the stores, the held-out cut, the
+A unit is one inner chunk of one complete shard. The loader copies a unit's rows from, per hook, either a zero-copy
+view of the memory-mapped shard file (`ChunkReader.views`: uncompressed local store) or its window buffer, into which
+`ChunkReader.read` decodes the chunk (direct shard reader on local disk, the verified shard cache for remote stores,
+zarr as the fallback). Also here: opening and checking the stores, the held-out cut, the
 storage-bits → float cast, and `heldout_batches` (the held-out rows in storage order, for evaluation).
 """
 
@@ -152,21 +152,28 @@ class ChunkReader:
                     raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
                                      "run `saecache verify` and re-harvest that shard")
 
-    def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int) -> dict[str, np.ndarray]:
-        """The unit's rows per hook: a view of the mapped shard file when the store is uncompressed (no copy), else
-        rows ``[off, off + unit.rows)`` of the hook's window buffer, written here (a whole local inner chunk is
-        decoded straight into the buffer)."""
+    def views(self, unit: Unit) -> dict[str, np.ndarray]:
+        """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
+        whole chunk). Cheap: nothing is read here."""
         out = {}
-        sl = slice(off, off + unit.rows)
         for h, arr in self.direct.items():
-            dst = bufs[h]
-            whole = unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows
-            if whole:
+            if unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows:
                 shard, rem = divmod(unit.row0, arr.shard_rows)
                 view = arr.chunk_view(shard, rem // arr.chunk_rows)
                 if view is not None:
                     out[h] = view
-                    continue
+        return out
+
+    def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int, skip=()) -> dict[str, np.ndarray]:
+        """Write the unit's rows of every hook not in ``skip`` into rows ``[off, off + unit.rows)`` of the hook's
+        window buffer (a whole local inner chunk is decoded straight into it); returns ``{}`` (no views)."""
+        sl = slice(off, off + unit.rows)
+        for h, arr in self.direct.items():
+            if h in skip:
+                continue
+            dst = bufs[h]
+            if unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows:
+                shard, rem = divmod(unit.row0, arr.shard_rows)
                 arr.read_chunk(shard, rem // arr.chunk_rows, out=dst[sl])
             elif h == "row":
                 dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if unit.keep is None else \
@@ -181,8 +188,7 @@ class ChunkReader:
                 else:
                     a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
                 dst[sl] = a if unit.keep is None else a[unit.keep]
-            out[h] = dst[sl]
-        return out
+        return {}
 
 
 def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,

@@ -318,3 +318,23 @@ def test_run_plan_serves_every_row_once_in_runs_cut_differently_each_time():
         assert first == [sum(length[:i]) for i in range(len(length))]  # serving positions are consecutive
         cuts.add(tuple(sorted(s for u, s in zip(unit, start) if u == 0)))
     assert len(cuts) == 4  # the cut points of a unit move with the generator (runs differ between epochs)
+
+
+def test_closing_a_stream_never_waits_for_reads_in_flight(tiny_store):
+    """Finalising a batch stream must not block on a pending read: the garbage collector may finalise an abandoned
+    stream inside zarr's event-loop thread, which that read needs (CI hung on exactly this)."""
+    import threading
+
+    loader = Loader(open_stores([str(tiny_store)], ["mlp_out.0"]), ["mlp_out.0"], 256, seed=1, reader_threads=1)
+    next(loader)  # every partition's first window is read
+    release = threading.Event()
+    real = loader._readers[0].read
+    loader._readers[0].read = lambda *a, **kw: (release.wait(), real(*a, **kw))[1]
+    try:
+        next(loader)  # the streams submit their next windows, whose reads now hang
+        closer = threading.Thread(target=loader.close)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "close() waited for a read in flight"
+    finally:
+        release.set()

@@ -249,13 +249,11 @@ class Loader:
                 if pending is None:
                     pending = self._submit_next(epoch, p, w, free, ahead)
                 w += 1
-        finally:  # end of the epoch or stream closed: recycle every buffer no reader is still writing
-            if pending is not None:
-                try:
-                    pending.wait()
-                    live[id(pending)] = pending
-                except Exception:
-                    pass
+        finally:  # end of the epoch or stream closed: recycle every buffer no reader is still writing. Never wait
+            # here: this also runs when the garbage collector finalises an abandoned stream, in whatever thread it
+            # happens to run in (zarr's event-loop thread included, which a pending zarr read needs: a deadlock)
+            if pending is not None and all(f.done() for f in pending.futures if hasattr(f, "done")):
+                live[id(pending)] = pending
             pool.extend(x.base for x in live.values())
 
     def _submit_next(self, epoch: int, p: int, w: int, free: dict, ahead: dict) -> _Window | None:

@@ -92,11 +92,6 @@ def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
     return units
 
 
-def as_bits(a: np.ndarray) -> torch.Tensor:
-    """A torch view of ``a``'s storage bits (int16/int32/int64 of the element width), sharing its memory."""
-    return torch.from_numpy(a.view(BITS[a.dtype.itemsize]))
-
-
 @contextlib.contextmanager
 def single_threaded():
     """Torch CPU ops inside run on the calling thread only (main thread; elsewhere a no-op), the thread count is
@@ -114,18 +109,15 @@ def single_threaded():
         torch.set_num_threads(n)
 
 
-def bits_to(t_bits: torch.Tensor, logical: str, dtype: torch.dtype) -> torch.Tensor:
-    """Storage bits → values of ``dtype``: a view of ``t_bits`` when no cast is needed, else a new tensor."""
-    src = t_bits.view(TORCH[logical])
+def to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows in storage dtype (numpy; bfloat16 arrives as 16-bit integers) → a torch tensor of ``dtype``, bit-exact
+    conversion on this thread (a view when no cast is needed)."""
+    a = np.ascontiguousarray(a)
+    src = torch.from_numpy(a.view(BITS[a.dtype.itemsize])).view(TORCH[logical])
     if src.dtype == dtype:
         return src
     with single_threaded():
         return src.to(dtype)
-
-
-def to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
-    """Rows in storage dtype (numpy) → a torch tensor of ``dtype``, bit-exact conversion."""
-    return bits_to(as_bits(np.ascontiguousarray(a)), logical, dtype)
 
 
 class ChunkReader:

@@ -1,7 +1,7 @@
 """Training batches from activation stores: random inner chunks → shuffle windows → ``[B, D]`` tensors.
 
 Never reads random single rows (each would decode a whole compressed inner chunk). The order is a pure function of
-(seed, epoch, the stores' complete shards, ``partitions``):
+(seed, epoch, the stores' complete shards, ``partitions``, ``shuffle_chunks``, ``shuffle_run``):
 
 1. units = every inner chunk of every complete shard of every store, minus the held-out contexts (``chunks.py``);
 2. per epoch, units are permuted with ``default_rng([seed, epoch])`` and dealt round-robin to ``partitions``
@@ -9,8 +9,7 @@ Never reads random single rows (each would decode a whole compressed inner chunk
 3. each partition reads its units in groups of ``shuffle_chunks`` (a window), cuts the window's rows into runs of
    ``shuffle_run`` adjacent stored rows (stored rows are already shuffled within their shard), permutes the runs
    with a generator seeded per (partition, window) from the epoch's generator, and serves their rows as a stream;
-4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order; inside
-   a partition's share the rows are in window order (a batch is a set to the loss; sorted reads are faster).
+4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order.
 
 A DDP rank reads only its contiguous block of partitions (rank r of W: ``[r·P/W, (r+1)·P/W)``), so the ranks' reads
 are disjoint and gathering the local batches in rank order gives exactly the global batch of one process.
@@ -42,7 +41,6 @@ from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
 from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
                                    open_stores, single_threaded, training_units)
-
 
 TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 

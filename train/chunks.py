@@ -144,29 +144,36 @@ class ChunkReader:
                     raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
                                      "run `saecache verify` and re-harvest that shard")
 
+    @staticmethod
+    def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:
+        """(shard, inner chunk) when ``unit`` is one whole inner chunk of a local direct-read array, else None."""
+        if unit.keep is not None or not isinstance(arr, DirectArray) or unit.n != arr.chunk_rows:
+            return None
+        shard, rem = divmod(unit.row0, arr.shard_rows)
+        return shard, rem // arr.chunk_rows
+
     def views(self, unit: Unit) -> dict[str, np.ndarray]:
         """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
         whole chunk). Cheap: nothing is read here."""
         out = {}
         for h, arr in self.direct.items():
-            if unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows:
-                shard, rem = divmod(unit.row0, arr.shard_rows)
-                view = arr.chunk_view(shard, rem // arr.chunk_rows)
-                if view is not None:
-                    out[h] = view
+            where = self._whole_chunk(unit, arr)
+            view = arr.chunk_view(*where) if where else None
+            if view is not None:
+                out[h] = view
         return out
 
-    def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int, skip=()) -> dict[str, np.ndarray]:
+    def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int, skip=()) -> None:
         """Write the unit's rows of every hook not in ``skip`` into rows ``[off, off + unit.rows)`` of the hook's
-        window buffer (a whole local inner chunk is decoded straight into it); returns ``{}`` (no views)."""
+        window buffer (a whole local inner chunk is decoded straight into it)."""
         sl = slice(off, off + unit.rows)
         for h, arr in self.direct.items():
             if h in skip:
                 continue
             dst = bufs[h]
-            if unit.keep is None and isinstance(arr, DirectArray) and unit.n == arr.chunk_rows:
-                shard, rem = divmod(unit.row0, arr.shard_rows)
-                arr.read_chunk(shard, rem // arr.chunk_rows, out=dst[sl])
+            where = self._whole_chunk(unit, arr)
+            if where:
+                arr.read_chunk(*where, out=dst[sl])
             elif h == "row":
                 dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if unit.keep is None else \
                     unit.row0 + unit.keep
@@ -180,7 +187,6 @@ class ChunkReader:
                 else:
                     a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
                 dst[sl] = a if unit.keep is None else a[unit.keep]
-        return {}
 
 
 def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,

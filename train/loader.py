@@ -208,7 +208,10 @@ class Loader:
             if len(views) == len(self.hooks):
                 win.futures.append(views)
                 continue
-            read = lambda r=reader, u=u, off=off, v=views: {**v, **r.read(u, win.bufs, off, skip=v)}  # noqa: E731
+            def read(r=reader, u=u, off=off, v=views):
+                r.read(u, win.bufs, off, skip=v)
+                return v  # the unit's sources: these views, and the window buffer for every other hook
+
             win.futures.append(self._pool.submit(read) if self._pool else read())
         return win
 

@@ -24,6 +24,8 @@ from saecache.errors import StoreError
 from saecache.harvest.cache import inner_decoder
 
 _MISSING = np.uint64(2**64 - 1)
+
+
 class DirectArray:
     """Inner-chunk reads from one local sharded 2-D zarr v3 array ``[N, D]`` with chunks spanning all columns."""
 

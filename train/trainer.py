@@ -80,16 +80,6 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
     }
 
 
-def _explicit_resample(train: dict) -> dict:
-    """A cfg.json "train" with every SAE's `resample` explicit. Records written before SAESpec.resample existed lack
-    it: those runs resampled every SAE when resample_steps was set, so a relu run resumes and a topk one (now not
-    resampled by default) is refused as a different config."""
-    resampled = train.get("resample_steps") is not None
-    saes = [s if not isinstance(s, dict) or "resample" in s else {**s, "resample": resampled}
-            for s in train.get("saes", [])]
-    return {**train, "saes": saes}
-
-
 def _check_existing(run_dir: str, record: dict) -> dict | None:
     """The cfg.json of an earlier run in `run_dir`, after checking it is the same run; None when fresh."""
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
@@ -99,7 +89,7 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
         diff = [k for k in record["sae"] if old["sae"].get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
                           "mismatch on resume); use a new --out")
-    a = {k: v for k, v in _explicit_resample(old["train"]).items() if k not in RESUMABLE_CHANGES}
+    a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
     if a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

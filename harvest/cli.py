@@ -53,6 +53,8 @@ storage_option = click.option("--storage-option", "-S", multiple=True, metavar="
 @click.option("--chunks-per-shard", default=16, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the within-shard row permutation.")
 @click.option("--nonfinite", default="error", show_default=True, help="NaN/Inf activations: error or count.")
+@click.option("--encode-workers", default=None, type=int,
+              help="Threads encoding and writing shards while the next one is forwarded (0: serial; default cores-1).")
 @click.option("--worker", default=None, help="i/N: harvest shards s with s %% N == i (default from RANK/WORLD_SIZE or SLURM).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -10,6 +10,7 @@ from saecache.errors import ConfigError
 from saecache.harvest.store import CODECS, DTYPES
 
 WORKER_FIELDS = ("worker",)
+RUN_FIELDS = ("encode_workers",)  # how this process runs, not what the store holds: not recorded in the header
 NONFINITE_POLICIES = ("error", "count")
 
 
@@ -59,6 +60,10 @@ class HarvestConfig:
     """Seed of the within-shard row permutation."""
     nonfinite: str = "error"
     """NaN/Inf activations: 'error' refuses the shard (nothing published), 'count' stores them and counts them."""
+    encode_workers: int | None = None
+    """Threads that encode and write finished shards while the next shard is forwarded (at most this many shards
+    wait, so host memory holds at most encode_workers + 1 shards); 0 = write each shard before the next forward.
+    Default: the host's cores less one, 1 to 16. Does not change the store's bytes."""
     worker: str | None = None
     """'i/N': this process harvests shards s with s % N == i. Default: from RANK/WORLD_SIZE (torchrun) or
     SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1."""
@@ -88,6 +93,8 @@ class HarvestConfig:
             raise ConfigError("--ctx-per-chunk must be positive")
         if self.chunks_per_shard < 1:
             raise ConfigError("--chunks-per-shard must be positive")
+        if self.encode_workers is not None and self.encode_workers < 0:
+            raise ConfigError(f"--encode-workers must be 0 or more, got {self.encode_workers}")
         self.worker_slot()  # validates
 
     def worker_slot(self) -> tuple[int, int]:
@@ -113,7 +120,7 @@ class HarvestConfig:
     def as_recorded(self) -> dict:
         """The config as written into the store header: no worker fields, no storage options (may hold secrets)."""
         d = asdict(self)
-        for k in (*WORKER_FIELDS, "storage_options", "out", "device"):
+        for k in (*WORKER_FIELDS, *RUN_FIELDS, "storage_options", "out", "device"):
             d.pop(k)
         d["hooks"] = list(d["hooks"])
         return d

@@ -19,10 +19,30 @@ from saecache.errors import ConfigError, ModelError
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID")  # torchrun / torch.distributed launchers, then SLURM tasks
+
+
+def local_rank() -> int | None:
+    """This process's index among the processes of its host, from the launcher's environment (None when absent)."""
+    for var in LOCAL_RANK_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.strip():
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{var}={value!r} is not a process index; unset it or pass --device") from None
+    return None
+
+
 def pick_device(device: str = "auto") -> torch.device:
-    """`"auto"` -> CUDA when available, else CPU; anything else is passed to `torch.device` (e.g. `"cuda:1"`)."""
+    """`"auto"` -> `cuda:<local rank>` when CUDA is available (LOCAL_RANK from torchrun, else SLURM_LOCALID, modulo
+    the visible devices, so one process per GPU), `cuda` without a launcher, else CPU; anything else is passed to
+    `torch.device` (e.g. `"cuda:1"`)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        rank = local_rank()
+        return torch.device("cuda") if rank is None else torch.device("cuda", rank % torch.cuda.device_count())
     try:
         dev = torch.device(device)
     except RuntimeError as e:

@@ -8,7 +8,12 @@ boundaries, so a shard's bytes do not depend on which process wrote it or when.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,7 +23,7 @@ from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location
-from saecache.harvest.writer import StoreWriter
+from saecache.harvest.writer import StoreWriter, probe_store_dir
 
 
 def bos_policy(cfg: HarvestConfig) -> str:
@@ -53,53 +58,138 @@ def build_header(cfg: HarvestConfig, info: dict, hooks: list, n_contexts: int, d
     }
 
 
-def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """[rows, D] float tensor → numpy in the storage dtype (bf16 as its uint16 bits)."""
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.to(getattr(torch, dtype)).numpy()
+STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}  # bf16 as its bits
 
 
-def _nonfinite_count(a: np.ndarray, dtype: str) -> int:
+def to_storage(x_ND: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The cast to the stored representation, on x's device (before any copy to host): [N, D] float → [N, D] in the
+    storage dtype, bfloat16 as its int16 bits (stored as uint16). The one place a storage encoding is decided."""
     if dtype == "bfloat16":
-        return int(((a & 0x7F80) == 0x7F80).sum())
-    return int(a.size - np.isfinite(a).sum())
+        return x_ND.to(torch.bfloat16).view(torch.int16)
+    return x_ND.to(STORAGE_TORCH[dtype])
+
+
+def storage_numpy(t: torch.Tensor) -> np.ndarray:
+    """A host tensor from `to_storage` as the numpy array the store writes (bf16 bits as uint16), no copy."""
+    a = t.numpy()
+    return a.view(np.uint16) if a.dtype == np.int16 else a
+
+
+def _nonfinite_count(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """NaN/Inf entries of a `to_storage` tensor, as a 0-d tensor on its device (no sync)."""
+    if dtype == "bfloat16":
+        return ((t & 0x7F80) == 0x7F80).sum()
+    return (~torch.isfinite(t)).sum()
 
 
 def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: int, contexts_CT: np.ndarray,
-                  device: torch.device) -> dict[str, np.ndarray]:
-    """Forward the shard's contexts in fixed batches; return unpermuted rows per hook in the storage dtype."""
-    p0 = geom.first_position
-    parts: dict[str, list[np.ndarray]] = {h: [] for h in header["hooks"]}
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
+    """Forward the shard's contexts in fixed batches into host buffers (pinned, filled by non-blocking copies on
+    CUDA) of unpermuted rows per hook in the storage representation. Returns (buffers, CUDA event or None): the
+    buffers are complete once the event has completed."""
+    p0, rpc = geom.first_position, geom.rows_per_context
+    cuda = device.type == "cuda"
+    n_rows = len(contexts_CT) * rpc
+    host = {h: torch.empty((n_rows, info["d"]), dtype=STORAGE_TORCH[cfg.dtype], pin_memory=cuda)
+            for h, info in header["hooks"].items()}
+    bad = {h: torch.zeros((), dtype=torch.int64, device=device) for h in host}
     with torch.inference_mode():
         for b0 in range(0, len(contexts_CT), cfg.batch_size):
             ids_BT = torch.from_numpy(contexts_CT[b0:b0 + cfg.batch_size].astype(np.int64)).to(device)
             out = capture(ids_BT)
+            r0 = b0 * rpc
             for name, acts_BTD in out.items():
                 key = name.replace("/", "_")
-                rows = acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1]).float().cpu()
-                parts[key].append(to_storage(rows, cfg.dtype))
-    acts = {h: np.concatenate(v) for h, v in parts.items()}
+                rows = to_storage(acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1]), cfg.dtype)
+                if cfg.nonfinite == "error":
+                    bad[key] += _nonfinite_count(rows, cfg.dtype)
+                host[key][r0:r0 + len(rows)].copy_(rows, non_blocking=cuda)
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
     if cfg.nonfinite == "error":
-        for h, a in acts.items():
-            bad = _nonfinite_count(a, cfg.dtype)
-            if bad:
+        for h, n in bad.items():
+            if n := int(n):
                 c0, c1 = geom.shard_contexts(s)
-                raise DataError(f"hook {h} produced {bad} NaN/Inf values in shard {s} (contexts {c0}..{c1 - 1}) in "
+                raise DataError(f"hook {h} produced {n} NaN/Inf values in shard {s} (contexts {c0}..{c1 - 1}) in "
                                 f"{cfg.dtype}; nothing of that shard was published. Store float32/bfloat16 (--dtype) "
                                 "if fp16 overflows, or pass --nonfinite count to store and count them")
-    return acts
+    return host, event
+
+
+class WritePipeline:
+    """Encode and write finished shards on `workers` threads while the caller forwards the next one.
+
+    At most `workers` shards wait or are being written, so host memory holds at most `workers + 1` shards'
+    activations (the one being forwarded included). `workers=0` writes each shard on the calling thread before the
+    next forward (the serial path). Either way the store's bytes are the same: a shard's objects depend only on its
+    contents. zarr runs the codec itself on its event loop's default executor; while the pipeline is open that
+    executor has `workers` threads (at least one), so `workers` is also the encode parallelism."""
+
+    def __init__(self, writer: StoreWriter, workers: int, on_done: Callable[[int], None]):
+        self.writer, self.workers, self.on_done = writer, workers, on_done
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="saecache-write") if workers else None
+        self.pending: deque = deque()
+        self._restore = _set_codec_threads(max(1, workers))
+
+    def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray) -> int:
+        if event is not None:
+            event.synchronize()
+        self.writer.write_shard(s, {h: storage_numpy(t) for h, t in host.items()}, contexts_CT)
+        return s
+
+    def submit(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray) -> None:
+        if self.pool is None:
+            self.on_done(self._write(s, host, event, contexts_CT))
+            return
+        while len(self.pending) >= self.workers:
+            self.on_done(self.pending.popleft().result())
+        self.pending.append(self.pool.submit(self._write, s, host, event, contexts_CT))
+
+    def close(self, wait: bool = True) -> None:
+        """Finish (wait=True) or abandon the shards in flight; abandoned ones stay unpublished."""
+        try:
+            if wait:
+                while self.pending:
+                    self.on_done(self.pending.popleft().result())
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            self._restore()
+
+
+def _set_codec_threads(n: int) -> Callable[[], None]:
+    """Give zarr's event loop a default executor of `n` threads (where its codecs encode); returns the undo."""
+    from zarr.core import sync as zsync
+
+    zsync._get_executor()  # zarr's own executor exists (and is the loop's default) before we swap it
+    loop = zsync._get_loop()
+    ours = ThreadPoolExecutor(n, thread_name_prefix="saecache-codec")
+    loop.set_default_executor(ours)
+
+    def undo() -> None:
+        loop.set_default_executor(zsync._get_executor())
+        ours.shutdown(wait=False)
+    return undo
+
+
+def default_encode_workers() -> int:
+    """Encode threads when --encode-workers is not given: the host's cores less one for the forward, 1 to 16."""
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """Harvest this worker's shards of `cfg.out`; return a summary dict. Safe to rerun: finished shards are skipped."""
     from saecache.harvest.hooks import ActivationCapture, resolve_hooks
     from saecache.harvest.model import load_model
-    from saecache.harvest.text import TextSpec, fingerprint, iter_documents, pack_contexts
+    from saecache.harvest.plan import Plan, plan_key
+    from saecache.harvest.text import TextSpec
 
     worker, n_workers = cfg.worker_slot()
     t_start = time.time()
-    _Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
+    loc = _Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
+    probe_store_dir(loc)
     model, tokenizer, info = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device, cfg.trust_remote_code)
     max_pos = info["model"].get("max_positions")
     if max_pos is not None and cfg.ctx_len > max_pos:
@@ -108,12 +198,10 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     hooks = resolve_hooks(model, list(cfg.hooks))
     spec = TextSpec(source=cfg.dataset, text_field=cfg.text_field, split=cfg.split, name=cfg.dataset_name)
     rpc = cfg.ctx_len - (1 if cfg.exclude_bos else 0)
-    want_ctx = math.ceil(cfg.tokens / rpc)
-    contexts = pack_contexts(iter_documents(spec), tokenizer, cfg.ctx_len, bos=cfg.bos, max_contexts=want_ctx)
-    if len(contexts) == 0:
-        raise DataError(f"dataset {cfg.dataset} yields no complete context of {cfg.ctx_len} tokens; "
-                        "use more text or a smaller --ctx-len")
-    header = build_header(cfg, info, hooks, len(contexts), fingerprint(spec))
+    per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
+    plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard))
+    planned = plan.ensure(spec, tokenizer, log=(lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
+    header = build_header(cfg, info, hooks, planned["n_contexts"], planned["fingerprint"])
     writer = StoreWriter(cfg.out, header, cfg.storage_options)
     writer.claim_worker(worker, n_workers)
     geom = writer.geometry
@@ -122,21 +210,33 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     device = next(model.parameters()).device
     bar = tqdm(total=sum(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0] for s in todo), unit="tok",
                unit_scale=True, desc=f"harvest {worker}/{n_workers}", disable=not progress, smoothing=0.1)
+
+    def done(s: int) -> None:
+        bar.update(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0])
+
+    workers = cfg.encode_workers if cfg.encode_workers is not None else default_encode_workers()
     t_loop = time.time()
+    pipe = WritePipeline(writer, workers, done)
+    ok = False
     try:
-        with ActivationCapture(model, hooks) as capture:
-            for s in todo:
-                c0, c1 = geom.shard_contexts(s)
-                acts = harvest_shard(capture, cfg, header, geom, s, contexts[c0:c1], device)
-                writer.write_shard(s, acts, contexts[c0:c1])
-                writer.heartbeat()
-                bar.update(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0])
+        try:
+            with ActivationCapture(model, hooks) as capture:
+                for s in todo:
+                    contexts_CT = plan.read(s)
+                    host, event = harvest_shard(capture, cfg, header, geom, s, contexts_CT, device)
+                    pipe.submit(s, host, event, contexts_CT)
+                    writer.heartbeat()
+            ok = True
+        finally:
+            pipe.close(wait=ok)
+            bar.close()
+        loop_seconds = time.time() - t_loop
+        complete = writer.finalize_if_complete()
     finally:
-        bar.close()
-    loop_seconds = time.time() - t_loop
-    complete = writer.finalize_if_complete()
-    writer.release()
+        writer.release()  # also when stopped: a rerun in this same process may take the slot at once
     from saecache.harvest.inspect import store_size
 
     return {"store": cfg.out, "shards_written": len(todo), "shards_of_this_worker": len(mine), "complete": complete,
-            "seconds": time.time() - t_start, "loop_seconds": loop_seconds, **store_size(cfg.out, cfg.storage_options)}
+            "seconds": time.time() - t_start, "loop_seconds": loop_seconds, "encode_workers": workers,
+            "plan": {k: planned[k] for k in ("n_contexts", "documents", "tokens")},
+            **store_size(cfg.out, cfg.storage_options)}

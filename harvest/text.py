@@ -40,6 +40,10 @@ from saecache.errors import ConfigError, DataError
 FILE_KINDS = (".jsonl", ".json", ".txt")
 COMPRESSIONS = ("", ".zst", ".gz")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+MAX_RECORD_CHARS = 1 << 26
+"""Longest record (document line, .txt file, JSON array file) read, in characters: a longer one is refused in one
+line naming the file and line, in bounded memory, instead of being read whole (the Pile's longest documents are a
+few MB)."""
 
 
 @dataclass(frozen=True)
@@ -124,35 +128,57 @@ def _text_of(record: Any, field: str, where: str) -> str:
     return text
 
 
-def _iter_records(f, path: str, kind: str, field: str) -> Iterator[str]:
+def _bounded(text: str, path: str, where: str) -> str:
+    if len(text) > MAX_RECORD_CHARS:
+        raise DataError(f"{path}{where}: a record longer than {MAX_RECORD_CHARS >> 20} Mi characters (a truncated "
+                        "download, or a binary file the glob caught?); remove the file from --dataset or split the record")
+    return text
+
+
+def _lines(f, path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) with each line read in bounded memory: a longer line is a one-line DataError."""
+    lineno = 0
+    while line := f.readline(MAX_RECORD_CHARS + 1):
+        lineno += 1
+        if len(line) > MAX_RECORD_CHARS and not line.endswith("\n"):
+            _bounded(line, path, f":{lineno}")
+        yield lineno, line
+
+
+def _iter_records(f, path: str, kind: str, field: str, after: int = -1) -> Iterator[tuple[int, str]]:
+    """(record number, text) of one open file: line numbers for JSON lines, item numbers for a JSON array, 0 for a
+    .txt file. Records numbered `after` or lower are skipped without being parsed."""
     if kind == ".txt":
-        yield f.read()
+        if after < 0:
+            yield 0, _bounded(f.read(MAX_RECORD_CHARS + 1), path, "")
         return
     first = ""
     if kind == ".json":  # JSON lines, or one array of objects
         while (c := f.read(1)) and c.isspace():
             pass
         if c == "[":
-            for j, rec in enumerate(json.loads(c + f.read())):
-                yield _text_of(rec, field, f"{path} item {j}")
+            items = json.loads(c + _bounded(f.read(MAX_RECORD_CHARS + 1), path, " (one JSON array)"))
+            for j, rec in enumerate(items):
+                if j > after:
+                    yield j, _text_of(rec, field, f"{path} item {j}")
             return
         first = c
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in _lines(f, path):
         if first:
             line, first = first + line, ""
-        if line.strip():
+        if lineno > after and line.strip():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
-            yield _text_of(rec, field, f"{path}:{lineno}")
+            yield lineno, _text_of(rec, field, f"{path}:{lineno}")
 
 
-def _iter_file(path: str, field: str) -> Iterator[str]:
+def _iter_file(path: str, field: str, after: int = -1) -> Iterator[tuple[int, str]]:
     kind, comp = _kind(path)
     try:
         with _open_text(path, comp) as f:
-            yield from _iter_records(f, path, kind, field)
+            yield from _iter_records(f, path, kind, field, after)
     except (OSError, UnicodeDecodeError, EOFError, json.JSONDecodeError) as e:  # ZstdError: below
         raise DataError(f"cannot read {path!r} ({type(e).__name__}: {_first_line(e)}): check that it is a readable "
                         f"UTF-8 {kind}{comp} file") from None
@@ -192,50 +218,76 @@ def _load_datasets(kind: str, target: str, spec: TextSpec):
             from None
 
 
-def _iter_dataset(ds, spec: TextSpec, target: str) -> Iterator[str]:
+def _iter_dataset(ds, spec: TextSpec, target: str, after: int = -1) -> Iterator[tuple[int, str]]:
     for j, rec in enumerate(ds):
-        yield _text_of(rec, spec.text_field, f"dataset {target!r} row {j}")
+        if j > after:
+            yield j, _text_of(rec, spec.text_field, f"dataset {target!r} row {j}")
+
+
+def source_names(spec: TextSpec) -> list[str]:
+    """The source's parts as the fingerprint names them: matched files relative to their common directory, or the
+    one dataset directory / Hub name."""
+    kind, targets = _resolve(spec)
+    if kind != "files":
+        return [os.path.basename(targets[0].rstrip("/")) if kind != "hub" else targets[0]]
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in targets])
+    return [os.path.relpath(os.path.abspath(f), root) for f in targets]
+
+
+def iter_records(spec: TextSpec, after: tuple[int, int] | None = None) -> Iterator[tuple[tuple[int, int], str]]:
+    """((part, record), text) for every document of `spec` in a deterministic order (files sorted, records in file
+    order; `part` indexes `source_names(spec)`). `after`: resume after that position; files before it are not
+    opened, records before it in its file are skipped unparsed. DataError when the source holds no documents."""
+    kind, targets = _resolve(spec)
+    f0, r0 = after if after is not None else (0, -1)
+    n = 0
+    if kind == "files":
+        parts = ((i, _iter_file(f, spec.text_field, r0 if i == f0 else -1)) for i, f in enumerate(targets) if i >= f0)
+    else:
+        parts = iter([(0, _iter_dataset(_load_datasets(kind, targets[0], spec), spec, targets[0], r0))])
+    for i, records in parts:
+        for r, text in records:
+            n += 1
+            yield (i, r), text
+    if n == 0 and after is None:
+        raise DataError(f"text source {spec.source!r} holds no documents")
 
 
 def iter_documents(spec: TextSpec) -> Iterator[str]:
     """The documents of `spec` in a deterministic order (files sorted, records in file order)."""
-    kind, targets = _resolve(spec)
-    n = 0
-    if kind == "files":
-        docs = itertools.chain.from_iterable(_iter_file(f, spec.text_field) for f in targets)
-    else:
-        docs = _iter_dataset(_load_datasets(kind, targets[0], spec), spec, targets[0])
-    for doc in docs:
-        n += 1
-        yield doc
-    if n == 0:
-        raise DataError(f"text source {spec.source!r} holds no documents")
+    return (text for _, text in iter_records(spec))
 
 
-def fingerprint(spec: TextSpec) -> str:
-    """sha256 identifying the data: Hub sources by name+config+split+revision; local sources by each file's
-    relative name, size and content hash (reads every byte once)."""
+def source_identity(spec: TextSpec) -> str:
+    """The start of the dataset fingerprint: what names the source besides its bytes (Hub name, config, split and
+    revision; split and config of a local dataset directory; nothing more for files)."""
     kind, targets = _resolve(spec)
-    h = hashlib.sha256()
+    ident = {"kind": kind}
     if kind == "hub":
-        h.update(json.dumps({"hub": targets[0], "name": spec.name, "split": spec.split,
-                             "revision": spec.revision}, sort_keys=True).encode())
-        return h.hexdigest()
-    if kind == "files":
-        files = targets
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    else:
-        root = targets[0]
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs)
-        h.update(json.dumps({"split": spec.split, "name": spec.name}).encode())
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        rel = os.path.relpath(os.path.abspath(f), root)
-        h.update(f"{rel}\0{os.path.getsize(f)}\0{digest.hexdigest()}\n".encode())
-    return h.hexdigest()
+        ident.update(hub=targets[0], name=spec.name, split=spec.split, revision=spec.revision)
+    elif kind != "files":
+        ident.update(split=spec.split, name=spec.name)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def chain_fingerprint(state: str, names: list[str], docs: Iterable[tuple[tuple[int, int], str]]) -> str:
+    """Extend the fingerprint `state` (hex) by consumed documents, one sha256 link per document over the previous
+    link, the document's source name, record number and UTF-8 text: the same value however the documents were
+    batched, and a resumed harvest continues from a saved link."""
+    for (part, rec), text in docs:
+        data = text.encode("utf-8", "surrogatepass")
+        h = hashlib.sha256(bytes.fromhex(state))
+        h.update(f"{names[part]}\0{rec}\0{len(data)}\0".encode())
+        h.update(data)
+        state = h.hexdigest()
+    return state
+
+
+def fingerprint(spec: TextSpec, docs: Iterable[tuple[tuple[int, int], str]] | None = None) -> str:
+    """The dataset fingerprint of the documents `docs` (default: every document of `spec`) as a harvest records it:
+    `source_identity` extended by `chain_fingerprint`. A harvest passes exactly the documents it consumed."""
+    items = iter_records(spec) if docs is None else docs
+    return chain_fingerprint(source_identity(spec), source_names(spec), items)
 
 
 # ---- packing ----

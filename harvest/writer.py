@@ -53,20 +53,7 @@ class StoreWriter:
 
     # -- creation
     def _probe_writable(self) -> None:
-        if self.loc.local:
-            if os.path.exists(self.loc.root) and not os.path.isdir(self.loc.root):
-                raise StoreError(f"cannot write store to {self.loc.url}: it exists and is not a directory")
-            try:
-                os.makedirs(self.loc.root, exist_ok=True)
-                probe = os.path.join(self.loc.root, f".probe-{os.getpid()}")
-                with open(probe, "wb") as f:
-                    f.write(b"ok")
-                os.remove(probe)
-            except OSError as e:
-                raise StoreError(f"cannot write store to {self.loc.url}: {e.strerror or e}; choose a writable --out")
-            existing = set(os.listdir(self.loc.root)) - {"zarr.json"}
-            if existing and not os.path.exists(os.path.join(self.loc.root, "zarr.json")):
-                raise StoreError(f"{self.loc.url} is a non-empty directory that is not a store; choose a new --out")
+        probe_store_dir(self.loc)
 
     def _create_or_validate(self) -> None:
         raw = self.loc.get("zarr.json")
@@ -109,6 +96,8 @@ class StoreWriter:
     def claim_worker(self, worker: int, n_workers: int) -> None:
         """Refuse if another live process holds the same worker slot, or the store is split with a different N."""
         for name in self.loc.list(CLAIMS_DIR):
+            if not name.endswith(".json"):  # a temporary file left by a process killed while writing its claim
+                continue
             raw = self.loc.get(f"{CLAIMS_DIR}/{name}")
             if raw is None:
                 continue
@@ -208,6 +197,26 @@ def shard_stats(a: np.ndarray, logical_dtype: str, block_rows: int = 8192) -> di
         total_D += x64.sum(0)
         sq += float(np.einsum("ij,ij->", x64, x64))
     return {"count": int(a.shape[0]), "sum": [float(v) for v in total_D], "sum_sq_norm": sq, "nonfinite": nonfinite}
+
+
+def probe_store_dir(loc: _Location) -> None:
+    """Refuse (StoreError) a local --out that cannot be written, or that is a non-empty directory and not a store
+    (a store's first files are `zarr.json` and the harvest plan's `_plan/`)."""
+    if not loc.local:
+        return  # a writable remote location was probed with a PUT when it was opened
+    if os.path.exists(loc.root) and not os.path.isdir(loc.root):
+        raise StoreError(f"cannot write store to {loc.url}: it exists and is not a directory")
+    try:
+        os.makedirs(loc.root, exist_ok=True)
+        probe = os.path.join(loc.root, f".probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise StoreError(f"cannot write store to {loc.url}: {e.strerror or e}; choose a writable --out")
+    existing = set(os.listdir(loc.root)) - {"zarr.json", "_plan"}
+    if existing and not os.path.exists(os.path.join(loc.root, "zarr.json")):
+        raise StoreError(f"{loc.url} is a non-empty directory that is not a store; choose a new --out")
 
 
 def _claim_is_live(c: dict) -> bool:

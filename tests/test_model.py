@@ -78,3 +78,30 @@ def test_bad_dtype_and_device(tiny_dir):
         pick_device("tpu:banana")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def _fake_gpus(monkeypatch, n):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_auto_device_follows_the_launchers_local_rank(monkeypatch):
+    """torchrun/SLURM workers on one host each take their own GPU (every one took cuda, i.e. device 0, before)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    _fake_gpus(monkeypatch, 4)
+    assert pick_device("auto") == torch.device("cuda")  # no launcher: the current device
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("auto") == torch.device("cuda", 3)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # an explicit device wins
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert pick_device("auto") == torch.device("cuda", 3)  # torchrun's variable first
+    monkeypatch.delenv("LOCAL_RANK")
+    assert pick_device("auto") == torch.device("cuda", 1)
+    _fake_gpus(monkeypatch, 1)  # each task sees only its own GPU (CUDA_VISIBLE_DEVICES per task)
+    assert pick_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("SLURM_LOCALID", "x")
+    with pytest.raises(ConfigError, match="SLURM_LOCALID"):
+        pick_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")

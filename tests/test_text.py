@@ -2,8 +2,10 @@
 reproduce the documents joined by EOS), deterministic, stops early, and each bad input is a one-line DataError."""
 
 import gzip
+import itertools
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +15,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from saecache.errors import ConfigError, DataError
-from saecache.harvest.text import TextSpec, fingerprint, iter_documents, pack_contexts, packing_policy
+from saecache.harvest.text import (
+    TextSpec, chain_fingerprint, fingerprint, iter_documents, iter_records, pack_contexts, packing_policy,
+    source_identity, source_names,
+)
 
 EOT = "<|endoftext|>"
 DOCS = [
@@ -156,7 +161,7 @@ def test_packing_without_bos_token_falls_back_and_policy_string(tok):
     assert len(decoded) > 100 and "".join(DOCS).startswith(decoded)
 
 
-def test_fingerprint(tmp_path):
+def test_fingerprint_covers_the_consumed_documents(tmp_path):
     d1 = _write(tmp_path / "one" / "c.jsonl", _jsonl(DOCS))
     d2 = _write(tmp_path / "two" / "c.jsonl", _jsonl(DOCS))  # same file somewhere else: same data
     fp = fingerprint(TextSpec(str(d1)))
@@ -166,9 +171,65 @@ def test_fingerprint(tmp_path):
     assert fingerprint(TextSpec(str(d2))) != fp
     os.rename(d1, tmp_path / "one" / "renamed.jsonl")
     assert fingerprint(TextSpec(str(tmp_path / "one" / "renamed.jsonl"))) != fp
-    hub = fingerprint(TextSpec("someone/corpus"))
-    assert hub != fingerprint(TextSpec("someone/corpus", split="validation")) \
-        != fingerprint(TextSpec("someone/corpus", revision="abc"))
+    # only what is consumed counts: the first 3 documents of a file whose later ones differ
+    spec_a = TextSpec(str(_write(tmp_path / "a" / "c.jsonl", _jsonl(DOCS))))
+    spec_b = TextSpec(str(_write(tmp_path / "b" / "c.jsonl", _jsonl(DOCS[:3] + ["other"] * 5))))
+    first3 = lambda spec: list(itertools.islice(iter_records(spec), 3))  # noqa: E731
+    assert fingerprint(spec_a, first3(spec_a)) == fingerprint(spec_b, first3(spec_b)) != fingerprint(spec_a)
+    assert fingerprint(spec_a, first3(spec_a)[:2]) != fingerprint(spec_a, first3(spec_a))
+    # the chain is per document: extending a saved state gives the value of one pass
+    docs = list(iter_records(spec_a))
+    mid = chain_fingerprint(source_identity(spec_a), source_names(spec_a), docs[:7])
+    assert chain_fingerprint(mid, source_names(spec_a), docs[7:]) == fingerprint(spec_a)
+    hub = source_identity(TextSpec("someone/corpus"))  # a Hub source is named by name, split and revision too
+    assert hub != source_identity(TextSpec("someone/corpus", split="validation")) \
+        != source_identity(TextSpec("someone/corpus", revision="abc"))
+
+
+def test_records_resume_after_a_position(tmp_path):
+    _write(tmp_path / "d" / "a.jsonl", _jsonl(DOCS[:10]))
+    _write(tmp_path / "d" / "b.jsonl", _jsonl(DOCS[10:]))
+    spec = TextSpec(str(tmp_path / "d" / "*.jsonl"))
+    records = list(iter_records(spec))
+    assert [t for _, t in records] == DOCS and source_names(spec) == ["a.jsonl", "b.jsonl"]
+    for k in (0, 4, 9, 10, 30):
+        assert list(iter_records(spec, after=records[k][0])) == records[k + 1:]
+
+
+def test_a_multi_gigabyte_line_is_refused_in_bounded_memory(tmp_path):
+    """A record far longer than any document (a truncated download, a binary file caught by a glob) is one
+    DataError naming file and line, read in bounded memory: here a 320 MB line under a 300 MB address-space margin
+    (the old reader took the line whole and died of MemoryError, or of the OOM killer on a multi-GB line)."""
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as f:
+        f.write(_jsonl(DOCS[:3]))
+        f.write(b'{"text": "')
+        block = b"x" * (1 << 20)
+        for _ in range(320):
+            f.write(block)
+        f.write(b'"}\n')
+        f.write(_jsonl(DOCS[3:5]))
+    script = f"""
+import resource, sys
+from saecache.harvest.text import TextSpec, iter_documents
+from saecache.errors import DataError
+vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20), vm + (300 << 20)))
+try:
+    n = sum(1 for _ in iter_documents(TextSpec({str(path)!r})))
+except DataError as e:
+    print('DataError:', e)
+    sys.exit(3)
+except MemoryError:
+    print('MemoryError')
+    sys.exit(4)
+print('read', n)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 3, p.stdout + p.stderr
+    msg = p.stdout.strip()
+    assert "\n" not in msg and f"{path}:4" in msg and "longer than" in msg
 
 
 # ---- errors: one line each ----

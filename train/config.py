@@ -19,7 +19,6 @@ LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-AUXK_ARCHS = ("topk", "batchtopk")  # AuxK keeps their latents alive: not resampled unless SAESpec.resample says so
 
 
 def check_types(values: dict, cls, what: str) -> None:
@@ -100,14 +99,14 @@ class SAESpec:
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a JSON object of SAEConfig fields, got {self.options!r}")
         check_types(self.options, SAEConfig, "SAE option")
-        fixed = {"architecture", "d_in", "n_features", "d_out", "transcoder", "k", "penalty", "sparsity_coeff"}
+        fixed = {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
         known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
         bad = sorted(set(self.options) - known)
         if bad:
             raise ConfigError(f"unknown SAE option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
         try:
-            SAEConfig(architecture=self.arch, d_in=1, n_features=self.width, k=self.k, penalty=self.penalty,
-                      sparsity_coeff=self.coeff, **self.options)
+            SAEConfig(arch=self.arch, d_in=1, width=self.width, k=self.k, penalty=self.penalty, coeff=self.coeff,
+                      **self.options)
         except TypeError as e:  # e.g. a string where a number belongs
             raise ConfigError(f"bad SAE options {self.options}: {e}") from None
 
@@ -242,8 +241,10 @@ class TrainConfig:
             if s.resample and self.resample_steps is None:
                 raise ConfigError(f"SAE {s.name} has resample=true but the run has no resample_steps "
                                   "(set resample_steps, e.g. --resample-steps 25000)")
+        from saecache.train.arch import ARCHITECTURES
+
         self.saes = [s if s.resample is not None else dataclasses.replace(
-            s, resample=self.resample_steps is not None and s.arch not in AUXK_ARCHS) for s in self.saes]
+            s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
         both = [s.name for s in self.saes if s.resample]
         if self.decay_start is not None and both:
             raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "

@@ -58,9 +58,9 @@ def pooled_mean_sq_norm(stores, hook: str) -> float:
 
 
 def _sae_config(spec: SAESpec, d_in: int, d_out: int) -> SAEConfig:
-    return SAEConfig(**{"architecture": spec.arch, "d_in": d_in, "n_features": spec.width, "d_out": d_out,
+    return SAEConfig(**{"arch": spec.arch, "d_in": d_in, "width": spec.width, "d_out": d_out,
                         "transcoder": spec.target_hook != spec.hook_in, "k": spec.k, "penalty": spec.penalty,
-                        "sparsity_coeff": spec.coeff, **spec.options})
+                        "coeff": spec.coeff, **spec.options})
 
 
 def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
@@ -85,8 +85,9 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
-    if old["sae"] != record["sae"]:
-        diff = [k for k in record["sae"] if old["sae"].get(k) != record["sae"][k]]
+    old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
+    if old_sae != record["sae"]:
+        diff = [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
                           "mismatch on resume); use a new --out")
     a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}

@@ -123,6 +123,10 @@ class TrainConfig:
     """The SAEs to train; every batch is fed to each of them."""
     seed: int = 0
     """Seeds SAE initialisation, the data order and resampling. Same store + config + seed → identical weights."""
+    seeds: int = 1
+    """Replicas of every SAE, fed the same batches (one read of the data) and differing only in their init seed
+    (which also seeds their resampling draws). With seeds > 1 SAE `name` trains as `name-seed0`, `name-seed1`, ...
+    (`name-seed0` is bit-identical to `name` trained with seeds = 1); evaluate reports mean ± sd across them."""
     batch_size: int = 4096
     """Global batch (rows per optimizer step, summed over DDP ranks)."""
     total_tokens: int | None = None
@@ -201,7 +205,9 @@ class TrainConfig:
             raise ConfigError("no store given: pass --store PATH (harvest one with `saecache harvest`)")
         if not self.saes:
             raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
-        names = [s.name for s in self.saes]
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
+        names = [name for _, name, _ in self.replicas()]
         if len(set(names)) != len(names):
             raise ConfigError(f"SAE names must be unique, got {names}")
         if (self.total_tokens is None) == (self.steps is None):
@@ -250,6 +256,12 @@ class TrainConfig:
             raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
                               f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
                               "decay_start")
+
+    def replicas(self) -> list[tuple[SAESpec, str, int]]:
+        """(spec, run name, replica index) of every SAE trained: each spec `seeds` times (`seeds` field)."""
+        if self.seeds == 1:
+            return [(s, s.name, 0) for s in self.saes]
+        return [(s, f"{s.name}-seed{r}", r) for s in self.saes for r in range(self.seeds)]
 
     @property
     def total_steps(self) -> int:

@@ -230,7 +230,8 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
     n_features, k, rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
     pruned, n_pruned (+ prune_above), and with splicing ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero,
-    recovered_mean, kl, n_predictions, n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
+    recovered_mean (each with its 95 % bootstrap interval over contexts: *_lo, *_hi), kl, n_predictions,
+    n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
 
     Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
     from saecache.evaluate.features import load_tokenizer

@@ -144,7 +144,7 @@ def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, contexts: tup
     """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies."""
     from saecache.harvest.split import context_batches
 
-    acc = M.ReconAccumulator(sae.cfg.n_features)
+    acc = M.ReconAccumulator(sae.cfg.width)
     keep = None if keep_F is None else keep_F.to(device=device, dtype=torch.float32)
     for batch in context_batches(store, list(dict.fromkeys((h_in, h_out))), *contexts, batch_size=cfg.batch_size,
                                  max_rows=cfg.max_rows):
@@ -185,8 +185,8 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     h_in, h_out = run_hooks(rcfg)
     contexts, rows_note = heldout_contexts_for(run_dir, rcfg, sae, store)
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
-    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.architecture, "hook_in": h_in, "hook_out": h_out,
-            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.n_features, "k": sae.cfg.k,
+    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
+            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
             "rows": rows_note}
 
     def variant(keep_F, label):

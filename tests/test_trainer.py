@@ -144,7 +144,7 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     assert rec["tokens_seen"] == 23 * 256 and rec["steps_done"] == 23
     assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
     assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
-    assert SAEConfig.from_dict(rec["sae"]).n_features == 512
+    assert SAEConfig.from_dict(rec["sae"]).width == 512
     # which SAEs were resampled, resolved from the architecture defaults: relu yes, topk (AuxK) no
     assert rec["spec"]["resample"] is False and rundir.read_cfg(relu_dir)["spec"]["resample"] is True
     assert [s["resample"] for s in rec["train"]["saes"]] == [False, True]

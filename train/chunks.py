@@ -19,8 +19,8 @@ import torch
 
 from saecache.errors import StoreError
 from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
+from saecache.harvest.shards import ShardArray
 from saecache.harvest.store import Store
-from saecache.train.shard_reader import DirectArray
 
 # per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
 # index inside its store) and "store" (the index of its store in the loader's list)
@@ -115,14 +115,15 @@ def to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ChunkReader:
-    """Reads units of one store for a set of hooks; direct shard reader on local disk, zarr otherwise."""
+    """Reads units of one store for a set of hooks: the shard reader (`harvest/shards.py`) over local files or the
+    remote store's verified cache, zarr otherwise."""
 
     def __init__(self, store: Store, hooks: list[str], direct: bool):
         self.store = store
         self.direct = {}
         for h in hooks:
             arr = None if h in META or not direct else (  # remote stores: the verified local shard cache
-                DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
+                ShardArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
             self.direct[h] = arr
         if store.loc.local:
             self._check_files(store, hooks)
@@ -140,16 +141,18 @@ class ChunkReader:
 
     @staticmethod
     def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:
-        """(shard, inner chunk) when ``unit`` is one whole inner chunk of a local direct-read array, else None."""
-        if unit.keep is not None or not isinstance(arr, DirectArray) or unit.n != arr.chunk_rows:
+        """(shard, inner chunk) when ``unit`` is one whole inner chunk of a shard-read array, else None."""
+        if unit.keep is not None or arr is None or unit.n != arr.chunk_rows:
             return None
         shard, rem = divmod(unit.row0, arr.shard_rows)
         return shard, rem // arr.chunk_rows
 
     def views(self, unit: Unit) -> dict[str, np.ndarray]:
         """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
-        whole chunk). Cheap: nothing is read here."""
+        whole chunk). Cheap: nothing is read here (a remote store's files may first need a download: none)."""
         out = {}
+        if not self.store.loc.local:
+            return out
         for h, arr in self.direct.items():
             where = self._whole_chunk(unit, arr)
             view = arr.chunk_view(*where) if where else None

@@ -183,6 +183,11 @@ class TrainConfig:
     """The last this fraction of contexts (by context id) in every store is never trained on; evaluate reads them."""
     allow_incomplete: bool = False
     """Train on the complete shards of a store that is still being harvested."""
+    exclude_bos: bool = True
+    """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
+    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (dictionary_learning drops them for
+    Pythia; the demo model's are measured in bench/results/quality.md); a batch then trains on its other rows, about
+    batch_size * (1 - 1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8

@@ -20,6 +20,7 @@ AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 AUXK_ARCHS = ("topk", "batchtopk")  # AuxK keeps their latents alive: not resampled unless SAESpec.resample says so
+DEFAULT_K = 32  # active features per row of the TopK family when none is given (the peers' default)
 
 
 def check_types(values: dict, cls, what: str) -> None:
@@ -38,6 +39,12 @@ def check_types(values: dict, cls, what: str) -> None:
             raise ConfigError(f"{what} field {name} must be {' or '.join(parts)}, got {value!r}")
 
 
+def _needs_k(arch: str) -> bool:
+    from saecache.train.sae import ARCHITECTURES
+
+    return arch in ARCHITECTURES and ARCHITECTURES[arch].needs_k
+
+
 @dataclass
 class SAESpec:
     """One SAE of the sweep."""
@@ -51,7 +58,8 @@ class SAESpec:
     hook_out: str | None = None
     """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
     k: int | None = None
-    """Active features per row for topk/batchtopk (required there)."""
+    """Active features per row for topk/batchtopk; None = 32 there (as the peers), at most `width`. Only for those
+    architectures."""
     penalty: str | None = None
     """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
     coeff: float | None = None
@@ -70,6 +78,8 @@ class SAESpec:
 
     def __post_init__(self):
         check_types(dataclasses.asdict(self), SAESpec, "SAE spec")
+        if self.k is None and _needs_k(self.arch) and isinstance(self.width, int) and self.width >= 1:
+            self.k = min(DEFAULT_K, self.width)
         if not self.hook_in:
             raise ConfigError("every SAE needs hook_in (the store hook it reads), e.g. --hook mlp_out.0")
         if not isinstance(self.width, int) or self.width < 1:

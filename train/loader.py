@@ -40,9 +40,10 @@ import torch
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
 from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
-                                   open_stores, single_threaded, training_units)
+                                   open_stores, single_threaded, split_units, training_units)
 
 TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+MIN_PIECE = 64  # rows: the smallest piece a small store's inner chunks are cut into (see Loader._fit_small_store)
 
 
 def run_plan(rows: list[int], run: int, rng: np.random.Generator) -> tuple[list, list, list, list]:
@@ -142,11 +143,28 @@ class Loader:
         self._plans: dict[int, list] = {}
         if state is not None:
             self.load_state_dict(state)
-        if self.batches_per_epoch(0) == 0:
-            raise StoreError(f"too few training rows ({sum(u.rows for u in self.units)}) for batch_size {batch_size} "
-                             f"over {partitions} partitions; lower the batch size or harvest more")
+        self._fit_small_store()
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._queue: queue.Queue | None = None
+
+    def _fit_small_store(self) -> None:
+        """A store with too few inner chunks to give every partition a batch share: its chunks are cut into pieces
+        (halving until each partition gets a share in each of the first epochs, or pieces reach ``MIN_PIECE`` rows).
+        Only stores that would otherwise serve an empty epoch are cut; every other store's order is unchanged."""
+        whole, pieces = self.units, 1
+        rows = sum(u.rows for u in whole)
+        starved = lambda: min(self.batches_per_epoch(e) for e in range(4)) == 0  # noqa: E731 (epochs deal units anew)
+        while starved() and max((u.n for u in whole), default=0) // (2 * pieces) >= MIN_PIECE:
+            pieces *= 2
+            self.units, self._plans = split_units(whole, pieces), {}
+        if starved():
+            fits = self.partitions * min(sum(self.units[u].rows for w in part for u in w)
+                                         for e in range(4) for part in self._epoch_plan(e))
+            hint = (f"use --batch-size {fits} or less (a multiple of --partitions {self.partitions})" if fits else
+                    "fewer --partitions")
+            raise StoreError(f"too few training rows ({rows}) for batch_size {self.batch_size} over "
+                             f"{self.partitions} partitions: {hint}, or harvest more")
+        self._window_cap = self.shuffle_chunks * max((u.n for u in self.units), default=0)
 
     # -- order (pure functions of seed, epoch, units)
     def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:

@@ -160,7 +160,8 @@ class Loader:
             pieces *= 2
             self.units, self._plans = split_units(whole, pieces), {}
         if self.batches_per_epoch(0) == 0:
-            fits = self.partitions * min(sum(self.units[u].rows for w in part for u in w) for part in self._epoch_plan(0))
+            fits = self.partitions * min(sum(self.units[u].rows for w in part for u in w)
+                                         for part in self._epoch_plan(0))
             hint = (f"use --batch-size {fits} or less (a multiple of --partitions {self.partitions})" if fits else
                     "fewer --partitions")
             raise StoreError(f"too few training rows ({rows}) for batch_size {self.batch_size} over "

@@ -96,13 +96,13 @@ def render(found: dict[int, dict], n_rows: int, store, tok, window: int, run: st
 
 def feature_contexts(cfg: FeaturesConfig) -> dict:
     """Scan the store and render: returns {"run", "n_rows", "features": {N: {frequency, count, contexts[...]}}}."""
-    from saecache.evaluate.runner import heldout_fraction_for, load_run_checked, open_store, run_hooks
+    from saecache.evaluate.runner import heldout_contexts_for, load_run_checked, open_store, run_hooks
     from saecache.harvest.model import pick_device
 
     device = pick_device(cfg.device)
     store = open_store(cfg.store)
     sae, rcfg = load_run_checked(cfg.run_dir, device)
-    heldout_fraction_for(cfg.run_dir, rcfg, sae, store)  # same model and hooks, or a one-line error
+    heldout_contexts_for(cfg.run_dir, rcfg, sae, store)  # same model and hooks, or a one-line error
     bad = [f for f in cfg.features if f >= sae.cfg.width]
     if bad:
         raise ConfigError(f"feature(s) {bad} out of range: this SAE has {sae.cfg.width} features (0.."

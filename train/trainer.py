@@ -21,6 +21,8 @@ import torch
 
 from saecache import __version__
 from saecache.errors import DivergedError, RunDirError
+from saecache.harvest.split import RULE as SPLIT_RULE
+from saecache.harvest.split import split_record
 from saecache.train import ddp, rundir
 from saecache.train.config import SAESpec, TrainConfig
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
@@ -73,9 +75,9 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
         "train": cfg.to_dict(), "seed": cfg.seed, "world_size": world,
         "hooks": {"in": m.spec.hook_in, "out": m.spec.target_hook},
         "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint(),
-                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction)} for st in stores],
-        "heldout": {"fraction": cfg.heldout_fraction,
-                    "rule": "contexts with id >= n_contexts - ceil(fraction * n_contexts) in every store"},
+                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction),
+                    "split": split_record(st, cfg.heldout_fraction)} for st in stores],
+        "heldout": {"fraction": cfg.heldout_fraction, "rule": SPLIT_RULE},
         "normalization": {"in_scale": m.in_scale, "out_scale": m.out_scale,
                           "source": "training saw x / scale, scale = sqrt(mean_sq_norm) from the store statistics; "
                                     "folded back into sae.safetensors (it takes raw activations)"},
@@ -213,6 +215,7 @@ def run_training(cfg: TrainConfig) -> list[str]:
     check_backend(cfg.log)
     rank, world, device = ddp.setup(cfg.device)
     stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)
+    ddp.agree_on_shards(stores)  # DDP: every rank reads the shards rank 0 sees published
     members = build_members(cfg, stores, device, world)
     records = {m.spec.name: _cfg_record(cfg, m, stores, world) for m in members}
     for m in members:

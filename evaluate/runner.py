@@ -163,12 +163,20 @@ def splice_contexts(store: Store, contexts: tuple[int, int], n: int) -> torch.Te
     return torch.from_numpy(np.asarray(store.contexts(c0, c1)).astype(np.int64))
 
 
+def recorded_name(store: Store, name: str | None) -> str | None:
+    """A model or tokenizer name from the store header, as a directory valid from here when it names a local one (a
+    relative path typed elsewhere is looked up beside the store: `harvest.model.local_dir`)."""
+    from saecache.harvest.model import local_dir
+
+    return local_dir(name, store.loc.root if store.loc.local else None) or name
+
+
 def load_store_model(store: Store, cfg: EvalConfig):
     from saecache.errors import ModelError
     from saecache.harvest.model import config_hash, load_model
 
     m = store.header["model"]
-    name = cfg.model or m["name"]
+    name = cfg.model or recorded_name(store, m["name"])
     model, _, _ = load_model(name, revision=None if cfg.model else m.get("revision"), dtype=m.get("dtype", "float32"),
                              device=cfg.device)
     if config_hash(model.config) != m.get("config_hash"):
@@ -276,7 +284,8 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
         sae, rcfg = load_run_checked(run_dir)
         heldout_contexts_for(run_dir, rcfg, sae, store)
         by_hook.setdefault(run_hooks(rcfg)[1], []).append(run_dir)
-    tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"], cfg.model) if cfg.html_features else None
+    tok = load_tokenizer(cfg.tokenizer or recorded_name(store, store.header["tokenizer"]["name"]), cfg.model) \
+        if cfg.html_features else None
     done: dict[str, list[dict]] = {}
     with torch_threads(cfg.threads):
         model = load_store_model(store, cfg) if cfg.splice else None

@@ -86,6 +86,24 @@ def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
     return units
 
 
+def split_units(units: list[Unit], pieces: int) -> list[Unit]:
+    """Each unit cut into ``pieces`` runs of adjacent rows (the last pieces may be shorter or absent): what lets a
+    small store, with fewer inner chunks than a batch's partitions need, still feed every partition. A piece still
+    decodes its whole inner chunk, so this is only for stores too small to train otherwise."""
+    out = []
+    for u in units:
+        step = -(-u.n // pieces)
+        for a in range(0, u.n, step):
+            b = min(a + step, u.n)
+            if u.keep is None:
+                out.append(Unit(u.src, u.row0 + a, b - a))
+            else:
+                keep = u.keep[(u.keep >= a) & (u.keep < b)] - a
+                if len(keep):
+                    out.append(Unit(u.src, u.row0 + a, b - a, keep))
+    return out
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Torch CPU ops inside run on the calling thread only (main thread; elsewhere a no-op), the thread count is

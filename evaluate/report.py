@@ -53,16 +53,103 @@ DEFINITIONS = {
     "rel_bias": "mean |x_hat|^2 / mean <x, x_hat>",
     "recovered_zero": "(CE_zero - CE_spliced) / (CE_zero - CE_clean), output replaced by zeros as the baseline",
     "recovered_mean": "(CE_mean - CE_spliced) / (CE_mean - CE_clean), output replaced by the store's mean activation",
+    "[lo, hi]": "after a % loss recovered: its 95 % percentile bootstrap interval, resampling the evaluated contexts "
+                "(2000 resamples, seeded)",
     "kl": "mean KL(p_clean || p_spliced) per counted next-token prediction (nats)",
+    "± sd": "for an SAE trained as several replicas (train --seeds N): mean over the replicas ± the sample standard "
+            "deviation across their seeds (init only; same data); its interval is the mean of the replicas' bounds",
     "ce_*": "mean next-token cross-entropy (nats) over the predictions made at positions first_position..T-2 of "
             "n_contexts held-out contexts",
 }
+
+
+SEED_KEYS = tuple(key for _, key, _ in COLUMNS[1:]) + tuple(f"{k}_{e}" for k in ("recovered_zero", "recovered_mean")
+                                                             for e in ("lo", "hi"))
+"""Row figures summarised across the replicas of an SAE (`train --seeds N`): mean, and sd as `<key>_sd`."""
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1); sd is nan for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, sd
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per set of replicas (rows sharing `replica_of` and `pruned`): each figure of SEED_KEYS as the mean
+    over the replicas with its sd across seeds in `<key>_sd` (bootstrap bounds: the mean of the replicas' bounds,
+    no sd), `n_seeds`, and `run` = the SAE's name. Rows of runs without replicas are not included."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("replica_of"):
+            groups.setdefault((r["replica_of"], bool(r.get("pruned"))), []).append(r)
+    out = []
+    for (name, _), rs in groups.items():
+        s = {k: v for k, v in rs[0].items() if k not in SEED_KEYS and not k.endswith("_sd")}
+        s.update(run=name, run_dir=None, n_seeds=len(rs), replicas=[r["run"] for r in rs])
+        for key in SEED_KEYS:
+            vals = [r[key] for r in rs if not _missing(r.get(key))]
+            if not vals:
+                continue
+            s[key], sd = mean_sd(vals)
+            if not key.endswith(("_lo", "_hi")):
+                s[f"{key}_sd"] = sd
+        out.append(s)
+    return out
+
+
+def with_seed_summaries(rows: list[dict]) -> list[dict]:
+    """The rows the tables show: each set of replicas replaced by its `seed_summary` row (mean ± sd)."""
+    summaries = {(s["run"], bool(s.get("pruned"))): s for s in seed_summary(rows)}
+    out, seen = [], set()
+    for r in rows:
+        key = (r.get("replica_of"), bool(r.get("pruned")))
+        if not r.get("replica_of"):
+            out.append(r)
+        elif key not in seen:
+            seen.add(key)
+            out.append(summaries[key])
+    return out
 
 
 def _fmt(fn, v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     return fn(v)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _cell(row: dict, key: str, fn) -> str:
+    """A table cell; across seeds "mean ± sd" (`<key>_sd`); a % loss recovered with its bootstrap interval (`<key>_lo`,
+    `<key>_hi`) as "97.3 [96.1, 98.2]" (both: "97.3 ± 0.4 [96.1, 98.2]")."""
+    text = _fmt(fn, row.get(key))
+    if not (_missing(row.get(key)) or _missing(row.get(f"{key}_sd"))):
+        text += f" ± {fn(row[f'{key}_sd'])}"
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if key in INTERVAL_KEYS and not (_missing(row.get(key)) or _missing(lo) or _missing(hi)):
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return text
+
+
+INTERVAL_KEYS = ("recovered_zero", "recovered_mean")
+"""Figures shown with their 95 % bootstrap interval over contexts."""
+MAX_HALF_WIDTH = 0.02
+"""Intervals wider than ±2 points (half their width) are listed under the tables."""
+
+
+def wide_intervals(rows: list[dict], limit: float = MAX_HALF_WIDTH) -> list[str]:
+    """Runs (and which figure) whose % loss recovered interval is wider than ±`limit`."""
+    out = []
+    for r in rows:
+        for key in INTERVAL_KEYS:
+            lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+            if not (_missing(lo) or _missing(hi)) and (hi - lo) / 2 > limit:
+                out.append(f"{r['run']}{' (pruned)' if r.get('pruned') else ''} {key} ±{100 * (hi - lo) / 2:.1f}")
+    return out
 
 
 def _group(row: dict) -> str:
@@ -80,10 +167,11 @@ def _layer_key(row: dict):
 
 def tables(rows: list[dict]) -> str:
     """The markdown tables alone: one per set of SAEs (see `_group`; pruned re-measurements apart), one row per layer
-    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table."""
+    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table.
+    Replicas of an SAE (`train --seeds N`) show as one row of mean ± sd across seeds (`with_seed_summaries`)."""
     lines: list[str] = []
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in with_seed_summaries(rows):
         groups.setdefault((_group(r), r.get("pruned", False)), []).append(r)
     for (group, pruned), rs in groups.items():
         title = f"## {group}" + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
@@ -95,7 +183,7 @@ def tables(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(c[0] for c in cols) + " |")
         lines.append("|" + "|".join("---" for _ in cols) + "|")
         for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"])):
-            lines.append("| " + " | ".join(_fmt(fn, r.get(key)) for _, key, fn in cols) + " |")
+            lines.append("| " + " | ".join(_cell(r, key, fn) for _, key, fn in cols) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -113,6 +201,12 @@ def markdown(rows: list[dict], header: dict) -> str:
                    "predictions made there not counted."))
     loss = (f"Loss figures over {', '.join(map(str, ctx))} held-out contexts of the store's own token ids. {bos}" if ctx
             else "Loss figures not computed (no splicing).")
+    wide = wide_intervals(rows)
+    if wide:
+        loss += (f" Intervals wider than ±{100 * MAX_HALF_WIDTH:g} points: {'; '.join(wide)}; evaluate more contexts "
+                 "(--n-contexts) to narrow them.")
+    elif ctx:
+        loss += f" Every % loss recovered interval is within ±{100 * MAX_HALF_WIDTH:g} points."
     lines += ["## Definitions", "",
               f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
               f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "
@@ -129,7 +223,8 @@ def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ConfigError("histograms need matplotlib: pip install 'saecache[plots]' (or pass --no-histograms)") from e
+        raise ConfigError("histograms need matplotlib (a dependency of saecache): pip install matplotlib, or pass "
+                          "--no-histograms") from e
     f = freq_F.double().cpu().numpy()
     alive = f[f > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -160,7 +255,9 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
         json.dump({**cfg.to_dict(), "store": store.url}, f, indent=1, sort_keys=True)  # URL without credentials
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     with open(paths["json"], "w") as f:
-        json.dump({**header, "definitions": DEFINITIONS, "rows": clean}, f, indent=1)
+        json.dump({**header, "definitions": DEFINITIONS, "rows": clean,
+                   "seed_summary": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}
+                                    for s in seed_summary(rows)]}, f, indent=1)
     keys = list(dict.fromkeys(k for r in clean for k in r))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

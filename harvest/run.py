@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import zarr
 from tqdm import tqdm
 
 from saecache import __version__
@@ -132,6 +133,9 @@ class WritePipeline:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="saecache-write") if workers else None
         self.pending: deque = deque()
         self._restore = _set_codec_threads(max(1, workers))
+        # write_shard sets this per call; held for the pipeline's life so no thread's exit can unset it mid-write
+        self._config = zarr.config.set({"array.write_empty_chunks": True})
+        self._config.__enter__()
 
     def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray) -> int:
         if event is not None:
@@ -157,6 +161,7 @@ class WritePipeline:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self._restore()
+            self._config.__exit__(None, None, None)
 
 
 def _set_codec_threads(n: int) -> Callable[[], None]:

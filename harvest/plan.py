@@ -43,11 +43,23 @@ PLAN_LEASE_SECONDS = 600  # a planner on another host counts as live this long a
 
 def plan_key(spec: TextSpec, tokenizer_info: dict, ctx_len: int, bos: bool, n_contexts: int,
              ctx_per_shard: int) -> dict:
-    """Everything the plan's bytes depend on."""
-    return {"dataset": {"spec": spec.source, "text_field": spec.text_field, "split": spec.split, "name": spec.name,
+    """Everything the plan's bytes depend on, except paths as typed (the text's files are checked by name and size
+    when the source is given another way, see `Plan._same_source`)."""
+    tok = {k: v for k, v in tokenizer_info.items() if k != "name"}
+    return {"dataset": {"text_field": spec.text_field, "split": spec.split, "name": spec.name,
                         "revision": spec.revision},
-            "tokenizer": tokenizer_info, "ctx_len": ctx_len, "bos": bos, "n_contexts_wanted": n_contexts,
+            "tokenizer": tok, "ctx_len": ctx_len, "bos": bos, "n_contexts_wanted": n_contexts,
             "ctx_per_shard": ctx_per_shard}
+
+
+def _files(spec: TextSpec) -> list[list]:
+    """[name, size] of each file of a file source (names as the fingerprint gives them), else []."""
+    from saecache.harvest.text import _resolve
+
+    kind, targets = _resolve(spec)
+    if kind != "files":
+        return [[spec.source, None]]
+    return [[n, os.path.getsize(f)] for n, f in zip(source_names(spec), targets)]
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -64,8 +76,9 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 class Plan:
     """The `_plan/` area of one store: read shard contexts, or build the plan (once, resumably)."""
 
-    def __init__(self, loc: _Location, key: dict):
+    def __init__(self, loc: _Location, key: dict, spec: TextSpec | None = None):
         self.loc = loc
+        self.spec = spec
         self.key = key
         self.ctx_len = key["ctx_len"]
         self.per_shard = key["ctx_per_shard"]
@@ -78,11 +91,19 @@ class Plan:
         if raw is None:
             return None
         rec = json.loads(raw)
-        if rec.get("key") != self.key:
-            diff = ", ".join(_diff(rec.get("key", {}), self.key)[:8])
+        diff = _diff(rec.get("key", {}), self.key) or self._same_source(rec)
+        if diff:
             raise StoreError(f"store {self.loc.url} was planned with a different configuration (differs in: plan "
-                             f"{diff}); rerun with the original settings or write to a new --out")
+                             f"{', '.join(diff[:8])}); rerun with the original settings or write to a new --out")
         return rec
+
+    def _same_source(self, rec: dict) -> list[str]:
+        """[] when the text source is the one the plan was made from: the same source as typed, or (typed another
+        way, e.g. an absolute path from elsewhere) files of the same names and sizes up to the last one it read."""
+        if self.spec is None or rec.get("source") == self.spec.source:
+            return []
+        upto = (rec["after"][0] + 1) if rec.get("after") else len(rec.get("files", []))
+        return [] if _files(self.spec)[:upto] == rec.get("files", [])[:upto] else ["dataset files"]
 
     def finished(self) -> dict | None:
         """The plan record ({"n_contexts", "fingerprint", ...}) once the plan is complete, else None."""
@@ -102,6 +123,7 @@ class Plan:
     def ensure(self, spec: TextSpec, tokenizer, log: Callable[[str], None] = lambda m: None,
                poll_seconds: float = 0.5) -> dict:
         """The finished plan: read it, wait for the live planner, or build it (resuming a dead planner's work)."""
+        self.spec = spec
         waited = False
         while (done := self.finished()) is None:
             raw = self.loc.get(PLANNER_FILE)
@@ -202,6 +224,7 @@ class Plan:
             raise DataError(f"dataset {spec.source} yields no complete context of {self.ctx_len} tokens ({n_tok} "
                             "tokens in all); use more text or a smaller --ctx-len")
         done = {"key": self.key, "n_contexts": n_contexts, "fingerprint": fp, "documents": n_docs, "tokens": n_tok,
+                "source": spec.source, "files": _files(spec), "after": list(after) if after else None,
                 "last_document": [names[after[0]], after[1]] if after else None}
         self.loc.put_atomic(PLAN_FILE, json.dumps(done, sort_keys=True, indent=1).encode())
         return done
@@ -211,6 +234,7 @@ class Plan:
         self.loc.put_atomic(f"{PLAN_DIR}/{tail}", stream.astype(np.int32).tobytes())
         old = self.loc.get(STATE_FILE)
         state = {"key": self.key, "shards": k, "after": list(after) if after else None, "fingerprint": fp,
+                 "source": self.spec.source if self.spec else None, "files": _files(self.spec) if self.spec else [],
                  "documents": n_docs, "tokens": n_tok, "tail": tail}
         self.loc.put_atomic(STATE_FILE, json.dumps(state, sort_keys=True, indent=1).encode())
         if old is not None and (prev := json.loads(old).get("tail")) not in (None, tail):

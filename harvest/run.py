@@ -204,7 +204,8 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     spec = TextSpec(source=cfg.dataset, text_field=cfg.text_field, split=cfg.split, name=cfg.dataset_name)
     rpc = cfg.ctx_len - (1 if cfg.exclude_bos else 0)
     per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
-    plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard))
+    plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard),
+                spec)
     planned = plan.ensure(spec, tokenizer, log=(lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
     header = build_header(cfg, info, hooks, planned["n_contexts"], planned["fingerprint"])
     writer = StoreWriter(cfg.out, header, cfg.storage_options)

@@ -115,11 +115,12 @@ def test_info_and_verify_on_missing_store(capsys, tmp_path):
 
 
 def _disk_full_cmd(out, model_dir, corpus):
-    """A harvest whose store lives on a 300 KiB tmpfs in a private mount namespace: real ENOSPC."""
+    """A harvest whose store lives on a 700 KiB tmpfs in a private mount namespace: real ENOSPC once the plan
+    (79 one-page context files) and a few shards are written."""
     args = " ".join(f"'{a}'" for a in base_args(out, model_dir, corpus, **{"--tokens": "20000", "--dtype": "float32",
                                                                               "--codec": "none"}))
     py = f"{sys.executable} -c 'from saecache.cli import main; main()' {args}"
-    return ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=300k tmpfs '{out.parent}' && {py}; "
+    return ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=700k tmpfs '{out.parent}' && {py}; "
             f"rc=$?; cp -r '{out}' '{out.parent.parent}/copy' 2>/dev/null; exit $rc"]
 
 

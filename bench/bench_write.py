@@ -1,0 +1,129 @@
+"""Write-path ceiling: store rows/s of the harvest's write pipeline fed by an instant producer (precomputed
+activations, no model), with 1 and 2 encode workers, against the codec's single-core encode rate measured in the same
+run, in interleaved rounds. Target: pipeline >= 0.8 x workers x single-core rate (issue 11).
+
+Data: fp16 N(0, 0.3^2) activations of one d=512 hook (the shape of Pythia-70m's MLP output; bitshuffle + zstd
+compress such noise about as well as real fp16 activations: 1.12x here, 1.05-1.25x measured on real models).
+
+    python -m bench.bench_write [--shards 4] [--rounds 2] [--codec blosc-zstd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+D = 512
+CHUNK_ROWS = 4096
+CHUNKS_PER_SHARD = 16
+
+
+def make_header(codec: str, n_shards: int) -> dict:
+    from saecache.harvest.config import HarvestConfig
+    from saecache.harvest.run import build_header
+
+    cfg = HarvestConfig(out="unused", model="bench", dataset="bench", hooks=("mlp_out.0",), ctx_len=129,
+                        exclude_bos=True, ctx_per_chunk=CHUNK_ROWS // 128, chunks_per_shard=CHUNKS_PER_SHARD,
+                        tokens=n_shards * CHUNK_ROWS * CHUNKS_PER_SHARD, codec=codec)
+    info = {"model": {"name": "bench"}, "tokenizer": {"name": "bench"}}
+    hooks = [SimpleNamespace(name="mlp_out.0", module="layers.0.mlp", io="output", d=D)]
+    n_ctx = n_shards * CHUNKS_PER_SHARD * (CHUNK_ROWS // 128)
+    return build_header(cfg, info, hooks, n_ctx, "bench")
+
+
+def pipeline_rows_per_s(root: Path, tag: str, codec: str, shard_FD: np.ndarray, n_shards: int, workers: int) -> float:
+    from saecache.harvest.run import WritePipeline
+    from saecache.harvest.writer import StoreWriter
+
+    header = make_header(codec, n_shards)
+    writer = StoreWriter(str(root / f"{tag}.zarr"), header)
+    writer.claim_worker(0, 1)
+    ctx = np.zeros((writer.geometry.ctx_per_shard, writer.geometry.ctx_len), dtype=np.int32)
+    host = {"mlp_out.0": torch.from_numpy(shard_FD)}
+    t0 = time.perf_counter()
+    pipe = WritePipeline(writer, workers, lambda s: None)
+    for s in range(n_shards):
+        pipe.submit(s, host, None, ctx)
+    pipe.close()
+    dt = time.perf_counter() - t0
+    writer.release()
+    return n_shards * len(shard_FD) / dt
+
+
+def codec_rows_per_s(codec: str, shard_FD: np.ndarray) -> tuple[float, float]:
+    """Single-core encode rate (rows/s) of the store's codec on the shard's inner chunks, run on one non-main thread
+    (where blosc uses no internal threads, as in zarr's pool); and the compression ratio."""
+    from saecache.harvest.store import CODECS
+
+    c = CODECS[codec]()
+    from numcodecs import Blosc
+
+    shuffle = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
+    enc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle[c.shuffle.value], typesize=2)
+    chunks = [shard_FD[i:i + CHUNK_ROWS] for i in range(0, len(shard_FD), CHUNK_ROWS)]
+
+    def run() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        n = sum(len(enc.encode(ch)) for ch in chunks)
+        return time.perf_counter() - t0, n
+
+    with ThreadPoolExecutor(1) as ex:
+        dt, nbytes = ex.submit(run).result()
+    return len(shard_FD) / dt, shard_FD.nbytes / nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=4, help="shards of 65536 x 512 fp16 per pipeline measurement")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--codecs", default="blosc-zstd,blosc-lz4")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    shard_FD = (rng.standard_normal((CHUNK_ROWS * CHUNKS_PER_SHARD, D), dtype=np.float32) * 0.3).astype(np.float16)
+    result = {"rows_per_shard": len(shard_FD), "d": D, "dtype": "float16", "shards_per_measurement": args.shards,
+              "rounds": args.rounds, "codecs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for codec in args.codecs.split(","):
+            rec = {"single_core_rows_per_s": [], "w1_rows_per_s": [], "w2_rows_per_s": []}
+            for r in range(args.rounds):  # interleaved: reference, 1 worker, 2 workers, per round
+                ref, ratio = codec_rows_per_s(codec, shard_FD)
+                rec["single_core_rows_per_s"].append(round(ref))
+                for w in (1, 2):
+                    rate = pipeline_rows_per_s(root, f"{codec}-{r}-{w}", codec, shard_FD, args.shards, w)
+                    rec[f"w{w}_rows_per_s"].append(round(rate))
+                rec["compression_ratio"] = round(ratio, 3)
+            for w in (1, 2):
+                rec[f"w{w}_vs_single_core"] = round(statistics.median(
+                    a / b for a, b in zip(rec[f"w{w}_rows_per_s"], rec["single_core_rows_per_s"])), 3)
+            result["codecs"][codec] = rec
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "write.json").write_text(json.dumps(result, indent=1))
+    lines = ["# Write-path ceiling", "",
+             f"Instant producer: {args.shards} shards of {len(shard_FD)} x {D} fp16 N(0, 0.3^2) per measurement, "
+             f"{args.rounds} interleaved rounds; single-core = the codec alone on one thread, same data, same run. "
+             "Target: pipeline >= 0.8 x workers x single-core.", "",
+             "| codec | ratio | single-core rows/s | 1 worker rows/s | x single | 2 workers rows/s | x single |",
+             "|---|---|---|---|---|---|---|"]
+    for codec, r in result["codecs"].items():
+        lines.append(f"| {codec} | {r['compression_ratio']} | {statistics.median(r['single_core_rows_per_s']):,.0f} | "
+                     f"{statistics.median(r['w1_rows_per_s']):,.0f} | {r['w1_vs_single_core']} | "
+                     f"{statistics.median(r['w2_rows_per_s']):,.0f} | {r['w2_vs_single_core']} |")
+    (out / "write.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

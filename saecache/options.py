@@ -132,8 +132,7 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ..
 
 
 def _option(cls, name, hint, doc, flag, alias, multiple, ptype, defaults) -> Callable:
-    gen_type, is_list, switch = _param_type(hint) if ptype is None else (ptype, False, False)
-    ptype = ptype or gen_type
+    ptype, is_list, switch = (ptype, False, False) if ptype is not None else _param_type(hint)
     default = field_default(cls, name)
     required = default is _MISSING and defaults
     flag = flag or "--" + name.replace("_", "-")

@@ -157,8 +157,9 @@ class TrainConfig:
     """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
     default relu/gated/jumprelu, not the topk family); None = never."""
     resample_window: int | None = None
-    """A feature is dead when it has not fired for this many steps; None = resample_steps // 2 (also the window of
-    the logged dead fraction; 100 steps when resampling is off)."""
+    """A feature is dead when it has not fired for this many steps (counted in rows: steps × batch_size, so with BOS
+    rows left out about 1/ctx_len more steps); None = resample_steps // 2 (also the window of the logged dead
+    fraction; 100 steps when resampling is off)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (weights + optimizer + loader + RNG state)."""
     keep_checkpoints: int = 2

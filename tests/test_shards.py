@@ -1,6 +1,7 @@
-"""The shard reader (harvest/shards.py) and its bounded resources: the file pool's cap and pinning, maps that keep no
-file descriptor, readers that never see another reader's stale descriptor, and every reader of a store with more
-than 10,000 shard files in a process limited to 128 open files (RLIMIT_NOFILE, set in a real subprocess)."""
+"""The shard reader (harvest/shards.py) and its bounded resources (harvest/files.py): the file pool's cap and
+pinning, maps that keep no file descriptor, readers that never see another reader's stale descriptor, cache eviction,
+and every reader of a store with more than 10,000 shard files in a process limited to 128 open files (RLIMIT_NOFILE,
+set in a real subprocess)."""
 
 import json
 import os
@@ -17,8 +18,10 @@ import pytest
 import zarr
 
 from saecache.errors import StoreError
-from saecache.harvest.shards import FilePool, ShardArray, ShardLayout, map_file
-from saecache.harvest.store import Geometry, checksum, manifest_key, shard_object_keys, shard_permutation, unpermuted_meta
+from saecache.harvest.files import FilePool, map_file
+from saecache.harvest.shards import ShardArray, ShardLayout
+from saecache.harvest.store import (Geometry, checksum, manifest_key, shard_object_keys, shard_permutation,
+                                    unpermuted_meta)
 from saecache.harvest.writer import StoreWriter, shard_stats
 from test_store import make_header
 
@@ -153,6 +156,55 @@ def test_maps_keep_no_descriptor_and_outlive_the_reader(tmp_path):
     assert open(paths[0], "rb").read(1) == b"\0"
 
 
+POOL_AT_THE_LIMIT = r"""
+import os, resource, sys
+from saecache.errors import StoreError
+from saecache.harvest.files import FilePool
+resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+paths = sys.argv[1:]
+pool = FilePool(max_open=1000)  # a cap above the process's limit: opening must give back descriptors, not fail
+for i, p in enumerate(paths):
+    with pool.fd(p) as fd:
+        assert os.pread(fd, 1, 0) == bytes([i % 251])
+held = [pool.acquire(p) for p in paths[:40]]  # every descriptor pinned: past the limit is a one-line error
+"""
+
+
+@needs_proc
+def test_pool_gives_back_descriptors_at_the_process_limit_then_fails_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", POOL_AT_THE_LIMIT, *_files(tmp_path, 60)], capture_output=True,
+                          text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("saecache.errors.StoreError: too many open files") and "ulimit -n" in last, proc.stderr
+
+
+def test_cache_eviction_closes_the_readers_descriptors(tmp_path, monkeypatch):
+    """A remote store read through a small shard cache: evicted files are not kept alive (on disk) by descriptors
+    the shard readers hold, and every chunk reads back equal to the local store."""
+    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.copy import CopyConfig, copy_store
+    from saecache.harvest.store import Store
+
+    local, url = str(tmp_path / "s.zarr"), "memory://team/evict.zarr"
+    write_many_shards(local, 40, codec="blosc-zstd")
+    copy_store(CopyConfig(src=local, dst=url))
+    shard_bytes = os.path.getsize(f"{local}/acts/a.0/c/0/0")
+    cache = ShardCache(CacheConfig(str(tmp_path / "cache"), 6 * shard_bytes))
+    remote, want = Store.open(url, cache=cache).cached_array("a.0"), ShardArray.open(f"{local}/acts/a.0")
+    for s in range(40):
+        for i in range(remote.n_inner):
+            assert remote.read_chunk(s, i).tobytes() == want.read_chunk(s, i).tobytes()
+    assert cache.misses == 40 and cache.nbytes <= 6 * shard_bytes
+    if os.path.isdir("/proc/self/fd"):
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # the listing's own descriptor
+                pass
+        assert not [p for p in held if str(tmp_path / "cache") in p and p.endswith("(deleted)")], held
+
+
 def test_a_reader_opened_after_a_file_changed_never_reads_the_old_descriptor(tmp_path):
     """Descriptors are kept per reader: a reader made after a shard file was replaced (a repaired copy, a re-harvest)
     or removed sees the file as it is, although an older reader still holds the old one open."""
@@ -216,8 +268,8 @@ def evaluate():
     from saecache.evaluate.config import EvalConfig
     from saecache.evaluate.runner import run_evaluation
     rows = run_evaluation(EvalConfig(run_dirs=[run["dir"]], store=store, out=os.path.join(out, "eval"), splice=False,
-                                     histograms=False, html_features=0, max_rows=None, device="cpu", threads=1))
-    assert rows[0]["n_rows"] > 5000, rows[0]["n_rows"]  # every held-out row: 170 shards
+                                     histograms=False, html_features=0, max_rows=4500, device="cpu", threads=1))
+    assert rows[0]["n_rows"] == 4500, rows[0]["n_rows"]  # 141 of the 170 held-out shards
 
 def features():
     from saecache.evaluate.config import FeaturesConfig

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from saecache.errors import StoreError
-from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
 from saecache.harvest.shards import ShardArray
+from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
 from saecache.harvest.store import Store
 
 # per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row

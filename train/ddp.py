@@ -75,13 +75,31 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_int(n: int) -> int:
+    """Sum of an integer over ranks (e.g. the global number of rows in a step)."""
+    if not is_distributed():
+        return n
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([n], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def all_gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (the global batch); identity in one process."""
+    """Concatenate every rank's rows in rank order (the global batch); identity in one process. Ranks may hold
+    different numbers of rows (padded for the exchange, trimmed after)."""
     if not is_distributed():
         return x_BD
-    parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x_BD.contiguous())
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    n = torch.tensor([x_BD.shape[0]], dtype=torch.int64, device=x_BD.device)
+    counts = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c.item()) for c in counts]
+    pad = torch.zeros((max(counts), *x_BD.shape[1:]), dtype=x_BD.dtype, device=x_BD.device)
+    pad[:x_BD.shape[0]] = x_BD
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def average_gradients(module: torch.nn.Module, world: int) -> None:
@@ -100,7 +118,7 @@ def average_gradients(module: torch.nn.Module, world: int) -> None:
 @torch.no_grad()
 def sync_sae_stats_(sae, since_before_F: torch.Tensor, global_batch: int) -> None:
     """Make the SAE's dead-latent counters (and batchtopk's threshold) those of the global batch on every rank: a
-    latent fired if it fired on any rank; counters advance by the global batch, as in one process."""
+    latent fired if it fired on any rank; counters advance by the global batch's rows, as in one process."""
     fired_F = all_reduce_max((sae.tokens_since_fired_F == 0).to(torch.int64)) > 0
     sae.tokens_since_fired_F.copy_(torch.where(fired_F, 0, since_before_F + global_batch))
     if hasattr(sae, "threshold"):

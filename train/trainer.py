@@ -182,6 +182,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     """One optimizer step of one SAE. Returns the LossOutput (for metrics) and the normalised target."""
     x_BD = batch[m.spec.hook_in] / m.in_scale
     t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
+    n_global = ddp.all_reduce_sum_int(x_BD.shape[0]) if world > 1 else x_BD.shape[0]
     if step == 0:
         m.sae.init_from_batch(ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD))
     since_F = m.sae.tokens_since_fired_F.clone() if world > 1 else None
@@ -192,7 +193,9 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
         raise _diverged(m, f"loss became {out.total.item()} at step {step}",
                         "lower the lr or check the store for non-finite rows")
     m.opt.zero_grad(set_to_none=True)
-    out.total.backward()
+    # ranks may hold different row counts (BOS rows left out): weight each rank's mean so the averaged gradient is
+    # that of the mean over the global batch, as in one process
+    (out.total * (x_BD.shape[0] * world / n_global) if world > 1 else out.total).backward()
     ddp.average_gradients(m.sae, world)
     project_decoder_grad_(m.sae)
     resample_steps = cfg.resample_steps if m.spec.resample else None
@@ -202,12 +205,29 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     m.opt.step()
     renorm_decoder_(m.sae)
     if world > 1:
-        ddp.sync_sae_stats_(m.sae, since_F, cfg.batch_size)
+        ddp.sync_sae_stats_(m.sae, since_F, n_global)
     if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
     return out, t_BD
+
+
+def bos_stores(cfg: TrainConfig, stores) -> list[int]:
+    """Indices of the stores whose rows include BOS rows to leave out (`TrainConfig.exclude_bos`): position 0 is
+    stored and the store's contexts start with BOS."""
+    if not cfg.exclude_bos:
+        return []
+    return [i for i, st in enumerate(stores)
+            if st.geometry.first_position == 0 and (st.header.get("config") or {}).get("bos", True)]
+
+
+def drop_bos(batch: dict, stores_with_bos: list[int]) -> dict:
+    """The batch without the BOS rows (position 0 of the given stores); every tensor filtered alike."""
+    bos = (batch["position"] == 0) & torch.isin(batch["store"], torch.tensor(stores_with_bos,
+                                                                             device=batch["store"].device))
+    keep = ~bos
+    return {h: t[keep] for h, t in batch.items()}
 
 
 def run_training(cfg: TrainConfig) -> list[str]:
@@ -226,7 +246,9 @@ def run_training(cfg: TrainConfig) -> list[str]:
     if not active:
         return [m.run_dir for m in members]
     # the loader checks batch size vs. the training rows: build it before anything is written
-    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
+    with_bos = bos_stores(cfg, stores)
+    loader = Loader(stores, cfg.hooks + (["position", "store"] if with_bos else []), cfg.batch_size, cfg.seed,
+                    heldout_fraction=cfg.heldout_fraction,
                     partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, shuffle_run=cfg.shuffle_run,
                     reader_threads=cfg.reader_threads,
                     device=device, rank=rank, world_size=world)
@@ -256,6 +278,8 @@ def run_training(cfg: TrainConfig) -> list[str]:
         t0 = time.perf_counter()
         for step in range(start, total):
             batch = next(loader)
+            if with_bos:
+                batch = drop_bos(batch, with_bos)
             results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,

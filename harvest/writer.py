@@ -19,6 +19,7 @@ import zarr
 
 from saecache import __version__
 from saecache.errors import StoreError
+from saecache.harvest.model import local_dir
 from saecache.harvest.store import (
     CLAIMS_DIR, CODECS, DTYPES, FINAL_FILE, Geometry, Store, _json_bytes, _Location, aggregate_stats, checksum,
     check_format_version, compute_fingerprint, manifest_key, shard_object_keys, shard_permutation, unpermuted_meta,
@@ -38,6 +39,23 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _identity(header: dict, near: str | None) -> dict:
+    """What the same-configuration check compares: the header minus the paths as typed, which stay in the store as
+    provenance only. Text is known by its content fingerprint; a local model directory by its config hash (the
+    tokenizer by its vocabulary and special ids); a Hub model still by its name and revision."""
+    h = json.loads(json.dumps(header))
+    h.get("dataset", {}).pop("spec", None)
+    h.get("config", {}).pop("dataset", None)
+    model = h.get("model", {})
+    if local_dir(model.get("name"), near):
+        tok = h.get("tokenizer", {})
+        if tok.get("name") == model.get("name"):
+            tok.pop("name")
+        model.pop("name", None)
+        h.get("config", {}).pop("model", None)
+    return h
+
+
 class StoreWriter:
     """Writes shards of one store. Several writers (processes, machines) may write disjoint shards concurrently."""
 
@@ -48,7 +66,7 @@ class StoreWriter:
         self._probe_writable()
         self._create_or_validate()
         self.group = zarr.open_group(store=self.loc.zarr_store(), mode="r+", zarr_format=3)
-        self.store = Store(self.loc, header)
+        self.store = Store(self.loc, self.header)
         self.claim_id = uuid.uuid4().hex
 
     # -- creation
@@ -83,9 +101,12 @@ class StoreWriter:
             raise StoreError(f"{self.loc.url} is a zarr group but not a saecache store; choose a new --out")
         check_format_version(found, self.loc.url)
         if found != self.header:
-            diff = ", ".join(_diff_keys(found, self.header)[:8])
-            raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: {diff});"
-                             " rerun with the original settings or write to a new --out")
+            near = self.loc.root if self.loc.local else None
+            diff = ", ".join(_diff_keys(_identity(found, near), _identity(self.header, near))[:8])
+            if diff:
+                raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: "
+                                 f"{diff}); rerun with the original settings or write to a new --out")
+            self.header = found  # the same model and data under other paths: the store keeps its header as created
 
     def _create(self) -> None:
         h, g = self.header, self.geometry
@@ -150,14 +171,17 @@ class StoreWriter:
         perm = shard_permutation(h["seed"], s, r1 - r0)
         meta = unpermuted_meta(g, s, contexts_CT)
         stats = {}
-        for name in sorted(h["hooks"]):
-            a = acts[name]
-            assert a.shape == (r1 - r0, h["hooks"][name]["d"]), (a.shape, name)
-            stats[name] = shard_stats(a, DTYPES[h["storage"]["dtype"]][1])
-            self.group[f"acts/{name}"][r0:r1] = a[perm]
-        for name, v in meta.items():
-            self.group[f"rows/{name}"][r0:r1] = v[perm]
-        self.group["contexts"][c0:c1] = contexts_CT.astype(np.int32)
+        # zarr skips a chunk equal to the fill value (e.g. rows/context of a one-context shard is all 0): with one
+        # inner chunk per shard the shard object would then never be written, so every object is written here
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name in sorted(h["hooks"]):
+                a = acts[name]
+                assert a.shape == (r1 - r0, h["hooks"][name]["d"]), (a.shape, name)
+                stats[name] = shard_stats(a, DTYPES[h["storage"]["dtype"]][1])
+                self.group[f"acts/{name}"][r0:r1] = a[perm]
+            for name, v in meta.items():
+                self.group[f"rows/{name}"][r0:r1] = v[perm]
+            self.group["contexts"][c0:c1] = contexts_CT.astype(np.int32)
         objects = {}
         for key in shard_object_keys(h, s):
             data = self.loc.get(key)

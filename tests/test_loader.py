@@ -11,9 +11,9 @@ import zarr
 
 from _store import harvest_tiny
 from saecache.errors import ConfigError, StoreError
+from saecache.harvest.shards import ShardArray
 from saecache.harvest.store import Store
 from saecache.train.loader import Loader, heldout_batches, heldout_cutoff, open_stores
-from saecache.train.shard_reader import DirectArray
 
 HOOKS = ["mlp_in.0", "mlp_out.0", "mlp_out.1"]
 
@@ -216,7 +216,7 @@ def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store
     g = st.geometry
     for hook in HOOKS:
         z = zarr.open_array(str(path / "acts" / hook), mode="r", zarr_format=3)
-        direct = DirectArray.open(str(path / "acts" / hook))
+        direct = ShardArray.open(str(path / "acts" / hook))
         assert direct is not None and (direct._decode is None) == (which == "raw")
         for s in range(g.n_shards):
             for c in range(g.chunks_per_shard):
@@ -235,10 +235,10 @@ def test_direct_reader_refuses_a_missing_shard_file_instead_of_returning_zeros(r
     broken = tmp_path / "broken.zarr"
     shutil.copytree(raw_store, broken)
     arr_dir = broken / "acts" / "mlp_out.0"
-    direct = DirectArray.open(str(arr_dir))
+    direct = ShardArray.open(str(arr_dir))
     assert direct.read_rows(direct.shard_rows, direct.chunk_rows).any()  # shard 1 reads fine while present
     (arr_dir / "c" / "1" / "0").unlink()
-    fresh = DirectArray.open(str(arr_dir))
+    fresh = ShardArray.open(str(arr_dir))
     with pytest.raises(StoreError, match="missing") as e:
         fresh.read_rows(fresh.shard_rows, fresh.chunk_rows)
     assert "\n" not in str(e.value)
@@ -267,7 +267,7 @@ def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(t
         f.write_bytes(bytes(data))
     loader = Loader(open_stores([str(bad)], ["mlp_out.0"]), ["mlp_out.0"], 256, seed=4)
     loader._gen = loader._prefetched()
-    with pytest.raises(OSError, match="corrupt shard index"):
+    with pytest.raises(StoreError, match="corrupt shard index"):
         next(loader)
 
 
@@ -295,14 +295,14 @@ def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, t
             for b in got:
                 assert np.array_equal(b[h].numpy(), acts[b["row"].numpy()].astype(b[h].numpy().dtype))
 
-    direct = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    direct = ShardArray.open(str(raw_store / "acts" / "mlp_out.0"))
     view = direct.chunk_view(0, 0)
     want = _all_rows(raw_store, "mlp_out.0")[:direct.chunk_rows]
     assert np.array_equal(view, want)
     view[:] = 0  # a private mapping: the file keeps its bytes
-    fresh = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    fresh = ShardArray.open(str(raw_store / "acts" / "mlp_out.0"))
     assert np.array_equal(fresh.read_rows(0, direct.chunk_rows), want) and want.any()
-    assert DirectArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode
+    assert ShardArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode
 
 
 def test_run_plan_serves_every_row_once_in_runs_cut_differently_each_time():
@@ -338,3 +338,37 @@ def test_closing_a_stream_never_waits_for_reads_in_flight(tiny_store):
         assert not closer.is_alive(), "close() waited for a read in flight"
     finally:
         release.set()
+
+
+def test_an_epoch_serves_every_training_row_none_dropped_at_the_partitions_tails(odd_store):
+    """Partitions hold different row counts (units are dealt round-robin, the odd store's last shard is partial): each
+    partition's stream runs on into the next epoch, so by the time the largest partition share is served every
+    training row has been served exactly once (the old loader ended every partition's epoch at the smallest share
+    and dropped the rest), and a resume in the middle of that crossing gives the same batches."""
+    stores = open_stores([str(odd_store)], ["mlp_out.0"])
+    mk = lambda: Loader(stores, ["row"], 120, seed=1, partitions=4, reader_threads=0)  # noqa: E731
+    loader = mk()
+    share = [sum(loader.units[u].rows for w in part for u in w) for part in loader._epoch_plan(0)]
+    assert len(set(share)) > 1  # unequal partition shares: the case that used to drop rows
+    n = -(-max(share) // loader.per_part)
+    got = _take(loader, n + 3)
+    per_part = [torch.cat([b["row"][p * 30:(p + 1) * 30] for b in got]) for p in range(4)]
+    served = torch.cat([rows[:share[p]] for p, rows in enumerate(per_part)]).tolist()
+    assert sorted(served) == sorted(r for u in loader.units for r in range(u.row0, u.row0 + u.rows))
+    resumed = mk()
+    resumed.load_state_dict(json.loads(json.dumps({**loader.state_dict(), "batches_served": n - 1})))
+    assert _same(_take(resumed, 4), got[n - 1:n + 3])
+
+
+def test_one_inner_chunk_per_shard_harvests_and_loads(tmp_path, tiny_model_dir, tiny_corpus):
+    """`--chunks-per-shard 1` with one context per chunk: shard 0's rows/context is all zeros, zarr's fill value, and
+    zarr skipped writing it, so the harvest failed with "shard object rows/context/c/0 vanished"; now every object
+    is written and the rows read back."""
+    path = harvest_tiny(tmp_path / "one.zarr", tiny_model_dir, tiny_corpus, tokens=512, ctx_per_chunk=1,
+                        chunks_per_shard=1)
+    st = Store.open(str(path))
+    assert st.geometry.chunks_per_shard == 1 and len(st.complete_shards()) == st.geometry.n_shards == 16
+    loader = Loader(open_stores([str(path)], ["mlp_out.0"]), ["context", "row", "mlp_out.0"], 64, seed=0,
+                    partitions=2, reader_threads=0)
+    b = next(loader)
+    assert np.array_equal(b["mlp_out.0"].numpy(), _all_rows(path, "mlp_out.0")[b["row"].numpy()].astype(np.float32))

@@ -170,9 +170,8 @@ class TrainConfig:
     """Train on the complete shards of a store that is still being harvested."""
     exclude_bos: bool = True
     """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
-    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (dictionary_learning drops them for
-    Pythia; the demo model's are measured in bench/results/quality.md); a batch then trains on its other rows, about
-    batch_size * (1 - 1/ctx_len)."""
+    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks; dictionary_learning
+    drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 - 1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
@@ -271,6 +270,7 @@ class TrainConfig:
             options = dict(s.options)
             if ARCHITECTURES[s.arch].threshold:  # batchtopk, matryoshka
                 options.setdefault("threshold_start_step", sched["threshold_start_step"])
+                options.setdefault("threshold_beta", sched["threshold_beta"])
                 if options["threshold_start_step"] >= self.total_steps:
                     raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
                                       f"below the run's {self.total_steps} steps, so it would be saved without an "

@@ -1,8 +1,10 @@
-"""The harvest run: text → packed contexts → model forward with hooks → whole shards → store.
+"""The harvest run: the plan's packed contexts → model forward with hooks → cast on the device → host buffers →
+encode + write on a thread pool (the next shard's forward overlaps) → whole shards published in the store.
 
 Resume and scale-out come from the geometry: shard `s` is a pure function of (config, s), so a rerun skips the shards
-already in the manifest, and `--worker i/N` takes the shards with `s % N == i`. Forward batches are aligned to shard
-boundaries, so a shard's bytes do not depend on which process wrote it or when.
+already in the manifest, and `--worker i/N` takes the shards with `s % N == i`. The text is packed once per store
+(`plan.py`); each worker reads only its own shards' contexts. Forward batches are aligned to shard boundaries, so a
+shard's bytes do not depend on which process wrote it, when, or how many encode threads ran.
 """
 
 from __future__ import annotations

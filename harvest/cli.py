@@ -47,7 +47,8 @@ storage_option = click.option("--storage-option", "-S", multiple=True, metavar="
 @click.option("--exclude-bos", is_flag=True, help="Keep the BOS position (0) out of the store.")
 @click.option("--tokens", default=1_000_000, show_default=True, type=int, help="Rows (token positions) to store.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Contexts per forward pass.")
-@click.option("--dtype", default="float16", show_default=True, help="Storage dtype: float16, bfloat16, float32.")
+@click.option("--dtype", default="float16", show_default=True, help="Storage format: float16, bfloat16, float32, int8 or nf4 (quantized, "
+              "a scale per row; costs in the README's store-format table).")
 @click.option("--codec", default="blosc-zstd", show_default=True, help="blosc-zstd, blosc-lz4, zstd or none.")
 @click.option("--ctx-per-chunk", default=None, type=int, help="Contexts per inner chunk (default ≈ 4096 rows).")
 @click.option("--chunks-per-shard", default=16, show_default=True, type=int)

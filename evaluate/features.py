@@ -103,10 +103,10 @@ def feature_contexts(cfg: FeaturesConfig) -> dict:
     store = open_store(cfg.store)
     sae, rcfg = load_run_checked(cfg.run_dir, device)
     heldout_fraction_for(cfg.run_dir, rcfg, sae, store)  # same model and hooks, or a one-line error
-    bad = [f for f in cfg.features if f >= sae.cfg.n_features]
+    bad = [f for f in cfg.features if f >= sae.cfg.width]
     if bad:
-        raise ConfigError(f"feature(s) {bad} out of range: this SAE has {sae.cfg.n_features} features (0.."
-                          f"{sae.cfg.n_features - 1})")
+        raise ConfigError(f"feature(s) {bad} out of range: this SAE has {sae.cfg.width} features (0.."
+                          f"{sae.cfg.width - 1})")
     hook = run_hooks(rcfg)[0]
     tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"])
     found, n_rows = top_activations(sae, store, hook, cfg.features, cfg.top, cfg.max_rows, cfg.batch_size, device)

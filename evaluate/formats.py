@@ -8,7 +8,8 @@ files go through `torch.load(weights_only=True)` and must hold a plain {name: te
 Formats, as documented by their code (dictionary_learning `dictionary.py`, `trainers/{top_k,batch_top_k}.py`;
 SAELens 6 `saes/*_sae.py`, `constants.py`, `SAE.save_model`). Checked by loading our exports with the libraries
 themselves (dictionary_learning 0.1.0 `utils.load_dictionary`, sae-lens 6.54 `SAE.load_from_disk`): same outputs for
-all five classes. `pre` below is the encoder pre-activation.
+all five classes (matryoshka: written from the classes' code, not yet loaded by the libraries here). `pre` below is
+the encoder pre-activation.
 
 | ours      | dictionary_learning class (ae.pt keys)                                                   | SAELens `architecture` (sae_weights.safetensors keys)        |
 |-----------|------------------------------------------------------------------------------------------|--------------------------------------------------------------|
@@ -17,6 +18,7 @@ all five classes. `pre` below is the encoder pre-activation.
 | batchtopk | BatchTopKSAE: same keys as AutoEncoderTopK; inference keeps f > threshold                | jumprelu with threshold [F] = the scalar (same inference map) |
 | jumprelu  | JumpReluAutoEncoder: W_enc [D,F], b_enc, W_dec [F,D], b_dec, threshold [F]; no pre-bias   | jumprelu: W_enc, b_enc, W_dec, b_dec, threshold              |
 | gated     | GatedAutoEncoder: encoder.weight [F,D] (no bias), r_mag, gate_bias, mag_bias, decoder.weight, decoder_bias | gated: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec |
+| matryoshka | MatryoshkaBatchTopKSAE: W_enc [D,F], b_enc, W_dec [F,D], b_dec, k, threshold, group_sizes [G] | jumprelu with threshold [F] = the scalar (SAELens saves its own Matryoshka SAEs so: nesting is training-only) |
 
 The pre-bias: every class above except JumpReluAutoEncoder (and AutoEncoderNew) computes
 `pre = (x - b_dec) @ W_enc + b_enc`; those two use `pre = x @ W_enc + b_enc`. When the source and target disagree the
@@ -49,9 +51,12 @@ DL_CLASSES: dict[str, tuple[str, frozenset, str]] = {
     "JumpReluAutoEncoder": ("jumprelu", frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}), "JumpReluTrainer"),
     "GatedAutoEncoder": ("gated", frozenset({"encoder.weight", "r_mag", "gate_bias", "mag_bias", "decoder.weight",
                                              "decoder_bias"}), "GatedSAETrainer"),
+    "MatryoshkaBatchTopKSAE": ("matryoshka", frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold",
+                                                        "group_sizes"}), "MatryoshkaBatchTopKTrainer"),
 }
 DL_EXPORT_CLASS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-                   "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder"}
+                   "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder",
+                   "matryoshka": "MatryoshkaBatchTopKSAE"}
 DL_NO_PRE_BIAS = {"JumpReluAutoEncoder", "AutoEncoderNew"}
 DL_WEIGHTS_FILE, DL_CFG_FILE = "ae.pt", "config.json"
 
@@ -61,7 +66,7 @@ class DictWeights:
     """A dictionary in library-neutral form: pre = (x - a * b_dec_D) @ W_enc_DF + b_enc_F with a = pre_bias."""
 
     architecture: str
-    """relu, topk, batchtopk, jumprelu or gated (our names)."""
+    """relu, topk, batchtopk, jumprelu, gated or matryoshka (our names)."""
     W_enc_DF: torch.Tensor
     W_dec_FD: torch.Tensor
     b_dec_D: torch.Tensor
@@ -70,9 +75,11 @@ class DictWeights:
     pre_bias: bool = True
     """Whether b_dec is subtracted from the input before the encoder."""
     k: int | None = None
-    """Active features per row (topk, batchtopk)."""
+    """Active features per row (topk, batchtopk, matryoshka)."""
     threshold: torch.Tensor | None = None
-    """jumprelu: [F]; batchtopk / topk: a scalar inference threshold (negative = never set)."""
+    """jumprelu: [F]; batchtopk / matryoshka / topk: a scalar inference threshold (negative = never set)."""
+    group_sizes: list[int] | None = None
+    """matryoshka: the nested groups' sizes (summing to F)."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """gated: r_mag_F, b_gate_F, b_mag_F."""
     meta: dict = field(default_factory=dict)
@@ -152,7 +159,7 @@ def read_dictionary_learning(src: str) -> DictWeights:
         raise RunDirError(f"{pt_path} does not match {cls}: missing {sorted(keys - set(sd))}, "
                           f"unexpected {sorted(set(sd) - keys)}")
     f32 = {k: v.detach().to(torch.float32) for k, v in sd.items()}
-    if cls == "JumpReluAutoEncoder":
+    if cls in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
         W_enc, W_dec, b_enc, b_dec = f32["W_enc"], f32["W_dec"], f32["b_enc"], f32["b_dec"]
     elif cls == "GatedAutoEncoder":
         W_enc, W_dec, b_enc, b_dec = f32["encoder.weight"].T, f32["decoder.weight"].T, None, f32["decoder_bias"]
@@ -166,7 +173,11 @@ def read_dictionary_learning(src: str) -> DictWeights:
             raise _shape_error(pt_path, key, t.shape, want)
     w = DictWeights(arch, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(),
                     None if b_enc is None else b_enc.contiguous(), pre_bias=cls not in DL_NO_PRE_BIAS)
-    if arch in ("topk", "batchtopk"):
+    if arch == "matryoshka":
+        w.group_sizes = [int(s) for s in sd["group_sizes"].tolist()]
+        if sum(w.group_sizes) != F or min(w.group_sizes) < 1:
+            raise RunDirError(f"{pt_path}: group_sizes {w.group_sizes} are not positive sizes summing to {F}")
+    if arch in ("topk", "batchtopk", "matryoshka"):
         w.k = int(sd["k"].item())
         w.threshold = f32["threshold"].reshape(())
         if not 1 <= w.k <= F:
@@ -201,7 +212,7 @@ def _refuse_transcoder(w: DictWeights, target: str) -> None:
 def _batchtopk_threshold(w: DictWeights, target: str) -> float:
     t = float(w.threshold) if w.threshold is not None else -1.0
     if t < 0:
-        raise RunDirError(f"cannot export this batchtopk SAE to {target}: it has no inference threshold yet "
+        raise RunDirError(f"cannot export this {w.architecture} SAE to {target}: it has no inference threshold yet "
                           "(train past the threshold start so encode does not depend on the batch)")
     return t
 
@@ -217,6 +228,11 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
     if cls == "JumpReluAutoEncoder":
         sd = {"W_enc": c(w.W_enc_DF), "b_enc": c(w.b_enc_F), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D),
               "threshold": c(w.threshold)}
+    elif cls == "MatryoshkaBatchTopKSAE":
+        sd = {"W_enc": c(w.W_enc_DF), "b_enc": c(w.b_enc_F), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D),
+              "k": torch.tensor(int(w.k), dtype=torch.int32),
+              "threshold": torch.tensor(_batchtopk_threshold(w, "dictionary_learning"), dtype=torch.float32),
+              "group_sizes": torch.tensor(w.group_sizes, dtype=torch.int64)}
     elif cls == "GatedAutoEncoder":
         sd = {"encoder.weight": c(w.W_enc_DF.T), "decoder.weight": c(w.W_dec_FD.T), "decoder_bias": c(w.b_dec_D),
               "r_mag": c(w.extras["r_mag_F"]), "gate_bias": c(w.extras["b_gate_F"]), "mag_bias": c(w.extras["b_mag_F"])}
@@ -236,6 +252,8 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
                "submodule_name": m.get("submodule_name")}
     if w.k is not None:
         trainer["k"] = int(w.k)
+    if w.group_sizes is not None:
+        trainer.update(group_sizes=list(w.group_sizes), group_fractions=[s / w.n_features for s in w.group_sizes])
     buffer = {"d_submodule": w.d_in, "io": m.get("io") or "out", "ctx_len": m.get("ctx_len")}
     os.makedirs(out, exist_ok=True)
     torch.save(sd, os.path.join(out, DL_WEIGHTS_FILE))
@@ -252,9 +270,10 @@ def to_sae(w: DictWeights):
 
     if w.architecture not in ARCHITECTURES:
         raise RunDirError(f"architecture {w.architecture!r} unknown here; known: {', '.join(ARCHITECTURES)}")
-    w = w.with_pre_bias(ARCHITECTURES[w.architecture].pre_bias)
-    cfg = SAEConfig(architecture=w.architecture, d_in=w.d_in, n_features=w.n_features, d_out=w.d_out,
-                    k=w.k if w.architecture in ("topk", "batchtopk") else None)
+    arch = ARCHITECTURES[w.architecture]
+    w = w.with_pre_bias(arch.pre_bias)
+    cfg = SAEConfig(arch=w.architecture, d_in=w.d_in, width=w.n_features, d_out=w.d_out,
+                    k=w.k if arch.needs_k else None, group_sizes=w.group_sizes)
     state = {k: v.clone() for k, v in SAE(cfg).state_dict().items()}  # buffers (dead counters...) at their defaults
     state.update(W_enc_DF=w.W_enc_DF, W_dec_FD=w.W_dec_FD, b_dec_D=w.b_dec_D)
     state["b_enc_F"] = w.extras["b_gate_F"] if w.architecture == "gated" else w.b_enc_F
@@ -262,7 +281,7 @@ def to_sae(w: DictWeights):
         state.update(r_mag_F=w.extras["r_mag_F"], b_mag_F=w.extras["b_mag_F"])
     if w.architecture == "jumprelu":
         state["threshold_F"] = w.threshold
-    if w.architecture == "batchtopk":
+    if arch.threshold:
         state["threshold"] = w.threshold.reshape(())
     if "tokens_since_fired_F" in state:
         state["tokens_since_fired_F"].zero_()
@@ -274,11 +293,11 @@ def from_sae(sae, meta: dict | None = None) -> DictWeights:
     """The neutral form of our `SAE` (raw-activation weights as saved in a run dir)."""
     from saecache.train.sae import ARCHITECTURES
 
-    c, arch = sae.cfg, sae.cfg.architecture
+    c, arch = sae.cfg, sae.cfg.arch
     g = lambda name: getattr(sae, name).detach().to(torch.float32).cpu().clone()  # noqa: E731
     w = DictWeights(arch, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"),
                     None if arch == "gated" else g("b_enc_F"), pre_bias=ARCHITECTURES[arch].pre_bias,
-                    k=c.k, meta=dict(meta or {}))
+                    k=c.k, meta=dict(meta or {}), group_sizes=c.group_sizes)
     w.transcoder = bool(c.transcoder)
     if w.transcoder:
         w.extras["b_in_D"] = g("b_in_D")
@@ -286,7 +305,7 @@ def from_sae(sae, meta: dict | None = None) -> DictWeights:
         w.extras.update(b_gate_F=g("b_enc_F"), r_mag_F=g("r_mag_F"), b_mag_F=g("b_mag_F"))
     if arch == "jumprelu":
         w.threshold = g("threshold_F")
-    if arch == "batchtopk":
+    if ARCHITECTURES[arch].threshold:
         w.threshold = g("threshold").reshape(())
     if arch == "topk" and (meta or {}).get("dl_threshold") is not None:
         w.threshold = torch.tensor(float(meta["dl_threshold"]))  # kept from an import, unused by inference

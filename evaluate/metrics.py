@@ -9,14 +9,19 @@ predictions count. Every reduction is stated in the docstring so figures in repo
 - Fraction alive is over every row evaluated: a feature is alive when it is nonzero on at least one of them.
 - Fraction of variance explained is 1 - sum_d Var(x - x_hat) / sum_d Var(x) with variances over rows (the residual
   is centred, as dictionary_learning does; a constant offset shows up in the relative reconstruction bias instead).
-- % loss recovered is (L_ablated - L_spliced) / (L_ablated - L_clean): 1 at the clean loss, 0 at the ablated loss.
+  Defined once, in `saecache.train.monitor` (the training log uses it too); `ReconAccumulator` streams it.
+- % loss recovered is (L_ablated - L_spliced) / (L_ablated - L_clean): 1 at the clean loss, 0 at the ablated loss;
+  its 95 % interval is a percentile bootstrap over the evaluated contexts.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from saecache.train.monitor import fraction_variance_explained  # noqa: F401 (the one FVE definition; train logs it)
 
 EPS = 1e-12
 
@@ -49,12 +54,6 @@ def firing_frequencies(counts_F: torch.Tensor, n_rows: int) -> torch.Tensor:
 def fraction_alive(counts_F: torch.Tensor) -> float:
     """Fraction of features nonzero on at least one evaluated row."""
     return float((counts_F > 0).double().mean())
-
-
-def fraction_variance_explained(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
-    """1 - sum_d Var_B(x - x_hat) / sum_d Var_B(x) (variances over rows, population form; the factor cancels)."""
-    x, e = x_BD.double(), (x_BD.double() - x_hat_BD.double())
-    return 1.0 - float(e.var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum().clamp_min(EPS))
 
 
 def cosine_similarity(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
@@ -144,6 +143,32 @@ def fraction_recovered(clean: float, spliced: float, ablated: float) -> float:
     """(L_ablated - L_spliced) / (L_ablated - L_clean): 1 = clean loss, 0 = ablated loss; NaN if the two coincide."""
     denom = ablated - clean
     return (ablated - spliced) / denom if denom != 0 else math.nan
+
+
+def bootstrap_recovered_interval(clean_C, spliced_C, ablated_C, level: float = 0.95, n_boot: int = 2000,
+                                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `fraction_recovered` over contexts: (low, high) at `level`.
+
+    Inputs are per-context losses [C] summed over the same number of counted predictions per context (so the
+    figure is `fraction_recovered` of their sums). Contexts are resampled with replacement `n_boot` times (seeded:
+    same inputs, same interval); a resample whose ablated and clean sums coincide is left out. NaN, NaN when fewer
+    than two contexts or no resample is defined.
+    """
+    clean, spliced, ablated = (np.asarray(v, dtype=np.float64) for v in (clean_C, spliced_C, ablated_C))
+    if not clean.shape == spliced.shape == ablated.shape or clean.ndim != 1:
+        raise ValueError(f"per-context losses must be three [C] arrays, got {clean.shape}, {spliced.shape}, "
+                         f"{ablated.shape}")
+    if len(clean) < 2:
+        return math.nan, math.nan
+    idx_NC = np.random.default_rng(seed).integers(0, len(clean), size=(n_boot, len(clean)))
+    num_N = (ablated - spliced)[idx_NC].sum(1)
+    den_N = (ablated - clean)[idx_NC].sum(1)
+    ratio = num_N[den_N != 0] / den_N[den_N != 0]
+    if not ratio.size:
+        return math.nan, math.nan
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(ratio, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 class ReconAccumulator:

@@ -53,6 +53,8 @@ DEFINITIONS = {
     "rel_bias": "mean |x_hat|^2 / mean <x, x_hat>",
     "recovered_zero": "(CE_zero - CE_spliced) / (CE_zero - CE_clean), output replaced by zeros as the baseline",
     "recovered_mean": "(CE_mean - CE_spliced) / (CE_mean - CE_clean), output replaced by the store's mean activation",
+    "[lo, hi]": "after a % loss recovered: its 95 % percentile bootstrap interval, resampling the evaluated contexts "
+                "(2000 resamples, seeded)",
     "kl": "mean KL(p_clean || p_spliced) per counted next-token prediction (nats)",
     "ce_*": "mean next-token cross-entropy (nats) over the predictions made at positions first_position..T-2 of "
             "n_contexts held-out contexts",
@@ -63,6 +65,36 @@ def _fmt(fn, v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     return fn(v)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _cell(row: dict, key: str, fn) -> str:
+    """A table cell; a % loss recovered with its bootstrap interval (`<key>_lo`, `<key>_hi`) as "97.3 [96.1, 98.2]"."""
+    text = _fmt(fn, row.get(key))
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if key in INTERVAL_KEYS and not (_missing(row.get(key)) or _missing(lo) or _missing(hi)):
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return text
+
+
+INTERVAL_KEYS = ("recovered_zero", "recovered_mean")
+"""Figures shown with their 95 % bootstrap interval over contexts."""
+MAX_HALF_WIDTH = 0.02
+"""Intervals wider than ±2 points (half their width) are listed under the tables."""
+
+
+def wide_intervals(rows: list[dict], limit: float = MAX_HALF_WIDTH) -> list[str]:
+    """Runs (and which figure) whose % loss recovered interval is wider than ±`limit`."""
+    out = []
+    for r in rows:
+        for key in INTERVAL_KEYS:
+            lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+            if not (_missing(lo) or _missing(hi)) and (hi - lo) / 2 > limit:
+                out.append(f"{r['run']}{' (pruned)' if r.get('pruned') else ''} {key} ±{100 * (hi - lo) / 2:.1f}")
+    return out
 
 
 def _group(row: dict) -> str:
@@ -95,7 +127,7 @@ def tables(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(c[0] for c in cols) + " |")
         lines.append("|" + "|".join("---" for _ in cols) + "|")
         for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"])):
-            lines.append("| " + " | ".join(_fmt(fn, r.get(key)) for _, key, fn in cols) + " |")
+            lines.append("| " + " | ".join(_cell(r, key, fn) for _, key, fn in cols) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -113,6 +145,12 @@ def markdown(rows: list[dict], header: dict) -> str:
                    "predictions made there not counted."))
     loss = (f"Loss figures over {', '.join(map(str, ctx))} held-out contexts of the store's own token ids. {bos}" if ctx
             else "Loss figures not computed (no splicing).")
+    wide = wide_intervals(rows)
+    if wide:
+        loss += (f" Intervals wider than ±{100 * MAX_HALF_WIDTH:g} points: {'; '.join(wide)}; evaluate more contexts "
+                 "(--n-contexts) to narrow them.")
+    elif ctx:
+        loss += f" Every % loss recovered interval is within ±{100 * MAX_HALF_WIDTH:g} points."
     lines += ["## Definitions", "",
               f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
               f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "

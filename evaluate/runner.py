@@ -111,7 +111,7 @@ def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, frac: float, 
     """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies."""
     from saecache.train.loader import heldout_batches
 
-    acc = M.ReconAccumulator(sae.cfg.n_features)
+    acc = M.ReconAccumulator(sae.cfg.width)
     keep = None if keep_F is None else keep_F.to(device=device, dtype=torch.float32)
     for batch in heldout_batches(store, list(dict.fromkeys((h_in, h_out))), frac, batch_size=cfg.batch_size,
                                  max_rows=cfg.max_rows):
@@ -154,8 +154,8 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     h_in, h_out = run_hooks(rcfg)
     frac, rows_note = heldout_fraction_for(run_dir, rcfg, sae, store)
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
-    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.architecture, "hook_in": h_in, "hook_out": h_out,
-            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.n_features, "k": sae.cfg.k,
+    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
+            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
             "rows": rows_note}
 
     def variant(keep_F, label):
@@ -230,7 +230,8 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
     n_features, k, rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
     pruned, n_pruned (+ prune_above), and with splicing ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero,
-    recovered_mean, kl, n_predictions, n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
+    recovered_mean (each with its 95 % bootstrap interval over contexts: *_lo, *_hi), kl, n_predictions,
+    n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
 
     Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
     from saecache.evaluate.features import load_tokenizer

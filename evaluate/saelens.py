@@ -14,7 +14,8 @@ import torch
 from saecache.errors import RunDirError
 from saecache.evaluate.formats import DictWeights, _batchtopk_threshold, _refuse_transcoder
 
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
+                "matryoshka": "jumprelu"}
 SAELENS_WEIGHTS_FILE, SAELENS_CFG_FILE = "sae_weights.safetensors", "cfg.json"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens version whose on-disk layout `write_saelens` writes (SAELens >= 6 reads it as its own; older cfgs
@@ -40,7 +41,7 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
         tensors["b_enc"] = c(w.b_enc_F)
     if w.architecture == "jumprelu":
         tensors["threshold"] = c(w.threshold)
-    elif w.architecture == "batchtopk":
+    elif w.architecture in ("batchtopk", "matryoshka"):  # thresholded inference: a constant JumpReLU threshold
         tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
     m = {**w.meta, **(meta or {})}
     cfg = {"architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",

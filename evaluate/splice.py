@@ -13,10 +13,14 @@ replaced and every prediction counts. The same positions count for the KL diverg
 
 The hooks themselves are `saecache.harvest.hooks.patch_output` (a forward hook replacing a module's output or input);
 the capture for transcoders is an identity patch at `hook_in` that records the tensor it sees.
+
+Every loss is also kept per context, so each % loss recovered comes with a 95 % bootstrap interval over contexts
+(`metrics.bootstrap_recovered_interval`): contexts, not tokens, are the independent units.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +51,16 @@ class SpliceLosses:
     """Number of next-token predictions counted."""
     n_contexts: int
     """Number of contexts run."""
+    per_context: dict[str, list[float]] | None = None
+    """Summed CE per context (the same predictions counted in each) under "clean", "spliced", "zero" and "mean":
+    what the bootstrap intervals resample."""
+
+    def interval(self, ablation: str = "zero") -> tuple[float, float]:
+        """95 % bootstrap interval over contexts of the loss recovered against `ablation` ("zero" or "mean")."""
+        if not self.per_context:
+            return math.nan, math.nan
+        pc = self.per_context
+        return M.bootstrap_recovered_interval(pc["clean"], pc["spliced"], pc[ablation])
 
     @property
     def recovered_zero(self) -> float:
@@ -59,9 +73,12 @@ class SpliceLosses:
         return M.fraction_recovered(self.clean, self.spliced, self.mean)
 
     def as_dict(self) -> dict:
+        """The figures of a report row, the intervals as recovered_{zero,mean}_{lo,hi}."""
+        (z_lo, z_hi), (m_lo, m_hi) = self.interval("zero"), self.interval("mean")
         return {"ce_clean": self.clean, "ce_spliced": self.spliced, "ce_zero": self.zero, "ce_mean": self.mean,
-                "recovered_zero": self.recovered_zero, "recovered_mean": self.recovered_mean, "kl": self.kl,
-                "n_predictions": self.n_predictions, "n_contexts": self.n_contexts}
+                "recovered_zero": self.recovered_zero, "recovered_zero_lo": z_lo, "recovered_zero_hi": z_hi,
+                "recovered_mean": self.recovered_mean, "recovered_mean_lo": m_lo, "recovered_mean_hi": m_hi,
+                "kl": self.kl, "n_predictions": self.n_predictions, "n_contexts": self.n_contexts}
 
 
 def _replace_from(first_position: int, new_BTD: Callable[[torch.Tensor], torch.Tensor]):
@@ -102,8 +119,8 @@ def splice_losses_many(
     hook_in)} -> {label: SpliceLosses}. Per batch of contexts the clean, zero- and mean-ablated forwards run once and
     each reconstruction adds one spliced forward (n + 3 forwards instead of 4n)."""
     device = next(model.parameters()).device
-    base = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
-    spliced_sum = {label: 0.0 for label in reconstructions}
+    base: dict[str, list[float]] = {"clean": [], "zero": [], "mean": []}  # per context
+    spliced_C: dict[str, list[float]] = {label: [] for label in reconstructions}
     kl_sum = {label: 0.0 for label in reconstructions}
     count = 0
     for c0 in range(0, ids_CT.shape[0], batch_size):
@@ -112,25 +129,33 @@ def splice_losses_many(
         mask[:, first_position:] = True
 
         clean = _logits(model, ids)
+        base["clean"] += _ce_per_context(clean, ids, mask)
         ref = M.CleanReference(clean, ids, mask)
         del clean
-        base["clean"] += ref.ce_sum
         count += ref.count
         with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
-            base["zero"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+            base["zero"] += _ce_per_context(_logits(model, ids), ids, mask)
         with patch_output(model, hook_out,
                           _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
-            base["mean"] += M.next_token_ce(_logits(model, ids), ids, mask)[0]
+            base["mean"] += _ce_per_context(_logits(model, ids), ids, mask)
 
         for label, (reconstruct, hook_in) in reconstructions.items():
-            ce, kl = ref.compare(_spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position))
-            spliced_sum[label] += ce
-            kl_sum[label] += kl
+            spliced = _spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position)
+            spliced_C[label] += _ce_per_context(spliced, ids, mask)
+            kl_sum[label] += ref.compare(spliced)[1]
 
     n = max(count, 1)
-    return {label: SpliceLosses(clean=base["clean"] / n, spliced=spliced_sum[label] / n, zero=base["zero"] / n,
-                                mean=base["mean"] / n, kl=kl_sum[label] / n, n_predictions=count,
-                                n_contexts=int(ids_CT.shape[0])) for label in reconstructions}
+    mean_of = {k: sum(v) / n for k, v in base.items()}
+    return {label: SpliceLosses(clean=mean_of["clean"], spliced=sum(spliced_C[label]) / n, zero=mean_of["zero"],
+                                mean=mean_of["mean"], kl=kl_sum[label] / n, n_predictions=count,
+                                n_contexts=int(ids_CT.shape[0]), per_context={**base, "spliced": spliced_C[label]})
+            for label in reconstructions}
+
+
+def _ce_per_context(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[float]:
+    """Summed next-token CE of each context of the batch (`metrics.next_token_ce` row by row)."""
+    return [M.next_token_ce(logits_BTV[b : b + 1], ids_BT[b : b + 1], mask_BT[b : b + 1])[0]
+            for b in range(ids_BT.shape[0])]
 
 
 def _spliced_logits(model, ids, hook_out: HookPoint, reconstruct: Reconstruct, hook_in: HookPoint | None,

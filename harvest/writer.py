@@ -167,17 +167,20 @@ class StoreWriter:
         perm = shard_permutation(h["seed"], s, r1 - r0)
         meta = unpermuted_meta(g, s, contexts_CT)
         stats = {}
-        for name in sorted(h["hooks"]):
-            a = acts[name]
-            fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
-            assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
-            stats[name] = shard_stats(a, fmt, d)
-            if quant_err is not None:
-                stats[name].update(sq_err=float(quant_err[name][0]), sq_exact=float(quant_err[name][1]))
-            self.group[f"acts/{name}"][r0:r1] = a[perm]
-        for name, v in meta.items():
-            self.group[f"rows/{name}"][r0:r1] = v[perm]
-        self.group["contexts"][c0:c1] = contexts_CT.astype(np.int32)
+        # zarr skips a chunk equal to the fill value (e.g. rows/context of a one-context shard is all 0): with one
+        # inner chunk per shard the shard object would then never be written, so every object is written here
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name in sorted(h["hooks"]):
+                a = acts[name]
+                fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
+                assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
+                stats[name] = shard_stats(a, fmt, d)
+                if quant_err is not None:
+                    stats[name].update(sq_err=float(quant_err[name][0]), sq_exact=float(quant_err[name][1]))
+                self.group[f"acts/{name}"][r0:r1] = a[perm]
+            for name, v in meta.items():
+                self.group[f"rows/{name}"][r0:r1] = v[perm]
+            self.group["contexts"][c0:c1] = contexts_CT.astype(np.int32)
         objects = {}
         for key in shard_object_keys(h, s):
             data = self.loc.get(key)

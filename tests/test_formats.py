@@ -253,7 +253,7 @@ def test_import_into_our_sae_and_back(tmp_path, cls):
 def test_our_transcoder_is_refused_on_export():
     from saecache.train.sae import SAE, SAEConfig
 
-    sae = SAE(SAEConfig(architecture="relu", d_in=D, n_features=F, d_out=D, transcoder=True))
+    sae = SAE(SAEConfig(arch="relu", d_in=D, width=F, d_out=D, transcoder=True))
     for writer in (FM.write_dictionary_learning, SL.write_saelens):
         with pytest.raises(RunDirError, match="transcoder"):
             writer(FM.from_sae(sae), "unused")

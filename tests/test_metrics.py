@@ -133,3 +133,24 @@ def test_clean_reference_gives_the_same_sums_as_the_separate_functions():
     assert ce == pytest.approx(M.next_token_ce(spliced, ids, mask)[0], rel=1e-12)
     assert kl == pytest.approx(M.kl_clean_to_spliced(clean, spliced, mask)[0], rel=1e-12)
     assert ref.compare(clean) == (ref.ce_sum, 0.0)
+
+
+def test_training_log_and_evaluation_share_one_centred_fve():
+    """A reconstruction off by a constant vector explains all the variance under the centred definition; the training
+    monitor used to leave the residual uncentred and logged less than evaluation reported for the same rows."""
+    from types import SimpleNamespace
+
+    from saecache.train.monitor import step_metrics
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(256, 8, generator=g) + 3.0
+    x_hat = t + torch.linspace(-1, 1, 8)  # a constant offset per dimension
+    out = SimpleNamespace(total=torch.tensor(1.0), recon=torch.tensor(1.0), l0=torch.tensor(4.0), x_hat_BD=x_hat)
+    rec = step_metrics(out, t, torch.zeros(4, dtype=torch.bool), 1, 256)
+    assert rec["fve"] == pytest.approx(1.0) == pytest.approx(M.fraction_variance_explained(t, x_hat))
+    noisy = t + 0.5 * torch.randn(256, 8, generator=g)
+    rec = step_metrics(SimpleNamespace(**{**vars(out), "x_hat_BD": noisy}), t, torch.zeros(4, dtype=torch.bool), 1, 256)
+    acc = M.ReconAccumulator(4)
+    acc.update(t, noisy, torch.zeros(256, 4))
+    assert rec["fve"] == pytest.approx(acc.result()["fve"], rel=1e-9)
+    assert 0 < rec["fve"] < 0.99

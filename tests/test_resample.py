@@ -42,7 +42,7 @@ def _unit(v):
 @pytest.mark.parametrize("arch,kw", [("relu", {}), ("topk", {"k": 4}), ("gated", {}), ("jumprelu", {})])
 def test_only_dead_latents_change_and_exactly_their_moments_are_reset(arch, kw):
     sae, opt = _trained(arch, **kw)
-    F = sae.cfg.n_features
+    F = sae.cfg.width
     dead = torch.zeros(F, dtype=torch.bool)
     dead[[1, 5, 6, 17, 39]] = True
     alive = ~dead

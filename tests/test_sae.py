@@ -16,20 +16,20 @@ from saecache.train.sparse_ops import batch_topk_select, sparse_decode, sparse_e
 
 D, F, B = 12, 40, 24
 VARIANTS = {
-    "relu": dict(architecture="relu"),
-    "relu_entropy": dict(architecture="relu", penalty="entropy"),
-    "topk": dict(architecture="topk", k=5),
-    "batchtopk": dict(architecture="batchtopk", k=5, threshold_start_step=0),
-    "jumprelu": dict(architecture="jumprelu", jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.3),
-    "gated": dict(architecture="gated"),
-    "topk_transcoder": dict(architecture="topk", k=5, d_out=9),
-    "relu_transcoder": dict(architecture="relu", transcoder=True),
+    "relu": dict(arch="relu"),
+    "relu_entropy": dict(arch="relu", penalty="entropy"),
+    "topk": dict(arch="topk", k=5),
+    "batchtopk": dict(arch="batchtopk", k=5, threshold_start_step=0),
+    "jumprelu": dict(arch="jumprelu", jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.3),
+    "gated": dict(arch="gated"),
+    "topk_transcoder": dict(arch="topk", k=5, d_out=9),
+    "relu_transcoder": dict(arch="relu", transcoder=True),
 }
 
 
 def make(name, dtype=torch.float32, seed=0, **over):
     torch.manual_seed(seed)
-    cfg = SAEConfig(d_in=D, n_features=F, **{**VARIANTS[name], **over})
+    cfg = SAEConfig(d_in=D, width=F, **{**VARIANTS[name], **over})
     sae = SAE(cfg).to(dtype)
     x = torch.randn(B, D, dtype=dtype) * 2 + 0.5
     t = x if not cfg.transcoder else torch.randn(B, cfg.d_out, dtype=dtype) + x[:, : cfg.d_out].tanh()
@@ -73,7 +73,7 @@ def test_config_errors_and_defaults():
     with pytest.raises(ConfigError, match="unknown fields"):
         SAEConfig.from_dict({"architecture": "relu", "d_in": 8, "n_features": 16, "from_the_future": 1})
     c = SAEConfig("relu", 8, 16, penalty="entropy")
-    assert (c.d_out, c.transcoder, c.sparsity_coeff) == (8, False, ARCHITECTURES["relu"].default_coeff["entropy"])
+    assert (c.d_out, c.transcoder, c.coeff) == (8, False, ARCHITECTURES["relu"].default_coeff["entropy"])
     assert SAEConfig("relu", 8, 16, d_out=4).transcoder
     assert SAEConfig("jumprelu", 8, 16).target_l0 == 20.0
     assert SAEConfig.from_dict(c.to_dict()) == c
@@ -92,9 +92,9 @@ def test_shapes_and_loss_fields(name):
     assert out.f_BF.shape == (B, F) and out.x_hat_BD.shape == (B, Do)
     assert_close(out.recon, ((out.x_hat_BD - t) ** 2).sum(1).mean())
     assert_close(out.l0, (out.f_BF > 0).sum(1).float().mean())
-    if sae.cfg.architecture == "topk":
+    if sae.cfg.arch == "topk":
         assert (out.f_BF > 0).sum(1).max() <= sae.cfg.k
-    if sae.cfg.architecture == "batchtopk":
+    if sae.cfg.arch == "batchtopk":
         assert (out.f_BF > 0).sum() <= sae.cfg.k * B
 
 
@@ -120,7 +120,7 @@ def _objective_with_stop_gradients_frozen(sae, x, t, frozen):
     through a frozen copy of the decoder (W_dec, b_dec), and AuxK's target is the detached residual e = t − x̂."""
     o = sae.loss(x, t, sparsity_scale=0.7)
     total = o.total - o.aux
-    if sae.cfg.architecture == "gated":
+    if sae.cfg.arch == "gated":
         total = total + P.reconstruction_loss(o.code.gate_BF @ frozen["W_dec"] + frozen["b_dec"], t)
     elif o.code.aux is not None:
         assert torch.equal(o.code.aux.idx_N, frozen["aux_idx"])  # no selection flip under the perturbation
@@ -210,7 +210,7 @@ def test_forward_equals_decode_encode_at_inference(name):
     perturb_(sae)
     train_steps(sae, x, t, n=2)
     sae.eval()
-    if sae.cfg.architecture == "batchtopk":
+    if sae.cfg.arch == "batchtopk":
         assert sae.threshold >= 0  # estimated during the steps above; inference uses it
         z = sae.pre_acts(x)
         assert_close(sae.encode(x), z.relu() * (z > sae.threshold))
@@ -247,7 +247,7 @@ def test_save_load_round_trip(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), sae(x)) and torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back.tokens_since_fired_F, sae.tokens_since_fired_F)
-    wrong = SAEConfig(**{**sae.cfg.to_dict(), "n_features": F + 1})
+    wrong = SAEConfig(**{**sae.cfg.to_dict(), "width": F + 1})
     with pytest.raises(ConfigError, match="do not match"):
         load_sae(wrong, tmp_path / "sae.safetensors")
 
@@ -407,7 +407,7 @@ def test_bf16_autocast_loss_and_grads_track_float32(name):
     sae, x, t = make(name)
     perturb_(sae)
     sae.eval()
-    if sae.cfg.architecture == "topk":
+    if sae.cfg.arch == "topk":
         sae.tokens_since_fired_F[:10] = sae.cfg.dead_tokens_threshold  # AuxK on
     ref = sae.loss(x, t)
     ref_g = torch.autograd.grad(ref.total, list(sae.parameters()), allow_unused=True)

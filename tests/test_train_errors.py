@@ -118,7 +118,7 @@ def test_dimension_or_config_mismatch_on_resume_leaves_the_run_untouched(capsys,
     code, stdout, err = _run(capsys, "--config", _named_config(tmp_path, tiny_store, out))
     assert code == 0, err
     before = _tree(out)
-    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, width=128), match="differs in n_features")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, width=128), match="differs in width")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, hook_in="mlp_in.0", hook_out="mlp_out.1"),
            match="differs in transcoder")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--steps", "5", match="differs in steps")

@@ -144,7 +144,7 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     assert rec["tokens_seen"] == 23 * 256 and rec["steps_done"] == 23
     assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
     assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
-    assert SAEConfig.from_dict(rec["sae"]).n_features == 512
+    assert SAEConfig.from_dict(rec["sae"]).width == 512
     # which SAEs were resampled, resolved from the architecture defaults: relu yes, topk (AuxK) no
     assert rec["spec"]["resample"] is False and rundir.read_cfg(relu_dir)["spec"]["resample"] is True
     assert [s["resample"] for s in rec["train"]["saes"]] == [False, True]
@@ -154,7 +154,7 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     for x in lines:
         assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 4 and 0 <= x["dead_frac"] <= 1
         assert x["fve"] is not None and x["fve"] < 1 and x["loss"] > 0
-        assert x["lr"] == pytest.approx(cfg.lr * min(1, x["step"] / 5))  # warmup 5, never re-warmed (not resampled)
+        assert x["lr"] == pytest.approx(rec["spec"]["lr"] * min(1, x["step"] / 5))  # warmup 5, never re-warmed
 
     # the saved SAE takes raw activations: it equals the normalised-space SAE of the last checkpoint, rescaled
     loaded, _ = rundir.load_run(topk_dir)
@@ -182,6 +182,8 @@ def test_sweep_from_config_file_matches_each_sae_trained_alone(tiny_store, tmp_p
     assert [Path(d).name for d in dirs] == ["topk-mlp_out.0-64-k4", "jumprelu-mlp_out.1-64", "transcoder"]
     sae, rec = rundir.load_run(dirs[2])
     assert sae.cfg.transcoder and rec["hooks"] == {"in": "mlp_in.0", "out": "mlp_out.0"}
+    # a 15-step batchtopk run starts its threshold at step 1 (a tenth of the run), so it is saved with one
+    assert sae.cfg.threshold_start_step == 1 and float(sae.threshold) > 0
     (tmp_path / "alone.json").write_text(json.dumps({**common, "out": str(tmp_path / "alone"), "saes": [saes[1]]}))
     alone = cli("--config", tmp_path / "alone.json")  # (a process too: same code and thread settings)
     assert alone.returncode == 0, alone.stderr
@@ -207,3 +209,29 @@ def test_rerun_cleans_what_a_kill_left_half_written(tiny_store, tmp_path):
     (run / "checkpoints" / ".tmp-000000004-99999" / "model.safetensors").write_bytes(b"half")
     assert run_training(cfg) == first
     assert weights(run) == ref[first[0]] and not [f for f in _files(run) if ".tmp" in f]
+
+
+def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
+    """Left unset, the LR follows the architecture family (TopK: 2e-4 / sqrt(F / 2^14)), the warm-ups and the
+    batchtopk threshold start scale with the run length (a 300-step run used to sit in a 1000-step warm-up and save
+    its batchtopk SAE without a threshold); explicit values win; the resolved values are what the config holds."""
+    from saecache.errors import ConfigError
+    from saecache.train.config import default_lr
+
+    saes = [{"arch": "batchtopk", "hook_in": "h", "width": 1024, "k": 32},
+            {"arch": "topk", "hook_in": "h", "width": 4096, "k": 32}, {"arch": "relu", "hook_in": "h", "width": 4096}]
+    cfg = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=saes)
+    assert (cfg.warmup_steps, cfg.sparsity_warmup_steps) == (30, 15)
+    assert [s.lr for s in cfg.saes] == pytest.approx([8e-4, 4e-4, 3e-4])
+    assert cfg.saes[0].options["threshold_start_step"] == 30 and "threshold_start_step" not in cfg.saes[1].options
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
+    long = TrainConfig(stores=["s"], out=str(tmp_path), steps=100_000, saes=saes[:1])
+    assert (long.warmup_steps, long.sparsity_warmup_steps, long.saes[0].options["threshold_start_step"]) == \
+        (1000, 2000, 1000)
+    assert default_lr("topk", 2 ** 14, 32) == pytest.approx(2e-4)
+    mine = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, lr=1e-3, warmup_steps=7, sparsity_warmup_steps=0,
+                       saes=[{**saes[0], "options": {"threshold_start_step": 100}}, {**saes[1], "lr": 5e-5}])
+    assert (mine.warmup_steps, mine.sparsity_warmup_steps) == (7, 0)
+    assert [s.lr for s in mine.saes] == [1e-3, 5e-5] and mine.saes[0].options["threshold_start_step"] == 100
+    with pytest.raises(ConfigError, match="threshold_start_step 300 is not below the run's 300 steps"):
+        TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=[{**saes[0], "options": {"threshold_start_step": 300}}])

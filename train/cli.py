@@ -17,7 +17,7 @@ import click
 from saecache.errors import ConfigError
 
 _OVERRIDES = {  # flag name -> TrainConfig field
-    "store": "stores", "out": "out", "seed": "seed", "batch_size": "batch_size", "tokens": "total_tokens",
+    "store": "stores", "out": "out", "seed": "seed", "seeds": "seeds", "batch_size": "batch_size", "tokens": "total_tokens",
     "steps": "steps", "lr": "lr", "warmup": "warmup_steps", "decay_start": "decay_start",
     "sparsity_warmup": "sparsity_warmup_steps", "resample_steps": "resample_steps",
     "resample_window": "resample_window", "checkpoint_every": "checkpoint_every", "heldout": "heldout_fraction",
@@ -98,6 +98,7 @@ def build_config(opts: dict):
 @click.option("--autocast", type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--device", help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", type=int)
+@click.option("--seeds", type=int, help="Replicas of every SAE from the same data read, differing only in init seed.")
 @click.option("--log", type=click.Choice(["none", "tensorboard", "wandb"]))
 @click.option("--log-every", type=int)
 @click.option("--allow-incomplete", is_flag=True, help="Train on the complete shards of an unfinished store.")

@@ -13,13 +13,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saecache.errors import ConfigError
+from saecache.train.arch import ARCHITECTURES
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-AUXK_ARCHS = ("topk", "batchtopk")  # AuxK keeps their latents alive: not resampled unless SAESpec.resample says so
+TOPK_LR_BASE, TOPK_LR_WIDTH = 2e-4, 2 ** 14  # Gao et al. 2024 (fig. of the LR fit): lr = 2e-4 / sqrt(F / 2^14)
+DENSE_LR = 3e-4  # relu / gated / jumprelu at E||x||^2 = 1 inputs, every width (not refitted across widths)
+MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
+
+
+def default_lr(arch: str, width: int, k: int | None = None) -> float:
+    """The learning rate of one SAE when none is given: the TopK family (an architecture that takes k) uses
+    2e-4 / sqrt(F / 2^14), the width scaling Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fitted
+    and dictionary_learning and sparsify default to; the dense-code families (relu, gated, jumprelu) keep 3e-4."""
+    if k is not None or ARCHITECTURES[arch].needs_k:
+        return TOPK_LR_BASE / (width / TOPK_LR_WIDTH) ** 0.5
+    return DENSE_LR
+
+
+def default_schedule(total_steps: int) -> dict[str, int]:
+    """Warm-ups that scale with the run: LR warm-up and the batchtopk threshold start at a tenth of the run (at most
+    1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000)."""
+    return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
+            "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
+            "threshold_start_step": min(MAX_THRESHOLD_START_STEP, total_steps // 10)}
 
 
 def check_types(values: dict, cls, what: str) -> None:
@@ -57,7 +77,9 @@ class SAESpec:
     coeff: float | None = None
     """Sparsity coefficient λ of the penalty; None = the architecture default (for E‖x‖² = 1 inputs)."""
     lr: float | None = None
-    """Learning rate override for this SAE; None = `TrainConfig.lr`."""
+    """Learning rate of this SAE; None = `TrainConfig.lr`, or when that is None too the architecture family's rule
+    (`default_lr`: 2e-4 / sqrt(F / 2^14) for the TopK family, 3e-4 otherwise). A TrainConfig resolves it, and
+    cfg.json records the resolved value."""
     resample: bool | None = None
     """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
     each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk (AuxK
@@ -100,14 +122,14 @@ class SAESpec:
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a JSON object of SAEConfig fields, got {self.options!r}")
         check_types(self.options, SAEConfig, "SAE option")
-        fixed = {"architecture", "d_in", "n_features", "d_out", "transcoder", "k", "penalty", "sparsity_coeff"}
+        fixed = {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
         known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
         bad = sorted(set(self.options) - known)
         if bad:
             raise ConfigError(f"unknown SAE option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
         try:
-            SAEConfig(architecture=self.arch, d_in=1, n_features=self.width, k=self.k, penalty=self.penalty,
-                      sparsity_coeff=self.coeff, **self.options)
+            SAEConfig(arch=self.arch, d_in=1, width=self.width, k=self.k, penalty=self.penalty, coeff=self.coeff,
+                      **self.options)
         except TypeError as e:  # e.g. a string where a number belongs
             raise ConfigError(f"bad SAE options {self.options}: {e}") from None
 
@@ -124,21 +146,29 @@ class TrainConfig:
     """The SAEs to train; every batch is fed to each of them."""
     seed: int = 0
     """Seeds SAE initialisation, the data order and resampling. Same store + config + seed → identical weights."""
+    seeds: int = 1
+    """Replicas of every SAE, fed the same batches (one read of the data) and differing only in their init seed
+    (which also seeds their resampling draws). With seeds > 1 SAE `name` trains as `name-seed0`, `name-seed1`, ...
+    (`name-seed0` is bit-identical to `name` trained with seeds = 1); evaluate reports mean ± sd across them."""
     batch_size: int = 4096
     """Global batch (rows per optimizer step, summed over DDP ranks)."""
     total_tokens: int | None = None
     """Training length in rows; rounded up to whole steps. Exactly one of total_tokens / steps is set."""
     steps: int | None = None
     """Training length in optimizer steps (alternative to total_tokens)."""
-    lr: float = 3e-4
-    """Adam learning rate (per-SAE override: SAESpec.lr)."""
-    warmup_steps: int = 1000
-    """Linear LR warmup from 0 at the start (and again after every resample, for the SAEs that resample)."""
+    lr: float | None = None
+    """Adam learning rate of every SAE (per-SAE override: SAESpec.lr); None = each SAE's architecture-family rule
+    (`default_lr`). The resolved rate is recorded in each SAESpec of cfg.json."""
+    warmup_steps: int | None = None
+    """Linear LR warmup from 0 at the start (and again after every resample, for the SAEs that resample); None =
+    a tenth of the run, at most 1000 steps (resolved here, so cfg.json records the value used)."""
     decay_start: int | None = None
     """Step from which the LR decays linearly to 0 at the last step; None = no decay. Refused when an SAE of the run
     resamples (its LR re-warms after each resample): decay is for runs whose SAEs all have resample false."""
-    sparsity_warmup_steps: int = 0
-    """Linear warmup of the sparsity penalty's coefficient from 0 to 1."""
+    sparsity_warmup_steps: int | None = None
+    """Linear warmup of the sparsity penalty's coefficient from 0 to 1; None = a twentieth of the run, at most 2000
+    steps (resolved here). The batchtopk inference threshold's start (`threshold_start_step`, an SAE option) is
+    likewise resolved to a tenth of the run, at most 1000, unless the spec's options set it."""
     resample_steps: int | None = None
     """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
     default relu/gated/jumprelu, not the topk family); None = never."""
@@ -202,7 +232,9 @@ class TrainConfig:
             raise ConfigError("no store given: pass --store PATH (harvest one with `saecache harvest`)")
         if not self.saes:
             raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
-        names = [s.name for s in self.saes]
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
+        names = [name for _, name, _ in self.replicas()]
         if len(set(names)) != len(names):
             raise ConfigError(f"SAE names must be unique, got {names}")
         if (self.total_tokens is None) == (self.steps is None):
@@ -217,8 +249,9 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of partitions {self.partitions}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        self._resolve_schedule()
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
@@ -235,6 +268,26 @@ class TrainConfig:
         if self.log not in LOG_BACKENDS:
             raise ConfigError(f"log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
 
+    def _resolve_schedule(self) -> None:
+        """Fill in what was left None with the rules above (an explicit value always wins), so the config, and
+        cfg.json, say what ran: each spec's lr, the warm-ups, and each batchtopk spec's threshold_start_step."""
+        sched = default_schedule(self.total_steps)
+        for name in ("warmup_steps", "sparsity_warmup_steps"):
+            if getattr(self, name) is None:
+                setattr(self, name, sched[name])
+        specs = []
+        for s in self.saes:
+            lr = s.lr if s.lr is not None else self.lr if self.lr is not None else default_lr(s.arch, s.width, s.k)
+            options = dict(s.options)
+            if ARCHITECTURES[s.arch].threshold:  # batchtopk, matryoshka
+                options.setdefault("threshold_start_step", sched["threshold_start_step"])
+                if options["threshold_start_step"] >= self.total_steps:
+                    raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
+                                      f"below the run's {self.total_steps} steps, so it would be saved without an "
+                                      "inference threshold; lower threshold_start_step or train longer")
+            specs.append(dataclasses.replace(s, lr=lr, options=options))
+        self.saes = specs
+
     def _resolve_resample(self) -> None:
         """Replace each spec's `resample=None` by the architecture default (False without resample_steps), so the
         specs, and the cfg.json records built from them, say which SAEs are resampled."""
@@ -243,12 +296,18 @@ class TrainConfig:
                 raise ConfigError(f"SAE {s.name} has resample=true but the run has no resample_steps "
                                   "(set resample_steps, e.g. --resample-steps 25000)")
         self.saes = [s if s.resample is not None else dataclasses.replace(
-            s, resample=self.resample_steps is not None and s.arch not in AUXK_ARCHS) for s in self.saes]
+            s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
         both = [s.name for s in self.saes if s.resample]
         if self.decay_start is not None and both:
             raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
                               f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
                               "decay_start")
+
+    def replicas(self) -> list[tuple[SAESpec, str, int]]:
+        """(spec, run name, replica index) of every SAE trained: each spec `seeds` times (`seeds` field)."""
+        if self.seeds == 1:
+            return [(s, s.name, 0) for s in self.saes]
+        return [(s, f"{s.name}-seed{r}", r) for s in self.saes for r in range(self.seeds)]
 
     @property
     def total_steps(self) -> int:

@@ -8,13 +8,15 @@ Never reads random single rows (each would decode a whole compressed inner chunk
    canonical partitions (fixed by the config, NOT by the number of ranks or threads);
 3. each partition reads its units in groups of ``shuffle_chunks`` (a window), cuts the window's rows into runs of
    ``shuffle_run`` adjacent stored rows (stored rows are already shuffled within their shard), permutes the runs
-   with a generator seeded per (partition, window) from the epoch's generator, and serves their rows as a stream;
+   with a generator seeded per (partition, window) from the epoch's generator, and serves their rows as a stream
+   that runs on into the partition's share of the next epoch (nothing is dropped at an epoch's end: partitions hold
+   slightly different row counts, so each partition turns its epochs at its own batch);
 4. global batch ``b`` = ``B / partitions`` consecutive rows of every partition's stream, partitions in order.
 
 A DDP rank reads only its contiguous block of partitions (rank r of W: ``[r·P/W, (r+1)·P/W)``), so the ranks' reads
 are disjoint and gathering the local batches in rank order gives exactly the global batch of one process.
-Resume state is ``{"epoch", "batches_served", "seed"}``: resuming recomputes the windows and skips rows without
-reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
+Resume state is ``{"batches_served", "seed"}`` (batches since the start, every epoch included; ``epoch`` rides along
+for information): resuming recomputes each partition's position and skips rows without reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
 counts never change the batches. Held out = the last ``heldout_fraction`` of contexts by context id (rows of a shard
 that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` serves exactly those rows to evaluate.
 
@@ -139,8 +141,8 @@ class Loader:
                            self.logical) for h in self.hooks}
         self._window_cap = shuffle_chunks * max((u.n for u in self.units), default=0)
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
-        self.epoch, self.batches_served = 0, 0
-        self._plans: dict[int, list] = {}
+        self.batches_served = 0  # since the start of training, every epoch included
+        self._plans: dict[int, tuple] = {}
         if state is not None:
             self.load_state_dict(state)
         if self.batches_per_epoch(0) == 0:
@@ -167,20 +169,38 @@ class Loader:
             n = min(sum(self.units[u].rows for w in part for u in w) for part in plan) // self.per_part
             # one integer seed per window (an integer seeds a generator 10x faster than a list)
             got = (plan, n, rng.integers(0, 2**63, (self.partitions, max(len(part) for part in plan))))
-            self._plans = {e: v for e, v in self._plans.items() if e >= epoch - 1}  # dict swap: thread-safe enough
-            self._plans[epoch] = got
+            # partitions turn their epochs at different batches: keep a few recent epochs (dict swap: thread-safe)
+            self._plans = {e: v for e, v in sorted(self._plans.items())[-7:]} | {epoch: got}
         return got
 
     def batches_per_epoch(self, epoch: int) -> int:
+        """Batches of ``epoch`` served before its smallest partition share runs out (the rows beyond it are served
+        too, at the start of the next epoch's batches: see the module docstring)."""
         return self._plan_and_length(epoch)[1]
 
+    def _locate(self, p: int, rows: int) -> tuple[int, int]:
+        """(epoch, row offset in it) of partition p's stream after it has served ``rows`` rows."""
+        epoch = 0
+        while rows >= (n := sum(self._window_rows(w) for w in self._epoch_plan(epoch)[p])):
+            rows, epoch = rows - n, epoch + 1
+        return epoch, rows
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the first partition is in at the current position (for information: each partition turns its
+        epochs at its own batch)."""
+        return self._locate(0, self.batches_served * self.per_part)[0]
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_served": self.batches_served, "seed": self.seed}
+        return {"epoch": self.epoch, "batches_served": self.batches_served, "seed": self.seed, "continuous": True}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ConfigError(f"loader state is for seed {state['seed']}, not {self.seed}")
-        self.epoch, self.batches_served = int(state["epoch"]), int(state["batches_served"])
+        served = int(state["batches_served"])
+        if not state.get("continuous"):  # an older saecache counted per epoch (and dropped each epoch's tail)
+            served += sum(self.batches_per_epoch(e) for e in range(int(state["epoch"])))
+        self.batches_served = served
         self.__dict__.pop("_gen", None)  # restart the stream at the new position
 
     # -- reading: each row is decoded once into a recycled window buffer, then gathered once into its batch
@@ -216,19 +236,17 @@ class Loader:
             win.futures.append(self._pool.submit(read) if self._pool else read())
         return win
 
-    def _partition_stream(self, epoch: int, p: int, start_batch: int, free: dict, ahead: dict):
-        """Yield partition p's stream from batch ``start_batch`` of the epoch, ``per_part`` rows at a time, as a list
-        of ``(window, i, j)`` segments: serving positions ``[i, j)`` of the window. A segment is valid until
-        the generator is resumed (then its window's buffers may be refilled). While serving its last window the
-        stream starts reading the next epoch's first window into ``ahead[(epoch + 1, p)]`` (no stall between
-        epochs)."""
-        plan = self._epoch_plan(epoch)[p]
-        skip, w = start_batch * self.per_part, 0
-        while w < len(plan) and skip >= (n := self._window_rows(plan[w])):
+    def _partition_stream(self, p: int, start_batch: int, free: dict):
+        """Yield partition p's endless stream from global batch ``start_batch`` on, ``per_part`` rows at a time, as a
+        list of ``(window, i, j)`` segments: serving positions ``[i, j)`` of the window. A segment is valid until
+        the generator is resumed (then its window's buffers may be refilled). The last window of an epoch runs on
+        into the first of the next (read ahead like any other window), so no row of an epoch is dropped."""
+        epoch, skip = self._locate(p, start_batch * self.per_part)
+        plan, w = self._epoch_plan(epoch)[p], 0
+        while skip >= (n := self._window_rows(plan[w])):
             skip, w = skip - n, w + 1
         pool, live = free.setdefault(p, []), {}  # live: windows whose buffers a batch or a reader may still use
-        pending = ahead.pop((epoch, p), None) if w == 0 else None
-        pending = pending or self._submit(epoch, p, w, free)
+        pending = self._submit(epoch, p, w, free)
         segs, have = [], 0
         try:
             while pending is not None:
@@ -247,10 +265,12 @@ class Loader:
                                 pool.append(live.pop(id(x)).base)
                         segs, have = [], 0
                         if pending is None:  # read the next window (into the buffers just freed)
-                            pending = self._submit_next(epoch, p, w, free, ahead)
+                            pending = self._submit_next(epoch, p, w, free)
                 if pending is None:
-                    pending = self._submit_next(epoch, p, w, free, ahead)
+                    pending = self._submit_next(epoch, p, w, free)
                 w += 1
+                if w == len(self._epoch_plan(epoch)[p]):
+                    epoch, w = epoch + 1, 0
         finally:  # end of the epoch or stream closed: recycle every buffer no reader is still writing. Never wait
             # here: this also runs when the garbage collector finalises an abandoned stream, in whatever thread it
             # happens to run in (zarr's event-loop thread included, which a pending zarr read needs: a deadlock)
@@ -258,24 +278,20 @@ class Loader:
                 live[id(pending)] = pending
             pool.extend(x.base for x in live.values())
 
-    def _submit_next(self, epoch: int, p: int, w: int, free: dict, ahead: dict) -> _Window | None:
-        """Start reading window w + 1; after the last window, the next epoch's first one (kept in ``ahead``)."""
-        nxt = self._submit(epoch, p, w + 1, free)
-        if nxt is None and (epoch + 1, p) not in ahead:
-            ahead[(epoch + 1, p)] = self._submit(epoch + 1, p, 0, free)
-        return nxt
+    def _submit_next(self, epoch: int, p: int, w: int, free: dict) -> _Window:
+        """Start reading window w + 1; after the last window of the epoch, the next epoch's first one."""
+        return self._submit(epoch, p, w + 1, free) or self._submit(epoch + 1, p, 0, free)
 
     def _batches(self):
         """Torch batches from the current position on: every (hook, partition share) is copied run by run from its
         window's sources into the batch's storage bits, then cast once when the requested dtype differs."""
-        epoch, start = self.epoch, self.batches_served  # local copies: the consumer may lag (prefetch thread)
+        start = self.batches_served  # a local copy: the consumer may lag (prefetch thread)
         free: dict[int, list] = {}  # per partition: window buffers no batch needs any more
-        ahead: dict[tuple, _Window] = {}  # (epoch, partition): first window of the next epoch, already reading
         stage: dict[str, torch.Tensor] = {}  # per hook: storage-bits batch when a cast follows (reused)
         n_local = self.per_part * len(self.my_parts)
-        while True:
-            streams = [self._partition_stream(epoch, p, start, free, ahead) for p in self.my_parts]
-            for _ in range(start, self.batches_per_epoch(epoch)):
+        streams = [self._partition_stream(p, start, free) for p in self.my_parts]
+        try:
+            while True:
                 pieces, o = [], 0  # (window, its pieces, first batch row)
                 for s in streams:
                     for win, i, j in next(s):
@@ -307,9 +323,9 @@ class Loader:
                         t = t.to(self.device)
                     out[h] = t
                 yield out
+        finally:
             for s in streams:
                 s.close()
-            epoch, start = epoch + 1, 0
 
     def _want(self, h: str) -> torch.dtype:
         return torch.int64 if h in META else self.dtype
@@ -322,8 +338,6 @@ class Loader:
             self._gen = self._batches() if not self._cuda else self._prefetched()
         batch = next(self._gen)
         self.batches_served += 1
-        if self.batches_served >= self.batches_per_epoch(self.epoch):
-            self.epoch, self.batches_served = self.epoch + 1, 0
         return batch
 
     def _prefetched(self):

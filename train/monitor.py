@@ -13,18 +13,20 @@ import torch
 from saecache.errors import ConfigError
 
 
-def fve(x_hat_BD: torch.Tensor, target_BD: torch.Tensor) -> float:
-    """Fraction of variance explained: 1 - Σ‖t - x̂‖² / Σ‖t - mean(t)‖² over the batch."""
-    t = target_BD.float()
-    resid = (t - x_hat_BD.float()).pow(2).sum()
-    var = (t - t.mean(0)).pow(2).sum()
-    return float(1 - resid / var) if var > 0 else float("nan")
+def fraction_variance_explained(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """FVE, saecache's one definition (training log, progress bar, evaluation report): 1 - Σ_d Var_B(x - x̂) /
+    Σ_d Var_B(x), variances over the rows (population form; the factor cancels). The residual is centred as the
+    target is, as dictionary_learning and SAEBench do: a constant offset shows in the relative reconstruction bias
+    instead. NaN when the target has no variance."""
+    x, e = x_BD.double(), x_BD.double() - x_hat_BD.double()
+    var_x = x.var(0, unbiased=False).sum()
+    return 1.0 - float(e.var(0, unbiased=False).sum() / var_x) if var_x > 0 else float("nan")
 
 
 def step_metrics(out, target_BD: torch.Tensor, dead_F: torch.Tensor, step: int, batch: int) -> dict:
     """One metrics.jsonl record from a LossOutput (normalised space); dead_F marks features dead over the window."""
     rec = {"step": step, "tokens": step * batch, "loss": float(out.total.detach()), "recon": float(out.recon.detach()),
-           "l0": float(out.l0), "fve": fve(out.x_hat_BD.detach(), target_BD),
+           "l0": float(out.l0), "fve": fraction_variance_explained(target_BD, out.x_hat_BD.detach()),
            "dead_frac": float(dead_F.float().mean())}
     for name in ("sparsity", "aux"):
         v = getattr(out, name, None)

@@ -40,6 +40,7 @@ class Member:
     """One SAE of the sweep with its optimizer, run dir and bookkeeping."""
 
     spec: SAESpec
+    """The SAE's spec, named after its run dir (`name-seed<r>` for a replica)."""
     sae: SAE
     opt: torch.optim.Optimizer
     run_dir: str
@@ -48,6 +49,8 @@ class Member:
     out_scale: float
     generator: torch.Generator
     lr: float
+    replica: dict | None = None
+    """With TrainConfig.seeds > 1: {"of": spec name, "index": r, "seeds": N, "init_seed": ...} (into cfg.json)."""
     done: bool = False
 
 
@@ -58,9 +61,9 @@ def pooled_mean_sq_norm(stores, hook: str) -> float:
 
 
 def _sae_config(spec: SAESpec, d_in: int, d_out: int) -> SAEConfig:
-    return SAEConfig(**{"architecture": spec.arch, "d_in": d_in, "n_features": spec.width, "d_out": d_out,
+    return SAEConfig(**{"arch": spec.arch, "d_in": d_in, "width": spec.width, "d_out": d_out,
                         "transcoder": spec.target_hook != spec.hook_in, "k": spec.k, "penalty": spec.penalty,
-                        "sparsity_coeff": spec.coeff, **spec.options})
+                        "coeff": spec.coeff, **spec.options})
 
 
 def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
@@ -76,7 +79,7 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
         "normalization": {"in_scale": m.in_scale, "out_scale": m.out_scale,
                           "source": "training saw x / scale, scale = sqrt(mean_sq_norm) from the store statistics; "
                                     "folded back into sae.safetensors (it takes raw activations)"},
-        "tokens_seen": 0, "steps_done": 0,
+        "tokens_seen": 0, "steps_done": 0, **({"replica": m.replica} if m.replica else {}),
     }
 
 
@@ -85,8 +88,9 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
-    if old["sae"] != record["sae"]:
-        diff = [k for k in record["sae"] if old["sae"].get(k) != record["sae"][k]]
+    old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
+    if old_sae != record["sae"]:
+        diff = [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
                           "mismatch on resume); use a new --out")
     a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
@@ -106,18 +110,27 @@ def member_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
+def replica_seed(seed: int, name: str, replica: int) -> int:
+    """Init (and resampling) seed of replica `replica` of SAE `name`; replica 0 is the SAE trained without replicas."""
+    return member_seed(seed, name if replica == 0 else f"{name}/seed{replica}")
+
+
 def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) -> list[Member]:
+    """One Member per SAE and replica: replicas of a spec differ only in the seed of their init and resampling."""
     members = []
-    for spec in cfg.saes:
+    for base, name, r in cfg.replicas():
+        spec = base if name == base.name else dataclasses.replace(base, name=name)
+        seed = replica_seed(cfg.seed, base.name, r)
         d_in, d_out = stores[0].hooks[spec.hook_in]["d"], stores[0].hooks[spec.target_hook]["d"]
-        torch.manual_seed(member_seed(cfg.seed, spec.name))
+        torch.manual_seed(seed)
         sae = SAE(_sae_config(spec, d_in, d_out)).to(device)
         lr = spec.lr or cfg.lr
         in_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.hook_in)) if cfg.normalize else 1.0
         out_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.target_hook)) if cfg.normalize else 1.0
-        gen = torch.Generator(device="cpu").manual_seed(member_seed(cfg.seed, spec.name))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        replica = {"of": base.name, "index": r, "seeds": cfg.seeds, "init_seed": seed} if cfg.seeds > 1 else None
         m = Member(spec, sae, make_optimizer(sae, lr), os.path.join(cfg.out, spec.name), in_scale, out_scale,
-                   gen, lr)
+                   gen, lr, replica)
         members.append(m)
     return members
 

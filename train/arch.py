@@ -1,0 +1,269 @@
+"""The architectures of the SAE family as small objects behind one interface, and their registry `ARCHITECTURES`.
+
+An `Architecture` says what varies between SAEs that share `sae.SAE`'s weights (W_enc_DF, b_enc_F, W_dec_FD, b_dec_D):
+its extra state (`add_state`), its training activation + penalty (`encode_train`: the sparse path for the TopK family,
+the fused buffered path of `dense_ops` for the dense ones), its inference rule (`encode`), its reconstruction loss
+(`reconstruct`: Matryoshka sums nested prefixes), its auxiliary loss (`aux_loss`: AuxK, the gated frozen-decoder
+loss) and its per-step bookkeeping (`after_step`: BatchTopK's inference threshold). The trainer, the exporters and
+evaluation read only these attributes and methods; adding an architecture is one class and one registry entry.
+
+- relu:       ReLU + L1 (Anthropic, "Towards Monosemanticity") or the entropy penalty.
+- topk:       per-row TopK + AuxK (Gao et al. 2024).
+- batchtopk:  batch TopK + AuxK (Bussmann et al. 2024); inference keeps f > threshold (EMA of the batch minimum).
+- jumprelu:   JumpReLU + L0 toward target_l0 (Rajamanoharan et al. 2024b); no pre-bias.
+- gated:      Gated SAE + frozen-decoder aux loss (Rajamanoharan et al. 2024a).
+- matryoshka: Matryoshka BatchTopK (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka SAEs"):
+              BatchTopK whose latents form nested prefixes (`group_sizes`); every prefix reconstructs the target on
+              its own and the loss is the sum of the prefix losses. Inference as BatchTopK.
+
+Shapes: B rows, D width, F features, G Matryoshka groups, N selected entries (`sparse_ops.SparseCode`), M dead latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saecache.train import dense_ops as DO
+from saecache.train import penalties as P
+from saecache.train.sparse_ops import (SparseCode, batch_topk_select, dead_topk_select, sparse_decode, sparse_encode,
+                                       topk_select, with_extra_columns)
+
+
+@dataclass
+class Code:
+    """Post-activation features in whichever form the architecture produces."""
+    f_BF: Tensor | None = None          # dense features (relu, jumprelu, gated, dense inference)
+    sparse: SparseCode | None = None    # topk family: the selected latents (values, latents, rows)
+    gate_BF: Tensor | None = None       # gated: relu(π_gate), for the penalty and aux loss
+    aux: SparseCode | None = None       # topk family: AuxK codes over dead latents
+    pen: Tensor | None = None           # the unweighted penalty computed with the activation (l1, jumprelu's l0)
+    count_F: Tensor | None = None       # dense training path: rows in which each feature fired
+
+    def dense(self, n_features: int) -> Tensor:
+        return self.f_BF if self.f_BF is not None else self.sparse.dense(n_features)
+
+
+class Architecture:
+    """Base: a dense architecture with a pre-bias and no extra state. Subclasses override what differs."""
+
+    name = ""
+    description = ""
+    sparse = False
+    """Codes are `SparseCode`s (K latents per row); decoder and its backward are sparse."""
+    pre_bias = True
+    """Subtract b_dec (SAE) / b_in_D (transcoder) from the input before the encoder."""
+    needs_k = False
+    penalties: tuple[str, ...] = ("none",)
+    """Allowed `penalty` values; the first is the default."""
+    default_coeff: dict[str, float] = {"none": 0.0}
+    resample = True
+    """Default of `SAESpec.resample`: dead latents are resampled (the AuxK architectures keep theirs alive)."""
+    threshold = False
+    """Inference uses a scalar threshold buffer estimated in training (the BatchTopK family)."""
+
+    def resolve(self, cfg, set_) -> None:
+        """Resolve this architecture's defaults on a frozen SAEConfig (`set_(name, value)`) and check its options."""
+
+    def add_state(self, sae) -> None:
+        """Register extra parameters and buffers on a fresh `SAE`."""
+
+    def encode_train(self, sae, x_BD: Tensor) -> Code:
+        raise NotImplementedError
+
+    def encode(self, sae, x_BD: Tensor) -> Code:
+        """The inference rule."""
+        raise NotImplementedError
+
+    def decode(self, sae, code: Code) -> Tensor:
+        if code.f_BF is None:
+            return sparse_decode(code.sparse, sae.W_dec_FD) + sae.b_dec_D
+        if torch.is_grad_enabled() and code.count_F is not None:  # the training path: ∂L/∂f into a buffer
+            return DO.DecodeFrom.apply(code.f_BF, sae.W_dec_FD, sae.b_dec_D, sae._workspace, "g")
+        return sae.decode(code.f_BF)
+
+    def reconstruct(self, sae, code: Code, target_BD: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x̂_BD, reconstruction loss Σ_D (x̂ − t)² mean over B, extra reconstruction losses or None)."""
+        x_hat = self.decode(sae, code)
+        return x_hat, P.reconstruction_loss(x_hat, target_BD), None
+
+    def penalty(self, sae, code: Code) -> Tensor | None:
+        """The unweighted sparsity penalty (None: none)."""
+        if sae.cfg.penalty == "entropy":
+            return P.entropy_penalty(code.gate_BF if code.gate_BF is not None else code.f_BF)
+        return code.pen
+
+    def aux_loss(self, sae, code: Code, x_hat_BD: Tensor, target_BD: Tensor) -> Tensor | None:
+        """The weighted auxiliary loss (None: none)."""
+        return None
+
+    def after_step(self, sae, code: Code) -> None:
+        """Training-mode bookkeeping after a loss (dead counters are the SAE's)."""
+
+
+class ReLU(Architecture):
+    name, description = "relu", "ReLU + L1 or entropy penalty"
+    penalties, default_coeff = ("l1", "entropy"), {"l1": 0.1, "entropy": 0.03}
+
+    def encode_train(self, sae, x_BD):
+        stats: dict = {}
+        f, pen = DO.ReLUL1.apply(sae.pre_acts(x_BD, train=True), sae._workspace, stats)
+        return Code(f_BF=f, pen=pen, count_F=stats["count_F"])
+
+    def encode(self, sae, x_BD):
+        return Code(f_BF=sae.pre_acts(x_BD).relu())
+
+
+class JumpReLU(Architecture):
+    name, description = "jumprelu", "JumpReLU + L0 toward target_l0"
+    pre_bias, penalties, default_coeff = False, ("l0",), {"l0": 1.0}
+
+    def resolve(self, cfg, set_):
+        if cfg.target_l0 is None:
+            set_("target_l0", 20.0)
+
+    def add_state(self, sae):
+        sae.threshold_F = torch.nn.Parameter(torch.full((sae.cfg.width,), sae.cfg.jumprelu_init_threshold))
+
+    def encode_train(self, sae, x_BD):
+        stats: dict = {}
+        f, l0 = DO.JumpReLUL0.apply(sae.pre_acts(x_BD, train=True), sae.threshold_F, sae.cfg.jumprelu_bandwidth,
+                                    sae._workspace, stats)
+        return Code(f_BF=f, pen=l0, count_F=stats["count_F"])
+
+    def encode(self, sae, x_BD):
+        z = sae.pre_acts(x_BD)
+        return Code(f_BF=z * (z > sae.threshold_F.clamp_min(0)))
+
+    def penalty(self, sae, code):
+        return P.l0_toward_target(code.pen, sae.cfg.target_l0)
+
+
+class Gated(Architecture):
+    """b_enc_F is the gate bias (b_gate); the magnitude path shares W_enc, scaled by exp(r_mag), with bias b_mag_F."""
+    name, description = "gated", "Gated SAE + aux loss"
+    penalties, default_coeff = ("l1", "entropy"), {"l1": 0.1, "entropy": 0.03}
+
+    def add_state(self, sae):
+        sae.r_mag_F = torch.nn.Parameter(torch.zeros(sae.cfg.width))
+        sae.b_mag_F = torch.nn.Parameter(torch.zeros(sae.cfg.width))
+
+    def encode_train(self, sae, x_BD):
+        stats: dict = {}
+        f, gate, pen = DO.GatedL1.apply(sae.pre_acts(x_BD, train=True), sae.b_enc_F, sae.r_mag_F, sae.b_mag_F,
+                                        sae._workspace, stats)
+        return Code(f_BF=f, gate_BF=gate, pen=pen, count_F=stats["count_F"])
+
+    def encode(self, sae, x_BD):
+        pi_gate = sae.pre_acts(x_BD)
+        pi_mag = (pi_gate - sae.b_enc_F) * sae.r_mag_F.exp() + sae.b_mag_F
+        return Code(f_BF=(pi_gate > 0) * pi_mag.relu(), gate_BF=pi_gate.relu())
+
+    def aux_loss(self, sae, code, x_hat_BD, target_BD):
+        """Reconstruction from relu(π_gate) through a frozen copy of the decoder (gradient to the gate path only)."""
+        if torch.is_grad_enabled() and code.count_F is not None:
+            frozen = DO.DecodeFrom.apply(code.gate_BF, sae.W_dec_FD.detach(), sae.b_dec_D.detach(), sae._workspace,
+                                         "g2")
+        else:
+            frozen = torch.addmm(sae.b_dec_D.detach(), code.gate_BF, sae.W_dec_FD.detach())
+        return P.reconstruction_loss(frozen, target_BD)
+
+
+class TopK(Architecture):
+    name, description = "topk", "per-row TopK + AuxK"
+    sparse, needs_k, resample = True, True, False
+
+    def select(self, cfg):
+        return topk_select(cfg.k)
+
+    def encode_train(self, sae, x_BD):
+        cfg = sae.cfg
+        select = self.select(cfg)
+        dead_M = (sae.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
+        n_aux = min(cfg.k_aux, dead_M.numel())
+        if n_aux:
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
+        sparse = sae.sparse_encode(x_BD, select, train=True)
+        if not n_aux:
+            return Code(sparse=sparse)
+        main, aux = sparse.split(sparse.vals_N.numel() - x_BD.shape[0] * n_aux)  # the extras come last
+        return Code(sparse=main, aux=aux)
+
+    def encode(self, sae, x_BD):
+        return Code(sparse=sae.sparse_encode(x_BD, self.select(sae.cfg)))
+
+    def aux_loss(self, sae, code, x_hat_BD, target_BD):
+        if code.aux is None:
+            return None
+        e_hat = sparse_decode(code.aux, sae.W_dec_FD)
+        return sae.cfg.auxk_alpha * P.auxk_loss(e_hat, (target_BD - x_hat_BD).detach())
+
+
+class BatchTopK(TopK):
+    name, description = "batchtopk", "batch TopK + AuxK, threshold at inference"
+    threshold = True
+
+    def select(self, cfg):
+        return batch_topk_select(cfg.k)
+
+    def add_state(self, sae):
+        sae.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def encode(self, sae, x_BD):
+        if float(sae.threshold) < 0:  # no threshold yet: the batch selection
+            return super().encode(sae, x_BD)
+        z = sae.pre_acts(x_BD)
+        return Code(f_BF=z.relu() * (z > sae.threshold))
+
+    @torch.no_grad()
+    def after_step(self, sae, code):
+        """Inference threshold: EMA of the smallest kept activation, from `threshold_start_step` on."""
+        if int(sae.n_steps) <= sae.cfg.threshold_start_step:
+            return
+        kept = code.sparse.vals_N[code.sparse.vals_N > 0]
+        if kept.numel():
+            m, beta = kept.min(), sae.cfg.threshold_beta
+            sae.threshold.copy_(m if float(sae.threshold) < 0 else beta * sae.threshold + (1 - beta) * m)
+
+
+def default_group_sizes(width: int) -> list[int]:
+    """Nested prefixes of width/16, /8, /4, /2 and the whole dictionary (fewer when width is small)."""
+    ends = sorted({max(1, width >> s) for s in (4, 3, 2, 1)} | {width})
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
+class Matryoshka(BatchTopK):
+    name, description = "matryoshka", "Matryoshka BatchTopK: nested prefixes, sum of prefix losses"
+
+    def resolve(self, cfg, set_):
+        from saecache.errors import ConfigError
+
+        sizes = default_group_sizes(cfg.width) if cfg.group_sizes is None else list(cfg.group_sizes)
+        if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) \
+                or sum(sizes) != cfg.width:
+            raise ConfigError(f"group_sizes must be positive integers summing to width={cfg.width}, got "
+                              f"{cfg.group_sizes}; e.g. {default_group_sizes(cfg.width)}")
+        set_("group_sizes", sizes)
+
+    def reconstruct(self, sae, code, target_BD):
+        """x̂_g = b_dec + the decode of the latents below prefix end g, for every g at once: one sparse decode into
+        [B·G, D] bags (an entry's bag is row·G + its group; entries are row-major, so bags stay sorted), then a
+        cumulative sum over groups. recon is the whole dictionary's loss; the inner prefixes' losses are returned
+        as the extra term (the training loss is their sum)."""
+        c = code.sparse
+        if c is None:  # thresholded dense inference code
+            return super().reconstruct(sae, code, target_BD)
+        B, G = c.n_rows, len(sae.cfg.group_sizes)
+        ends = torch.tensor(sae.cfg.group_sizes, device=c.idx_N.device).cumsum(0)
+        group_N = torch.bucketize(c.idx_N, ends, right=True)
+        bag_N = c.row_N * G + group_N
+        parts_BGD = sparse_decode(SparseCode(c.vals_N, c.idx_N, bag_N, B * G), sae.W_dec_FD).view(B, G, -1)
+        x_hat_BGD = parts_BGD.cumsum(1) + sae.b_dec_D
+        err_G = (x_hat_BGD - target_BD.unsqueeze(1)).pow(2).sum(-1).mean(0)
+        return x_hat_BGD[:, -1], err_G[-1], err_G[:-1].sum()
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),
+                                                              Matryoshka())}

@@ -4,8 +4,8 @@ the quality of SAEs trained on it; then how many unique tokens a cache needs for
 On the demo model (`make demo`'s `saecache-demo/`: 4 layers, d=128), one hook (default mlp_out.1):
 1. harvest the hook once in float32 (the exact activations), and write the same rows in float16, bfloat16, int8 and
    nf4 with the harvest's own encoder (`quant.encode`, row by row: the same bytes a direct harvest writes);
-2. per format and seed, train TopK (k=32) and ReLU+L1 SAEs (F=1024) together from the store, same seed and data
-   order in every format (the stores share the seed, so the row permutation);
+2. per format, train TopK (k=32) and ReLU+L1 SAEs (F=1024) together from the store, each in init-seed replicas fed
+   the same batches (`TrainConfig.seeds`); the data order is the same in every format (the stores share the seed);
 3. score every SAE on the EXACT float32 held-out rows (the last 10 % of contexts, never trained on): FVE, L0, dead %,
    and % loss recovered spliced into the model on held-out contexts (zero-ablation baseline); report each as a delta
    to the float32 store's SAE of the same seed, with the float32 seed-to-seed spread beside it;
@@ -13,7 +13,7 @@ On the demo model (`make demo`'s `saecache-demo/`: 4 layers, d=128), one hook (d
 5. cache size: a fixed budget of training rows (one epoch of the float32 store's training part) drawn from caches of
    1/1, 1/2, 1/4, 1/8 of those unique rows (1, 2, 4, 8 epochs), TopK only, scored the same way.
 
-Usage: python -m bench.bench_storage_quality [--demo saecache-demo] [--tokens 600000] [--seeds 0,1] [--out DIR]
+Usage: python -m bench.bench_storage_quality [--demo saecache-demo] [--tokens 200000] [--seeds 2] [--out DIR]
 Sized for a shared 2-core machine (~20-30 CPU-minutes); the sizes used are written into the results.
 """
 
@@ -85,17 +85,22 @@ def exact_heldout(ref, hook: str, max_rows: int) -> torch.Tensor:
     return torch.cat([b[hook] for b in heldout_batches(ref, [hook], HELDOUT, max_rows=max_rows)])
 
 
-def train(args, url: str, out: Path, seed: int, saes: list[dict], heldout: float, total_rows: int) -> list[str]:
+def train(args, url: str, out: Path, saes: list[dict], heldout: float, total_rows: int) -> dict[tuple, str]:
+    """Every SAE of `saes` in `args.seeds` replicas (init seeds; same batches, TrainConfig.seeds), the project's
+    default learning rates and schedules; returns {(name, replica): run dir}."""
     from saecache.train.config import TrainConfig
     from saecache.train.trainer import run_training
 
     steps = max(1, total_rows // args.batch)
-    cfg = TrainConfig(stores=[url], out=str(out), saes=saes, seed=seed, batch_size=args.batch, steps=steps,
-                      lr=args.lr, warmup_steps=max(1, min(200, steps // 10)),
-                      resample_steps=max(1, min(150, steps // 3)), heldout_fraction=heldout,
-                      checkpoint_every=steps, device="cpu", progress=False, log_every=max(1, steps // 4),
-                      reader_threads=1)
-    return run_training(cfg)
+    cfg = TrainConfig(stores=[url], out=str(out), saes=saes, seed=0, seeds=args.seeds, batch_size=args.batch,
+                      steps=steps, heldout_fraction=heldout, checkpoint_every=steps, device="cpu", progress=False,
+                      log_every=max(1, steps // 4), reader_threads=1)
+    dirs = run_training(cfg)
+    out = {}
+    for d in dirs:
+        name, _, r = Path(d).name.rpartition("-seed") if args.seeds > 1 else (Path(d).name, "", "0")
+        out[(name, int(r))] = d
+    return out
 
 
 def score(run_dirs: dict[str, str], x_ND: torch.Tensor, ref, model, ids_CT: torch.Tensor, hook: str) -> dict:
@@ -108,7 +113,7 @@ def score(run_dirs: dict[str, str], x_ND: torch.Tensor, ref, model, ids_CT: torc
     out, recons = {}, {}
     for key, run_dir in run_dirs.items():
         sae, _ = load_run(run_dir)
-        acc = M.ReconAccumulator(sae.cfg.n_features)
+        acc = M.ReconAccumulator(sae.cfg.width)
         with torch.no_grad():
             for i in range(0, len(x_ND), 4096):
                 x = x_ND[i:i + 4096]
@@ -123,8 +128,21 @@ def score(run_dirs: dict[str, str], x_ND: torch.Tensor, ref, model, ids_CT: torc
                                     first_position=ref.header["storage"]["first_position"], batch_size=8)
     for key, sl in losses.items():
         out[key]["pct_loss_recovered"] = 100 * M.fraction_recovered(sl.clean, sl.spliced, sl.zero)
+        out[key]["pct_loss_recovered_ci95"] = [100 * v for v in sl.interval("zero")]
         out[key]["ce_clean"], out[key]["ce_zero"] = sl.clean, sl.zero
+        out[key]["_per_context"] = sl.per_context
     return out
+
+
+def paired_delta_ci(a: dict, b: dict, n_boot: int = 2000) -> list[float]:
+    """95 % bootstrap interval over contexts of %LR(a) - %LR(b), both spliced on the same contexts (paired)."""
+    pa, pb = a["_per_context"], b["_per_context"]
+    clean, zero = np.asarray(pa["clean"]), np.asarray(pa["zero"])
+    sa, sb = np.asarray(pa["spliced"]), np.asarray(pb["spliced"])
+    idx = np.random.default_rng(0).integers(0, len(clean), (n_boot, len(clean)))
+    c, z = clean[idx].sum(1), zero[idx].sum(1)
+    d = 100 * ((z - sa[idx].sum(1)) - (z - sb[idx].sum(1))) / (z - c)
+    return [float(v) for v in np.percentile(d, [2.5, 97.5])]
 
 
 def stored_fvu(url: str, ref, hook: str) -> float:
@@ -169,6 +187,8 @@ def delta_rows(scores: dict, seeds: list[int], arch: str, formats) -> list[dict]
             row[m] = statistics.mean(vals)
             row[f"d_{m}"] = statistics.mean(v - r for v, r in zip(vals, refs))
             row[f"spread_{m}"] = spread(refs)
+        row["d_pct_loss_recovered_ci95_seed0"] = paired_delta_ci(scores[(fmt, seeds[0], arch)],
+                                                                 scores[("float32", seeds[0], arch)])
         rows.append(row)
     return rows
 
@@ -178,17 +198,16 @@ def main() -> None:
     p.add_argument("--demo", default="saecache-demo", help="`saecache demo` output dir (its model/ and corpus/)")
     p.add_argument("--model"), p.add_argument("--dataset")
     p.add_argument("--hook", default="mlp_out.1")
-    p.add_argument("--tokens", type=int, default=600_000)
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--seeds", type=int, default=2, help="init-seed replicas of every SAE (same batches)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=0.06)
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval-rows", type=int, default=32768)
     p.add_argument("--eval-contexts", type=int, default=64)
     p.add_argument("--loader-rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-cache-study", action="store_true")
     p.add_argument("--work", default=None, help="scratch dir for stores and runs (default: a temp dir)")
     p.add_argument("--out", default="bench/results")
@@ -198,7 +217,7 @@ def main() -> None:
     if not Path(args.model).exists():
         raise SystemExit(f"no demo model at {args.model}: run `make demo` first (or pass --model/--dataset)")
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = list(range(args.seeds))
     from saecache.harvest.inspect import store_size
     from saecache.harvest.model import load_model
     from saecache.harvest.store import Store
@@ -231,12 +250,10 @@ def main() -> None:
     saes = [{"arch": "topk", "hook_in": hook, "width": args.width, "k": args.k, "name": "topk"},
             {"arch": "relu", "hook_in": hook, "width": args.width, "coeff": args.l1, "name": "relu"}]
     run_dirs = {}
-    for seed in seeds:
-        for fmt, url in urls.items():
-            dirs = train(args, url, root / "runs" / f"{fmt}-s{seed}", seed, saes, HELDOUT, train_rows)
-            for d in dirs:
-                run_dirs[(fmt, seed, "topk" if "topk" in Path(d).name else "relu")] = d
-            print(f"trained {fmt} seed {seed} ({time.time() - t_start:.0f}s)", flush=True)
+    for fmt, url in urls.items():
+        for (name, r), d in train(args, url, root / "runs" / fmt, saes, HELDOUT, train_rows).items():
+            run_dirs[(fmt, r, name)] = d
+        print(f"trained {fmt} ({time.time() - t_start:.0f}s)", flush=True)
     scores = score(run_dirs, x_ND, ref, model, ids_CT, hook)
     fmt_rows = delta_rows(scores, seeds, "topk", FORMATS) + delta_rows(scores, seeds, "relu", FORMATS)
 
@@ -247,10 +264,9 @@ def main() -> None:
         for j, epochs in enumerate((1, 2, 4, 8)):
             n_ctx = n_ctx_train // epochs
             url = ref_url if j == 0 else transcode(ref_url, str(root / f"cache-{epochs}.zarr"), "float32", n_ctx)
-            for seed in seeds:
-                (d,) = train(args, url, root / "cache-runs" / f"e{epochs}-s{seed}", seed, saes[:1],
-                             HELDOUT if j == 0 else 0.0, train_rows)
-                cache_dirs[(epochs, seed)] = d
+            for (_, r), d in train(args, url, root / "cache-runs" / f"e{epochs}", saes[:1], HELDOUT if j == 0 else 0.0,
+                                   train_rows).items():
+                cache_dirs[(epochs, r)] = d
             print(f"cache {epochs} epochs trained ({time.time() - t_start:.0f}s)", flush=True)
         cscores = score(cache_dirs, x_ND, ref, model, ids_CT, hook)
         for epochs in (1, 2, 4, 8):
@@ -264,7 +280,8 @@ def main() -> None:
     result = {
         "setup": {"model": "demo model (4 layers, d=128)", "hook": hook, "harvest_tokens": ref.geometry.n_rows,
                   "train_rows": train_rows, "train_steps": train_rows // args.batch, "batch": args.batch,
-                  "lr": args.lr, "width": args.width, "k": args.k, "l1": args.l1, "seeds": seeds,
+                  "lr": "project defaults per architecture", "width": args.width, "k": args.k, "l1": args.l1,
+                  "seeds": seeds,
                   "heldout_rows_scored": len(x_ND), "splice_contexts": len(ids_CT), "threads": args.threads,
                   "ce_clean": ce["ce_clean"], "ce_zero_ablation": ce["ce_zero"],
                   "seconds": round(time.time() - t_start)},
@@ -273,7 +290,8 @@ def main() -> None:
         "loader_ratio_vs_float16": {f: statistics.median(r) / statistics.median(rates["float16"])
                                     for f, r in rates.items()},
         "formats": fmt_rows, "cache_size": cache_rows,
-        "scores": {f"{k[0]}-s{k[1]}-{k[2]}": v for k, v in scores.items()},
+        "scores": {f"{k[0]}-s{k[1]}-{k[2]}": {m: v for m, v in s.items() if not m.startswith("_")}
+                   for k, s in scores.items()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +306,7 @@ def render(r: dict) -> str:
         "# Storage formats vs SAE quality, and cache size",
         "",
         f"Demo model (4 layers, d=128), hook {s['hook']}: {s['harvest_tokens']:,} harvested rows, "
-        f"{s['train_rows']:,} training rows ({s['train_steps']} steps of {s['batch']}, lr {s['lr']}), SAEs F={s['width']}"
+        f"{s['train_rows']:,} training rows ({s['train_steps']} steps of {s['batch']}, {s['lr']}), SAEs F={s['width']}"
         f" (TopK k={s['k']}; ReLU+L1 coeff {s['l1']}), seeds {s['seeds']}. Scored on {s['heldout_rows_scored']:,} exact "
         f"float32 held-out rows; % loss recovered on {s['splice_contexts']} held-out contexts (clean CE "
         f"{s['ce_clean']:.3f}, zero-ablated {s['ce_zero_ablation']:.3f} nats). {s['threads']} torch threads, "
@@ -301,14 +319,15 @@ def render(r: dict) -> str:
     for f, st in r["storage"].items():
         lines.append(f"| {f} | {st['bytes_per_value']:.3f} | {st['fvu_vs_float32']:.2e} | "
                      f"{r['loader_ratio_vs_float16'][f]:.2f}× |")
-    lines += ["", "| format | SAE | FVE | ΔFVE (± spread) | L0 | ΔL0 (±) | dead % | Δdead (±) | % LR | Δ% LR (±) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| format | SAE | FVE | ΔFVE (± spread) | L0 | ΔL0 (±) | dead % | Δdead (±) | % LR | Δ% LR (±) | "
+              "Δ% LR 95 % CI, seed 0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["formats"]:
         lines.append(
             f"| {row['format']} | {row['arch']} | {row['fve']:.4f} | {row['d_fve']:+.4f} (±{row['spread_fve']:.4f}) | "
             f"{row['l0']:.1f} | {row['d_l0']:+.2f} (±{row['spread_l0']:.2f}) | {row['dead_pct']:.1f} | "
             f"{row['d_dead_pct']:+.1f} (±{row['spread_dead_pct']:.1f}) | {row['pct_loss_recovered']:.2f} | "
-            f"{row['d_pct_loss_recovered']:+.2f} (±{row['spread_pct_loss_recovered']:.2f}) |")
+            f"{row['d_pct_loss_recovered']:+.2f} (±{row['spread_pct_loss_recovered']:.2f}) | "
+            "[{:+.2f}, {:+.2f}] |".format(*row["d_pct_loss_recovered_ci95_seed0"]))
     if r["cache_size"]:
         lines += ["", f"Cache size at a fixed budget of {s['train_rows']:,} training rows (TopK; mean over seeds, "
                   "± = seed spread):", "",

@@ -82,10 +82,11 @@ def nf4_levels() -> tuple[float, ...]:
 
 @lru_cache(maxsize=None)
 def _nf4_pairs() -> np.ndarray:
-    """[256, 2] float32: the two levels a packed byte holds (low nibble first), for a one-gather decode."""
+    """[256] uint64: the two float32 levels a packed byte holds (low nibble first) as one 8-byte word, so decoding is
+    one `take` per byte (a gather of [256, 2] floats by byte measured 6x slower)."""
     lv = np.asarray(nf4_levels(), dtype=np.float32)
     b = np.arange(256)
-    return np.stack([lv[b & 15], lv[b >> 4]], 1)
+    return np.ascontiguousarray(np.stack([lv[b & 15], lv[b >> 4]], 1)).view(np.uint64).ravel()
 
 
 def get(name: str) -> Format:
@@ -149,15 +150,14 @@ def decode(a: np.ndarray, fmt: str, d: int, dtype: torch.dtype | None = torch.fl
             src = src.view(torch.bfloat16)
         return src if dtype is None or src.dtype == dtype else src.to(dtype)
     a = a.view(np.uint8)
-    scale = np.ascontiguousarray(a[:, :SCALE_BYTES]).view("<f4")  # [N, 1]
-    if fmt == "int8":
-        out = np.multiply(a[:, SCALE_BYTES:].view(np.int8), scale, dtype=np.float32)
+    scale = torch.from_numpy(np.ascontiguousarray(a[:, :SCALE_BYTES]).view("<f4"))  # [N, 1]
+    if fmt == "int8":  # torch's int8 -> float32 conversion then an in-place scale: the fastest of those measured
+        t = torch.from_numpy(a).narrow(1, SCALE_BYTES, a.shape[1] - SCALE_BYTES).view(torch.int8).to(torch.float32)
     else:
-        out = _nf4_pairs()[a[:, SCALE_BYTES:]].reshape(len(a), -1)
-        if out.shape[1] != d:
-            out = out[:, :d]
-        np.multiply(out, scale, out=out)
-    t = torch.from_numpy(out)
+        t = torch.from_numpy(_nf4_pairs().take(a[:, SCALE_BYTES:]).view(np.float32))
+        if t.shape[1] != d:
+            t = t[:, :d]
+    t.mul_(scale)
     return t if dtype in (None, torch.float32) else t.to(dtype)
 
 

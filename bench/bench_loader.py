@@ -103,16 +103,12 @@ def codec_decode_epoch(url: str) -> tuple[float, int]:
     import numcodecs
     from numcodecs import blosc
 
+    from saecache.harvest.shards import ShardArray
     from saecache.harvest.store import Store
-    from saecache.train.shard_reader import DirectArray
 
     st = Store.open(url)
-    arr = DirectArray.open(st.loc.path(f"acts/{HOOK}"))
-    blobs = []
-    for s in range(st.geometry.n_shards):
-        fd = arr._fd(s)
-        for off, nb in arr._shard_index(s, fd):
-            blobs.append(os.pread(fd, int(nb), int(off)))
+    arr = ShardArray.open(st.loc.path(f"acts/{HOOK}"))
+    blobs = [b for s in range(st.geometry.n_shards) for i in range(arr.n_inner) if (b := arr.raw_chunk(s, i))]
     arr.close()
     codec, out = numcodecs.Blosc(), np.empty((arr.chunk_rows, D), dtype=np.float16)
     prev, blosc.use_threads = blosc.use_threads, False  # one core: no blosc internal threads

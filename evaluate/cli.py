@@ -8,39 +8,18 @@ import os
 import click
 
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
-
-_D = EvalConfig.__dataclass_fields__
-
+from saecache.options import config_options
 
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--store", required=True, help="Store the runs were trained on (or another store of the same model).")
-@click.option("--out", default=_D["out"].default, show_default=True, help="Report directory.")
-@click.option("--prune-above", type=float, default=None,
-              help="Also re-measure everything with features firing more often than this dropped (seed: 0.038).")
-@click.option("--n-contexts", type=int, default=_D["n_contexts"].default, show_default=True,
-              help="Held-out contexts for the loss figures.")
-@click.option("--max-rows", type=int, default=_D["max_rows"].default, show_default=True,
-              help="Held-out rows for the statistics (0 = all).")
-@click.option("--batch-size", type=int, default=_D["batch_size"].default, show_default=True)
-@click.option("--model", default=None, help="Model directory/name (default: the one in the store header).")
-@click.option("--device", default=_D["device"].default, show_default=True)
-@click.option("--no-histograms", is_flag=True, help="Skip the frequency histogram PNGs (no matplotlib needed).")
-@click.option("--no-splice", is_flag=True, help="Statistics only: do not load the model for the loss figures.")
-@click.option("--html-features", type=int, default=_D["html_features"].default, show_default=True,
-              help="Features on the static HTML page written per SAE (0 = no pages).")
-@click.option("--tokenizer", default=None, help="Tokenizer for those pages (default: the store header's).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is often fastest for "
-                                                        "small models on a busy CPU).")
-def evaluate(run_dirs, store, out, prune_above, n_contexts, max_rows, batch_size, model, device, no_histograms,
-             no_splice, html_features, tokenizer, threads):
+@config_options(EvalConfig, skip=("run_dirs", "extra"))
+def evaluate(run_dirs, **kw):
     """Statistics, % loss recovered and frequency histograms for RUN_DIRS on a store's held-out data."""
     from saecache.evaluate.runner import run_evaluation
 
-    cfg = EvalConfig(run_dirs=list(run_dirs), store=store, out=out, prune_above=prune_above, n_contexts=n_contexts,
-                     max_rows=max_rows or None, batch_size=batch_size, model=model, device=device,
-                     histograms=not no_histograms, splice=not no_splice, html_features=html_features,
-                     tokenizer=tokenizer, threads=threads)
+    if kw["max_rows"] == 0:  # the flag's older spelling of "all rows"
+        kw["max_rows"] = None
+    cfg = EvalConfig(run_dirs=list(run_dirs), **kw)
     run_evaluation(cfg)
     with open(os.path.join(cfg.out, "report.md")) as f:
         click.echo(f.read())
@@ -50,21 +29,14 @@ def evaluate(run_dirs, store, out, prune_above, n_contexts, max_rows, batch_size
 
 @click.command()
 @click.argument("run_dir")
-@click.option("--store", required=True, help="Store to read the contexts from.")
-@click.option("--feature", "features", type=int, multiple=True, required=True, help="Feature index (repeatable).")
-@click.option("--top", type=int, default=20, show_default=True, help="Contexts per feature.")
-@click.option("--max-rows", type=int, default=FeaturesConfig.__dataclass_fields__["max_rows"].default,
-              show_default=True, help="Rows scanned from the start of the store (0 = all).")
-@click.option("--window", type=int, default=16, show_default=True, help="Tokens shown before the firing token.")
-@click.option("--tokenizer", default=None, help="Tokenizer directory/name (default: the store header's).")
-@click.option("--html", "html_out", default=None, help="Also write a static HTML page here.")
-@click.option("--device", default="auto", show_default=True)
-def features(run_dir, store, features, top, max_rows, window, tokenizer, html_out, device):
+@config_options(FeaturesConfig, skip=("run_dir",), flags={"features": "--feature"})
+def features(run_dir, **kw):
     """Top-activating contexts of features of the SAE in RUN_DIR, with the firing token marked «like this»."""
     from saecache.evaluate.features import as_html, as_text, feature_contexts
 
-    cfg = FeaturesConfig(run_dir=run_dir, store=store, features=list(features), top=top, max_rows=max_rows or None,
-                         window=window, tokenizer=tokenizer, html=html_out, device=device)
+    if kw["max_rows"] == 0:  # the flag's older spelling of "all rows"
+        kw["max_rows"] = None
+    cfg = FeaturesConfig(run_dir=run_dir, **{**kw, "features": list(kw["features"])})
     result = feature_contexts(cfg)
     click.echo(as_text(result), nl=False)
     if cfg.html:

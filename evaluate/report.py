@@ -167,7 +167,8 @@ def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ConfigError("histograms need matplotlib: pip install 'saecache[plots]' (or pass --no-histograms)") from e
+        raise ConfigError("histograms need matplotlib (a dependency of saecache): pip install matplotlib, or pass "
+                          "--no-histograms") from e
     f = freq_F.double().cpu().numpy()
     alive = f[f > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -3,9 +3,10 @@ the reconstruction statistics and firing frequencies, optionally prune high-freq
 splice every SAE (and pruned SAE) of one hook into the model together for the loss figures, write a feature page per
 SAE, then the report (`report.py`). Runs are processed one output hook at a time.
 
-Which rows are "held out": if the store is one the run was trained on (same fingerprint), the contexts the run's
-cfg.json records as held out (`heldout.fraction`, the last contexts by id); for any other store of the same model and
-hooks, every row (none of it was trained on). Loss figures use the first `n_contexts` of those contexts.
+Which rows are "held out" is decided by the split's identity (`saecache.harvest.split`): for a store of the training
+data's contexts (the training store, or any store of the same dataset and tokenization), the held-out context range
+the run's cfg.json records; for a store of another dataset with the same model and hooks, every row; a training-data
+store without held-out contexts is refused. Loss figures use the first `n_contexts` of those contexts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from saecache.evaluate.config import EvalConfig
 from saecache.harvest.hooks import HookPoint
 from saecache.harvest.store import Store
 
-ALL_ROWS = 1.0  # heldout fraction meaning "every context" (heldout_cutoff -> 0)
+ALL_ROWS = 1.0  # recorded heldout fraction meaning "every context" (`saecache import`)
 
 
 def open_store(url: str) -> Store:
@@ -50,10 +51,41 @@ def run_hooks(cfg: dict) -> tuple[str, str]:
     return hooks["in"], hooks.get("out") or hooks["in"]
 
 
-def heldout_fraction_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[float, str]:
-    """Check the run matches the store (hooks, widths, model) and say which rows are held out for it.
+def _split_records(run_dir: str, cfg: dict, store: Store) -> list[dict]:
+    """The run's split records (`harvest.split.split_record` per training store). A cfg.json from before split
+    identities has none: they are rebuilt from its training stores' headers when those open, and a store that
+    cannot be opened must be the one evaluated (same fingerprint), else evaluation refuses rather than guess."""
+    from saecache.harvest.split import dataset_identity
 
-    Returns (heldout fraction for `heldout_batches`, a sentence for the report)."""
+    out = []
+    for s in cfg.get("stores") or []:
+        if "split" in s:
+            out.append(s["split"])
+            continue
+        if s.get("fingerprint") == store.fingerprint():
+            trained = store
+        else:
+            try:
+                trained = Store.open(s["url"])
+            except (StoreError, OSError):
+                raise RunDirError(f"run {run_dir} records no held-out split identity (an older saecache) and its "
+                                  f"training store {s.get('url')} cannot be opened, so which rows of {store.url} "
+                                  "were held out is unknown; evaluate on the training store itself") from None
+        out.append({"dataset": dataset_identity(trained.header),
+                    "heldout_contexts": [int(s.get("heldout_from_context", trained.geometry.n_contexts)),
+                                         trained.geometry.n_contexts]})
+    return out
+
+
+def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tuple[int, int], str]:
+    """Check the run matches the store (hooks, widths, model) and say which contexts of it are held out for it.
+
+    Returns ((first context, end context), a sentence for the report). The split's identity (`harvest.split`) decides:
+    the recorded held-out range when the store holds the training data's contexts (whatever its fingerprint: a
+    finished `--allow-incomplete` store, a `copy --hooks` subset), every context of another dataset's store; a
+    training-data store without held-out contexts is refused, never widened."""
+    from saecache.harvest.split import heldout_range
+
     h_in, h_out = run_hooks(cfg)
     for h in dict.fromkeys((h_in, h_out)):
         if h not in store.hooks:
@@ -69,17 +101,18 @@ def heldout_fraction_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[fl
         raise RunDirError(f"run {run_dir} was made for model {cfg['model'].get('name')!r} (config hash "
                           f"{recorded[:12]}) but store {store.url} holds model {header_model.get('name')!r} "
                           f"({str(header_model.get('config_hash'))[:12]}): different models")
-    fp = store.fingerprint()
-    for s in cfg.get("stores") or []:
-        if s.get("fingerprint") == fp:
-            frac = float((cfg.get("heldout") or {}).get("fraction", 0.0))
-            if frac <= 0:
-                raise RunDirError(f"run {run_dir} was trained on all of {store.url} (heldout fraction 0): no held-out "
-                                  "rows; evaluate on another store of the same model")
-            if frac >= ALL_ROWS:  # recorded by `saecache import`: the store was only used to check widths
-                return ALL_ROWS, "every row of the store (the run was never trained on it)"
-            return frac, f"held-out contexts of the training store (last {frac:g} by context id)"
-    for s in cfg.get("stores") or []:  # another store: its model and hooks must be the training store's
+    n = store.geometry.n_contexts
+    if float((cfg.get("heldout") or {}).get("fraction", 0.0)) >= ALL_ROWS:  # `saecache import`: never trained here
+        return (0, n), "every row of the store (the run was never trained on it)"
+    rng = heldout_range(_split_records(run_dir, cfg, store), store)
+    if rng is not None:
+        c0, c1 = rng
+        if c0 >= c1:
+            raise RunDirError(f"store {store.url} holds the contexts run {run_dir} was trained on, but none of its "
+                              f"held-out ones (held out: contexts >= {c0}; the store has {n}); evaluate on the "
+                              "training store or on a store of another dataset")
+        return (c0, c1), f"held-out contexts {c0}..{c1 - 1} of the training data (by the run's split record)"
+    for s in cfg.get("stores") or []:  # another dataset: its model and hooks must be the training store's
         try:
             trained = Store.open(s["url"])
         except (StoreError, OSError):
@@ -92,7 +125,7 @@ def heldout_fraction_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[fl
             if (a.get("module"), a.get("io")) != (b.get("module"), b.get("io")):
                 raise RunDirError(f"hook {h!r} is {a.get('module')}:{a.get('io')} in the run's training store but "
                                   f"{b.get('module')}:{b.get('io')} in {store.url}: different hooks")
-    return ALL_ROWS, "every row of a store the run was not trained on"
+    return (0, n), "every row of a store of another dataset (none of it was trained on)"
 
 
 def hook_point(store: Store, name: str) -> HookPoint:
@@ -106,14 +139,14 @@ def layer_of(hook: str) -> str:
 
 
 @torch.no_grad()
-def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, frac: float, cfg: EvalConfig, device,
-                         keep_F: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, contexts: tuple[int, int], cfg: EvalConfig,
+                         device, keep_F: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies."""
-    from saecache.train.loader import heldout_batches
+    from saecache.harvest.split import context_batches
 
     acc = M.ReconAccumulator(sae.cfg.width)
     keep = None if keep_F is None else keep_F.to(device=device, dtype=torch.float32)
-    for batch in heldout_batches(store, list(dict.fromkeys((h_in, h_out))), frac, batch_size=cfg.batch_size,
+    for batch in context_batches(store, list(dict.fromkeys((h_in, h_out))), *contexts, batch_size=cfg.batch_size,
                                  max_rows=cfg.max_rows):
         x = batch[h_in].to(device)
         f = sae.encode(x)
@@ -123,13 +156,19 @@ def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, frac: float, 
     return acc.result(), acc.frequencies()
 
 
-def splice_contexts(store: Store, frac: float, n: int) -> torch.Tensor:
+def splice_contexts(store: Store, contexts: tuple[int, int], n: int) -> torch.Tensor:
     """The first `n` held-out contexts' token ids [C, T]."""
-    from saecache.train.loader import heldout_cutoff
-
-    c0 = heldout_cutoff(store, frac)
-    c1 = min(store.geometry.n_contexts, c0 + n)
+    c0 = contexts[0]
+    c1 = min(contexts[1], c0 + n)
     return torch.from_numpy(np.asarray(store.contexts(c0, c1)).astype(np.int64))
+
+
+def recorded_name(store: Store, name: str | None) -> str | None:
+    """A model or tokenizer name from the store header, as a directory valid from here when it names a local one (a
+    relative path typed elsewhere is looked up beside the store: `harvest.model.local_dir`)."""
+    from saecache.harvest.model import local_dir
+
+    return local_dir(name, store.loc.root if store.loc.local else None) or name
 
 
 def load_store_model(store: Store, cfg: EvalConfig):
@@ -137,7 +176,7 @@ def load_store_model(store: Store, cfg: EvalConfig):
     from saecache.harvest.model import config_hash, load_model
 
     m = store.header["model"]
-    name = cfg.model or m["name"]
+    name = cfg.model or recorded_name(store, m["name"])
     model, _, _ = load_model(name, revision=None if cfg.model else m.get("revision"), dtype=m.get("dtype", "float32"),
                              device=cfg.device)
     if config_hash(model.config) != m.get("config_hash"):
@@ -152,14 +191,14 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     fraction). Loss figures are added by `splice_variants`."""
     sae, rcfg = load_run_checked(run_dir, device)
     h_in, h_out = run_hooks(rcfg)
-    frac, rows_note = heldout_fraction_for(run_dir, rcfg, sae, store)
+    contexts, rows_note = heldout_contexts_for(run_dir, rcfg, sae, store)
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
     base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
             "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
             "rows": rows_note}
 
     def variant(keep_F, label):
-        stats, freq = reconstruction_stats(sae, store, h_in, h_out, frac, cfg, device, keep_F)
+        stats, freq = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, keep_F)
         row = {**base, **stats, "pruned": keep_F is not None,
                "n_pruned": 0 if keep_F is None else int((~keep_F).sum())}
         if keep_F is None:
@@ -167,7 +206,7 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
         else:
             kf = keep_F.to(device=device, dtype=torch.float32)
             recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
-        return {"row": row, "label": label, "freq": freq, "sae": sae, "frac": frac,
+        return {"row": row, "label": label, "freq": freq, "sae": sae, "contexts": contexts,
                 "reconstruct": lambda x: recon(x.to(device).float())}
 
     out = [variant(None, name)]
@@ -186,9 +225,9 @@ def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) 
     first = store.header["storage"]["first_position"]
     groups: dict[tuple, list[dict]] = {}
     for v in variants:
-        groups.setdefault((v["row"]["hook_out"], v["frac"]), []).append(v)
-    for (h_out, frac), vs in groups.items():
-        ids = splice_contexts(store, frac, cfg.n_contexts)
+        groups.setdefault((v["row"]["hook_out"], v["contexts"]), []).append(v)
+    for (h_out, contexts), vs in groups.items():
+        ids = splice_contexts(store, contexts, cfg.n_contexts)
         mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
         recons = {i: (v["reconstruct"], hook_point(store, v["row"]["hook_in"]) if v["row"]["hook_in"] != h_out
                       else None) for i, v in enumerate(vs)}
@@ -243,9 +282,10 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     by_hook: dict[str, list[str]] = {}
     for run_dir in cfg.run_dirs:  # fail fast, before loading the model, on any mismatch
         sae, rcfg = load_run_checked(run_dir)
-        heldout_fraction_for(run_dir, rcfg, sae, store)
+        heldout_contexts_for(run_dir, rcfg, sae, store)
         by_hook.setdefault(run_hooks(rcfg)[1], []).append(run_dir)
-    tok = load_tokenizer(cfg.tokenizer or store.header["tokenizer"]["name"], cfg.model) if cfg.html_features else None
+    tok = load_tokenizer(cfg.tokenizer or recorded_name(store, store.header["tokenizer"]["name"]), cfg.model) \
+        if cfg.html_features else None
     done: dict[str, list[dict]] = {}
     with torch_threads(cfg.threads):
         model = load_store_model(store, cfg) if cfg.splice else None

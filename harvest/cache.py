@@ -10,8 +10,8 @@ one-line `StoreError` instead of reaching the trainer (zarr alone would return z
 
 Why hand-written: fsspec's `filecache`/`blockcache` do not bound the cache in bytes, do not check content against our
 manifest, and `blockcache` fetches fixed-size blocks rather than the object (= one shard, the unit we checksum).
-`CachedShardArray` repeats the few lines of zarr v3 shard-index parsing that `saecache.train.shard_reader` has,
-because harvest must not import from train.
+`CachedShardArray` is the shard reader of `shards.py` over the cached files (one format reader, one bounded pool of
+open files for local and remote stores).
 
 Configuration (environment, read when the first remote store is opened; `CacheConfig` documents the fields):
 `SAECACHE_CACHE_DIR` (default `$XDG_CACHE_HOME/saecache/shards`, i.e. `~/.cache/saecache/shards`),
@@ -31,12 +31,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import crc32c
-import numcodecs
-import numpy as np
 
 from saecache.errors import ConfigError, StoreError
-
-_MISSING = np.uint64(2**64 - 1)
+from saecache.harvest.shards import ShardArray, ShardLayout, default_pool
 
 
 @dataclass(frozen=True)
@@ -161,6 +158,7 @@ class ShardCache:
                 os.remove(p)
             except FileNotFoundError:
                 pass
+            default_pool().forget(p)  # the shard readers' descriptor, so the disk space is freed
 
     def open(self, loc, store_id: str, key: str, want: dict) -> int:
         """An open read-only file descriptor of the cached object (caller closes it)."""
@@ -220,94 +218,31 @@ def default_cache() -> ShardCache | None:
         return _CACHES[cfg]
 
 
-def inner_decoder(codecs: list[dict]):
-    """numcodecs decoder of the inner codec chain (None for raw bytes); KeyError when we do not handle it."""
-    names = [c["name"] for c in codecs]
-    if names[0] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
-        raise KeyError("inner codecs must start with little-endian bytes")
-    if len(codecs) == 1:
-        return None
-    if len(codecs) == 2 and names[1] == "blosc":
-        return numcodecs.Blosc()
-    if len(codecs) == 2 and names[1] == "zstd":
-        return numcodecs.Zstd()
-    raise KeyError(f"unsupported codec chain {names}")
-
-
-class CachedShardArray:
-    """Inner-chunk reads of one `acts/<hook>` array of a remote store through the shard cache. Same `read_rows`
-    contract as `saecache.train.shard_reader.DirectArray`; never returns rows of a shard not in the manifest."""
-
-    def __init__(self, store, hook: str, cache: ShardCache, meta: dict):
-        shard = meta["codecs"][0]["configuration"]
-        self.store, self.hook, self.cache = store, hook, cache
-        self.store_id = store_cache_id(store.url)
-        self.shape = tuple(meta["shape"])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-        self.chunk_rows = shard["chunk_shape"][0]
-        self.n_inner = self.shard_rows // self.chunk_rows
-        self._decode = inner_decoder(shard["codecs"])
-        self._crc = any(c["name"] == "crc32c" for c in shard["index_codecs"])
-        self._index: dict[int, np.ndarray] = {}
+class CachedShardArray(ShardArray):
+    """Inner-chunk reads of one `acts/<hook>` array of a remote store through the shard cache: the shard reader of
+    `shards.py` over the cached files. Never returns rows of a shard not in the manifest."""
 
     @classmethod
     def open(cls, store, hook: str, cache: ShardCache) -> CachedShardArray | None:
         """The cached reader of `acts/<hook>`, or None when its layout is not the one saecache writes."""
-        raw = store.loc.get(f"acts/{hook}/zarr.json")
         try:
-            meta = json.loads(raw)
-            codecs = meta["codecs"]
-            if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-                return None
-            conf = codecs[0]["configuration"]
-            if (len(meta["shape"]) != 2 or conf["chunk_shape"][1] != meta["shape"][1]
-                    or conf.get("index_location", "end") != "end" or meta["chunk_key_encoding"]["name"] != "default"
-                    or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"
-                    or [c["name"] for c in conf["index_codecs"]] not in (["bytes"], ["bytes", "crc32c"])):
-                return None
-            return cls(store, hook, cache, meta)
-        except (KeyError, TypeError, ValueError):
+            layout = ShardLayout.parse(json.loads(store.loc.get(f"acts/{hook}/zarr.json")))
+        except (TypeError, ValueError):
             return None
+        if layout is None or layout.separator != "/":
+            return None
+        store_id = store_cache_id(store.url)
 
-    def _want(self, shard: int) -> tuple[str, dict]:
-        key = f"acts/{self.hook}/c/{shard}/0"
-        entry = self.store.manifest().get(shard)
-        if entry is None or key not in entry["objects"]:
-            raise StoreError(f"shard {shard} of {_safe(self.store.url)} is not complete (no manifest entry): refusing "
-                             "to read unwritten rows")
-        return key, entry["objects"][key]
+        def locate(shard: int) -> str:
+            key = f"acts/{hook}/{layout.key(shard)}"
+            entry = store.manifest().get(shard)
+            if entry is None or key not in entry["objects"]:
+                raise StoreError(f"shard {shard} of {_safe(store.url)} is not complete (no manifest entry): refusing "
+                                 "to read unwritten rows")
+            return cache.fetch(store.loc, store_id, key, entry["objects"][key])
 
-    def read_chunk(self, shard: int, inner: int) -> np.ndarray:
-        """Decoded inner chunk `inner` of shard `shard`, shape [chunk_rows, D]."""
-        key, want = self._want(shard)
-        fd = self.cache.open(self.store.loc, self.store_id, key, want)
-        try:
-            idx = self._index.get(shard)
-            if idx is None:
-                n = self.n_inner * 16 + (4 if self._crc else 0)
-                raw = os.pread(fd, n, want["nbytes"] - n)
-                if self._crc and crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                    raise StoreError(f"corrupt shard index in {key} of {_safe(self.store.url)}")
-                idx = np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
-                self._index[shard] = idx
-            out = np.empty((self.chunk_rows, self.shape[1]), dtype=self.dtype)
-            offset, nbytes = idx[inner]
-            if offset == _MISSING:  # written with write_empty_chunks, so only a damaged store has holes
-                raise StoreError(f"inner chunk {inner} of {key} in {_safe(self.store.url)} is missing from its "
-                                 "shard although the manifest lists the shard; run `saecache verify`")
-            raw = os.pread(fd, int(nbytes), int(offset))
-        finally:
-            os.close(fd)
-        if self._decode is None:
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-        else:
-            self._decode.decode(raw, out=out.reshape(-1).view(np.uint8))
-        return out
+        def missing(shard: int, path: str) -> Exception:
+            return StoreError(f"cannot keep acts/{hook}/{layout.key(shard)} of {_safe(store.url)} in the shard cache "
+                              f"{cache.cfg.dir}: it is evicted as soon as it is fetched; raise SAECACHE_CACHE_GB")
 
-    def read_rows(self, row0: int, n: int) -> np.ndarray:
-        """Rows [row0, row0+n) lying inside one inner chunk (aligned to chunk_rows)."""
-        shard, rem = divmod(row0, self.shard_rows)
-        inner, start = divmod(rem, self.chunk_rows)
-        assert start + n <= self.chunk_rows, "read_rows spans more than one inner chunk"
-        return self.read_chunk(shard, inner)[start:start + n]
+        return cls(layout, locate, f"acts/{hook} of {_safe(store.url)}", missing=missing, attempts=3)

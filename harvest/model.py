@@ -54,6 +54,23 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def local_dir(name: str | None, near: str | None = None) -> str | None:
+    """The local directory a model or tokenizer name recorded in a store header refers to, or None (a Hub name, or
+    gone). A header keeps the path as it was typed, relative to wherever the harvest ran: it is tried from here, then
+    under the directory `near` (the store's own, when local) and each of its parents."""
+    if not name:
+        return None
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    d = os.path.abspath(near) if near and not os.path.isabs(path) else None
+    while d:
+        if os.path.isdir(os.path.join(d, path)):
+            return os.path.join(d, path)
+        d = os.path.dirname(d) if os.path.dirname(d) != d else None
+    return None
+
+
 def _looks_like_path(name: str) -> bool:
     """Hub names are `name` or `owner/name`; anything else (./x, /x, ~/x, a/b/c, a\\b) can only be a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name

@@ -6,20 +6,21 @@ import json
 
 import click
 
-from saecache.harvest.cli import _split, _storage_options
+from saecache.harvest.cli import _storage_options
+from saecache.harvest.copy import CopyConfig
+from saecache.options import config_options
 
 
 @click.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--hooks", default=None, help="Comma-separated hooks to copy (a derived store); default: all.")
+@config_options(CopyConfig, only=("hooks", "threads"))
 @click.option("--src-option", "-S", multiple=True, metavar="KEY=VALUE",
               help="fsspec option of SRC, e.g. endpoint_url=http://127.0.0.1:9000, anon=true, profile=team")
 @click.option("--dst-option", "-D", multiple=True, metavar="KEY=VALUE", help="fsspec option of DST (as -S).")
-@click.option("--threads", default=4, show_default=True, type=int, help="Shards copied concurrently.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def copy(src: str, dst: str, hooks: str | None, src_option: tuple[str, ...], dst_option: tuple[str, ...],
+def copy(src: str, dst: str, hooks: tuple[str, ...] | None, src_option: tuple[str, ...], dst_option: tuple[str, ...],
          threads: int, as_json: bool, quiet: bool) -> None:
     """Copy a store (or some of its hooks) from SRC to DST: local directories or URLs (s3://, gs://, hf://).
 
@@ -29,9 +30,9 @@ def copy(src: str, dst: str, hooks: str | None, src_option: tuple[str, ...], dst
     """
     from tqdm import tqdm
 
-    from saecache.harvest.copy import CopyConfig, copy_store
+    from saecache.harvest.copy import copy_store
 
-    cfg = CopyConfig(src=src, dst=dst, hooks=_split(hooks) if hooks is not None else None,
+    cfg = CopyConfig(src=src, dst=dst, hooks=hooks,
                      src_options=_storage_options(src_option), dst_options=_storage_options(dst_option),
                      threads=threads)
     with tqdm(unit="shard", desc="copy", disable=quiet) as bar:

@@ -268,6 +268,13 @@ class Store:
         self.manifest()
         return self._objects
 
+    def restrict_to_shards(self, shards) -> None:
+        """Read only these published shards from now on (a DDP run's ranks agree on rank 0's view of a store that is
+        still being harvested); every one must be in this process's manifest."""
+        m = self.manifest()
+        self._manifest = {s: m[s] for s in shards}
+        self._objects = {k: v for e in self._manifest.values() for k, v in e["objects"].items()}
+
     def complete_shards(self, refresh: bool = False) -> list[int]:
         return sorted(s for s in self.manifest(refresh) if s < self.geometry.n_shards)
 

@@ -20,6 +20,7 @@ import zarr
 from saecache import __version__
 from saecache.errors import StoreError
 from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels
+from saecache.harvest.model import local_dir
 from saecache.harvest.store import (
     BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, Geometry, Store, _Location, aggregate_stats, checksum,
     check_format_version, claim_key, compute_fingerprint, final_key, manifest_key, parse_record, record_bytes,
@@ -40,6 +41,23 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _identity(header: dict, near: str | None) -> dict:
+    """What the same-configuration check compares: the header minus the paths as typed, which stay in the store as
+    provenance only. Text is known by its content fingerprint; a local model directory by its config hash (the
+    tokenizer by its vocabulary and special ids); a Hub model still by its name and revision."""
+    h = json.loads(json.dumps(header))
+    h.get("dataset", {}).pop("spec", None)
+    h.get("config", {}).pop("dataset", None)
+    model = h.get("model", {})
+    if local_dir(model.get("name"), near):
+        tok = h.get("tokenizer", {})
+        if tok.get("name") == model.get("name"):
+            tok.pop("name")
+        model.pop("name", None)
+        h.get("config", {}).pop("model", None)
+    return h
+
+
 class StoreWriter:
     """Writes shards of one store. Several writers (processes, machines) may write disjoint shards concurrently."""
 
@@ -50,7 +68,7 @@ class StoreWriter:
         self._probe_writable()
         self._create_or_validate()
         self.group = zarr.open_group(store=self.loc.zarr_store(), mode="r+", zarr_format=3)
-        self.store = Store(self.loc, header)
+        self.store = Store(self.loc, self.header)
         self.claim_id = uuid.uuid4().hex
 
     # -- creation
@@ -89,9 +107,12 @@ class StoreWriter:
                              f"saecache reads but does not extend (it writes version {self.header['format_version']}); "
                              "harvest to a new --out")
         if found != self.header:
-            diff = ", ".join(_diff_keys(found, self.header)[:8])
-            raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: {diff});"
-                             " rerun with the original settings or write to a new --out")
+            near = self.loc.root if self.loc.local else None
+            diff = ", ".join(_diff_keys(_identity(found, near), _identity(self.header, near))[:8])
+            if diff:
+                raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: "
+                                 f"{diff}); rerun with the original settings or write to a new --out")
+            self.header = found  # the same model and data under other paths: the store keeps its header as created
 
     def _create(self) -> None:
         h, g = self.header, self.geometry

@@ -66,3 +66,68 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, t
     for n in names:
         assert (tmp_path / "two" / n / rundir.WEIGHTS_FILE).read_bytes() == whole[n]
         assert (tmp_path / "two" / n / rundir.METRICS_FILE).read_text() == metrics[n]
+
+
+AGREE_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from saecache.harvest.store import Store
+from saecache.train import ddp
+from saecache.train.chunks import training_units
+
+path, path_rank1, hidden, agree = sys.argv[1:5]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+st = Store.open(path if rank == 0 else path_rank1)
+if rank == 1:
+    st.manifest()  # rank 1 lists the manifest before the harvest publishes its next shards
+dist.barrier()
+if rank == 0:  # the harvest publishes them (their objects are already written)
+    for name in os.listdir(hidden):
+        os.replace(os.path.join(hidden, name), os.path.join(path, "_manifest", name))
+dist.barrier()
+seen = len(st.complete_shards())
+try:
+    if agree == "agree":
+        ddp.agree_on_shards([st])
+    units = [[u.row0, u.n] for u in training_units([st], 0.05)]
+    print("@@" + json.dumps({"rank": rank, "seen": seen, "units": units}), flush=True)
+except Exception as e:
+    print("@@" + json.dumps({"rank": rank, "error": f"{type(e).__name__}: {e}"}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _incomplete_copy(src, dst, hidden, keep: int):
+    """A real copy of the store whose shards >= keep are not published yet (manifest entries moved to `hidden`)."""
+    shutil.copytree(src, dst)
+    os.remove(dst / "_final.json")
+    hidden.mkdir(exist_ok=True)
+    for name in sorted(os.listdir(dst / "_manifest"))[keep:]:
+        os.replace(dst / "_manifest" / name, hidden / name)
+
+
+def _agree(tmp_path, path, path_rank1, hidden, mode):
+    (tmp_path / "agree.py").write_text(AGREE_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "agree.py"), str(path), str(path_rank1), str(hidden), mode],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    out = sorted((json.loads(x[2:]) for x in r.stdout.splitlines() if x.startswith("@@")), key=lambda d: d["rank"])
+    assert len(out) == 2, r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_of_an_allow_incomplete_run_train_from_the_shards_rank_0_sees(tiny_store, tmp_path):
+    """A harvest publishes shards between the ranks' manifest reads: each rank saw its own set, so ranks trained from
+    different data; now rank 0 decides and the other follows. A rank that cannot see rank 0's shards even after
+    re-listing (it reads another copy) stops the run with one line on every rank."""
+    _incomplete_copy(tiny_store, tmp_path / "s.zarr", tmp_path / "hidden", keep=10)
+    r0, r1 = _agree(tmp_path, tmp_path / "s.zarr", tmp_path / "s.zarr", tmp_path / "hidden", "agree")
+    assert (r0["seen"], r1["seen"]) == (16, 10)  # each rank's own listing: 16 and 10 shards published
+    assert r0["units"] == r1["units"] and len(r0["units"]) > 10 * 4  # both train from rank 0's 16
+    _incomplete_copy(tiny_store, tmp_path / "a.zarr", tmp_path / "h3", keep=12)
+    _incomplete_copy(tiny_store, tmp_path / "b.zarr", tmp_path / "h4", keep=12)
+    r0, r1 = _agree(tmp_path, tmp_path / "a.zarr", tmp_path / "b.zarr", tmp_path / "h3", "agree")
+    assert "does not see shard(s) 12, 13, 14, 15" in r1["error"] and "\n" not in r1["error"]
+    assert "StoreError" in r0["error"]

@@ -261,3 +261,27 @@ def test_one_line_errors(runs, tiny_store, tmp_path, capsys):
     one_line_error(["import", narrow, "--out", tmp_path / "r3", "--hook", "mlp_out.0", "--store", tiny_store], capsys,
                    "width 32")
     assert not (tmp_path / "r3").exists()
+
+
+def test_evaluate_from_another_directory_finds_the_model(tmp_path, tiny_model_dir, tiny_corpus, capsys, monkeypatch):
+    """The store header names the model as typed (`model`, relative to where the harvest ran); evaluate run from
+    elsewhere finds it beside the store, for the loss figures and the feature pages' tokenizer."""
+    from _store import harvest_tiny
+
+    from saecache.train.config import SAESpec, TrainConfig
+    from saecache.train.trainer import run_training
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "model")
+    monkeypatch.chdir(work)
+    harvest_tiny("store.zarr", "model", tiny_corpus, hooks=("mlp_out.0",), tokens=2048, ctx_per_chunk=16)
+    run, = run_training(TrainConfig(stores=["store.zarr"], out="runs", steps=3, batch_size=64, warmup_steps=1,
+                                    heldout_fraction=HELDOUT, progress=False, device="cpu",
+                                    saes=[SAESpec(arch="topk", width=64, hook_in="mlp_out.0", k=4, name="t")]))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["evaluate", work / run, "--store", work / "store.zarr", "--out", tmp_path / "eval",
+                              "--n-contexts", "4", "--no-histograms", "--html-features", "2", "--device", "cpu"],
+                             capsys)
+    assert code == 0, err
+    row, = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert math.isfinite(row["ce_spliced"]) and (tmp_path / "eval" / "features-t.html").exists()

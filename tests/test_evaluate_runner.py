@@ -172,3 +172,39 @@ def test_statistics_only_report_without_the_model(identity_and_zero, tiny_store,
     lines = [line for line in md.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| Run | Layer | MSE Loss | L1 loss | L0 | % Alive | % Loss Recovered |")
     assert len(lines) == 4 and all(line.split("|")[7].strip() == "—" for line in lines[2:])
+
+
+@pytest.mark.slow
+def test_a_derived_store_of_the_training_data_is_evaluated_on_the_held_out_contexts_only(tiny_store, tiny_model_dir,
+                                                                                        tiny_corpus, tmp_path):
+    """Train on tiny_store with a held-out cut; copy it with `copy --hooks` (a new fingerprint). Evaluation on the
+    copy reads exactly the run's held-out contexts, by the split identity recorded in cfg.json (the old runner went by
+    fingerprint and fell back to every row, training rows included). A store of the same data holding none of the
+    held-out contexts is refused rather than widened."""
+    from _store import harvest_tiny
+    from saecache.harvest.copy import CopyConfig, copy_store
+    from saecache.harvest.split import heldout_cutoff
+    from saecache.harvest.store import Store
+    from saecache.train.config import TrainConfig
+    from saecache.train.trainer import run_training
+
+    torch.set_num_threads(1)
+    (run,) = run_training(TrainConfig(stores=[str(tiny_store)], out=str(tmp_path / "run"), steps=2, batch_size=64,
+                                      heldout_fraction=0.1, progress=False,
+                                      saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 32, "k": 4}]))
+    copy = tmp_path / "copy.zarr"
+    copy_store(CopyConfig(src=str(tiny_store), dst=str(copy), hooks=("mlp_out.0",), threads=1))
+    st, cp = Store.open(str(tiny_store)), Store.open(str(copy))
+    assert cp.fingerprint() != st.fingerprint()
+    cut = heldout_cutoff(st, 0.1)
+    ctx = np.asarray(zarr.open_group(str(tiny_store), mode="r")["rows/context"][:])
+    (row,) = evaluate([run], copy, tmp_path / "eval", splice=False)
+    assert row["n_rows"] == int((ctx >= cut).sum()) < len(ctx)
+    assert f"held-out contexts {cut}.." in row["rows"]
+    (same,) = evaluate([run], tiny_store, tmp_path / "eval2", splice=False)
+    assert same["n_rows"] == row["n_rows"] and same["mse"] == pytest.approx(row["mse"])
+    # a store of the same data that stops before the cut: nothing held out in it -> refused
+    short = harvest_tiny(tmp_path / "short.zarr", tiny_model_dir, tiny_corpus, tokens=2048)
+    with pytest.raises(RunDirError, match="none of its held-out ones") as e:
+        evaluate([run], short, tmp_path / "eval3", splice=False)
+    assert "\n" not in str(e.value)

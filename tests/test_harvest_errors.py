@@ -141,3 +141,31 @@ def test_disk_full_one_line_and_published_shards_intact(tmp_path, tiny_model_dir
     problems = verify_store(str(copy))
     assert all("missing (no manifest" in pr for pr in problems)  # published shards all verify
     json.loads((copy / "zarr.json").read_text())
+
+
+def test_same_model_and_text_under_other_paths_is_the_same_store(capsys, tmp_path, tiny_model_dir, tiny_corpus,
+                                                                  monkeypatch):
+    """A local model is known by its config hash and local text by its fingerprint, not by the path as typed: a store
+    harvested with paths relative to one directory is resumed with absolute paths from another (a no-op on a complete
+    store, the typed paths kept as provenance), while a model with another config is still refused."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "assets" / "model")
+    shutil.copy(tiny_corpus, work / "assets" / tiny_corpus.name)
+    monkeypatch.chdir(work)
+    assert main(base_args("store.zarr", "assets/model", f"assets/{tiny_corpus.name}")) is None
+    files = lambda: {p: p.read_bytes() for p in (work / "store.zarr").rglob("*")  # noqa: E731
+                     if p.is_file() and "_claims" not in p.parts}
+    before = files()
+    monkeypatch.chdir(tmp_path)
+    assert main(base_args(work / "store.zarr", work / "assets" / "model", work / "assets" / tiny_corpus.name)) is None
+    assert files() == before
+    header = Store.open(str(work / "store.zarr")).header
+    assert header["model"]["name"] == "assets/model" and header["dataset"]["spec"] == f"assets/{tiny_corpus.name}"
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "layer_norm_eps": 1e-6}))
+    code, err = run_main(capsys, base_args(work / "store.zarr", other, work / "assets" / tiny_corpus.name))
+    assert_one_line(code, err, "different configuration", "model.config_hash")
+    assert files() == before

@@ -11,9 +11,9 @@ import zarr
 
 from _store import harvest_tiny
 from saecache.errors import ConfigError, StoreError
+from saecache.harvest.shards import ShardArray
 from saecache.harvest.store import Store
 from saecache.train.loader import Loader, heldout_batches, heldout_cutoff, open_stores
-from saecache.train.shard_reader import DirectArray
 
 HOOKS = ["mlp_in.0", "mlp_out.0", "mlp_out.1"]
 
@@ -216,7 +216,7 @@ def test_direct_shard_reader_returns_exactly_what_zarr_returns(which, tiny_store
     g = st.geometry
     for hook in HOOKS:
         z = zarr.open_array(str(path / "acts" / hook), mode="r", zarr_format=3)
-        direct = DirectArray.open(str(path / "acts" / hook))
+        direct = ShardArray.open(str(path / "acts" / hook))
         assert direct is not None and (direct._decode is None) == (which == "raw")
         for s in range(g.n_shards):
             for c in range(g.chunks_per_shard):
@@ -235,10 +235,10 @@ def test_direct_reader_refuses_a_missing_shard_file_instead_of_returning_zeros(r
     broken = tmp_path / "broken.zarr"
     shutil.copytree(raw_store, broken)
     arr_dir = broken / "acts" / "mlp_out.0"
-    direct = DirectArray.open(str(arr_dir))
+    direct = ShardArray.open(str(arr_dir))
     assert direct.read_rows(direct.shard_rows, direct.chunk_rows).any()  # shard 1 reads fine while present
     (arr_dir / "c" / "1" / "0").unlink()
-    fresh = DirectArray.open(str(arr_dir))
+    fresh = ShardArray.open(str(arr_dir))
     with pytest.raises(StoreError, match="missing") as e:
         fresh.read_rows(fresh.shard_rows, fresh.chunk_rows)
     assert "\n" not in str(e.value)
@@ -267,7 +267,7 @@ def test_background_prefetch_serves_the_same_batches_and_passes_read_errors_on(t
         f.write_bytes(bytes(data))
     loader = Loader(open_stores([str(bad)], ["mlp_out.0"]), ["mlp_out.0"], 256, seed=4)
     loader._gen = loader._prefetched()
-    with pytest.raises(OSError, match="corrupt shard index"):
+    with pytest.raises(StoreError, match="corrupt shard index"):
         next(loader)
 
 
@@ -295,14 +295,14 @@ def test_uncompressed_store_is_served_from_the_mapped_files_exactly(raw_store, t
             for b in got:
                 assert np.array_equal(b[h].numpy(), acts[b["row"].numpy()].astype(b[h].numpy().dtype))
 
-    direct = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    direct = ShardArray.open(str(raw_store / "acts" / "mlp_out.0"))
     view = direct.chunk_view(0, 0)
     want = _all_rows(raw_store, "mlp_out.0")[:direct.chunk_rows]
     assert np.array_equal(view, want)
     view[:] = 0  # a private mapping: the file keeps its bytes
-    fresh = DirectArray.open(str(raw_store / "acts" / "mlp_out.0"))
+    fresh = ShardArray.open(str(raw_store / "acts" / "mlp_out.0"))
     assert np.array_equal(fresh.read_rows(0, direct.chunk_rows), want) and want.any()
-    assert DirectArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode
+    assert ShardArray.open(str(tiny_store / "acts" / "mlp_out.0")).chunk_view(0, 0) is None  # compressed: decode
 
 
 def test_run_plan_serves_every_row_once_in_runs_cut_differently_each_time():

@@ -5,6 +5,7 @@ formats, resample=true without resample_steps, LR decay with a resampled SAE).""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -262,3 +263,50 @@ def test_run_dir_from_before_per_sae_resampling_and_runs_is_refused(capsys, tiny
     before = _tree(tmp_path / "out")
     _fails(capsys, *argv, match="was started with a different config (differs in saes, shuffle_run)")
     assert _tree(tmp_path / "out") == before
+
+
+# ---- the first hour (issue 14): defaults that let `saecache train --store S --steps N` just work
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """One hook, 1024 rows in two inner chunks of 512: fewer chunks than the 8 default partitions."""
+    from _store import harvest_tiny
+
+    return harvest_tiny(tmp_path_factory.mktemp("small") / "store.zarr", tiny_model_dir, tiny_corpus,
+                        hooks=("mlp_out.0",), tokens=1024, ctx_per_chunk=16, chunks_per_shard=4)
+
+
+def test_topk_without_k_uses_the_default_k(capsys, tiny_store, tmp_path):
+    argv = base(tiny_store, tmp_path / "out")
+    i = argv.index("--k")
+    code, out, err = _run(capsys, *argv[:i], *argv[i + 2:])
+    assert code == 0, err
+    run = Path(out.strip())
+    assert run.name == "topk-mlp_out.0-64-k32"
+    assert json.loads((run / "cfg.json").read_text())["train"]["saes"][0]["k"] == 32
+
+
+def test_the_store_s_only_hook_is_the_default(capsys, small_store, tiny_store, tmp_path):
+    code, out, err = _run(capsys, "--store", small_store, "--out", tmp_path / "out", "--steps", "2",
+                          "--batch-size", "64", "--width", "64", "--no-progress")
+    assert code == 0, err
+    assert Path(out.strip()).name == "topk-mlp_out.0-64-k32"
+    _fails(capsys, "--store", tiny_store, "--out", tmp_path / "o2", "--steps", "2", "--width", "64",
+           match="no SAE to train: store " + str(tiny_store) + " has hooks mlp_in.0, mlp_out.0, mlp_out.1; pass --hook")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_a_store_with_fewer_chunks_than_partitions_still_trains(capsys, small_store, tmp_path):
+    """1024 rows in 2 inner chunks and 8 partitions: each partition gets pieces of the chunks instead of nothing."""
+    code, out, err = _run(capsys, *base(small_store, tmp_path / "out", "--batch-size", "256", "--steps", "6"))
+    assert code == 0, err
+    metrics = [json.loads(x) for x in (Path(out.strip()) / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in metrics if "step" in m) >= 5
+
+
+def test_too_few_rows_names_a_batch_size_that_works(capsys, small_store, tmp_path):
+    line = _fails(capsys, *base(small_store, tmp_path / "out", "--batch-size", "2048"), match="too few training rows")
+    fits = int(re.search(r"use --batch-size (\d+) or less", line).group(1))
+    assert 0 < fits <= 1024 and fits % 8 == 0
+    code, out, err = _run(capsys, *base(small_store, tmp_path / "out", "--batch-size", str(fits)))
+    assert code == 0, err

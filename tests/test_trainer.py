@@ -235,3 +235,26 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
     assert [s.lr for s in mine.saes] == [1e-3, 5e-5] and mine.saes[0].options["threshold_start_step"] == 100
     with pytest.raises(ConfigError, match="threshold_start_step 300 is not below the run's 300 steps"):
         TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=[{**saes[0], "options": {"threshold_start_step": 300}}])
+
+
+def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monkeypatch):
+    """tiny_store keeps position 0 (its contexts start with BOS): by default no SAE step sees a BOS row, the batch
+    trains on its other rows, and cfg.json says so; exclude_bos=False trains on every row."""
+    from saecache.train import trainer
+
+    seen, real = [], trainer.train_step
+
+    def spy(m, batch, *a, **kw):
+        seen.append((batch.get("position"), batch[m.spec.hook_in].shape[0]))
+        return real(m, batch, *a, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    (run,) = run_training(small_cfg(tiny_store, tmp_path / "a", steps=3, saes=[dict(arch="topk", hook_in="mlp_out.0",
+                                                                                     width=64, k=4)]))
+    assert len(seen) == 3
+    assert all(p is not None and bool((p != 0).all()) and n == len(p) < 256 for p, n in seen)
+    assert rundir.read_cfg(run)["train"]["exclude_bos"] is True
+    seen.clear()
+    run_training(small_cfg(tiny_store, tmp_path / "b", steps=3, exclude_bos=False,
+                           saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4)]))
+    assert [n for _, n in seen] == [256] * 3 and all(p is None for p, _ in seen)

@@ -10,7 +10,6 @@ storage-bits → float cast, and `heldout_batches` (the held-out rows in storage
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ import torch
 
 from saecache.errors import StoreError
 from saecache.harvest.quant import decode
+from saecache.harvest.shards import ShardArray
+from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
 from saecache.harvest.store import Store
-from saecache.train.shard_reader import DirectArray
 
 # per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
 # index inside its store) and "store" (the index of its store in the loader's list)
@@ -45,12 +45,6 @@ class Unit:
     @property
     def rows(self) -> int:
         return self.n if self.keep is None else len(self.keep)
-
-
-def heldout_cutoff(store: Store, heldout_fraction: float) -> int:
-    """First held-out context id: contexts ``[cutoff, n_contexts)`` are never trained on."""
-    n = store.geometry.n_contexts
-    return n - (math.ceil(heldout_fraction * n) if heldout_fraction > 0 else 0)
 
 
 def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True) -> list[Store]:
@@ -94,6 +88,24 @@ def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
     return units
 
 
+def split_units(units: list[Unit], pieces: int) -> list[Unit]:
+    """Each unit cut into ``pieces`` runs of adjacent rows (the last pieces may be shorter or absent): what lets a
+    small store, with fewer inner chunks than a batch's partitions need, still feed every partition. A piece still
+    decodes its whole inner chunk, so this is only for stores too small to train otherwise."""
+    out = []
+    for u in units:
+        step = -(-u.n // pieces)
+        for a in range(0, u.n, step):
+            b = min(a + step, u.n)
+            if u.keep is None:
+                out.append(Unit(u.src, u.row0 + a, b - a))
+            else:
+                keep = u.keep[(u.keep >= a) & (u.keep < b)] - a
+                if len(keep):
+                    out.append(Unit(u.src, u.row0 + a, b - a, keep))
+    return out
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Torch CPU ops inside run on the calling thread only (main thread; elsewhere a no-op), the thread count is
@@ -120,14 +132,15 @@ def to_float(a: np.ndarray, logical: str, dtype: torch.dtype, d: int | None = No
 
 
 class ChunkReader:
-    """Reads units of one store for a set of hooks; direct shard reader on local disk, zarr otherwise."""
+    """Reads units of one store for a set of hooks: the shard reader (`harvest/shards.py`) over local files or the
+    remote store's verified cache, zarr otherwise."""
 
     def __init__(self, store: Store, hooks: list[str], direct: bool):
         self.store = store
         self.direct = {}
         for h in hooks:
             arr = None if h in META or not direct else (  # remote stores: the verified local shard cache
-                DirectArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
+                ShardArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
             self.direct[h] = arr
         if store.loc.local:
             self._check_files(store, hooks)
@@ -145,16 +158,18 @@ class ChunkReader:
 
     @staticmethod
     def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:
-        """(shard, inner chunk) when ``unit`` is one whole inner chunk of a local direct-read array, else None."""
-        if unit.keep is not None or not isinstance(arr, DirectArray) or unit.n != arr.chunk_rows:
+        """(shard, inner chunk) when ``unit`` is one whole inner chunk of a shard-read array, else None."""
+        if unit.keep is not None or arr is None or unit.n != arr.chunk_rows:
             return None
         shard, rem = divmod(unit.row0, arr.shard_rows)
         return shard, rem // arr.chunk_rows
 
     def views(self, unit: Unit) -> dict[str, np.ndarray]:
         """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
-        whole chunk). Cheap: nothing is read here."""
+        whole chunk). Cheap: nothing is read here (a remote store's files may first need a download: none)."""
         out = {}
+        if not self.store.loc.local:
+            return out
         for h, arr in self.direct.items():
             where = self._whole_chunk(unit, arr)
             view = arr.chunk_view(*where) if where else None
@@ -190,28 +205,11 @@ class ChunkReader:
 
 def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,
                     dtype: torch.dtype = torch.float32, max_rows: int | None = None):
-    """Yield the held-out rows (contexts ``>= heldout_cutoff``) in storage order, for evaluation:
-    ``{hook: [b, D] tensor, "context": [b] int64, "position": [b] int64, "token": [b] int64}``."""
+    """Yield the held-out rows (contexts ``>= heldout_cutoff``, the rule of `saecache.harvest.split`) in storage
+    order: ``{hook: [b, D] tensor, "context": [b] int64, "position": [b] int64, "token": [b] int64}``."""
     from saecache.errors import ConfigError
 
-    g, cut, served = store.geometry, heldout_cutoff(store, heldout_fraction), 0
-    if cut >= g.n_contexts:
+    cut = heldout_cutoff(store, heldout_fraction)
+    if cut >= store.geometry.n_contexts:
         raise ConfigError("heldout_fraction is 0: the run has no held-out rows; evaluate on another store")
-    for s in store.complete_shards():
-        if g.shard_contexts(s)[1] <= cut:
-            continue
-        r0, r1 = g.shard_row_range(s)
-        meta = store.read_meta(r0, r1)
-        keep = np.flatnonzero(meta["context"] >= cut)
-        for i in range(0, len(keep), batch_size):
-            idx = keep[i:i + batch_size]
-            if max_rows is not None:
-                idx = idx[:max_rows - served]
-            lo, hi = int(idx[0]), int(idx[-1]) + 1
-            out = {h: to_float(store.read_acts(h, r0 + lo, r0 + hi)[idx - lo], store.logical_dtype, dtype,
-                               store.hooks[h]["d"]) for h in hooks}
-            out.update({k: torch.from_numpy(meta[k][idx].astype(np.int64)) for k in ("context", "position", "token")})
-            yield out
-            served += len(idx)
-            if max_rows is not None and served >= max_rows:
-                return
+    yield from context_batches(store, hooks, cut, store.geometry.n_contexts, batch_size, dtype, max_rows)

@@ -1,13 +1,16 @@
 """`saecache train`: builds a `TrainConfig` from flags or a JSON file and runs it (resuming when the run dir exists).
 
-Repeated `--hook`, `--width`, `--k` and `--coeff` flags make a sweep over their product, trained from one read of
-the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...) apply to every SAE of it.
-`--config sweep.json` holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on the command
-line override the file's top-level fields.
+The flags are generated from `TrainConfig` and `SAESpec` (`saecache.options`): one flag per field, with the field's
+docstring and default. Repeated `--hook`, `--width`, `--k` and `--coeff` flags make a sweep over their product,
+trained from one read of the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...)
+apply to every SAE of it. Without `--hook`, a store with a single hook trains on that hook. `--config sweep.json`
+holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on the command line override the
+file's top-level fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -15,20 +18,39 @@ import os
 import click
 
 from saecache.errors import ConfigError
+from saecache.options import config_options
+from saecache.train.config import AUTOCAST, LOG_BACKENDS, SAESpec, TrainConfig
 
-_OVERRIDES = {  # flag name -> TrainConfig field
-    "store": "stores", "out": "out", "seed": "seed", "seeds": "seeds", "batch_size": "batch_size", "tokens": "total_tokens",
-    "steps": "steps", "lr": "lr", "warmup": "warmup_steps", "decay_start": "decay_start",
-    "sparsity_warmup": "sparsity_warmup_steps", "resample_steps": "resample_steps",
-    "resample_window": "resample_window", "checkpoint_every": "checkpoint_every", "heldout": "heldout_fraction",
-    "partitions": "partitions", "reader_threads": "reader_threads", "autocast": "autocast", "device": "device",
-    "log": "log", "log_every": "log_every", "allow_incomplete": "allow_incomplete",
-}
+SWEEP = ("hook_in", "width", "k", "coeff")  # repeatable SAE flags: the sweep is their product
+SAE_FLAGS = (*SWEEP, "hook_out", "arch", "penalty", "resample", "options")
+_FLAG = {"hook_in": "--hook", "options": "--sae-options"}
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "saes")
 
 
-def build_config(opts: dict):
-    from saecache.train.config import TrainConfig
+class _Json(click.ParamType):
+    name = "JSON"
 
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--sae-options is not valid JSON ({e}); e.g. '{{\"auxk_alpha\": 0.03}}'") from None
+
+
+def default_hooks(stores: list[str]) -> tuple[str, ...]:
+    """The hook to train when none is given: the first store's only hook; with several, an error listing them."""
+    from saecache.harvest.store import Store
+
+    hooks = sorted(Store.open(stores[0]).hooks)
+    if len(hooks) != 1:
+        raise ConfigError(f"no SAE to train: store {stores[0]} has hooks {', '.join(hooks)}; pass --hook (repeat "
+                          "it for several) or a --config with `saes`")
+    return tuple(hooks)
+
+
+def build_config(opts: dict) -> TrainConfig:
     base: dict = {}
     if opts.get("config"):
         try:
@@ -38,71 +60,38 @@ def build_config(opts: dict):
             raise ConfigError(f"cannot read --config {opts['config']}: {e}")
         if not isinstance(base, dict):
             raise ConfigError(f"--config {opts['config']} must hold a JSON object of TrainConfig fields")
-    for flag, fld in _OVERRIDES.items():
-        v = opts.get(flag)
-        if v is not None and v != () and not (flag == "allow_incomplete" and not v):
-            base[fld] = list(v) if isinstance(v, tuple) else v
-    if opts.get("no_progress"):
-        base["progress"] = False
-    if opts.get("hook"):
-        if base.get("saes"):
-            raise ConfigError("give the SAEs either with --hook/--arch/--width flags or in the config's `saes`")
-        try:
-            options = json.loads(opts["sae_options"]) if opts.get("sae_options") else {}
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--sae-options is not valid JSON ({e}); e.g. '{{\"auxk_alpha\": 0.03}}'") from None
-        base["saes"] = [dict(arch=opts["arch"], hook_in=h, hook_out=opts.get("hook_out"), width=w, k=k,
-                             penalty=opts.get("penalty"), coeff=c, resample=opts.get("resample"), options=options)
-                        for h, w, k, c in itertools.product(opts["hook"], opts["width"] or (4096,),
-                                                            opts["k"] or (None,), opts["coeff"] or (None,))]
-    elif opts.get("resample") is not None:
-        raise ConfigError("--resample/--no-resample applies to SAEs given with --hook; in a --config, set `resample` "
-                          "in each entry of `saes`")
+    for name in RUN_FIELDS:  # flags given on the command line override the file
+        v = opts.get(name)
+        if v is not None and v != ():
+            base[name] = list(v) if isinstance(v, tuple) else v
     for need, flag in (("stores", "--store"), ("out", "--out")):
         if not base.get(need):
             raise ConfigError(f"missing {flag}")
-    if not base.get("saes"):
-        raise ConfigError("no SAE to train: pass --hook (with --arch/--width/--k) or a --config with `saes`")
+    sae = {k: opts[k] for k in SAE_FLAGS if opts.get(k) not in (None, ())}
+    if base.get("saes") and sae:
+        given = ["--resample/--no-resample" if k == "resample" else _FLAG.get(k, "--" + k.replace("_", "-"))
+                 for k in sae]
+        raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SAEs given with --hook; "
+                          "with a --config that has `saes`, set it in each entry of `saes`")
     if base.get("total_tokens") is None and base.get("steps") is None:
         raise ConfigError("give the training length: --tokens N or --steps N")
+    if not base.get("saes"):
+        if "hook_in" not in sae:
+            sae["hook_in"] = default_hooks(base["stores"])
+        sweep = {k: sae.pop(k) for k in SWEEP if k in sae}
+        base["saes"] = [{**sae, **dict(zip(sweep, values))} for values in itertools.product(*sweep.values())]
     return TrainConfig.from_dict(base)
 
 
 @click.command("train")
-@click.option("--store", multiple=True, help="Store path or URL (repeat to mix several stores).")
-@click.option("--out", help="Run root; each SAE gets RUN_ROOT/<name>/. Rerunning the same command resumes.")
-@click.option("--config", "config", type=click.Path(dir_okay=False), help="JSON file of TrainConfig fields.")
-@click.option("--hook", multiple=True, help="Input hook, e.g. mlp_out.0 (repeat for a sweep over layers).")
-@click.option("--hook-out", help="Target hook for a transcoder (default: same as --hook).")
-@click.option("--arch", default="topk", show_default=True, help="SAE architecture (relu, topk, batchtopk, ...).")
-@click.option("--width", type=int, multiple=True, help="Dictionary size F (repeat for a sweep).")
-@click.option("--k", type=int, multiple=True, help="Active features per row for topk/batchtopk (repeatable).")
-@click.option("--penalty", help="Penalty: l1 or entropy (relu, gated), l0 (jumprelu). Default per architecture.")
-@click.option("--coeff", type=float, multiple=True, help="Sparsity coefficient λ (repeat for a sweep).")
-@click.option("--sae-options", help='Extra SAEConfig fields as JSON, e.g. \'{"sparsity": "entropy"}\'.')
-@click.option("--tokens", type=int, help="Training length in rows (tokens).")
-@click.option("--steps", type=int, help="Training length in optimizer steps.")
-@click.option("--batch-size", type=int, help="Global batch size (default 4096).")
-@click.option("--lr", type=float, help="Learning rate (default 3e-4).")
-@click.option("--warmup", type=int, help="LR warmup steps (default 1000).")
-@click.option("--decay-start", type=int, help="Step where linear LR decay to 0 begins.")
-@click.option("--sparsity-warmup", type=int, help="Sparsity-penalty warmup steps.")
-@click.option("--resample-steps", type=int, help="Resample dead features every N steps.")
-@click.option("--resample/--no-resample", default=None,
-              help="Resample these SAEs at --resample-steps (default: relu/gated/jumprelu yes, topk/batchtopk no).")
-@click.option("--resample-window", type=int, help="Steps without firing that make a feature dead.")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default 1000).")
-@click.option("--heldout", type=float, help="Held-out fraction of contexts (default 0.01).")
-@click.option("--partitions", type=int, help="Canonical data partitions (default 8; multiple of DDP ranks).")
-@click.option("--reader-threads", type=int, help="Chunk-decoding threads (does not change results).")
-@click.option("--autocast", type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
-@click.option("--seed", type=int)
-@click.option("--seeds", type=int, help="Replicas of every SAE from the same data read, differing only in init seed.")
-@click.option("--log", type=click.Choice(["none", "tensorboard", "wandb"]))
-@click.option("--log-every", type=int)
-@click.option("--allow-incomplete", is_flag=True, help="Train on the complete shards of an unfinished store.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@config_options(TrainConfig, skip=("saes",), defaults=False, flags={"stores": "--store"},
+                aliases={"total_tokens": ("--tokens",), "warmup_steps": ("--warmup",),
+                         "sparsity_warmup_steps": ("--sparsity-warmup",), "heldout_fraction": ("--heldout",)},
+                types={"autocast": click.Choice(AUTOCAST), "log": click.Choice(LOG_BACKENDS)})
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="JSON file of TrainConfig fields (`saes`: a list of SAE specs); flags given here override it.")
+@config_options(SAESpec, only=SAE_FLAGS, defaults=False, multiple=SWEEP, flags={"options": "--sae-options"},
+                aliases={"hook_in": ("--hook",)}, types={"options": _Json()})
 def train(**opts) -> None:
     """Train one or more SAEs from a store in one read of the data; rerun the same command to resume."""
     cfg = build_config(opts)

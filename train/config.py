@@ -20,6 +20,7 @@ LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+DEFAULT_K = 32  # active features per row of the TopK family when none is given (the peers' default)
 TOPK_LR_BASE, TOPK_LR_WIDTH = 2e-4, 2 ** 14  # Gao et al. 2024 (fig. of the LR fit): lr = 2e-4 / sqrt(F / 2^14)
 DENSE_LR = 3e-4  # relu / gated / jumprelu at E||x||^2 = 1 inputs, every width (not refitted across widths)
 MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
@@ -71,7 +72,8 @@ class SAESpec:
     hook_out: str | None = None
     """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
     k: int | None = None
-    """Active features per row for topk/batchtopk (required there)."""
+    """Active features per row for topk/batchtopk; None = 32 there (as the peers), at most `width`. Only for those
+    architectures."""
     penalty: str | None = None
     """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
     coeff: float | None = None
@@ -92,6 +94,9 @@ class SAESpec:
 
     def __post_init__(self):
         check_types(dataclasses.asdict(self), SAESpec, "SAE spec")
+        needs_k = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].needs_k
+        if self.k is None and needs_k and isinstance(self.width, int) and self.width >= 1:
+            self.k = min(DEFAULT_K, self.width)
         if not self.hook_in:
             raise ConfigError("every SAE needs hook_in (the store hook it reads), e.g. --hook mlp_out.0")
         if not isinstance(self.width, int) or self.width < 1:
@@ -183,6 +188,11 @@ class TrainConfig:
     """The last this fraction of contexts (by context id) in every store is never trained on; evaluate reads them."""
     allow_incomplete: bool = False
     """Train on the complete shards of a store that is still being harvested."""
+    exclude_bos: bool = True
+    """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
+    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (dictionary_learning drops them for
+    Pythia; the demo model's are measured in bench/results/quality.md); a batch then trains on its other rows, about
+    batch_size * (1 - 1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8

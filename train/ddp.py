@@ -6,11 +6,12 @@ parameter, the same arithmetic DDP performs). Every helper is a no-op in a singl
 with and without DDP.
 
 What equals one process at the same global batch (up to float rounding): the data (rank r reads a contiguous block of
-the canonical partitions, so gathering local batches in rank order gives the global batch), gradients of per-row
-mean losses, the geometric-median init and resampling (both see the gathered global batch, same RNG on every rank)
-and the dead-latent counters. What is per rank, hence only approximately equal: batchtopk's selection (top k·B_local
-of each rank's rows) and its inference threshold (mean of the ranks' EMAs), and AuxK's normalisation by the residual
-variance of the local batch.
+the canonical partitions, so gathering local batches in rank order gives the global batch; which shards of a store
+still being harvested are read is rank 0's decision, `agree_on_shards`), gradients of per-row mean losses, the
+geometric-median init and resampling (both see the gathered global batch, same RNG on every rank) and the
+dead-latent counters. What is per rank, hence only approximately equal: batchtopk's selection (top k·B_local of each
+rank's rows) and its inference threshold (mean of the ranks' EMAs), and AuxK's normalisation by the residual variance
+of the local batch.
 """
 
 from __future__ import annotations
@@ -74,13 +75,31 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_int(n: int) -> int:
+    """Sum of an integer over ranks (e.g. the global number of rows in a step)."""
+    if not is_distributed():
+        return n
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([n], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def all_gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (the global batch); identity in one process."""
+    """Concatenate every rank's rows in rank order (the global batch); identity in one process. Ranks may hold
+    different numbers of rows (padded for the exchange, trimmed after)."""
     if not is_distributed():
         return x_BD
-    parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x_BD.contiguous())
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    n = torch.tensor([x_BD.shape[0]], dtype=torch.int64, device=x_BD.device)
+    counts = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c.item()) for c in counts]
+    pad = torch.zeros((max(counts), *x_BD.shape[1:]), dtype=x_BD.dtype, device=x_BD.device)
+    pad[:x_BD.shape[0]] = x_BD
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def average_gradients(module: torch.nn.Module, world: int) -> None:
@@ -99,13 +118,56 @@ def average_gradients(module: torch.nn.Module, world: int) -> None:
 @torch.no_grad()
 def sync_sae_stats_(sae, since_before_F: torch.Tensor, global_batch: int) -> None:
     """Make the SAE's dead-latent counters (and batchtopk's threshold) those of the global batch on every rank: a
-    latent fired if it fired on any rank; counters advance by the global batch, as in one process."""
+    latent fired if it fired on any rank; counters advance by the global batch's rows, as in one process."""
     fired_F = all_reduce_max((sae.tokens_since_fired_F == 0).to(torch.int64)) > 0
     sae.tokens_since_fired_F.copy_(torch.where(fired_F, 0, since_before_F + global_batch))
     if hasattr(sae, "threshold"):
         t = sae.threshold.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         sae.threshold.copy_(t / dist.get_world_size())
+
+
+def agree_on_shards(stores) -> None:
+    """Every rank trains from rank 0's view of which shards are published (`--allow-incomplete`: a harvest still
+    publishing shards can show ranks different sets when each lists the manifest itself). Rank 0 sends its shards and
+    a digest of their objects; a rank missing one re-lists its manifest once; a rank that still lacks it, or lists
+    other objects for it, stops the run with one line. Messages are JSON bytes (nothing is unpickled)."""
+    if not is_distributed():
+        return
+    import hashlib
+    import json
+
+    from saecache.errors import StoreError
+
+    digest = lambda e: hashlib.sha256(json.dumps(e["objects"], sort_keys=True).encode()).hexdigest()  # noqa: E731
+    mine = [{str(s): digest(st.manifest()[s]) for s in st.complete_shards()} for st in stores]
+    agreed = json.loads(_broadcast_bytes(json.dumps(mine).encode()).decode())
+    bad = ""
+    for st, want in zip(stores, agreed):
+        if any(int(s) not in st.manifest() for s in want):
+            st.manifest(refresh=True)
+        have = st.manifest()
+        wrong = [s for s, d in want.items() if int(s) not in have or digest(have[int(s)]) != d]
+        if wrong:
+            bad = bad or (f"rank {dist.get_rank()} does not see shard(s) {', '.join(wrong[:5])} of {st.url} as rank 0 "
+                          "published them; the ranks must read one store (a shared filesystem or bucket)")
+        else:
+            st.restrict_to_shards(sorted(int(s) for s in want))
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = all_reduce_max(torch.tensor(float(bool(bad)), device=dev))
+    if failed > 0:
+        raise StoreError(bad or "another rank does not see the shards rank 0 trains from; see its error")
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+    """Rank 0's bytes on every rank (length first, then a uint8 tensor)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(n, src=0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if dist.get_rank() == 0 else \
+        torch.empty(int(n), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().numpy())
 
 
 def cleanup() -> None:

@@ -42,9 +42,10 @@ import torch
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
 from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
-                                   open_stores, single_threaded, to_float, training_units)
+                                   open_stores, single_threaded, split_units, to_float, training_units)
 
 TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+MIN_PIECE = 64  # rows: the smallest piece a small store's inner chunks are cut into (see Loader._fit_small_store)
 
 
 def run_plan(rows: list[int], run: int, rng: np.random.Generator) -> tuple[list, list, list, list]:
@@ -143,13 +144,30 @@ class Loader:
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
         self.batches_served = 0  # since the start of training, every epoch included
         self._plans: dict[int, tuple] = {}
+        self._fit_small_store()
         if state is not None:
             self.load_state_dict(state)
-        if self.batches_per_epoch(0) == 0:
-            raise StoreError(f"too few training rows ({sum(u.rows for u in self.units)}) for batch_size {batch_size} "
-                             f"over {partitions} partitions; lower the batch size or harvest more")
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._queue: queue.Queue | None = None
+
+    def _fit_small_store(self) -> None:
+        """A store with too few inner chunks to give every partition its share of a batch: its chunks are cut into
+        pieces (halving until every partition's share of the first epoch holds a batch share, or pieces reach
+        ``MIN_PIECE`` rows). Only stores that could not serve a batch are cut; every other store's order is
+        unchanged. What still does not fit gets an error naming the largest batch size that does."""
+        whole, pieces = self.units, 1
+        rows = sum(u.rows for u in whole)
+        while self.batches_per_epoch(0) == 0 and max((u.n for u in whole), default=0) // (2 * pieces) >= MIN_PIECE:
+            pieces *= 2
+            self.units, self._plans = split_units(whole, pieces), {}
+        if self.batches_per_epoch(0) == 0:
+            fits = self.partitions * min(sum(self.units[u].rows for w in part for u in w)
+                                         for part in self._epoch_plan(0))
+            hint = (f"use --batch-size {fits} or less (a multiple of --partitions {self.partitions})" if fits else
+                    "fewer --partitions")
+            raise StoreError(f"too few training rows ({rows}) for batch_size {self.batch_size} over "
+                             f"{self.partitions} partitions: {hint}, or harvest more")
+        self._window_cap = self.shuffle_chunks * max((u.n for u in self.units), default=0)
 
     # -- order (pure functions of seed, epoch, units)
     def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:

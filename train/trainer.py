@@ -21,6 +21,8 @@ import torch
 
 from saecache import __version__
 from saecache.errors import DivergedError, RunDirError
+from saecache.harvest.split import RULE as SPLIT_RULE
+from saecache.harvest.split import split_record
 from saecache.train import ddp, rundir
 from saecache.train.config import SAESpec, TrainConfig
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
@@ -73,9 +75,9 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
         "train": cfg.to_dict(), "seed": cfg.seed, "world_size": world,
         "hooks": {"in": m.spec.hook_in, "out": m.spec.target_hook},
         "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint(),
-                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction)} for st in stores],
-        "heldout": {"fraction": cfg.heldout_fraction,
-                    "rule": "contexts with id >= n_contexts - ceil(fraction * n_contexts) in every store"},
+                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction),
+                    "split": split_record(st, cfg.heldout_fraction)} for st in stores],
+        "heldout": {"fraction": cfg.heldout_fraction, "rule": SPLIT_RULE},
         "normalization": {"in_scale": m.in_scale, "out_scale": m.out_scale,
                           "source": "training saw x / scale, scale = sqrt(mean_sq_norm) from the store statistics; "
                                     "folded back into sae.safetensors (it takes raw activations)"},
@@ -180,6 +182,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     """One optimizer step of one SAE. Returns the LossOutput (for metrics) and the normalised target."""
     x_BD = batch[m.spec.hook_in] / m.in_scale
     t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
+    n_global = ddp.all_reduce_sum_int(x_BD.shape[0]) if world > 1 else x_BD.shape[0]
     if step == 0:
         m.sae.init_from_batch(ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD))
     since_F = m.sae.tokens_since_fired_F.clone() if world > 1 else None
@@ -190,7 +193,9 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
         raise _diverged(m, f"loss became {out.total.item()} at step {step}",
                         "lower the lr or check the store for non-finite rows")
     m.opt.zero_grad(set_to_none=True)
-    out.total.backward()
+    # ranks may hold different row counts (BOS rows left out): weight each rank's mean so the averaged gradient is
+    # that of the mean over the global batch, as in one process
+    (out.total * (x_BD.shape[0] * world / n_global) if world > 1 else out.total).backward()
     ddp.average_gradients(m.sae, world)
     project_decoder_grad_(m.sae)
     resample_steps = cfg.resample_steps if m.spec.resample else None
@@ -200,7 +205,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     m.opt.step()
     renorm_decoder_(m.sae)
     if world > 1:
-        ddp.sync_sae_stats_(m.sae, since_F, cfg.batch_size)
+        ddp.sync_sae_stats_(m.sae, since_F, n_global)
     if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():
@@ -208,11 +213,29 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     return out, t_BD
 
 
+def bos_stores(cfg: TrainConfig, stores) -> list[int]:
+    """Indices of the stores whose rows include BOS rows to leave out (`TrainConfig.exclude_bos`): position 0 is
+    stored and the store's contexts start with BOS."""
+    if not cfg.exclude_bos:
+        return []
+    return [i for i, st in enumerate(stores)
+            if st.geometry.first_position == 0 and (st.header.get("config") or {}).get("bos", True)]
+
+
+def drop_bos(batch: dict, stores_with_bos: list[int]) -> dict:
+    """The batch without the BOS rows (position 0 of the given stores); every tensor filtered alike."""
+    bos = (batch["position"] == 0) & torch.isin(batch["store"], torch.tensor(stores_with_bos,
+                                                                             device=batch["store"].device))
+    keep = ~bos
+    return {h: t[keep] for h, t in batch.items()}
+
+
 def run_training(cfg: TrainConfig) -> list[str]:
     """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs."""
     check_backend(cfg.log)
     rank, world, device = ddp.setup(cfg.device)
     stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)
+    ddp.agree_on_shards(stores)  # DDP: every rank reads the shards rank 0 sees published
     members = build_members(cfg, stores, device, world)
     records = {m.spec.name: _cfg_record(cfg, m, stores, world) for m in members}
     for m in members:
@@ -223,7 +246,9 @@ def run_training(cfg: TrainConfig) -> list[str]:
     if not active:
         return [m.run_dir for m in members]
     # the loader checks batch size vs. the training rows: build it before anything is written
-    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, heldout_fraction=cfg.heldout_fraction,
+    with_bos = bos_stores(cfg, stores)
+    loader = Loader(stores, cfg.hooks + (["position", "store"] if with_bos else []), cfg.batch_size, cfg.seed,
+                    heldout_fraction=cfg.heldout_fraction,
                     partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, shuffle_run=cfg.shuffle_run,
                     reader_threads=cfg.reader_threads,
                     device=device, rank=rank, world_size=world)
@@ -253,6 +278,8 @@ def run_training(cfg: TrainConfig) -> list[str]:
         t0 = time.perf_counter()
         for step in range(start, total):
             batch = next(loader)
+            if with_bos:
+                batch = drop_bos(batch, with_bos)
             results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,

@@ -1,0 +1,117 @@
+"""The command line as a new user meets it: every option generated from its config dataclass (one name, one default,
+the field's docstring as help), examples in the help that work, and a default install that runs the default
+commands."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from saecache.cli import COMMANDS, cli, main
+from saecache.evaluate.config import EvalConfig, FeaturesConfig
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.copy import CopyConfig
+from saecache.options import field_default, field_docs
+from saecache.train.config import SAESpec, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (command, config class, fields that are not options: arguments or structured values with their own flags)
+GENERATED = [
+    ("harvest", HarvestConfig, {"storage_options"}),
+    ("train", TrainConfig, {"saes"}),
+    ("train", SAESpec, {"lr", "name"}),
+    ("evaluate", EvalConfig, {"run_dirs", "extra"}),
+    ("features", FeaturesConfig, {"run_dir"}),
+    ("copy", CopyConfig, {"src", "dst", "src_options", "dst_options"}),
+]
+
+
+def _command(name: str) -> click.Command:
+    return cli.get_command(click.Context(cli), name)
+
+
+@pytest.mark.parametrize("name,cls,not_options", GENERATED, ids=lambda v: getattr(v, "__name__", None))
+def test_every_config_field_is_one_option_with_its_docstring_and_default(name, cls, not_options):
+    cmd = _command(name)
+    params = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in not_options:
+            continue
+        assert f.name in params, f"{name}: no option for {cls.__name__}.{f.name}"
+        opt = params[f.name]
+        doc = " ".join(docs[f.name].split())
+        assert doc and opt.help.startswith(doc), (f.name, opt.help)
+        default = field_default(cls, f.name)
+        if name == "train":  # options default to None (a flag given overrides --config); help shows the default
+            assert opt.default in (None, ()), f.name
+            if default not in (None, "", dataclasses.MISSING):
+                shown = str(default).lower() if not isinstance(default, dict) else json.dumps(default)
+                assert f"[default: {shown}]" in opt.help, (f.name, opt.help)
+        elif default is not dataclasses.MISSING:
+            assert opt.default == (tuple(default) if isinstance(default, list) else default), f.name
+            assert opt.show_default, f.name
+    # no hand-written defaults in help texts (they drift from the dataclass): "(default 4096)", "default: 8;"
+    for p in cmd.params:
+        assert not re.search(r"\(default:? \d", p.help or ""), (p.name, p.help)
+
+
+def test_help_shows_the_dataclass_default_for_renamed_flags(capsys):
+    main(["train", "--help"])
+    out = capsys.readouterr().out
+    # TrainConfig.total_tokens has the flag --total-tokens; the older --tokens still works (alias)
+    assert re.search(r"--total-tokens, --tokens", out) and re.search(r"--warmup-steps, --warmup", out)
+    assert re.search(r"Global batch.*?\[default:\s+4096\]", out, re.S)
+
+
+def test_the_sae_options_example_in_the_help_is_accepted(tiny_store, tmp_path):
+    """The JSON examples the --sae-options help shows are accepted by the config they describe."""
+    from saecache.train.cli import build_config
+
+    opt = next(p for p in _command("train").params if "--sae-options" in p.opts)
+    examples = re.findall(r"\{[^{}]*\}", opt.help)
+    assert examples
+    for example in examples:
+        ctx = _command("train").make_context("train", ["--store", str(tiny_store), "--out", str(tmp_path), "--steps",
+                                                       "1", "--hook", "mlp_out.0", "--width", "64",
+                                                       "--sae-options", example])
+        cfg = build_config(ctx.params)
+        assert cfg.saes[0].options == json.loads(example)
+
+
+def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
+    from saecache.train.cli import build_config
+
+    ctx = _command("train").make_context("train", [
+        "--store", str(tiny_store), "--out", str(tmp_path), "--tokens", "640", "--warmup", "3", "--heldout", "0.1",
+        "--sparsity-warmup", "2", "--hook", "mlp_out.0", "--hook", "mlp_out.1", "--width", "64", "--k", "4",
+        "--no-progress"])
+    cfg = build_config(ctx.params)
+    assert (cfg.total_tokens, cfg.warmup_steps, cfg.heldout_fraction, cfg.sparsity_warmup_steps) == (640, 3, 0.1, 2)
+    assert [s.hook_in for s in cfg.saes] == ["mlp_out.0", "mlp_out.1"] and cfg.progress is False
+    ev = _command("evaluate").make_context("evaluate", ["run", "--store", "s", "--no-histograms", "--max-rows", "0"])
+    assert ev.params["histograms"] is False and ev.params["max_rows"] == 0  # 0 = all rows (EvalConfig: None)
+    hv = _command("harvest").make_context("harvest", ["-o", "x", "--hooks", "mlp_out.0, mlp_out.1"])
+    assert hv.params["hooks"] == ("mlp_out.0", "mlp_out.1")
+
+
+def test_every_command_has_help():
+    for name in COMMANDS:
+        assert _command(name).get_help(click.Context(_command(name))), name
+
+
+def _core_dependencies() -> list[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    return [re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in re.findall(r'^\s*"([^"]+)"', block, re.M)]
+
+
+def test_default_commands_need_no_extras():
+    """A plain `pip install saecache` runs every default command: the default `evaluate` draws histograms, so the
+    plotting library is a core dependency, not an extra."""
+    assert EvalConfig.histograms is True
+    assert "matplotlib" in _core_dependencies()

@@ -24,6 +24,8 @@ Peer environment (anywhere outside the repository, e.g. PEERS=$HOME/saecache-pee
 Usage: python -m bench.bench_train [--peers-python $PEERS/venv/bin/python] [--widths 8192 32768]
        [--rounds 2] [--out bench/results]
 Without --peers-python (or $SAECACHE_PEERS_PYTHON, which `make bench` picks up) only saecache is measured.
+Targets of issue 15 (every architecture ≥ 0.8× the dense step, Matryoshka ≥ 0.8× our BatchTopK, TopK/BatchTopK
+≥ 1.5× sparsify's TopK) are computed from the same paired rounds and listed under the table.
 Wall time: one round costs the sum of every candidate's step, ~1.5 min at width 32768 on 2 free cores (the dense
 ReLU-style steps dominate); a busy machine stretches that several-fold.
 The worker is this same file run as a script by that interpreter (`<python> bench/bench_train.py --worker`); it does
@@ -45,7 +47,7 @@ from pathlib import Path
 import torch
 
 D, BATCH, K = 512, 4096, 32
-OURS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+OURS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 PEERS = ("dl_standard", "dl_topk", "saelens_topk", "sparsify_topk")
 
 
@@ -73,12 +75,24 @@ def dense_step_factory(width: int):
     return step
 
 
+def encoder_gemm_factory(width: int):
+    """The encoder product alone, into a reused buffer: a floor for any exact TopK step (ours and sparsify's both
+    compute every pre-activation before selecting), shown to size the TopK-vs-sparsify target."""
+    g = torch.Generator().manual_seed(0)
+    W_enc, b_enc = torch.randn(D, width, generator=g) / D ** 0.5, torch.zeros(width)
+    z = torch.empty(BATCH, width)
+
+    def step(x):
+        torch.addmm(b_enc, x, W_enc, out=z)
+    return step
+
+
 def ours_step_factory(arch: str, width: int):
     from saecache.train.optim import make_optimizer, project_decoder_grad_, renorm_decoder_
-    from saecache.train.sae import SAE, SAEConfig
+    from saecache.train.sae import ARCHITECTURES, SAE, SAEConfig
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, D, width, k=K if arch in ("topk", "batchtopk") else None)).train()
+    sae = SAE(SAEConfig(arch, D, width, k=K if ARCHITECTURES[arch].needs_k else None)).train()
     opt = make_optimizer(sae, 1e-4)
 
     def step(x):
@@ -187,9 +201,23 @@ class PeerWorker:
         self.proc.wait(timeout=60)
 
 
-def bench_width(width: int, rounds: int, peers: PeerWorker | None, peer_names: list[str]) -> list[dict]:
+# (candidate, reference, target): candidate's speed / reference's speed, median of per-round paired ratios
+TARGETS = [(a, "dense", 0.8) for a in OURS] + [("matryoshka", "batchtopk", 0.8), ("topk", "sparsify_topk", 1.5),
+                                              ("batchtopk", "sparsify_topk", 1.5)]
+
+
+def paired_ratio(times: dict[str, list[float]], candidate: str, reference: str) -> float | None:
+    """Median over rounds of reference step time / candidate step time (> 1: the candidate is faster)."""
+    if not times.get(candidate) or not times.get(reference):
+        return None
+    return round(statistics.median(r / c for r, c in zip(times[reference], times[candidate])), 3)
+
+
+def bench_width(width: int, rounds: int, peers: PeerWorker | None, peer_names: list[str],
+                ours: tuple[str, ...] = OURS) -> tuple[list[dict], list[dict]]:
     x = make_batch()
-    local = {"dense": dense_step_factory(width), **{a: ours_step_factory(a, width) for a in OURS}}
+    local = {"dense": dense_step_factory(width), "encoder_gemm": encoder_gemm_factory(width),
+             **{a: ours_step_factory(a, width) for a in ours}}
     remote = []
     if peers is not None:
         ans = peers.ask(op="setup", width=width, names=peer_names)
@@ -222,7 +250,13 @@ def bench_width(width: int, rounds: int, peers: PeerWorker | None, peer_names: l
                      "step_s_median": round(statistics.median(times[n]), 4),
                      "tokens_per_s": round(BATCH / statistics.median(times[n])),
                      "ratio_vs_dense": round(statistics.median(paired), 3), "step_s_all": [round(t, 4) for t in times[n]]})
-    return rows
+    targets = []
+    for cand, ref, target in TARGETS:
+        ratio = paired_ratio(times, cand, ref)
+        if ratio is not None:
+            targets.append({"width": width, "candidate": cand, "reference": ref, "ratio": ratio, "target": target,
+                            "met": ratio >= target})
+    return rows, targets
 
 
 def write_results(out: Path, result: dict) -> None:
@@ -239,6 +273,13 @@ def write_results(out: Path, result: dict) -> None:
     for r in result["rows"]:
         lines.append(f"| {r['width']} | {r['candidate']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,} | "
                      f"{r['ratio_vs_dense']:.2f} |")
+    if result.get("targets"):
+        lines += ["", "Targets (issue 15): speed of candidate / speed of reference, median of paired per-round ratios.",
+                  "", "| width | candidate | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['width']} | {t['candidate']} | {t['reference']} | {t['ratio']:.2f} | ≥ {t['target']} | "
+                  f"{'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+    if result.get("note"):
+        lines += ["", result["note"]]
     (out / "train.md").write_text("\n".join(lines) + "\n")
 
 
@@ -251,6 +292,9 @@ def main() -> None:
     ap.add_argument("--widths", nargs="*", type=int, default=[8192, 32768])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--ours", nargs="*", default=list(OURS), help="our architectures to measure (default: all)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--note", help="a sentence for the results file (e.g. the machine was shared)")
     args = ap.parse_args()
     if args.worker:
         return worker()
@@ -258,12 +302,16 @@ def main() -> None:
     if args.peers_python:
         peers = PeerWorker(args.peers_python)
         versions = peers.ask(op="versions")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "loadavg_start": os.getloadavg()[0],
-              "peer_versions": versions, "rows": []}
+              "peer_versions": versions, "rows": [], "targets": [], "note": args.note}
     t0 = time.time()
     try:
         for w in args.widths:
-            result["rows"] += bench_width(w, args.rounds, peers, args.peers)
+            rows, targets = bench_width(w, args.rounds, peers, args.peers, tuple(args.ours))
+            result["rows"] += rows
+            result["targets"] += targets
     finally:
         if peers is not None:
             peers.close()

@@ -56,9 +56,61 @@ DEFINITIONS = {
     "[lo, hi]": "after a % loss recovered: its 95 % percentile bootstrap interval, resampling the evaluated contexts "
                 "(2000 resamples, seeded)",
     "kl": "mean KL(p_clean || p_spliced) per counted next-token prediction (nats)",
+    "± sd": "for an SAE trained as several replicas (train --seeds N): mean over the replicas ± the sample standard "
+            "deviation across their seeds (init only; same data); its interval is the mean of the replicas' bounds",
     "ce_*": "mean next-token cross-entropy (nats) over the predictions made at positions first_position..T-2 of "
             "n_contexts held-out contexts",
 }
+
+
+SEED_KEYS = tuple(key for _, key, _ in COLUMNS[1:]) + tuple(f"{k}_{e}" for k in ("recovered_zero", "recovered_mean")
+                                                             for e in ("lo", "hi"))
+"""Row figures summarised across the replicas of an SAE (`train --seeds N`): mean, and sd as `<key>_sd`."""
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1); sd is nan for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, sd
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per set of replicas (rows sharing `replica_of` and `pruned`): each figure of SEED_KEYS as the mean
+    over the replicas with its sd across seeds in `<key>_sd` (bootstrap bounds: the mean of the replicas' bounds,
+    no sd), `n_seeds`, and `run` = the SAE's name. Rows of runs without replicas are not included."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("replica_of"):
+            groups.setdefault((r["replica_of"], bool(r.get("pruned"))), []).append(r)
+    out = []
+    for (name, _), rs in groups.items():
+        s = {k: v for k, v in rs[0].items() if k not in SEED_KEYS and not k.endswith("_sd")}
+        s.update(run=name, run_dir=None, n_seeds=len(rs), replicas=[r["run"] for r in rs])
+        for key in SEED_KEYS:
+            vals = [r[key] for r in rs if not _missing(r.get(key))]
+            if not vals:
+                continue
+            s[key], sd = mean_sd(vals)
+            if not key.endswith(("_lo", "_hi")):
+                s[f"{key}_sd"] = sd
+        out.append(s)
+    return out
+
+
+def with_seed_summaries(rows: list[dict]) -> list[dict]:
+    """The rows the tables show: each set of replicas replaced by its `seed_summary` row (mean ± sd)."""
+    summaries = {(s["run"], bool(s.get("pruned"))): s for s in seed_summary(rows)}
+    out, seen = [], set()
+    for r in rows:
+        key = (r.get("replica_of"), bool(r.get("pruned")))
+        if not r.get("replica_of"):
+            out.append(r)
+        elif key not in seen:
+            seen.add(key)
+            out.append(summaries[key])
+    return out
 
 
 def _fmt(fn, v) -> str:
@@ -72,8 +124,11 @@ def _missing(v) -> bool:
 
 
 def _cell(row: dict, key: str, fn) -> str:
-    """A table cell; a % loss recovered with its bootstrap interval (`<key>_lo`, `<key>_hi`) as "97.3 [96.1, 98.2]"."""
+    """A table cell; across seeds "mean ± sd" (`<key>_sd`); a % loss recovered with its bootstrap interval (`<key>_lo`,
+    `<key>_hi`) as "97.3 [96.1, 98.2]" (both: "97.3 ± 0.4 [96.1, 98.2]")."""
     text = _fmt(fn, row.get(key))
+    if not (_missing(row.get(key)) or _missing(row.get(f"{key}_sd"))):
+        text += f" ± {fn(row[f'{key}_sd'])}"
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
     if key in INTERVAL_KEYS and not (_missing(row.get(key)) or _missing(lo) or _missing(hi)):
         text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -112,10 +167,11 @@ def _layer_key(row: dict):
 
 def tables(rows: list[dict]) -> str:
     """The markdown tables alone: one per set of SAEs (see `_group`; pruned re-measurements apart), one row per layer
-    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table."""
+    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table.
+    Replicas of an SAE (`train --seeds N`) show as one row of mean ± sd across seeds (`with_seed_summaries`)."""
     lines: list[str] = []
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in with_seed_summaries(rows):
         groups.setdefault((_group(r), r.get("pruned", False)), []).append(r)
     for (group, pruned), rs in groups.items():
         title = f"## {group}" + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
@@ -199,7 +255,9 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
         json.dump({**cfg.to_dict(), "store": store.url}, f, indent=1, sort_keys=True)  # URL without credentials
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     with open(paths["json"], "w") as f:
-        json.dump({**header, "definitions": DEFINITIONS, "rows": clean}, f, indent=1)
+        json.dump({**header, "definitions": DEFINITIONS, "rows": clean,
+                   "seed_summary": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}
+                                    for s in seed_summary(rows)]}, f, indent=1)
     keys = list(dict.fromkeys(k for r in clean for k in r))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -195,7 +195,7 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
     base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
             "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
-            "rows": rows_note}
+            "rows": rows_note, "replica_of": (rcfg.get("replica") or {}).get("of")}
 
     def variant(keep_F, label):
         stats, freq = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, keep_F)

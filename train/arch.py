@@ -260,9 +260,8 @@ class Matryoshka(BatchTopK):
         group_N = torch.bucketize(c.idx_N, ends, right=True)
         bag_N = c.row_N * G + group_N
         parts_BGD = sparse_decode(SparseCode(c.vals_N, c.idx_N, bag_N, B * G), sae.W_dec_FD).view(B, G, -1)
-        x_hat_BGD = parts_BGD.cumsum(1) + sae.b_dec_D
-        err_G = (x_hat_BGD - target_BD.unsqueeze(1)).pow(2).sum(-1).mean(0)
-        return x_hat_BGD[:, -1], err_G[-1], err_G[:-1].sum()
+        err_G, x_hat_BD = P.NestedPrefixLosses.apply(parts_BGD, sae.b_dec_D, target_BD, sae._workspace)
+        return x_hat_BD, err_G[-1], err_G[:-1].sum()
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),

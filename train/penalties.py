@@ -133,3 +133,41 @@ def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tenso
         if done:
             break
     return m_D.to(x_ND.dtype)
+
+
+class NestedPrefixLosses(torch.autograd.Function):
+    """Matryoshka's prefix losses: err_G[g] = mean_b ‖b_dec_D + Σ_{h≤g} parts_BGD[b, h] − target_BD[b]‖², where
+    parts_BGD[:, h] is group h's decode. Returns (err_G, x̂_BD of the whole dictionary, no grad).
+
+    Written out so the [B, G, D] residuals live in one buffer the caller keeps (`ws["r"]`): the running sums over
+    groups and, backward, the reverse running sums of (2/B)·∂L/∂err_g · r_g are G − 1 in-place adds of [B, D] slices,
+    where plain autograd allocated some ten [B, G, D] tensors per step (BatchTopK + 70% on CPU)."""
+
+    @staticmethod
+    def forward(ctx, parts_BGD, b_dec_D, target_BD, ws: dict):
+        B, G, D = parts_BGD.shape
+        r = ws.get("r")
+        if r is None or r.shape != parts_BGD.shape or r.dtype != parts_BGD.dtype or r.device != parts_BGD.device:
+            ws.pop("r", None)
+            r = ws["r"] = torch.empty_like(parts_BGD)
+        r.copy_(parts_BGD)
+        for g in range(1, G):
+            r[:, g] += r[:, g - 1]
+        r.add_(b_dec_D.to(r.dtype)).sub_(target_BD.to(r.dtype).unsqueeze(1))
+        err_G = torch.linalg.vector_norm(r, dim=(0, 2)).pow(2).div(B)
+        x_hat_BD = r[:, -1] + target_BD
+        ctx.save_for_backward(r)
+        ctx.mark_non_differentiable(x_hat_BD)
+        return err_G, x_hat_BD
+
+    @staticmethod
+    def backward(ctx, g_err_G, _g_x_hat):
+        (r,) = ctx.saved_tensors
+        B, G, _ = r.shape
+        r.mul_((2.0 / B) * g_err_G.to(r.dtype)[None, :, None])
+        for g in range(G - 2, -1, -1):  # ∂L/∂parts[:, h] = Σ_{g ≥ h} (2/B) ∂L/∂err_g · r_g
+            r[:, g] += r[:, g + 1]
+        need_parts, need_b, need_t, _ = ctx.needs_input_grad
+        grad_b = r[:, 0].sum(0) if need_b else None
+        grad_t = -r[:, 0] if need_t else None
+        return (r.detach() if need_parts else None), grad_b, grad_t, None

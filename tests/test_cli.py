@@ -11,6 +11,7 @@ import click
 import pytest
 
 from saecache.cli import COMMANDS, cli, main
+from saecache.data.demo import DemoConfig
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.copy import CopyConfig
@@ -27,6 +28,7 @@ GENERATED = [
     ("evaluate", EvalConfig, {"run_dirs", "extra"}),
     ("features", FeaturesConfig, {"run_dir"}),
     ("copy", CopyConfig, {"src", "dst", "src_options", "dst_options"}),
+    ("demo", DemoConfig, {"progress", "extra"}),
 ]
 
 
@@ -97,6 +99,8 @@ def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
     assert ev.params["histograms"] is False and ev.params["max_rows"] == 0  # 0 = all rows (EvalConfig: None)
     hv = _command("harvest").make_context("harvest", ["-o", "x", "--hooks", "mlp_out.0, mlp_out.1"])
     assert hv.params["hooks"] == ("mlp_out.0", "mlp_out.1")
+    demo = _command("demo").make_context("demo", ["--widths", "256,512", "--model-steps", "0", "--quiet"])
+    assert demo.params["widths"] == (256, 512) and demo.params["model_steps"] == 0
 
 
 def test_every_command_has_help():

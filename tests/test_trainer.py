@@ -216,7 +216,7 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
     batchtopk threshold start scale with the run length (a 300-step run used to sit in a 1000-step warm-up and save
     its batchtopk SAE without a threshold); explicit values win; the resolved values are what the config holds."""
     from saecache.errors import ConfigError
-    from saecache.train.config import default_lr
+    from saecache.train.optim import default_lr
 
     saes = [{"arch": "batchtopk", "hook_in": "h", "width": 1024, "k": 32},
             {"arch": "topk", "hook_in": "h", "width": 4096, "k": 32}, {"arch": "relu", "hook_in": "h", "width": 4096}]

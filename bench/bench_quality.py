@@ -15,8 +15,9 @@ a harvested store.
   feature firing counts, and this process computes FVE with saecache's one definition
   (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on the held-out rows).
 
-Usage: python -m bench.bench_quality --store STORE --hook mlp_out.1 [--peers-python PY] [--widths 1024]
-       [--seeds 0 1] [--tokens 1024000] [--batch 1024] [--k 32] [--scratch DIR] [--out bench/results]
+Usage: python -m bench.bench_quality [--store saecache-demo/store.zarr] [--hook mlp_out.1] [--peers-python PY]
+       [--widths 1024] [--seeds 0 1] [--tokens 1024000] [--batch 1024] [--k 32] [--scratch DIR] [--note TEXT]
+       [--out bench/results]
 One candidate costs about 1000 steps of its trainer (~0.5-2 CPU-minutes at d=128, F=1024); the worker is this file
 run as a script by the peers' interpreter (`<python> bench/bench_quality.py --worker`) and does not import saecache.
 """
@@ -177,7 +178,7 @@ def _metrics(x: np.ndarray, res: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--store")
+    ap.add_argument("--store", default="saecache-demo/store.zarr", help="default: the store `make demo` builds")
     ap.add_argument("--hook", default="mlp_out.1")
     ap.add_argument("--peers-python", default=os.environ.get("SAECACHE_PEERS_PYTHON"))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
@@ -190,12 +191,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--scratch", default=None, help="directory for the row dump and runs (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--note", default="", help="what the store holds (model, data), written into the results")
     args = ap.parse_args()
     if args.worker:
         return worker()
     from saecache.harvest.store import Store
     from saecache.train.loader import heldout_batches
 
+    if not Path(args.store).exists():
+        print(f"bench_quality: no store at {args.store}; run `make demo` first or pass --store", file=sys.stderr)
+        return
     torch.set_num_threads(1)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -209,7 +214,7 @@ def main() -> None:
                                  stdout=subprocess.PIPE, text=True, bufsize=1)
     result = {"store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook, "tokens": steps * args.batch,
               "steps": steps, "batch": args.batch, "k": args.k, "heldout_rows": len(x_held), "threads": 1,
-              "loadavg_start": os.getloadavg()[0], "rows": []}
+              "loadavg_start": os.getloadavg()[0], "note": args.note, "command": " ".join(sys.argv[1:]), "rows": []}
     t_all = time.time()
     try:
         for width in args.widths:
@@ -258,6 +263,7 @@ def write_results(out: Path, result: dict) -> None:
              f"saecache's one definition), L0 and dead % (never fires) over {result['heldout_rows']:,} held-out rows; "
              f"mean over seeds (and each seed's). 1 torch thread per trainer, load average at start "
              f"{result['loadavg_start']:.1f}; train seconds are wall time on a shared machine (not comparable).", "",
+             f"Store: {result['note'] or 'see the command'}.", "",
              "| width | arch | candidate | FVE (mean) | FVE per seed | L0 | dead % | train s |", "|---|---|---|---|---|---|---|---|"]
     for (w, a, c), rs in groups.items():
         mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731

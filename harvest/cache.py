@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import crc32c
 
 from saecache.errors import ConfigError, StoreError
-from saecache.harvest.shards import ShardArray, ShardLayout, default_pool
+from saecache.harvest.files import default_pool
+from saecache.harvest.shards import ShardArray, ShardLayout
 
 
 @dataclass(frozen=True)

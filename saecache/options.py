@@ -64,14 +64,15 @@ class _Optional(click.ParamType):
 
 
 class _CommaList(click.ParamType):
-    """Comma-separated strings → a tuple (e.g. `--hooks mlp_out.0,mlp_out.1`)."""
+    """Comma-separated values → a tuple (e.g. `--hooks mlp_out.0,mlp_out.1`, `--widths 512,1024`)."""
 
-    name = "a,b,…"
+    def __init__(self, item: click.ParamType = click.STRING):
+        self.item, self.name = item, "a,b,…"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
-            return value
-        return tuple(v.strip() for v in str(value).split(",") if v.strip())
+            return tuple(self.item.convert(v, param, ctx) for v in value)
+        return tuple(self.item.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip())
 
 
 _SCALARS = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -89,8 +90,8 @@ def _param_type(hint) -> tuple[click.ParamType | None, bool, bool]:
         return None, False, True
     if hint in _SCALARS:
         return _SCALARS[hint], False, False
-    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
-        return _CommaList(), False, False
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,) and typing.get_args(hint)[0] in _SCALARS:
+        return _CommaList(_SCALARS[typing.get_args(hint)[0]]), False, False
     if origin is list and typing.get_args(hint)[0] in _SCALARS:
         return _SCALARS[typing.get_args(hint)[0]], True, False
     raise TypeError(f"no command-line type for {hint!r}: skip the field or pass it with `types`")
@@ -131,8 +132,7 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ..
 
 
 def _option(cls, name, hint, doc, flag, alias, multiple, ptype, defaults) -> Callable:
-    gen_type, is_list, switch = _param_type(hint) if ptype is None else (ptype, False, False)
-    ptype = ptype or gen_type
+    ptype, is_list, switch = (ptype, False, False) if ptype is not None else _param_type(hint)
     default = field_default(cls, name)
     required = default is _MISSING and defaults
     flag = flag or "--" + name.replace("_", "-")

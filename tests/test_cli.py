@@ -11,6 +11,7 @@ import click
 import pytest
 
 from saecache.cli import COMMANDS, cli, main
+from saecache.data.demo import DemoConfig
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.copy import CopyConfig
@@ -27,6 +28,7 @@ GENERATED = [
     ("evaluate", EvalConfig, {"run_dirs", "extra"}),
     ("features", FeaturesConfig, {"run_dir"}),
     ("copy", CopyConfig, {"src", "dst", "src_options", "dst_options"}),
+    ("demo", DemoConfig, {"progress", "extra"}),
 ]
 
 
@@ -47,10 +49,11 @@ def test_every_config_field_is_one_option_with_its_docstring_and_default(name, c
         doc = " ".join(docs[f.name].split())
         assert doc and opt.help.startswith(doc), (f.name, opt.help)
         default = field_default(cls, f.name)
-        if name == "train":  # options default to None (a flag given overrides --config); help shows the default
-            assert opt.default in (None, ()), f.name
-            if default not in (None, "", dataclasses.MISSING):
-                shown = str(default).lower() if not isinstance(default, dict) else json.dumps(default)
+        if name in ("train", "demo"):  # options default to None (a flag given overrides --config, or the demo
+            assert opt.default in (None, ()), f.name  # flavour's value); help shows the default
+            if default not in (None, "", (), dataclasses.MISSING):
+                shown = (json.dumps(default) if isinstance(default, dict) else ",".join(map(str, default))
+                         if isinstance(default, tuple) else str(default).lower())
                 assert f"[default: {shown}]" in opt.help, (f.name, opt.help)
         elif default is not dataclasses.MISSING:
             assert opt.default == (tuple(default) if isinstance(default, list) else default), f.name
@@ -97,6 +100,8 @@ def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
     assert ev.params["histograms"] is False and ev.params["max_rows"] == 0  # 0 = all rows (EvalConfig: None)
     hv = _command("harvest").make_context("harvest", ["-o", "x", "--hooks", "mlp_out.0, mlp_out.1"])
     assert hv.params["hooks"] == ("mlp_out.0", "mlp_out.1")
+    demo = _command("demo").make_context("demo", ["--widths", "256,512", "--model-steps", "0", "--quiet"])
+    assert demo.params["widths"] == (256, 512) and demo.params["model_steps"] == 0
 
 
 def test_every_command_has_help():

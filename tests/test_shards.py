@@ -1,6 +1,7 @@
-"""The shard reader (harvest/shards.py) and its bounded resources: the file pool's cap and pinning, maps that keep no
-file descriptor, readers that never see another reader's stale descriptor, and every reader of a store with more
-than 10,000 shard files in a process limited to 128 open files (RLIMIT_NOFILE, set in a real subprocess)."""
+"""The shard reader (harvest/shards.py) and its bounded resources (harvest/files.py): the file pool's cap and
+pinning, maps that keep no file descriptor, readers that never see another reader's stale descriptor, cache eviction,
+and every reader of a store with more than 10,000 shard files in a process limited to 128 open files (RLIMIT_NOFILE,
+set in a real subprocess)."""
 
 import json
 import os
@@ -17,8 +18,10 @@ import pytest
 import zarr
 
 from saecache.errors import StoreError
-from saecache.harvest.shards import FilePool, ShardArray, ShardLayout, map_file
-from saecache.harvest.store import Geometry, checksum, manifest_key, shard_object_keys, shard_permutation, unpermuted_meta
+from saecache.harvest.files import FilePool, map_file
+from saecache.harvest.shards import ShardArray, ShardLayout
+from saecache.harvest.store import (Geometry, checksum, manifest_key, shard_object_keys, shard_permutation,
+                                    unpermuted_meta)
 from saecache.harvest.writer import StoreWriter, shard_stats
 from test_store import make_header
 
@@ -156,7 +159,7 @@ def test_maps_keep_no_descriptor_and_outlive_the_reader(tmp_path):
 POOL_AT_THE_LIMIT = r"""
 import os, resource, sys
 from saecache.errors import StoreError
-from saecache.harvest.shards import FilePool
+from saecache.harvest.files import FilePool
 resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
 paths = sys.argv[1:]
 pool = FilePool(max_open=1000)  # a cap above the process's limit: opening must give back descriptors, not fail

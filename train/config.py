@@ -14,6 +14,7 @@ from typing import Any
 
 from saecache.errors import ConfigError
 from saecache.train.arch import ARCHITECTURES
+from saecache.train.optim import default_lr, default_schedule
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
@@ -21,28 +22,6 @@ AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 DEFAULT_K = 32  # active features per row of the TopK family when none is given (the peers' default)
-TOPK_LR_BASE, TOPK_LR_WIDTH = 2e-4, 2 ** 14  # Gao et al. 2024 (fig. of the LR fit): lr = 2e-4 / sqrt(F / 2^14)
-DENSE_LR = 3e-4  # relu / gated / jumprelu at E||x||^2 = 1 inputs, every width (not refitted across widths)
-MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
-
-
-def default_lr(arch: str, width: int, k: int | None = None) -> float:
-    """The learning rate of one SAE when none is given: the TopK family (an architecture that takes k) uses
-    2e-4 / sqrt(F / 2^14), the width scaling Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fitted
-    and dictionary_learning and sparsify default to; the dense-code families (relu, gated, jumprelu) keep 3e-4."""
-    if k is not None or ARCHITECTURES[arch].needs_k:
-        return TOPK_LR_BASE / (width / TOPK_LR_WIDTH) ** 0.5
-    return DENSE_LR
-
-
-def default_schedule(total_steps: int) -> dict[str, int]:
-    """Warm-ups that scale with the run: LR warm-up and the batchtopk threshold start at a tenth of the run (at most
-    1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000)."""
-    return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
-            "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
-            "threshold_start_step": min(MAX_THRESHOLD_START_STEP, total_steps // 10)}
-
-
 def check_types(values: dict, cls, what: str) -> None:
     """One-line error for a JSON value of the wrong type in a scalar field of dataclass `cls` (int, float, bool, str,
     optionally `| None`), so a config typo never surfaces later as a traceback."""
@@ -178,8 +157,9 @@ class TrainConfig:
     """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
     default relu/gated/jumprelu, not the topk family); None = never."""
     resample_window: int | None = None
-    """A feature is dead when it has not fired for this many steps; None = resample_steps // 2 (also the window of
-    the logged dead fraction; 100 steps when resampling is off)."""
+    """A feature is dead when it has not fired for this many steps (counted in rows: steps × batch_size, so with BOS
+    rows left out about 1/ctx_len more steps); None = resample_steps // 2 (also the window of the logged dead
+    fraction; 100 steps when resampling is off)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (weights + optimizer + loader + RNG state)."""
     keep_checkpoints: int = 2
@@ -190,9 +170,8 @@ class TrainConfig:
     """Train on the complete shards of a store that is still being harvested."""
     exclude_bos: bool = True
     """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
-    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (dictionary_learning drops them for
-    Pythia; the demo model's are measured in bench/results/quality.md); a batch then trains on its other rows, about
-    batch_size * (1 - 1/ctx_len)."""
+    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks; dictionary_learning
+    drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 - 1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
@@ -291,6 +270,7 @@ class TrainConfig:
             options = dict(s.options)
             if ARCHITECTURES[s.arch].threshold:  # batchtopk, matryoshka
                 options.setdefault("threshold_start_step", sched["threshold_start_step"])
+                options.setdefault("threshold_beta", sched["threshold_beta"])
                 if options["threshold_start_step"] >= self.total_steps:
                     raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
                                       f"below the run's {self.total_steps} steps, so it would be saved without an "

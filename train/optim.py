@@ -1,5 +1,6 @@
-"""Optimizer, schedules and the unit-norm decoder constraint. Schedules are pure functions of the step number, so a
-resumed run reproduces them exactly.
+"""Optimizer, schedules (with the default learning rate and warm-ups per architecture family and run length) and the
+unit-norm decoder constraint. Schedules are pure functions of the step number, so a resumed run reproduces them
+exactly.
 
 Step loop order: loss.backward() → project_decoder_grad_(sae) → optimizer.step() → renorm_decoder_(sae).
 """
@@ -9,6 +10,32 @@ from __future__ import annotations
 import torch
 
 from saecache.errors import ConfigError
+from saecache.train.arch import ARCHITECTURES
+
+TOPK_LR_BASE, TOPK_LR_WIDTH = 2e-4, 2 ** 14  # Gao et al. 2024 (fig. of the LR fit): lr = 2e-4 / sqrt(F / 2^14)
+DENSE_LR = 3e-4  # relu / gated / jumprelu at E||x||^2 = 1 inputs, every width (not refitted across widths)
+MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
+
+
+def default_lr(arch: str, width: int, k: int | None = None) -> float:
+    """The learning rate of one SAE when none is given: the TopK family (an architecture that takes k) uses
+    2e-4 / sqrt(F / 2^14), the width scaling Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fitted
+    and dictionary_learning and sparsify default to; the dense-code families (relu, gated, jumprelu) keep 3e-4."""
+    if k is not None or ARCHITECTURES[arch].needs_k:
+        return TOPK_LR_BASE / (width / TOPK_LR_WIDTH) ** 0.5
+    return DENSE_LR
+
+
+def default_schedule(total_steps: int) -> dict:
+    """Warm-ups that scale with the run: LR warm-up and the batchtopk threshold start at a tenth of the run (at most
+    1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000). The
+    threshold's EMA decay averages over a tenth of the steps after its start (at most 1000: beta 0.999, again
+    dictionary_learning's), so a short run's threshold reflects its last activations, not its first ones."""
+    start = min(MAX_THRESHOLD_START_STEP, total_steps // 10)
+    window = max(1, min(1000, (total_steps - start) // 10))
+    return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
+            "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
+            "threshold_start_step": start, "threshold_beta": 1 - 1 / window if window > 1 else 0.0}
 
 
 def make_optimizer(sae: torch.nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:

@@ -224,10 +224,11 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
     assert (cfg.warmup_steps, cfg.sparsity_warmup_steps) == (30, 15)
     assert [s.lr for s in cfg.saes] == pytest.approx([8e-4, 4e-4, 3e-4])
     assert cfg.saes[0].options["threshold_start_step"] == 30 and "threshold_start_step" not in cfg.saes[1].options
+    assert cfg.saes[0].options["threshold_beta"] == pytest.approx(1 - 1 / 27)  # EMA over a tenth of the 270 steps
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
     long = TrainConfig(stores=["s"], out=str(tmp_path), steps=100_000, saes=saes[:1])
     assert (long.warmup_steps, long.sparsity_warmup_steps, long.saes[0].options["threshold_start_step"]) == \
-        (1000, 2000, 1000)
+        (1000, 2000, 1000) and long.saes[0].options["threshold_beta"] == pytest.approx(0.999)
     assert default_lr("topk", 2 ** 14, 32) == pytest.approx(2e-4)
     mine = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, lr=1e-3, warmup_steps=7, sparsity_warmup_steps=0,
                        saes=[{**saes[0], "options": {"threshold_start_step": 100}}, {**saes[1], "lr": 5e-5}])

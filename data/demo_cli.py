@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import click
 
-from saecache.data.demo import TOKENIZERS, DemoConfig
+from saecache.data.demo import MODELS, TOKENIZERS, DemoConfig
 from saecache.options import config_options
 
 
 @click.command("demo")
-@config_options(DemoConfig, skip=("progress", "extra"), types={"tokenizer": click.Choice(TOKENIZERS)})
+@config_options(DemoConfig, skip=("progress", "extra"), defaults=False,
+                types={"tokenizer": click.Choice(TOKENIZERS), "model": click.Choice(MODELS)})
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(quiet: bool, **kw) -> None:
-    """The main job offline: a Pile-format corpus from local text, a small Pythia-architecture model, harvest of every
-    layer's MLP output, a ReLU+L1 / TopK sweep from one store, evaluation by splicing, and the seed's table."""
+    """The main job offline: a Pile-format corpus from local text, a language model (a small Pythia-architecture one
+    trained here, or with --model smollm2 the pretrained SmolLM2-135M), harvest of its MLP outputs, a ReLU+L1 / TopK
+    sweep from one store, evaluation by splicing, and the seed's table. Options not given take the flavour's values
+    (`FLAVOURS` in saecache/data/demo.py), else the defaults shown."""
     from saecache.data.demo import run_demo
     from saecache.evaluate.report import tables
 
-    if kw["model_steps"] == 0:  # the flag's older spelling of "use --model-seconds"
-        kw["model_steps"] = None
-    cfg = DemoConfig(**kw, progress=not quiet)
-    out = cfg.out
+    given = {k: v for k, v in kw.items() if v is not None and k != "model"}
+    if given.get("model_steps") == 0:  # the flag's older spelling of "use --model-seconds"
+        given["model_steps"] = None
+    cfg = DemoConfig.preset(kw["model"] or DemoConfig.model, **given, progress=not quiet)
     s = run_demo(cfg)
     click.echo(f"tokenizer: {s['tokenizer']}")
+    trained = (f"trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens"
+               if s["model_tokens"] else "pretrained, not trained here")
     click.echo(f"demo model: validation loss {s['val_loss']:.3f} nats vs unigram entropy {s['unigram_entropy']:.3f} "
-               f"(a unigram model fit on the train split: {s['unigram_xent']:.3f}); trained "
-               f"{s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens")
+               f"(a unigram model fit on the train split: {s['unigram_xent']:.3f}); {trained}")
     click.echo("\n" + tables(s["rows"]))
-    click.echo(f"\nreport: {s['report']} (histograms beside it); store: {out}/store.zarr; runs: {out}/runs; "
+    click.echo(f"\nreport: {s['report']} (histograms beside it); store: {cfg.out}/store.zarr; runs: {cfg.out}/runs; "
                f"total {s['timings_s']['total']:.0f} s")

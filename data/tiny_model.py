@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +73,12 @@ def unigram_entropy(ids: np.ndarray) -> float:
     counts = np.bincount(ids.ravel()).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def unigram_xent(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on `val_ids` of the add-one smoothed unigram model of `train_ids`."""
+    counts = np.bincount(train_ids.ravel(), minlength=vocab_size).astype(np.float64)
+    return float(-np.log((counts[val_ids.ravel()] + 1) / (len(train_ids.ravel()) + vocab_size)).mean())
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
@@ -206,14 +211,12 @@ def _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx
 
     model.eval()
     val_loss = eval_loss(model, val_BT)
-    train_counts = Counter(train_ids.tolist())
-    denom = len(train_ids) + config.vocab_size  # add-one smoothed unigram model of the train split
-    unigram_xent = float(np.mean([-math.log((train_counts.get(t, 0) + 1) / denom) for t in val_BT.view(-1).tolist()]))
     model.save_pretrained(str(out_dir))
     result = {"recipe_hash": recipe_hash, "recipe": recipe, "steps": step, "tokens": step * batch * ctx_len,
               "train_seconds": round(train_seconds, 2), "final_train_loss": round(loss.item(), 4),
               "val_loss": round(val_loss, 4), "unigram_entropy": round(unigram_entropy(val_BT.numpy()), 4),
-              "unigram_xent": round(unigram_xent, 4), "val_tokens": int(val_BT.numel()),
+              "unigram_xent": round(unigram_xent(train_ids.numpy(), val_BT.numpy(), config.vocab_size), 4),
+              "val_tokens": int(val_BT.numel()),
               "train_tokens_available": int(len(train_ids)), "history": history}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

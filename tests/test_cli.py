@@ -49,10 +49,11 @@ def test_every_config_field_is_one_option_with_its_docstring_and_default(name, c
         doc = " ".join(docs[f.name].split())
         assert doc and opt.help.startswith(doc), (f.name, opt.help)
         default = field_default(cls, f.name)
-        if name == "train":  # options default to None (a flag given overrides --config); help shows the default
-            assert opt.default in (None, ()), f.name
-            if default not in (None, "", dataclasses.MISSING):
-                shown = str(default).lower() if not isinstance(default, dict) else json.dumps(default)
+        if name in ("train", "demo"):  # options default to None (a flag given overrides --config, or the demo
+            assert opt.default in (None, ()), f.name  # flavour's value); help shows the default
+            if default not in (None, "", (), dataclasses.MISSING):
+                shown = (json.dumps(default) if isinstance(default, dict) else ",".join(map(str, default))
+                         if isinstance(default, tuple) else str(default).lower())
                 assert f"[default: {shown}]" in opt.help, (f.name, opt.help)
         elif default is not dataclasses.MISSING:
             assert opt.default == (tuple(default) if isinstance(default, list) else default), f.name

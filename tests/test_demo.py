@@ -52,3 +52,19 @@ def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
     by_run = {r["run"]: r for r in s["rows"]}
     for r in s2["rows"]:
         assert r["mse"] == by_run[r["run"]]["mse"]
+
+
+def test_demo_config_flavours_and_sweep_choices():
+    import pytest
+
+    from saecache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model must be one of tiny, smollm2"):
+        DemoConfig(model="gpt2")
+    with pytest.raises(ConfigError, match="archs must be"):
+        DemoConfig(archs=("gated",))
+    cfg = DemoConfig(archs=("topk",), widths=(64,), k=8)
+    assert sweep(cfg, ["mlp_out.0", "resid_post.1"]) == [
+        {"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 8},
+        {"arch": "topk", "hook_in": "resid_post.1", "width": 64, "k": 8}]
+    assert DemoConfig.preset("smollm2").out != DemoConfig().out  # the two flavours never share a store

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from saecache import __version__
 from saecache.errors import ConfigError, DataError
+from saecache.harvest import quant
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location
 from saecache.harvest.writer import StoreWriter, probe_store_dir
@@ -61,41 +62,24 @@ def build_header(cfg: HarvestConfig, info: dict, hooks: list, n_contexts: int, d
     }
 
 
-STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}  # bf16 as its bits
-
-
-def to_storage(x_ND: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The cast to the stored representation, on x's device (before any copy to host): [N, D] float → [N, D] in the
-    storage dtype, bfloat16 as its int16 bits (stored as uint16). The one place a storage encoding is decided."""
-    if dtype == "bfloat16":
-        return x_ND.to(torch.bfloat16).view(torch.int16)
-    return x_ND.to(STORAGE_TORCH[dtype])
-
-
-def storage_numpy(t: torch.Tensor) -> np.ndarray:
-    """A host tensor from `to_storage` as the numpy array the store writes (bf16 bits as uint16), no copy."""
-    a = t.numpy()
-    return a.view(np.uint16) if a.dtype == np.int16 else a
-
-
-def _nonfinite_count(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """NaN/Inf entries of a `to_storage` tensor, as a 0-d tensor on its device (no sync)."""
-    if dtype == "bfloat16":
-        return ((t & 0x7F80) == 0x7F80).sum()
-    return (~torch.isfinite(t)).sum()
+def to_storage(x_ND: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, D] float tensor on the model's device → (the stored bits on the device, error sums on the device:
+    Σ‖x - x̂‖², Σ‖x‖², non-finite stored values). Encoding (quantization) runs on the device, before the copy to
+    host; formats in `quant.py`. The one place the pipeline decides a storage encoding."""
+    stored = quant.encode(x_ND, fmt)
+    return stored, quant.error_sums(x_ND, stored, fmt)
 
 
 def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: int, contexts_CT: np.ndarray,
-                  device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], object, dict[str, tuple[float, float]]]:
     """Forward the shard's contexts in fixed batches into host buffers (pinned, filled by non-blocking copies on
-    CUDA) of unpermuted rows per hook in the storage representation. Returns (buffers, CUDA event or None): the
-    buffers are complete once the event has completed."""
+    CUDA) of unpermuted rows per hook in the storage format. Returns (buffers, CUDA event or None, per hook
+    (Σ‖x - x̂‖², Σ‖x‖²)): the buffers are complete once the event has completed."""
     p0, rpc = geom.first_position, geom.rows_per_context
     cuda = device.type == "cuda"
     n_rows = len(contexts_CT) * rpc
-    host = {h: torch.empty((n_rows, info["d"]), dtype=STORAGE_TORCH[cfg.dtype], pin_memory=cuda)
-            for h, info in header["hooks"].items()}
-    bad = {h: torch.zeros((), dtype=torch.int64, device=device) for h in host}
+    host: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for b0 in range(0, len(contexts_CT), cfg.batch_size):
             ids_BT = torch.from_numpy(contexts_CT[b0:b0 + cfg.batch_size].astype(np.int64)).to(device)
@@ -103,22 +87,25 @@ def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: 
             r0 = b0 * rpc
             for name, acts_BTD in out.items():
                 key = name.replace("/", "_")
-                rows = to_storage(acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1]), cfg.dtype)
-                if cfg.nonfinite == "error":
-                    bad[key] += _nonfinite_count(rows, cfg.dtype)
-                host[key][r0:r0 + len(rows)].copy_(rows, non_blocking=cuda)
+                x = acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1])
+                stored, err = to_storage(x, cfg.dtype)
+                sums[key] = err if key not in sums else sums[key] + err
+                if key not in host:  # the stored width (quantized formats add a scale) is known from the first batch
+                    host[key] = torch.empty((n_rows, stored.shape[1]), dtype=stored.dtype, pin_memory=cuda)
+                host[key][r0:r0 + len(stored)].copy_(stored, non_blocking=cuda)
     event = None
     if cuda:
         event = torch.cuda.Event()
         event.record()
+    err = {h: sums[h].tolist() for h in host}
     if cfg.nonfinite == "error":
-        for h, n in bad.items():
-            if n := int(n):
+        for h in host:
+            if n := int(err[h][2]):
                 c0, c1 = geom.shard_contexts(s)
                 raise DataError(f"hook {h} produced {n} NaN/Inf values in shard {s} (contexts {c0}..{c1 - 1}) in "
                                 f"{cfg.dtype}; nothing of that shard was published. Store float32/bfloat16 (--dtype) "
                                 "if fp16 overflows, or pass --nonfinite count to store and count them")
-    return host, event
+    return host, event, {h: (e[0], e[1]) for h, e in err.items()}
 
 
 class WritePipeline:
@@ -139,19 +126,20 @@ class WritePipeline:
         self._config = zarr.config.set({"array.write_empty_chunks": True})
         self._config.__enter__()
 
-    def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray) -> int:
+    def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray, quant_err) -> int:
         if event is not None:
             event.synchronize()
-        self.writer.write_shard(s, {h: storage_numpy(t) for h, t in host.items()}, contexts_CT)
+        fmt = self.writer.header["storage"]["dtype"]
+        self.writer.write_shard(s, {h: quant.to_numpy(t, fmt) for h, t in host.items()}, contexts_CT, quant_err)
         return s
 
-    def submit(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray) -> None:
+    def submit(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray, quant_err=None) -> None:
         if self.pool is None:
-            self.on_done(self._write(s, host, event, contexts_CT))
+            self.on_done(self._write(s, host, event, contexts_CT, quant_err))
             return
         while len(self.pending) >= self.workers:
             self.on_done(self.pending.popleft().result())
-        self.pending.append(self.pool.submit(self._write, s, host, event, contexts_CT))
+        self.pending.append(self.pool.submit(self._write, s, host, event, contexts_CT, quant_err))
 
     def close(self, wait: bool = True) -> None:
         """Finish (wait=True) or abandon the shards in flight; abandoned ones stay unpublished."""
@@ -231,8 +219,8 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
             with ActivationCapture(model, hooks) as capture:
                 for s in todo:
                     contexts_CT = plan.read(s)
-                    host, event = harvest_shard(capture, cfg, header, geom, s, contexts_CT, device)
-                    pipe.submit(s, host, event, contexts_CT)
+                    host, event, quant_err = harvest_shard(capture, cfg, header, geom, s, contexts_CT, device)
+                    pipe.submit(s, host, event, contexts_CT, quant_err)
                     writer.heartbeat()
             ok = True
         finally:

@@ -93,7 +93,7 @@ def bytes_per_value(store_url: str, hook: str, root: Path) -> list[dict]:
                 perm = shard_permutation(header["seed"], s, r1 - r0)
                 unperm = torch.empty_like(x[r0:r1])
                 unperm[torch.from_numpy(perm)] = x[r0:r1]
-                w.write_shard(s, {hook: to_storage(unperm, dtype)}, src.contexts(c0, c1))
+                w.write_shard(s, {hook: to_storage(unperm, dtype)[0]}, src.contexts(c0, c1))
             size = store_size(url)
             rows.append({"dtype": dtype, "codec": codec, "bytes_per_value": round(size["bytes_per_value"], 4),
                          "ratio_vs_raw": round(np.dtype(header["storage"]["dtype"] if dtype != "bfloat16" else

@@ -8,8 +8,8 @@ files go through `torch.load(weights_only=True)` and must hold a plain {name: te
 Formats, as documented by their code (dictionary_learning `dictionary.py`, `trainers/{top_k,batch_top_k}.py`;
 SAELens 6 `saes/*_sae.py`, `constants.py`, `SAE.save_model`). Checked by loading our exports with the libraries
 themselves (dictionary_learning 0.1.0 `utils.load_dictionary`, sae-lens 6.54 `SAE.load_from_disk`): same outputs for
-all five classes (matryoshka: written from the classes' code, not yet loaded by the libraries here). `pre` below is
-the encoder pre-activation.
+all five classes, and for matryoshka (dictionary_learning's `MatryoshkaBatchTopKSAE`, SAELens' `JumpReLUSAE`;
+encode and reconstruction equal to ours, max difference 0.0). `pre` below is the encoder pre-activation.
 
 | ours      | dictionary_learning class (ae.pt keys)                                                   | SAELens `architecture` (sae_weights.safetensors keys)        |
 |-----------|------------------------------------------------------------------------------------------|--------------------------------------------------------------|

@@ -48,7 +48,8 @@ class HarvestConfig:
     batch_size: int = 32
     """Contexts per forward pass."""
     dtype: str = "float16"
-    """Storage dtype: float16, bfloat16 (stored as uint16 bits) or float32."""
+    """Storage format: float16, bfloat16 (stored as uint16 bits), float32, or a compact quantized format: int8
+    (≈1 byte per value, a float32 scale per row) or nf4 (≈0.5 byte per value). Costs: README "Store formats"."""
     codec: str = "blosc-zstd"
     """Compressor inside the sharding codec: blosc-zstd, blosc-lz4, zstd or none."""
     ctx_per_chunk: int | None = None

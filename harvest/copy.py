@@ -1,11 +1,12 @@
 """`saecache copy`: push or pull a whole store, or some of its hooks, between local paths and fsspec URLs.
 
 The copy follows the store's own publication rule (SPEC.md): array metadata first, then per shard its objects and,
-last, its manifest entry; the group's `zarr.json` (what makes the destination a store) after the metadata, and
-`_final.json` at the very end. So an interrupted copy is a valid, incomplete store, and rerunning the command
-resumes: shards whose manifest entry is already at the destination, with every object present at the right size, are
-skipped. Every object read from the source is checked against the source manifest before it is written, and once all
-shards are there every destination object is read back and checked; a shard that fails is copied again once.
+last, its manifest entry; the group's `zarr.json` (what makes the destination a store) after the metadata, and the
+final record at the very end. The copy keeps the source's format version. So an interrupted copy is a valid,
+incomplete store, and rerunning the command resumes: shards whose manifest entry is already at the destination,
+with every object present at the right size, are skipped. Every object read from the source is checked against the
+source manifest before it is written, and once all shards are there every destination object is read back and
+checked; a shard that fails is copied again once.
 
 Copying a subset of hooks makes a derived store: its header lists only those hooks and records where it came from
 (`derived_from`), and its manifest entries, statistics and fingerprint cover only the kept objects.
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.remote import remote_errors, safe_url
 from saecache.harvest.store import (
-    FINAL_FILE, Store, _json_bytes, _Location, aggregate_stats, checksum, compute_fingerprint,
-    manifest_key,
+    BOOKKEEPING_GROUPS, FINAL_DIR, Store, _Location, aggregate_stats, checksum, compute_fingerprint, final_key,
+    manifest_key, parse_record, record_bytes,
 )
 
 
@@ -50,14 +51,16 @@ class CopyConfig:
             raise ConfigError("--hooks is empty; name at least one hook or leave it out to copy all")
 
 
-_STORE_TOP = {"zarr.json", "acts", "rows", "contexts", "_manifest", "_claims", "_final.json"}
+_STORE_TOP = {"zarr.json", "acts", "rows", "contexts", "_manifest", "_claims", "_final.json", FINAL_DIR}
 
 
-def _metadata_keys(hooks) -> list[str]:
+def _metadata_keys(hooks, version: int) -> list[str]:
     """zarr metadata objects of a store with these hooks (SPEC.md layout), group zarr.json excluded."""
     keys = ["acts/zarr.json", "rows/zarr.json", "contexts/zarr.json"]
     keys += [f"acts/{h}/zarr.json" for h in sorted(hooks)]
     keys += [f"rows/{n}/zarr.json" for n in ("token", "context", "position")]
+    if version >= 2:
+        keys += [f"{g}/zarr.json" for g in BOOKKEEPING_GROUPS]
     return keys
 
 
@@ -89,6 +92,7 @@ class _Copier:
         self.dst = _Location(cfg.dst, cfg.dst_options, read_only=False)
         self.header = self.src.header if self.full else derived_header(self.src, self.hooks)
         self.manifest = self.src.manifest(refresh=True)
+        self.version = self.src.version  # a copy keeps the source's format (and so its fingerprint)
 
     def _get_src(self, key: str) -> bytes:
         data = self.src.loc.get(key)
@@ -110,7 +114,7 @@ class _Copier:
         if foreign:
             raise StoreError(f"{safe_url(self.cfg.dst)} is not empty and not a store (it holds {foreign[0]}); choose "
                              "a new destination")
-        for key in _metadata_keys(self.hooks):
+        for key in _metadata_keys(self.hooks, self.version):
             self.dst.put_atomic(key, self._get_src(key))
         group = json.loads(self._get_src("zarr.json"))
         if self.full:
@@ -121,8 +125,8 @@ class _Copier:
 
     def entry(self, s: int) -> tuple[dict, bytes]:
         entry = self.manifest[s] if self.full else _filter_entry(self.manifest[s], self.hooks)
-        raw = self.src.loc.get(manifest_key(s)) if self.full else None
-        return entry, raw if raw is not None else _json_bytes(entry)
+        raw = self.src.loc.get(manifest_key(s, self.version)) if self.full else None
+        return entry, raw if raw is not None else record_bytes(entry, self.version)
 
     def copy_shard(self, s: int) -> int:
         entry, raw = self.entry(s)
@@ -134,13 +138,13 @@ class _Copier:
                                  f"source is corrupt); run `saecache verify {self.src.url}`")
             self.dst.put_atomic(key, data)
             n += len(data)
-        self.dst.put_atomic(manifest_key(s), raw)  # published last
+        self.dst.put_atomic(manifest_key(s, self.version), raw)  # published last
         return n
 
     def up_to_date(self, s: int, sizes: dict[str, int]) -> bool:
         entry, _ = self.entry(s)
-        raw = self.dst.get(manifest_key(s))
-        if raw is None or json.loads(raw).get("objects") != entry["objects"]:
+        raw = self.dst.get(manifest_key(s, self.version))
+        if raw is None or parse_record(raw, self.version).get("objects") != entry["objects"]:
             return False
         return all(sizes.get(k) == v["nbytes"] for k, v in entry["objects"].items())
 
@@ -153,11 +157,11 @@ class _Copier:
         return None
 
     def finish(self) -> bool:
-        final_raw = self.src.loc.get(FINAL_FILE)
+        final_raw = self.src.loc.get(final_key(self.version))
         if final_raw is None or len(self.manifest) < self.src.geometry.n_shards:
             return False
         if self.full:
-            self.dst.put_atomic(FINAL_FILE, final_raw)
+            self.dst.put_atomic(final_key(self.version), final_raw)
             return True
         manifest = {s: self.entry(s)[0] for s in self.manifest}
         stats = {}
@@ -166,7 +170,7 @@ class _Copier:
             stats[hook] = {**st, "mean": [float(x) for x in st["mean"]]}
         final = {"complete": True, "n_rows": self.src.geometry.n_rows, "n_contexts": self.src.geometry.n_contexts,
                  "stats": stats, "fingerprint": compute_fingerprint(self.header, manifest)}
-        self.dst.put_atomic(FINAL_FILE, _json_bytes(final))
+        self.dst.put_atomic(final_key(self.version), record_bytes(final, self.version))
         return True
 
 
@@ -199,7 +203,7 @@ def copy_store(cfg: CopyConfig, progress=None) -> dict:
         for s in bad:
             try:
                 with remote_errors(cfg.dst, "unpublishing a damaged shard of"):
-                    c.dst.fs.rm(c.dst.path(manifest_key(s)))  # unpublish before rewriting
+                    c.dst.fs.rm(c.dst.path(manifest_key(s, c.version)))  # unpublish before rewriting
             except FileNotFoundError:
                 pass
         todo, repaired = sorted(bad), sorted(bad)

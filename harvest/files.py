@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import resource
@@ -33,6 +34,9 @@ def default_max_open() -> int:
     return 128 if soft == resource.RLIM_INFINITY else max(4, min(128, soft // 8))
 
 
+_OPENS = itertools.count()  # numbers each opening: what a reader read through an older one may be stale
+
+
 class FilePool:
     """Read-only descriptors of local files, at most ``max_open`` kept open, least recently used closed first.
 
@@ -44,20 +48,20 @@ class FilePool:
     def __init__(self, max_open: int | None = None):
         self.max_open = max_open or default_max_open()
         self._lock = threading.Lock()
-        self._open: OrderedDict[tuple, list[int]] = OrderedDict()  # (owner, path) -> [fd, pins], oldest use first
+        self._open: OrderedDict[tuple, list[int]] = OrderedDict()  # (owner, path) -> [fd, pins, open id]
 
     def __len__(self) -> int:
         return len(self._open)
 
     def acquire(self, path: str, owner: object = None) -> list[int]:
         """Pin an open descriptor of ``path`` (FileNotFoundError if there is no such file): ``entry[0]`` is the
-        descriptor; give ``entry`` back with `release`."""
+        descriptor, ``entry[2]`` a number unique to this opening of the file; give ``entry`` back with `release`."""
         key = (owner, path)
         with self._lock:
             entry = self._open.get(key)
             if entry is None:
                 self._shrink(self.max_open - 1)
-                entry = self._open[key] = [self._os_open(path), 0]
+                entry = self._open[key] = [self._os_open(path), 0, next(_OPENS)]
             self._open.move_to_end(key)
             entry[1] += 1
             return entry

@@ -5,9 +5,13 @@ final record that disagrees with the manifest) and on-disk size."""
 
 from __future__ import annotations
 
-import json
 
-from saecache.harvest.store import DTYPES, FINAL_FILE, MANIFEST_DIR, Store, checksum
+from saecache.errors import StoreError
+from saecache.harvest.store import (
+    DTYPES, MANIFEST_DIR, Store, aggregate_stats, checksum, final_key, parse_record, record_key,
+)
+
+FORMAT_NOTE = {"int8": ", rows of a float32 scale + int8 codes", "nf4": ", rows of a float32 scale + 4-bit NF4 codes"}
 
 
 def store_size(url: str | Store, storage_options: dict | None = None) -> dict:
@@ -49,8 +53,18 @@ def store_info(url: str, storage_options: dict | None = None) -> dict:
         "derived_from": h.get("derived_from"),
         "fingerprint": fp,
         "final_fingerprint_matches": None if final is None else final.get("fingerprint") == fp,
+        "quant_error": quant_error(store),
         **store_size(store),
     }
+
+
+def quant_error(store: Store) -> dict[str, float] | None:
+    """Per hook, the relative MSE Σ‖x - x̂‖² / Σ‖x‖² of the stored values against the exact activations, as the
+    harvest measured it (over the complete shards); None for stores that did not record it (format version 1)."""
+    try:
+        return {h: aggregate_stats(store.manifest(), h)["rel_mse"] for h in sorted(store.hooks)}
+    except (KeyError, StoreError):
+        return None
 
 
 def format_info(info: dict) -> str:
@@ -64,8 +78,8 @@ def format_info(info: dict) -> str:
         f"data         {d['spec']}  split={d['split']} field={d['text_field']}  "
         f"fingerprint {str(d['fingerprint'])[:12]}",
         f"contexts     ctx_len {info['ctx_len']}, seed {info['seed']}; {info['bos_policy']}",
-        f"storage      {st['dtype']} ({DTYPES[st['dtype']][0]} on disk), codec {st['codec']}, "
-        f"shards of {st['shard_rows']} rows, inner chunks of {st['chunk_rows']} rows",
+        f"format       {st['dtype']} ({DTYPES[st['dtype']][0]} on disk{FORMAT_NOTE.get(st['dtype'], '')}), codec "
+        f"{st['codec']}, shards of {st['shard_rows']} rows, inner chunks of {st['chunk_rows']} rows",
         "hooks        " + ", ".join(f"{k} (d={v['d']}, {v['module']}:{v['io']})" for k, v in info["hooks"].items()),
         f"rows         {info['rows']:,} of {info['rows_planned']:,}; shards {info['shards']['complete']}/"
         f"{info['shards']['total']} {'(complete)' if info['complete'] else '(INCOMPLETE: rerun the harvest)'}",
@@ -75,6 +89,9 @@ def format_info(info: dict) -> str:
         + (f" between {info['written_between'][0]} and {info['written_between'][1]}"
            if info["written_between"] else ""),
     ]
+    if info.get("quant_error"):
+        lines.append("stored error relative MSE vs the exact activations: " + ", ".join(
+            f"{h} {v:.2e}" for h, v in info["quant_error"].items()))
     if info.get("derived_from"):
         d = info["derived_from"]
         lines.append(f"derived from {d['url']} (hooks {', '.join(d['kept_hooks'])} of {', '.join(d['hooks'])}; "
@@ -104,11 +121,12 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
                 problems.append(f"shard {s}: object {key} is corrupt (crc32c {got['crc32c']} != {want['crc32c']}, "
                                 f"{got['nbytes']} vs {want['nbytes']} bytes)")
     for name in store.loc.list(MANIFEST_DIR):
-        raw = store.loc.get(f"{MANIFEST_DIR}/{name}")
-        if raw is not None and json.loads(raw)["shard"] >= store.geometry.n_shards:
+        key = record_key(MANIFEST_DIR, name, store.version)
+        raw = None if key is None else store.loc.get(key)
+        if raw is not None and parse_record(raw, store.version)["shard"] >= store.geometry.n_shards:
             problems.append(f"manifest entry {name} names a shard beyond the store's {store.geometry.n_shards}")
     final = store.final
     if final is not None and final.get("fingerprint") != store.fingerprint():
-        problems.append(f"{FINAL_FILE} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest "
+        problems.append(f"{final_key(store.version)} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest "
                         f"gives {store.fingerprint()[:16]}…: shards were changed after the store was completed")
     return problems

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from saecache import __version__
 from saecache.errors import ConfigError, DataError
+from saecache.harvest import quant
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location
 from saecache.harvest.writer import StoreWriter
@@ -53,42 +54,41 @@ def build_header(cfg: HarvestConfig, info: dict, hooks: list, n_contexts: int, d
     }
 
 
-def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """[rows, D] float tensor → numpy in the storage dtype (bf16 as its uint16 bits)."""
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.to(getattr(torch, dtype)).numpy()
-
-
-def _nonfinite_count(a: np.ndarray, dtype: str) -> int:
-    if dtype == "bfloat16":
-        return int(((a & 0x7F80) == 0x7F80).sum())
-    return int(a.size - np.isfinite(a).sum())
+def to_storage(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, torch.Tensor]:
+    """[rows, D] float tensor on the model's device → (host numpy rows in the storage format, error sums on the
+    device: Σ‖x - x̂‖², Σ‖x‖², non-finite stored values). Encoding (quantization) runs on the device, before the copy
+    to host; formats in `quant.py`."""
+    stored = quant.encode(x, dtype)
+    return quant.to_numpy(stored, dtype), quant.error_sums(x, stored, dtype)
 
 
 def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: int, contexts_CT: np.ndarray,
-                  device: torch.device) -> dict[str, np.ndarray]:
-    """Forward the shard's contexts in fixed batches; return unpermuted rows per hook in the storage dtype."""
+                  device: torch.device) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
+    """Forward the shard's contexts in fixed batches; return unpermuted rows per hook in the storage format and
+    per hook (Σ‖x - x̂‖², Σ‖x‖²), the storage error against the exact activations."""
     p0 = geom.first_position
     parts: dict[str, list[np.ndarray]] = {h: [] for h in header["hooks"]}
+    sums: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for b0 in range(0, len(contexts_CT), cfg.batch_size):
             ids_BT = torch.from_numpy(contexts_CT[b0:b0 + cfg.batch_size].astype(np.int64)).to(device)
             out = capture(ids_BT)
             for name, acts_BTD in out.items():
                 key = name.replace("/", "_")
-                rows = acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1]).float().cpu()
-                parts[key].append(to_storage(rows, cfg.dtype))
+                rows, err = to_storage(acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1]), cfg.dtype)
+                parts[key].append(rows)
+                sums[key] = err if key not in sums else sums[key] + err
     acts = {h: np.concatenate(v) for h, v in parts.items()}
+    err = {h: sums[h].tolist() for h in acts}
     if cfg.nonfinite == "error":
         for h, a in acts.items():
-            bad = _nonfinite_count(a, cfg.dtype)
+            bad = int(err[h][2])
             if bad:
                 c0, c1 = geom.shard_contexts(s)
                 raise DataError(f"hook {h} produced {bad} NaN/Inf values in shard {s} (contexts {c0}..{c1 - 1}) in "
                                 f"{cfg.dtype}; nothing of that shard was published. Store float32/bfloat16 (--dtype) "
                                 "if fp16 overflows, or pass --nonfinite count to store and count them")
-    return acts
+    return acts, {h: (e[0], e[1]) for h, e in err.items()}
 
 
 def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
@@ -127,8 +127,8 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
         with ActivationCapture(model, hooks) as capture:
             for s in todo:
                 c0, c1 = geom.shard_contexts(s)
-                acts = harvest_shard(capture, cfg, header, geom, s, contexts[c0:c1], device)
-                writer.write_shard(s, acts, contexts[c0:c1])
+                acts, quant_err = harvest_shard(capture, cfg, header, geom, s, contexts[c0:c1], device)
+                writer.write_shard(s, acts, contexts[c0:c1], quant_err)
                 writer.heartbeat()
                 bar.update(geom.shard_row_range(s)[1] - geom.shard_row_range(s)[0])
     finally:

@@ -144,11 +144,11 @@ class ShardArray:
         self._decode = inner_decoder(list(layout.codecs))
         self._chunk_shape = (layout.chunk_rows, *layout.row_shape)
         self._chunk_nbytes = math.prod(self._chunk_shape) * layout.dtype.itemsize
-        self._pool = pool or default_pool()
+        self._pool = pool if pool is not None else default_pool()  # (an empty pool is falsy: it has a length)
         self._owner = next(_OWNERS)  # this reader's descriptors in the pool: closed with it, or when it is collected
         weakref.finalize(self, self._pool.drop, self._owner)
-        self._index: dict[int, np.ndarray] = {}  # shard -> [n_inner, 2]: 16 bytes per inner chunk of the store
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._index: dict[int, tuple] = {}  # shard -> (opening, [n_inner, 2] index): 16 B per inner chunk
+        self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (map, its index)
         self._scratch = threading.local()  # per reader thread: a reused buffer for compressed bytes (no page faults)
         self._lock = threading.Lock()
 
@@ -166,8 +166,8 @@ class ShardArray:
 
     @contextmanager
     def _file(self, shard: int):
-        """(descriptor, path) of the shard's file, pinned in the pool for the block; a missing file raises (zarr
-        would read it back as zeros, silently)."""
+        """(descriptor, path, opening number) of the shard's file, pinned in the pool for the block; a missing file
+        raises (zarr would read it back as zeros, silently)."""
         for _ in range(self._attempts):
             path = self._locate(shard)
             try:
@@ -178,18 +178,19 @@ class ShardArray:
         else:
             raise self._missing(shard, path)
         try:
-            yield entry[0], path
+            yield entry[0], path, entry[2]
         finally:
             self._pool.release(path, entry, self._owner)
 
-    def _shard_index(self, shard: int, fd: int, path: str) -> np.ndarray:
-        idx = self._index.get(shard)
-        if idx is None:
+    def _shard_index(self, shard: int, fd: int, path: str, opened: int) -> np.ndarray:
+        """The shard's index, read again whenever the pool reopened the file (it may have been replaced since)."""
+        got = self._index.get(shard)
+        if got is None or got[0] != opened:
             n = self.layout.index_bytes()
             size = os.fstat(fd).st_size
-            idx = self.layout.parse_index(os.pread(fd, n, max(size - n, 0)) if size >= n else b"", path)
-            self._index[shard] = idx
-        return idx
+            got = self._index[shard] = (opened, self.layout.parse_index(
+                os.pread(fd, n, size - n) if size >= n else b"", path))
+        return got[1]
 
     def _entry(self, shard: int, inner: int, idx: np.ndarray, path: str) -> tuple[int, int] | None:
         """(offset, nbytes) of an inner chunk; None for a chunk wholly past the array's end (never written)."""
@@ -206,8 +207,8 @@ class ShardArray:
         None) and return it. Rows past the array end hold the fill value, exactly as zarr would pad them."""
         if out is None:
             out = np.empty(self._chunk_shape, dtype=self.dtype)
-        with self._file(shard) as (fd, path):
-            entry = self._entry(shard, inner, self._shard_index(shard, fd, path), path)
+        with self._file(shard) as (fd, path, opened):
+            entry = self._entry(shard, inner, self._shard_index(shard, fd, path, opened), path)
             if entry is None:
                 out.fill(self.layout.fill_value)
                 return out
@@ -244,14 +245,14 @@ class ShardArray:
             if m is not None:
                 self._maps.move_to_end(shard)
         if m is None:
-            with self._file(shard) as (fd, path):
-                self._shard_index(shard, fd, path)
-                m = map_file(fd, os.fstat(fd).st_size)
+            with self._file(shard) as (fd, path, opened):
+                m = (map_file(fd, os.fstat(fd).st_size), self._shard_index(shard, fd, path, opened))
             with self._lock:
                 self._maps[shard] = m
                 while len(self._maps) > MAX_MAPS:
                     self._maps.popitem(last=False)  # views handed out keep their own map alive
-        entry = self._entry(shard, inner, self._index[shard], self.where)
+        m, idx = m  # a map and the index of the same opening of the file
+        entry = self._entry(shard, inner, idx, self.where)
         if entry is None or entry[1] != self._chunk_nbytes:
             return None
         offset, nbytes = entry
@@ -261,8 +262,8 @@ class ShardArray:
 
     def raw_chunk(self, shard: int, inner: int) -> bytes:
         """The stored (encoded) bytes of an inner chunk, b"" for one past the array's end."""
-        with self._file(shard) as (fd, path):
-            entry = self._entry(shard, inner, self._shard_index(shard, fd, path), path)
+        with self._file(shard) as (fd, path, opened):
+            entry = self._entry(shard, inner, self._shard_index(shard, fd, path, opened), path)
             return b"" if entry is None else os.pread(fd, entry[1], entry[0])
 
     def read_rows(self, row0: int, n: int) -> np.ndarray:

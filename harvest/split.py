@@ -77,8 +77,8 @@ def context_batches(store, hooks: list[str], c0: int, c1: int, batch_size: int =
             if max_rows is not None:
                 idx = idx[:max_rows - served]
             lo, hi = int(idx[0]), int(idx[-1]) + 1
-            out = {h: to_torch(store.read_acts(h, r0 + lo, r0 + hi)[idx - lo], store.logical_dtype).to(dtype)
-                   for h in hooks}
+            out = {h: to_torch(store.read_acts(h, r0 + lo, r0 + hi)[idx - lo], store.logical_dtype,
+                               store.hooks[h]["d"]).to(dtype) for h in hooks}
             out.update({k: torch.from_numpy(meta[k][idx].astype(np.int64)) for k in ("context", "position", "token")})
             yield out
             served += len(idx)

@@ -23,15 +23,17 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from saecache import __version__
 from saecache.errors import StoreError
+from saecache.harvest.quant import FORMATS
 from saecache.harvest.remote import _Location, safe_url
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_DIR = "_manifest"
 CLAIMS_DIR = "_claims"
-FINAL_FILE = "_final.json"
+FINAL_DIR = "_final"
+BOOKKEEPING_GROUPS = (MANIFEST_DIR, CLAIMS_DIR)  # empty zarr groups made with the store (version >= 2)
 
-# storage dtype name -> (zarr dtype, logical dtype)
-DTYPES = {"float16": ("float16", "float16"), "float32": ("float32", "float32"), "bfloat16": ("uint16", "bfloat16")}
+# storage format name -> (zarr dtype, logical dtype); the formats themselves (and their decoding) are in quant.py
+DTYPES = {name: (f.zarr_dtype, name) for name, f in FORMATS.items()}
 
 # codec name -> factory of the zarr compressor inside the sharding codec (None = uncompressed)
 CODECS = {
@@ -139,8 +141,42 @@ def shard_object_keys(header: dict, s: int) -> list[str]:
     return keys
 
 
-def manifest_key(s: int) -> str:
-    return f"{MANIFEST_DIR}/shard-{s:06d}.json"
+# Bookkeeping layout (SPEC.md "Manifest", "Final record", "Claims"). Version 1 wrote plain JSON files, which plain zarr
+# lists as unknown objects (a warning per file on every tree()/members()); from version 2 every record is a zarr group
+# node whose attributes["saecache"] hold the record, written as one object, atomically, as before.
+
+
+def manifest_key(s: int, version: int = FORMAT_VERSION) -> str:
+    return f"{MANIFEST_DIR}/shard-{s:06d}.json" if version == 1 else f"{MANIFEST_DIR}/shard-{s:06d}/zarr.json"
+
+
+def final_key(version: int = FORMAT_VERSION) -> str:
+    return "_final.json" if version == 1 else f"{FINAL_DIR}/zarr.json"
+
+
+def claim_key(worker: int, n_workers: int, version: int = FORMAT_VERSION) -> str:
+    name = f"worker-{worker:05d}-of-{n_workers:05d}"
+    return f"{CLAIMS_DIR}/{name}.json" if version == 1 else f"{CLAIMS_DIR}/{name}/zarr.json"
+
+
+def record_key(prefix: str, name: str, version: int) -> str | None:
+    """Key of the record listed as `name` under `prefix` (a file in version 1, a group node after), None if `name`
+    is not a record (the prefix's own zarr.json, a temporary file)."""
+    if version == 1:
+        return f"{prefix}/{name}" if name.endswith(".json") and not name.startswith(".") else None
+    return None if "." in name else f"{prefix}/{name}/zarr.json"
+
+
+def record_bytes(record: dict, version: int = FORMAT_VERSION) -> bytes:
+    """The bytes of a bookkeeping record: JSON (version 1) or a zarr group node carrying it as an attribute."""
+    if version == 1:
+        return _json_bytes(record)
+    return _json_bytes({"zarr_format": 3, "node_type": "group", "attributes": {"saecache": record}})
+
+
+def parse_record(raw: bytes, version: int) -> dict:
+    doc = json.loads(raw)
+    return doc if version == 1 else doc["attributes"]["saecache"]
 
 
 # ------------------------------------------------------------------------------------------------------------ reader
@@ -160,6 +196,7 @@ class Store:
         self.header = header
         self.geometry = Geometry.from_header(header)
         self.cache = None if loc.local else cache
+        self.version = header["format_version"]
         self._manifest: dict[int, dict] | None = None
         self._objects: dict[str, dict] = {}
 
@@ -212,11 +249,12 @@ class Store:
         if self._manifest is None or refresh:
             entries = {}
             for name in self.loc.list(MANIFEST_DIR):
-                if name.startswith("shard-") and name.endswith(".json"):
-                    raw = self.loc.get(f"{MANIFEST_DIR}/{name}")
+                key = record_key(MANIFEST_DIR, name, self.version)
+                if name.startswith("shard-") and key is not None:
+                    raw = self.loc.get(key)
                     if raw is not None:
                         try:
-                            entry = json.loads(raw)
+                            entry = parse_record(raw, self.version)
                             entries[int(entry["shard"])] = entry
                         except (ValueError, KeyError, TypeError):
                             raise StoreError(f"manifest entry {name} of {self.url} is not valid JSON with a shard "
@@ -246,8 +284,8 @@ class Store:
 
     @property
     def final(self) -> dict | None:
-        raw = self.loc.get(FINAL_FILE)
-        return None if raw is None else json.loads(raw)
+        raw = self.loc.get(final_key(self.version))
+        return None if raw is None else parse_record(raw, self.version)
 
     def require_complete(self) -> None:
         done, n = len(self.complete_shards()), self.geometry.n_shards
@@ -285,14 +323,16 @@ class Store:
                                  "unwritten rows, which zarr would return as zeros")
 
     def read_acts(self, hook: str, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of a hook in the storage dtype (uint16 bits for bf16), shape [r1-r0, D]."""
+        """Rows [r0, r1) of a hook as stored: shape [r1-r0, D] in the storage dtype (uint16 bits for bf16), or
+        [r1-r0, width] uint8 rows (scale + codes) for a quantized format (SPEC.md "Formats")."""
         self.require_hook(hook)
         self._check_rows(r0, r1)
         return self.array(f"acts/{hook}")[r0:r1]
 
     def read_acts_torch(self, hook: str, r0: int, r1: int):
-        """Rows [r0, r1) as a torch tensor in the logical dtype (float16/float32/bfloat16)."""
-        return to_torch(self.read_acts(hook, r0, r1), self.logical_dtype)
+        """Rows [r0, r1) as a torch tensor in the logical dtype (float16/float32/bfloat16; float32 dequantized for a
+        quantized format)."""
+        return to_torch(self.read_acts(hook, r0, r1), self.logical_dtype, self.hooks[hook]["d"])
 
     def read_meta(self, r0: int, r1: int) -> dict[str, np.ndarray]:
         self._check_rows(r0, r1)
@@ -324,7 +364,8 @@ class Store:
 
 
 def aggregate_stats(manifest: dict[int, dict], hook: str) -> dict:
-    count, total, sq, nonfinite = 0, None, 0.0, 0
+    """Per-hook statistics over the given shards; `rel_mse` (quantization error, SPEC.md) when every shard has it."""
+    count, total, sq, nonfinite, err = 0, None, 0.0, 0, [0.0, 0.0]
     for s in sorted(manifest):
         st = manifest[s]["stats"][hook]
         count += st["count"]
@@ -332,9 +373,16 @@ def aggregate_stats(manifest: dict[int, dict], hook: str) -> dict:
         nonfinite += st["nonfinite"]
         v = np.asarray(st["sum"], dtype=np.float64)
         total = v if total is None else total + v
+        if err is not None and "sq_err" in st:
+            err = [err[0] + st["sq_err"], err[1] + st["sq_exact"]]
+        else:
+            err = None
     if count == 0:
         raise StoreError("no complete shards: statistics are not available yet")
-    return {"mean": total / count, "mean_sq_norm": sq / count, "count": count, "nonfinite": nonfinite}
+    out = {"mean": total / count, "mean_sq_norm": sq / count, "count": count, "nonfinite": nonfinite}
+    if err is not None:
+        out["rel_mse"] = err[0] / err[1] if err[1] > 0 else 0.0
+    return out
 
 
 def compute_fingerprint(header: dict, manifest: dict[int, dict]) -> str:
@@ -351,12 +399,11 @@ def check_format_version(header: dict, url: str) -> None:
                          f"(version {FORMAT_VERSION}); upgrade saecache")
 
 
-def to_torch(a: np.ndarray, logical_dtype: str):
-    import torch
+def to_torch(a: np.ndarray, logical_dtype: str, d: int | None = None):
+    """Stored rows → torch: float formats bit-exact in their own dtype, quantized ones dequantized to float32."""
+    from saecache.harvest.quant import decode
 
-    if logical_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return decode(a, logical_dtype, a.shape[1] if d is None else d, None)
 
 
 def checksum(data: bytes) -> dict:

@@ -19,10 +19,12 @@ import zarr
 
 from saecache import __version__
 from saecache.errors import StoreError
+from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels
 from saecache.harvest.model import local_dir
 from saecache.harvest.store import (
-    CLAIMS_DIR, CODECS, DTYPES, FINAL_FILE, Geometry, Store, _json_bytes, _Location, aggregate_stats, checksum,
-    check_format_version, compute_fingerprint, manifest_key, shard_object_keys, shard_permutation, unpermuted_meta,
+    BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, Geometry, Store, _Location, aggregate_stats, checksum,
+    check_format_version, claim_key, compute_fingerprint, final_key, manifest_key, parse_record, record_bytes,
+    record_key, shard_object_keys, shard_permutation, unpermuted_meta,
 )
 
 CLAIM_LEASE_SECONDS = 600  # a claim from another host is trusted as live for this long after its last heartbeat
@@ -100,6 +102,10 @@ class StoreWriter:
         if found is None:
             raise StoreError(f"{self.loc.url} is a zarr group but not a saecache store; choose a new --out")
         check_format_version(found, self.loc.url)
+        if found.get("format_version") != self.header["format_version"]:
+            raise StoreError(f"store {self.loc.url} is in format version {found.get('format_version')}, which this "
+                             f"saecache reads but does not extend (it writes version {self.header['format_version']}); "
+                             "harvest to a new --out")
         if found != self.header:
             near = self.loc.root if self.loc.local else None
             diff = ", ".join(_diff_keys(_identity(found, near), _identity(self.header, near))[:8])
@@ -112,28 +118,34 @@ class StoreWriter:
         h, g = self.header, self.geometry
         zstore = self.loc.zarr_store()
         group = zarr.create_group(store=zstore, zarr_format=3, attributes={"saecache": h}, overwrite=False)
-        zdtype, logical = DTYPES[h["storage"]["dtype"]]
+        fmt = FORMATS[h["storage"]["dtype"]]
         compressor = CODECS[h["storage"]["codec"]]()
         common = dict(fill_value=0, config={"write_empty_chunks": True}, overwrite=False)
         comp = {"compressors": compressor} if compressor is not None else {"compressors": None}
         for name, info in sorted(h["hooks"].items()):
-            group.create_array(f"acts/{name}", shape=(g.n_rows, info["d"]), dtype=zdtype,
-                               chunks=(g.chunk_rows, info["d"]), shards=(g.shard_rows, info["d"]),
-                               attributes={"logical_dtype": logical, "hook": name, "d": info["d"]}, **comp, **common)
+            w = fmt.width(info["d"])
+            group.create_array(f"acts/{name}", shape=(g.n_rows, w), dtype=fmt.zarr_dtype,
+                               chunks=(g.chunk_rows, w), shards=(g.shard_rows, w),
+                               attributes={"logical_dtype": fmt.name, "hook": name, "d": info["d"],
+                                           **format_attributes(fmt.name)}, **comp, **common)
         for name, dt in (("token", "int32"), ("context", "int32"), ("position", "int16")):
             group.create_array(f"rows/{name}", shape=(g.n_rows,), dtype=dt, chunks=(g.chunk_rows,),
                                shards=(g.shard_rows,), compressors=CODECS["blosc-zstd"](), **common)
         group.create_array("contexts", shape=(g.n_contexts, g.ctx_len), dtype="int32",
                            chunks=(g.ctx_per_shard, g.ctx_len), compressors=CODECS["blosc-zstd"](), **common)
+        for name in BOOKKEEPING_GROUPS:  # so that plain zarr sees the bookkeeping as (empty) groups, not stray objects
+            group.create_group(name, overwrite=False)
 
     # -- claims
     def claim_worker(self, worker: int, n_workers: int) -> None:
         """Refuse if another live process holds the same worker slot, or the store is split with a different N."""
+        version = self.header["format_version"]
         for name in self.loc.list(CLAIMS_DIR):
-            raw = self.loc.get(f"{CLAIMS_DIR}/{name}")
+            key = record_key(CLAIMS_DIR, name, version)
+            raw = None if key is None or not name.startswith("worker-") else self.loc.get(key)
             if raw is None:
                 continue
-            c = json.loads(raw)
+            c = parse_record(raw, version)
             if c["n_workers"] != n_workers:
                 raise StoreError(f"store {self.loc.url} is being harvested as {c['n_workers']} workers (claim by "
                                  f"{c['host']} pid {c['pid']}); every worker of one store must use the same N, "
@@ -149,12 +161,15 @@ class StoreWriter:
         worker, n = self._worker
         claim = {"id": self.claim_id, "worker": worker, "n_workers": n, "host": socket.gethostname(),
                  "pid": os.getpid(), "time": time.time()}
-        self.loc.put_atomic(f"{CLAIMS_DIR}/worker-{worker:05d}-of-{n:05d}.json", _json_bytes(claim))
+        self.loc.put_atomic(claim_key(worker, n), record_bytes(claim))
 
     def release(self) -> None:
         worker, n = self._worker
+        key = claim_key(worker, n)
         try:
-            self.loc.fs.rm(self.loc.path(f"{CLAIMS_DIR}/worker-{worker:05d}-of-{n:05d}.json"))
+            self.loc.fs.rm(self.loc.path(key))
+            if self.loc.local:  # the claim's node directory too: plain zarr would list an empty one as a stray object
+                os.rmdir(os.path.dirname(self.loc.path(key)))
         except FileNotFoundError:
             pass
 
@@ -162,8 +177,10 @@ class StoreWriter:
     def done_shards(self) -> set[int]:
         return set(self.store.complete_shards(refresh=True))
 
-    def write_shard(self, s: int, acts: dict[str, np.ndarray], contexts_CT: np.ndarray) -> dict:
-        """Write shard `s` from unpermuted rows (acts[hook]: [rows, D] in the storage dtype) and publish it."""
+    def write_shard(self, s: int, acts: dict[str, np.ndarray], contexts_CT: np.ndarray,
+                    quant_err: dict[str, tuple[float, float]] | None = None) -> dict:
+        """Write shard `s` from unpermuted rows (acts[hook]: [rows, width] in the storage format) and publish it.
+        `quant_err[hook]` = (Σ‖x - x̂‖², Σ‖x‖²) of the stored values against the exact ones, recorded in the entry."""
         g, h = self.geometry, self.header
         r0, r1 = g.shard_row_range(s)
         c0, c1 = g.shard_contexts(s)
@@ -176,8 +193,11 @@ class StoreWriter:
         with zarr.config.set({"array.write_empty_chunks": True}):
             for name in sorted(h["hooks"]):
                 a = acts[name]
-                assert a.shape == (r1 - r0, h["hooks"][name]["d"]), (a.shape, name)
-                stats[name] = shard_stats(a, DTYPES[h["storage"]["dtype"]][1])
+                fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
+                assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
+                stats[name] = shard_stats(a, fmt, d)
+                if quant_err is not None:
+                    stats[name].update(sq_err=float(quant_err[name][0]), sq_exact=float(quant_err[name][1]))
                 self.group[f"acts/{name}"][r0:r1] = a[perm]
             for name, v in meta.items():
                 self.group[f"rows/{name}"][r0:r1] = v[perm]
@@ -193,11 +213,11 @@ class StoreWriter:
                  "writer": {"worker": f"{worker}/{n}", "host": socket.gethostname(), "pid": os.getpid(),
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "package_version": __version__}}
-        self.loc.put_atomic(manifest_key(s), _json_bytes(entry))
+        self.loc.put_atomic(manifest_key(s), record_bytes(entry))
         return entry
 
     def finalize_if_complete(self) -> bool:
-        """Write `_final.json` when every shard is published. Content is a pure function of the manifest."""
+        """Write the final record when every shard is published. Content is a pure function of the manifest."""
         manifest = self.store.manifest(refresh=True)
         if len([s for s in manifest if s < self.geometry.n_shards]) < self.geometry.n_shards:
             return False
@@ -207,21 +227,36 @@ class StoreWriter:
             stats[hook] = {**st, "mean": [float(x) for x in st["mean"]]}
         final = {"complete": True, "n_rows": self.geometry.n_rows, "n_contexts": self.geometry.n_contexts,
                  "stats": stats, "fingerprint": compute_fingerprint(self.header, manifest)}
-        self.loc.put_atomic(FINAL_FILE, _json_bytes(final))
+        self.loc.put_atomic(final_key(), record_bytes(final))
         return True
 
 
-def shard_stats(a: np.ndarray, logical_dtype: str, block_rows: int = 8192) -> dict:
-    """Sum, sum of squared row norms, count and non-finite count of a shard's rows.
+def format_attributes(fmt: str) -> dict:
+    """What a plain-zarr reader needs to decode an `acts/*` array of this format, beyond `logical_dtype`."""
+    if not FORMATS[fmt].quantized:
+        return {}
+    out = {"row_layout": f"bytes 0-{SCALE_BYTES - 1}: float32 little-endian row scale; then the codes",
+           "codes": "int8, x = code * scale" if fmt == "int8" else
+           "4-bit, two per byte, low nibble first; x = levels[code] * scale"}
+    if fmt == "nf4":
+        out["levels"] = list(nf4_levels())
+    return out
+
+
+def shard_stats(a: np.ndarray, fmt: str, d: int | None = None, block_rows: int = 8192) -> dict:
+    """Sum, sum of squared row norms, count and non-finite count of a shard's stored rows (decoded).
 
     Works through cache-sized row blocks with float64 accumulation (one conversion per block, no full-shard float64
     copies), so a 2^16-row shard costs a small fraction of its forward pass; non-finite values count and are left out."""
-    total_D = np.zeros(a.shape[1], dtype=np.float64)
+    d = a.shape[1] if d is None else d
+    total_D = np.zeros(d, dtype=np.float64)
     sq, nonfinite = 0.0, 0
     for r0 in range(0, a.shape[0], block_rows):
         blk = a[r0:r0 + block_rows]
-        if logical_dtype == "bfloat16":
+        if fmt == "bfloat16":
             x = (blk.astype(np.uint32) << 16).view(np.float32)
+        elif FORMATS[fmt].quantized:
+            x = decode(blk, fmt, d).numpy()
         else:
             x = blk.astype(np.float32, copy=False)
         finite = np.isfinite(x)

@@ -31,3 +31,51 @@ def harvest_tiny(out, model_dir, corpus, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_model_dir, tiny_corpus) -> Path:
     return harvest_tiny(tmp_path_factory.mktemp("tiny_store") / "store.zarr", tiny_model_dir, tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_int8(tmp_path_factory, tiny_model_dir, tiny_corpus) -> Path:
+    """`tiny_store` in the quantized int8 format (SPEC.md "Formats")."""
+    return harvest_tiny(tmp_path_factory.mktemp("tiny_store_int8") / "store.zarr", tiny_model_dir, tiny_corpus,
+                        dtype="int8")
+
+
+def tiny_store_in(request, fmt: str) -> Path:
+    """The tiny store in storage format `fmt` ("float16": `tiny_store`, "int8": `tiny_store_int8`), for tests
+    parametrized over formats."""
+    return request.getfixturevalue({"float16": "tiny_store", "int8": "tiny_store_int8"}[fmt])
+
+
+def downgrade_to_v1(src, dst) -> Path:
+    """A copy of local store `src` (float format) in the layout of format version 1, as saecache 0.1.0 wrote it:
+    header format_version 1, bookkeeping as plain JSON files (`_manifest/shard-XXXXXX.json`, `_final.json`), no
+    bookkeeping group nodes. Arrays and their bytes are unchanged; the fingerprint is recomputed over the v1 header."""
+    import json
+    import shutil
+
+    from saecache.harvest.store import _json_bytes, compute_fingerprint
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    group = json.loads((dst / "zarr.json").read_text())
+    header = group["attributes"]["saecache"]
+    assert header["format_version"] == 2 and header["storage"]["dtype"] in ("float16", "float32", "bfloat16")
+    header["format_version"] = 1
+    (dst / "zarr.json").write_text(json.dumps(group, indent=2))
+    manifest = {}
+    for node in sorted((dst / "_manifest").glob("shard-*")):
+        entry = json.loads((node / "zarr.json").read_text())["attributes"]["saecache"]
+        for st in entry["stats"].values():  # version 1 recorded no quantization error
+            st.pop("sq_err", None), st.pop("sq_exact", None)
+        manifest[entry["shard"]] = entry
+        shutil.rmtree(node)
+        (dst / "_manifest" / f"{node.name}.json").write_bytes(_json_bytes(entry))
+    (dst / "_manifest" / "zarr.json").unlink()
+    shutil.rmtree(dst / "_claims")
+    final = json.loads((dst / "_final" / "zarr.json").read_text())["attributes"]["saecache"]
+    shutil.rmtree(dst / "_final")
+    for st in final["stats"].values():
+        st.pop("rel_mse", None)
+    final["fingerprint"] = compute_fingerprint(header, manifest)
+    (dst / "_final.json").write_bytes(_json_bytes(final))
+    return dst

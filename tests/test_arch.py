@@ -262,3 +262,43 @@ def test_old_cfg_json_field_names_are_read():
     assert SAEConfig.from_dict(old) == SAEConfig(arch="topk", d_in=8, width=32, k=4)
     assert {"arch", "width", "coeff"} <= set(SAEConfig("relu", 4, 8).to_dict())
     assert not {"architecture", "n_features", "sparsity_coeff"} & set(SAEConfig("relu", 4, 8).to_dict())
+
+
+def test_buffers_grow_only_and_serve_smaller_batches_in_place():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig("relu", D, F)).train()
+    x = torch.randn(B, D)
+    sae.loss(x).total.backward()
+    ptr = sae._workspace["f"].data_ptr()
+    sae.loss(x[:B - 3]).total.backward()  # a batch a few rows short (e.g. BOS rows left out)
+    assert sae._workspace["f"].shape == (B - 3, F) and sae._workspace["f"].data_ptr() == ptr
+    sae.loss(torch.randn(2 * B, D)).total.backward()
+    assert sae._workspace["f"].shape == (2 * B, F)
+
+
+def test_saes_sharing_one_workspace_train_as_if_alone():
+    """The trainer gives a sweep one Workspace: SAEs of other widths and architectures stepping in between change
+    nothing (each backward runs before the next SAE's forward)."""
+    from saecache.train.sparse_ops import Workspace
+
+    def run(shared: bool):
+        torch.manual_seed(0)
+        saes = [SAE(SAEConfig(a, D, w, k=K if ARCHITECTURES[a].needs_k else None)).train()
+                for a, w in (("relu", F), ("gated", 2 * F), ("topk", 3 * F), ("jumprelu", F), ("matryoshka", F))]
+        if shared:
+            ws = Workspace()
+            for s in saes:
+                s._workspace = ws
+        opts = [make_optimizer(s, 1e-2) for s in saes]
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x = torch.randn(B - step, D, generator=gen)
+            for s, o in zip(saes, opts):
+                out = s.loss(x)
+                o.zero_grad()
+                out.total.backward()
+                o.step()
+        return [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in saes]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

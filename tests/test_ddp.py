@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from _store import tiny_store_in
 from safetensors.torch import load_file
 
 from saecache.train import rundir
@@ -17,7 +18,9 @@ from saecache.train import rundir
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_two_gloo_processes_match_one_process_and_resume_exactly(tiny_store, tmp_path):
+@pytest.mark.parametrize("fmt", ["float16", "int8"])
+def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, tmp_path):
+    tiny_store = tiny_store_in(request, fmt)
     cfg = {"stores": [str(tiny_store)], "steps": 24, "batch_size": 256, "warmup_steps": 4, "checkpoint_every": 12,
            "resample_steps": 8, "resample_window": 2, "heldout_fraction": 0.05, "log_every": 4, "progress": False,
            "device": "cpu",

@@ -22,6 +22,7 @@ from saecache.errors import ModelError, RunDirError
 from saecache.evaluate.config import EvalConfig
 from saecache.evaluate.convert import import_run
 from saecache.evaluate.runner import run_evaluation
+from saecache.harvest.store import Store
 
 D, N_CTX = 64, 6
 
@@ -59,7 +60,7 @@ def identity_and_zero(tiny_store, tmp_path_factory):
 
 def store_arrays(store_path):
     g = zarr.open_group(str(store_path), mode="r")
-    return g, json.loads((store_path / "_final.json").read_text())
+    return g, Store.open(str(store_path)).final
 
 
 def test_identity_sae_gives_the_clean_loss_and_zero_sae_the_zero_ablation_loss(identity_and_zero, tiny_store):

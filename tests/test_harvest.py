@@ -18,7 +18,12 @@ from _store import TINY_STORE_HOOKS, harvest_tiny, tiny_harvest_config
 
 from saecache.errors import StoreError
 from saecache.harvest.inspect import verify_store
-from saecache.harvest.store import Geometry, Store
+from saecache.harvest.store import Geometry, Store, record_bytes
+
+
+def _shard_records(mdir: Path) -> list[str]:
+    """Published manifest entries of a local store (its `_manifest` node also holds the group's own zarr.json)."""
+    return [n for n in os.listdir(mdir) if n.startswith("shard-")] if mdir.exists() else []
 
 
 def array_snapshot(url) -> dict:
@@ -83,7 +88,7 @@ def _cli_args(out, model_dir, corpus, **extra):
     args = ["--out", cfg.out, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
             "--ctx-len", str(cfg.ctx_len), "--tokens", str(cfg.tokens), "--batch-size", str(cfg.batch_size),
             "--ctx-per-chunk", str(cfg.ctx_per_chunk), "--chunks-per-shard", str(cfg.chunks_per_shard),
-            "--device", "cpu", "--quiet"]
+            "--device", "cpu", "--dtype", cfg.dtype, "--quiet"]
     if cfg.worker:
         args += ["--worker", cfg.worker]
     return args
@@ -95,8 +100,9 @@ def _run_cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def test_kill9_at_random_moments_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, tiny_corpus):
-    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=4096)  # 64 shards
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_kill9_at_random_moments_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, tiny_corpus, dtype):
+    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=4096, dtype=dtype)  # 64 shards
     ref = tmp_path / "ref.zarr"
     p = _run_cli(_cli_args(ref, tiny_model_dir, tiny_corpus, **small))
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
@@ -106,10 +112,10 @@ def test_kill9_at_random_moments_then_rerun_is_byte_identical(tmp_path, tiny_mod
     for _ in range(3):
         p = _run_cli(_cli_args(out, tiny_model_dir, tiny_corpus, **small))
         mdir = out / "_manifest"
-        before = len(os.listdir(mdir)) if mdir.exists() else 0
+        before = len(_shard_records(mdir))
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:  # wait until it is writing shards
-            if mdir.exists() and len(os.listdir(mdir)) > before:
+            if len(_shard_records(mdir)) > before:
                 break
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.4))
@@ -159,7 +165,8 @@ def test_same_worker_slot_claimed_twice_is_refused(tmp_path, tiny_model_dir, tin
     try:
         claim = {"id": "other", "worker": 0, "n_workers": 2, "host": os.uname().nodename, "pid": holder.pid,
                  "time": time.time()}
-        (out / "_claims" / "worker-00000-of-00002.json").write_text(json.dumps(claim))
+        (out / "_claims" / "worker-00000-of-00002").mkdir()
+        (out / "_claims" / "worker-00000-of-00002" / "zarr.json").write_bytes(record_bytes(claim))
         with pytest.raises(StoreError, match="worker 0/2 .* already running"):
             harvest_tiny(out, tiny_model_dir, tiny_corpus, tokens=1024, worker="0/2")
         with pytest.raises(StoreError, match="same N"):
@@ -195,7 +202,7 @@ def test_ctrl_c_leaves_a_resumable_store(tmp_path, tiny_model_dir, tiny_corpus):
                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     mdir = out / "_manifest"
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (mdir.exists() and os.listdir(mdir)):
+    while time.time() < deadline and p.poll() is None and not _shard_records(mdir):
         time.sleep(0.01)
     assert p.poll() is None, "the harvest finished before it could be interrupted"
     p.send_signal(signal.SIGINT)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from _store import TINY_STORE_HOOKS, tiny_harvest_config
+from _store import TINY_STORE_HOOKS, tiny_harvest_config, tiny_store_in
 from saecache.cli import main
 
 BUCKET = "team-bucket"
@@ -152,8 +152,9 @@ def store_files(root: Path) -> dict[str, bytes]:
         key = str(p.relative_to(root))
         if p.is_file() and not key.startswith("_claims"):
             out[key] = p.read_bytes()
-            if key.startswith("_manifest/"):
-                out[key] = {k: v for k, v in json.loads(out[key]).items() if k != "writer"}
+            if key.startswith("_manifest/shard-"):
+                entry = json.loads(out[key])["attributes"]["saecache"]
+                out[key] = {k: v for k, v in entry.items() if k != "writer"}
     return out
 
 
@@ -161,20 +162,32 @@ def store_files(root: Path) -> dict[str, bytes]:
 def s3_store(s3, tiny_model_dir, tiny_corpus, tmp_path_factory):
     """The tiny store harvested straight into the bucket by the writer (same config as `tiny_store`), by two
     workers at the same time: `--worker 1/2` in another process (`saecache harvest`) and `0/2` in this one."""
+    return _harvest_to_s3(s3, tiny_model_dir, tiny_corpus, tmp_path_factory, "float16")
+
+
+@pytest.fixture(scope="module")
+def s3_store_int8(s3, tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """`s3_store` in the quantized int8 format (same config as `tiny_store_int8`)."""
+    return _harvest_to_s3(s3, tiny_model_dir, tiny_corpus, tmp_path_factory, "int8")
+
+
+def _harvest_to_s3(s3, tiny_model_dir, tiny_corpus, tmp_path_factory, dtype: str) -> str:
     from saecache.harvest.run import run_harvest
 
     mp = pytest.MonkeyPatch()
-    url = f"s3://{BUCKET}/stores/tiny.zarr"
+    url = f"s3://{BUCKET}/stores/tiny.zarr" if dtype == "float16" else f"s3://{BUCKET}/stores/tiny-{dtype}.zarr"
     try:
         use_identity(mp, s3, "writer", tmp_path_factory.mktemp("cache"))
-        cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus)
+        cfg = tiny_harvest_config(url, tiny_model_dir, tiny_corpus, dtype=dtype)
         args = ["--out", url, "--model", cfg.model, "--dataset", cfg.dataset, "--hooks", ",".join(cfg.hooks),
                 "--ctx-len", cfg.ctx_len, "--tokens", cfg.tokens, "--batch-size", cfg.batch_size, "--ctx-per-chunk",
-                cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--quiet"]
+                cfg.ctx_per_chunk, "--chunks-per-shard", cfg.chunks_per_shard, "--device", "cpu", "--dtype", dtype,
+                "--quiet"]
         other = subprocess.Popen([sys.executable, "-m", "saecache", "harvest", *map(str, args), "--worker", "1/2"],
                                  env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            mine = run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus, worker="0/2"), progress=False)
+            mine = run_harvest(tiny_harvest_config(url, tiny_model_dir, tiny_corpus, worker="0/2", dtype=dtype),
+                               progress=False)
         finally:
             _, err = other.communicate(timeout=300)
         assert other.returncode == 0, err.decode()
@@ -185,9 +198,12 @@ def s3_store(s3, tiny_model_dir, tiny_corpus, tmp_path_factory):
     return url
 
 
-def test_harvest_to_s3_and_copy_out_and_back_equal_local(s3, s3_store, tiny_store, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fmt", ["float16", "int8"])
+def test_harvest_to_s3_and_copy_out_and_back_equal_local(s3, request, fmt, tmp_path, monkeypatch, capsys):
     from saecache.harvest.store import Store
 
+    s3_store = request.getfixturevalue({"float16": "s3_store", "int8": "s3_store_int8"}[fmt])
+    tiny_store = tiny_store_in(request, fmt)
     use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
     local = Store.open(str(tiny_store))
     remote = Store.open(s3_store)
@@ -203,7 +219,7 @@ def test_harvest_to_s3_and_copy_out_and_back_equal_local(s3, s3_store, tiny_stor
     assert f"copied {local.geometry.n_shards} shard(s)" in out
     assert store_files(pulled) == store_files(Path(tiny_store))
     # push back under another prefix: same fingerprint, verify passes on the server
-    back = f"s3://{BUCKET}/stores/back.zarr"
+    back = f"s3://{BUCKET}/stores/back-{fmt}.zarr"
     code, out, err = run_cli(["copy", pulled, back, "--quiet", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["fingerprint"] == local.fingerprint()
@@ -371,7 +387,7 @@ def test_two_workers_harvest_into_one_s3_store(s3, s3_store, tiny_store, tmp_pat
     assert store.is_complete and store.final is not None
     assert store.fingerprint() == Store.open(str(tiny_store)).fingerprint()  # = one local worker
     assert {e["writer"]["worker"] for e in store.manifest().values()} == {"0/2", "1/2"}
-    assert not store.loc.list("_claims")  # both workers released their claims
+    assert not [n for n in store.loc.list("_claims") if n.startswith("worker-")]  # both released their claims
 
 
 def test_copy_resumes_after_kill_and_repairs_damage(s3, tiny_store, tmp_path, monkeypatch, capsys):
@@ -386,15 +402,15 @@ def test_copy_resumes_after_kill_and_repairs_damage(s3, tiny_store, tmp_path, mo
     c = boto(s3)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
-        listed = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/").get("KeyCount", 0)
+        listed = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/shard-").get("KeyCount", 0)
         if listed >= 2:
             break
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    done = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/").get("KeyCount", 0)
+    done = c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_manifest/shard-").get("KeyCount", 0)
     assert 0 < done < 16, "the copy was not interrupted midway"
-    assert "Contents" not in c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_final.json")
+    assert "Contents" not in c.list_objects_v2(Bucket=BUCKET, Prefix="stores/resumed.zarr/_final/")
 
     code, out, err = run_cli(["copy", tiny_store, url, "--quiet", "--json"], capsys)
     assert code == 0, err
@@ -407,7 +423,7 @@ def test_copy_resumes_after_kill_and_repairs_damage(s3, tiny_store, tmp_path, mo
     body = bytearray(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     body[-10] ^= 0x55
     c.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
-    c.delete_object(Bucket=BUCKET, Key="stores/resumed.zarr/_manifest/shard-000009.json")
+    c.delete_object(Bucket=BUCKET, Key="stores/resumed.zarr/_manifest/shard-000009/zarr.json")
     code, out, err = run_cli(["copy", tiny_store, url, "--quiet", "--json"], capsys)
     assert code == 0, err
     s = json.loads(out)
@@ -453,14 +469,14 @@ def test_info_shows_provenance_and_fingerprint_tracks_content(s3, s3_store, tiny
     url = _upload_copy(s3, tiny_store, "edited.zarr", capsys)
     assert json.loads(run_cli(["info", url, "--json"], capsys)[1])["fingerprint"] == fp
     c = boto(s3)
-    key = "stores/edited.zarr/_manifest/shard-000002.json"
-    entry = json.loads(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-    entry["objects"]["rows/position/c/2"]["crc32c"] ^= 1
-    c.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(entry).encode())
+    key = "stores/edited.zarr/_manifest/shard-000002/zarr.json"
+    node = json.loads(c.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    node["attributes"]["saecache"]["objects"]["rows/position/c/2"]["crc32c"] ^= 1
+    c.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(node).encode())
     info = json.loads(run_cli(["info", url, "--json"], capsys)[1])
     assert info["fingerprint"] != fp and info["final_fingerprint_matches"] is False
     code, out, _ = run_cli(["verify", url], capsys)
-    assert code == 1 and "shard 2: object rows/position/c/2 is corrupt" in out and "_final.json records" in out
+    assert code == 1 and "shard 2: object rows/position/c/2 is corrupt" in out and "_final/zarr.json records" in out
 
 
 def test_one_line_errors(s3, s3_store, tmp_path, monkeypatch, capsys):

@@ -18,7 +18,8 @@ from saecache.train.trainer import run_training
 def _cfg(store, out, **kw) -> TrainConfig:
     base = dict(stores=[str(store)], out=str(out), saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4),
                                                          dict(arch="relu", hook_in="mlp_out.1", width=48)],
-                steps=6, batch_size=128, checkpoint_every=3, log_every=3, heldout_fraction=0.05, progress=False)
+                steps=6, batch_size=128, checkpoint_every=3, log_every=3, heldout_fraction=0.05, progress=False,
+                reader_threads=0)  # reads on demand: no read-ahead whose extent depends on timing
     return TrainConfig(**{**base, **kw})
 
 

@@ -226,6 +226,23 @@ def test_a_reader_opened_after_a_file_changed_never_reads_the_old_descriptor(tmp
         ShardArray.open(path).read_chunk(1, 0)
 
 
+def test_a_reader_rereads_the_index_when_the_pool_reopens_a_replaced_file(tmp_path):
+    """The pool may close a reader's descriptor (its cap) and reopen the file later: if the file was replaced in
+    between, the reader decodes it with its new index, never with offsets remembered from the old file."""
+    url = str(tmp_path / "z.zarr")
+    write_many_shards(url, 3, codec="blosc-zstd")
+    path = f"{url}/acts/a.0"
+    reader = ShardArray.open(path, pool=FilePool(max_open=1))
+    reader.read_chunk(1, 0)
+    reader.read_chunk(0, 0)  # closes shard 1's descriptor (cap 1)
+    x = np.random.default_rng(7).standard_normal((reader.shard_rows, 6)).astype(np.float16)
+    x[:reader.chunk_rows] = 0  # the first inner chunk compresses to a few bytes: the second one moves
+    with open(f"{path}/c/1/0.new", "wb") as f:
+        f.write(encode_shard(x, reader.chunk_rows, numcodecs.Blosc(cname="zstd", clevel=3)))
+    os.replace(f"{path}/c/1/0.new", f"{path}/c/1/0")
+    assert reader.read_chunk(1, 1).tobytes() == x[reader.chunk_rows:].tobytes()
+
+
 def test_layouts_the_reader_does_not_handle_are_left_to_zarr(tmp_path):
     assert ShardLayout.parse({}) is None
     z = zarr.create_array(str(tmp_path / "plain"), shape=(64, 4), chunks=(16, 4), dtype="float32")

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from saecache.errors import StoreError
+from saecache.harvest import quant
 from saecache.harvest.inspect import store_info, verify_store
 from saecache.harvest.store import FORMAT_VERSION, Geometry, Store, shard_permutation
 from saecache.harvest.writer import StoreWriter
@@ -37,10 +38,8 @@ def fake_acts(header, s, rng):
     out = {}
     for name, h in header["hooks"].items():
         x = rng.standard_normal((r1 - r0, h["d"])).astype(np.float32)
-        if header["storage"]["dtype"] == "bfloat16":
-            out[name] = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        else:
-            out[name] = x.astype(header["storage"]["dtype"])
+        fmt = header["storage"]["dtype"]
+        out[name] = quant.to_numpy(quant.encode(torch.from_numpy(x), fmt), fmt)
     c0, c1 = g.shard_contexts(s)
     ctx = (np.arange(c0 * g.ctx_len, c1 * g.ctx_len) % 97).reshape(c1 - c0, g.ctx_len).astype(np.int32)
     return out, ctx
@@ -130,8 +129,9 @@ def test_stats_match_numpy_and_final_record(tmp_path):
     assert Store.open(url).final["fingerprint"] == Store.open(url).fingerprint()
 
 
-def test_verify_flags_flipped_byte_and_missing_shard(tmp_path):
-    header = make_header()
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_verify_flags_flipped_byte_and_missing_shard(tmp_path, dtype):
+    header = make_header(dtype=dtype)
     url = str(tmp_path / "s.zarr")
     write_all(url, header)
     assert verify_store(url) == []
@@ -142,7 +142,7 @@ def test_verify_flags_flipped_byte_and_missing_shard(tmp_path):
     path.write_bytes(bytes(data))
     problems = verify_store(url)
     assert len(problems) == 1 and "shard 1" in problems[0] and "corrupt" in problems[0]
-    os.remove(tmp_path / "s.zarr" / "_manifest" / "shard-000002.json")
+    os.remove(tmp_path / "s.zarr" / "_manifest" / "shard-000002" / "zarr.json")
     problems = verify_store(url)
     assert any("shard 2: missing" in p for p in problems)
     assert Store.open(url).fingerprint() != fp0

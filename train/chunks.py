@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from saecache.errors import StoreError
+from saecache.harvest.quant import decode
 from saecache.harvest.shards import ShardArray
 from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
 from saecache.harvest.store import Store
@@ -26,8 +27,9 @@ from saecache.harvest.store import Store
 # index inside its store) and "store" (the index of its store in the loader's list)
 META = ("context", "position", "token", "row", "store")
 
-# gathers move storage bits: an integer type of the element's width (so bf16, fp16, fp32 and int64 all gather alike)
-BITS = {2: np.int16, 4: np.int32, 8: np.int64}
+# gathers move storage bits: an integer type of the element's width (so quantized rows, bf16, fp16, fp32 and int64
+# all gather alike)
+BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int64": torch.int64}
 
 
@@ -121,15 +123,12 @@ def single_threaded():
         torch.set_num_threads(n)
 
 
-def to_float(a: np.ndarray, logical: str, dtype: torch.dtype) -> torch.Tensor:
-    """Rows in storage dtype (numpy; bfloat16 arrives as 16-bit integers) → a torch tensor of ``dtype``, bit-exact
-    conversion on this thread (a view when no cast is needed)."""
-    a = np.ascontiguousarray(a)
-    src = torch.from_numpy(a.view(BITS[a.dtype.itemsize])).view(TORCH[logical])
-    if src.dtype == dtype:
-        return src
+def to_float(a: np.ndarray, logical: str, dtype: torch.dtype, d: int | None = None) -> torch.Tensor:
+    """Rows as stored (numpy; bfloat16 arrives as 16-bit integers, quantized formats as uint8 rows of scale + codes)
+    → a torch ``[N, d]`` tensor of ``dtype`` on this thread: float formats bit-exact (a view when no cast is needed),
+    quantized ones dequantized (`harvest.quant.decode`). ``d`` (the hook's width) is needed for quantized formats."""
     with single_threaded():
-        return src.to(dtype)
+        return decode(a, logical, a.shape[-1] if d is None else d, dtype)
 
 
 class ChunkReader:

@@ -43,7 +43,7 @@ class SAESpec:
     """One SAE of the sweep."""
 
     arch: str = "topk"
-    """Architecture name (see `saecache.train.sae` for the known ones: relu, topk, batchtopk, jumprelu, gated...)."""
+    """Architecture name (`saecache.train.arch.ARCHITECTURES`: relu, topk, batchtopk, jumprelu, gated, matryoshka)."""
     width: int = 4096
     """Number of dictionary features F."""
     hook_in: str = ""
@@ -51,7 +51,7 @@ class SAESpec:
     hook_out: str | None = None
     """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
     k: int | None = None
-    """Active features per row for topk/batchtopk; None = 32 there (as the peers), at most `width`. Only for those
+    """Active features per row for topk/batchtopk/matryoshka; None = 32 there (as the peers), at most `width`. Only for those
     architectures."""
     penalty: str | None = None
     """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
@@ -63,8 +63,8 @@ class SAESpec:
     cfg.json records the resolved value."""
     resample: bool | None = None
     """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
-    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk (AuxK
-    handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
+    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk/matryoshka
+    (AuxK handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
     records the resolved value."""
     name: str | None = None
     """Directory name under the run root; None = derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""

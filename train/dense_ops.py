@@ -12,7 +12,7 @@ Aliasing is safe: outputs are detached aliases of the buffers saved with `save_f
 a graph whose buffers a later forward has overwritten fails with autograd's "modified by an inplace operation"
 error instead of returning wrong gradients. Plain PyTorch ops only (CPU and CUDA).
 
-Buffers (Workspace keys): z, f, g (∂L/∂f, then ∂L/∂z; the forward's scratch), plus gate and g2 (gated), near (jumprelu).
+Buffers (`sparse_ops.buffer` keys, views of flat buffers that only grow): z, f, g (∂L/∂f, then ∂L/∂z; the forward's scratch), plus gate and g2 (gated), near (jumprelu).
 Shapes: B rows, D width, F features, P entries near a JumpReLU threshold.
 """
 
@@ -21,19 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saecache.train.sparse_ops import _autocast_inputs
+from saecache.train.sparse_ops import _autocast_inputs, buffer
 
 _mask_by = torch.ops.aten.threshold_backward.grad_input  # out = a where b > t else 0, in one float pass
-
-
-def buffer(ws: dict, key: str, shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The workspace's [B, F] buffer `key`, (re)allocated when shape, dtype or device change."""
-    dtype = dtype or like.dtype
-    t = ws.get(key)
-    if t is None or t.shape != shape or t.dtype != dtype or t.device != like.device:
-        ws.pop(key, None)  # drop the old buffer before allocating the new one
-        t = ws[key] = torch.empty(shape, dtype=dtype, device=like.device)
-    return t
 
 
 def _owned(g: Tensor | None, ws: dict, key: str) -> Tensor | None:
@@ -135,7 +125,7 @@ class JumpReLUL0(torch.autograd.Function):
         torch.sub(z_BF, threshold_F.clamp_min(0).to(z_BF.dtype), out=f)
         _mask_by(z_BF, f, 0, grad_input=f)  # z where z − max(θ, 0) > 0
         stats["count_F"] = count_F = _count_active(f, ws)
-        scratch = ws["g"]  # free until the backward
+        scratch = buffer(ws, "g", z_BF.shape, z_BF)  # free until the backward
         if bool((threshold_F >= 0).all()):
             n_above = count_F.sum(dtype=torch.float64)
         else:  # a negative θ: z > θ also counts entries f leaves at 0

@@ -42,9 +42,9 @@ import torch
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store import Store
 from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
-                                   open_stores, single_threaded, split_units, training_units)
+                                   open_stores, single_threaded, split_units, to_float, training_units)
 
-TORCH_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 MIN_PIECE = 64  # rows: the smallest piece a small store's inner chunks are cut into (see Loader._fit_small_store)
 
 
@@ -135,10 +135,11 @@ class Loader:
         per_rank = partitions // world_size
         self.my_parts = list(range(rank * per_rank, (rank + 1) * per_rank))
         self._readers = [ChunkReader(st, self.hooks, direct) for st in stores]
-        # per hook: (row shape, numpy dtype, logical dtype) of the window buffers: storage dtype for acts, int64 meta
+        # per hook: (row shape, numpy dtype, logical dtype) of the window buffers: storage dtype for acts (a
+        # quantized row is its uint8 scale + codes), int64 meta
         self._buf_spec = {h: ((), np.dtype(np.int64), "int64") if h in META else
-                          ((stores[0].hooks[h]["d"],), np.dtype(stores[0].array(f"acts/{h}").dtype), self.logical)
-                          for h in self.hooks}
+                          (stores[0].array(f"acts/{h}").shape[1:], np.dtype(stores[0].array(f"acts/{h}").dtype),
+                           self.logical) for h in self.hooks}
         self._window_cap = shuffle_chunks * max((u.n for u in self.units), default=0)
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
         self.batches_served = 0  # since the start of training, every epoch included
@@ -318,7 +319,7 @@ class Loader:
                 for h in self.hooks:
                     tail, dt, logical = self._buf_spec[h]
                     want = self._want(h)
-                    cast = TORCH[logical] != want
+                    cast = TORCH.get(logical) != want  # quantized formats (not in TORCH) always decode
                     bits = stage.get(h) if cast else None  # a cast reads a reused staging batch
                     if bits is None:
                         bits = torch.empty((n_local, *tail), dtype=TORCH_BITS[dt.itemsize])
@@ -328,11 +329,10 @@ class Loader:
                     jobs += [(win, h, pcs, dst[o:]) for win, pcs, o in pieces]
                     out[h] = bits.view(want) if not cast else None
                     if cast:
-                        casts.append((h, bits.view(TORCH[logical])))
+                        casts.append((h, bits))
                 _run_gathers(jobs)  # one thread: a second one gains nothing on a memory-bound copy (measured slower)
-                with single_threaded():
-                    for h, src in casts:
-                        out[h] = src.to(self._want(h))
+                for h, src in casts:
+                    out[h] = to_float(src.numpy(), self._buf_spec[h][2], self._want(h), self.stores[0].hooks[h]["d"])
                 for h in self.hooks:
                     t = out[h]
                     if self._cuda:

@@ -122,11 +122,27 @@ def centered_linear(x_BD, b_pre_D, W_enc_DF, b_enc_F) -> Tensor:
 
 
 class Workspace(dict):
-    """Scratch buffers a caller keeps between `sparse_encode` calls. Not state: a deep copy (of the SAE holding it)
-    starts empty instead of duplicating a [B, F] buffer."""
+    """Scratch buffers a caller keeps between steps (`buffer`), shareable by SAEs that step one after another (the
+    trainer gives one to a whole sweep). Not state: a deep copy (of the SAE holding it) starts empty instead of
+    duplicating [B, F] buffers."""
 
     def __deepcopy__(self, memo) -> "Workspace":
         return Workspace()
+
+
+def buffer(ws: dict, key: str, shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ws[key]: a `shape` view of a flat buffer that only grows (kept under ("flat", key)), so batches of varying
+    size and SAEs of different widths sharing `ws` reuse one allocation: the largest B·F seen. Reallocated when the
+    dtype or device change."""
+    dtype = dtype or like.dtype
+    n = math.prod(shape)
+    flat = ws.get(("flat", key))
+    if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != like.device:
+        ws.pop(key, None)
+        ws.pop(("flat", key), None)  # drop the old buffer before allocating the new one
+        flat = ws[("flat", key)] = torch.empty(n, dtype=dtype, device=like.device)
+    view = ws[key] = flat[:n].view(shape)
+    return view
 
 
 def _workspace_BF(workspace: dict | None, like_BD: Tensor, F: int) -> Tensor | None:
@@ -136,12 +152,7 @@ def _workspace_BF(workspace: dict | None, like_BD: Tensor, F: int) -> Tensor | N
     forward (the codes are copies), so one buffer serves every step."""
     if workspace is None:
         return None
-    z_BF = workspace.get("z_BF")
-    shape = (like_BD.shape[0], F)
-    if z_BF is None or z_BF.shape != shape or z_BF.dtype != like_BD.dtype or z_BF.device != like_BD.device:
-        workspace.clear()  # drop the old buffer before allocating the new one
-        z_BF = workspace["z_BF"] = torch.empty(shape, dtype=like_BD.dtype, device=like_BD.device)
-    return z_BF
+    return buffer(workspace, "z_BF", (like_BD.shape[0], F), like_BD)
 
 
 class SparseEncode(torch.autograd.Function):

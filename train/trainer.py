@@ -31,6 +31,7 @@ from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_gra
                                   sparsity_warmup_factor)
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
 from saecache.train.resample import resample_dead_
+from saecache.train.sparse_ops import Workspace
 
 # TrainConfig fields that may change between a run and its resumption without changing the result. Store URLs may
 # change (a moved or copied store): the stores' fingerprints, checked in order, are what must stay the same.
@@ -119,13 +120,14 @@ def replica_seed(seed: int, name: str, replica: int) -> int:
 
 def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) -> list[Member]:
     """One Member per SAE and replica: replicas of a spec differ only in the seed of their init and resampling."""
-    members = []
+    members, workspace = [], Workspace()  # SAEs step one after another: one set of [B, F] buffers serves them all
     for base, name, r in cfg.replicas():
         spec = base if name == base.name else dataclasses.replace(base, name=name)
         seed = replica_seed(cfg.seed, base.name, r)
         d_in, d_out = stores[0].hooks[spec.hook_in]["d"], stores[0].hooks[spec.target_hook]["d"]
         torch.manual_seed(seed)
         sae = SAE(_sae_config(spec, d_in, d_out)).to(device)
+        sae._workspace = workspace
         lr = spec.lr or cfg.lr
         in_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.hook_in)) if cfg.normalize else 1.0
         out_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.target_hook)) if cfg.normalize else 1.0

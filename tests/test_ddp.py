@@ -101,9 +101,9 @@ dist.destroy_process_group()
 def _incomplete_copy(src, dst, hidden, keep: int):
     """A real copy of the store whose shards >= keep are not published yet (manifest entries moved to `hidden`)."""
     shutil.copytree(src, dst)
-    os.remove(dst / "_final.json")
+    shutil.rmtree(dst / "_final")  # the final record (a zarr group node, SPEC.md)
     hidden.mkdir(exist_ok=True)
-    for name in sorted(os.listdir(dst / "_manifest"))[keep:]:
+    for name in sorted(n for n in os.listdir(dst / "_manifest") if n.startswith("shard-"))[keep:]:
         os.replace(dst / "_manifest" / name, hidden / name)
 
 

@@ -44,8 +44,8 @@ def test_the_flavour_runs_every_stage_on_the_llama_model(demo_run):
         assert r["ce_zero"] > r["ce_clean"], r["hook_out"]  # ablating block 3's pieces hurts
         assert 1 <= r["n_contexts"] <= cfg.eval_contexts and math.isfinite(r["ce_spliced"])
     for r in s["rows"]:
-        if r["hook_out"].startswith("resid"):  # zeroing the residual stream wipes out what blocks 0-2 computed
-            assert r["ce_zero"] > r["ce_clean"] + 1.0, r["hook_out"]
+        if r["hook_out"].startswith("resid"):  # zeroing the residual stream wipes out what blocks 0-2 computed;
+            assert r["ce_zero"] > r["ce_clean"] + 1.0 and r["ce_spliced"] < r["ce_zero"], r["hook_out"]  # an SAE not
     assert s["tokenizer"] == "SmolLM2's own (SmolLM2-135M-Instruct.Q4_1.gguf)"
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.remote import _Location
+from saecache.harvest.writer import _diff_keys
 from saecache.harvest.text import (
     TextSpec, _special_ids, chain_fingerprint, iter_records, source_identity, source_names,
 )
@@ -71,17 +72,6 @@ def _files(spec: TextSpec) -> list[list]:
     return [[n, os.path.getsize(f)] for n, f in zip(source_names(spec), targets)]
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 class Plan:
     """The `_plan/` area of one store: read shard contexts, or build the plan (once, resumably)."""
 
@@ -100,7 +90,7 @@ class Plan:
         if raw is None:
             return None
         rec = json.loads(raw)
-        diff = _diff(rec.get("key", {}), self.key) or self._same_source(rec)
+        diff = _diff_keys(rec.get("key", {}), self.key) or self._same_source(rec)
         if diff:
             raise StoreError(f"store {self.loc.url} was planned with a different configuration (differs in: plan "
                              f"{', '.join(diff[:8])}); rerun with the original settings or write to a new --out")

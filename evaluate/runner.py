@@ -71,7 +71,7 @@ def _split_records(run_dir: str, cfg: dict, store: Store) -> list[dict]:
                 raise RunDirError(f"run {run_dir} records no held-out split identity (an older saecache) and its "
                                   f"training store {s.get('url')} cannot be opened, so which rows of {store.url} "
                                   "were held out is unknown; evaluate on the training store itself") from None
-        out.append({"dataset": dataset_identity(trained.header),
+        out.append({"dataset": dataset_identity(trained),
                     "heldout_contexts": [int(s.get("heldout_from_context", trained.geometry.n_contexts)),
                                          trained.geometry.n_contexts]})
     return out

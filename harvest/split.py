@@ -29,19 +29,29 @@ def heldout_cutoff(store, heldout_fraction: float) -> int:
     return n - (math.ceil(heldout_fraction * n) if heldout_fraction > 0 else 0)
 
 
-def dataset_identity(header: dict) -> str:
-    """Hash of what fixes a store's context ids: dataset (fingerprint of its files, split, text field), tokenizer,
-    context length and BOS packing. Stores with the same identity hold the same tokens under the same context id
-    (which positions and hooks they store may differ)."""
+def dataset_identity(store) -> str:
+    """Hash of what fixes a store's context ids: the text settings (split, text field, config name), tokenizer,
+    context length, BOS packing, and the token ids of context 0 as a content probe. Stores with the same identity
+    hold the same tokens under the same context id (which positions and hooks they store may differ).
+
+    Not the dataset fingerprint: it covers exactly the documents a harvest consumed, so a shorter harvest of the same
+    text (whose contexts are a prefix of the longer one's) has another fingerprint yet holds training contexts. A store
+    without its shard 0 falls back to the fingerprint (a different identity only widens to "another dataset" when
+    the fingerprints differ, which a partial store of the same harvest does not)."""
+    header = store.header
     d, cfg = header.get("dataset") or {}, header.get("config") or {}
-    what = {"dataset": [d.get("fingerprint"), d.get("split"), d.get("text_field"), d.get("name")],
+    probe = None
+    if 0 in store.manifest():
+        probe = hashlib.sha256(np.ascontiguousarray(store.array("contexts")[0], dtype=np.int64).tobytes()).hexdigest()
+    what = {"dataset": [d.get("split"), d.get("text_field"), d.get("name")],
+            "content": probe or d.get("fingerprint"),
             "tokenizer": header.get("tokenizer"), "ctx_len": header.get("ctx_len"), "bos": cfg.get("bos", True)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split_record(store, heldout_fraction: float) -> dict:
     """What cfg.json records per training store: the dataset identity and the held-out context range."""
-    return {"dataset": dataset_identity(store.header),
+    return {"dataset": dataset_identity(store),
             "heldout_contexts": [heldout_cutoff(store, heldout_fraction), store.geometry.n_contexts]}
 
 
@@ -49,7 +59,7 @@ def heldout_range(records: list[dict], store) -> tuple[int, int] | None:
     """Held-out contexts ``(c0, c1)`` of ``store`` for a run that recorded ``records`` (its `split_record`s), clipped
     to the contexts the store has; ``None`` when no record is of this store's dataset (nothing of it was trained
     on). An empty range comes back as is (c0 >= c1): the caller refuses."""
-    mine = dataset_identity(store.header)
+    mine = dataset_identity(store)
     ranges = [r["heldout_contexts"] for r in records if r.get("dataset") == mine]
     if not ranges:
         return None

@@ -146,11 +146,12 @@ def one_line_error(code, err) -> str:
 
 
 def store_files(root: Path) -> dict[str, bytes]:
-    """Every file of a local store; manifest entries without their `writer` (host, pid, time of the harvest)."""
+    """Every file of a local store; manifest entries without their `writer` (host, pid, time of the harvest). The
+    harvest plan (`_plan/`) is left out: only harvesting workers read it, and a copy does not carry it."""
     out = {}
     for p in root.rglob("*"):
         key = str(p.relative_to(root))
-        if p.is_file() and not key.startswith("_claims"):
+        if p.is_file() and not key.startswith(("_claims", "_plan")):
             out[key] = p.read_bytes()
             if key.startswith("_manifest/shard-"):
                 entry = json.loads(out[key])["attributes"]["saecache"]

@@ -20,7 +20,8 @@ import zarr
 from saecache.errors import StoreError
 from saecache.harvest.files import FilePool, map_file
 from saecache.harvest.shards import ShardArray, ShardLayout
-from saecache.harvest.store import (Geometry, checksum, manifest_key, shard_object_keys, shard_permutation,
+from saecache.harvest.store import (Geometry, checksum, manifest_key, record_bytes, shard_object_keys,
+                                    shard_permutation,
                                     unpermuted_meta)
 from saecache.harvest.writer import StoreWriter, shard_stats
 from test_store import make_header
@@ -81,8 +82,9 @@ def write_many_shards(url: str, n_shards: int, codec: str = "none") -> dict:
                  "objects": {k: checksum(v) for k, v in data.items()},
                  "writer": {"worker": "0/1", "host": socket.gethostname(), "pid": os.getpid(),
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "package_version": "test"}}
-        with open(f"{root}/{manifest_key(s)}", "w") as f:  # published last, as the writer does
-            json.dump(entry, f)
+        os.makedirs(os.path.dirname(f"{root}/{manifest_key(s)}"), exist_ok=True)
+        with open(f"{root}/{manifest_key(s)}", "wb") as f:  # published last, as the writer does
+            f.write(record_bytes(entry))
     assert w.finalize_if_complete()
     return header
 

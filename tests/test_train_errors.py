@@ -52,7 +52,7 @@ def base(store, out, *more):
 def incomplete_store(tiny_store, tmp_path):
     st = tmp_path / "incomplete.zarr"
     shutil.copytree(tiny_store, st)
-    manifests = sorted(p for p in st.rglob("shard-*.json"))
+    manifests = sorted(st.glob("_manifest/shard-*/zarr.json"))  # format version 2: one group node per shard
     assert manifests
     manifests[3].unlink()
     return st
@@ -128,10 +128,11 @@ def test_dimension_or_config_mismatch_on_resume_leaves_the_run_untouched(capsys,
     shutil.copytree(tiny_store, copy)
     code, stdout, err = _run(capsys, "--config", _named_config(tmp_path, copy, out))
     assert code == 0 and stdout.strip() == str(out / "mine"), err
-    manifest = sorted(copy.rglob("shard-*.json"))[0]
-    entry = json.loads(manifest.read_text())
+    manifest = sorted(copy.glob("_manifest/shard-*/zarr.json"))[0]
+    node = json.loads(manifest.read_text())
+    entry = node["attributes"]["saecache"]
     entry["objects"] = {k: {**v, "crc32c": v["crc32c"] ^ 1} for k, v in entry["objects"].items()}
-    manifest.write_text(json.dumps(entry))
+    manifest.write_text(json.dumps(node))
     _fails(capsys, "--config", _named_config(tmp_path, copy, out), match="the store changed")
     assert _tree(out) == before
 

@@ -1,7 +1,7 @@
 """The benchmark to run the day a GPU is at hand (issue 11): one command, no network, about 5 minutes on a CUDA host.
 
     python -m bench.gpu [--device cuda] [--out bench/results]      # full size (Pythia-70m shape)
-    python -m bench.gpu --tiny --device cpu --out /tmp/x            # the test suite's smoke run
+    python -m bench.gpu --tiny --device cpu --out OUTDIR            # the test suite's smoke run
 
 Measures, each against a reference run in the same process in alternating rounds:
 1. harvest of a Pythia-70m-shaped random-init GPT-NeoX with all 6 `mlp_out` hooks (forward with hooks, cast on the

@@ -27,7 +27,7 @@ import numpy as np
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.remote import _Location
-from saecache.harvest.writer import _diff_keys
+from saecache.harvest.writer import _diff_keys, process_is_live
 from saecache.harvest.text import (
     TextSpec, _special_ids, chain_fingerprint, iter_records, source_identity, source_names,
 )
@@ -259,13 +259,7 @@ def _take(records, max_docs: int, max_chars: int) -> list:
 
 
 def _is_live(rec: dict) -> bool:
-    """A planner record's process is running (same host: by pid) or checkpointed recently (another host)."""
-    if rec["host"] == socket.gethostname():
-        try:
-            os.kill(rec["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return rec["pid"] != os.getpid()  # this process's own record is from a planner that stopped
-    return time.time() - rec["time"] < PLAN_LEASE_SECONDS
+    """A planner record's process is running (same host: by pid) or checkpointed recently (another host); this
+    process's own record is from a planner that stopped."""
+    own = rec["host"] == socket.gethostname() and rec["pid"] == os.getpid()
+    return not own and process_is_live(rec, PLAN_LEASE_SECONDS)

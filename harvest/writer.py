@@ -276,13 +276,19 @@ def probe_store_dir(loc: _Location) -> None:
         raise StoreError(f"{loc.url} is a non-empty directory that is not a store; choose a new --out")
 
 
-def _claim_is_live(c: dict) -> bool:
-    if c["host"] == socket.gethostname():
+def process_is_live(rec: dict, lease_seconds: float) -> bool:
+    """A worker record's process ({"host", "pid", "time"}) is running: on this host by its pid, on another host when
+    its last heartbeat is younger than `lease_seconds`. Claims and the harvest planner's record both use it."""
+    if rec["host"] == socket.gethostname():
         try:
-            os.kill(c["pid"], 0)
+            os.kill(rec["pid"], 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
         return True
-    return time.time() - c["time"] < CLAIM_LEASE_SECONDS
+    return time.time() - rec["time"] < lease_seconds
+
+
+def _claim_is_live(c: dict) -> bool:
+    return process_is_live(c, CLAIM_LEASE_SECONDS)

@@ -75,7 +75,7 @@ from saecache.harvest.store import Store
 from saecache.train import ddp
 from saecache.train.chunks import training_units
 
-path, path_rank1, hidden, agree = sys.argv[1:5]
+path, path_rank1, hidden, agree, out_dir = sys.argv[1:6]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 st = Store.open(path if rank == 0 else path_rank1)
@@ -91,9 +91,11 @@ try:
     if agree == "agree":
         ddp.agree_on_shards([st])
     units = [[u.row0, u.n] for u in training_units([st], 0.05)]
-    print("@@" + json.dumps({"rank": rank, "seen": seen, "units": units}), flush=True)
+    result = {"rank": rank, "seen": seen, "units": units}
 except Exception as e:
-    print("@@" + json.dumps({"rank": rank, "error": f"{type(e).__name__}: {e}"}), flush=True)
+    result = {"rank": rank, "error": f"{type(e).__name__}: {e}"}
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # one file per rank: two ranks' stdout interleave
+    json.dump(result, f)
 dist.destroy_process_group()
 """
 
@@ -109,10 +111,12 @@ def _incomplete_copy(src, dst, hidden, keep: int):
 
 def _agree(tmp_path, path, path_rank1, hidden, mode):
     (tmp_path / "agree.py").write_text(AGREE_SCRIPT)
+    out_dir = tmp_path / f"agree-{path.name}"
+    out_dir.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "agree.py"), str(path), str(path_rank1), str(hidden), mode],
+                        str(tmp_path / "agree.py"), str(path), str(path_rank1), str(hidden), mode, str(out_dir)],
                        env=ENV, capture_output=True, text=True, timeout=600)
-    out = sorted((json.loads(x[2:]) for x in r.stdout.splitlines() if x.startswith("@@")), key=lambda d: d["rank"])
+    out = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1) if (out_dir / f"rank{rank}.json").exists()]
     assert len(out) == 2, r.stderr
     return out
 

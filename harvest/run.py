@@ -114,15 +114,17 @@ class WritePipeline:
     At most `workers` shards wait or are being written, so host memory holds at most `workers + 1` shards'
     activations (the one being forwarded included). `workers=0` writes each shard on the calling thread before the
     next forward (the serial path). Either way the store's bytes are the same: a shard's objects depend only on its
-    contents. zarr runs the codec itself on its event loop's default executor; while the pipeline is open that
-    executor has `workers` threads (at least one), so `workers` is also the encode parallelism."""
+    contents. Each thread gathers, encodes and writes its own shard (`shardwrite.py`; the codecs release the GIL), so
+    `workers` is also the encode parallelism. Objects the writer leaves to zarr (a layout `shardwrite.py` does not
+    write) are encoded on zarr's event-loop executor, given `workers` threads while the pipeline is open."""
 
     def __init__(self, writer: StoreWriter, workers: int, on_done: Callable[[int], None]):
         self.writer, self.workers, self.on_done = writer, workers, on_done
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="saecache-write") if workers else None
         self.pending: deque = deque()
         self._restore = _set_codec_threads(max(1, workers))
-        # write_shard sets this per call; held for the pipeline's life so no thread's exit can unset it mid-write
+        # the zarr path of write_shard sets this per call; held for the pipeline's life so that no thread's exit can
+        # unset it mid-write
         self._config = zarr.config.set({"array.write_empty_chunks": True})
         self._config.__enter__()
 
@@ -155,7 +157,8 @@ class WritePipeline:
 
 
 def _set_codec_threads(n: int) -> Callable[[], None]:
-    """Give zarr's event loop a default executor of `n` threads (where its codecs encode); returns the undo."""
+    """Give zarr's event loop a default executor of `n` threads (where its codecs encode objects the writer leaves to
+    zarr); returns the undo."""
     from zarr.core import sync as zsync
 
     zsync._get_executor()  # zarr's own executor exists (and is the loop's default) before we swap it

@@ -1,0 +1,135 @@
+"""Encoding a shard's zarr objects by hand: the bytes zarr-python writes for the same array and rows (the store tests
+write stores both ways and compare them object for object), read back by plain zarr and by `shards.py`.
+
+Why by hand: through `zarr.Array.__setitem__` a 2^16-row shard cost about twice its codec time on top of the codec
+(a full permuted copy of the shard, chunk copies on zarr's event loop, the shard's concatenation), and the manifest's
+checksum needed the object read back. Here each inner chunk is gathered from the unpermuted rows straight into one
+reused buffer, shown to a visitor while it is in cache (the shard statistics), encoded with numcodecs as zarr's codec
+would (same configuration, taken from the array's `zarr.json`), and checksummed as it is produced (crc32c chained over
+the parts, so the whole object is never concatenated or re-read). All of it runs on the calling thread, and the
+codecs release the GIL, so `n` writer threads encode on `n` cores.
+
+Layout (zarr v3 sharding, SPEC.md): the encoded inner chunks in order, then the index, ``n_inner × (offset, nbytes)``
+little-endian u64 (2^64-1 for an inner chunk wholly past the array's end, which zarr does not write), then the
+crc32c of the index. An inner chunk (or plain chunk) the array's end cuts is padded with the fill value to its full
+shape, as zarr does. Handled: the layouts the store writer creates (chunking along rows only; `bytes` + optional
+blosc/zstd; index at the end); `ObjectEncoder.for_array` returns None for anything else and the writer uses zarr.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+
+import crc32c
+import numcodecs
+import numpy as np
+
+from saecache.harvest.remote import _Location, remote_errors
+from saecache.harvest.shards import MISSING, ShardLayout
+
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def inner_encoder(codecs: list[dict]):
+    """numcodecs encoder of a `bytes` (+ blosc/zstd) codec chain, configured as zarr configures its own (None: raw
+    bytes); KeyError for a chain this module does not write."""
+    if codecs[0]["name"] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        raise KeyError("codecs must start with little-endian bytes")
+    if len(codecs) == 1:
+        return None
+    if len(codecs) != 2:
+        raise KeyError("more than one compressor")
+    name, conf = codecs[1]["name"], codecs[1].get("configuration", {})
+    if name == "blosc":
+        return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=_SHUFFLE[conf["shuffle"]],
+                               blocksize=conf.get("blocksize", 0), typesize=conf["typesize"])
+    if name == "zstd":
+        return numcodecs.Zstd(level=conf["level"], checksum=conf.get("checksum", False))
+    raise KeyError(f"codec {name}")
+
+
+class ObjectEncoder:
+    """Encodes the objects of one array whose chunks (or shards) span whole rows: `encode(rows, perm)` gives the
+    object holding rows ``rows[perm]`` (all rows of one chunk/shard, fewer only for the array's last one)."""
+
+    def __init__(self, dtype: np.dtype, row_shape: tuple, object_rows: int, chunk_rows: int, fill_value,
+                 codec, sharded: bool):
+        self.dtype, self.row_shape, self.fill_value, self.codec = dtype, row_shape, fill_value, codec
+        self.object_rows, self.chunk_rows, self.sharded = object_rows, chunk_rows, sharded
+
+    @classmethod
+    def for_array(cls, meta: dict) -> ObjectEncoder | None:
+        """The encoder of an array's objects from its `zarr.json` metadata, or None when the layout is not handled."""
+        try:
+            if meta["codecs"][0]["name"] == "sharding_indexed":
+                lay = ShardLayout.parse(meta)
+                if lay is None or not lay.crc:
+                    return None
+                return cls(lay.dtype, lay.row_shape, lay.shard_rows, lay.chunk_rows, lay.fill_value,
+                           inner_encoder(list(lay.codecs)), True)
+            shape, chunk = list(meta["shape"]), list(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            if (not shape or chunk[1:] != shape[1:] or meta["chunk_key_encoding"]["name"] != "default"
+                    or meta.get("storage_transformers")):
+                return None
+            return cls(np.dtype(meta["data_type"]).newbyteorder("<"), tuple(shape[1:]), chunk[0], chunk[0],
+                       meta.get("fill_value", 0), inner_encoder(meta["codecs"]), False)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+
+    def _encode_chunk(self, buf: np.ndarray) -> bytes:
+        return buf.tobytes() if self.codec is None else self.codec.encode(buf)
+
+    def encode(self, rows: np.ndarray, perm: np.ndarray | None = None,
+               visit: Callable[[np.ndarray], None] | None = None) -> Iterator[bytes]:
+        """The object's bytes as parts to be concatenated, made one at a time (so a writer can write and drop each
+        before the next is made): chunk `k` holds ``rows[perm[k*chunk_rows:...]]`` (``perm`` None: rows in order);
+        `visit` sees each chunk's rows (not the padding) before it is encoded."""
+        n = len(rows)
+        assert n <= self.object_rows and rows.shape[1:] == self.row_shape, (rows.shape, self.row_shape)
+        rows = rows.view(self.dtype) if rows.dtype != self.dtype else rows
+        buf = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+        index = np.full((self.object_rows // self.chunk_rows, 2), MISSING, dtype="<u8")
+        offset = 0
+        for k, c0 in enumerate(range(0, n, self.chunk_rows)):
+            c1 = min(c0 + self.chunk_rows, n)
+            if perm is None:
+                buf[:c1 - c0] = rows[c0:c1]
+            else:
+                np.take(rows, perm[c0:c1], axis=0, out=buf[:c1 - c0], mode="clip")  # clip: no buffering
+            buf[c1 - c0:] = self.fill_value
+            if visit is not None:
+                visit(buf[:c1 - c0])
+            blob = self._encode_chunk(buf)
+            index[k] = offset, len(blob)
+            offset += len(blob)
+            yield blob
+        if self.sharded:
+            table = index.tobytes()
+            yield table + crc32c.crc32c(table).to_bytes(4, "little")
+
+
+def put_parts(loc: _Location, key: str, parts: Iterable[bytes]) -> dict:
+    """Write an object from its parts as zarr's stores do (locally a temp file, each part written as it comes, then a
+    rename; elsewhere one PUT); return its manifest checksum ``{"nbytes", "crc32c"}``, computed from the parts."""
+    crc, nbytes = 0, 0
+    path = loc.path(key)
+    if loc.local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    crc, nbytes = crc32c.crc32c(p, value=crc), nbytes + len(p)
+                    f.write(p)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return {"nbytes": nbytes, "crc32c": crc}
+    data = b"".join(parts)
+    with remote_errors(loc.url, f"writing {key} to"):
+        loc.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+    return {"nbytes": len(data), "crc32c": crc32c.crc32c(data)}

@@ -102,7 +102,7 @@ def _run_cli(args, **kw):
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_kill9_at_random_moments_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, tiny_corpus, dtype):
-    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=4096, dtype=dtype)  # 64 shards
+    small = dict(ctx_per_chunk=1, chunks_per_shard=2, tokens=16384, dtype=dtype)  # 256 shards: the kills land mid-run
     ref = tmp_path / "ref.zarr"
     p = _run_cli(_cli_args(ref, tiny_model_dir, tiny_corpus, **small))
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()

@@ -88,6 +88,7 @@ class ObjectEncoder:
         `visit` sees each chunk's rows (not the padding) before it is encoded."""
         n = len(rows)
         assert n <= self.object_rows and rows.shape[1:] == self.row_shape, (rows.shape, self.row_shape)
+        assert rows.dtype.itemsize == self.dtype.itemsize, (rows.dtype, self.dtype)
         rows = rows.view(self.dtype) if rows.dtype != self.dtype else rows
         buf = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
         index = np.full((self.object_rows // self.chunk_rows, 2), MISSING, dtype="<u8")

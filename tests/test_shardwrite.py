@@ -26,7 +26,7 @@ def _objects(root) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
+@pytest.mark.parametrize("codec", ["blosc-zstd", "blosc-lz4", "zstd", "none"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "nf4"])
 @pytest.mark.parametrize("n_contexts", [12, 10, 1])  # full shards; a last shard of one inner chunk; one partial chunk
 def test_hand_encoded_objects_are_the_bytes_zarr_writes(tmp_path, monkeypatch, codec, dtype, n_contexts):

@@ -5,7 +5,7 @@ dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR
 - Data: every candidate trains on the same store's training rows (the held-out contexts excluded) for the same number
   of steps at the same batch size. saecache runs its real trainer (`run_training`, every default left unset; it leaves
   the BOS rows out, `exclude_bos`); the peers read the rows saecache's loader serves its seed-0 run, BOS rows left out
-  the same way (written once to a raw fp16 file in the scratch dir, the store's own dtype: lossless), in the same
+  the same way (written once to a raw fp16 file in the scratch dir, lossless for a float16 store), in the same
   order and the same per-step batches. saecache's seeds 1, 2... also reshuffle its data order; the peers' seeds only
   change their init.
 - Peers run in a worker process of their own Python environment (bench/quality_peers.py, whose docstring gives each

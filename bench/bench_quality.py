@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         rms = math.sqrt(ms)
         dl_l1 = args.dl_l1 if args.dl_l1 is not None else [float(f"{c * rms:.4g}") for c in args.dl_l1_rms]
         peers = subprocess.Popen([args.peers_python, str(Path(__file__).with_name("quality_peers.py"))],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})  # SAELens' fit draws a progress bar
 
     def ask(req: dict) -> dict:
         peers.stdin.write(json.dumps(req) + "\n")

@@ -163,7 +163,6 @@ def evaluate(run, heldout: np.ndarray, chunk: int = 2048) -> dict:
 
 
 def worker() -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' fit draws a progress bar; read when tqdm is imported
     torch.set_num_threads(1)
     for line in sys.stdin:
         req = json.loads(line)

@@ -56,6 +56,7 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache": {},
     "saecache-no-decay": {"decay_start": None},
     "saecache-decay-from-0": {"decay_start": 0.0},
+    "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")

@@ -1,149 +1,82 @@
 """Quality at matched training tokens (issue 12): held-out FVE, L0 and dead % of saecache's default TopK and BatchTopK
-SAEs against dictionary_learning's and sparsify's own trainers, plus saecache ablations (LR schedule), on one hook of
-a harvested store.
+SAEs against dictionary_learning's, SAELens' and sparsify's own trainers, saecache's ReLU+L1 against
+dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR schedule), on one hook of a store.
 
 - Data: every candidate trains on the same store's training rows (the held-out contexts excluded) for the same number
-  of tokens at the same batch size. saecache runs its real trainer (`run_training`, every default left unset); the
-  peers read the rows saecache's loader serves (written once to a raw fp16 file in the scratch dir, the store's own
-  dtype: lossless), in the same order.
-- Peers run in a worker process of their own Python environment (their pins clash with ours; same pattern as
-  bench_train.py): dictionary_learning TopKTrainer / BatchTopKTrainer and sparsify's SparseCoder with its trainer's
-  update sequence, Adam recipe (2e-4/sqrt(F/2^14), linear warm-up then linear decay to 0) and signum default
-  (schedule-free SignSGD, evaluated at its averaged weights). Every library's warm-up and batchtopk threshold start
-  are capped at a tenth of the run (their fixed 1000 steps would not end inside a ~1000-step run).
-- Evaluation: the held-out rows of the store (`heldout_batches`); each candidate returns its reconstruction and per
-  feature firing counts, and this process computes FVE with saecache's one definition
-  (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on the held-out rows).
+  of steps at the same batch size. saecache runs its real trainer (`run_training`, every default left unset; it leaves
+  the BOS rows out, `exclude_bos`); the peers read the rows saecache's loader serves its seed-0 run, BOS rows left out
+  the same way (written once to a raw fp16 file in the scratch dir, lossless for a float16 store), in the same
+  order and the same per-step batches. saecache's seeds 1, 2... also reshuffle its data order; the peers' seeds only
+  change their init.
+- Peers run in a worker process of their own Python environment (bench/quality_peers.py, whose docstring gives each
+  peer's recipe): dictionary_learning TopK/BatchTopK/Standard trainers, SAELens' SAETrainer, sparsify's Adam and
+  signum recipes, each with its own defaults; warm-ups capped at a tenth of the run.
+- ReLU+L1 at matched L0: saecache `arch=relu` at `--relu-coeffs` (the `coeff` of its spec, for inputs normalised to
+  E‖x‖² = 1) and dictionary_learning's StandardTrainer at `--dl-l1` (its l1_penalty on raw activations; default:
+  `--dl-l1-rms` times the rows' RMS norm sqrt(E‖x‖²): λ·RMS in raw units is the penalty λ on normalised inputs,
+  but at equal λ its trainer ends at about half saecache's L0, so its default sweep is half ours). Per library, FVE
+  at a common L0 (`--match-l0`, default k, else the log-midpoint of the overlap of the two L0 ranges) by linear
+  interpolation of FVE against log L0 between the bracketing coefficients; "no crossing" when the ranges do not overlap.
+- Evaluation: the held-out rows of the store (`heldout_batches`, BOS rows left out as in training); each candidate
+  returns its reconstruction and per-feature firing counts, and this process computes FVE with saecache's one
+  definition (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on them).
+- Target (issue 12) per width and TopK-family arch: saecache's default FVE ≥ the best peer's, and its dead % ≤
+  dictionary_learning's.
 
 Usage: python -m bench.bench_quality [--store saecache-demo/store.zarr] [--hook mlp_out.1] [--peers-python PY]
-       [--widths 1024] [--seeds 0 1] [--tokens 1024000] [--batch 1024] [--k 32] [--scratch DIR] [--note TEXT]
+       [--peers dl sparsify-adam sparsify-signum saelens] [--archs topk batchtopk relu] [--widths 1024]
+       [--seeds 0 1] [--tokens 1024000] [--batch 1024] [--k 32] [--relu-coeffs 0.1 0.2 0.4]
+       [--dl-l1-rms 0.05 0.1 0.2 | --dl-l1 L1 ...] [--match-l0 L0] [--ablations ...] [--scratch DIR] [--note TEXT]
        [--out bench/results]
-One candidate costs about 1000 steps of its trainer (~0.5-2 CPU-minutes at d=128, F=1024); the worker is this file
-run as a script by the peers' interpreter (`<python> bench/bench_quality.py --worker`) and does not import saecache.
+One candidate costs about 1000 steps of its trainer (~0.5-2 CPU-minutes at d=128, F=1024). Nothing assumes the
+activation width: a SmolLM2 store (d=576) works unchanged (choose --relu-coeffs that bracket the L0 wanted there).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from bench.quality_peers import ARCHS as PEER_ARCHS
+from bench.quality_peers import evaluate
 
 ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (fractions of the run where noted)
     "saecache": {},
     "saecache-no-decay": {"decay_start": None},
     "saecache-decay-from-0": {"decay_start": 0.0},
+    "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
 }
-PEERS = ("dl", "sparsify-adam", "sparsify-signum")
+PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
+# relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's
+# coeff 0.1/0.2/0.4 gave L0 71/37/17; dictionary_learning's l1_penalty 1, 2, 4 × RMS gave 34/17/8, hence half that
+RELU_COEFFS = (0.1, 0.2, 0.4)
+DL_L1_PER_RMS = (0.05, 0.1, 0.2)  # dictionary_learning's l1_penalty in units of the training rows' RMS norm
+NO_BOS = SimpleNamespace(exclude_bos=True)  # `bos_stores` reads only this field of a TrainConfig
 
 
-# ---------------------------------------------------------------------------------------------------------- worker
-def _peer_train(name: str, arch: str, width: int, k: int, seed: int, data: np.ndarray, steps: int, batch: int):
-    """Train one peer SAE on ``data`` rows (steps × batch of them, in order); returns a function x → (x_hat, f)."""
-    torch.manual_seed(seed)
-    D, warm = data.shape[1], min(1000, steps // 10)
-    rows = lambda s: torch.from_numpy(data[s * batch:(s + 1) * batch].astype(np.float32))  # noqa: E731
-    if name == "dl":
-        if arch == "topk":
-            from dictionary_learning.trainers.top_k import TopKTrainer as T
-        else:
-            from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer as T
-        tr = T(steps=steps, activation_dim=D, dict_size=width, k=k, layer=0, lm_name="bench", warmup_steps=warm,
-               threshold_start_step=warm, seed=seed, device="cpu")
-        for s in range(steps):
-            tr.update(s, rows(s))
-        ae = tr.ae.eval()
-        return lambda x: (lambda f: (ae.decode(f), f))(ae.encode(x))
-    if arch != "topk":
-        raise KeyError(f"{name} has no {arch}")
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    from sparsify import SparseCoder, SparseCoderConfig
-    sae = SparseCoder(D, SparseCoderConfig(num_latents=width, k=k), device="cpu", dtype=torch.float32)
-    if name == "sparsify-adam":
-        from transformers import get_linear_schedule_with_warmup
-        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (width / 2 ** 14) ** 0.5)
-        sched = get_linear_schedule_with_warmup(opt, warm, steps)
-    else:
-        from schedulefree import ScheduleFreeWrapper
-        from sparsify.sign_sgd import SignSGD
-        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (width / 2 ** 14) ** 0.5}]),
-                                  momentum=0.95)
-        opt.train()
-        sched = None
-    for s in range(steps):  # Trainer.fit: b_dec = first batch mean, unit-norm decoder, fvu, project, step
-        x = rows(s)
-        if s == 0:
-            sae.b_dec.data = x.mean(0)
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x=x, y=x, dead_mask=None)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        if sched is not None:
-            sched.step()
-    if sched is None:
-        opt.eval()  # schedule-free: evaluate at the averaged weights
-    sae.set_decoder_norm_to_unit_norm()
-
-    def run(x):
-        out = sae(x=x, y=x, dead_mask=None)
-        f = torch.zeros(x.shape[0], width).scatter_(1, out.latent_indices, out.latent_acts)
-        return out.sae_out, f
-    return run
-
-
-def _evaluate(run, heldout: np.ndarray) -> dict:
-    """Reconstruction and firing counts over the held-out rows (the main process computes the metrics)."""
-    xs, counts, l0 = [], None, []
-    with torch.no_grad():
-        for i in range(0, len(heldout), 2048):
-            x_hat, f = run(torch.from_numpy(heldout[i:i + 2048]))
-            xs.append(x_hat.float().numpy())
-            c = (f != 0).sum(0).numpy()
-            counts = c if counts is None else counts + c
-            l0.append((f != 0).sum(1).numpy())
-    return {"x_hat": np.concatenate(xs), "counts": counts, "l0": np.concatenate(l0)}
-
-
-def worker() -> None:
-    torch.set_num_threads(1)
-    for line in sys.stdin:
-        req = json.loads(line)
-        try:
-            data = np.memmap(req["data"], dtype=np.float16, mode="r").reshape(-1, req["d"])
-            heldout = np.load(req["heldout"])
-            t0 = time.perf_counter()
-            run = _peer_train(req["name"], req["arch"], req["width"], req["k"], req["seed"], data, req["steps"],
-                              req["batch"])
-            seconds = time.perf_counter() - t0
-            np.savez(req["result"], **_evaluate(run, heldout))
-            ans = {"seconds": seconds}
-        except Exception as e:  # report, keep serving
-            ans = {"error": f"{type(e).__name__}: {e}"}
-        print("@@" + json.dumps(ans), flush=True)
-
-
-# ------------------------------------------------------------------------------------------------------------ main
-def _ours(store: str, hook: str, arch: str, width: int, k: int, seed: int, tokens: int, batch: int, extra: dict,
-          out: Path):
+# ------------------------------------------------------------------------------------------------------------ runs
+def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int, extra: dict, out: Path):
     from saecache.train.config import TrainConfig
     from saecache.train.rundir import load_run
     from saecache.train.trainer import run_training
 
     steps = -(-tokens // batch)
     extra = {key: (round(v * steps) if key == "decay_start" and v is not None else v) for key, v in extra.items()}
-    cfg = TrainConfig(stores=[store], out=str(out), saes=[{"arch": arch, "hook_in": hook, "width": width, "k": k}],
-                      seed=seed, total_tokens=tokens, batch_size=batch, progress=False, checkpoint_every=10 ** 9,
-                      partitions=8, **extra)
+    cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, total_tokens=tokens,
+                      batch_size=batch, progress=False, checkpoint_every=10 ** 9, partitions=8, **extra)
     t0 = time.perf_counter()
     (run_dir,) = run_training(cfg)
     seconds = time.perf_counter() - t0
@@ -154,18 +87,38 @@ def _ours(store: str, hook: str, arch: str, width: int, k: int, seed: int, token
                                                           "decay_start": rec["train"]["decay_start"]}
 
 
-def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, path: Path) -> int:
-    """The rows saecache's loader serves for the run (seed 0), as raw fp16, for the peers."""
+def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch: Path) -> tuple[int, float]:
+    """The batches saecache's loader serves its seed-0 run, BOS rows left out as its trainer does, as raw fp16
+    (rows.f16) with each step's row offsets (offsets.npy), for the peers. Returns (d, E‖x‖² over those rows)."""
     from saecache.train.loader import Loader, open_stores
+    from saecache.train.trainer import bos_stores, drop_bos
 
-    loader = Loader(open_stores([store], [hook]), [hook], batch, 0, heldout_fraction=0.01, dtype=torch.float16)
-    steps = -(-tokens // batch)
-    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=(steps * batch, loader.stores[0].hooks[hook]["d"]))
-    for s in range(steps):
-        mm[s * batch:(s + 1) * batch] = next(loader)[hook].numpy()
-    mm.flush()
+    stores = open_stores([store], [hook])
+    with_bos = bos_stores(NO_BOS, stores)
+    loader = Loader(stores, [hook] + (["position", "store"] if with_bos else []), batch, 0, heldout_fraction=0.01,
+                    dtype=torch.float16)
+    offsets, sq = [0], 0.0
+    with open(scratch / "rows.f16", "wb") as fh:
+        for _ in range(-(-tokens // batch)):
+            b = next(loader)
+            x = (drop_bos(b, with_bos) if with_bos else b)[hook].numpy()
+            fh.write(x.tobytes())
+            offsets.append(offsets[-1] + len(x))
+            sq += float(np.square(x, dtype=np.float32).sum())
     loader.close()
-    return mm.shape[1]
+    np.save(scratch / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    return x.shape[1], sq / offsets[-1]
+
+
+def _heldout(store: str, hook: str) -> np.ndarray:
+    from saecache.harvest.store import Store
+    from saecache.train.loader import heldout_batches
+    from saecache.train.trainer import bos_stores
+
+    st = Store.open(store)
+    bos = bool(bos_stores(NO_BOS, [st]))
+    return torch.cat([b[hook][b["position"] != 0] if bos else b[hook]
+                      for b in heldout_batches(st, [hook], 0.01)]).numpy()
 
 
 def _metrics(x: np.ndarray, res: dict) -> dict:
@@ -175,67 +128,169 @@ def _metrics(x: np.ndarray, res: dict) -> dict:
             "l0": round(float(np.mean(res["l0"])), 2), "dead_pct": round(100 * float(np.mean(res["counts"] == 0)), 1)}
 
 
-def main() -> None:
+def candidates(arch: str, ablations: list[str], peers: list[str], relu_coeffs: list[float],
+               dl_l1: list[float]) -> list[tuple[str, float | None]]:
+    """(candidate, coeff) pairs for one arch: saecache's ablations and the peers that have it; relu: the sweeps."""
+    if arch == "relu":
+        return [("saecache", c) for c in relu_coeffs] + ([("dl", c) for c in dl_l1] if "dl" in peers else [])
+    return [(a, None) for a in ablations] + [(p, None) for p in peers if arch in PEER_ARCHS[p]]
+
+
+# --------------------------------------------------------------------------------------------------------- summary
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean (and seed-to-seed sd of FVE) per (width, arch, candidate, coeff), in first-seen order."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["width"], r["arch"], r["candidate"], r.get("coeff")), []).append(r)
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    return [{"width": w, "arch": a, "candidate": c, "coeff": coeff, "n": len(rs), "fve": mean(rs, "fve"),
+             "fve_sd": _sd([r["fve"] for r in rs]), "fve_seeds": [r["fve"] for r in rs], "l0": mean(rs, "l0"),
+             "dead_pct": mean(rs, "dead_pct"), "train_s": mean(rs, "train_s")}
+            for (w, a, c, coeff), rs in groups.items()]
+
+
+def targets(summary: list[dict]) -> list[dict]:
+    """Issue 12's target per (width, TopK-family arch): saecache default FVE ≥ best peer's, dead % ≤ dl's."""
+    out = []
+    for s in summary:
+        if s["candidate"] != "saecache" or s["arch"] == "relu":
+            continue
+        peers = [p for p in summary if (p["width"], p["arch"]) == (s["width"], s["arch"])
+                 and not p["candidate"].startswith("saecache")]
+        if not peers:
+            continue
+        best = max(peers, key=lambda p: p["fve"])
+        dl = next((p for p in peers if p["candidate"] == "dl"), None)
+        out.append({"width": s["width"], "arch": s["arch"], "fve": s["fve"], "fve_sd": s["fve_sd"],
+                    "best_peer": best["candidate"], "peer_fve": best["fve"], "peer_sd": best["fve_sd"],
+                    "margin": s["fve"] - best["fve"], "fve_met": s["fve"] >= best["fve"], "dead_pct": s["dead_pct"],
+                    "dl_dead_pct": dl["dead_pct"] if dl else None,
+                    "dead_met": dl["dead_pct"] >= s["dead_pct"] if dl else None})
+    return out
+
+
+def fve_at_l0(points: list[tuple[float, float]], l0: float) -> float | None:
+    """FVE at `l0` by linear interpolation of FVE against log L0 between the bracketing (L0, FVE) points; None when
+    `l0` lies outside their range (points with L0 = 0 have no log and are left out)."""
+    pts = sorted(p for p in points if p[0] > 0)
+    for (a, fa), (b, fb) in zip(pts, pts[1:]):
+        if a <= l0 <= b:
+            return fa if b == a else fa + (fb - fa) * (math.log(l0) - math.log(a)) / (math.log(b) - math.log(a))
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == l0 else None
+
+
+def matched_l0(rows: list[dict], width: int, target: float, libs=("saecache", "dl")) -> dict:
+    """The relu sweeps of `libs` at one width compared at one L0: `target` if both L0 ranges (of the seed-mean curves)
+    hold it, else the log-midpoint of their overlap; "no crossing" when they do not overlap."""
+    relu = [r for r in rows if r["arch"] == "relu" and r["width"] == width]
+    curves = {lib: [(s["l0"], s["fve"]) for s in summarise([r for r in relu if r["candidate"] == lib])]
+              for lib in libs}
+    res = {"width": width, "ranges": {lib: [min(c)[0], max(c)[0]] if c else None for lib, c in curves.items()}}
+    if not all(curves.values()):
+        return {**res, "l0": None, "note": "missing sweep"}
+    lo, hi = max(r[0] for r in res["ranges"].values()), min(r[1] for r in res["ranges"].values())
+    if lo > hi or lo <= 0:
+        return {**res, "l0": None, "note": "no crossing"}
+    l0 = target if lo <= target <= hi else math.sqrt(lo * hi)
+    res.update(l0=l0, note="at the target L0" if l0 == target else "log-midpoint of the L0 overlap")
+    for lib, curve in curves.items():
+        per_seed = []
+        for seed in sorted({r["seed"] for r in relu if r["candidate"] == lib}):
+            v = fve_at_l0([(r["l0"], r["fve"]) for r in relu if r["candidate"] == lib and r["seed"] == seed], l0)
+            if v is not None:
+                per_seed.append(v)
+        res[lib] = {"fve": fve_at_l0(curve, l0), "fve_sd": _sd(per_seed), "fve_seeds": per_seed}
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", default="saecache-demo/store.zarr", help="default: the store `make demo` builds")
     ap.add_argument("--hook", default="mlp_out.1")
     ap.add_argument("--peers-python", default=os.environ.get("SAECACHE_PEERS_PYTHON"))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS))
-    ap.add_argument("--archs", nargs="*", default=["topk", "batchtopk"])
+    ap.add_argument("--archs", nargs="*", default=["topk", "batchtopk", "relu"])
     ap.add_argument("--widths", nargs="*", type=int, default=[1024])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--tokens", type=int, default=1_024_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--relu-coeffs", nargs="*", type=float, default=list(RELU_COEFFS),
+                    help="saecache relu L1 coefficients (inputs normalised to E|x|^2 = 1)")
+    ap.add_argument("--dl-l1", nargs="*", type=float, default=None,
+                    help="dictionary_learning StandardTrainer l1_penalty values (raw activations); default: "
+                         "--dl-l1-rms times the training rows' RMS norm")
+    ap.add_argument("--dl-l1-rms", nargs="*", type=float, default=list(DL_L1_PER_RMS),
+                    help="dictionary_learning's l1_penalty sweep in units of the training rows' RMS norm")
+    ap.add_argument("--match-l0", type=float, default=None, help="L0 of the relu comparison (default: --k)")
     ap.add_argument("--scratch", default=None, help="directory for the row dump and runs (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--note", default="", help="what the store holds (model, data), written into the results")
-    args = ap.parse_args()
-    if args.worker:
-        return worker()
+    args = ap.parse_args(argv)
     from saecache.harvest.store import Store
-    from saecache.train.loader import heldout_batches
 
     if not Path(args.store).exists():
         print(f"bench_quality: no store at {args.store}; run `make demo` first or pass --store", file=sys.stderr)
-        return
+        return None
+    unknown = sorted(set(args.peers) - set(PEERS)) + sorted(set(args.ablations) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"bench_quality: unknown peer/ablation {', '.join(unknown)}")
     torch.set_num_threads(1)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
     steps = -(-args.tokens // args.batch)
-    x_held = torch.cat([b[args.hook] for b in heldout_batches(Store.open(args.store), [args.hook], 0.01)]).numpy()
+    x_held = _heldout(args.store, args.hook)
     np.save(scratch / "heldout.npy", x_held)
-    peers = None
+    peers, versions, rms, dl_l1 = None, {}, None, []
     if args.peers_python and args.peers:
-        d = _dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch / "rows.f16")
-        peers = subprocess.Popen([args.peers_python, __file__, "--worker"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, bufsize=1)
-    result = {"store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook, "tokens": steps * args.batch,
-              "steps": steps, "batch": args.batch, "k": args.k, "heldout_rows": len(x_held), "threads": 1,
-              "loadavg_start": os.getloadavg()[0], "note": args.note, "command": " ".join(sys.argv[1:]), "rows": []}
-    t_all = time.time()
+        d, ms = _dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch)
+        rms = math.sqrt(ms)
+        dl_l1 = args.dl_l1 if args.dl_l1 is not None else [float(f"{c * rms:.4g}") for c in args.dl_l1_rms]
+        peers = subprocess.Popen([args.peers_python, str(Path(__file__).with_name("quality_peers.py"))],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})  # SAELens' fit draws a progress bar
+
+    def ask(req: dict) -> dict:
+        peers.stdin.write(json.dumps(req) + "\n")
+        ans = next((json.loads(x[2:]) for x in peers.stdout if x.startswith("@@")), None)
+        if ans is None:
+            raise RuntimeError(f"the peers' worker ({args.peers_python}) exited; its stderr is above")
+        return ans
+
+    result = {"store": args.store, "store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook,
+              "d": int(x_held.shape[1]), "tokens": steps * args.batch, "steps": steps, "batch": args.batch,
+              "k": args.k, "heldout_rows": len(x_held), "threads": 1, "loadavg_start": os.getloadavg()[0],
+              "note": args.note, "command": " ".join(sys.argv[1:] if argv is None else argv),
+              "relu_coeffs": args.relu_coeffs, "dl_l1": dl_l1, "train_rms": rms,
+              "match_l0": args.match_l0 or args.k, "rows": []}
+    t_all, cpu0 = time.time(), os.times()
     try:
+        if peers is not None:
+            result["peer_versions"] = versions = ask({"op": "versions"})
         for width in args.widths:
             for seed in args.seeds:
                 for arch in args.archs:
-                    cands = [("saecache", a) for a in args.ablations] + [("peer", p) for p in args.peers if peers]
-                    for kind, name in cands:
-                        if kind == "peer" and name.startswith("sparsify") and arch != "topk":
-                            continue
-                        row = {"width": width, "seed": seed, "arch": arch, "candidate": name}
-                        if kind == "saecache":
-                            run, sec, info = _ours(args.store, args.hook, arch, width, args.k, seed, args.tokens,
-                                                   args.batch, ABLATIONS[name],
-                                                   scratch / f"runs-{name}-{arch}-{width}-{seed}")
-                            res, row = _evaluate(run, x_held), {**row, **info}
+                    for name, coeff in candidates(arch, args.ablations, list(args.peers) if peers else [],
+                                                  args.relu_coeffs, dl_l1):
+                        row = {"width": width, "seed": seed, "arch": arch, "candidate": name,
+                               **({"coeff": coeff} if coeff is not None else {})}
+                        if name.startswith("saecache"):
+                            spec = {"arch": arch, "width": width,
+                                    **({"coeff": coeff} if arch == "relu" else {"k": args.k})}
+                            run, sec, info = _ours(args.store, args.hook, spec, seed, args.tokens, args.batch,
+                                                   ABLATIONS[name], scratch / f"runs-{name}-{arch}-{width}-{seed}")
+                            res, row = evaluate(run, x_held), {**row, **info}
                         else:
-                            req = {"name": name, "arch": arch, "width": width, "k": args.k, "seed": seed, "d": d,
-                                   "data": str(scratch / "rows.f16"), "heldout": str(scratch / "heldout.npy"),
-                                   "steps": steps, "batch": args.batch, "result": str(scratch / "peer.npz")}
-                            peers.stdin.write(json.dumps(req) + "\n")
-                            ans = next(json.loads(x[2:]) for x in peers.stdout if x.startswith("@@"))
+                            ans = ask({"name": name, "arch": arch, "width": width, "k": args.k, "seed": seed,
+                                       "coeff": coeff, "d": result["d"], "batch": args.batch,
+                                       "data": str(scratch / "rows.f16"), "offsets": str(scratch / "offsets.npy"),
+                                       "heldout": str(scratch / "heldout.npy"), "result": str(scratch / "peer.npz")})
                             if "error" in ans:
                                 print(f"{name} {arch}: {ans['error']}", file=sys.stderr)
                                 continue
@@ -247,31 +302,75 @@ def main() -> None:
         if peers is not None:
             peers.stdin.close()
             peers.wait(timeout=60)
+    cpu = os.times()
     result["wall_s"] = round(time.time() - t_all)
+    result["cpu_s"] = round(sum(cpu[:4]) - sum(cpu0[:4]))
+    result["summary"] = summarise(result["rows"])
+    result["targets"] = targets(result["summary"])
+    result["matched_l0"] = [matched_l0(result["rows"], w, result["match_l0"]) for w in args.widths
+                            if any(r["arch"] == "relu" and r["width"] == w for r in result["rows"])]
     write_results(Path(args.out), result)
+    return result
+
+
+def _pm(mean: float, sd: float, n: int) -> str:
+    return f"{mean:.4f} ± {sd:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def markdown(result: dict) -> str:
+    vers = ", ".join(f"{k} {v}" for k, v in (result.get("peer_versions") or {}).items())
+    lines = ["# Quality at matched tokens (bench/bench_quality.py)", "",
+             f"Store: {result['note'] or result['store']}.", "",
+             f"Hook {result['hook']} (d={result['d']}) of a {result['store_rows']:,}-row store; {result['steps']} "
+             f"steps of {result['batch']} rows ({result['tokens']:,} tokens, BOS rows left out) per SAE, "
+             f"k={result['k']}; held-out FVE (centred, saecache's one definition), L0 and dead % (never fires) over "
+             f"{result['heldout_rows']:,} held-out rows (BOS left out); mean ± seed-to-seed sd. 1 torch thread per "
+             f"trainer, load average at start {result['loadavg_start']:.1f}; train seconds are wall time on a shared "
+             f"machine (not comparable). Whole run {result['wall_s']:,} s wall, {result['cpu_s']:,} CPU-s.", ""]
+    if vers:
+        lines += [f"Peers: {vers}.", ""]
+    lines += ["| width | arch | candidate | coeff | FVE | FVE per seed | L0 | dead % | train s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        coeff = "" if s["coeff"] is None else f"{s['coeff']:g}"
+        lines.append(f"| {s['width']} | {s['arch']} | {s['candidate']} | {coeff} | "
+                     f"{_pm(s['fve'], s['fve_sd'], s['n'])} | {', '.join(f'{v:.4f}' for v in s['fve_seeds'])} | "
+                     f"{s['l0']:.1f} | {s['dead_pct']:.1f} | {s['train_s']:.0f} |")
+    if result["targets"]:
+        lines += ["", "Target (issue 12): saecache's default FVE ≥ the best peer's, dead % ≤ dictionary_learning's "
+                  "(dl).", ""]
+        for w in sorted({t["width"] for t in result["targets"]}):
+            ts = [t for t in result["targets"] if t["width"] == w]
+            for t in ts:
+                dead = ("no dl run" if t["dl_dead_pct"] is None else f"dead {t['dead_pct']:.1f} % vs dl "
+                        f"{t['dl_dead_pct']:.1f} %: {'met' if t['dead_met'] else 'NOT met'}")
+                lines.append(f"- width {w} {t['arch']}: saecache {t['fve']:.4f} vs best peer {t['best_peer']} "
+                             f"{t['peer_fve']:.4f}, margin {t['margin']:+.4f} (seed sd {t['fve_sd']:.4f} / "
+                             f"{t['peer_sd']:.4f}): FVE {'met' if t['fve_met'] else 'NOT met'}; {dead}")
+            ok = all(t["fve_met"] and t["dead_met"] is not False for t in ts)
+            lines.append(f"- **width {w}: target {'met' if ok else 'NOT met'}** ({', '.join(t['arch'] for t in ts)})")
+    if result["matched_l0"]:
+        lines += ["", "ReLU+L1 at matched L0 (FVE interpolated linearly in log L0 between the bracketing coefficients "
+                  f"of each sweep; saecache coeff {result['relu_coeffs']}, dl l1_penalty {result['dl_l1']}):", "",
+                  "| width | L0 | saecache FVE | dl FVE | saecache − dl | saecache L0 range | dl L0 range | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rng = lambda r: f"{r[0]:.1f}–{r[1]:.1f}" if r else "–"  # noqa: E731
+        for m in result["matched_l0"]:
+            cells = [_pm(m[lib]["fve"], m[lib]["fve_sd"], len(m[lib]["fve_seeds"])) if lib in m else "–"
+                     for lib in ("saecache", "dl")]
+            diff = f"{m['saecache']['fve'] - m['dl']['fve']:+.4f}" if "dl" in m else "–"
+            l0 = f"{m['l0']:.1f}" if m["l0"] else "–"
+            lines.append(f"| {m['width']} | {l0} | {cells[0]} | {cells[1]} | {diff} | {rng(m['ranges']['saecache'])} "
+                         f"| {rng(m['ranges']['dl'])} | {m['note']} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_results(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    groups: dict[tuple, list] = {}
-    for r in result["rows"]:
-        groups.setdefault((r["width"], r["arch"], r["candidate"]), []).append(r)
-    lines = ["# Quality at matched tokens (bench/bench_quality.py)", "",
-             f"Hook {result['hook']} of a {result['store_rows']:,}-row store; {result['steps']} steps of "
-             f"{result['batch']} rows ({result['tokens']:,} tokens) per SAE, k={result['k']}; held-out FVE (centred, "
-             f"saecache's one definition), L0 and dead % (never fires) over {result['heldout_rows']:,} held-out rows; "
-             f"mean over seeds (and each seed's). 1 torch thread per trainer, load average at start "
-             f"{result['loadavg_start']:.1f}; train seconds are wall time on a shared machine (not comparable).", "",
-             f"Store: {result['note'] or 'see the command'}.", "",
-             "| width | arch | candidate | FVE (mean) | FVE per seed | L0 | dead % | train s |", "|---|---|---|---|---|---|---|---|"]
-    for (w, a, c), rs in groups.items():
-        mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-        per_seed = ", ".join(f"{r['fve']:.4f}" for r in rs)
-        lines.append(f"| {w} | {a} | {c} | {mean('fve'):.4f} | {per_seed} | {mean('l0'):.1f} | "
-                     f"{mean('dead_pct'):.1f} | {mean('train_s'):.0f} |")
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = markdown(result)
+    (out / "quality.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

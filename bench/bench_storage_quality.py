@@ -1,7 +1,7 @@
 """What a compact store costs an SAE (issue 13): per storage format, bytes per value, the stored values' error, and
 the quality of SAEs trained on it; then how many unique tokens a cache needs for a fixed training budget.
 
-On the demo model (`make demo`'s `saecache-demo/`: 4 layers, d=128), one hook (default mlp_out.1):
+On the demo model (`make demo`'s `saecache-demo/`: 3 layers, d=128), one hook (default mlp_out.1):
 1. harvest the hook once in float32 (the exact activations), and write the same rows in float16, bfloat16, int8 and
    nf4 with the harvest's own encoder (`quant.encode`, row by row: the same bytes a direct harvest writes);
 2. per format, train TopK (k=32) and ReLU+L1 SAEs (F=1024) together from the store, each in init-seed replicas fed
@@ -278,7 +278,7 @@ def main() -> None:
 
     ce = next(iter(scores.values()))
     result = {
-        "setup": {"model": "demo model (4 layers, d=128)", "hook": hook, "harvest_tokens": ref.geometry.n_rows,
+        "setup": {"model": f"demo model ({args.model})", "hook": hook, "harvest_tokens": ref.geometry.n_rows,
                   "train_rows": train_rows, "train_steps": train_rows // args.batch, "batch": args.batch,
                   "lr": "project defaults per architecture", "width": args.width, "k": args.k, "l1": args.l1,
                   "seeds": seeds,
@@ -305,7 +305,7 @@ def render(r: dict) -> str:
     lines = [
         "# Storage formats vs SAE quality, and cache size",
         "",
-        f"Demo model (4 layers, d=128), hook {s['hook']}: {s['harvest_tokens']:,} harvested rows, "
+        f"{s['model'][0].upper() + s['model'][1:]}, hook {s['hook']}: {s['harvest_tokens']:,} harvested rows, "
         f"{s['train_rows']:,} training rows ({s['train_steps']} steps of {s['batch']}, {s['lr']}), SAEs F={s['width']}"
         f" (TopK k={s['k']}; ReLU+L1 coeff {s['l1']}), seeds {s['seeds']}. Scored on {s['heldout_rows_scored']:,} exact "
         f"float32 held-out rows; % loss recovered on {s['splice_contexts']} held-out contexts (clean CE "

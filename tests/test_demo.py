@@ -68,3 +68,25 @@ def test_demo_config_flavours_and_sweep_choices():
         {"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 8},
         {"arch": "topk", "hook_in": "resid_post.1", "width": 64, "k": 8}]
     assert DemoConfig.preset("smollm2").out != DemoConfig().out  # the two flavours never share a store
+
+
+def test_demo_seeds_adds_replicas_to_a_finished_demo_and_reports_their_spread(tmp_path):
+    """`saecache demo --seeds 2` on a finished demo reuses its model and store, trains the replicas, and the report
+    gives every figure as mean ± sd across them."""
+    cfg = mini(tmp_path / "demo", widths=(64,), archs=("topk",))
+    run_demo(cfg)
+    out = tmp_path / "demo"
+    model_record = (out / "model" / "training.json").read_bytes()
+    s = run_demo(mini(tmp_path / "demo", widths=(64,), archs=("topk",), seeds=2))
+    assert s["harvest"]["shards_written"] == 0
+    assert (out / "model" / "training.json").read_bytes() == model_record
+    names = sorted(p.parent.name for p in (out / "runs").glob("*/sae.safetensors"))
+    assert [n for n in names if "seed" in n] == sorted(f"topk-mlp_out.{i}-64-k4-seed{r}" for i in range(2)
+                                                         for r in range(2))
+    replicas = {}
+    for p in (out / "runs").glob("*-seed*/sae.safetensors"):
+        replicas.setdefault(p.parent.name.rsplit("-seed", 1)[0], []).append(p.read_bytes())
+    assert all(len(w) == 2 and w[0] != w[1] for w in replicas.values())  # the replicas differ by their init
+    report = (out / "eval" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and all(" ± " in line for line in rows)  # one row per layer, its figures mean ± sd

@@ -1,0 +1,187 @@
+"""Peer trainers of bench/bench_quality.py, run as a worker in the peers' own Python environment (their pins clash with
+ours): `<peers python> bench/quality_peers.py` reads one JSON request a line on stdin and answers on a stdout line that
+starts with '@@' (the libraries print). It never imports saecache; bench_quality imports `evaluate` from here.
+
+Every peer trains on the rows bench_quality dumped (raw fp16, the store's own values, no normalisation: none of the
+peers normalises by default), step s on rows offsets[s]:offsets[s+1], in order, with its own trainer's defaults, except
+that warm-ups (and dictionary_learning's batchtopk threshold start) are capped at a tenth of the run: their fixed
+1000/2000 steps would not end inside a ~1000-step run.
+
+- dl: dictionary_learning's TopKTrainer / BatchTopKTrainer (k as asked) and, for relu, StandardTrainer (ReLU + L1 on
+  f with unit-norm decoder columns, lr 1e-3; `coeff` is its l1_penalty, in the raw activations' units; LR and sparsity
+  warm-ups capped). Evaluated with its AutoEncoder's encode/decode (batchtopk: the learned inference threshold).
+- sparsify-adam / sparsify-signum: sparsify's SparseCoder with its Trainer.fit update sequence (b_dec = first batch
+  mean, unit-norm decoder, fvu loss, gradient projection): Adam 2e-4/sqrt(F/2^14) with linear warm-up then linear decay
+  to 0, or its signum default (schedule-free SignSGD, evaluated at the averaged weights). TopK only.
+- saelens: SAELens' own `SAETrainer.fit` on a data provider that yields the dumped batches, with the
+  `SAETrainerConfig` / `TopKTrainingSAEConfig` / `BatchTopKTrainingSAEConfig` defaults (Adam 3e-4 betas 0.9/0.999,
+  constant LR, no warm-up so nothing to cap, grad-norm clip 1, decoder init norm 0.1, activations rescaled by decoder
+  norm, AuxK coefficient 1, batchtopk threshold EMA 0.01, no activation normalisation). The LLM runner adds only the
+  language model and its activation store around this trainer, so this is its recipe on a fixed row stream. One
+  default does not transfer: a latent counts as dead for AuxK after `dead_feature_window` = 1000 steps without firing,
+  so in a run of ~1000 steps its AuxK never switches on (nor does dictionary_learning's, whose window is 10M tokens).
+  Evaluated as SAELens would ship it: `save_inference_model` then `SAE.load_from_disk` (batchtopk becomes a JumpReLU
+  SAE at the learned threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCHS = {"dl": ("topk", "batchtopk", "relu"), "sparsify-adam": ("topk",), "sparsify-signum": ("topk",),
+         "saelens": ("topk", "batchtopk")}
+
+
+class Rows:
+    """The dumped training rows, served step by step."""
+
+    def __init__(self, path: str, offsets: str, d: int):
+        self.data = np.memmap(path, dtype=np.float16, mode="r").reshape(-1, d)
+        self.off, self.d = np.load(offsets), d
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def __call__(self, s: int) -> torch.Tensor:
+        return torch.from_numpy(self.data[self.off[s]:self.off[s + 1]].astype(np.float32))
+
+
+def _encode_decode(encode, decode):
+    return lambda x: (lambda f: (decode(f), f))(encode(x))
+
+
+def _dl(arch: str, width: int, k: int, seed: int, rows: Rows, coeff: float | None):
+    steps = len(rows)
+    kw = dict(steps=steps, activation_dim=rows.d, dict_size=width, layer=0, lm_name="bench", seed=seed, device="cpu",
+              warmup_steps=min(1000, steps // 10))
+    if arch == "relu":
+        from dictionary_learning.trainers.standard import StandardTrainer
+        tr = StandardTrainer(**kw, sparsity_warmup_steps=min(2000, steps // 10),
+                             **({} if coeff is None else {"l1_penalty": coeff}))
+    elif arch == "topk":
+        from dictionary_learning.trainers.top_k import TopKTrainer
+        tr = TopKTrainer(**kw, k=k)
+    else:
+        from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+        tr = BatchTopKTrainer(**kw, k=k, threshold_start_step=min(1000, steps // 10))
+    for s in range(steps):
+        tr.update(s, rows(s))
+    ae = tr.ae.eval()
+    return _encode_decode(ae.encode, ae.decode)
+
+
+def _sparsify(name: str, width: int, k: int, rows: Rows):
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    from sparsify import SparseCoder, SparseCoderConfig
+    steps = len(rows)
+    sae = SparseCoder(rows.d, SparseCoderConfig(num_latents=width, k=k), device="cpu", dtype=torch.float32)
+    if name == "sparsify-adam":
+        from transformers import get_linear_schedule_with_warmup
+        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (width / 2 ** 14) ** 0.5)
+        sched = get_linear_schedule_with_warmup(opt, min(1000, steps // 10), steps)
+    else:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (width / 2 ** 14) ** 0.5}]),
+                                  momentum=0.95)
+        opt.train()
+        sched = None
+    for s in range(steps):  # Trainer.fit: b_dec = first batch mean, unit-norm decoder, fvu, project, step
+        x = rows(s)
+        if s == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x=x, y=x, dead_mask=None)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    if sched is None:
+        opt.eval()  # schedule-free: evaluate at the averaged weights
+    sae.set_decoder_norm_to_unit_norm()
+
+    def run(x):
+        out = sae(x=x, y=x, dead_mask=None)
+        f = torch.zeros(x.shape[0], width).scatter_(1, out.latent_indices, out.latent_acts)
+        return out.sae_out, f
+    return run
+
+
+def _saelens(arch: str, width: int, k: int, rows: Rows, batch: int, scratch: str):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAE
+    from sae_lens.training.sae_trainer import SAETrainer
+    if arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE as Sae, TopKTrainingSAEConfig as Cfg
+    else:
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE as Sae, BatchTopKTrainingSAEConfig as Cfg
+    sae = Sae(Cfg(d_in=rows.d, d_sae=width, k=k, device="cpu"))
+    cfg = SAETrainerConfig(total_training_samples=int(rows.off[-1]), train_batch_size_samples=batch, device="cpu",
+                           lr_end=SAETrainerConfig.lr / 10)  # the runner config's post-init default (unused: constant)
+    SAETrainer(cfg, sae, (rows(s) for s in range(len(rows)))).fit()  # stops after the last dumped row
+    path = Path(tempfile.mkdtemp(prefix="saelens-", dir=scratch))
+    sae.save_inference_model(path)
+    inf = SAE.load_from_disk(path, device="cpu").eval()
+    return _encode_decode(inf.encode, inf.decode)
+
+
+def train(name: str, arch: str, width: int, k: int, seed: int, rows: Rows, batch: int, coeff: float | None,
+          scratch: str):
+    """Train one peer SAE; returns a function x → (x_hat, f)."""
+    if arch not in ARCHS.get(name, ()):
+        raise KeyError(f"{name} has no {arch}")
+    torch.manual_seed(seed)
+    if name == "dl":
+        return _dl(arch, width, k, seed, rows, coeff)
+    if name == "saelens":
+        return _saelens(arch, width, k, rows, batch, scratch)
+    return _sparsify(name, width, k, rows)
+
+
+def evaluate(run, heldout: np.ndarray, chunk: int = 2048) -> dict:
+    """Reconstruction, per-row L0 and per-feature firing counts over the held-out rows (the main process computes
+    the metrics)."""
+    xs, counts, l0 = [], None, []
+    with torch.no_grad():
+        for i in range(0, len(heldout), chunk):
+            x_hat, f = run(torch.from_numpy(np.asarray(heldout[i:i + chunk], dtype=np.float32)))
+            xs.append(x_hat.float().numpy())
+            c = (f != 0).sum(0).numpy()
+            counts = c if counts is None else counts + c
+            l0.append((f != 0).sum(1).numpy())
+    return {"x_hat": np.concatenate(xs), "counts": counts, "l0": np.concatenate(l0)}
+
+
+def worker() -> None:
+    torch.set_num_threads(1)
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if req.get("op") == "versions":
+                from importlib.metadata import version
+                ans = {p: version(p) for p in ("torch", "dictionary-learning", "sae-lens", "eai-sparsify")}
+            else:
+                rows = Rows(req["data"], req["offsets"], req["d"])
+                t0 = time.perf_counter()
+                run = train(req["name"], req["arch"], req["width"], req["k"], req["seed"], rows, req["batch"],
+                            req.get("coeff"), os.path.dirname(req["result"]))
+                seconds = time.perf_counter() - t0
+                np.savez(req["result"], **evaluate(run, np.load(req["heldout"])))
+                ans = {"seconds": seconds}
+        except Exception as e:  # report, keep serving
+            ans = {"error": f"{type(e).__name__}: {e}"}
+        print("@@" + json.dumps(ans), flush=True)
+
+
+if __name__ == "__main__":
+    worker()

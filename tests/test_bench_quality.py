@@ -1,0 +1,106 @@
+"""bench/bench_quality.py (issue 12's quality table): the matched-L0 interpolation and the target lines on made-up
+rows, and the whole benchmark end to end on the tiny store without the peers' environment."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+
+def _row(width, arch, cand, seed, fve, l0, dead=0.0, coeff=None):
+    r = {"width": width, "arch": arch, "candidate": cand, "seed": seed, "fve": fve, "l0": l0, "dead_pct": dead,
+         "train_s": 1.0}
+    return {**r, "coeff": coeff} if coeff is not None else r
+
+
+def test_fve_at_l0_interpolates_in_log_l0():
+    from bench.bench_quality import fve_at_l0
+
+    pts = [(64.0, 0.9), (16.0, 0.7), (32.0, 0.8)]
+    assert fve_at_l0(pts, 32.0) == pytest.approx(0.8)
+    assert fve_at_l0(pts, math.sqrt(16 * 32)) == pytest.approx(0.75)  # halfway in log L0
+    assert fve_at_l0(pts, 8.0) is None and fve_at_l0(pts, 100.0) is None
+    assert fve_at_l0([(0.0, 0.1), (10.0, 0.5), (20.0, 0.6)], 15.0) == pytest.approx(0.5 + 0.1 * math.log(1.5) /
+                                                                                    math.log(2))
+
+
+def test_matched_l0_crossing_and_no_crossing():
+    from bench.bench_quality import matched_l0
+
+    rows = []
+    for seed in (0, 1):
+        d = 0.01 * seed
+        rows += [_row(1024, "relu", "saecache", seed, f + d, l0, coeff=c)
+                 for c, f, l0 in ((0.1, 0.9, 80.0), (0.2, 0.85, 40.0), (0.4, 0.8, 20.0))]
+        rows += [_row(1024, "relu", "dl", seed, f + d, l0, coeff=c)
+                 for c, f, l0 in ((0.3, 0.88, 60.0), (0.6, 0.8, 30.0), (1.2, 0.7, 10.0))]
+    m = matched_l0(rows, 1024, 32.0)
+    assert m["l0"] == 32.0 and m["note"] == "at the target L0"
+    assert m["ranges"] == {"saecache": [20.0, 80.0], "dl": [10.0, 60.0]}
+    want = 0.8 + 0.05 * math.log(32 / 20) / math.log(2)
+    assert m["saecache"]["fve"] == pytest.approx(want + 0.005)  # the seed-mean curve
+    assert m["saecache"]["fve_seeds"] == pytest.approx([want, want + 0.01])
+    assert m["saecache"]["fve_sd"] == pytest.approx(0.01 / math.sqrt(2))
+    m = matched_l0(rows, 1024, 100.0)  # outside both: the log-midpoint of the overlap [20, 60]
+    assert m["l0"] == pytest.approx(math.sqrt(20 * 60)) and m["note"].startswith("log-midpoint")
+    far = [r for r in rows if r["candidate"] == "saecache"] + \
+        [{**r, "l0": r["l0"] / 10} for r in rows if r["candidate"] == "dl"]
+    assert matched_l0(far, 1024, 32.0)["note"] == "no crossing"
+    assert matched_l0([r for r in rows if r["candidate"] == "saecache"], 1024, 32.0)["note"] == "missing sweep"
+
+
+def test_targets_and_markdown():
+    from bench.bench_quality import markdown, matched_l0, summarise, targets
+
+    rows = [_row(1024, "topk", "saecache", s, 0.90 + 0.002 * s, 32, dead=1.0) for s in (0, 1)]
+    rows += [_row(1024, "topk", "saecache-no-decay", s, 0.95, 32) for s in (0, 1)]  # an ablation is no peer
+    rows += [_row(1024, "topk", "dl", s, 0.89, 32, dead=2.0) for s in (0, 1)]
+    rows += [_row(1024, "topk", "saelens", s, 0.905, 32, dead=0.0) for s in (0, 1)]
+    rows += [_row(1024, "batchtopk", "saecache", s, 0.91, 32, dead=3.0) for s in (0, 1)]
+    rows += [_row(1024, "batchtopk", "dl", s, 0.90, 30, dead=2.0) for s in (0, 1)]
+    summary = summarise(rows)
+    (top, btop) = targets(summary)
+    assert top["best_peer"] == "saelens" and not top["fve_met"] and top["dead_met"]
+    assert top["margin"] == pytest.approx(0.901 - 0.905) and top["fve_sd"] == pytest.approx(0.002 / math.sqrt(2))
+    assert btop["best_peer"] == "dl" and btop["fve_met"] and not btop["dead_met"]
+    result = {"note": "demo", "store": "s", "hook": "mlp_out.1", "d": 128, "store_rows": 1000, "steps": 10,
+              "batch": 8, "tokens": 80, "k": 32, "heldout_rows": 10, "loadavg_start": 0.5, "wall_s": 1, "cpu_s": 1,
+              "summary": summary, "targets": [top, btop], "relu_coeffs": [0.1], "dl_l1": [0.3],
+              "matched_l0": [matched_l0(rows, 1024, 32.0)]}
+    md = markdown(result)
+    assert "Store: demo." in md and "load average at start 0.5" in md
+    assert "| 1024 | topk | saecache |  | 0.9010 ± 0.0014 | 0.9000, 0.9020 | 32.0 | 1.0 |" in md
+    assert "best peer saelens 0.9050, margin -0.0040" in md and "**width 1024: target NOT met**" in md
+    assert "dead 3.0 % vs dl 2.0 %: NOT met" in md and "missing sweep" in md
+
+
+def test_evaluate_counts_firing_and_l0():
+    from bench.quality_peers import evaluate
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    run = lambda t: (t * 2, (t > 4).float())  # noqa: E731
+    res = evaluate(run, x, chunk=4)
+    assert np.array_equal(res["x_hat"], x * 2)
+    assert res["counts"].tolist() == [3, 4] and res["l0"].tolist() == [0, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.slow
+def test_bench_quality_runs_tiny_without_peers(tiny_store, tmp_path, one_torch_thread, monkeypatch):
+    from bench.bench_quality import main
+
+    monkeypatch.delenv("SAECACHE_PEERS_PYTHON", raising=False)
+    out = tmp_path / "out"
+    result = main(["--store", str(tiny_store), "--hook", "mlp_out.1", "--peers", "--ablations", "saecache",
+                   "--archs", "topk", "relu", "--widths", "64", "--seeds", "0", "--tokens", "1024", "--batch", "256",
+                   "--k", "8", "--relu-coeffs", "0.05", "0.2", "--scratch", str(tmp_path / "scratch"),
+                   "--out", str(out), "--note", "tiny store"])
+    r = json.loads((out / "quality.json").read_text())
+    assert r["steps"] == 4 and r["d"] == result["d"] and r["heldout_rows"] > 0
+    cands = [(x["arch"], x["candidate"], x.get("coeff")) for x in r["rows"]]
+    assert cands == [("topk", "saecache", None), ("relu", "saecache", 0.05), ("relu", "saecache", 0.2)]
+    assert all(0 < x["l0"] <= 64 and -1 < x["fve"] <= 1 for x in r["rows"])
+    assert r["rows"][0]["l0"] == 8.0
+    assert r["matched_l0"][0]["note"] == "missing sweep"  # no dl sweep without the peers
+    md = (out / "quality.md").read_text()
+    assert "Store: tiny store." in md and "| 64 | relu | saecache | 0.2 |" in md

@@ -19,6 +19,7 @@ from _store import TINY_STORE_HOOKS, harvest_tiny, tiny_harvest_config
 from saecache.errors import StoreError
 from saecache.harvest.inspect import verify_store
 from saecache.harvest.store import Geometry, Store, record_bytes
+from saecache.harvest.writer import StoreWriter
 
 
 def _shard_records(mdir: Path) -> list[str]:
@@ -217,12 +218,6 @@ def test_ctrl_c_leaves_a_resumable_store(tmp_path, tiny_model_dir, tiny_corpus):
     assert verify_store(str(out)) == []
 
 
-# manifest object checksums (every shard object's bytes) of these configs as written by the serial harvest before
-# the write pipeline (commit a827155), on the tiny fixtures
-OLD_CODE_OBJECTS = {"default": "474bc7f40d7c956ae1ee5de00f42469a9529e1f8a0125e6247beab8029f02014",
-                    "bf16-lz4-nobos": "e88b31a2ad85f2ef890709b2f27a61c16069f231824d830870cb5ab00f8eb0b2"}
-
-
 def _objects_digest(url) -> str:
     import hashlib
 
@@ -232,10 +227,17 @@ def _objects_digest(url) -> str:
 
 @pytest.mark.parametrize("name,extra", [("default", {}), ("bf16-lz4-nobos", dict(dtype="bfloat16", codec="blosc-lz4",
                                                                                  exclude_bos=True, tokens=6000))])
-def test_pipelined_stores_are_byte_identical_to_the_serial_writer(tmp_path, tiny_model_dir, tiny_corpus, name, extra):
+def test_pipelined_stores_are_byte_identical_to_the_serial_writer(tmp_path, tiny_model_dir, tiny_corpus, name, extra,
+                                                                  monkeypatch):
+    """The pipeline (3 encode workers) and the hand-encoded shard objects write the bytes the serial writer writes
+    through zarr itself (the writer before both). Compared within one run, not against pinned digests: the
+    activations' low bits follow the CPU's matmul kernels, so a digest pinned on one machine fails on another."""
     digests = {w: _objects_digest(harvest_tiny(tmp_path / f"w{w}.zarr", tiny_model_dir, tiny_corpus,
                                                encode_workers=w, **extra)) for w in (0, 3)}
-    assert digests[0] == digests[3] == OLD_CODE_OBJECTS[name]
+    monkeypatch.setattr(StoreWriter, "hand_encode", False)
+    zarr_written = _objects_digest(harvest_tiny(tmp_path / "zarr.zarr", tiny_model_dir, tiny_corpus, encode_workers=0,
+                                                **extra))
+    assert digests[0] == digests[3] == zarr_written
 
 
 def test_a_claim_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_path, tiny_model_dir, tiny_corpus):

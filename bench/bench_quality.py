@@ -57,6 +57,8 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-no-decay": {"decay_start": None},
     "saecache-decay-from-0": {"decay_start": 0.0},
     "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
+    "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
+    "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default is 3e-4)
     "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
@@ -130,9 +132,10 @@ def _metrics(x: np.ndarray, res: dict) -> dict:
 
 def candidates(arch: str, ablations: list[str], peers: list[str], relu_coeffs: list[float],
                dl_l1: list[float]) -> list[tuple[str, float | None]]:
-    """(candidate, coeff) pairs for one arch: saecache's ablations and the peers that have it; relu: the sweeps."""
+    """(candidate, coeff) pairs for one arch: saecache's ablations and the peers that have it; relu: the sweeps (one
+    per saecache ablation)."""
     if arch == "relu":
-        return [("saecache", c) for c in relu_coeffs] + ([("dl", c) for c in dl_l1] if "dl" in peers else [])
+        return [(a, c) for a in ablations for c in relu_coeffs] + ([("dl", c) for c in dl_l1] if "dl" in peers else [])
     return [(a, None) for a in ablations] + [(p, None) for p in peers if arch in PEER_ARCHS[p]]
 
 

@@ -153,6 +153,14 @@ class TrainConfig:
     """Linear warmup of the sparsity penalty's coefficient from 0 to 1; None = a twentieth of the run, at most 2000
     steps (resolved here). The batchtopk inference threshold's start (`threshold_start_step`, an SAE option) is
     likewise resolved to a tenth of the run, at most 1000, unless the spec's options set it."""
+    grad_clip: float = 0.02
+    """Clip each SAE's gradient to this global L2 norm before its Adam step (after the decoder gradient's radial part
+    is removed, as dictionary_learning and SAELens order it); 0 = off. In the units the SAE trains in: with `normalize`
+    (the default) inputs have E‖x‖² = 1 and the value is independent of the activations' scale. Why: the gradient norm
+    falls ~40× over the first few hundred steps (the tied init over-reconstructs), and unclipped, Adam's second moment
+    (β2 0.999, a ~1000-step memory) keeps the early gradients' size and shrinks every later step by about as much;
+    clipping caps what it remembers. Measured on the demo store (d=128, F=1024, 1000 steps of 1024 rows): TopK k=32
+    held-out FVE 0.941 → 0.959, ReLU+L1 at L0 32 0.61 → 0.91 (see the README's recipe section)."""
     resample_steps: int | None = None
     """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
     default relu/gated/jumprelu, not the topk family); None = never."""
@@ -240,6 +248,8 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not self.grad_clip >= 0 or self.grad_clip == float("inf"):
+            raise ConfigError(f"grad_clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
         self._resolve_schedule()
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")

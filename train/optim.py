@@ -2,7 +2,8 @@
 unit-norm decoder constraint. Schedules are pure functions of the step number, so a resumed run reproduces them
 exactly.
 
-Step loop order: loss.backward() → project_decoder_grad_(sae) → optimizer.step() → renorm_decoder_(sae).
+Step loop order: loss.backward() → project_decoder_grad_(sae) → clip the gradient norm (TrainConfig.grad_clip) →
+optimizer.step() → renorm_decoder_(sae).
 """
 
 from __future__ import annotations

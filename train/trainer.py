@@ -1,7 +1,8 @@
 """The training loop: one read of the data feeds every SAE of a sweep; checkpoints make `kill -9` resumable exactly.
 
 Per step, for every SAE (a `Member`): normalise the batch, loss → backward → (DDP: average gradients) → project
-decoder gradients → set the scheduled LR → Adam step → renormalise decoder → track dead features → maybe resample.
+decoder gradients → clip the gradient norm (`TrainConfig.grad_clip`) → set the scheduled LR → Adam step →
+renormalise decoder → track dead features → maybe resample.
 Resampling and the LR re-warm after it are per SAE (`SAESpec.resample`, resolved by TrainConfig): a member that does
 not resample trains exactly as it would alone in a run without resampling.
 Everything that influences the weights (data order, initialisation, resampling draws) is a pure function of the
@@ -200,6 +201,8 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     (out.total * (x_BD.shape[0] * world / n_global) if world > 1 else out.total).backward()
     ddp.average_gradients(m.sae, world)
     project_decoder_grad_(m.sae)
+    if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
+        torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
     factor = lr_factor(step, cfg.warmup_steps, total, cfg.decay_start, resample_steps)
     for g in m.opt.param_groups:

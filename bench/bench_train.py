@@ -145,14 +145,9 @@ def peer_step_factory(name: str, width: int):
         sae = SparseCoder(D, SparseCoderConfig(num_latents=width, k=K))
         opt = _adam(sae.parameters())
 
-        def step(x):  # Trainer.fit: unit-norm decoder, forward (auxk_alpha 0 → no dead mask), backward, project, Adam
-            sae.set_decoder_norm_to_unit_norm()
-            out = sae(x=x, y=x, dead_mask=None)
-            out.fvu.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            opt.zero_grad()
-        return step
+        from quality_peers import sparsify_step  # this worker runs as a script from bench/ (the peers' Python)
+
+        return lambda x: sparsify_step(sae, x, opt)
     raise KeyError(name)
 
 

@@ -78,6 +78,17 @@ def _dl(arch: str, width: int, k: int, seed: int, rows: Rows, coeff: float | Non
     return _encode_decode(ae.encode, ae.decode)
 
 
+def sparsify_step(sae, x: torch.Tensor, opt) -> None:
+    """One update as sparsify's Trainer.fit makes it (auxk off: no dead mask): unit-norm decoder, forward, FVU
+    backward, remove the gradient's decoder-parallel part, optimizer step. bench_train times the same step."""
+    sae.set_decoder_norm_to_unit_norm()
+    out = sae(x=x, y=x, dead_mask=None)
+    out.fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad()
+
+
 def _sparsify(name: str, width: int, k: int, rows: Rows):
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
@@ -98,12 +109,7 @@ def _sparsify(name: str, width: int, k: int, rows: Rows):
         x = rows(s)
         if s == 0:
             sae.b_dec.data = x.mean(0)
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x=x, y=x, dead_mask=None)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
+        sparsify_step(sae, x, opt)
         if sched is not None:
             sched.step()
     if sched is None:

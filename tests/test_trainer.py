@@ -222,7 +222,8 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
             {"arch": "topk", "hook_in": "h", "width": 4096, "k": 32}, {"arch": "relu", "hook_in": "h", "width": 4096}]
     cfg = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=saes)
     assert (cfg.warmup_steps, cfg.sparsity_warmup_steps) == (30, 15)
-    assert [s.lr for s in cfg.saes] == pytest.approx([8e-4, 4e-4, 3e-4])
+    assert [s.lr for s in cfg.saes] == pytest.approx([8e-4, 4e-4, 1e-3])
+    assert default_lr("gated", 4096) == pytest.approx(3e-4) and default_lr("jumprelu", 4096) == pytest.approx(3e-4)
     assert cfg.saes[0].options["threshold_start_step"] == 30 and "threshold_start_step" not in cfg.saes[1].options
     assert cfg.saes[0].options["threshold_beta"] == pytest.approx(1 - 1 / 27)  # EMA over a tenth of the 270 steps
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()

@@ -87,19 +87,23 @@ def encoder_gemm_factory(width: int):
     return step
 
 
-def ours_step_factory(arch: str, width: int):
+def ours_step_factory(arch: str, width: int, device: str = "cpu", k: int = K):
+    from saecache.train.config import TrainConfig
     from saecache.train.optim import make_optimizer, project_decoder_grad_, renorm_decoder_
     from saecache.train.sae import ARCHITECTURES, SAE, SAEConfig
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(arch, D, width, k=K if ARCHITECTURES[arch].needs_k else None)).train()
+    sae = SAE(SAEConfig(arch, D, width, k=k if ARCHITECTURES[arch].needs_k else None)).to(device).train()
     opt = make_optimizer(sae, 1e-4)
+
+    clip = TrainConfig.grad_clip  # the trainer's default gradient clip, as train_step applies it
 
     def step(x):
         out = sae.loss(x)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         project_decoder_grad_(sae)
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
         opt.step()
         renorm_decoder_(sae)
     return step

@@ -114,8 +114,7 @@ def bench_loader(url: str, batch: int, device: torch.device) -> dict:
 
 
 def bench_train(size: dict, device: torch.device, rounds: int) -> dict:
-    from saecache.train.optim import make_optimizer, project_decoder_grad_, renorm_decoder_
-    from saecache.train.sae import SAE, SAEConfig
+    from bench.bench_train import ours_step_factory
 
     D, F, B = 512, size["width"], size["batch"]
     x = (torch.randn(B, D, generator=torch.Generator().manual_seed(0)) / D ** 0.5).to(device)
@@ -133,19 +132,9 @@ def bench_train(size: dict, device: torch.device, rounds: int) -> dict:
             opt.step()
         return step
 
-    def ours(arch):
-        torch.manual_seed(0)
-        sae = SAE(SAEConfig(arch, D, F, k=size["k"])).to(device).train()
-        opt = make_optimizer(sae, 1e-4)
-
-        def step():
-            out = sae.loss(x)
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            project_decoder_grad_(sae)
-            opt.step()
-            renorm_decoder_(sae)
-        return step
+    def ours(arch):  # the step bench_train times on CPU, the trainer's gradient clip included
+        step = ours_step_factory(arch, F, device, size["k"])
+        return lambda: step(x)
 
     steps = {"dense": dense(), "topk": ours("topk"), "batchtopk": ours("batchtopk")}
     times: dict[str, list[float]] = {k: [] for k in steps}

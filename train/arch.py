@@ -63,6 +63,13 @@ class Architecture:
     """Default of `SAESpec.resample`: dead latents are resampled (the AuxK architectures keep theirs alive)."""
     threshold = False
     """Inference uses a scalar threshold buffer estimated in training (the BatchTopK family)."""
+    lr = 3e-4
+    """Default learning rate at E‖x‖² = 1 inputs (`default_lr`); gated and jumprelu keep saecache's earlier default,
+    not refitted across widths."""
+
+    def default_lr(self, width: int) -> float:
+        """The learning rate of an SAE of `width` features when none is given."""
+        return self.lr
 
     def resolve(self, cfg, set_) -> None:
         """Resolve this architecture's defaults on a frozen SAEConfig (`set_(name, value)`) and check its options."""
@@ -105,6 +112,7 @@ class Architecture:
 
 class ReLU(Architecture):
     name, description = "relu", "ReLU + L1 or entropy penalty"
+    lr = 1e-3  # dictionary_learning's StandardTrainer rate: with the gradient clip it beat 3e-4 at every L0 measured
     penalties, default_coeff = ("l1", "entropy"), {"l1": 0.1, "entropy": 0.03}
 
     def encode_train(self, sae, x_BD):
@@ -174,6 +182,11 @@ class Gated(Architecture):
 class TopK(Architecture):
     name, description = "topk", "per-row TopK + AuxK"
     sparse, needs_k, resample = True, True, False
+
+    def default_lr(self, width: int) -> float:
+        """2e-4 / sqrt(F / 2^14): the width scaling Gao et al. (2024, "Scaling and evaluating sparse autoencoders")
+        fitted, the default of dictionary_learning and sparsify too (the whole TopK family)."""
+        return 2e-4 / (width / 2 ** 14) ** 0.5
 
     def select(self, cfg):
         return topk_select(cfg.k)

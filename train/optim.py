@@ -13,20 +13,13 @@ import torch
 from saecache.errors import ConfigError
 from saecache.train.arch import ARCHITECTURES
 
-TOPK_LR_BASE, TOPK_LR_WIDTH = 2e-4, 2 ** 14  # Gao et al. 2024 (fig. of the LR fit): lr = 2e-4 / sqrt(F / 2^14)
-RELU_LR = 1e-3  # relu at E||x||^2 = 1 inputs with the gradient clip: dictionary_learning's StandardTrainer rate
-DENSE_LR = 3e-4  # gated / jumprelu at E||x||^2 = 1 inputs, every width (not refitted across widths)
 MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
 
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
-    """The learning rate of one SAE when none is given: the TopK family (an architecture that takes k) uses
-    2e-4 / sqrt(F / 2^14), the width scaling Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fitted
-    and dictionary_learning and sparsify default to; relu uses 1e-3 (dictionary_learning's StandardTrainer rate:
-    with the gradient clip it beat 3e-4 at every L0 measured, README), gated and jumprelu keep 3e-4."""
-    if k is not None or ARCHITECTURES[arch].needs_k:
-        return TOPK_LR_BASE / (width / TOPK_LR_WIDTH) ** 0.5
-    return RELU_LR if arch == "relu" else DENSE_LR
+    """The learning rate of one SAE when none is given: its architecture's (`Architecture.default_lr`: the TopK
+    family 2e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4); an SAE given a k takes the TopK family's."""
+    return ARCHITECTURES["topk" if k is not None else arch].default_lr(width)
 
 
 def default_schedule(total_steps: int) -> dict:

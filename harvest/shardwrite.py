@@ -28,6 +28,7 @@ import numpy as np
 
 from saecache.harvest.remote import _Location, remote_errors
 from saecache.harvest.shards import MISSING, ShardLayout
+from saecache.harvest.store import checksum
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -113,7 +114,8 @@ class ObjectEncoder:
 
 def put_parts(loc: _Location, key: str, parts: Iterable[bytes]) -> dict:
     """Write an object from its parts as zarr's stores do (locally a temp file, each part written as it comes, then a
-    rename; elsewhere one PUT); return its manifest checksum ``{"nbytes", "crc32c"}``, computed from the parts."""
+    rename; elsewhere one PUT); return its manifest checksum (`store.checksum` of the whole object, computed from the
+    parts as they are written)."""
     crc, nbytes = 0, 0
     path = loc.path(key)
     if loc.local:
@@ -133,4 +135,4 @@ def put_parts(loc: _Location, key: str, parts: Iterable[bytes]) -> dict:
     data = b"".join(parts)
     with remote_errors(loc.url, f"writing {key} to"):
         loc.fs.pipe_file(path, data)  # one PUT: atomic on object stores
-    return {"nbytes": len(data), "crc32c": crc32c.crc32c(data)}
+    return checksum(data)

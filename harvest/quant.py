@@ -182,8 +182,32 @@ def decode_torch(stored: torch.Tensor, fmt: str, d: int) -> torch.Tensor:
 def error_sums(x_ND: torch.Tensor, stored: torch.Tensor, fmt: str) -> torch.Tensor:
     """float64 [3] on the device: (Σ‖x - x̂‖², Σ‖x‖², non-finite values of x̂) over the rows, non-finite entries left
     out of the sums. Relative MSE of a hook = Σ‖x - x̂‖² / Σ‖x‖² (SPEC.md "Manifest")."""
+    return stored_sums(x_ND, stored, fmt)[:3]
+
+
+def stored_sums(x_ND: torch.Tensor, stored: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float64 [4 + D] on the device, everything a shard's manifest entry records of a block of rows, from one decode:
+    `error_sums`' three, then Σ‖x̂‖² and Σ_rows x̂ [D] of the stored values (`row_sums`). Blocks add up to the shard's
+    sums; the harvest takes them on the model's device, so the host's threads only encode and write."""
     x = x_ND.double()
     xh = decode_torch(stored, fmt, x_ND.shape[1]).double()
     ok = torch.isfinite(x) & torch.isfinite(xh)
     err = torch.where(ok, x - xh, 0.0)
-    return torch.stack([(err * err).sum(), torch.where(ok, x * x, 0.0).sum(), (~torch.isfinite(xh)).sum().double()])
+    head = torch.stack([(err * err).sum(), torch.where(ok, x * x, 0.0).sum()])
+    return torch.cat([head, row_sums(xh)])
+
+
+def row_sums(xh_ND: torch.Tensor) -> torch.Tensor:
+    """float64 [2 + D] of decoded stored rows (any float dtype, any device): (non-finite values, Σ‖x̂‖², Σ_rows x̂ [D]),
+    non-finite values counted and left out of the sums. A shard's statistics (SPEC.md "Manifest") are these, summed
+    over its rows in any blocking."""
+    x = xh_ND.double()
+    ok = torch.isfinite(x)
+    x = torch.where(ok, x, 0.0)
+    return torch.cat([torch.stack([(~ok).sum().double(), (x * x).sum()]), x.sum(0)])
+
+
+def stats_from_sums(sums: list[float], count: int) -> dict:
+    """A manifest entry's statistics of one hook from `row_sums` (or the tail of `stored_sums`) as a list."""
+    return {"count": count, "sum": [float(v) for v in sums[2:]], "sum_sq_norm": float(sums[1]),
+            "nonfinite": int(sums[0])}

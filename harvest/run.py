@@ -1,5 +1,6 @@
-"""The harvest run: the plan's packed contexts → model forward with hooks → cast on the device → host buffers →
-encode + write on a thread pool (the next shard's forward overlaps) → whole shards published in the store.
+"""The harvest run: the plan's packed contexts → model forward with hooks → on the device: cast to the storage format,
+manifest sums, permutation into stored order → host buffers → encode + checksum + write on a thread pool (the next
+shard's forward overlaps) → whole shards published in the store.
 
 Resume and scale-out come from the geometry: shard `s` is a pure function of (config, s), so a rerun skips the shards
 already in the manifest, and `--worker i/N` takes the shards with `s % N == i`. The text is packed once per store
@@ -26,7 +27,7 @@ from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
 from saecache.harvest.config import HarvestConfig
-from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location
+from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 
 
@@ -63,22 +64,25 @@ def build_header(cfg: HarvestConfig, info: dict, hooks: list, n_contexts: int, d
 
 
 def to_storage(x_ND: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, D] float tensor on the model's device → (the stored bits on the device, error sums on the device:
-    Σ‖x - x̂‖², Σ‖x‖², non-finite stored values). Encoding (quantization) runs on the device, before the copy to
-    host; formats in `quant.py`. The one place the pipeline decides a storage encoding."""
+    """[rows, D] float tensor on the model's device → (the stored bits on the device, the block's manifest sums on
+    the device: `quant.stored_sums`). Encoding (quantization) runs on the device, before the copy to host; formats in
+    `quant.py`. The one place the pipeline decides a storage encoding."""
     stored = quant.encode(x_ND, fmt)
-    return stored, quant.error_sums(x_ND, stored, fmt)
+    return stored, quant.stored_sums(x_ND, stored, fmt)
 
 
 def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: int, contexts_CT: np.ndarray,
-                  device: torch.device) -> tuple[dict[str, torch.Tensor], object, dict[str, tuple[float, float]]]:
-    """Forward the shard's contexts in fixed batches into host buffers (pinned, filled by non-blocking copies on
-    CUDA) of unpermuted rows per hook in the storage format. Returns (buffers, CUDA event or None, per hook
-    (Σ‖x - x̂‖², Σ‖x‖²)): the buffers are complete once the event has completed."""
+                  device: torch.device, staging: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], object, dict[str, dict]]:
+    """Forward the shard's contexts in fixed batches, encode each batch to the storage format and take its manifest
+    sums on the device, then permute the shard's rows into stored order on the device (`store.shard_permutation`) and
+    copy them to host buffers (pinned, non-blocking on CUDA). What is left for the host's write threads is the codec,
+    the checksum and the file write. Returns (host rows per hook in stored order, CUDA event or None, the manifest
+    statistics per hook incl. sq_err/sq_exact): the buffers are complete once the event has completed. `staging`
+    (hook → device tensor) keeps the unpermuted device buffers from one shard to the next."""
     p0, rpc = geom.first_position, geom.rows_per_context
-    cuda = device.type == "cuda"
     n_rows = len(contexts_CT) * rpc
-    host: dict[str, torch.Tensor] = {}
+    staging = {} if staging is None else staging
     sums: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for b0 in range(0, len(contexts_CT), cfg.batch_size):
@@ -88,24 +92,47 @@ def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: 
             for name, acts_BTD in out.items():
                 key = name.replace("/", "_")
                 x = acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1])
-                stored, err = to_storage(x, cfg.dtype)
-                sums[key] = err if key not in sums else sums[key] + err
-                if key not in host:  # the stored width (quantized formats add a scale) is known from the first batch
-                    host[key] = torch.empty((n_rows, stored.shape[1]), dtype=stored.dtype, pin_memory=cuda)
-                host[key][r0:r0 + len(stored)].copy_(stored, non_blocking=cuda)
-    event = None
-    if cuda:
-        event = torch.cuda.Event()
-        event.record()
-    err = {h: sums[h].tolist() for h in host}
+                stored, blk = to_storage(x, cfg.dtype)
+                sums[key] = blk if key not in sums else sums[key] + blk
+                buf = staging.get(key)
+                if buf is None or len(buf) < n_rows or buf.shape[1:] != stored.shape[1:] or buf.dtype != stored.dtype:
+                    buf = staging[key] = torch.empty((geom.shard_rows, stored.shape[1]), dtype=stored.dtype,
+                                                     device=device)
+                buf[r0:r0 + len(stored)] = stored
+    host, event, stats = shard_to_host(staging, sums, header["seed"], s, n_rows, device)
     if cfg.nonfinite == "error":
         for h in host:
-            if n := int(err[h][2]):
+            if n := stats[h]["nonfinite"]:
                 c0, c1 = geom.shard_contexts(s)
                 raise DataError(f"hook {h} produced {n} NaN/Inf values in shard {s} (contexts {c0}..{c1 - 1}) in "
                                 f"{cfg.dtype}; nothing of that shard was published. Store float32/bfloat16 (--dtype) "
                                 "if fp16 overflows, or pass --nonfinite count to store and count them")
-    return host, event, {h: (e[0], e[1]) for h, e in err.items()}
+    return host, event, stats
+
+
+def shard_to_host(staging: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], seed: int, s: int, n_rows: int,
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], object, dict[str, dict]]:
+    """The end of a shard on the device: its unpermuted stored rows (`staging[hook][:n_rows]`) gathered into stored
+    order and copied to host (pinned, non-blocking on CUDA), its summed `quant.stored_sums` turned into manifest
+    statistics. Returns (host rows per hook, CUDA event or None, statistics per hook)."""
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        perm = torch.from_numpy(shard_permutation(seed, s, n_rows)).to(device)
+        host: dict[str, torch.Tensor] = {}
+        for key in sums:
+            rows = staging[key][:n_rows].index_select(0, perm)
+            if cuda:
+                host[key] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                host[key].copy_(rows, non_blocking=True)
+            else:
+                host[key] = rows
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    got = {h: sums[h].tolist() for h in host}
+    return host, event, {h: {**quant.stats_from_sums(v[2:], n_rows), "sq_err": v[0], "sq_exact": v[1]}
+                         for h, v in got.items()}
 
 
 class WritePipeline:
@@ -114,7 +141,8 @@ class WritePipeline:
     At most `workers` shards wait or are being written, so host memory holds at most `workers + 1` shards'
     activations (the one being forwarded included). `workers=0` writes each shard on the calling thread before the
     next forward (the serial path). Either way the store's bytes are the same: a shard's objects depend only on its
-    contents. Each thread gathers, encodes and writes its own shard (`shardwrite.py`; the codecs release the GIL), so
+    contents. Rows arrive in stored order with their statistics (`harvest_shard` permutes and sums on the device), so
+    each thread only encodes, checksums and writes its own shard (`shardwrite.py`; the codecs release the GIL), and
     `workers` is also the encode parallelism. Objects the writer leaves to zarr (a layout `shardwrite.py` does not
     write) are encoded on zarr's event-loop executor, given `workers` threads while the pipeline is open."""
 
@@ -128,20 +156,22 @@ class WritePipeline:
         self._config = zarr.config.set({"array.write_empty_chunks": True})
         self._config.__enter__()
 
-    def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray, quant_err) -> int:
+    def _write(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray, stats) -> int:
         if event is not None:
             event.synchronize()
         fmt = self.writer.header["storage"]["dtype"]
-        self.writer.write_shard(s, {h: quant.to_numpy(t, fmt) for h, t in host.items()}, contexts_CT, quant_err)
+        self.writer.write_permuted_shard(s, {h: quant.to_numpy(t, fmt) for h, t in host.items()}, contexts_CT, stats)
         return s
 
-    def submit(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray, quant_err=None) -> None:
+    def submit(self, s: int, host: dict[str, torch.Tensor], event, contexts_CT: np.ndarray,
+               stats: dict[str, dict]) -> None:
+        """Write shard `s` from `harvest_shard`'s output: rows in stored order and their manifest statistics."""
         if self.pool is None:
-            self.on_done(self._write(s, host, event, contexts_CT, quant_err))
+            self.on_done(self._write(s, host, event, contexts_CT, stats))
             return
         while len(self.pending) >= self.workers:
             self.on_done(self.pending.popleft().result())
-        self.pending.append(self.pool.submit(self._write, s, host, event, contexts_CT, quant_err))
+        self.pending.append(self.pool.submit(self._write, s, host, event, contexts_CT, stats))
 
     def close(self, wait: bool = True) -> None:
         """Finish (wait=True) or abandon the shards in flight; abandoned ones stay unpublished."""
@@ -220,10 +250,11 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     try:
         try:
             with ActivationCapture(model, hooks) as capture:
+                staging: dict[str, torch.Tensor] = {}
                 for s in todo:
                     contexts_CT = plan.read(s)
-                    host, event, quant_err = harvest_shard(capture, cfg, header, geom, s, contexts_CT, device)
-                    pipe.submit(s, host, event, contexts_CT, quant_err)
+                    host, event, stats = harvest_shard(capture, cfg, header, geom, s, contexts_CT, device, staging)
+                    pipe.submit(s, host, event, contexts_CT, stats)
                     writer.heartbeat()
             ok = True
         finally:

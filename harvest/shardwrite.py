@@ -3,10 +3,10 @@ write stores both ways and compare them object for object), read back by plain z
 
 Why by hand: through `zarr.Array.__setitem__` a 2^16-row shard cost about twice its codec time on top of the codec
 (a full permuted copy of the shard, chunk copies on zarr's event loop, the shard's concatenation), and the manifest's
-checksum needed the object read back. Here each inner chunk is gathered from the unpermuted rows straight into one
-reused buffer, shown to a visitor while it is in cache (the shard statistics), encoded with numcodecs as zarr's codec
-would (same configuration, taken from the array's `zarr.json`), and checksummed as it is produced (crc32c chained over
-the parts, so the whole object is never concatenated or re-read). All of it runs on the calling thread, and the
+checksum needed the object read back. Here each inner chunk is encoded straight from the rows (already in stored
+order, as the harvest hands them over) or gathered from unpermuted rows into one reused buffer, encoded with numcodecs
+as zarr's codec would (same configuration, taken from the array's `zarr.json`), and checksummed as it is produced
+(crc32c chained over the parts, so the whole object is never concatenated or re-read). All of it runs on the calling thread, and the
 codecs release the GIL, so `n` writer threads encode on `n` cores.
 
 Layout (zarr v3 sharding, SPEC.md): the encoded inner chunks in order, then the index, ``n_inner × (offset, nbytes)``
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import crc32c
 import numcodecs
@@ -82,28 +82,31 @@ class ObjectEncoder:
     def _encode_chunk(self, buf: np.ndarray) -> bytes:
         return buf.tobytes() if self.codec is None else self.codec.encode(buf)
 
-    def encode(self, rows: np.ndarray, perm: np.ndarray | None = None,
-               visit: Callable[[np.ndarray], None] | None = None) -> Iterator[bytes]:
+    def encode(self, rows: np.ndarray, perm: np.ndarray | None = None) -> Iterator[bytes]:
         """The object's bytes as parts to be concatenated, made one at a time (so a writer can write and drop each
-        before the next is made): chunk `k` holds ``rows[perm[k*chunk_rows:...]]`` (``perm`` None: rows in order);
-        `visit` sees each chunk's rows (not the padding) before it is encoded."""
+        before the next is made): chunk `k` holds ``rows[perm[k*chunk_rows:...]]`` (``perm`` None: rows in order, a
+        whole chunk encoded from the rows where it lies, without a copy)."""
         n = len(rows)
         assert n <= self.object_rows and rows.shape[1:] == self.row_shape, (rows.shape, self.row_shape)
         assert rows.dtype.itemsize == self.dtype.itemsize, (rows.dtype, self.dtype)
         rows = rows.view(self.dtype) if rows.dtype != self.dtype else rows
-        buf = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+        buf = None
         index = np.full((self.object_rows // self.chunk_rows, 2), MISSING, dtype="<u8")
         offset = 0
         for k, c0 in enumerate(range(0, n, self.chunk_rows)):
             c1 = min(c0 + self.chunk_rows, n)
-            if perm is None:
-                buf[:c1 - c0] = rows[c0:c1]
+            if perm is None and c1 - c0 == self.chunk_rows and rows.flags.c_contiguous:
+                chunk = rows[c0:c1]
             else:
-                np.take(rows, perm[c0:c1], axis=0, out=buf[:c1 - c0], mode="clip")  # clip: no buffering
-            buf[c1 - c0:] = self.fill_value
-            if visit is not None:
-                visit(buf[:c1 - c0])
-            blob = self._encode_chunk(buf)
+                if buf is None:
+                    buf = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+                if perm is None:
+                    buf[:c1 - c0] = rows[c0:c1]
+                else:
+                    np.take(rows, perm[c0:c1], axis=0, out=buf[:c1 - c0], mode="clip")  # clip: no buffering
+                buf[c1 - c0:] = self.fill_value
+                chunk = buf
+            blob = self._encode_chunk(chunk)
             index[k] = offset, len(blob)
             offset += len(blob)
             yield blob

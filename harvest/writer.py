@@ -21,7 +21,7 @@ import zarr
 
 from saecache import __version__
 from saecache.errors import StoreError
-from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels
+from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels, row_sums, stats_from_sums
 from saecache.harvest.model import local_dir
 from saecache.harvest.shardwrite import ObjectEncoder, put_parts
 from saecache.harvest.store import (
@@ -177,37 +177,58 @@ class StoreWriter:
 
     def write_shard(self, s: int, acts: dict[str, np.ndarray], contexts_CT: np.ndarray,
                     quant_err: dict[str, tuple[float, float]] | None = None) -> dict:
-        """Write shard `s` from unpermuted rows (acts[hook]: [rows, width] in the storage format) and publish it.
-        `quant_err[hook]` = (Σ‖x - x̂‖², Σ‖x‖²) of the stored values against the exact ones, recorded in the entry."""
+        """Write shard `s` from unpermuted rows (acts[hook]: [rows, width] in the storage format) and publish it,
+        taking its statistics here. `quant_err[hook]` = (Σ‖x - x̂‖², Σ‖x‖²) of the stored values against the exact
+        ones, recorded in the entry. The harvest instead permutes and sums on the model's device
+        (`write_permuted_shard`)."""
+        h = self.header
+        stats = {}
+        for name in sorted(h["hooks"]):
+            stats[name] = shard_stats(acts[name], h["storage"]["dtype"], h["hooks"][name]["d"])
+            if quant_err is not None:
+                stats[name].update(sq_err=float(quant_err[name][0]), sq_exact=float(quant_err[name][1]))
+        r0, r1 = self.geometry.shard_row_range(s)
+        return self._publish(s, acts, shard_permutation(h["seed"], s, r1 - r0), contexts_CT, stats)
+
+    def write_permuted_shard(self, s: int, rows: dict[str, np.ndarray], contexts_CT: np.ndarray,
+                             stats: dict[str, dict]) -> dict:
+        """Write shard `s` from rows already in stored order (``rows[hook] = unpermuted[shard_permutation]``) with
+        their manifest statistics taken elsewhere (`quant.stored_sums` → `quant.stats_from_sums`, plus sq_err and
+        sq_exact), and publish it. The host's work is then the codec, the checksum and the file write."""
+        return self._publish(s, rows, None, contexts_CT, stats)
+
+    def _publish(self, s: int, acts: dict[str, np.ndarray], perm: np.ndarray | None, contexts_CT: np.ndarray,
+                 stats: dict[str, dict]) -> dict:
+        """Write shard `s`'s objects (acts[hook][perm] in stored order; perm None: already in it) and then its
+        manifest entry, which publishes it."""
         g, h = self.geometry, self.header
         r0, r1 = g.shard_row_range(s)
         c0, c1 = g.shard_contexts(s)
         assert contexts_CT.shape == (c1 - c0, g.ctx_len)
-        perm = shard_permutation(h["seed"], s, r1 - r0)
-        stats, objects = {}, {}
+        assert sorted(stats) == sorted(h["hooks"]), sorted(stats)
+        objects = {}
         for name in sorted(h["hooks"]):
             a = acts[name]
             fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
             assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
-            st = ShardStats(fmt, d)
-            objects[f"acts/{name}/c/{s}/0"] = self._write_object(f"acts/{name}", f"c/{s}/0", r0, a, perm, st.add)
-            stats[name] = st.result()
-            if quant_err is not None:
-                stats[name].update(sq_err=float(quant_err[name][0]), sq_exact=float(quant_err[name][1]))
+            assert stats[name]["count"] == r1 - r0, (stats[name]["count"], name)
+            objects[f"acts/{name}/c/{s}/0"] = self._write_object(f"acts/{name}", f"c/{s}/0", r0, a, perm)
+        meta_perm = shard_permutation(h["seed"], s, r1 - r0) if perm is None else perm
         for name, v in unpermuted_meta(g, s, contexts_CT).items():
-            objects[f"rows/{name}/c/{s}"] = self._write_object(f"rows/{name}", f"c/{s}", r0, v, perm)
+            objects[f"rows/{name}/c/{s}"] = self._write_object(f"rows/{name}", f"c/{s}", r0, v, meta_perm)
         objects[f"contexts/c/{s}/0"] = self._write_object("contexts", f"c/{s}/0", c0, contexts_CT.astype(np.int32))
         assert sorted(objects) == sorted(shard_object_keys(h, s))
         worker, n = getattr(self, "_worker", (0, 1))
-        entry = {"shard": s, "contexts": [c0, c1], "rows": [r0, r1], "objects": objects, "stats": stats,
+        entry = {"shard": s, "contexts": [c0, c1], "rows": [r0, r1], "objects": objects,
+                 "stats": {name: stats[name] for name in sorted(stats)},
                  "writer": {"worker": f"{worker}/{n}", "host": socket.gethostname(), "pid": os.getpid(),
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "package_version": __version__}}
         self.loc.put_atomic(manifest_key(s), record_bytes(entry))
         return entry
 
-    def _write_object(self, array: str, chunk_key: str, start: int, rows: np.ndarray, perm: np.ndarray | None = None,
-                      visit=None) -> dict:
+    def _write_object(self, array: str, chunk_key: str, start: int, rows: np.ndarray,
+                      perm: np.ndarray | None = None) -> dict:
         """Write the object `array/chunk_key` holding ``rows[perm]`` from row `start` on; return its manifest
         checksum. Encoded by hand (`shardwrite.py`: the bytes zarr writes, checksummed as they are made), or through
         zarr and read back for a layout that module does not write (or when `hand_encode` is off)."""
@@ -217,9 +238,7 @@ class StoreWriter:
             self._encoders[array] = ObjectEncoder.for_array(meta) if self.hand_encode else None
         enc = self._encoders[array]
         if enc is not None:
-            return put_parts(self.loc, key, enc.encode(rows, perm, visit))
-        if visit is not None:
-            visit(rows)
+            return put_parts(self.loc, key, enc.encode(rows, perm))
         # zarr skips a chunk equal to the fill value (e.g. rows/context of a one-context shard is all 0): with one
         # inner chunk per shard the shard object would then never be written, so every chunk is written here
         with zarr.config.set({"array.write_empty_chunks": True}):
@@ -256,60 +275,15 @@ def format_attributes(fmt: str) -> dict:
     return out
 
 
-class ShardStats:
-    """Running sum, sum of squared row norms, count and non-finite count of a shard's stored rows (decoded), fed one
-    row block at a time (`add`), so the writer takes them from each inner chunk while it is in cache.
-
-    Fast path in float32 (torch's half/bf16 conversion, ~10x numpy's): row norms per row and column sums per block of
-    at most `block_rows` rows, then float64 across rows and blocks; relative error ~1e-7 of Σ|x| per column, ~1e-7 of
-    the squared norms. A block whose fast result is not finite (a NaN/Inf value, or a float32 square that overflows)
-    is redone in float64 with its non-finite values counted and left out."""
-
-    def __init__(self, fmt: str, d: int, block_rows: int = 4096):
-        self.fmt, self.d, self.block_rows = fmt, d, block_rows
-        self.sum_D = np.zeros(d, dtype=np.float64)
-        self.sq, self.count, self.nonfinite = 0.0, 0, 0
-        self._buf: torch.Tensor | None = None
-
-    def add(self, rows: np.ndarray) -> None:
-        """Take stored rows ``[n, width]`` (the storage format's zarr dtype) into the statistics."""
-        for r0 in range(0, len(rows), self.block_rows):
-            x = self._float32(rows[r0:r0 + self.block_rows])
-            col = x.sum(0)
-            sq = np.einsum("ij,ij->i", x, x).sum(dtype=np.float64)
-            if not (np.isfinite(sq) and np.isfinite(col).all()):
-                col, sq = self._slow(x)
-            self.sum_D += col
-            self.sq += float(sq)
-        self.count += len(rows)
-
-    def _float32(self, rows: np.ndarray) -> np.ndarray:
-        """Decoded float32 ``[n, d]`` rows; half/bf16 converted into a buffer kept for the next block (a fresh 8 MB
-        array per block cost more in page faults than the conversion itself)."""
-        if FORMATS[self.fmt].quantized or self.fmt == "float32":
-            return decode(rows, self.fmt, self.d).numpy()
-        if self._buf is None:
-            self._buf = torch.empty((self.block_rows, self.d), dtype=torch.float32)
-        out = self._buf[:len(rows)]
-        out.copy_(decode(rows, self.fmt, self.d, None))
-        return out.numpy()
-
-    def _slow(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        finite = np.isfinite(x)
-        self.nonfinite += int(x.size - finite.sum())
-        x64 = np.where(finite, x, np.float32(0.0)).astype(np.float64)
-        return x64.sum(0), float(np.einsum("ij,ij->", x64, x64))
-
-    def result(self) -> dict:
-        return {"count": self.count, "sum": [float(v) for v in self.sum_D], "sum_sq_norm": self.sq,
-                "nonfinite": self.nonfinite}
-
-
-def shard_stats(a: np.ndarray, fmt: str, d: int | None = None) -> dict:
-    """`ShardStats` of a whole shard's stored rows: {"count", "sum" [D], "sum_sq_norm", "nonfinite"}."""
-    st = ShardStats(fmt, a.shape[1] if d is None else d)
-    st.add(a)
-    return st.result()
+def shard_stats(a: np.ndarray, fmt: str, d: int | None = None, block_rows: int = 4096) -> dict:
+    """A manifest entry's statistics of a shard's stored rows (the storage format's zarr dtype, [n, width]):
+    {"count", "sum" [D], "sum_sq_norm", "nonfinite"} of the decoded values, in float64 (`quant.row_sums`), decoded a
+    block of rows at a time so a whole shard is never held in float64."""
+    d = a.shape[1] if d is None else d
+    sums = torch.zeros(2 + d, dtype=torch.float64)
+    for r0 in range(0, len(a), block_rows):
+        sums += row_sums(decode(a[r0:r0 + block_rows], fmt, d))
+    return stats_from_sums(sums.tolist(), len(a))
 
 
 def probe_store_dir(loc: _Location) -> None:

@@ -240,6 +240,27 @@ def test_pipelined_stores_are_byte_identical_to_the_serial_writer(tmp_path, tiny
     assert digests[0] == digests[3] == zarr_written
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_statistics_taken_on_the_device_equal_the_stored_rows(tmp_path, tiny_model_dir, tiny_corpus, dtype):
+    """The harvest takes each shard's manifest statistics on the model's device (so the write threads only encode);
+    they must be those of the rows the shard object holds, as `shard_stats` computes them from the file."""
+    from saecache.harvest.writer import shard_stats
+
+    out = harvest_tiny(tmp_path / "s.zarr", tiny_model_dir, tiny_corpus, dtype=dtype)
+    st = Store.open(str(out))
+    g = zarr.open_group(str(out), mode="r")
+    assert len(st.manifest()) >= 2
+    for s, entry in st.manifest().items():
+        r0, r1 = entry["rows"]
+        for hook, info in st.header["hooks"].items():
+            want = shard_stats(g[f"acts/{hook}"][r0:r1], dtype, info["d"])
+            got = entry["stats"][hook]
+            assert got["count"] == want["count"] == r1 - r0 and got["nonfinite"] == want["nonfinite"] == 0
+            np.testing.assert_allclose(got["sum"], want["sum"], rtol=1e-9, atol=1e-9)
+            assert got["sum_sq_norm"] == pytest.approx(want["sum_sq_norm"], rel=1e-9)
+            assert got["sq_exact"] > 0 and 0 < got["sq_err"] < 1e-3 * got["sq_exact"]  # rounding to the format
+
+
 def test_a_claim_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_path, tiny_model_dir, tiny_corpus):
     out = harvest_tiny(tmp_path / "s.zarr", tiny_model_dir, tiny_corpus, tokens=1024, worker="1/2")
     (out / "_claims" / "worker-00000-of-00002.json.tmp-4242").write_bytes(b"")  # killed between open and write

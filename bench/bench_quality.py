@@ -60,6 +60,11 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
     "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default is 3e-4)
     "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
+    "saecache-lr2x": {"lr_scale": 2.0},  # twice the architecture's default rule
+    "saecache-lr3x": {"lr_scale": 3.0},
+    "saecache-decay-last-50": {"decay_start": 0.5},
+    "saecache-lr2x-decay-last-50": {"lr_scale": 2.0, "decay_start": 0.5},
+    "saecache-lr3x-decay-last-50": {"lr_scale": 3.0, "decay_start": 0.5},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's
@@ -77,6 +82,10 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
 
     steps = -(-tokens // batch)
     extra = {key: (round(v * steps) if key == "decay_start" and v is not None else v) for key, v in extra.items()}
+    if "lr_scale" in extra:  # a multiple of the architecture's default rate
+        from saecache.train.optim import default_lr
+
+        extra["lr"] = extra.pop("lr_scale") * default_lr(spec["arch"], spec["width"], spec.get("k"))
     cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, total_tokens=tokens,
                       batch_size=batch, progress=False, checkpoint_every=10 ** 9, partitions=8, **extra)
     t0 = time.perf_counter()

@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    from saecache.harvest.run import keep_freed_heap
+
+    keep_freed_heap()  # as the write pipeline does; set first, so the codec's reference runs under it as well
     rng = np.random.default_rng(0)
     shard_FD = (rng.standard_normal((CHUNK_ROWS * CHUNKS_PER_SHARD, D), dtype=np.float32) * 0.3).astype(np.float16)
     result = {"rows_per_shard": len(shard_FD), "d": D, "dtype": "float16", "shards_per_measurement": args.shards,

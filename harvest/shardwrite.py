@@ -6,8 +6,9 @@ Why by hand: through `zarr.Array.__setitem__` a 2^16-row shard cost about twice 
 checksum needed the object read back. Here each inner chunk is encoded straight from the rows (already in stored
 order, as the harvest hands them over) or gathered from unpermuted rows into one reused buffer, encoded with numcodecs
 as zarr's codec would (same configuration, taken from the array's `zarr.json`), and checksummed as it is produced
-(crc32c chained over the parts, so the whole object is never concatenated or re-read). All of it runs on the calling thread, and the
-codecs release the GIL, so `n` writer threads encode on `n` cores.
+(crc32c chained over the parts, so the whole object is never concatenated or re-read). The codecs release the GIL, so `n` writer threads
+encode on `n` cores; `made_ahead` lets a large object's next chunks be encoded on a helper thread while the calling
+thread checksums and writes the previous ones.
 
 Layout (zarr v3 sharding, SPEC.md): the encoded inner chunks in order, then the index, ``n_inner × (offset, nbytes)``
 little-endian u64 (2^64-1 for an inner chunk wholly past the array's end, which zarr does not write), then the
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
 import numcodecs
@@ -113,6 +116,22 @@ class ObjectEncoder:
         if self.sharded:
             table = index.tobytes()
             yield table + crc32c.crc32c(table).to_bytes(4, "little")
+
+
+_END = object()
+
+
+def made_ahead(parts: Iterable[bytes], depth: int = 2) -> Iterator[bytes]:
+    """`parts` in order, the next `depth` of them made on one helper thread while the caller consumes the current one
+    (the write thread's checksum and file write then overlap its codec: ~20 % of a shard's CPU besides the codec).
+    An exception while making a part is raised here, at that part; if the caller stops early, the parts already asked
+    for are finished and dropped."""
+    it = iter(parts)
+    with ThreadPoolExecutor(1, thread_name_prefix="saecache-encode") as ex:
+        pending = deque(ex.submit(next, it, _END) for _ in range(depth))
+        while (part := pending.popleft().result()) is not _END:
+            pending.append(ex.submit(next, it, _END))
+            yield part
 
 
 def put_parts(loc: _Location, key: str, parts: Iterable[bytes]) -> dict:

@@ -23,13 +23,14 @@ from saecache import __version__
 from saecache.errors import StoreError
 from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels, row_sums, stats_from_sums
 from saecache.harvest.model import local_dir
-from saecache.harvest.shardwrite import ObjectEncoder, put_parts
+from saecache.harvest.shardwrite import ObjectEncoder, made_ahead, put_parts
 from saecache.harvest.store import (
     BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, Geometry, Store, _Location, aggregate_stats, checksum,
     check_format_version, claim_key, compute_fingerprint, final_key, manifest_key, parse_record, record_bytes,
     record_key, shard_object_keys, shard_permutation, unpermuted_meta,
 )
 
+AHEAD_BYTES = 8 << 20  # objects at least this large are encoded a few chunks ahead of their write (`made_ahead`)
 CLAIM_LEASE_SECONDS = 600  # a claim from another host is trusted as live for this long after its last heartbeat
 
 
@@ -238,7 +239,8 @@ class StoreWriter:
             self._encoders[array] = ObjectEncoder.for_array(meta) if self.hand_encode else None
         enc = self._encoders[array]
         if enc is not None:
-            return put_parts(self.loc, key, enc.encode(rows, perm))
+            parts = enc.encode(rows, perm)
+            return put_parts(self.loc, key, made_ahead(parts) if rows.nbytes >= AHEAD_BYTES else parts)
         # zarr skips a chunk equal to the fill value (e.g. rows/context of a one-context shard is all 0): with one
         # inner chunk per shard the shard object would then never be written, so every chunk is written here
         with zarr.config.set({"array.write_empty_chunks": True}):

@@ -90,3 +90,30 @@ def test_float32_squares_that_would_overflow_float32_are_summed_exactly():
     st = shard_stats(x, "float32")
     big = float(np.float32(3e20))
     assert st["nonfinite"] == 0 and st["sum_sq_norm"] == pytest.approx(big * big + 39, rel=1e-12)
+
+
+def test_parts_made_ahead_keep_their_order_and_raise_where_they_fail():
+    import threading
+
+    from saecache.harvest.shardwrite import made_ahead
+
+    makers = set()
+
+    def parts(n, fail_at=None):
+        for i in range(n):
+            makers.add(threading.current_thread().name)
+            if i == fail_at:
+                raise ValueError(f"part {i}")
+            yield bytes([i])
+
+    assert list(made_ahead(parts(7))) == [bytes([i]) for i in range(7)]
+    assert threading.current_thread().name not in makers  # made on the helper thread
+    got = []
+    with pytest.raises(ValueError, match="part 4"):
+        for p in made_ahead(parts(9, fail_at=4)):
+            got.append(p)
+    assert got == [bytes([i]) for i in range(4)]
+    it = made_ahead(parts(100))  # a consumer that stops early (e.g. its file write failed) leaves no thread behind
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("saecache-encode")]

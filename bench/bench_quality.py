@@ -65,6 +65,16 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-decay-last-50": {"decay_start": 0.5},
     "saecache-lr2x-decay-last-50": {"lr_scale": 2.0, "decay_start": 0.5},
     "saecache-lr3x-decay-last-50": {"lr_scale": 3.0, "decay_start": 0.5},
+    # AuxK from a tenth of a 1000-step run of 1024 rows on (its default dead threshold, 10M tokens, is never reached)
+    "saecache-lr2x-dead100k": {"lr_scale": 2.0, "options": {"dead_tokens_threshold": 100_000}},
+    "saecache-lr3x-dead100k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 100_000}},
+    "saecache-lr3x-dead250k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 250_000}},
+    # AuxK for latents silent over the last ~10 / ~4 steps: the rarely firing ones that held-out counts as dead
+    "saecache-lr2x-dead10k": {"lr_scale": 2.0, "options": {"dead_tokens_threshold": 10_000}},
+    "saecache-lr3x-dead10k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000}},
+    "saecache-lr3x-dead4k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 4_000}},
+    "saecache-lr3x-decay-last-50-dead10k": {"lr_scale": 3.0, "decay_start": 0.5,
+                                            "options": {"dead_tokens_threshold": 10_000}},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's
@@ -86,6 +96,8 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
         from saecache.train.optim import default_lr
 
         extra["lr"] = extra.pop("lr_scale") * default_lr(spec["arch"], spec["width"], spec.get("k"))
+    if "options" in extra:  # SAEConfig fields of the one SAE (SAESpec.options)
+        spec = {**spec, "options": {**spec.get("options", {}), **extra.pop("options")}}
     cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, total_tokens=tokens,
                       batch_size=batch, progress=False, checkpoint_every=10 ** 9, partitions=8, **extra)
     t0 = time.perf_counter()

@@ -104,12 +104,27 @@ def codec_rows_per_s(codec: str, shard_FD: np.ndarray) -> tuple[float, float, fl
     return len(shard_FD) / dt, len(shard_FD) / cpu, shard_FD.nbytes / nbytes
 
 
+def _filesystem(path: str) -> str:
+    """The type of the filesystem holding `path` (Linux /proc/mounts; "unknown" elsewhere)."""
+    best, fs = "", "unknown"
+    try:
+        for line in open("/proc/mounts"):
+            mnt, typ = line.split()[1], line.split()[2]
+            if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
+                best, fs = mnt, typ
+    except OSError:
+        pass
+    return fs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=4, help="shards of 65536 x 512 fp16 per pipeline measurement")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--codecs", default="blosc-zstd,blosc-lz4")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--dir", default=None, help="where the stores are written (default: the system's temp dir); "
+                    "a tmpfs such as /dev/shm leaves the disk's writeback out of the figures")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from saecache.harvest.run import keep_freed_heap
@@ -120,7 +135,8 @@ def main() -> None:
     result = {"rows_per_shard": len(shard_FD), "d": D, "dtype": "float16", "shards_per_measurement": args.shards,
               "rounds": args.rounds, "cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2),
               "codecs": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        result["store_filesystem"] = _filesystem(tmp)
         root = Path(tmp)
         for codec in args.codecs.split(","):
             rec = {"single_core_rows_per_s": [], "w1_rows_per_s": [], "w2_rows_per_s": [],
@@ -154,6 +170,7 @@ def main() -> None:
              "their statistics, as the harvest's device does; that step costs "
              f"{result['device_prep_cpu_ms_per_shard']} CPU-ms per shard on this machine's CPU (on a GPU, a gather and "
              "a few reductions).",
+             f"Stores written to a {result['store_filesystem']} filesystem. "
              f"Machine: {result['cpus']} CPUs, 1-minute load average {result['load_avg_1m_before']} before and "
              f"{result['load_avg_1m_after']} after (other work on the machine takes cores from every figure).", "",
              "| codec | ratio | single-core rows/s | 1 worker rows/s | x single | 2 workers rows/s | x single "

@@ -64,7 +64,8 @@ class HarvestConfig:
     encode_workers: int | None = None
     """Threads that encode and write finished shards while the next shard is forwarded (at most this many shards
     wait, so host memory holds at most encode_workers + 1 shards); 0 = write each shard before the next forward.
-    Default: the host's cores less one, 1 to 16. Does not change the store's bytes."""
+    Default: the host's cores less one, 1 to 16. Each thread encodes a large object a few inner chunks ahead on a
+    helper thread, so its checksum and file write overlap the codec. Does not change the store's bytes."""
     worker: str | None = None
     """'i/N': this process harvests shards s with s % N == i. Default: from RANK/WORLD_SIZE (torchrun) or
     SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1."""

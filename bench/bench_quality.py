@@ -75,6 +75,12 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-lr3x-dead4k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 4_000}},
     "saecache-lr3x-decay-last-50-dead10k": {"lr_scale": 3.0, "decay_start": 0.5,
                                             "options": {"dead_tokens_threshold": 10_000}},
+    "saecache-lr3x-dead10k-auxk0.125": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000,
+                                                                     "auxk_alpha": 0.125}},
+    "saecache-lr3x-dead10k-auxk0.5": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000,
+                                                                   "auxk_alpha": 0.5}},
+    "saecache-lr3x-decay-last-50-dead10k-auxk0.25": {"lr_scale": 3.0, "decay_start": 0.5,
+                                                     "options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.25}},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's

@@ -41,7 +41,10 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, t
         assert a.keys() == b.keys()
         for k in a:
             if a[k].is_floating_point():
-                torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=f"{name} {k}")
+                # atol on the tensor's scale: Adam divides by sqrt(v), so an entry whose gradients are all ~0 turns
+                # the ~1e-7 difference of a 2-rank all-reduce into ~1e-5 of that tensor's largest entry (CPU-dependent)
+                torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4 * float(a[k].abs().max()),
+                                           msg=f"{name} {k}")
             else:
                 assert torch.equal(a[k], b[k]), f"{name} {k}"
         # the two-rank run still trained (weights moved away from a fresh init) and recorded its world size

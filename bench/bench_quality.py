@@ -58,29 +58,23 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-decay-from-0": {"decay_start": 0.0},
     "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
-    "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default is 3e-4)
+    "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default now)
     "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
-    "saecache-lr2x": {"lr_scale": 2.0},  # twice the architecture's default rule
-    "saecache-lr3x": {"lr_scale": 3.0},
+    # the TopK family's rate as multiples of Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default is 3x)
+    "saecache-gao1x": {"lr_gao": 1.0},
+    "saecache-gao2x": {"lr_gao": 2.0},
+    "saecache-gao1x-decay-last-50": {"lr_gao": 1.0, "decay_start": 0.5},
     "saecache-decay-last-50": {"decay_start": 0.5},
-    "saecache-lr2x-decay-last-50": {"lr_scale": 2.0, "decay_start": 0.5},
-    "saecache-lr3x-decay-last-50": {"lr_scale": 3.0, "decay_start": 0.5},
-    # AuxK from a tenth of a 1000-step run of 1024 rows on (its default dead threshold, 10M tokens, is never reached)
-    "saecache-lr2x-dead100k": {"lr_scale": 2.0, "options": {"dead_tokens_threshold": 100_000}},
-    "saecache-lr3x-dead100k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 100_000}},
-    "saecache-lr3x-dead250k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 250_000}},
-    # AuxK for latents silent over the last ~10 / ~4 steps: the rarely firing ones that held-out counts as dead
-    "saecache-lr2x-dead10k": {"lr_scale": 2.0, "options": {"dead_tokens_threshold": 10_000}},
-    "saecache-lr3x-dead10k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000}},
-    "saecache-lr3x-dead4k": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 4_000}},
-    "saecache-lr3x-decay-last-50-dead10k": {"lr_scale": 3.0, "decay_start": 0.5,
-                                            "options": {"dead_tokens_threshold": 10_000}},
-    "saecache-lr3x-dead10k-auxk0.125": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000,
-                                                                     "auxk_alpha": 0.125}},
-    "saecache-lr3x-dead10k-auxk0.5": {"lr_scale": 3.0, "options": {"dead_tokens_threshold": 10_000,
-                                                                   "auxk_alpha": 0.5}},
-    "saecache-lr3x-decay-last-50-dead10k-auxk0.25": {"lr_scale": 3.0, "decay_start": 0.5,
-                                                     "options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.25}},
+    # AuxK for latents silent over 100 / 10 / 4 steps of 1024 rows (its default, 10M tokens, is never reached in
+    # 1000 steps); auxk_alpha above its default 1/32
+    "saecache-dead100k": {"options": {"dead_tokens_threshold": 100_000}},
+    "saecache-dead10k": {"options": {"dead_tokens_threshold": 10_000}},
+    "saecache-dead4k": {"options": {"dead_tokens_threshold": 4_000}},
+    "saecache-decay-last-50-dead10k": {"decay_start": 0.5, "options": {"dead_tokens_threshold": 10_000}},
+    "saecache-dead10k-auxk0.125": {"options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.125}},
+    "saecache-dead10k-auxk0.5": {"options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.5}},
+    "saecache-decay-last-50-dead10k-auxk0.25": {"decay_start": 0.5,
+                                                "options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.25}},
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's
@@ -98,10 +92,8 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
 
     steps = -(-tokens // batch)
     extra = {key: (round(v * steps) if key == "decay_start" and v is not None else v) for key, v in extra.items()}
-    if "lr_scale" in extra:  # a multiple of the architecture's default rate
-        from saecache.train.optim import default_lr
-
-        extra["lr"] = extra.pop("lr_scale") * default_lr(spec["arch"], spec["width"], spec.get("k"))
+    if "lr_gao" in extra:  # a multiple of Gao et al.'s TopK rate 2e-4 / sqrt(F / 2^14)
+        extra["lr"] = extra.pop("lr_gao") * 2e-4 / (spec["width"] / 2 ** 14) ** 0.5
     if "options" in extra:  # SAEConfig fields of the one SAE (SAESpec.options)
         spec = {**spec, "options": {**spec.get("options", {}), **extra.pop("options")}}
     cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, total_tokens=tokens,
@@ -237,6 +229,22 @@ def matched_l0(rows: list[dict], width: int, target: float, libs=("saecache", "d
     return res
 
 
+def _logged_rows(paths: list[str]) -> list[dict]:
+    """The result rows this bench printed (one JSON object per line, among other output) in the given logs."""
+    rows = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("{") and '"candidate"' in line and '"fve"' in line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def _peer_versions(python: str) -> dict:
+    out = subprocess.run([python, str(Path(__file__).with_name("quality_peers.py"))], input='{"op": "versions"}\n',
+                         capture_output=True, text=True, timeout=300).stdout
+    return next((json.loads(x[2:]) for x in out.splitlines() if x.startswith("@@")), {})
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--hook", default="mlp_out.1")
     ap.add_argument("--peers-python", default=os.environ.get("SAECACHE_PEERS_PYTHON"))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
-    ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS))
+    ap.add_argument("--ablations", nargs="*", default=["saecache"],
+                    help=f"saecache variants to train (default: its defaults only): {', '.join(ABLATIONS)}")
     ap.add_argument("--archs", nargs="*", default=["topk", "batchtopk", "relu"])
     ap.add_argument("--widths", nargs="*", type=int, default=[1024])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
@@ -262,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--scratch", default=None, help="directory for the row dump and runs (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--note", default="", help="what the store holds (model, data), written into the results")
+    ap.add_argument("--rows", nargs="*", default=None, metavar="LOG",
+                    help="train nothing: build the results from the row lines (JSON) earlier runs of this bench "
+                         "printed, e.g. the logs of runs stopped before their end or run in parallel on one store")
     args = ap.parse_args(argv)
     from saecache.harvest.store import Store
 
@@ -278,7 +290,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     x_held = _heldout(args.store, args.hook)
     np.save(scratch / "heldout.npy", x_held)
     peers, versions, rms, dl_l1 = None, {}, None, []
-    if args.peers_python and args.peers:
+    logged = None if args.rows is None else _logged_rows(args.rows)
+    if logged is not None:
+        args.peers = sorted({r["candidate"] for r in logged if not r["candidate"].startswith("saecache")})
+        dl_l1 = sorted({r["coeff"] for r in logged if r["candidate"] == "dl" and r["arch"] == "relu"})
+    if args.peers_python and args.peers and logged is None:
         d, ms = _dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch)
         rms = math.sqrt(ms)
         dl_l1 = args.dl_l1 if args.dl_l1 is not None else [float(f"{c * rms:.4g}") for c in args.dl_l1_rms]
@@ -300,10 +316,16 @@ def main(argv: list[str] | None = None) -> dict | None:
               "relu_coeffs": args.relu_coeffs, "dl_l1": dl_l1, "train_rms": rms,
               "match_l0": args.match_l0 or args.k, "rows": []}
     t_all, cpu0 = time.time(), os.times()
+    if logged is not None:
+        result.update(rows=logged, from_logs=args.rows, relu_coeffs=sorted({r["coeff"] for r in logged if r[
+            "arch"] == "relu" and r["candidate"].startswith("saecache")}))
+        if args.peers_python and args.peers:
+            result["peer_versions"] = _peer_versions(args.peers_python)
+        args.widths = sorted({r["width"] for r in logged})
     try:
         if peers is not None:
             result["peer_versions"] = versions = ask({"op": "versions"})
-        for width in args.widths:
+        for width in (args.widths if logged is None else []):
             for seed in args.seeds:
                 for arch in args.archs:
                     for name, coeff in candidates(arch, args.ablations, list(args.peers) if peers else [],
@@ -333,8 +355,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             peers.stdin.close()
             peers.wait(timeout=60)
     cpu = os.times()
-    result["wall_s"] = round(time.time() - t_all)
-    result["cpu_s"] = round(sum(cpu[:4]) - sum(cpu0[:4]))
+    result["wall_s"] = round(time.time() - t_all) if logged is None else sum(r["train_s"] for r in logged)
+    result["cpu_s"] = round(sum(cpu[:4]) - sum(cpu0[:4])) if logged is None else None
     result["summary"] = summarise(result["rows"])
     result["targets"] = targets(result["summary"])
     result["matched_l0"] = [matched_l0(result["rows"], w, result["match_l0"]) for w in args.widths
@@ -356,7 +378,11 @@ def markdown(result: dict) -> str:
              f"k={result['k']}; held-out FVE (centred, saecache's one definition), L0 and dead % (never fires) over "
              f"{result['heldout_rows']:,} held-out rows (BOS left out); mean ± seed-to-seed sd. 1 torch thread per "
              f"trainer, load average at start {result['loadavg_start']:.1f}; train seconds are wall time on a shared "
-             f"machine (not comparable). Whole run {result['wall_s']:,} s wall, {result['cpu_s']:,} CPU-s.", ""]
+             + (f"machine (not comparable). Whole run {result['wall_s']:,} s wall, {result['cpu_s']:,} CPU-s."
+                if result.get("from_logs") is None else
+                f"machine (not comparable). Rows gathered from the logs of {len(result['from_logs'])} runs of this "
+                f"bench on this store ({result['wall_s']:,.0f} s of training in all): "
+                + ", ".join(f"`{Path(p).name}`" for p in result["from_logs"]) + "."), ""]
     if vers:
         lines += [f"Peers: {vers}.", ""]
     lines += ["| width | arch | candidate | coeff | FVE | FVE per seed | L0 | dead % | train s |",

@@ -104,3 +104,27 @@ def test_bench_quality_runs_tiny_without_peers(tiny_store, tmp_path, one_torch_t
     assert r["matched_l0"][0]["note"] == "missing sweep"  # no dl sweep without the peers
     md = (out / "quality.md").read_text()
     assert "Store: tiny store." in md and "| 64 | relu | saecache | 0.2 |" in md
+
+
+def test_results_from_logged_rows_of_several_runs(tiny_store, tmp_path, monkeypatch):
+    """`--rows`: results built from the row lines earlier runs printed (runs stopped early or run in parallel),
+    with other output in the logs ignored and the targets taken over all of them."""
+    from bench.bench_quality import main
+
+    monkeypatch.delenv("SAECACHE_PEERS_PYTHON", raising=False)
+    row = lambda cand, seed, fve, dead: json.dumps({"width": 64, "seed": seed, "arch": "topk", "candidate": cand,  # noqa: E731
+                                                    "fve": fve, "l0": 8.0, "dead_pct": dead, "train_s": 2.0})
+    (tmp_path / "a.log").write_text("\n".join(["loading...", row("saecache", 0, 0.90, 1.0), row("dl", 0, 0.80, 2.0),
+                                               "a peer's progress line"]) + "\n")
+    (tmp_path / "b.log").write_text("\n".join([row("saecache", 1, 0.92, 1.0), row("dl", 1, 0.82, 0.5)]) + "\n")
+    out = tmp_path / "out"
+    main(["--store", str(tiny_store), "--hook", "mlp_out.1", "--rows", str(tmp_path / "a.log"),
+          str(tmp_path / "b.log"), "--tokens", "1024", "--batch", "256", "--scratch", str(tmp_path / "s"),
+          "--out", str(out)])
+    r = json.loads((out / "quality.json").read_text())
+    assert len(r["rows"]) == 4 and r["from_logs"] == [str(tmp_path / "a.log"), str(tmp_path / "b.log")]
+    (t,) = r["targets"]
+    assert t["fve"] == pytest.approx(0.91) and t["peer_fve"] == pytest.approx(0.81) and t["fve_met"]
+    assert t["dead_pct"] == pytest.approx(1.0) and t["dl_dead_pct"] == pytest.approx(1.25) and t["dead_met"]
+    md = (out / "quality.md").read_text()
+    assert "Rows gathered from the logs of 2 runs" in md and "`a.log`, `b.log`" in md

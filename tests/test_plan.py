@@ -108,7 +108,7 @@ def test_rerun_and_resume_read_no_text(tmp_path, tiny_model_dir, tiny_corpus, co
     assert counts == {"calls": 0, "docs": 0, "tokens": 0, "opened": 0}
 
     # a harvest stopped after 90% of its shards (Ctrl-C), then resumed
-    write, written = StoreWriter.write_shard, []
+    write, written = StoreWriter.write_permuted_shard, []
 
     def stop_at_90_percent(self, s, *a, **k):
         if len(written) == 115:
@@ -116,11 +116,11 @@ def test_rerun_and_resume_read_no_text(tmp_path, tiny_model_dir, tiny_corpus, co
         written.append(s)
         return write(self, s, *a, **k)
 
-    monkeypatch.setattr(StoreWriter, "write_shard", stop_at_90_percent)
+    monkeypatch.setattr(StoreWriter, "write_permuted_shard", stop_at_90_percent)
     out = tmp_path / "resumed.zarr"
     with pytest.raises(KeyboardInterrupt):
         harvest_tiny(out, tiny_model_dir, tiny_corpus, encode_workers=0, **SMALL)
-    monkeypatch.setattr(StoreWriter, "write_shard", write)
+    monkeypatch.setattr(StoreWriter, "write_permuted_shard", write)
     assert len(Store.open(str(out)).complete_shards()) == 115
     _reset(counts)
     harvest_tiny(out, tiny_model_dir, tiny_corpus, **SMALL)

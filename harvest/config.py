@@ -63,7 +63,8 @@ class HarvestConfig:
     """NaN/Inf activations: 'error' refuses the shard (nothing published), 'count' stores them and counts them."""
     encode_workers: int | None = None
     """Threads that encode and write finished shards while the next shard is forwarded (at most this many shards
-    wait, so host memory holds at most encode_workers + 1 shards, the device one more); 0 = write each shard before the next forward.
+    wait, so host memory holds at most encode_workers + 1 shards, the device one more); 0 = write each shard before
+    the next forward.
     Default: the host's cores less one, 1 to 16. Each thread encodes a large object a few inner chunks ahead on a
     helper thread, so its checksum and file write overlap the codec. Does not change the store's bytes."""
     worker: str | None = None

@@ -377,7 +377,8 @@ def markdown(result: dict) -> str:
              f"steps of {result['batch']} rows ({result['tokens']:,} tokens, BOS rows left out) per SAE, "
              f"k={result['k']}; held-out FVE (centred, saecache's one definition), L0 and dead % (never fires) over "
              f"{result['heldout_rows']:,} held-out rows (BOS left out); mean ± seed-to-seed sd. 1 torch thread per "
-             f"trainer, load average at start {result['loadavg_start']:.1f}; train seconds are wall time on a shared "
+             "trainer" + (f", load average at start {result['loadavg_start']:.1f}" if result.get("from_logs") is None
+                          else "") + "; train seconds are wall time on a shared "
              + (f"machine (not comparable). Whole run {result['wall_s']:,} s wall, {result['cpu_s']:,} CPU-s."
                 if result.get("from_logs") is None else
                 f"machine (not comparable). Rows gathered from the logs of {len(result['from_logs'])} runs of this "

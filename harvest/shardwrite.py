@@ -6,9 +6,9 @@ Why by hand: through `zarr.Array.__setitem__` a 2^16-row shard cost about twice 
 checksum needed the object read back. Here each inner chunk is encoded straight from the rows (already in stored
 order, as the harvest hands them over) or gathered from unpermuted rows into one reused buffer, encoded with numcodecs
 as zarr's codec would (same configuration, taken from the array's `zarr.json`), and checksummed as it is produced
-(crc32c chained over the parts, so the whole object is never concatenated or re-read). The codecs release the GIL, so `n` writer threads
-encode on `n` cores; `made_ahead` lets a large object's next chunks be encoded on a helper thread while the calling
-thread checksums and writes the previous ones.
+(crc32c chained over the parts, so the whole object is never concatenated or re-read). The codecs release the GIL,
+so `n` writer threads encode on `n` cores; `made_ahead` lets a large object's next chunks be encoded on a helper
+thread while the calling thread checksums and writes the previous ones.
 
 Layout (zarr v3 sharding, SPEC.md): the encoded inner chunks in order, then the index, ``n_inner × (offset, nbytes)``
 little-endian u64 (2^64-1 for an inner chunk wholly past the array's end, which zarr does not write), then the

@@ -10,6 +10,7 @@ shard's bytes do not depend on which process wrote it, when, or how many encode 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -94,11 +95,9 @@ def harvest_shard(capture, cfg: HarvestConfig, header: dict, geom: Geometry, s: 
                 x = acts_BTD[:, p0:].reshape(-1, acts_BTD.shape[-1])
                 stored, blk = to_storage(x, cfg.dtype)
                 sums[key] = blk if key not in sums else sums[key] + blk
-                buf = staging.get(key)
-                if buf is None or len(buf) < n_rows or buf.shape[1:] != stored.shape[1:] or buf.dtype != stored.dtype:
-                    buf = staging[key] = torch.empty((geom.shard_rows, stored.shape[1]), dtype=stored.dtype,
-                                                     device=device)
-                buf[r0:r0 + len(stored)] = stored
+                if key not in staging:  # the stored width (quantized formats add a scale) is known from the first batch
+                    staging[key] = torch.empty((geom.shard_rows, stored.shape[1]), dtype=stored.dtype, device=device)
+                staging[key][r0:r0 + len(stored)] = stored
     host, event, stats = shard_to_host(staging, sums, header["seed"], s, n_rows, device)
     if cfg.nonfinite == "error":
         for h in host:
@@ -204,16 +203,13 @@ def _set_codec_threads(n: int) -> Callable[[], None]:
     return undo
 
 
+@functools.cache
 def keep_freed_heap() -> None:
     """Have glibc's malloc keep freed memory for reuse (blocks up to 64 MB from the heap, up to 256 MB of free heap
     kept) instead of mapping fresh pages for every codec buffer and returning them at once. Each inner chunk's encode
     allocates a few MB; with glibc's defaults those come as new mappings, and their page faults cost ~25 % of the
     codec's CPU (15k faults per 65,536-row shard, measured by bench_write: +25 % store rows/s). Process-wide, once;
     does nothing where the C library is not glibc."""
-    global _HEAP_KEPT
-    if _HEAP_KEPT:
-        return
-    _HEAP_KEPT = True
     try:
         import ctypes
 
@@ -224,9 +220,6 @@ def keep_freed_heap() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
-
-_HEAP_KEPT = False
 
 
 def default_encode_workers() -> int:

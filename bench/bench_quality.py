@@ -52,29 +52,45 @@ import torch
 from bench.quality_peers import ARCHS as PEER_ARCHS
 from bench.quality_peers import evaluate
 
+def _before(extra: dict | None = None, dead: int = 10_000_000) -> dict:
+    """An ablation on top of the TopK defaults before decay over the last half and the AuxK dead threshold at a
+    hundredth of the run (no decay, dead after 10M rows, i.e. never in 1000 steps), as bench/results/quality_lr.md ran
+    them: their names keep their meaning there."""
+    extra = dict(extra or {})
+    options = {"dead_tokens_threshold": dead, **extra.pop("options", {})}
+    return {"decay_start": 1.0, **extra, "options": options}
+
+
 ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (fractions of the run where noted)
     "saecache": {},
-    "saecache-no-decay": {"decay_start": None},
+    "saecache-no-decay": {"decay_start": 1.0},
     "saecache-decay-from-0": {"decay_start": 0.0},
     "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
     "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default now)
-    "saecache-lr3e-4": {"lr": 3e-4, "decay_start": None},
-    # the TopK family's rate as multiples of Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default is 3x)
-    "saecache-gao1x": {"lr_gao": 1.0},
-    "saecache-gao2x": {"lr_gao": 2.0},
-    "saecache-gao1x-decay-last-50": {"lr_gao": 1.0, "decay_start": 0.5},
-    "saecache-decay-last-50": {"decay_start": 0.5},
-    # AuxK for latents silent over 100 / 10 / 4 steps of 1024 rows (its default, 10M tokens, is never reached in
-    # 1000 steps); auxk_alpha above its default 1/32
-    "saecache-dead100k": {"options": {"dead_tokens_threshold": 100_000}},
-    "saecache-dead10k": {"options": {"dead_tokens_threshold": 10_000}},
-    "saecache-dead4k": {"options": {"dead_tokens_threshold": 4_000}},
-    "saecache-decay-last-50-dead10k": {"decay_start": 0.5, "options": {"dead_tokens_threshold": 10_000}},
-    "saecache-dead10k-auxk0.125": {"options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.125}},
-    "saecache-dead10k-auxk0.5": {"options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.5}},
-    "saecache-decay-last-50-dead10k-auxk0.25": {"decay_start": 0.5,
-                                                "options": {"dead_tokens_threshold": 10_000, "auxk_alpha": 0.25}},
+    "saecache-lr3e-4": _before({"lr": 3e-4}),  # the TopK default before issue 12
+    "saecache-gao4x": {"lr_gao": 4.0},
+    "saecache-gao4x-decay-last-80": {"lr_gao": 4.0, "decay_start": 0.2},
+    "saecache-gao4x-decay-from-0": {"lr_gao": 4.0, "decay_start": 0.0},
+    # the study of quality_lr.md, on top of the earlier defaults (_before): the TopK family's rate as multiples of
+    # Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default is 3x), decay over the last half, AuxK for latents
+    # silent over 100 / 10 / 4 / 2 steps of 1024 rows and auxk_alpha above its default 1/32
+    "saecache-before": _before(),
+    "saecache-gao1x": _before({"lr_gao": 1.0}),
+    "saecache-gao2x": _before({"lr_gao": 2.0}),
+    "saecache-gao1x-decay-last-50": _before({"lr_gao": 1.0, "decay_start": 0.5}),
+    "saecache-decay-last-50": _before({"decay_start": 0.5}),
+    "saecache-dead100k": _before(dead=100_000),
+    "saecache-dead10k": _before(dead=10_000),
+    "saecache-dead4k": _before(dead=4_000),
+    "saecache-decay-last-50-dead10k": _before({"decay_start": 0.5}, dead=10_000),
+    "saecache-dead10k-auxk0.125": _before({"options": {"auxk_alpha": 0.125}}, dead=10_000),
+    "saecache-dead10k-auxk0.5": _before({"options": {"auxk_alpha": 0.5}}, dead=10_000),
+    "saecache-decay-last-50-dead10k-auxk0.25": _before({"decay_start": 0.5, "options": {"auxk_alpha": 0.25}},
+                                                       dead=10_000),
+    "saecache-gao4x-decay-last-50-dead10k": _before({"lr_gao": 4.0, "decay_start": 0.5}, dead=10_000),
+    "saecache-gao6x-decay-last-50-dead10k": _before({"lr_gao": 6.0, "decay_start": 0.5}, dead=10_000),
+    "saecache-decay-last-50-dead2k": _before({"decay_start": 0.5}, dead=2_000),
 }
 PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # relu sweeps bracketing L0 ≈ 32 on the demo's mlp_out.1 (d=128, 1000 steps of 1024 rows, width 1024): saecache's
@@ -105,7 +121,7 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
     sae.eval()
     return (lambda x: (sae(x), sae.encode(x))), seconds, {"lr": rec["spec"]["lr"],
                                                           "warmup": rec["train"]["warmup_steps"],
-                                                          "decay_start": rec["train"]["decay_start"]}
+                                                          "decay_start": rec["spec"]["decay_start"]}
 
 
 def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch: Path) -> tuple[int, float]:

@@ -24,7 +24,11 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, t
     cfg = {"stores": [str(tiny_store)], "steps": 24, "batch_size": 256, "warmup_steps": 4, "checkpoint_every": 12,
            "resample_steps": 8, "resample_window": 2, "heldout_fraction": 0.05, "log_every": 4, "progress": False,
            "device": "cpu",
-           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4, "resample": True},  # resamples ~200
+           # AuxK off (its default threshold, a hundredth of the run, would train the ~300 dead latents by AuxK alone:
+           # its top-k_aux among hundreds of near-equal dead pre-activations flips on rounding differences, so those
+           # rows drift apart; test_auxk_gradient_over_two_ranks_is_the_one_process_gradient checks AuxK's gradient)
+           "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4, "resample": True,  # resamples ~200
+                     "options": {"dead_tokens_threshold": 10_000_000}},
                     {"arch": "relu", "hook_in": "mlp_out.1", "width": 128}]}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     one = subprocess.run([sys.executable, "-m", "saecache", "train", "--config", tmp_path / "cfg.json",
@@ -69,6 +73,49 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, t
     for n in names:
         assert (tmp_path / "two" / n / rundir.WEIGHTS_FILE).read_bytes() == whole[n]
         assert (tmp_path / "two" / n / rundir.METRICS_FILE).read_text() == metrics[n]
+
+
+AUXK_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from saecache.train import ddp
+from saecache.train.sae import SAE, SAEConfig
+
+distributed = len(sys.argv) > 2
+if distributed:
+    dist.init_process_group("gloo")
+rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+torch.manual_seed(0)
+sae = SAE(SAEConfig("topk", 16, 64, k=4, dead_tokens_threshold=5))
+x = torch.randn(96, 16) * torch.linspace(0.2, 3.0, 16)
+x[:48] += 2.0  # the ranks' halves differ in mean and spread
+sae.tokens_since_fired_F[:32] = 5  # half the latents dead: AuxK trains them
+mine = x.chunk(world)[rank]
+out = sae.loss(mine)
+assert out.aux is not None and float(out.aux) > 0
+(out.total * (mine.shape[0] * world / x.shape[0])).backward()  # the trainer's weighting of each rank's mean
+ddp.average_gradients(sae, world)
+if rank == 0:
+    save_file({n: p.grad.contiguous() for n, p in sae.named_parameters()}, sys.argv[1])
+"""
+
+
+def test_auxk_gradient_over_two_ranks_is_the_one_process_gradient(tmp_path):
+    """AuxK normalises by the residual's variance over the batch: over the global batch (every rank's rows), so the
+    two-rank averaged gradient is the one-process gradient on the same rows (it used each rank's own variance)."""
+    script = tmp_path / "auxk.py"
+    script.write_text(AUXK_SCRIPT)
+    one = subprocess.run([sys.executable, script, tmp_path / "one.safetensors"], env=ENV, capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, tmp_path / "two.safetensors", "ddp"], env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and a["W_dec_FD"][:32].abs().sum() > 0  # the dead latents' rows got AuxK gradient
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 AGREE_SCRIPT = """

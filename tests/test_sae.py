@@ -125,7 +125,8 @@ def _objective_with_stop_gradients_frozen(sae, x, t, frozen):
     elif o.code.aux is not None:
         assert torch.equal(o.code.aux.idx_N, frozen["aux_idx"])  # no selection flip under the perturbation
         e_hat = o.code.aux.dense(F) @ sae.W_dec_FD
-        total = total + sae.cfg.auxk_alpha * P.auxk_loss(e_hat, frozen["e"])
+        e = frozen["e"]  # AuxK: ‖ê − e‖² over the residual's total variance across the batch
+        total = total + sae.cfg.auxk_alpha * (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
     if o.code.sparse is not None:
         assert torch.equal(o.code.sparse.idx_N, frozen["idx"])
     return total.item()

@@ -148,13 +148,19 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     # which SAEs were resampled, resolved from the architecture defaults: relu yes, topk (AuxK) no
     assert rec["spec"]["resample"] is False and rundir.read_cfg(relu_dir)["spec"]["resample"] is True
     assert [s["resample"] for s in rec["train"]["saes"]] == [False, True]
+    # the LR decay, resolved per SAE: topk over the last half of the 23 steps, relu (it resamples) none
+    assert [s["decay_start"] for s in rec["train"]["saes"]] == [11, 23] and rec["train"]["decay_start"] is None
+    # AuxK's dead threshold: a hundredth of the run's rows
+    assert rec["sae"]["dead_tokens_threshold"] == 23 * 256 // 100
 
     lines = [json.loads(x) for x in (Path(topk_dir) / rundir.METRICS_FILE).read_text().splitlines()]
     assert [x["step"] for x in lines] == [4, 8, 12, 16, 20, 23]
     for x in lines:
         assert x["tokens"] == x["step"] * 256 and 0 < x["l0"] <= 4 and 0 <= x["dead_frac"] <= 1
         assert x["fve"] is not None and x["fve"] < 1 and x["loss"] > 0
-        assert x["lr"] == pytest.approx(rec["spec"]["lr"] * min(1, x["step"] / 5))  # warmup 5, never re-warmed
+        # warm-up over 5 steps, never re-warmed; topk decays linearly to 0 over the last half (steps 11..22, 0-based)
+        s = x["step"]  # the logged rate is the one step s - 1 used
+        assert x["lr"] == pytest.approx(rec["spec"]["lr"] * min(1, s / 5) * min(1, (24 - s) / 12))
 
     # the saved SAE takes raw activations: it equals the normalised-space SAE of the last checkpoint, rescaled
     loaded, _ = rundir.load_run(topk_dir)
@@ -237,6 +243,34 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
     assert [s.lr for s in mine.saes] == [1e-3, 5e-5] and mine.saes[0].options["threshold_start_step"] == 100
     with pytest.raises(ConfigError, match="threshold_start_step 300 is not below the run's 300 steps"):
         TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=[{**saes[0], "options": {"threshold_start_step": 300}}])
+
+
+def test_lr_decay_and_auxk_dead_threshold_defaults_are_resolved_per_sae(tmp_path):
+    """The TopK family decays its LR over the last half of the run and calls a latent dead (for AuxK) after a
+    hundredth of the run's rows without firing (at most 10M); relu does not decay, nor does any SAE that resamples;
+    the run's decay_start applies to every SAE, a spec's wins over it; decay beside resampling is refused."""
+    from saecache.errors import ConfigError
+
+    saes = [{"arch": "batchtopk", "hook_in": "h", "width": 1024, "k": 32},
+            {"arch": "topk", "hook_in": "h", "width": 4096, "k": 32}, {"arch": "relu", "hook_in": "h", "width": 4096}]
+    cfg = TrainConfig(stores=["s"], out=str(tmp_path), steps=301, batch_size=512, saes=saes)
+    assert [s.decay_start for s in cfg.saes] == [151, 151, 301] and cfg.decay_start is None  # 301 - round(150.5)
+    assert [s.options.get("dead_tokens_threshold") for s in cfg.saes] == [301 * 512 // 100] * 2 + [None]
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
+    long = TrainConfig(stores=["s"], out=str(tmp_path), steps=10 ** 6, batch_size=4096, saes=saes[1:2])
+    assert long.saes[0].options["dead_tokens_threshold"] == 10_000_000 and long.saes[0].decay_start == 500_000
+    run_wide = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, decay_start=200,
+                           saes=[saes[0], {**saes[1], "decay_start": 300, "options": {"dead_tokens_threshold": 7}},
+                                 saes[2]])
+    assert [s.decay_start for s in run_wide.saes] == [200, 300, 200]
+    assert run_wide.saes[1].options["dead_tokens_threshold"] == 7
+    resampling = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, resample_steps=50, saes=saes)
+    assert [s.decay_start for s in resampling.saes] == [150, 150, 300] and resampling.saes[2].resample
+    with pytest.raises(ConfigError, match="SAE relu-h-4096 resamples .* so it cannot decay from step 100"):
+        TrainConfig(stores=["s"], out=str(tmp_path), steps=300, resample_steps=50,
+                    saes=[{**saes[2], "decay_start": 100}])
+    with pytest.raises(ConfigError, match=r"decay_start must be in \[0, 300\]"):
+        TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=[{**saes[1], "decay_start": 301}])
 
 
 def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monkeypatch):

@@ -61,6 +61,11 @@ class SAESpec:
     """Learning rate of this SAE; None = `TrainConfig.lr`, or when that is None too the architecture family's rule
     (`default_lr`: 6e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu). A TrainConfig resolves it, and
     cfg.json records the resolved value."""
+    decay_start: int | None = None
+    """Step from which this SAE's LR decays linearly to 0 at the last step (the run's step count = no decay); None =
+    `TrainConfig.decay_start`, or when that is None too the architecture's default (`Architecture.decay_fraction`:
+    the TopK family decays over the last half of the run, relu/gated/jumprelu and every SAE that resamples do not).
+    A TrainConfig resolves it, and cfg.json records the resolved value."""
     resample: bool | None = None
     """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
     each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk/matryoshka
@@ -86,6 +91,8 @@ class SAESpec:
             raise ConfigError(f"coeff must be >= 0, got {self.coeff}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.decay_start is not None and self.decay_start < 0:
+            raise ConfigError(f"decay_start must be >= 0, got {self.decay_start}")
         self._check_against_sae_config()
         if self.name is None:
             hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
@@ -147,8 +154,9 @@ class TrainConfig:
     """Linear LR warmup from 0 at the start (and again after every resample, for the SAEs that resample); None =
     a tenth of the run, at most 1000 steps (resolved here, so cfg.json records the value used)."""
     decay_start: int | None = None
-    """Step from which the LR decays linearly to 0 at the last step; None = no decay. Refused when an SAE of the run
-    resamples (its LR re-warms after each resample): decay is for runs whose SAEs all have resample false."""
+    """Step from which every SAE's LR decays linearly to 0 at the last step (per-SAE override: SAESpec.decay_start;
+    the run's step count = no decay); None = each SAE's architecture default (the TopK family over the last half of
+    the run, the others none). Refused when an SAE of the run resamples (its LR re-warms after each resample)."""
     sparsity_warmup_steps: int | None = None
     """Linear warmup of the sparsity penalty's coefficient from 0 to 1; None = a twentieth of the run, at most 2000
     steps (resolved here). The batchtopk inference threshold's start (`threshold_start_step`, an SAE option) is
@@ -260,8 +268,10 @@ class TrainConfig:
         self._resolve_resample()
         if self.resample_window is not None and self.resample_window < 1:
             raise ConfigError(f"resample_window must be >= 1, got {self.resample_window}")
-        if self.decay_start is not None and not 0 <= self.decay_start < self.total_steps:
-            raise ConfigError(f"decay_start must be in [0, {self.total_steps}), got {self.decay_start}")
+        if self.decay_start is not None and not 0 <= self.decay_start <= self.total_steps:
+            raise ConfigError(f"decay_start must be in [0, {self.total_steps}] (the run's steps = no decay), "
+                              f"got {self.decay_start}")
+        self._resolve_decay()
         if self.autocast not in AUTOCAST:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.log not in LOG_BACKENDS:
@@ -270,7 +280,7 @@ class TrainConfig:
     def _resolve_schedule(self) -> None:
         """Fill in what was left None with the rules above (an explicit value always wins), so the config, and
         cfg.json, say what ran: each spec's lr, the warm-ups, and each batchtopk spec's threshold_start_step."""
-        sched = default_schedule(self.total_steps)
+        sched = default_schedule(self.total_steps, self.batch_size)
         for name in ("warmup_steps", "sparsity_warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, sched[name])
@@ -285,6 +295,8 @@ class TrainConfig:
                     raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
                                       f"below the run's {self.total_steps} steps, so it would be saved without an "
                                       "inference threshold; lower threshold_start_step or train longer")
+            if ARCHITECTURES[s.arch].sparse:  # the TopK family's AuxK
+                options.setdefault("dead_tokens_threshold", sched["dead_tokens_threshold"])
             specs.append(dataclasses.replace(s, lr=lr, options=options))
         self.saes = specs
 
@@ -298,10 +310,28 @@ class TrainConfig:
         self.saes = [s if s.resample is not None else dataclasses.replace(
             s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
         both = [s.name for s in self.saes if s.resample]
-        if self.decay_start is not None and both:
+        if self.decay_start is not None and self.decay_start < self.total_steps and both:
             raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
                               f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
                               "decay_start")
+
+    def _resolve_decay(self) -> None:
+        """Replace each spec's `decay_start=None` by the run's, else its architecture's default (after
+        `_resolve_resample`: an SAE that resamples does not decay); refuse a decay beyond the run or beside
+        resampling."""
+        T, specs = self.total_steps, []
+        for s in self.saes:
+            start = s.decay_start if s.decay_start is not None else self.decay_start
+            if start is None:
+                start = T if s.resample else T - round(ARCHITECTURES[s.arch].decay_fraction * T)
+            if not 0 <= start <= T:
+                raise ConfigError(f"SAE {s.name}: decay_start must be in [0, {T}] (the run's steps = no decay), "
+                                  f"got {start}")
+            if s.resample and start < T:
+                raise ConfigError(f"SAE {s.name} resamples (its LR re-warms after each resample), so it cannot "
+                                  f"decay from step {start}; set its resample to false or drop its decay_start")
+            specs.append(dataclasses.replace(s, decay_start=start))
+        self.saes = specs
 
     def replicas(self) -> list[tuple[SAESpec, str, int]]:
         """(spec, run name, replica index) of every SAE trained: each spec `seeds` times (`seeds` field)."""

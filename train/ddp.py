@@ -102,6 +102,20 @@ def all_gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+@torch.no_grad()
+def batch_variance(e_BD: torch.Tensor) -> torch.Tensor:
+    """Σ_D of the variance of the rows over the global batch (every rank's rows), what one process computes over the
+    same rows: a loss normalised by it keeps the rank-averaged gradient equal to one process's (AuxK's)."""
+    if not is_distributed():
+        return (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean()
+    sums = torch.cat([e_BD.sum(0), e_BD.new_tensor([e_BD.shape[0]])])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    n = sums[-1]
+    sq = (e_BD - sums[:-1] / n).pow(2).sum().reshape(1)
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    return sq[0] / n
+
+
 def average_gradients(module: torch.nn.Module, world: int) -> None:
     """Mean of every parameter's gradient over ranks (parameters without a gradient count as zero)."""
     if not is_distributed() or world == 1:

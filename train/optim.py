@@ -14,6 +14,7 @@ from saecache.errors import ConfigError
 from saecache.train.arch import ARCHITECTURES
 
 MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
+MAX_DEAD_TOKENS = 10_000_000
 
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
@@ -22,16 +23,19 @@ def default_lr(arch: str, width: int, k: int | None = None) -> float:
     return ARCHITECTURES["topk" if k is not None else arch].default_lr(width)
 
 
-def default_schedule(total_steps: int) -> dict:
+def default_schedule(total_steps: int, batch_size: int) -> dict:
     """Warm-ups that scale with the run: LR warm-up and the batchtopk threshold start at a tenth of the run (at most
     1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000). The
     threshold's EMA decay averages over a tenth of the steps after its start (at most 1000: beta 0.999, again
-    dictionary_learning's), so a short run's threshold reflects its last activations, not its first ones."""
+    dictionary_learning's), so a short run's threshold reflects its last activations, not its first ones. AuxK's
+    latents are dead after a hundredth of the run's rows without firing (at most 10M, sparsify's fixed value, reached
+    at 1B rows): with the fixed 10M a run shorter than that never used AuxK at all."""
     start = min(MAX_THRESHOLD_START_STEP, total_steps // 10)
     window = max(1, min(1000, (total_steps - start) // 10))
     return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
             "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
-            "threshold_start_step": start, "threshold_beta": 1 - 1 / window if window > 1 else 0.0}
+            "threshold_start_step": start, "threshold_beta": 1 - 1 / window if window > 1 else 0.0,
+            "dead_tokens_threshold": max(1, min(MAX_DEAD_TOKENS, total_steps * batch_size // 100))}
 
 
 def make_optimizer(sae: torch.nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:

@@ -37,11 +37,11 @@ def entropy_penalty(f_BF: Tensor, eps: float = 1e-12) -> Tensor:
     return h_B.mean()
 
 
-def auxk_loss(e_hat_BD: Tensor, e_BD: Tensor) -> Tensor:
+def auxk_loss(e_hat_BD: Tensor, e_BD: Tensor, var: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024): squared error of the dead latents' reconstruction ê of the residual e = target − x̂
-    (e detached by the caller), normalised by the residual's total variance over the batch. 0 when that is 0."""
+    (e detached by the caller), normalised by `var`, the residual's total variance over the batch (over every DDP
+    rank's rows: `ddp.batch_variance`). 0 when that is 0."""
     err = (e_hat_BD - e_BD).pow(2).sum(-1).mean()
-    var = (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean()
     return torch.where(var > 0, err / var.clamp_min(1e-30), torch.zeros_like(err))
 
 

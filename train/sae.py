@@ -58,7 +58,8 @@ class SAEConfig:
     auxk_alpha: float = 1 / 32
     """topk family: weight of the AuxK loss."""
     dead_tokens_threshold: int = 10_000_000
-    """topk family: a latent that has not fired for this many training tokens is dead (for AuxK)."""
+    """topk family: a latent that has not fired for this many training tokens is dead (for AuxK). A TrainConfig
+    resolves it to a hundredth of the run's rows, at most 10M (`optim.default_schedule`)."""
     k_aux: int | None = None
     """topk family: dead latents used per row by AuxK; None means d_out // 2."""
     threshold_beta: float = 0.999

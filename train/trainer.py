@@ -92,15 +92,15 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
-    old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
-    if old_sae != record["sae"]:
-        diff = [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
-        raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}; dimension or width "
-                          "mismatch on resume); use a new --out")
     a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
+    if old_sae != record["sae"]:  # run settings first: the run's length also resolves SAE fields (dead threshold)
+        diff = [k for k in diff if k != "saes"] + [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
+        raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}); rerun with the original "
+                          "settings or use a new --out")
+    if diff:
         raise RunDirError(f"{run_dir} was started with a different config (differs in {', '.join(diff)}); rerun with "
                           "the original settings or use a new --out")
     if [s["fingerprint"] for s in old["stores"]] != [s["fingerprint"] for s in record["stores"]]:
@@ -204,7 +204,8 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
         torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
-    factor = lr_factor(step, cfg.warmup_steps, total, cfg.decay_start, resample_steps)
+    decay_start = m.spec.decay_start if m.spec.decay_start < total else None  # (resolved: the run's steps = none)
+    factor = lr_factor(step, cfg.warmup_steps, total, decay_start, resample_steps)
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()

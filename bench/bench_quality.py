@@ -69,11 +69,11 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
     "saecache-lr1e-3": {"lr": 1e-3},  # dictionary_learning's StandardTrainer rate (saecache's ReLU default now)
     "saecache-lr3e-4": _before({"lr": 3e-4}),  # the TopK default before issue 12
-    "saecache-gao4x": {"lr_gao": 4.0},
+    "saecache-gao3x": {"lr_gao": 3.0},  # the TopK rate before its last change (4x is the default now)
     "saecache-gao4x-decay-last-80": {"lr_gao": 4.0, "decay_start": 0.2},
     "saecache-gao4x-decay-from-0": {"lr_gao": 4.0, "decay_start": 0.0},
     # the study of quality_lr.md, on top of the earlier defaults (_before): the TopK family's rate as multiples of
-    # Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default is 3x), decay over the last half, AuxK for latents
+    # Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default was 3x then), decay over the last half, AuxK for latents
     # silent over 100 / 10 / 4 / 2 steps of 1024 rows and auxk_alpha above its default 1/32
     "saecache-before": _before(),
     "saecache-gao1x": _before({"lr_gao": 1.0}),
@@ -97,6 +97,7 @@ PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 # coeff 0.1/0.2/0.4 gave L0 71/37/17; dictionary_learning's l1_penalty 1, 2, 4 × RMS gave 34/17/8, hence half that
 RELU_COEFFS = (0.1, 0.2, 0.4)
 DL_L1_PER_RMS = (0.05, 0.1, 0.2)  # dictionary_learning's l1_penalty in units of the training rows' RMS norm
+TRAIN_SAMPLE_ROWS = 100_000  # rows every trainer trained on, over which "dead on training rows" is counted
 NO_BOS = SimpleNamespace(exclude_bos=True)  # `bos_stores` reads only this field of a TrainConfig
 
 
@@ -126,7 +127,8 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
 
 def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch: Path) -> tuple[int, float]:
     """The batches saecache's loader serves its seed-0 run, BOS rows left out as its trainer does, as raw fp16
-    (rows.f16) with each step's row offsets (offsets.npy), for the peers. Returns (d, E‖x‖² over those rows)."""
+    (rows.f16) with each step's row offsets (offsets.npy), for the peers; the last `TRAIN_SAMPLE_ROWS` of them
+    (train_sample.npy) for the dead count over training rows. Returns (d, E‖x‖² over those rows)."""
     from saecache.train.loader import Loader, open_stores
     from saecache.train.trainer import bos_stores, drop_bos
 
@@ -144,7 +146,10 @@ def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch:
             sq += float(np.square(x, dtype=np.float32).sum())
     loader.close()
     np.save(scratch / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    return x.shape[1], sq / offsets[-1]
+    n = offsets[-1]
+    rows = np.memmap(scratch / "rows.f16", dtype=np.float16, mode="r", shape=(n, x.shape[1]))
+    np.save(scratch / "train_sample.npy", np.asarray(rows[n - min(n, TRAIN_SAMPLE_ROWS):]))
+    return x.shape[1], sq / n
 
 
 def _heldout(store: str, hook: str) -> np.ndarray:
@@ -161,8 +166,11 @@ def _heldout(store: str, hook: str) -> np.ndarray:
 def _metrics(x: np.ndarray, res: dict) -> dict:
     from saecache.train.monitor import fraction_variance_explained
 
-    return {"fve": round(fraction_variance_explained(torch.from_numpy(x), torch.from_numpy(res["x_hat"])), 5),
-            "l0": round(float(np.mean(res["l0"])), 2), "dead_pct": round(100 * float(np.mean(res["counts"] == 0)), 1)}
+    out = {"fve": round(fraction_variance_explained(torch.from_numpy(x), torch.from_numpy(res["x_hat"])), 5),
+           "l0": round(float(np.mean(res["l0"])), 2), "dead_pct": round(100 * float(np.mean(res["counts"] == 0)), 1)}
+    if "train_counts" in res:
+        out["dead_train_pct"] = round(100 * float(np.mean(res["train_counts"] == 0)), 1)
+    return out
 
 
 def candidates(arch: str, ablations: list[str], peers: list[str], relu_coeffs: list[float],
@@ -184,10 +192,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["width"], r["arch"], r["candidate"], r.get("coeff")), []).append(r)
-    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    def mean(rs, key):  # (rows from logs before a metric existed lack it)
+        xs = [r[key] for r in rs if r.get(key) is not None]
+        return sum(xs) / len(xs) if xs else None
+
     return [{"width": w, "arch": a, "candidate": c, "coeff": coeff, "n": len(rs), "fve": mean(rs, "fve"),
              "fve_sd": _sd([r["fve"] for r in rs]), "fve_seeds": [r["fve"] for r in rs], "l0": mean(rs, "l0"),
-             "dead_pct": mean(rs, "dead_pct"), "train_s": mean(rs, "train_s")}
+             "dead_pct": mean(rs, "dead_pct"), "dead_train_pct": mean(rs, "dead_train_pct"),
+             "train_s": mean(rs, "train_s")}
             for (w, a, c, coeff), rs in groups.items()]
 
 
@@ -207,7 +219,10 @@ def targets(summary: list[dict]) -> list[dict]:
                     "best_peer": best["candidate"], "peer_fve": best["fve"], "peer_sd": best["fve_sd"],
                     "margin": s["fve"] - best["fve"], "fve_met": s["fve"] >= best["fve"], "dead_pct": s["dead_pct"],
                     "dl_dead_pct": dl["dead_pct"] if dl else None,
-                    "dead_met": dl["dead_pct"] >= s["dead_pct"] if dl else None})
+                    "dead_met": dl["dead_pct"] >= s["dead_pct"] if dl else None,
+                    "dead_train_pct": s["dead_train_pct"], "dl_dead_train_pct": dl and dl["dead_train_pct"],
+                    "dead_train_met": (dl["dead_train_pct"] >= s["dead_train_pct"]
+                                       if dl and None not in (dl["dead_train_pct"], s["dead_train_pct"]) else None)})
     return out
 
 
@@ -310,10 +325,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if logged is not None:
         args.peers = sorted({r["candidate"] for r in logged if not r["candidate"].startswith("saecache")})
         dl_l1 = sorted({r["coeff"] for r in logged if r["candidate"] == "dl" and r["arch"] == "relu"})
-    if args.peers_python and args.peers and logged is None:
+    if logged is None:
         d, ms = _dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch)
+        x_train = np.load(scratch / "train_sample.npy", mmap_mode="r")
         rms = math.sqrt(ms)
         dl_l1 = args.dl_l1 if args.dl_l1 is not None else [float(f"{c * rms:.4g}") for c in args.dl_l1_rms]
+    if args.peers_python and args.peers and logged is None:
         peers = subprocess.Popen([args.peers_python, str(Path(__file__).with_name("quality_peers.py"))],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                  env={**os.environ, "TQDM_DISABLE": "1"})  # SAELens' fit draws a progress bar
@@ -327,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     result = {"store": args.store, "store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook,
               "d": int(x_held.shape[1]), "tokens": steps * args.batch, "steps": steps, "batch": args.batch,
-              "k": args.k, "heldout_rows": len(x_held), "threads": 1, "loadavg_start": os.getloadavg()[0],
+              "k": args.k, "heldout_rows": len(x_held), "train_sample_rows": None if logged else len(x_train),
+              "threads": 1, "loadavg_start": os.getloadavg()[0],
               "note": args.note, "command": " ".join(sys.argv[1:] if argv is None else argv),
               "relu_coeffs": args.relu_coeffs, "dl_l1": dl_l1, "train_rms": rms,
               "match_l0": args.match_l0 or args.k, "rows": []}
@@ -354,11 +372,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                             run, sec, info = _ours(args.store, args.hook, spec, seed, args.tokens, args.batch,
                                                    ABLATIONS[name], scratch / f"runs-{name}-{arch}-{width}-{seed}")
                             res, row = evaluate(run, x_held), {**row, **info}
+                            res["train_counts"] = evaluate(run, x_train, counts_only=True)["counts"]
                         else:
                             ans = ask({"name": name, "arch": arch, "width": width, "k": args.k, "seed": seed,
                                        "coeff": coeff, "d": result["d"], "batch": args.batch,
                                        "data": str(scratch / "rows.f16"), "offsets": str(scratch / "offsets.npy"),
-                                       "heldout": str(scratch / "heldout.npy"), "result": str(scratch / "peer.npz")})
+                                       "heldout": str(scratch / "heldout.npy"), "result": str(scratch / "peer.npz"),
+                                       "train_sample": str(scratch / "train_sample.npy")})
                             if "error" in ans:
                                 print(f"{name} {arch}: {ans['error']}", file=sys.stderr)
                                 continue
@@ -400,15 +420,20 @@ def markdown(result: dict) -> str:
                 f"machine (not comparable). Rows gathered from the logs of {len(result['from_logs'])} runs of this "
                 f"bench on this store ({result['wall_s']:,.0f} s of training in all): "
                 + ", ".join(f"`{Path(p).name}`" for p in result["from_logs"]) + "."), ""]
+    lines += [f"dead % train: latents that never fire on {result.get('train_sample_rows') or TRAIN_SAMPLE_ROWS:,} "
+              "training rows every trainer trained on (the last ones of the seed-0 order): the dead of sparsify and "
+              "Gao et al. (silent over a stretch of training), where the held-out count (5-6k rows) also takes in "
+              "live latents rarer than one row in several thousand. – where a row's log predates the count.", ""]
     if vers:
         lines += [f"Peers: {vers}.", ""]
-    lines += ["| width | arch | candidate | coeff | FVE | FVE per seed | L0 | dead % | train s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| width | arch | candidate | coeff | FVE | FVE per seed | L0 | dead % | dead % train | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         coeff = "" if s["coeff"] is None else f"{s['coeff']:g}"
+        dead_train = "–" if s.get("dead_train_pct") is None else f"{s['dead_train_pct']:.1f}"
         lines.append(f"| {s['width']} | {s['arch']} | {s['candidate']} | {coeff} | "
                      f"{_pm(s['fve'], s['fve_sd'], s['n'])} | {', '.join(f'{v:.4f}' for v in s['fve_seeds'])} | "
-                     f"{s['l0']:.1f} | {s['dead_pct']:.1f} | {s['train_s']:.0f} |")
+                     f"{s['l0']:.1f} | {s['dead_pct']:.1f} | {dead_train} | {s['train_s']:.0f} |")
     if result["targets"]:
         lines += ["", "Target (issue 12): saecache's default FVE ≥ the best peer's, dead % ≤ dictionary_learning's "
                   "(dl).", ""]
@@ -417,6 +442,9 @@ def markdown(result: dict) -> str:
             for t in ts:
                 dead = ("no dl run" if t["dl_dead_pct"] is None else f"dead {t['dead_pct']:.1f} % vs dl "
                         f"{t['dl_dead_pct']:.1f} %: {'met' if t['dead_met'] else 'NOT met'}")
+                if t.get("dead_train_met") is not None:
+                    dead += (f"; dead on training rows {t['dead_train_pct']:.1f} % vs dl {t['dl_dead_train_pct']:.1f} "
+                             f"%: {'met' if t['dead_train_met'] else 'NOT met'}")
                 lines.append(f"- width {w} {t['arch']}: saecache {t['fve']:.4f} vs best peer {t['best_peer']} "
                              f"{t['peer_fve']:.4f}, margin {t['margin']:+.4f} (seed sd {t['fve_sd']:.4f} / "
                              f"{t['peer_sd']:.4f}): FVE {'met' if t['fve_met'] else 'NOT met'}; {dead}")

@@ -154,17 +154,20 @@ def train(name: str, arch: str, width: int, k: int, seed: int, rows: Rows, batch
     return _sparsify(name, width, k, rows)
 
 
-def evaluate(run, heldout: np.ndarray, chunk: int = 2048) -> dict:
+def evaluate(run, heldout: np.ndarray, chunk: int = 2048, counts_only: bool = False) -> dict:
     """Reconstruction, per-row L0 and per-feature firing counts over the held-out rows (the main process computes
-    the metrics)."""
+    the metrics); `counts_only`: the firing counts alone (over the training-rows sample)."""
     xs, counts, l0 = [], None, []
     with torch.no_grad():
         for i in range(0, len(heldout), chunk):
             x_hat, f = run(torch.from_numpy(np.asarray(heldout[i:i + chunk], dtype=np.float32)))
-            xs.append(x_hat.float().numpy())
             c = (f != 0).sum(0).numpy()
             counts = c if counts is None else counts + c
-            l0.append((f != 0).sum(1).numpy())
+            if not counts_only:
+                xs.append(x_hat.float().numpy())
+                l0.append((f != 0).sum(1).numpy())
+    if counts_only:
+        return {"counts": counts}
     return {"x_hat": np.concatenate(xs), "counts": counts, "l0": np.concatenate(l0)}
 
 
@@ -182,7 +185,11 @@ def worker() -> None:
                 run = train(req["name"], req["arch"], req["width"], req["k"], req["seed"], rows, req["batch"],
                             req.get("coeff"), os.path.dirname(req["result"]))
                 seconds = time.perf_counter() - t0
-                np.savez(req["result"], **evaluate(run, np.load(req["heldout"])))
+                res = evaluate(run, np.load(req["heldout"]))
+                if req.get("train_sample"):  # firing counts over training rows every trainer saw
+                    res["train_counts"] = evaluate(run, np.load(req["train_sample"], mmap_mode="r"),
+                                                   counts_only=True)["counts"]
+                np.savez(req["result"], **res)
                 ans = {"seconds": seconds}
         except Exception as e:  # report, keep serving
             ans = {"error": f"{type(e).__name__}: {e}"}

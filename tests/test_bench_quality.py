@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 
-def _row(width, arch, cand, seed, fve, l0, dead=0.0, coeff=None):
+def _row(width, arch, cand, seed, fve, l0, dead=0.0, coeff=None, dead_train=None):
     r = {"width": width, "arch": arch, "candidate": cand, "seed": seed, "fve": fve, "l0": l0, "dead_pct": dead,
-         "train_s": 1.0}
+         "train_s": 1.0, **({"dead_train_pct": dead_train} if dead_train is not None else {})}
     return {**r, "coeff": coeff} if coeff is not None else r
 
 
@@ -57,22 +57,25 @@ def test_targets_and_markdown():
     rows += [_row(1024, "topk", "saecache-no-decay", s, 0.95, 32) for s in (0, 1)]  # an ablation is no peer
     rows += [_row(1024, "topk", "dl", s, 0.89, 32, dead=2.0) for s in (0, 1)]
     rows += [_row(1024, "topk", "saelens", s, 0.905, 32, dead=0.0) for s in (0, 1)]
-    rows += [_row(1024, "batchtopk", "saecache", s, 0.91, 32, dead=3.0) for s in (0, 1)]
-    rows += [_row(1024, "batchtopk", "dl", s, 0.90, 30, dead=2.0) for s in (0, 1)]
+    rows += [_row(1024, "batchtopk", "saecache", s, 0.91, 32, dead=3.0, dead_train=0.5 + s) for s in (0, 1)]
+    rows += [_row(1024, "batchtopk", "dl", s, 0.90, 30, dead=2.0, dead_train=1.5) for s in (0, 1)]
     summary = summarise(rows)
     (top, btop) = targets(summary)
     assert top["best_peer"] == "saelens" and not top["fve_met"] and top["dead_met"]
     assert top["margin"] == pytest.approx(0.901 - 0.905) and top["fve_sd"] == pytest.approx(0.002 / math.sqrt(2))
     assert btop["best_peer"] == "dl" and btop["fve_met"] and not btop["dead_met"]
+    assert top["dead_train_met"] is None  # (rows without the training-rows count)
+    assert btop["dead_train_pct"] == pytest.approx(1.0) and btop["dead_train_met"]
     result = {"note": "demo", "store": "s", "hook": "mlp_out.1", "d": 128, "store_rows": 1000, "steps": 10,
               "batch": 8, "tokens": 80, "k": 32, "heldout_rows": 10, "loadavg_start": 0.5, "wall_s": 1, "cpu_s": 1,
               "summary": summary, "targets": [top, btop], "relu_coeffs": [0.1], "dl_l1": [0.3],
               "matched_l0": [matched_l0(rows, 1024, 32.0)]}
     md = markdown(result)
     assert "Store: demo." in md and "load average at start 0.5" in md
-    assert "| 1024 | topk | saecache |  | 0.9010 ± 0.0014 | 0.9000, 0.9020 | 32.0 | 1.0 |" in md
+    assert "| 1024 | topk | saecache |  | 0.9010 ± 0.0014 | 0.9000, 0.9020 | 32.0 | 1.0 | – |" in md
     assert "best peer saelens 0.9050, margin -0.0040" in md and "**width 1024: target NOT met**" in md
-    assert "dead 3.0 % vs dl 2.0 %: NOT met" in md and "missing sweep" in md
+    assert "dead 3.0 % vs dl 2.0 %: NOT met; dead on training rows 1.0 % vs dl 1.5 %: met" in md
+    assert "missing sweep" in md and "| 1024 | batchtopk | dl |  | 0.9000 ± 0.0000 | 0.9000, 0.9000 | 30.0 | 2.0 | 1.5 |" in md
 
 
 def test_evaluate_counts_firing_and_l0():
@@ -99,6 +102,9 @@ def test_bench_quality_runs_tiny_without_peers(tiny_store, tmp_path, one_torch_t
     assert r["steps"] == 4 and r["d"] == result["d"] and r["heldout_rows"] > 0
     cands = [(x["arch"], x["candidate"], x.get("coeff")) for x in r["rows"]]
     assert cands == [("topk", "saecache", None), ("relu", "saecache", 0.05), ("relu", "saecache", 0.2)]
+    # dead counted on held-out rows and on a sample of the training rows (all of them here: 4 steps of 256)
+    assert 0 < r["train_sample_rows"] <= 4 * 256 and all(0 <= x["dead_train_pct"] <= 100 for x in r["rows"])
+    assert "dead % train" in (out / "quality.md").read_text()
     assert all(0 < x["l0"] <= 64 and -1 < x["fve"] <= 1 for x in r["rows"])
     assert r["rows"][0]["l0"] == 8.0
     assert r["matched_l0"][0]["note"] == "missing sweep"  # no dl sweep without the peers

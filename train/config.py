@@ -59,7 +59,7 @@ class SAESpec:
     """Sparsity coefficient λ of the penalty; None = the architecture default (for E‖x‖² = 1 inputs)."""
     lr: float | None = None
     """Learning rate of this SAE; None = `TrainConfig.lr`, or when that is None too the architecture family's rule
-    (`default_lr`: 6e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu). A TrainConfig resolves it, and
+    (`default_lr`: 8e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu). A TrainConfig resolves it, and
     cfg.json records the resolved value."""
     decay_start: int | None = None
     """Step from which this SAE's LR decays linearly to 0 at the last step (the run's step count = no decay); None =

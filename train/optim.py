@@ -19,7 +19,7 @@ MAX_DEAD_TOKENS = 10_000_000
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
     """The learning rate of one SAE when none is given: its architecture's (`Architecture.default_lr`: the TopK
-    family 6e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4); an SAE given a k takes the TopK family's."""
+    family 8e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4); an SAE given a k takes the TopK family's."""
     return ARCHITECTURES["topk" if k is not None else arch].default_lr(width)
 
 

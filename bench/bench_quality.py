@@ -53,12 +53,12 @@ from bench.quality_peers import ARCHS as PEER_ARCHS
 from bench.quality_peers import evaluate
 
 def _before(extra: dict | None = None, dead: int = 10_000_000) -> dict:
-    """An ablation on top of the TopK defaults before decay over the last half and the AuxK dead threshold at a
-    hundredth of the run (no decay, dead after 10M rows, i.e. never in 1000 steps), as bench/results/quality_lr.md ran
-    them: their names keep their meaning there."""
+    """An ablation on top of the TopK defaults the study of bench/results/quality_lr.md started from (3x Gao et al.'s
+    rate, no decay, AuxK dead after 10M rows, i.e. never in 1000 steps), so their names keep their meaning there."""
     extra = dict(extra or {})
     options = {"dead_tokens_threshold": dead, **extra.pop("options", {})}
-    return {"decay_start": 1.0, **extra, "options": options}
+    rate = {} if "lr" in extra else {"lr_gao": 3.0}
+    return {"decay_start": 1.0, **rate, **extra, "options": options}
 
 
 ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (fractions of the run where noted)
@@ -72,9 +72,9 @@ ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (f
     "saecache-gao3x": {"lr_gao": 3.0},  # the TopK rate before its last change (4x is the default now)
     "saecache-gao4x-decay-last-80": {"lr_gao": 4.0, "decay_start": 0.2},
     "saecache-gao4x-decay-from-0": {"lr_gao": 4.0, "decay_start": 0.0},
-    # the study of quality_lr.md, on top of the earlier defaults (_before): the TopK family's rate as multiples of
-    # Gao et al.'s fit 2e-4 / sqrt(F / 2^14) (saecache's default was 3x then), decay over the last half, AuxK for latents
-    # silent over 100 / 10 / 4 / 2 steps of 1024 rows and auxk_alpha above its default 1/32
+    # the study of quality_lr.md, on top of the defaults it started from (_before): the TopK family's rate as multiples
+    # of Gao et al.'s fit 2e-4 / sqrt(F / 2^14), decay over the last half, AuxK for latents silent over 100 / 10 / 4 /
+    # 2 steps of 1024 rows and auxk_alpha above its default 1/32
     "saecache-before": _before(),
     "saecache-gao1x": _before({"lr_gao": 1.0}),
     "saecache-gao2x": _before({"lr_gao": 2.0}),

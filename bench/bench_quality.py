@@ -448,7 +448,7 @@ def markdown(result: dict) -> str:
                 lines.append(f"- width {w} {t['arch']}: saecache {t['fve']:.4f} vs best peer {t['best_peer']} "
                              f"{t['peer_fve']:.4f}, margin {t['margin']:+.4f} (seed sd {t['fve_sd']:.4f} / "
                              f"{t['peer_sd']:.4f}): FVE {'met' if t['fve_met'] else 'NOT met'}; {dead}")
-            ok = all(t["fve_met"] and t["dead_met"] is not False for t in ts)
+            ok = all(t["fve_met"] and t["dead_met"] is not False and t.get("dead_train_met") is not False for t in ts)
             lines.append(f"- **width {w}: target {'met' if ok else 'NOT met'}** ({', '.join(t['arch'] for t in ts)})")
     if result["matched_l0"]:
         lines += ["", "ReLU+L1 at matched L0 (FVE interpolated linearly in log L0 between the bracketing coefficients "

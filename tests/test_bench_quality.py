@@ -76,6 +76,17 @@ def test_targets_and_markdown():
     assert "best peer saelens 0.9050, margin -0.0040" in md and "**width 1024: target NOT met**" in md
     assert "dead 3.0 % vs dl 2.0 %: NOT met; dead on training rows 1.0 % vs dl 1.5 %: met" in md
     assert "missing sweep" in md and "| 1024 | batchtopk | dl |  | 0.9000 ± 0.0000 | 0.9000, 0.9000 | 30.0 | 2.0 | 1.5 |" in md
+    # a width is met only when FVE and both dead counts are: here only the training-rows count misses
+    rows = [_row(2048, "topk", "saecache", s, 0.95, 32, dead=1.0, dead_train=0.2) for s in (0, 1)]
+    rows += [_row(2048, "topk", "dl", s, 0.90, 32, dead=2.0, dead_train=0.1) for s in (0, 1)]
+    summary = summarise(rows)
+    md = markdown({**result, "summary": summary, "targets": targets(summary), "matched_l0": []})
+    assert "dead 1.0 % vs dl 2.0 %: met; dead on training rows 0.2 % vs dl 0.1 %: NOT met" in md
+    assert "**width 2048: target NOT met** (topk)" in md
+    md = markdown({**result, "summary": summarise(rows[:2] + [{**r, "dead_train_pct": 0.3} for r in rows[2:]]),
+                   "targets": targets(summarise(rows[:2] + [{**r, "dead_train_pct": 0.3} for r in rows[2:]])),
+                   "matched_l0": []})
+    assert "**width 2048: target met** (topk)" in md
 
 
 def test_evaluate_counts_firing_and_l0():

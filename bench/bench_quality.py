@@ -19,9 +19,11 @@ dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR
   interpolation of FVE against log L0 between the bracketing coefficients; "no crossing" when the ranges do not overlap.
 - Evaluation: the held-out rows of the store (`heldout_batches`, BOS rows left out as in training); each candidate
   returns its reconstruction and per-feature firing counts, and this process computes FVE with saecache's one
-  definition (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on them).
-- Target (issue 12) per width and TopK-family arch: saecache's default FVE ≥ the best peer's, and its dead % ≤
-  dictionary_learning's.
+  definition (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on them);
+  and "dead % train": never fires on the last `TRAIN_SAMPLE_ROWS` of the training rows every trainer saw (the dead
+  of sparsify and Gao et al.; the held-out rows are too few to tell a dead latent from a rare one).
+- Target (issue 12) per width and TopK-family arch: saecache's default FVE ≥ the best peer's, and both its dead %
+  ≤ dictionary_learning's.
 
 Usage: python -m bench.bench_quality [--store saecache-demo/store.zarr] [--hook mlp_out.1] [--peers-python PY]
        [--peers dl sparsify-adam sparsify-signum saelens] [--archs topk batchtopk relu] [--widths 1024]

@@ -1,5 +1,5 @@
 """bench/bench_quality.py (issue 12's quality table): the matched-L0 interpolation and the target lines on made-up
-rows, and the whole benchmark end to end on the tiny store without the peers' environment."""
+rows (bench/quality_report.py), and the whole benchmark end to end on the tiny store without the peers' environment."""
 
 import json
 import math
@@ -15,7 +15,7 @@ def _row(width, arch, cand, seed, fve, l0, dead=0.0, coeff=None, dead_train=None
 
 
 def test_fve_at_l0_interpolates_in_log_l0():
-    from bench.bench_quality import fve_at_l0
+    from bench.quality_report import fve_at_l0
 
     pts = [(64.0, 0.9), (16.0, 0.7), (32.0, 0.8)]
     assert fve_at_l0(pts, 32.0) == pytest.approx(0.8)
@@ -26,7 +26,7 @@ def test_fve_at_l0_interpolates_in_log_l0():
 
 
 def test_matched_l0_crossing_and_no_crossing():
-    from bench.bench_quality import matched_l0
+    from bench.quality_report import matched_l0
 
     rows = []
     for seed in (0, 1):
@@ -51,7 +51,7 @@ def test_matched_l0_crossing_and_no_crossing():
 
 
 def test_targets_and_markdown():
-    from bench.bench_quality import markdown, matched_l0, summarise, targets
+    from bench.quality_report import markdown, matched_l0, summarise, targets
 
     rows = [_row(1024, "topk", "saecache", s, 0.90 + 0.002 * s, 32, dead=1.0) for s in (0, 1)]
     rows += [_row(1024, "topk", "saecache-no-decay", s, 0.95, 32) for s in (0, 1)]  # an ablation is no peer

@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     result = {"store": args.store, "store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook,
               "d": int(x_held.shape[1]), "tokens": steps * args.batch, "steps": steps, "batch": args.batch,
-              "k": args.k, "heldout_rows": len(x_held), "train_sample_rows": TRAIN_SAMPLE_ROWS if logged else len(x_train),
-              "threads": 1, "loadavg_start": os.getloadavg()[0],
+              "k": args.k, "heldout_rows": len(x_held),
+              "train_sample_rows": TRAIN_SAMPLE_ROWS if logged else len(x_train), "threads": 1,
+              "loadavg_start": os.getloadavg()[0],
               "note": args.note, "command": " ".join(sys.argv[1:] if argv is None else argv),
               "relu_coeffs": args.relu_coeffs, "dl_l1": dl_l1, "train_rms": rms,
               "match_l0": args.match_l0 or args.k, "rows": []}

@@ -187,8 +187,9 @@ class TopK(Architecture):
     name, description = "topk", "per-row TopK + AuxK"
     sparse, needs_k, resample = True, True, False
     decay_fraction = 0.5
-    """Decay over the last half: at 3× Gao et al.'s rate it halved the latents that fire on no held-out row at an
-    unchanged held-out FVE; over the last 80 % or the whole run it cost FVE at 4× (bench/results/quality_lr.md)."""
+    """Decay over the last half: at 3× Gao et al.'s rate, with AuxK on latents silent for a hundredth of the run, it
+    halved the latents that fire on no held-out row at an unchanged held-out FVE; over the last 80 % or the whole run
+    it cost FVE at 4× (bench/results/quality_lr.md)."""
 
     def default_lr(self, width: int) -> float:
         """8e-4 / sqrt(F / 2^14) (the whole TopK family): the width scaling Gao et al. (2024, "Scaling and evaluating

@@ -268,9 +268,6 @@ class TrainConfig:
         self._resolve_resample()
         if self.resample_window is not None and self.resample_window < 1:
             raise ConfigError(f"resample_window must be >= 1, got {self.resample_window}")
-        if self.decay_start is not None and not 0 <= self.decay_start <= self.total_steps:
-            raise ConfigError(f"decay_start must be in [0, {self.total_steps}] (the run's steps = no decay), "
-                              f"got {self.decay_start}")
         self._resolve_decay()
         if self.autocast not in AUTOCAST:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
@@ -309,17 +306,19 @@ class TrainConfig:
                                   "(set resample_steps, e.g. --resample-steps 25000)")
         self.saes = [s if s.resample is not None else dataclasses.replace(
             s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
-        both = [s.name for s in self.saes if s.resample]
-        if self.decay_start is not None and self.decay_start < self.total_steps and both:
-            raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
-                              f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
-                              "decay_start")
 
     def _resolve_decay(self) -> None:
         """Replace each spec's `decay_start=None` by the run's, else its architecture's default (after
         `_resolve_resample`: an SAE that resamples does not decay); refuse a decay beyond the run or beside
-        resampling."""
+        resampling (the run's decay_start naming every resampled SAE, a spec's its own)."""
         T, specs = self.total_steps, []
+        if self.decay_start is not None and not 0 <= self.decay_start <= T:
+            raise ConfigError(f"decay_start must be in [0, {T}] (the run's steps = no decay), got {self.decay_start}")
+        both = [s.name for s in self.saes if s.resample]
+        if self.decay_start is not None and self.decay_start < T and both:
+            raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
+                              f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
+                              "decay_start")
         for s in self.saes:
             start = s.decay_start if s.decay_start is not None else self.decay_start
             if start is None:

@@ -12,9 +12,9 @@ import torch
 
 from saecache.errors import ConfigError
 from saecache.train.arch import ARCHITECTURES
+from saecache.train.sae import DEAD_TOKENS_THRESHOLD
 
 MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
-MAX_DEAD_TOKENS = 10_000_000
 
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
@@ -35,7 +35,7 @@ def default_schedule(total_steps: int, batch_size: int) -> dict:
     return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
             "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
             "threshold_start_step": start, "threshold_beta": 1 - 1 / window if window > 1 else 0.0,
-            "dead_tokens_threshold": max(1, min(MAX_DEAD_TOKENS, total_steps * batch_size // 100))}
+            "dead_tokens_threshold": max(1, min(DEAD_TOKENS_THRESHOLD, total_steps * batch_size // 100))}
 
 
 def make_optimizer(sae: torch.nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
@@ -51,10 +51,11 @@ def make_optimizer(sae: torch.nn.Module, lr: float, betas: tuple[float, float] =
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_start: int | None = None,
               resample_steps: int | None = None) -> float:
     """Multiplier of the base LR at 0-based `step`: linear warmup over `warmup_steps` (step 0 already gets 1/warmup),
-    then 1; with `decay_start`, linear decay to 0 at `total_steps`. With `resample_steps`, the warmup restarts after
+    then 1; with `decay_start`, linear decay to 0 at `total_steps` (decay_start = total_steps: none, as a
+    resolved `SAESpec.decay_start` says it). With `resample_steps`, the warmup restarts after
     every resample (at multiples of resample_steps), re-warming the LR for the reinitialised neurons. The trainer
     passes resample_steps only for the SAEs that resample (`SAESpec.resample`); the others get the plain schedule."""
-    if decay_start is not None and resample_steps is not None:
+    if decay_start is not None and decay_start < total_steps and resample_steps is not None:
         raise ConfigError("LR decay and periodic resampling cannot be combined (choose decay_start or resample_steps)")
     if decay_start is not None and not 0 <= decay_start <= total_steps:
         raise ConfigError(f"decay_start must be in [0, total_steps={total_steps}], got {decay_start}")

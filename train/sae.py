@@ -28,6 +28,8 @@ from saecache.train import penalties as P
 from saecache.train.arch import ARCHITECTURES, Architecture, Code  # noqa: F401 (re-exported)
 from saecache.train.sparse_ops import SparseCode, Workspace, centered_linear, sparse_encode
 
+DEAD_TOKENS_THRESHOLD = 10_000_000  # sparsify's AuxK dead threshold; TrainConfig scales it down for shorter runs
+
 # cfg.json written before the fields took SAESpec's names (saecache < 0.2): old name -> new name
 RENAMED_FIELDS = {"architecture": "arch", "n_features": "width", "sparsity_coeff": "coeff"}
 
@@ -57,7 +59,7 @@ class SAEConfig:
     jumprelu 1.0; topk family 0, unused)."""
     auxk_alpha: float = 1 / 32
     """topk family: weight of the AuxK loss."""
-    dead_tokens_threshold: int = 10_000_000
+    dead_tokens_threshold: int = DEAD_TOKENS_THRESHOLD
     """topk family: a latent that has not fired for this many training tokens is dead (for AuxK). A TrainConfig
     resolves it to a hundredth of the run's rows, at most 10M (`optim.default_schedule`)."""
     k_aux: int | None = None

@@ -204,8 +204,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
         torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
-    decay_start = m.spec.decay_start if m.spec.decay_start < total else None  # (resolved: the run's steps = none)
-    factor = lr_factor(step, cfg.warmup_steps, total, decay_start, resample_steps)
+    factor = lr_factor(step, cfg.warmup_steps, total, m.spec.decay_start, resample_steps)
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()

@@ -20,8 +20,9 @@ Every loss is also kept per context, so each % loss recovered comes with a 95 % 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -161,19 +162,34 @@ def _ce_per_context(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: tor
 def _spliced_logits(model, ids, hook_out: HookPoint, reconstruct: Reconstruct, hook_in: HookPoint | None,
                     first_position: int) -> torch.Tensor:
     """Logits with hook_out's tensor replaced by the reconstruction (of the tensor at hook_in for a transcoder)."""
+    with spliced(model, hook_out, reconstruct, hook_in, first_position):
+        return _logits(model, ids)
+
+
+@contextlib.contextmanager
+def spliced(model: torch.nn.Module, hook_out: HookPoint, reconstruct: Reconstruct, hook_in: HookPoint | None = None,
+            first_position: int = 0) -> Iterator[None]:
+    """Within the block, every forward of `model` runs with hook_out's tensor replaced by the reconstruction (of the
+    tensor at hook_in for a transcoder) at positions >= first_position: the splice every loss figure here uses, and
+    `saecache.splice` (the Python API) too."""
     if hook_in is not None and (hook_in.module, hook_in.io) != (hook_out.module, hook_out.io):
         seen: dict[str, torch.Tensor] = {}
 
         def record(t: torch.Tensor) -> torch.Tensor:
-            seen.setdefault("x", t)
+            seen.setdefault("x", t)  # a module called several times in one forward: its first call
             return t
 
-        with patch_output(model, hook_in, record), patch_output(
-            model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
-        ):
-            return _logits(model, ids)
+        fresh = model.register_forward_pre_hook(lambda *_: seen.clear())  # each forward captures anew
+        try:
+            with patch_output(model, hook_in, record), patch_output(
+                model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
+            ):
+                yield
+        finally:
+            fresh.remove()
+        return
     with patch_output(model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, t, t.shape[-1]))):
-        return _logits(model, ids)
+        yield
 
 
 def splice_losses(

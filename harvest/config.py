@@ -7,7 +7,6 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from saecache.errors import ConfigError
-from saecache.harvest.store import CODECS, DTYPES
 
 WORKER_FIELDS = ("worker",)
 RUN_FIELDS = ("encode_workers",)  # how this process runs, not what the store holds: not recorded in the header
@@ -74,6 +73,8 @@ class HarvestConfig:
     """fsspec options for remote stores (endpoint_url, anon, …). Never written to the store."""
 
     def __post_init__(self) -> None:
+        from saecache.harvest.store import CODECS, DTYPES  # not at import: `saecache harvest --help` loads no zarr
+
         if self.ctx_len < 2:
             raise ConfigError(f"--ctx-len must be at least 2, got {self.ctx_len}")
         if self.tokens < 1:

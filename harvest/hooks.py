@@ -13,8 +13,15 @@ Aliases (`i` = block index, negative counts from the end; names are normalised t
 | `mlp_in.i`     | same MLP module                                                | input  | the MLP's input (after its layer norm)|
 | `attn_out.i`   | `.attention` / `.self_attn` / `.attn`                          | output | first element of the attention output |
 | `resid_pre.i`  | block `i`                                                      | input  | residual stream entering block `i`    |
+| `resid_mid.i`  | the MLP's layer norm: `.post_attention_layernorm` / same / `.ln_2` | input | residual stream entering block `i`'s MLP branch, before its norm |
 | `resid_post.i` | block `i`                                                      | output | residual stream leaving block `i`     |
 | `embed`        | block 0                                                        | input  | = `resid_pre.0`                       |
+
+`resid_mid.i` is what circuit-tracer's transcoders read (`hook_resid_mid`): in a sequential-residual block (Llama,
+GPT-2, GPT-NeoX with `use_parallel_residual=False`) it is `resid_pre.i + attn_out.i`; in a parallel-residual GPT-NeoX
+block (Pythia) attention and MLP both read the block's input, so there it equals `resid_pre.i` (both are the input of
+the MLP's layer norm). Gemma2's pre-MLP norm is `pre_feedforward_layernorm`; OLMo2 has none (norms after the MLP), so
+there `resid_mid.i` is the MLP's input, = `mlp_in.i`.
 
 `embed` is defined as **the hidden state block 0 receives**: for GPT-NeoX and Llama that is the token embedding
 (`embed_in` / `embed_tokens`, dropout is identity in eval); for GPT-2 it is `wte(ids) + wpe(positions)` — the token
@@ -66,20 +73,22 @@ class Layout:
     """Attribute of a block holding the attention module."""
     mlp: str
     """Attribute of a block holding the MLP module."""
+    ln_mlp: str = "post_attention_layernorm"
+    """Attribute of a block holding the layer norm before the MLP (its input is `resid_mid`)."""
 
 
 _LLAMA_LIKE = Layout(blocks="model.layers", attn="self_attn", mlp="mlp")
 LAYOUTS: dict[str, Layout] = {
     "gpt_neox": Layout(blocks="gpt_neox.layers", attn="attention", mlp="mlp"),
-    "gpt2": Layout(blocks="transformer.h", attn="attn", mlp="mlp"),
+    "gpt2": Layout(blocks="transformer.h", attn="attn", mlp="mlp", ln_mlp="ln_2"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "gemma2": Layout(blocks="model.layers", attn="self_attn", mlp="mlp", ln_mlp="pre_feedforward_layernorm"),
     "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": Layout(blocks="model.layers", attn="self_attn", mlp="mlp", ln_mlp="mlp"),
 }
 """model_type -> layout. A model whose type is not listed gets the first layout whose modules all exist in it."""
 
@@ -89,6 +98,7 @@ ALIAS_KINDS: dict[str, Callable[[Layout, int], tuple[str, str]]] = {
     "mlp_in": lambda lay, i: (f"{lay.blocks}.{i}.{lay.mlp}", "input"),
     "attn_out": lambda lay, i: (f"{lay.blocks}.{i}.{lay.attn}", "output"),
     "resid_pre": lambda lay, i: (f"{lay.blocks}.{i}", "input"),
+    "resid_mid": lambda lay, i: (f"{lay.blocks}.{i}.{lay.ln_mlp}", "input"),
     "resid_post": lambda lay, i: (f"{lay.blocks}.{i}", "output"),
 }
 BLOCK0_ALIASES: dict[str, Callable[[Layout], tuple[str, str]]] = {"embed": lambda lay: (f"{lay.blocks}.0", "input")}

@@ -202,7 +202,8 @@ def test_order_follows_execution_not_registration():
 
 
 def test_list_aliases(neox):
-    expected = {"embed"} | {f"{k}.{i}" for k in ("mlp_out", "mlp_in", "attn_out", "resid_pre", "resid_post")
+    expected = {"embed"} | {f"{k}.{i}" for k in ("mlp_out", "mlp_in", "attn_out", "resid_pre", "resid_mid",
+                                                                    "resid_post")
                             for i in range(L)}
     assert set(list_aliases(neox)) == expected
     assert {h.name for h in resolve_hooks(neox, list_aliases(neox))} == expected

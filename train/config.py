@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saecache.errors import ConfigError
-from saecache.train.arch import ARCHITECTURES
-from saecache.train.optim import default_lr, default_schedule
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
@@ -77,6 +75,8 @@ class SAESpec:
     """Extra `SAEConfig` fields passed through unchanged (e.g. `{"auxk_alpha": 0.03, "target_l0": 30}`)."""
 
     def __post_init__(self):
+        from saecache.train.arch import ARCHITECTURES  # torch: imported on use, so `train --help` stays light
+
         check_types(dataclasses.asdict(self), SAESpec, "SAE spec")
         needs_k = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].needs_k
         if self.k is None and needs_k and isinstance(self.width, int) and self.width >= 1:
@@ -277,6 +277,9 @@ class TrainConfig:
     def _resolve_schedule(self) -> None:
         """Fill in what was left None with the rules above (an explicit value always wins), so the config, and
         cfg.json, say what ran: each spec's lr, the warm-ups, and each batchtopk spec's threshold_start_step."""
+        from saecache.train.arch import ARCHITECTURES
+        from saecache.train.optim import default_lr, default_schedule
+
         sched = default_schedule(self.total_steps, self.batch_size)
         for name in ("warmup_steps", "sparsity_warmup_steps"):
             if getattr(self, name) is None:
@@ -300,6 +303,8 @@ class TrainConfig:
     def _resolve_resample(self) -> None:
         """Replace each spec's `resample=None` by the architecture default (False without resample_steps), so the
         specs, and the cfg.json records built from them, say which SAEs are resampled."""
+        from saecache.train.arch import ARCHITECTURES
+
         for s in self.saes:
             if s.resample and self.resample_steps is None:
                 raise ConfigError(f"SAE {s.name} has resample=true but the run has no resample_steps "
@@ -311,6 +316,8 @@ class TrainConfig:
         """Replace each spec's `decay_start=None` by the run's, else its architecture's default (after
         `_resolve_resample`: an SAE that resamples does not decay); refuse a decay beyond the run or beside
         resampling (the run's decay_start naming every resampled SAE, a spec's its own)."""
+        from saecache.train.arch import ARCHITECTURES
+
         T, specs = self.total_steps, []
         if self.decay_start is not None and not 0 <= self.decay_start <= T:
             raise ConfigError(f"decay_start must be in [0, {T}] (the run's steps = no decay), got {self.decay_start}")

@@ -128,3 +128,27 @@ class HarvestConfig:
             d.pop(k)
         d["hooks"] = list(d["hooks"])
         return d
+
+
+@dataclass(frozen=True)
+class CopyConfig:
+    """One `saecache copy` run."""
+
+    src: str
+    """Store to copy: a local directory or an fsspec URL (s3://bucket/path, gs://…, hf://…)."""
+    dst: str
+    """Destination: a new location, or an earlier (interrupted) copy of the same store to resume."""
+    hooks: tuple[str, ...] | None = None
+    """Copy only these hooks (a derived store); None copies every hook and keeps the fingerprint."""
+    src_options: dict = field(default_factory=dict)
+    """fsspec options of the source (endpoint_url, anon, profile, …). Never written anywhere."""
+    dst_options: dict = field(default_factory=dict)
+    """fsspec options of the destination. Never written anywhere."""
+    threads: int = 4
+    """Shards copied concurrently (transfers are I/O bound)."""
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be positive, got {self.threads}")
+        if self.hooks is not None and not self.hooks:
+            raise ConfigError("--hooks is empty; name at least one hook or leave it out to copy all")

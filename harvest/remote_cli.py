@@ -7,7 +7,7 @@ import json
 import click
 
 from saecache.harvest.cli import _storage_options
-from saecache.harvest.copy import CopyConfig
+from saecache.harvest.config import CopyConfig
 from saecache.options import config_options
 
 

@@ -41,38 +41,39 @@ class SAESpec:
     """One SAE of the sweep."""
 
     arch: str = "topk"
-    """Architecture name (`saecache.train.arch.ARCHITECTURES`: relu, topk, batchtopk, jumprelu, gated, matryoshka)."""
+    """SAE architecture: relu, topk, batchtopk, jumprelu, gated or matryoshka."""
     width: int = 4096
     """Number of dictionary features F."""
     hook_in: str = ""
     """Store hook the SAE encodes (e.g. `mlp_out.0`)."""
     hook_out: str | None = None
-    """Store hook the SAE reconstructs; None = same as `hook_in` (an SAE). A different hook makes a transcoder."""
+    """Store hook the SAE reconstructs; unset: the hook it encodes (an SAE). A different hook makes a transcoder."""
     k: int | None = None
-    """Active features per row for topk/batchtopk/matryoshka; None = 32 there (as the peers), at most `width`. Only for those
-    architectures."""
+    """Active features per row of topk/batchtopk/matryoshka SAEs; unset: 32 (at most the width), as the peers.
+    Only for those architectures."""
     penalty: str | None = None
-    """Penalty name: relu/gated `l1` or `entropy`, jumprelu `l0`; None = the architecture default."""
+    """Sparsity penalty: `l1` or `entropy` for relu/gated, `l0` for jumprelu; unset: the architecture's default."""
     coeff: float | None = None
-    """Sparsity coefficient λ of the penalty; None = the architecture default (for E‖x‖² = 1 inputs)."""
+    """Sparsity coefficient λ of the penalty; unset: the architecture's default (for E‖x‖² = 1 inputs)."""
     lr: float | None = None
-    """Learning rate of this SAE; None = `TrainConfig.lr`, or when that is None too the architecture family's rule
-    (`default_lr`: 8e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu). A TrainConfig resolves it, and
-    cfg.json records the resolved value."""
+    """Learning rate of this SAE; unset: the run's --lr, or when that is unset too its architecture family's
+    default. The defaults: 8e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu.
+    Resolved before training, and cfg.json records the resolved value."""
     decay_start: int | None = None
-    """Step from which this SAE's LR decays linearly to 0 at the last step (the run's step count = no decay); None =
-    `TrainConfig.decay_start`, or when that is None too the architecture's default (`Architecture.decay_fraction`:
-    the TopK family decays over the last half of the run, relu/gated/jumprelu and every SAE that resamples do not).
-    A TrainConfig resolves it, and cfg.json records the resolved value."""
+    """Step from which this SAE's LR decays linearly to 0 at the last step; unset: the run's --decay-start, or
+    when that is unset too the architecture's default. The run's step count means no decay. By default the TopK
+    family decays over the last half of the run; relu/gated/jumprelu and every SAE that resamples do not.
+    Resolved before training, and cfg.json records the resolved value."""
     resample: bool | None = None
-    """Whether this SAE's dead latents are resampled every `TrainConfig.resample_steps` (its LR then re-warms after
-    each resample). None = the architecture's default: True for relu/gated/jumprelu, False for topk/batchtopk/matryoshka
-    (AuxK handles their dead latents). A TrainConfig resolves it (False when the run has no resample_steps), and cfg.json
-    records the resolved value."""
+    """Resample this SAE's dead latents every --resample-steps (its LR then re-warms after each resample); unset:
+    the architecture's default. On for relu/gated/jumprelu, off for topk/batchtopk/matryoshka (AuxK handles their
+    dead latents). Resolved before training (off when the run has no --resample-steps), and cfg.json records the
+    resolved value."""
     name: str | None = None
-    """Directory name under the run root; None = derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""
+    """Directory name under --out; unset: derived from arch, hook and width (e.g. `topk-mlp_out.0-1024-k16`)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra `SAEConfig` fields passed through unchanged (e.g. `{"auxk_alpha": 0.03, "target_l0": 30}`)."""
+    """Extra SAE settings as a JSON object, passed through unchanged (e.g. `{"auxk_alpha": 0.03, "target_l0":
+    30}`). They are fields of the `sae` record of cfg.json."""
 
     def __post_init__(self):
         from saecache.train.arch import ARCHITECTURES  # torch: imported on use, so `train --help` stays light
@@ -130,7 +131,8 @@ class TrainConfig:
     """One training run over one or more stores; a sweep of SAEs trained from a single read of the data."""
 
     stores: list[str]
-    """Store URLs (local paths or fsspec URLs). Several stores are mixed into one stream; hooks must exist in each."""
+    """Store paths or URLs to train from (local directories or fsspec URLs). Several stores are mixed into one
+    stream; hooks must exist in each."""
     out: str
     """Run root: each SAE writes `<out>/<name>/` (cfg.json, sae.safetensors, metrics.jsonl, checkpoints/)."""
     saes: list[SAESpec]
@@ -138,79 +140,87 @@ class TrainConfig:
     seed: int = 0
     """Seeds SAE initialisation, the data order and resampling. Same store + config + seed → identical weights."""
     seeds: int = 1
-    """Replicas of every SAE, fed the same batches (one read of the data) and differing only in their init seed
-    (which also seeds their resampling draws). With seeds > 1 SAE `name` trains as `name-seed0`, `name-seed1`, ...
-    (`name-seed0` is bit-identical to `name` trained with seeds = 1); evaluate reports mean ± sd across them."""
+    """Replicas of every SAE, differing only in their init seed; evaluate reports mean ± sd across them. They are
+    fed the same batches (one read of the data), and the init seed also seeds their resampling draws. With
+    --seeds > 1 SAE `name` trains as `name-seed0`, `name-seed1`, ... (`name-seed0` is bit-identical to `name`
+    trained with --seeds 1)."""
     batch_size: int = 4096
     """Global batch (rows per optimizer step, summed over DDP ranks)."""
     total_tokens: int | None = None
-    """Training length in rows; rounded up to whole steps. Exactly one of total_tokens / steps is set."""
+    """Training length in rows, rounded up to whole steps (this or --steps is required). Exactly one of --tokens
+    / --steps is set."""
     steps: int | None = None
-    """Training length in optimizer steps (alternative to total_tokens)."""
+    """Training length in optimizer steps, instead of --tokens."""
     lr: float | None = None
-    """Adam learning rate of every SAE (per-SAE override: SAESpec.lr); None = each SAE's architecture-family rule
-    (`default_lr`). The resolved rate is recorded in each SAESpec of cfg.json."""
+    """Adam learning rate of every SAE; unset: each SAE's architecture-family default. The defaults: 8e-4 /
+    sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu. An `lr` in an SAE entry of a
+    --config's `saes` overrides it for that SAE. The resolved rate is recorded in each SAE's spec in cfg.json."""
     warmup_steps: int | None = None
-    """Linear LR warmup from 0 at the start (and again after every resample, for the SAEs that resample); None =
-    a tenth of the run, at most 1000 steps (resolved here, so cfg.json records the value used)."""
+    """Steps of linear LR warmup from 0; unset: a tenth of the run, at most 1000. The warmup restarts after every
+    resample, for the SAEs that resample. The value used is resolved before training, so cfg.json records it."""
     decay_start: int | None = None
-    """Step from which every SAE's LR decays linearly to 0 at the last step (per-SAE override: SAESpec.decay_start;
-    the run's step count = no decay); None = each SAE's architecture default (the TopK family over the last half of
-    the run, the others none). Refused when an SAE of the run resamples (its LR re-warms after each resample)."""
+    """Step from which every SAE's LR decays linearly to 0 at the last step; unset: each architecture's default.
+    By default the TopK family decays over the last half of the run and the others do not; the run's step count
+    means no decay. A `decay_start` in an SAE entry of a --config's `saes` overrides it for that SAE. Refused
+    when an SAE of the run resamples (its LR re-warms after each resample)."""
     sparsity_warmup_steps: int | None = None
-    """Linear warmup of the sparsity penalty's coefficient from 0 to 1; None = a twentieth of the run, at most 2000
-    steps (resolved here). The batchtopk inference threshold's start (`threshold_start_step`, an SAE option) is
-    likewise resolved to a tenth of the run, at most 1000, unless the spec's options set it."""
+    """Steps of linear warmup of the sparsity penalty's coefficient from 0 to 1; unset: a twentieth of the run,
+    at most 2000. Resolved before training, so cfg.json records it. The batchtopk inference threshold's start
+    (`threshold_start_step`, an SAE option) is likewise resolved to a tenth of the run, at most 1000, unless the
+    SAE's options set it."""
     grad_clip: float = 0.02
-    """Clip each SAE's gradient to this global L2 norm before its Adam step (after the decoder gradient's radial part
-    is removed, as dictionary_learning and SAELens order it); 0 = off. In the units the SAE trains in: with `normalize`
-    (the default) inputs have E‖x‖² = 1 and the value is independent of the activations' scale. Why: the gradient norm
-    falls ~40× over the first few hundred steps (the tied init over-reconstructs), and unclipped, Adam's second moment
-    (β2 0.999, a ~1000-step memory) keeps the early gradients' size and shrinks every later step by about as much;
-    clipping caps what it remembers. Measured on the demo store (d=128, F=1024, 1000 steps of 1024 rows): TopK k=32
-    held-out FVE 0.941 → 0.959, ReLU+L1 at L0 32 0.61 → 0.91 (see the README's recipe section)."""
+    """Clip each SAE's gradient to this global L2 norm before its Adam step; 0 = off. The clip applies after the
+    decoder gradient's radial part is removed, as dictionary_learning and SAELens order it. In the units the SAE
+    trains in: with `normalize` (the default) inputs have E‖x‖² = 1 and the value is independent of the
+    activations' scale. Why: the gradient norm falls ~40× over the first few hundred steps (the tied init
+    over-reconstructs), and unclipped, Adam's second moment (β2 0.999, a ~1000-step memory) keeps the early
+    gradients' size and shrinks every later step by about as much; clipping caps what it remembers. Measured on
+    the demo store (d=128, F=1024, 1000 steps of 1024 rows): TopK k=32 held-out FVE 0.941 → 0.959, ReLU+L1 at L0
+    32 0.61 → 0.91 (see docs/recipes.md)."""
     resample_steps: int | None = None
-    """Resample dead features every this many steps (Anthropic's procedure) in the SAEs whose `resample` is true (by
-    default relu/gated/jumprelu, not the topk family); None = never."""
+    """Resample dead features every this many steps; unset: never. Only the SAEs whose `resample` is on are
+    resampled (by default relu/gated/jumprelu, not the TopK family), by Anthropic's procedure."""
     resample_window: int | None = None
-    """A feature is dead when it has not fired for this many steps (counted in rows: steps × batch_size, so with BOS
-    rows left out about 1/ctx_len more steps); None = resample_steps // 2 (also the window of the logged dead
-    fraction; 100 steps when resampling is off)."""
+    """Steps without firing after which a feature counts as dead; unset: half of --resample-steps, else 100.
+    Counted in rows (steps × batch size), so with BOS rows left out it spans about 1/ctx_len more steps. Also the
+    window of the logged dead fraction."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (weights + optimizer + loader + RNG state)."""
     keep_checkpoints: int = 2
     """Checkpoints kept per SAE (older ones are deleted after a newer one is written)."""
     heldout_fraction: float = 0.01
-    """The last this fraction of contexts (by context id) in every store is never trained on; evaluate reads them."""
+    """Fraction of every store's contexts, the last by context id, never trained on; evaluate reads them."""
     allow_incomplete: bool = False
     """Train on the complete shards of a store that is still being harvested."""
     exclude_bos: bool = True
-    """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store harvested
-    with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks; dictionary_learning
-    drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 - 1/ctx_len)."""
+    """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store
+    harvested with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks;
+    dictionary_learning drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 -
+    1/ctx_len)."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
     """Canonical data partitions: fixes the data order independent of DDP ranks; must be a multiple of world size."""
     shuffle_chunks: int = 4
-    """Inner chunks per shuffle window per partition (each batch draws from partitions × shuffle_chunks chunks)."""
+    """Inner chunks per shuffle window per partition; each batch draws from partitions × shuffle_chunks chunks."""
     shuffle_run: int = 128
-    """A window is served in runs of up to this many adjacent stored rows (already shuffled within their shard);
-    capped at a quarter of a partition's share of the batch; 1 = single rows (slower: random rows are latency-bound)."""
+    """Adjacent stored rows served together from a shuffle window (already shuffled within their shard); 1 =
+    single rows. Capped at a quarter of a partition's share of the batch; single rows are slower (random rows are
+    latency-bound)."""
     reader_threads: int = 2
-    """Threads decoding chunks ahead of use. Does not change the batches."""
+    """Threads decoding chunks ahead of use; they do not change the batches."""
     autocast: str = "float32"
     """Autocast dtype of the SAE forward: float32 (off), bfloat16 or float16."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
     log: str = "none"
-    """Extra metrics backend: none, tensorboard or wandb (metrics.jsonl is always written)."""
+    """Extra metrics backend: none, tensorboard or wandb; metrics.jsonl is always written."""
     log_every: int = 10
     """Steps between metric records."""
     wandb_project: str = "saecache"
-    """W&B project when log=wandb."""
+    """W&B project with --log wandb."""
     progress: bool = True
-    """Show a tqdm progress bar (rank 0 only)."""
+    """Show a progress bar (rank 0 only)."""
 
     def __post_init__(self):
         if isinstance(self.stores, (str, os.PathLike)):

@@ -205,7 +205,7 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
             recon = sae.forward
         else:
             kf = keep_F.to(device=device, dtype=torch.float32)
-            recon = lambda x: sae.decode(sae.encode(x) * kf)  # noqa: E731
+            recon = lambda x: sae.decode(sae.encode(x) * kf, x)  # noqa: E731
         return {"row": row, "label": label, "freq": freq, "sae": sae, "contexts": contexts,
                 "reconstruct": lambda x: recon(x.to(device).float())}
 

@@ -12,6 +12,8 @@ evaluation read only these attributes and methods; adding an architecture is one
 - batchtopk:  batch TopK + AuxK (Bussmann et al. 2024); inference keeps f > threshold (EMA of the batch minimum).
 - jumprelu:   JumpReLU + L0 toward target_l0 (Rajamanoharan et al. 2024b); no pre-bias.
 - gated:      Gated SAE + frozen-decoder aux loss (Rajamanoharan et al. 2024a).
+- skip-transcoder: a TopK transcoder plus a learned linear skip term x @ W_skip_DDᵀ from the raw input to the output
+              (sparsify's skip connection; circuit-tracer's `W_skip` layout [D_out, D_in]), initialised to zero.
 - matryoshka: Matryoshka BatchTopK (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka SAEs"):
               BatchTopK whose latents form nested prefixes (`group_sizes`); every prefix reconstructs the target on
               its own and the loss is the sum of the prefix losses. Inference as BatchTopK.
@@ -42,6 +44,7 @@ class Code:
     aux: SparseCode | None = None       # topk family: AuxK codes over dead latents
     pen: Tensor | None = None           # the unweighted penalty computed with the activation (l1, jumprelu's l0)
     count_F: Tensor | None = None       # dense training path: rows in which each feature fired
+    skip_BD: Tensor | None = None       # skip-transcoder: the skip term x @ W_skip_DDᵀ, added to the decode
 
     def dense(self, n_features: int) -> Tensor:
         return self.f_BF if self.f_BF is not None else self.sparse.dense(n_features)
@@ -90,10 +93,12 @@ class Architecture:
 
     def decode(self, sae, code: Code) -> Tensor:
         if code.f_BF is None:
-            return sparse_decode(code.sparse, sae.W_dec_FD) + sae.b_dec_D
-        if torch.is_grad_enabled() and code.count_F is not None:  # the training path: ∂L/∂f into a buffer
-            return DO.DecodeFrom.apply(code.f_BF, sae.W_dec_FD, sae.b_dec_D, sae._workspace, "g")
-        return sae.decode(code.f_BF)
+            out = sparse_decode(code.sparse, sae.W_dec_FD) + sae.b_dec_D
+        elif torch.is_grad_enabled() and code.count_F is not None:  # the training path: ∂L/∂f into a buffer
+            out = DO.DecodeFrom.apply(code.f_BF, sae.W_dec_FD, sae.b_dec_D, sae._workspace, "g")
+        else:
+            out = torch.addmm(sae.b_dec_D, code.f_BF, sae.W_dec_FD)
+        return out if code.skip_BD is None else out + code.skip_BD
 
     def reconstruct(self, sae, code: Code, target_BD: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(x̂_BD, reconstruction loss Σ_D (x̂ − t)² mean over B, extra reconstruction losses or None)."""
@@ -254,6 +259,30 @@ class BatchTopK(TopK):
             sae.threshold.copy_(m if float(sae.threshold) < 0 else beta * sae.threshold + (1 - beta) * m)
 
 
+class SkipTranscoder(TopK):
+    """A TopK transcoder whose output adds a linear map of the raw input, `x @ W_skip_DDᵀ` (W_skip_DD is [D_out,
+    D_in], nn.Linear's and circuit-tracer's layout), learned with the rest and initialised to zero (sparsify's
+    `skip_connection`): the linear part of the MLP costs no latents, which lowers the error at a given L0. Always a
+    transcoder (input centred by b_in_D, b_dec_D an output bias)."""
+    name, description = "skip-transcoder", "TopK transcoder + learned linear skip term W_skip x"
+
+    def resolve(self, cfg, set_):
+        set_("transcoder", True)
+
+    def add_state(self, sae):
+        sae.W_skip_DD = torch.nn.Parameter(torch.zeros(sae.cfg.d_out, sae.cfg.d_in))
+
+    def encode_train(self, sae, x_BD):
+        code = super().encode_train(sae, x_BD)
+        code.skip_BD = sae.skip(x_BD)
+        return code
+
+    def encode(self, sae, x_BD):
+        code = super().encode(sae, x_BD)
+        code.skip_BD = sae.skip(x_BD)
+        return code
+
+
 def default_group_sizes(width: int) -> list[int]:
     """Nested prefixes of width/16, /8, /4, /2 and the whole dictionary (fewer when width is small)."""
     ends = sorted({max(1, width >> s) for s in (4, 3, 2, 1)} | {width})
@@ -291,4 +320,4 @@ class Matryoshka(BatchTopK):
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),
-                                                              Matryoshka())}
+                                                              Matryoshka(), SkipTranscoder())}

@@ -1,6 +1,6 @@
 """The SAE module family: one `SAE` class (weights, dead-latent counters, save/load, scale folding); what differs per
 architecture (activation, penalty and auxiliary loss, inference rule, sparse path) is an object in `arch.py`
-(relu, topk, batchtopk, jumprelu, gated, matryoshka), looked up in `ARCHITECTURES` by `SAEConfig.arch`.
+(relu, topk, batchtopk, jumprelu, gated, matryoshka, skip-transcoder), looked up in `ARCHITECTURES` by `SAEConfig.arch`.
 
 A transcoder (d_out ≠ d_in, or `transcoder=True` for a different target hook of equal width) predicts a target from
 another input. b_dec_D is then an output bias only; the input is centred by a fixed buffer b_in_D (geometric median of
@@ -41,7 +41,7 @@ class SAEConfig:
     one (arch, width, coeff); `from_dict` still reads the old names (architecture, n_features, sparsity_coeff)."""
 
     arch: str
-    """One of ARCHITECTURES: relu, topk, batchtopk, jumprelu, gated, matryoshka."""
+    """One of ARCHITECTURES: relu, topk, batchtopk, jumprelu, gated, matryoshka, skip-transcoder."""
     d_in: int
     """Input width D_in."""
     width: int
@@ -188,13 +188,23 @@ class SAE(nn.Module):
         return sparse_encode(x_BD, self._pre_bias(), self.W_enc_DF, self.b_enc_F, select,
                              self._workspace if train else None)
 
+    def skip(self, x_BD: Tensor) -> Tensor | None:
+        """The skip-transcoder's linear term x @ W_skip_DDᵀ (None for the other architectures)."""
+        W = getattr(self, "W_skip_DD", None)
+        return None if W is None else x_BD @ W.t()
+
     # ---- public API ----
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense post-activation features f_BF, inference behaviour."""
         return self.arch.encode(self, x_BD).dense(self.cfg.width)
 
-    def decode(self, f_BF: Tensor) -> Tensor:
-        return torch.addmm(self.b_dec_D, f_BF, self.W_dec_FD)
+    def decode(self, f_BF: Tensor, x_BD: Tensor | None = None) -> Tensor:
+        """f_BF @ W_dec_FD + b_dec_D; a skip-transcoder adds its skip term of the input `x_BD`, which it needs."""
+        out = torch.addmm(self.b_dec_D, f_BF, self.W_dec_FD)
+        skip = None if x_BD is None else self.skip(x_BD)
+        if skip is None and hasattr(self, "W_skip_DD"):
+            raise ValueError("a skip-transcoder's decode needs the input x_BD (its skip term reads it)")
+        return out if skip is None else out + skip
 
     def forward(self, x_BD: Tensor) -> Tensor:
         """Reconstruction (inference behaviour); equals decode(encode(x)) up to float rounding."""
@@ -257,6 +267,8 @@ class SAE(nn.Module):
             self.b_in_D.mul_(in_scale)
         self.W_dec_FD.mul_(out_scale)
         self.b_dec_D.mul_(out_scale)
+        if hasattr(self, "W_skip_DD"):  # t/out = (x/in) W_skipᵀ  →  t = x (W_skip · out/in)ᵀ
+            self.W_skip_DD.mul_(out_scale / in_scale)
 
     def state_for_save(self) -> dict[str, Tensor]:
         """Parameters and buffers (dead counters included, so a checkpoint resumes exactly), contiguous, on CPU."""

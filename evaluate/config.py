@@ -26,13 +26,13 @@ class EvalConfig:
     n_contexts: int = 64
     """Held-out contexts run through the model for the loss figures (fewer if the store has fewer)."""
     max_rows: int | None = 65536
-    """Cap on the held-out rows read for the reconstruction statistics and firing frequencies; None = all."""
+    """Cap on the held-out rows read for the reconstruction statistics and firing frequencies; `none` = all."""
     batch_size: int = 2048
     """Rows per SAE batch when reading the store."""
     ctx_batch_size: int = 8
     """Contexts per model forward when splicing."""
     model: str | None = None
-    """Model directory or Hub name; None = the one named in the store header (its config hash must match)."""
+    """Model directory or Hub name; unset: the one named in the store header (its config hash must match)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
     histograms: bool = True
@@ -42,17 +42,18 @@ class EvalConfig:
     hist_bins: int = 50
     """Bins of the frequency histograms."""
     html_features: int = 6
-    """Features shown on a static HTML page per SAE (`features-<run>.html`: top-activating contexts with the firing
-    token marked, read from the store); picked evenly along the ranking of the alive features by frequency, most
-    frequent first. 0 = no pages (and no tokenizer needed)."""
+    """Features shown on a static HTML page per SAE (`features-<run>.html`); 0 = no pages (and no tokenizer
+    needed). The page shows each feature's top-activating contexts with the firing token marked, read from the
+    store; the features are picked evenly along the ranking of the alive features by frequency, most frequent
+    first."""
     html_top: int = 8
     """Contexts shown per feature on those pages."""
     html_max_rows: int = 16384
     """Rows scanned (from the start of the store, in storage order) for those contexts."""
     tokenizer: str | None = None
-    """Tokenizer for the HTML pages; None = the one named in the store header, else `model` when that fails."""
+    """Tokenizer for the HTML pages; unset: the one named in the store header, else --model when that fails."""
     threads: int | None = None
-    """torch CPU threads during the evaluation (restored afterwards); None leaves torch's setting. With a small model
+    """torch CPU threads during the evaluation (restored afterwards); unset: torch's setting. With a small model
     on a busy CPU, 1 is often several times faster than more."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the config (e.g. the command line)."""
@@ -85,17 +86,17 @@ class FeaturesConfig:
     run_dir: str
     """The SAE's run directory."""
     store: str
-    """Store to scan (token ids -> text via the store's tokenizer or `tokenizer`)."""
+    """Store to scan (token ids -> text via the store's tokenizer or --tokenizer)."""
     features: list[int]
     """Feature indices to show."""
     top: int = 20
     """Contexts shown per feature."""
     max_rows: int | None = 262144
-    """Rows scanned (from the start of the store, in storage order); None = all."""
+    """Rows scanned (from the start of the store, in storage order); `none` = all."""
     window: int = 16
     """Tokens of context shown before the firing token (4 after)."""
     tokenizer: str | None = None
-    """Tokenizer directory or Hub name; None = the one named in the store header."""
+    """Tokenizer directory or Hub name; unset: the one named in the store header."""
     html: str | None = None
     """Also write a static HTML page with the features to this path."""
     batch_size: int = 2048

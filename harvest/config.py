@@ -24,9 +24,9 @@ class HarvestConfig:
     model_dtype: str = "float32"
     """dtype the model runs in: float32, float16 or bfloat16."""
     device: str = "auto"
-    """auto (CUDA when available), cpu, cuda, cuda:1, …"""
+    """Device the model runs on: auto (CUDA when available), cpu, cuda, cuda:1, …"""
     trust_remote_code: bool = False
-    """Allow model code from the Hub. Off unless asked."""
+    """Allow model code from the Hub (off unless asked)."""
     hooks: tuple[str, ...] = ("mlp_out.3",)
     """Hook points: aliases (mlp_out.i, mlp_in.i, attn_out.i, resid_post.i, embed) or module.path:output|input."""
     dataset: str = "monology/pile-uncopyrighted"
@@ -48,27 +48,29 @@ class HarvestConfig:
     batch_size: int = 32
     """Contexts per forward pass."""
     dtype: str = "float16"
-    """Storage format: float16, bfloat16 (stored as uint16 bits), float32, or a compact quantized format: int8
-    (≈1 byte per value, a float32 scale per row) or nf4 (≈0.5 byte per value). Costs: README "Store formats"."""
+    """Storage format: float16, bfloat16, float32, int8 or nf4. bfloat16 is stored as uint16 bits; int8 (≈1 byte
+    per value, a float32 scale per row) and nf4 (≈0.5 byte per value) are compact quantized formats. Costs:
+    docs/store.md, "Store formats"."""
     codec: str = "blosc-zstd"
     """Compressor inside the sharding codec: blosc-zstd, blosc-lz4, zstd or none."""
     ctx_per_chunk: int | None = None
-    """Contexts per inner chunk (the unit of random reads); default ≈ 4096 rows."""
+    """Contexts per inner chunk (the unit of random reads); unset: about 4096 rows."""
     chunks_per_shard: int = 16
-    """Inner chunks per shard (the unit of writing and resume); default ≈ 65536 rows."""
+    """Inner chunks per shard (the unit of writing and resume); the default makes about 65536 rows."""
     seed: int = 0
     """Seed of the within-shard row permutation."""
     nonfinite: str = "error"
     """NaN/Inf activations: 'error' refuses the shard (nothing published), 'count' stores them and counts them."""
     encode_workers: int | None = None
-    """Threads that encode and write finished shards while the next shard is forwarded (at most this many shards
-    wait, so host memory holds at most encode_workers + 1 shards, the device one more); 0 = write each shard before
-    the next forward.
-    Default: the host's cores less one, 1 to 16. Each thread encodes a large object a few inner chunks ahead on a
-    helper thread, so its checksum and file write overlap the codec. Does not change the store's bytes."""
+    """Threads that encode and write finished shards while the next shard is forwarded; unset: the host's cores
+    less one, 1 to 16; 0 = write each shard before the next forward. At most this many shards wait, so host
+    memory holds at most encode_workers + 1 shards, the device one more. Each thread encodes a large object a few
+    inner chunks ahead on a helper thread, so its checksum and file write overlap the codec. Does not change the
+    store's bytes."""
     worker: str | None = None
-    """'i/N': this process harvests shards s with s % N == i. Default: from RANK/WORLD_SIZE (torchrun) or
-    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0/1."""
+    """This process's share of a harvest run by several processes, 'i/N': the shards s with s % N == i; unset:
+    from the launcher's environment, else 0/1. The environment read: RANK/WORLD_SIZE (torchrun) or
+    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for remote stores (endpoint_url, anon, …). Never written to the store."""
 
@@ -139,7 +141,7 @@ class CopyConfig:
     dst: str
     """Destination: a new location, or an earlier (interrupted) copy of the same store to resume."""
     hooks: tuple[str, ...] | None = None
-    """Copy only these hooks (a derived store); None copies every hook and keeps the fingerprint."""
+    """Copy only these hooks (a derived store); unset: every hook, keeping the fingerprint."""
     src_options: dict = field(default_factory=dict)
     """fsspec options of the source (endpoint_url, anon, profile, …). Never written anywhere."""
     dst_options: dict = field(default_factory=dict)

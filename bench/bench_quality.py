@@ -4,7 +4,7 @@ dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR
 
 - Data: every candidate trains on the same store's training rows (the held-out contexts excluded) for the same number
   of steps at the same batch size. saecache runs its real trainer (`run_training`, every default left unset; it leaves
-  the BOS rows out, `exclude_bos`); the peers read the rows saecache's loader serves its seed-0 run, BOS rows left out
+  the BOS rows out, `train_on_bos` off); the peers read the rows saecache's loader serves its seed-0 run, BOS rows left out
   the same way (written once to a raw fp16 file in the scratch dir, lossless for a float16 store), in the same
   order and the same per-step batches. saecache's seeds 1, 2... also reshuffle its data order; the peers' seeds only
   change their init.
@@ -100,7 +100,7 @@ PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 RELU_COEFFS = (0.1, 0.2, 0.4)
 DL_L1_PER_RMS = (0.05, 0.1, 0.2)  # dictionary_learning's l1_penalty in units of the training rows' RMS norm
 TRAIN_SAMPLE_ROWS = 100_000  # rows every trainer trained on, over which "dead on training rows" is counted
-NO_BOS = SimpleNamespace(exclude_bos=True)  # `bos_stores` reads only this field of a TrainConfig
+NO_BOS = SimpleNamespace(train_on_bos=False)  # `bos_stores` reads only this field of a TrainConfig
 
 
 # ------------------------------------------------------------------------------------------------------------ runs

@@ -39,7 +39,7 @@ def make_header(codec: str, n_shards: int) -> dict:
     from saecache.harvest.run import build_header
 
     cfg = HarvestConfig(out="unused", model="bench", dataset="bench", hooks=("mlp_out.0",), ctx_len=129,
-                        exclude_bos=True, ctx_per_chunk=CHUNK_ROWS // 128, chunks_per_shard=CHUNKS_PER_SHARD,
+                        store_bos=False, ctx_per_chunk=CHUNK_ROWS // 128, chunks_per_shard=CHUNKS_PER_SHARD,
                         tokens=n_shards * CHUNK_ROWS * CHUNKS_PER_SHARD, codec=codec)
     info = {"model": {"name": "bench"}, "tokenizer": {"name": "bench"}}
     hooks = [SimpleNamespace(name="mlp_out.0", module="layers.0.mlp", io="output", d=D)]

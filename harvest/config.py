@@ -11,6 +11,8 @@ from saecache.errors import ConfigError
 WORKER_FIELDS = ("worker",)
 RUN_FIELDS = ("encode_workers",)  # how this process runs, not what the store holds: not recorded in the header
 NONFINITE_POLICIES = ("error", "count")
+RECORDED_AS = {"store_bos": ("exclude_bos", lambda v: not v)}
+"""Fields the store header records under an older name (and value): renaming them must not change a store's bytes."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class HarvestConfig:
     """Tokens per context (the seed used 128)."""
     bos: bool = True
     """Start every context with the BOS token (documents are packed, separated by EOS)."""
-    exclude_bos: bool = False
-    """Keep position 0 (the BOS position) out of the store."""
+    store_bos: bool = True
+    """Store position 0 (the BOS row) of every context; --no-store-bos leaves it out of the store. The store header
+    records this field under its old name, `exclude_bos` (negated), so stores stay byte-identical."""
     tokens: int = 1_000_000
     """Budget of stored rows (token positions); rounded up to whole contexts."""
     batch_size: int = 32
@@ -93,8 +96,9 @@ class HarvestConfig:
             raise ConfigError(f"unknown --nonfinite policy {self.nonfinite!r}; choose error or count")
         if not self.hooks:
             raise ConfigError("no hooks given; pass --hooks, e.g. --hooks mlp_out.3")
-        if self.exclude_bos and not self.bos:
-            raise ConfigError("--exclude-bos needs --bos (position 0 is only a BOS position when contexts start with BOS)")
+        if not self.store_bos and not self.bos:
+            raise ConfigError("--no-store-bos needs --bos (position 0 is only a BOS position when contexts start with "
+                              "BOS)")
         if self.ctx_per_chunk is not None and self.ctx_per_chunk < 1:
             raise ConfigError("--ctx-per-chunk must be positive")
         if self.chunks_per_shard < 1:
@@ -126,6 +130,8 @@ class HarvestConfig:
     def as_recorded(self) -> dict:
         """The config as written into the store header: no worker fields, no storage options (may hold secrets)."""
         d = asdict(self)
+        for name, (key, convert) in RECORDED_AS.items():  # in the field's place: the header's bytes do not change
+            d = {(key if k == name else k): (convert(v) if k == name else v) for k, v in d.items()}
         for k in (*WORKER_FIELDS, *RUN_FIELDS, "storage_options", "out", "device"):
             d.pop(k)
         d["hooks"] = list(d["hooks"])

@@ -35,11 +35,11 @@ from saecache.harvest.writer import StoreWriter, probe_store_dir
 def bos_policy(cfg: HarvestConfig) -> str:
     p = ("documents tokenized without special tokens, each followed by EOS, packed into one stream; "
          + ("each context is BOS + the next ctx_len-1 stream tokens" if cfg.bos else "each context is ctx_len stream tokens"))
-    return p + ("; position 0 (BOS) is not stored" if cfg.exclude_bos else "; every position is stored")
+    return p + ("; every position is stored" if cfg.store_bos else "; position 0 (BOS) is not stored")
 
 
 def build_header(cfg: HarvestConfig, info: dict, hooks: list, n_contexts: int, dataset_fp: str) -> dict:
-    first = 1 if cfg.exclude_bos else 0
+    first = 0 if cfg.store_bos else 1
     rpc = cfg.ctx_len - first
     cpc = cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)
     geom = Geometry(cfg.ctx_len, first, cpc, cfg.chunks_per_shard, n_contexts)
@@ -245,7 +245,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
                           f"use --ctx-len {max_pos} or less")
     hooks = resolve_hooks(model, list(cfg.hooks))
     spec = TextSpec(source=cfg.dataset, text_field=cfg.text_field, split=cfg.split, name=cfg.dataset_name)
-    rpc = cfg.ctx_len - (1 if cfg.exclude_bos else 0)
+    rpc = cfg.ctx_len - (0 if cfg.store_bos else 1)
     per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
     plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard),
                 spec)

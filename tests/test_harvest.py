@@ -226,7 +226,7 @@ def _objects_digest(url) -> str:
 
 
 @pytest.mark.parametrize("name,extra", [("default", {}), ("bf16-lz4-nobos", dict(dtype="bfloat16", codec="blosc-lz4",
-                                                                                 exclude_bos=True, tokens=6000))])
+                                                                                 store_bos=False, tokens=6000))])
 def test_pipelined_stores_are_byte_identical_to_the_serial_writer(tmp_path, tiny_model_dir, tiny_corpus, name, extra,
                                                                   monkeypatch):
     """The pipeline (3 encode workers) and the hand-encoded shard objects write the bytes the serial writer writes

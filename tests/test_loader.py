@@ -22,7 +22,7 @@ HOOKS = ["mlp_in.0", "mlp_out.0", "mlp_out.1"]
 def odd_store(tmp_path_factory, tiny_model_dir, tiny_corpus):
     """fp16 store with BOS kept out (15 rows per context, 60-row chunks) and a partial last shard."""
     return harvest_tiny(tmp_path_factory.mktemp("odd") / "odd.zarr", tiny_model_dir, tiny_corpus, ctx_len=16,
-                        exclude_bos=True, tokens=3000, seed=5)
+                        store_bos=False, tokens=3000, seed=5)
 
 
 @pytest.fixture(scope="module")

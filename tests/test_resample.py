@@ -135,7 +135,7 @@ def test_more_dead_latents_than_rows_and_none_dead():
 def test_training_loop_resamples_at_the_chosen_steps_and_rewarms_the_lr(tiny_store, tmp_path, monkeypatch):
     # resample=true is honoured on a topk SAE (not resampled by default)
     cfg = TrainConfig(stores=[str(tiny_store)], out=str(tmp_path), steps=30, batch_size=128, lr=1e-3, warmup_steps=4,
-                      resample_steps=10, resample_window=2, progress=False, exclude_bos=False,  # full 128-row batches
+                      resample_steps=10, resample_window=2, progress=False, train_on_bos=True,  # full 128-row batches
                       saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2, "resample": True}])
     calls = []
     real = T.resample_dead_

@@ -275,7 +275,7 @@ def test_lr_decay_and_auxk_dead_threshold_defaults_are_resolved_per_sae(tmp_path
 
 def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monkeypatch):
     """tiny_store keeps position 0 (its contexts start with BOS): by default no SAE step sees a BOS row, the batch
-    trains on its other rows, and cfg.json says so; exclude_bos=False trains on every row."""
+    trains on its other rows, and cfg.json says so; train_on_bos=True trains on every row."""
     from saecache.train import trainer
 
     seen, real = [], trainer.train_step
@@ -289,8 +289,8 @@ def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monk
                                                                                      width=64, k=4)]))
     assert len(seen) == 3
     assert all(p is not None and bool((p != 0).all()) and n == len(p) < 256 for p, n in seen)
-    assert rundir.read_cfg(run)["train"]["exclude_bos"] is True
+    assert rundir.read_cfg(run)["train"]["train_on_bos"] is False
     seen.clear()
-    run_training(small_cfg(tiny_store, tmp_path / "b", steps=3, exclude_bos=False,
+    run_training(small_cfg(tiny_store, tmp_path / "b", steps=3, train_on_bos=True,
                            saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4)]))
     assert [n for _, n in seen] == [256] * 3 and all(p is None for p, _ in seen)

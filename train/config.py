@@ -15,6 +15,8 @@ from typing import Any
 from saecache.errors import ConfigError
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
+RENAMED = {"exclude_bos": ("train_on_bos", lambda v: not v if isinstance(v, bool) else v)}
+"""Old field name of a --config file or cfg.json's "train" -> (today's field, the value's conversion)."""
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -34,6 +36,17 @@ def check_types(values: dict, cls, what: str) -> None:
                  for t in parts if t in _SCALARS)
         if not ok:
             raise ConfigError(f"{what} field {name} must be {' or '.join(parts)}, got {value!r}")
+
+
+def upgrade_fields(d: dict) -> dict:
+    """A copy of a --config object or cfg.json's "train" with old field names (`RENAMED`) under today's, converted;
+    where both are given, today's wins."""
+    d = dict(d)
+    for old, (new, convert) in RENAMED.items():
+        if old in d:
+            value = convert(d.pop(old))
+            d.setdefault(new, value)
+    return d
 
 
 @dataclass
@@ -192,11 +205,11 @@ class TrainConfig:
     """Fraction of every store's contexts, the last by context id, never trained on; evaluate reads them."""
     allow_incomplete: bool = False
     """Train on the complete shards of a store that is still being harvested."""
-    exclude_bos: bool = True
-    """Leave the BOS rows out of training: position 0 of every store whose contexts start with BOS (a store
-    harvested with --exclude-bos has none). BOS rows are norm outliers in pretrained LMs (attention sinks;
-    dictionary_learning drops them for Pythia); a batch then trains on its other rows, about batch_size * (1 -
-    1/ctx_len)."""
+    train_on_bos: bool = False
+    """Also train on the BOS rows (position 0 of every store whose contexts start with BOS); off by default. BOS rows
+    are norm outliers in pretrained LMs (attention sinks; dictionary_learning drops them for Pythia); left out, a
+    batch trains on its other rows, about batch_size * (1 - 1/ctx_len). A store harvested with --no-store-bos has no
+    BOS rows. Before this name, cfg.json and --config files said `exclude_bos` (its negation); they still load."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
@@ -382,7 +395,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a JSON object (a --config file or cfg.json's "train"); an optional `format_version` newer than
         this saecache's is refused."""
-        d = dict(d)
+        d = upgrade_fields(d)
         v = d.pop("format_version", CONFIG_FORMAT_VERSION)
         if not isinstance(v, int) or v > CONFIG_FORMAT_VERSION:
             raise ConfigError(f"the config has format_version {v!r}, newer than this saecache reads "
@@ -390,7 +403,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)} (written by a newer saecache? "
+            raise ConfigError(f"unknown training config field(s): {', '.join(unknown)} (written by a newer saecache? "
                               "upgrade it, or remove them)")
         try:
             return cls(**d)

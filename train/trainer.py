@@ -25,7 +25,7 @@ from saecache.errors import DivergedError, RunDirError
 from saecache.harvest.split import RULE as SPLIT_RULE
 from saecache.harvest.split import split_record
 from saecache.train import ddp, rundir
-from saecache.train.config import SAESpec, TrainConfig
+from saecache.train.config import SAESpec, TrainConfig, upgrade_fields
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
 from saecache.train.monitor import Logger, check_backend, step_metrics
 from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
@@ -92,7 +92,7 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
-    a = {k: v for k, v in old["train"].items() if k not in RESUMABLE_CHANGES}
+    a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES}  # today's names
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
@@ -219,9 +219,9 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
 
 
 def bos_stores(cfg: TrainConfig, stores) -> list[int]:
-    """Indices of the stores whose rows include BOS rows to leave out (`TrainConfig.exclude_bos`): position 0 is
-    stored and the store's contexts start with BOS."""
-    if not cfg.exclude_bos:
+    """Indices of the stores whose rows include BOS rows to leave out (unless `TrainConfig.train_on_bos`): position 0
+    is stored and the store's contexts start with BOS."""
+    if cfg.train_on_bos:
         return []
     return [i for i, st in enumerate(stores)
             if st.geometry.first_position == 0 and (st.header.get("config") or {}).get("bos", True)]

@@ -68,6 +68,13 @@ def l2_ratio(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
     return float((y.norm(dim=-1) / x.norm(dim=-1).clamp_min(EPS)).mean())
 
 
+def relative_error_norm(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """||x - x_hat|| / ||x|| over all rows: sqrt(sum_rows ||x - x_hat||^2 / sum_rows ||x||^2) (the size of circuit
+    tracing's "error nodes" relative to the activation; 0 = exact, 1 = as large as predicting zeros)."""
+    x, y = x_BD.double(), x_hat_BD.double()
+    return math.sqrt(float((x - y).pow(2).sum()) / max(float(x.pow(2).sum()), EPS))
+
+
 def relative_reconstruction_bias(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
     """mean ||x_hat||^2 / mean <x, x_hat> (Gated SAE paper, eq. 10): 1 means no systematic shrinkage."""
     x, y = x_BD.double(), x_hat_BD.double()
@@ -215,7 +222,7 @@ class ReconAccumulator:
         self.counts_F += firing_counts(f_BF).cpu()
 
     def result(self) -> dict:
-        """Statistics over every row seen: mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, n_rows."""
+        """Statistics over every row seen: mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, rel_error, n_rows."""
         n = max(self.n, 1)
         var_x = self.x_sq_sum - float(self.x_sum_D.pow(2).sum()) / n if self.x_sum_D is not None else 0.0
         var_e = self.e_sq_sum - float(self.e_sum_D.pow(2).sum()) / n if self.e_sum_D is not None else 0.0
@@ -229,6 +236,7 @@ class ReconAccumulator:
             "cos": self.cos_sum / n,
             "l2_ratio": self.ratio_sum / n,
             "rel_bias": self.hat_sq_sum / self.dot_sum if self.dot_sum else math.nan,
+            "rel_error": math.sqrt(self.e_sq_sum / max(self.x_sq_sum, EPS)),
         }
 
     def frequencies(self) -> torch.Tensor:

@@ -15,6 +15,10 @@ from typing import Any
 from saecache.errors import ConfigError
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
+FLAGS = {"stores": "--store", "total_tokens": "--tokens", "warmup_steps": "--warmup",
+         "sparsity_warmup_steps": "--sparsity-warmup", "heldout_fraction": "--heldout", "hook_in": "--hook",
+         "options": "--sae-options"}
+"""The `saecache train` flag of a field, where it is not the field's name with dashes (messages use the flags)."""
 RENAMED = {"exclude_bos": ("train_on_bos", lambda v: not v if isinstance(v, bool) else v)}
 """Old field name of a --config file or cfg.json's "train" -> (today's field, the value's conversion)."""
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
@@ -35,7 +39,12 @@ def check_types(values: dict, cls, what: str) -> None:
         ok = any(isinstance(value, _SCALARS[t]) and not (t != "bool" and isinstance(value, bool))
                  for t in parts if t in _SCALARS)
         if not ok:
-            raise ConfigError(f"{what} field {name} must be {' or '.join(parts)}, got {value!r}")
+            raise ConfigError(f"{what} field {name} ({flag(name)}) must be {' or '.join(parts)}, got {value!r}")
+
+
+def flag(field_name: str) -> str:
+    """The `saecache train` flag of a TrainConfig or SAESpec field, e.g. `total_tokens` -> `--tokens`."""
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def upgrade_fields(d: dict) -> dict:
@@ -96,17 +105,18 @@ class SAESpec:
         if self.k is None and needs_k and isinstance(self.width, int) and self.width >= 1:
             self.k = min(DEFAULT_K, self.width)
         if not self.hook_in:
-            raise ConfigError("every SAE needs hook_in (the store hook it reads), e.g. --hook mlp_out.0")
+            raise ConfigError("every SAE needs --hook (the store hook it reads; `hook_in` in a --config), e.g. "
+                              "--hook mlp_out.0")
         if not isinstance(self.width, int) or self.width < 1:
-            raise ConfigError(f"width must be a positive integer, got {self.width!r}")
+            raise ConfigError(f"--width must be a positive integer, got {self.width!r}")
         if self.k is not None and not (isinstance(self.k, int) and 1 <= self.k <= self.width):
-            raise ConfigError(f"k must be an integer in [1, width={self.width}], got {self.k!r}")
+            raise ConfigError(f"--k must be an integer in [1, --width {self.width}], got {self.k!r}")
         if self.coeff is not None and not self.coeff >= 0:
-            raise ConfigError(f"coeff must be >= 0, got {self.coeff}")
+            raise ConfigError(f"--coeff must be >= 0, got {self.coeff}")
         if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"an SAE's lr must be > 0, got {self.lr}")
         if self.decay_start is not None and self.decay_start < 0:
-            raise ConfigError(f"decay_start must be >= 0, got {self.decay_start}")
+            raise ConfigError(f"an SAE's decay_start must be >= 0, got {self.decay_start}")
         self._check_against_sae_config()
         if self.name is None:
             hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
@@ -125,7 +135,7 @@ class SAESpec:
         from saecache.train.sae import SAEConfig
 
         if not isinstance(self.options, dict):
-            raise ConfigError(f"options must be a JSON object of SAEConfig fields, got {self.options!r}")
+            raise ConfigError(f"--sae-options must be a JSON object of SAE settings, got {self.options!r}")
         check_types(self.options, SAEConfig, "SAE option")
         fixed = {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
         known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
@@ -261,41 +271,41 @@ class TrainConfig:
         if not self.saes:
             raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
-            raise ConfigError(f"seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
+            raise ConfigError(f"--seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
         names = [name for _, name, _ in self.replicas()]
         if len(set(names)) != len(names):
             raise ConfigError(f"SAE names must be unique, got {names}")
         if (self.total_tokens is None) == (self.steps is None):
-            raise ConfigError("set exactly one of total_tokens (--tokens) and steps (--steps)")
+            raise ConfigError("give exactly one training length: --tokens N or --steps N")
         for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks",
                   "shuffle_run"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
+                raise ConfigError(f"{flag(f)} must be a positive integer, got {getattr(self, f)!r}")
         if (self.steps is not None and self.steps < 1) or (self.total_tokens is not None and self.total_tokens < 1):
             raise ConfigError("the training length must be at least one step")
         if self.batch_size % self.partitions:
-            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of partitions {self.partitions}")
+            raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --partitions {self.partitions}")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+            raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
         if not self.grad_clip >= 0 or self.grad_clip == float("inf"):
-            raise ConfigError(f"grad_clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
+            raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
         self._resolve_schedule()
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
-            raise ConfigError("warmup_steps, sparsity_warmup_steps and reader_threads must be >= 0")
+            raise ConfigError("--warmup, --sparsity-warmup and --reader-threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
-            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+            raise ConfigError(f"--heldout must be in [0, 1), got {self.heldout_fraction}")
         if self.resample_steps is not None and self.resample_steps < 1:
-            raise ConfigError(f"resample_steps must be >= 1, got {self.resample_steps}")
+            raise ConfigError(f"--resample-steps must be >= 1, got {self.resample_steps}")
         self._resolve_resample()
         if self.resample_window is not None and self.resample_window < 1:
-            raise ConfigError(f"resample_window must be >= 1, got {self.resample_window}")
+            raise ConfigError(f"--resample-window must be >= 1, got {self.resample_window}")
         self._resolve_decay()
         if self.autocast not in AUTOCAST:
-            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+            raise ConfigError(f"--autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.log not in LOG_BACKENDS:
-            raise ConfigError(f"log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
+            raise ConfigError(f"--log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
 
     def _resolve_schedule(self) -> None:
         """Fill in what was left None with the rules above (an explicit value always wins), so the config, and
@@ -330,8 +340,8 @@ class TrainConfig:
 
         for s in self.saes:
             if s.resample and self.resample_steps is None:
-                raise ConfigError(f"SAE {s.name} has resample=true but the run has no resample_steps "
-                                  "(set resample_steps, e.g. --resample-steps 25000)")
+                raise ConfigError(f"SAE {s.name} is to be resampled (--resample) but the run has no --resample-steps "
+                                  "(set it, e.g. --resample-steps 25000)")
         self.saes = [s if s.resample is not None else dataclasses.replace(
             s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
 
@@ -343,12 +353,12 @@ class TrainConfig:
 
         T, specs = self.total_steps, []
         if self.decay_start is not None and not 0 <= self.decay_start <= T:
-            raise ConfigError(f"decay_start must be in [0, {T}] (the run's steps = no decay), got {self.decay_start}")
+            raise ConfigError(f"--decay-start must be in [0, {T}] (the run's steps = no decay), got {self.decay_start}")
         both = [s.name for s in self.saes if s.resample]
         if self.decay_start is not None and self.decay_start < T and both:
-            raise ConfigError(f"decay_start cannot be combined with resampling (the LR re-warms after each "
-                              f"resample); resampled SAE(s): {', '.join(both)}; set their resample to false or drop "
-                              "decay_start")
+            raise ConfigError(f"--decay-start cannot be combined with resampling (the LR re-warms after each "
+                              f"resample); resampled SAE(s): {', '.join(both)}; pass --no-resample or drop "
+                              "--decay-start")
         for s in self.saes:
             start = s.decay_start if s.decay_start is not None else self.decay_start
             if start is None:

@@ -13,6 +13,36 @@ RUN_FIELDS = ("encode_workers",)  # how this process runs, not what the store ho
 NONFINITE_POLICIES = ("error", "count")
 RECORDED_AS = {"store_bos": ("exclude_bos", lambda v: not v)}
 """Fields the store header records under an older name (and value): renaming them must not change a store's bytes."""
+_KEY_FLAGS = {  # a store header's (or harvest plan's) key -> the harvest flag that sets it
+    "n_contexts_wanted": "--tokens", "n_contexts": "--tokens", "n_rows": "--tokens", "n_shards": "--tokens",
+    "ctx_len": "--ctx-len", "bos": "--bos", "bos_policy": "--bos/--store-bos", "seed": "--seed",
+    "nonfinite_policy": "--nonfinite", "ctx_per_shard": "--ctx-per-chunk/--chunks-per-shard",
+    "storage.dtype": "--dtype", "storage.codec": "--codec", "storage.rows_per_context": "--store-bos",
+    "storage.first_position": "--store-bos", "storage.ctx_per_chunk": "--ctx-per-chunk",
+    "storage.chunk_rows": "--ctx-per-chunk", "storage.chunks_per_shard": "--chunks-per-shard",
+    "storage.shard_rows": "--chunks-per-shard", "model.revision": "--revision", "model.dtype": "--model-dtype",
+    "model.config_hash": "--model (its config)", "model.architecture": "--model (its architecture)",
+    "dataset.name": "--dataset-name", "dataset.split": "--split", "dataset.text_field": "--text-field",
+    "dataset.fingerprint": "--dataset (its text)", "dataset files": "--dataset (its files)"}
+_PREFIX_FLAGS = {"hooks.": "--hooks", "model.": "--model", "tokenizer.": "--model (its tokenizer)",
+                 "dataset.": "--dataset"}
+
+
+def differing_flags(keys: list[str]) -> list[str]:
+    """The harvest flags behind the store header's or plan's keys that differ from a rerun's (e.g. `config.tokens`
+    or `n_contexts_wanted` -> `--tokens`), once each, in order; a key no flag sets is kept as it is."""
+    recorded = {key: name for name, (key, _) in RECORDED_AS.items()}
+    out: list[str] = []
+    for k in keys:
+        if k in _KEY_FLAGS:
+            f = _KEY_FLAGS[k]
+        elif k.startswith("config."):
+            f = "--" + recorded.get(k.split(".")[1], k.split(".")[1]).replace("_", "-")
+        else:
+            f = next((v for p, v in _PREFIX_FLAGS.items() if k.startswith(p)), k)
+        if f not in out:
+            out.append(f)
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from saecache.errors import DataError, StoreError
+from saecache.harvest.config import differing_flags
 from saecache.harvest.remote import _Location
 from saecache.harvest.writer import _diff_keys, process_is_live
 from saecache.harvest.text import (
@@ -92,8 +93,9 @@ class Plan:
         rec = json.loads(raw)
         diff = _diff_keys(rec.get("key", {}), self.key) or self._same_source(rec)
         if diff:
-            raise StoreError(f"store {self.loc.url} was planned with a different configuration (differs in: plan "
-                             f"{', '.join(diff[:8])}); rerun with the original settings or write to a new --out")
+            raise StoreError(f"store {self.loc.url} was planned with a different configuration (differs in: "
+                             f"{', '.join(differing_flags(diff)[:8])}); rerun with the original settings or write to a "
+                             "new --out")
         return rec
 
     def _same_source(self, rec: dict) -> list[str]:

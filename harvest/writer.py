@@ -21,6 +21,7 @@ import zarr
 
 from saecache import __version__
 from saecache.errors import StoreError
+from saecache.harvest.config import differing_flags
 from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels, row_sums, stats_from_sums
 from saecache.harvest.model import local_dir
 from saecache.harvest.shardwrite import ObjectEncoder, made_ahead, put_parts
@@ -103,7 +104,7 @@ class StoreWriter:
                              "harvest to a new --out")
         if found != self.header:
             near = self.loc.root if self.loc.local else None
-            diff = ", ".join(_diff_keys(_identity(found, near), _identity(self.header, near))[:8])
+            diff = ", ".join(differing_flags(_diff_keys(_identity(found, near), _identity(self.header, near)))[:8])
             if diff:
                 raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: "
                                  f"{diff}); rerun with the original settings or write to a new --out")

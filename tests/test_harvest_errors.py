@@ -168,5 +168,5 @@ def test_same_model_and_text_under_other_paths_is_the_same_store(capsys, tmp_pat
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "layer_norm_eps": 1e-6}))
     code, err = run_main(capsys, base_args(work / "store.zarr", other, work / "assets" / tiny_corpus.name))
-    assert_one_line(code, err, "different configuration", "model.config_hash")
+    assert_one_line(code, err, "different configuration", "--model (its config)")
     assert files() == before

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from saecache.errors import ConfigError
 
+PRUNE_CURVE = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+"""Default pruning-curve thresholds: 1-2-5 steps from a fifth of all tokens down to the seed's dictionaries' range
+(it pruned above 0.038 at an L0 near 40)."""
+
 
 @dataclass
 class EvalConfig:
@@ -23,6 +27,13 @@ class EvalConfig:
     prune_above: float | None = None
     """Also report every statistic again with the features whose held-out firing frequency exceeds this dropped
     (set to zero after encoding); the seed killed features above 0.038."""
+    prune_curve: tuple[float, ...] = PRUNE_CURVE
+    """Firing-frequency thresholds of the pruning curve drawn beside the frontier: each SAE measured again (L0, FVE,
+    % loss recovered; spliced in the same forwards as the SAE) with the features firing more often than each one
+    dropped. Thresholds that drop no feature beyond a higher one's are left out. Empty ('') = no curve."""
+    frontier: bool = True
+    """Draw the sparsity–fidelity frontier (L0 against % loss recovered and FVE, and the pruning curves), one PNG per
+    hook; its numbers go to frontier.json either way."""
     n_contexts: int = 64
     """Held-out contexts run through the model for the loss figures (fewer if the store has fewer)."""
     max_rows: int | None = 65536
@@ -53,8 +64,10 @@ class EvalConfig:
     tokenizer: str | None = None
     """Tokenizer for the HTML pages; unset: the one named in the store header, else --model when that fails."""
     threads: int | None = None
-    """torch CPU threads during the evaluation (restored afterwards); unset: torch's setting. With a small model
-    on a busy CPU, 1 is often several times faster than more."""
+    """torch CPU threads during the evaluation (restored afterwards); unset: saecache's thread policy
+    (`saecache/threads.py`: every core, waiting passively, so a busy machine costs about its fair share)."""
+    progress: bool = True
+    """Show each phase's progress (statistics, splicing, feature pages) with its ETA on stderr."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the config (e.g. the command line)."""
 
@@ -65,6 +78,10 @@ class EvalConfig:
             raise ConfigError("no store given: pass --store (the store the runs were trained on)")
         if self.prune_above is not None and not 0 < self.prune_above <= 1:
             raise ConfigError(f"--prune-above is a firing frequency in (0, 1], got {self.prune_above}")
+        self.prune_curve = tuple(self.prune_curve)
+        bad = [t for t in self.prune_curve if not (isinstance(t, (int, float)) and 0 < t <= 1)]
+        if bad:
+            raise ConfigError(f"--prune-curve takes firing frequencies in (0, 1], comma-separated, got {bad[0]}")
         for name in ("n_contexts", "batch_size", "ctx_batch_size", "hist_bins", "html_top", "html_max_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -165,33 +165,59 @@ def _layer_key(row: dict):
     return (0, int(row["layer"])) if str(row["layer"]).isdigit() else (1, str(row["layer"]))
 
 
-def tables(rows: list[dict]) -> str:
-    """The markdown tables alone: one per set of SAEs (see `_group`; pruned re-measurements apart), one row per layer
-    sorted by layer, the seed's columns first. A Run column is added when a layer appears twice in one table.
-    Replicas of an SAE (`train --seeds N`) show as one row of mean ± sd across seeds (`with_seed_summaries`)."""
-    lines: list[str] = []
+def table_groups(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The tables as (title, header cells, body rows of cells): one per set of SAEs (see `_group`; pruned
+    re-measurements apart), one row per layer sorted by layer, the seed's columns first. A Run column is added when a
+    layer appears twice in one table. Replicas of an SAE (`train --seeds N`) show as one row of mean ± sd across seeds
+    (`with_seed_summaries`)."""
+    out = []
     groups: dict[tuple, list[dict]] = {}
     for r in with_seed_summaries(rows):
         groups.setdefault((_group(r), r.get("pruned", False)), []).append(r)
     for (group, pruned), rs in groups.items():
-        title = f"## {group}" + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
-        lines += [title, ""]
+        title = group + (f" — features firing more often than {rs[0]['prune_above']:g} dropped" if pruned else "")
         repeated = len({str(r["layer"]) for r in rs}) < len(rs)
         cols = ([("Run", "run", str)] if repeated else []) + COLUMNS
         if pruned:
             cols = cols + [("Pruned", "n_pruned", str)]
-        lines.append("| " + " | ".join(c[0] for c in cols) + " |")
-        lines.append("|" + "|".join("---" for _ in cols) + "|")
-        for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"])):
-            lines.append("| " + " | ".join(_cell(r, key, fn) for _, key, fn in cols) + " |")
+        body = [[_cell(r, key, fn) for _, key, fn in cols] for r in sorted(rs, key=lambda r: (_layer_key(r), r["run"]))]
+        out.append((title, [c[0] for c in cols], body))
+    return out
+
+
+def tables(rows: list[dict]) -> str:
+    """The markdown tables alone (`table_groups`), each under a `## ` heading."""
+    lines: list[str] = []
+    for title, head, body in table_groups(rows):
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
         lines.append("")
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], header: dict) -> str:
-    """report.md: provenance, the tables (`tables`), and what every figure means (rows, contexts, BOS policy)."""
+def frontier_markdown(frontier: dict | None) -> list[str]:
+    """report.md's frontier section: a picture per hook (`frontier.py`), the numbers in frontier.json."""
+    pngs = [p for p in (frontier or {}).get("panels", []) if p.get("png")]
+    if not pngs:
+        return []
+    lines = ["## Sparsity–fidelity frontier", "", "L0 (log) against % loss recovered and FVE, one line per "
+             "architecture × width, and beside them each SAE's pruning curve (features above each frequency "
+             "threshold dropped); the numbers are in frontier.json.", ""]
+    return lines + [f"![frontier at {p['hook']}]({p['png']})" for p in pngs] + [""]
+
+
+def markdown(rows: list[dict], header: dict, frontier: dict | None = None) -> str:
+    """report.md: provenance, the tables (`tables`), the frontier's pictures, and what every figure means (rows,
+    contexts, BOS policy)."""
     lines = ["# saecache evaluation", "", f"Store: `{header['store']}` (model `{header['model']}`, fingerprint "
-             f"`{header['fingerprint'][:16]}`).", "", tables(rows)]
+             f"`{header['fingerprint'][:16]}`).", "", tables(rows), *frontier_markdown(frontier)]
+    lines += ["## Definitions", "", notes(rows, header), ""]
+    lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def notes(rows: list[dict], header: dict) -> str:
+    """What the figures are over: rows, contexts, the BOS policy, and the intervals too wide to trust."""
     n = sorted({r["n_rows"] for r in rows})
     ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
     bos = (f"BOS/padding: contexts are fixed-length with no padding, as harvested "
@@ -201,18 +227,20 @@ def markdown(rows: list[dict], header: dict) -> str:
                    "predictions made there not counted."))
     loss = (f"Loss figures over {', '.join(map(str, ctx))} held-out contexts of the store's own token ids. {bos}" if ctx
             else "Loss figures not computed (no splicing).")
-    wide = wide_intervals(rows)
-    if wide:
+    wide, asked = wide_intervals(rows), header.get("n_contexts_asked")
+    if wide and ctx and asked and min(ctx) < asked:  # every context there is was used: --n-contexts cannot help
+        loss += (f" Intervals wider than ±{100 * MAX_HALF_WIDTH:g} points: {'; '.join(wide)}. Too few contexts to "
+                 f"evaluate: --n-contexts {asked} asked, but only {min(ctx)} are held out (training holds out the last "
+                 "ceil(--heldout x contexts) of the store's contexts, --heldout 0.01 by default); harvest more "
+                 "--tokens, or train with a larger --heldout, to narrow them.")
+    elif wide:
         loss += (f" Intervals wider than ±{100 * MAX_HALF_WIDTH:g} points: {'; '.join(wide)}; evaluate more contexts "
-                 "(--n-contexts) to narrow them.")
+                 f"(--n-contexts{f', now {asked}' if asked else ''}) to narrow them.")
     elif ctx:
         loss += f" Every % loss recovered interval is within ±{100 * MAX_HALF_WIDTH:g} points."
-    lines += ["## Definitions", "",
-              f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
-              f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "
-              f"% Alive counts a feature alive when it fires on at least one of them. {loss}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
-    return "\n".join(lines) + "\n"
+    return (f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
+            f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "
+            f"% Alive counts a feature alive when it fires on at least one of them. {loss}")
 
 
 def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -> None:
@@ -243,12 +271,17 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
-def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Write every output into cfg.out; returns {kind: path}."""
+def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
+                 curves: dict[str, list[dict]] | None = None) -> dict[str, str]:
+    """Write every output into cfg.out; returns {kind: path}. `curves`: per run dir, its unpruned row and its
+    pruning-curve rows (`runner.measure_run`), drawn with the frontier (`frontier.py`)."""
+    from saecache.evaluate.frontier import write_frontier
+    from saecache.evaluate.html_report import report_html
+
     os.makedirs(cfg.out, exist_ok=True)
     header = {"store": store.url, "model": store.header["model"].get("name"), "fingerprint": store.fingerprint(),
               "first_position": store.header["storage"]["first_position"], "bos_policy": store.header.get("bos_policy"),
-              "package_version": __version__}
+              "package_version": __version__, "n_contexts_asked": cfg.n_contexts}
     paths = {"config": os.path.join(cfg.out, "eval_config.json"), "json": os.path.join(cfg.out, "report.json"),
              "csv": os.path.join(cfg.out, "report.csv"), "md": os.path.join(cfg.out, "report.md")}
     with open(paths["config"], "w") as f:
@@ -263,12 +296,20 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor]) -
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(clean)
+    frontier = write_frontier(cfg.out, rows, curves, getattr(cfg, "frontier", False))
+    paths["frontier"] = os.path.join(cfg.out, "frontier.json")
     with open(paths["md"], "w") as f:
-        f.write(markdown(rows, header))
+        f.write(markdown(rows, header, frontier))
+    hists = {}
     for label, freq in freqs.items():
         np.save(os.path.join(cfg.out, f"freq-{safe_name(label)}.npy"), freq.double().cpu().numpy(), allow_pickle=False)
         if cfg.histograms:
             p = os.path.join(cfg.out, f"hist-{safe_name(label)}.png")
             histogram_png(freq, p, label, cfg.hist_bins)
-            paths[f"hist:{label}"] = p
+            paths[f"hist:{label}"] = hists[label] = p
+    pages = [p for p in (os.path.join(cfg.out, f"features-{safe_name(r['run'])}.html") for r in rows
+                         if not r.get("pruned")) if getattr(cfg, "html_features", 0) and os.path.isfile(p)]
+    paths["html"] = os.path.join(cfg.out, "report.html")
+    with open(paths["html"], "w") as f:
+        f.write(report_html(header, rows, frontier, hists, pages, notes(rows, header), cfg.out))
     return paths

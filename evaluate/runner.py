@@ -11,9 +11,9 @@ store without held-out contexts is refused. Loss figures use the first `n_contex
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
 from saecache.harvest.hooks import HookPoint
 from saecache.harvest.store import Store
+from saecache.threads import stage_threads
 
 ALL_ROWS = 1.0  # recorded heldout fraction meaning "every context" (`saecache import`)
 
@@ -140,20 +141,36 @@ def layer_of(hook: str) -> str:
 
 @torch.no_grad()
 def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, contexts: tuple[int, int], cfg: EvalConfig,
-                         device, keep_F: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
-    """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies."""
+                         device, keeps_F: list[torch.Tensor | None]) -> list[tuple[dict, torch.Tensor]]:
+    """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies,
+    for the SAE with each mask of `keeps_F` applied after encoding (None: the SAE itself), from one read of the rows
+    and one encoding per batch."""
     from saecache.harvest.split import context_batches
 
-    acc = M.ReconAccumulator(sae.cfg.width)
-    keep = None if keep_F is None else keep_F.to(device=device, dtype=torch.float32)
+    accs = [M.ReconAccumulator(sae.cfg.width) for _ in keeps_F]
+    keeps = [None if k is None else k.to(device=device, dtype=torch.float32) for k in keeps_F]
     for batch in context_batches(store, list(dict.fromkeys((h_in, h_out))), *contexts, batch_size=cfg.batch_size,
                                  max_rows=cfg.max_rows):
-        x = batch[h_in].to(device)
+        x, y = batch[h_in].to(device), batch[h_out].to(device)
         f = sae.encode(x)
-        if keep is not None:
-            f = f * keep
-        acc.update(batch[h_out].to(device), sae.decode(f), f)
-    return acc.result(), acc.frequencies()
+        for acc, keep in zip(accs, keeps):
+            fk = f if keep is None else f * keep
+            acc.update(y, sae.decode(fk, x), fk)
+    return [(acc.result(), acc.frequencies()) for acc in accs]
+
+
+def prune_masks(freq_F: torch.Tensor, thresholds) -> list[tuple[float, torch.Tensor]]:
+    """(threshold, keep mask [F]) of the pruning curve, highest threshold first: the features firing more often
+    than the threshold dropped. A threshold dropping no feature beyond the previous one's is left out (its SAE is
+    the same), so every step drops more features and L0 falls."""
+    out, dropped = [], 0
+    for thr in sorted(set(thresholds), reverse=True):
+        keep_F = (freq_F <= thr).cpu()
+        n = int((~keep_F).sum())
+        if n > dropped:
+            out.append((thr, keep_F))
+            dropped = n
+    return out
 
 
 def splice_contexts(store: Store, contexts: tuple[int, int], n: int) -> torch.Tensor:
@@ -186,34 +203,42 @@ def load_store_model(store: Store, cfg: EvalConfig):
 
 
 def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dict]:
-    """The reconstruction statistics of one run (and of its pruned version when asked): one entry per variant with
-    its report row, label, firing frequencies [F], and what splicing needs (reconstruction fn, hooks, held-out
-    fraction). Loss figures are added by `splice_variants`."""
+    """The reconstruction statistics of one run, of its pruned version (`prune_above`) and of its pruning curve
+    (`prune_curve`): one entry per variant with its row, label, firing frequencies [F], `report` (False for the
+    curve's points, which go to frontier.json only), and what splicing needs (reconstruction fn, hooks, held-out
+    fraction). The pruned variants are measured in one more read of the rows, after the frequencies are known. Loss
+    figures are added by `splice_variants`."""
     sae, rcfg = load_run_checked(run_dir, device)
     h_in, h_out = run_hooks(rcfg)
     contexts, rows_note = heldout_contexts_for(run_dir, rcfg, sae, store)
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
     base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
             "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
+            "coeff": None if sae.cfg.k else sae.cfg.coeff,
             "rows": rows_note, "replica_of": (rcfg.get("replica") or {}).get("of")}
 
-    def variant(keep_F, label):
-        stats, freq = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, keep_F)
+    def variant(stats, freq, keep_F, label, report, **extra):
         row = {**base, **stats, "pruned": keep_F is not None,
-               "n_pruned": 0 if keep_F is None else int((~keep_F).sum())}
+               "n_pruned": 0 if keep_F is None else int((~keep_F).sum()), **extra}
         if keep_F is None:
             recon = sae.forward
         else:
             kf = keep_F.to(device=device, dtype=torch.float32)
             recon = lambda x: sae.decode(sae.encode(x) * kf, x)  # noqa: E731
-        return {"row": row, "label": label, "freq": freq, "sae": sae, "contexts": contexts,
+        return {"row": row, "label": label, "freq": freq, "sae": sae, "contexts": contexts, "report": report,
                 "reconstruct": lambda x: recon(x.to(device).float())}
 
-    out = [variant(None, name)]
+    [(stats, freq)] = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [None])
+    out = [variant(stats, freq, None, name, True)]
+    pruned: list[tuple[torch.Tensor, str, bool, dict]] = []
     if cfg.prune_above is not None:
-        keep_F = (out[0]["freq"] <= cfg.prune_above).cpu()
-        out.append(variant(keep_F, f"{name}-pruned"))
-        out[1]["row"]["prune_above"] = cfg.prune_above
+        pruned.append(((freq <= cfg.prune_above).cpu(), f"{name}-pruned", True, {"prune_above": cfg.prune_above}))
+    for thr, keep_F in prune_masks(freq, cfg.prune_curve):
+        pruned.append((keep_F, f"{name}-prune{thr:g}", False, {"prune_above": thr}))
+    if pruned:
+        measured = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [p[0] for p in pruned])
+        for (keep_F, label, report, extra), (stats, freq_k) in zip(pruned, measured):
+            out.append(variant(stats, freq_k, keep_F, label, report, **extra))
     return out
 
 
@@ -231,8 +256,9 @@ def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) 
         mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
         recons = {i: (v["reconstruct"], hook_point(store, v["row"]["hook_in"]) if v["row"]["hook_in"] != h_out
                       else None) for i, v in enumerate(vs)}
-        res = splice_losses_many(model, ids, hook_point(store, h_out), recons, mean_D, first_position=first,
-                                 batch_size=cfg.ctx_batch_size)
+        with _bar(cfg, f"evaluate {h_out}: splicing", int(ids.shape[0]), "ctx") as bar:
+            res = splice_losses_many(model, ids, hook_point(store, h_out), recons, mean_D, first_position=first,
+                                     batch_size=cfg.ctx_batch_size, on_batch=bar.update)
         for i, v in enumerate(vs):
             v["row"].update(res[i].as_dict())
 
@@ -252,25 +278,22 @@ def write_feature_page(sae, store: Store, hook: str, name: str, freq_F: torch.Te
     return path
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run with `n` torch CPU threads (None: unchanged), restoring the previous count afterwards."""
-    prev = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+def _bar(cfg: EvalConfig, desc: str, total: int, unit: str, items=None):
+    """A tqdm bar on stderr for one phase, with its ETA (`cfg.progress`); iterates `items` when given."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=not cfg.progress, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
     """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows, in run-dir order
     (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
-    n_features, k, rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
+    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
     pruned, n_pruned (+ prune_above), and with splicing ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero,
     recovered_mean (each with its 95 % bootstrap interval over contexts: *_lo, *_hi), kl, n_predictions,
-    n_contexts. `report.tables(rows)` renders the seed-style markdown tables.
+    n_contexts. `report.tables(rows)` renders the seed-style markdown tables. The pruning curves' rows (same keys,
+    `pruned` and `prune_above` set) are not returned: they go to frontier.json with the frontier (`frontier.py`).
 
     Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
     from saecache.evaluate.features import load_tokenizer
@@ -287,19 +310,24 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     tok = load_tokenizer(cfg.tokenizer or recorded_name(store, store.header["tokenizer"]["name"]), cfg.model) \
         if cfg.html_features else None
     done: dict[str, list[dict]] = {}
-    with torch_threads(cfg.threads):
+    with stage_threads(cfg.threads):
         model = load_store_model(store, cfg) if cfg.splice else None
-        for run_dirs in by_hook.values():
-            variants = {run_dir: measure_run(run_dir, store, cfg, device) for run_dir in run_dirs}
+        for h_out, run_dirs in by_hook.items():
+            variants = {run_dir: measure_run(run_dir, store, cfg, device)
+                        for run_dir in _bar(cfg, f"evaluate {h_out}: statistics", len(run_dirs), "SAE", run_dirs)}
             if model is not None:
                 splice_variants([v for vs in variants.values() for v in vs], store, model, cfg)
-            for run_dir, vs in variants.items():
+            for run_dir, vs in (_bar(cfg, f"evaluate {h_out}: feature pages", len(variants), "SAE", variants.items())
+                                if tok is not None else variants.items()):
                 if tok is not None:
                     write_feature_page(vs[0]["sae"], store, vs[0]["row"]["hook_in"], vs[0]["label"], vs[0]["freq"],
                                        cfg, device, tok)
-                done[run_dir] = [{"row": v["row"], "label": v["label"], "freq": v["freq"]} for v in vs]
+                done[run_dir] = [{"row": v["row"], "label": v["label"], "freq": v["freq"], "report": v["report"]}
+                                 for v in vs]
             del variants
         ordered = [v for run_dir in dict.fromkeys(cfg.run_dirs) for v in done[run_dir]]
-        rows = [v["row"] for v in ordered]
-        write_report(cfg, store, rows, {v["label"]: v["freq"] for v in ordered})
+        rows = [v["row"] for v in ordered if v["report"]]
+        curves = {run_dir: [v["row"] for v in done[run_dir] if not v["row"]["pruned"] or not v["report"]]
+                  for run_dir in dict.fromkeys(cfg.run_dirs)}
+        write_report(cfg, store, rows, {v["label"]: v["freq"] for v in ordered if v["report"]}, curves)
     return rows

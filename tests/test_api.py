@@ -21,17 +21,20 @@ RUN_NAME = "topk-mlp_out.1-4096-k32"  # what the README's first-store `saecache 
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_store, tmp_path_factory):
-    """`saecache train`'s default SAE (TopK, 4096 features, k=32) on mlp_out.1 of the tiny store, briefly trained."""
+def run_dirs(tiny_store, tmp_path_factory):
+    """`saecache train`'s default SAE (TopK, 4096 features, k=32) on mlp_out.1 of the tiny store and a ReLU transcoder
+    mlp_in.0 -> mlp_out.0 ("tc0"), briefly trained: {name: run dir}."""
     from saecache.train.config import SAESpec, TrainConfig
     from saecache.train.trainer import run_training
 
     out = tmp_path_factory.mktemp("api_runs")
     cfg = TrainConfig(stores=[str(tiny_store)], out=str(out), steps=20, batch_size=64, warmup_steps=2,
-                      checkpoint_every=1000, progress=False, device="cpu", saes=[SAESpec(hook_in="mlp_out.1")])
-    (d,) = run_training(cfg)
-    assert os.path.basename(d) == RUN_NAME
-    return Path(d)
+                      checkpoint_every=1000, progress=False, device="cpu",
+                      saes=[SAESpec(hook_in="mlp_out.1"),
+                            SAESpec(arch="relu", width=64, hook_in="mlp_in.0", hook_out="mlp_out.0", name="tc0")])
+    dirs = {os.path.basename(d): Path(d) for d in run_training(cfg)}
+    assert set(dirs) == {RUN_NAME, "tc0"}
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +191,122 @@ def test_open_store_on_s3_with_storage_options(s3, tiny_store, tmp_path, monkeyp
         a = collect(remote.batches(["mlp_out.1", "context"], **kw))
         b = collect(local.batches(["mlp_out.1", "context"], **kw))
         assert len(a) == len(b) > 0 and all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+
+
+# ---------------------------------------------------------------------------------------------- load_sae, splice
+
+
+def test_load_sae_is_the_run_dirs_sae(run_dirs, tiny_store):
+    from saecache.evaluate.runner import load_run_checked
+
+    sae = saecache.load_sae(str(run_dirs[RUN_NAME]))
+    ref, cfg = load_run_checked(str(run_dirs[RUN_NAME]))
+    assert isinstance(sae, torch.nn.Module) and not sae.training
+    assert (sae.hook_in, sae.hook_out) == ("mlp_out.1", "mlp_out.1") and sae.run_cfg == cfg
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), ref.state_dict().values()))
+    x_BD = next(saecache.open_store(str(tiny_store)).batches("mlp_out.1", batch_size=128, split="heldout"))
+    f_BF = sae.encode(x_BD)
+    assert f_BF.shape == (96, 4096) and ((f_BF != 0).sum(1) <= 32).all()  # the 3 held-out contexts: 96 rows
+    torch.testing.assert_close(sae(x_BD), sae.decode(f_BF), rtol=1e-4, atol=1e-5)
+    fvu = (sae(x_BD) - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+    assert fvu < 1  # trained: better than the mean
+    tc = saecache.load_sae(str(run_dirs["tc0"]))
+    assert (tc.hook_in, tc.hook_out) == ("mlp_in.0", "mlp_out.0")
+
+
+def test_load_sae_refuses_a_missing_run_dir(tmp_path):
+    with pytest.raises(RunDirError, match="does not exist"):
+        saecache.load_sae(str(tmp_path / "runs" / "nothing"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+
+
+@pytest.mark.parametrize("name,first_position", [(RUN_NAME, 0), (RUN_NAME, 1), ("tc0", 0)])
+def test_splice_equals_evaluates_splice(run_dirs, tiny_store, model, name, first_position):
+    """The CE per context through `saecache.splice` equals what evaluate's `splice_losses` computes for the same
+    contexts (an SAE at two first positions, and a transcoder, whose input `splice` takes from sae.hook_in)."""
+    from saecache.evaluate import metrics as M
+    from saecache.evaluate.runner import hook_point
+    from saecache.evaluate.splice import splice_losses
+    from saecache.harvest.store import Store
+
+    st = Store.open(str(tiny_store))
+    store = saecache.open_store(str(tiny_store))
+    sae = saecache.load_sae(str(run_dirs[name]))
+    ids_CT = store.tokens(240, 246)
+    mean_D = torch.from_numpy(st.stats(sae.hook_out)["mean"]).float()
+    ref = splice_losses(model, ids_CT, hook_point(st, sae.hook_out), sae, mean_D,
+                        hook_in=hook_point(st, sae.hook_in) if sae.hook_in != sae.hook_out else None,
+                        first_position=first_position, batch_size=3)
+    mask = torch.zeros(ids_CT.shape, dtype=torch.bool)
+    mask[:, first_position:] = True
+    with torch.no_grad():
+        clean = model(input_ids=ids_CT).logits
+        with saecache.splice(model, sae.hook_out, sae, first_position=first_position):
+            logits = model(input_ids=ids_CT).logits
+        after = model(input_ids=ids_CT).logits
+    per_context = [M.next_token_ce(logits[c:c + 1], ids_CT[c:c + 1], mask[c:c + 1])[0] for c in range(6)]
+    torch.testing.assert_close(torch.tensor(per_context), torch.tensor(ref.per_context["spliced"]), rtol=1e-6, atol=1e-6)
+    total, count = M.next_token_ce(logits, ids_CT, mask)
+    assert count == ref.n_predictions and abs(total / count - ref.spliced) < 1e-6
+    assert not torch.allclose(logits, clean) and torch.equal(after, clean)  # spliced inside, removed after
+    if first_position:
+        torch.testing.assert_close(logits[:, 0], clean[:, 0])  # the positions before are the model's own
+
+
+def test_splice_with_a_callable_equals_zero_ablation(tiny_store, model):
+    """Any callable [N, D] -> [N, D] splices: zeros give evaluate's zero-ablated CE."""
+    from saecache.evaluate.runner import hook_point
+    from saecache.evaluate.splice import splice_losses
+    from saecache.evaluate import metrics as M
+    from saecache.harvest.store import Store
+
+    st = Store.open(str(tiny_store))
+    ids_CT = saecache.open_store(str(tiny_store)).tokens(0, 4)
+    ref = splice_losses(model, ids_CT, hook_point(st, "mlp_out.0"), lambda x: x, torch.zeros(64))
+    with torch.no_grad(), saecache.splice(model, "mlp_out.0", torch.zeros_like):
+        total, count = M.next_token_ce(model(input_ids=ids_CT).logits, ids_CT)
+    assert abs(total / count - ref.zero) < 1e-6 and abs(ref.zero - ref.clean) > 1e-3
+
+
+def test_splice_refuses_an_unknown_hook(model):
+    from saecache.errors import ModelError
+
+    with pytest.raises(ModelError, match="unknown hook 'mlp_out.9'"):
+        with saecache.splice(model, "mlp_out.9", torch.zeros_like):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------- the docs
+
+
+def docs_blocks(info: str) -> list[str]:
+    """The code blocks of docs/api.md whose fence reads ```<info>, in page order."""
+    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```$", DOCS.read_text(), flags=re.M | re.S)
+
+
+def docs_folder(root: Path, tiny_store, run_dirs, tiny_model_dir) -> Path:
+    """A folder laid out as the page expects: mine.zarr, runs/<the first store's SAE>, saecache-demo/model."""
+    shutil.copytree(tiny_store, root / "mine.zarr")
+    shutil.copytree(run_dirs[RUN_NAME], root / "runs" / RUN_NAME)
+    (root / "saecache-demo").mkdir()
+    (root / "saecache-demo" / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    return root
+
+
+def test_docs_page_runs(tmp_path, monkeypatch, tiny_store, run_dirs, tiny_model_dir, one_torch_thread):
+    """Every ```python block of docs/api.md, in order, in one namespace; the custom loop's loss falls."""
+    blocks = docs_blocks("python")
+    assert len(blocks) >= 6 and any("saecache.splice(" in b for b in blocks)
+    monkeypatch.chdir(docs_folder(tmp_path, tiny_store, run_dirs, tiny_model_dir))
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/api.md block {i + 1}", "exec"), ns)
+    losses = ns["losses"]
+    assert len(losses) == 150 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert ns["spliced"] > ns["clean"] > 0

@@ -177,7 +177,7 @@ def test_store_mismatches_are_refused(tiny_store, bf16_store):
     with pytest.raises(StoreError, match="no hook 'mlp_out.7'"):
         open_stores([str(tiny_store)], ["mlp_out.7"])
     stores = open_stores([str(tiny_store)], ["mlp_out.0"])
-    with pytest.raises(ConfigError, match="multiple of partitions"):
+    with pytest.raises(ConfigError, match="multiple of --partitions"):
         Loader(stores, ["mlp_out.0"], 100, partitions=8)
     with pytest.raises(StoreError, match="too few training rows"):
         Loader(stores, ["mlp_out.0"], 8192, heldout_fraction=0.5)

@@ -71,15 +71,15 @@ def test_incomplete_or_missing_store(capsys, tmp_path, incomplete_store):
     (["--hook", "mlp_out.9"], "no hook 'mlp_out.9'; it has: mlp_in.0, mlp_out.0, mlp_out.1"),
     (["--width", "0"], "width must be a positive integer"),
     (["--width", "-8"], "width must be a positive integer"),
-    (["--k", "0"], "k must be an integer in [1, width=64]"),
-    (["--k", "65"], "k must be an integer in [1, width=64]"),
+    (["--k", "0"], "--k must be an integer in [1, --width 64]"),
+    (["--k", "65"], "--k must be an integer in [1, --width 64]"),
     (["--arch", "relu"], "k is only for topk/batchtopk"),
     (["--arch", "resnet"], "unknown SAE architecture 'resnet'; known: relu, topk, batchtopk, jumprelu, gated"),
     (["--penalty", "l7"], "penalty 'l7' not available for topk"),
     (["--sae-options", "{bad json"], "--sae-options is not valid JSON"),
     (["--sae-options", '{"bogus": 1}'], "unknown SAE option(s) bogus"),
-    (["--heldout", "1.5"], "heldout_fraction must be in [0, 1)"),
-    (["--batch-size", "60"], "must be a multiple of partitions"),
+    (["--heldout", "1.5"], "--heldout must be in [0, 1)"),
+    (["--batch-size", "60"], "must be a multiple of --partitions"),
     (["--batch-size", "8192", "--heldout", "0.5"], "too few training rows"),
     (["--steps", "0"], "at least one step"),
     (["--lr", "-1"], "lr must be > 0"),
@@ -122,7 +122,7 @@ def test_dimension_or_config_mismatch_on_resume_leaves_the_run_untouched(capsys,
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, width=128), match="differs in width")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, hook_in="mlp_in.0", hook_out="mlp_out.1"),
            match="differs in transcoder")
-    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--steps", "5", match="differs in steps")
+    _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--steps", "5", match="differs in --steps")
     # a copy of the store elsewhere is the same data (same fingerprint): accepted; changed data is refused
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
@@ -262,7 +262,7 @@ def test_run_dir_from_before_per_sae_resampling_and_runs_is_refused(capsys, tiny
     (run / "sae.safetensors").unlink()
     shutil.rmtree(run / "checkpoints" / "step-000000004")
     before = _tree(tmp_path / "out")
-    _fails(capsys, *argv, match="was started with a different config (differs in saes, shuffle_run)")
+    _fails(capsys, *argv, match="was started with a different config (differs in saes, --shuffle-run)")
     assert _tree(tmp_path / "out") == before
 
 

@@ -5,7 +5,7 @@ docstring and default. Repeated `--hook`, `--width`, `--k` and `--coeff` flags m
 trained from one read of the data; the other SAE flags (`--arch`, `--penalty`, `--resample/--no-resample`, ...)
 apply to every SAE of it. Without `--hook`, a store with a single hook trains on that hook. `--config sweep.json`
 holds TrainConfig fields (with `saes` as a list of SAESpec dicts); flags given on the command line override the
-file's top-level fields.
+file's top-level fields. Every flag's whole documentation: docs/flags.md.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import click
 
 from saecache.errors import ConfigError
 from saecache.options import config_options
-from saecache.train.config import AUTOCAST, LOG_BACKENDS, SAESpec, TrainConfig
+from saecache.train.config import AUTOCAST, LOG_BACKENDS, SAESpec, TrainConfig, flag
 
 SWEEP = ("hook_in", "width", "k", "coeff")  # repeatable SAE flags: the sweep is their product
 SAE_FLAGS = (*SWEEP, "hook_out", "arch", "penalty", "resample", "options")
-_FLAG = {"hook_in": "--hook", "options": "--sae-options"}
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "saes")
 
 
@@ -59,7 +58,8 @@ def build_config(opts: dict) -> TrainConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read --config {opts['config']}: {e}")
         if not isinstance(base, dict):
-            raise ConfigError(f"--config {opts['config']} must hold a JSON object of TrainConfig fields")
+            raise ConfigError(f"--config {opts['config']} must hold a JSON object of training settings (the flags' "
+                              "names with underscores, e.g. batch_size; `saes`: a list of SAE objects)")
     for name in RUN_FIELDS:  # flags given on the command line override the file
         v = opts.get(name)
         if v is not None and v != ():
@@ -69,8 +69,7 @@ def build_config(opts: dict) -> TrainConfig:
             raise ConfigError(f"missing {flag}")
     sae = {k: opts[k] for k in SAE_FLAGS if opts.get(k) not in (None, ())}
     if base.get("saes") and sae:
-        given = ["--resample/--no-resample" if k == "resample" else _FLAG.get(k, "--" + k.replace("_", "-"))
-                 for k in sae]
+        given = ["--resample/--no-resample" if k == "resample" else flag(k) for k in sae]
         raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SAEs given with --hook; "
                           "with a --config that has `saes`, set it in each entry of `saes`")
     if base.get("total_tokens") is None and base.get("steps") is None:
@@ -89,11 +88,15 @@ def build_config(opts: dict) -> TrainConfig:
                          "sparsity_warmup_steps": ("--sparsity-warmup",), "heldout_fraction": ("--heldout",)},
                 types={"autocast": click.Choice(AUTOCAST), "log": click.Choice(LOG_BACKENDS)})
 @click.option("--config", "config", type=click.Path(dir_okay=False),
-              help="JSON file of TrainConfig fields (`saes`: a list of SAE specs); flags given here override it.")
+              help="JSON file of training settings, the flags' names with underscores (`saes`: a list of SAEs); "
+                   "flags given here override it.")
 @config_options(SAESpec, only=SAE_FLAGS, defaults=False, multiple=SWEEP, flags={"options": "--sae-options"},
                 aliases={"hook_in": ("--hook",)}, types={"options": _Json()})
 def train(**opts) -> None:
-    """Train one or more SAEs from a store in one read of the data; rerun the same command to resume."""
+    """Train one or more SAEs from a store in one read of the data; rerun the same command to resume.
+
+    A --config file may give any flag, the required ones included. Each flag's whole documentation: docs/flags.md.
+    """
     cfg = build_config(opts)
     from saecache.train import ddp
     from saecache.train.trainer import run_training

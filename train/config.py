@@ -39,7 +39,7 @@ def check_types(values: dict, cls, what: str) -> None:
         ok = any(isinstance(value, _SCALARS[t]) and not (t != "bool" and isinstance(value, bool))
                  for t in parts if t in _SCALARS)
         if not ok:
-            raise ConfigError(f"{what} field {name} ({flag(name)}) must be {' or '.join(parts)}, got {value!r}")
+            raise ConfigError(f"{what} field {name} must be {' or '.join(parts)}, got {value!r}")
 
 
 def flag(field_name: str) -> str:

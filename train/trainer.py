@@ -25,7 +25,7 @@ from saecache.errors import DivergedError, RunDirError
 from saecache.harvest.split import RULE as SPLIT_RULE
 from saecache.harvest.split import split_record
 from saecache.train import ddp, rundir
-from saecache.train.config import SAESpec, TrainConfig, upgrade_fields
+from saecache.train.config import SAESpec, TrainConfig, flag, upgrade_fields
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
 from saecache.train.monitor import Logger, check_backend, step_metrics
 from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
@@ -94,7 +94,7 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     old = rundir.read_cfg(run_dir)
     a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES}  # today's names
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = [k if k == "saes" else flag(k) for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))]
     old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
     if old_sae != record["sae"]:  # run settings first: the run's length also resolves SAE fields (dead threshold)
         diff = [k for k in diff if k != "saes"] + [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]

@@ -112,18 +112,19 @@ class DemoConfig:
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+            raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.model not in MODELS:
-            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         self.widths, self.hooks, self.archs = tuple(self.widths), tuple(self.hooks), tuple(self.archs)
         if not self.archs or set(self.archs) - {"relu", "topk"}:
-            raise ConfigError(f"archs must be a non-empty subset of relu, topk; got {self.archs}")
+            raise ConfigError(f"--archs must be a non-empty subset of relu, topk; got {','.join(self.archs)}")
         for name in ("corpus_bytes", "layers", "hidden", "ctx_len", "harvest_tokens", "k", "train_tokens",
                      "batch_size", "eval_contexts", "resample_steps", "seeds"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.widths or min(self.widths) < self.k:
-            raise ConfigError(f"widths {self.widths} must be non-empty and each at least k={self.k}")
+            raise ConfigError(f"--widths {','.join(map(str, self.widths))} must be non-empty and each at least --k "
+                              f"{self.k}")
 
 
     @classmethod

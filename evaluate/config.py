@@ -84,13 +84,13 @@ class EvalConfig:
             raise ConfigError(f"--prune-curve takes firing frequencies in (0, 1], comma-separated, got {bad[0]}")
         for name in ("n_contexts", "batch_size", "ctx_batch_size", "hist_bins", "html_top", "html_max_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError(f"max_rows must be a positive integer or None, got {self.max_rows}")
+            raise ConfigError(f"--max-rows must be a positive integer or none (all rows), got {self.max_rows}")
         if not isinstance(self.html_features, int) or self.html_features < 0:
-            raise ConfigError(f"html_features must be an integer >= 0, got {self.html_features!r}")
+            raise ConfigError(f"--html-features must be an integer >= 0, got {self.html_features!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
+            raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,9 +127,9 @@ class FeaturesConfig:
         if any(f < 0 for f in self.features):
             raise ConfigError(f"feature indices must be >= 0, got {self.features}")
         if self.top < 1 or self.window < 0 or self.batch_size < 1:
-            raise ConfigError("--top and batch size must be >= 1 and --window >= 0")
+            raise ConfigError("--top and --batch-size must be >= 1 and --window >= 0")
         if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError(f"max_rows must be a positive integer or None, got {self.max_rows}")
+            raise ConfigError(f"--max-rows must be a positive integer or none (all rows), got {self.max_rows}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

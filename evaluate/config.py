@@ -20,13 +20,14 @@ class EvalConfig:
     run_dirs: list[str]
     """Run directories (cfg.json + sae.safetensors), trained by `saecache train` or made by `saecache import`."""
     store: str
-    """Store URL: the store the runs were trained on (its held-out contexts are used) or another store of the same
-    model and hooks (then every row of it is used, since none of it was trained on)."""
+    """Store URL: the store the runs were trained on, or another store of the same model and hooks. Of the store
+    the runs were trained on, its held-out contexts are used; of another store, every row (none of it was trained
+    on)."""
     out: str = "eval"
     """Output directory: report.md/.json/.csv, one histogram PNG per SAE, eval_config.json."""
     prune_above: float | None = None
-    """Also report every statistic again with the features whose held-out firing frequency exceeds this dropped
-    (set to zero after encoding); the seed killed features above 0.038."""
+    """Also report every statistic with the features firing more often than this (held-out frequency) dropped.
+    Dropped means set to zero after encoding; the seed killed features above 0.038."""
     prune_curve: tuple[float, ...] = PRUNE_CURVE
     """Firing-frequency thresholds of the pruning curve drawn beside the frontier: each SAE measured again (L0, FVE,
     % loss recovered; spliced in the same forwards as the SAE) with the features firing more often than each one

@@ -96,13 +96,13 @@ class HarvestConfig:
     """NaN/Inf activations: 'error' refuses the shard (nothing published), 'count' stores them and counts them."""
     encode_workers: int | None = None
     """Threads that encode and write finished shards while the next shard is forwarded; unset: the host's cores
-    less one, 1 to 16; 0 = write each shard before the next forward. At most this many shards wait, so host
+    less one, 1 to 16. 0 = write each shard before the next forward. At most this many shards wait, so host
     memory holds at most encode_workers + 1 shards, the device one more. Each thread encodes a large object a few
     inner chunks ahead on a helper thread, so its checksum and file write overlap the codec. Does not change the
     store's bytes."""
     worker: str | None = None
-    """This process's share of a harvest run by several processes, 'i/N': the shards s with s % N == i; unset:
-    from the launcher's environment, else 0/1. The environment read: RANK/WORLD_SIZE (torchrun) or
+    """This process's share of a harvest run by several processes, 'i/N': the shards s with s % N == i. Unset:
+    from the launcher's environment, else 0/1; the environment read is RANK/WORLD_SIZE (torchrun) or
     SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for remote stores (endpoint_url, anon, …). Never written to the store."""

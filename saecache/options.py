@@ -47,7 +47,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)\.(?=\s+[A-Z(`'\"]|\s*$)")
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)\.(?=\s|$)")  # a period, then space or end
 
 
 def help_line(doc: str) -> str:

@@ -22,7 +22,7 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-spac
 th { background: #f2f4f7; } td:first-child, th:first-child { text-align: left; }
 img { display: block; max-width: 100%; height: auto; border: 1px solid #eee; }
 .hists { display: flex; flex-wrap: wrap; gap: 12px; } .hists figure { margin: 0; width: 460px; }
-figcaption { font-size: 12px; color: #555; } code { background: #f4f4f4; padding: 0 3px; }
+.scroll { overflow-x: auto; } figcaption { font-size: 12px; color: #555; } code { background: #f4f4f4; padding: 0 3px; }
 """
 
 
@@ -38,8 +38,8 @@ def data_uri(path: str) -> str:
 
 def table(head: list[str], body: list[list[str]]) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>\n" for cells in body)
-    return "<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + f"</tr></thead><tbody>\n{rows}" \
-        "</tbody></table>\n"
+    return "<div class=\"scroll\"><table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + \
+        f"</tr></thead><tbody>\n{rows}</tbody></table></div>\n"
 
 
 def _pct(q: dict, key: str = "recovered_zero") -> str:

@@ -64,13 +64,22 @@ def import_cmd(src, out, hook, hook_out, store, name, fmt):
 
 
 @click.command("export")
-@click.argument("run_dir")
-@click.option("--to", "to", type=click.Choice(["saelens", "dictionary_learning"]), required=True)
-@click.option("--out", required=True, help="Directory to write (cfg.json + sae_weights.safetensors, or ae.pt + "
-                                            "config.json).")
-def export_cmd(run_dir, to, out):
-    """Export the SAE in RUN_DIR to SAELens or dictionary_learning format."""
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--to", "to", type=click.Choice(["saelens", "dictionary_learning", "circuit-tracer"]), required=True)
+@click.option("--out", required=True, help="Directory to write (cfg.json + sae_weights.safetensors, ae.pt + "
+                                            "config.json, or circuit-tracer's config.yaml + layer_{i}.safetensors).")
+def export_cmd(run_dirs, to, out):
+    """Export the SAE in RUN_DIR to SAELens or dictionary_learning format, or a per-layer transcoder set (one run dir
+    per layer, 0..n-1) to circuit-tracer's."""
+    if to == "circuit-tracer":
+        from saecache.evaluate.circuit_tracer import export_transcoder_set
+
+        export_transcoder_set(list(run_dirs), out)
+        click.echo(f"exported {len(run_dirs)} transcoder(s) -> {out} (circuit-tracer transcoder_set)")
+        return
     from saecache.evaluate.convert import export_run
 
-    export_run(run_dir, to, out)
-    click.echo(f"exported {run_dir} -> {out} ({to})")
+    if len(run_dirs) != 1:
+        raise click.UsageError(f"--to {to} exports one run dir, got {len(run_dirs)}")
+    export_run(run_dirs[0], to, out)
+    click.echo(f"exported {run_dirs[0]} -> {out} ({to})")

@@ -25,7 +25,10 @@ The pre-bias: every class above except JumpReluAutoEncoder (and AutoEncoderNew) 
 encoder bias is rewritten so the map is unchanged: `b_enc' = b_enc + (a' - a) * b_dec @ W_enc` (a = 1 when b_dec is
 subtracted). SAELens records its choice as `apply_b_dec_to_input`, so SAELens exports keep ours.
 
-Refused, with a message: transcoders (both libraries' classes reconstruct their own input: one width, one bias),
+Transcoders go to SAELens 6's `transcoder` / `jumprelu_transcoder` (`transcoder_threshold_form`: the input centre
+folded into b_enc) and to circuit-tracer (`circuit_tracer.py`). Refused, with a message: transcoders to
+dictionary_learning (its classes reconstruct their own input: one width, one bias), TopK and gated transcoders
+anywhere (no ReLU/JumpReLU form),
 batchtopk without a recorded inference threshold, dictionary_learning classes not listed above.
 """
 
@@ -215,6 +218,35 @@ def _batchtopk_threshold(w: DictWeights, target: str) -> float:
         raise RunDirError(f"cannot export this {w.architecture} SAE to {target}: it has no inference threshold yet "
                           "(train past the threshold start so encode does not depend on the batch)")
     return t
+
+
+THRESHOLD_FORM = ("relu", "jumprelu", "batchtopk", "matryoshka")
+"""Architectures whose inference map is f = z * (z > θ_F) with z = x @ W_enc_DF + b_enc_F and θ ≥ 0 (θ = 0: ReLU):
+the one form circuit-tracer's and SAELens' transcoder classes encode with. TopK's per-row selection and the gated
+SAE's two paths have no such form."""
+
+
+def transcoder_threshold_form(w: DictWeights, target: str) -> dict[str, torch.Tensor]:
+    """A transcoder as {W_enc_DF, b_enc_F, W_dec_FD, b_dec_D} (+ threshold_F for a JumpReLU) with no input centring:
+    the input centre is folded into the encoder bias, b_enc' = b_enc - b_in @ W_enc; batchtopk's (and matryoshka's)
+    scalar inference threshold becomes a constant JumpReLU threshold. float32. Other architectures are refused."""
+    if w.architecture not in THRESHOLD_FORM:
+        raise RunDirError(f"cannot export a {w.architecture} transcoder to {target}: its transcoders encode with ReLU "
+                          "or JumpReLU only; train relu, jumprelu or batchtopk (its inference threshold is a JumpReLU)")
+    c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
+    b_enc = w.b_enc_F.double()
+    if w.pre_bias:
+        centre = w.extras.get("b_in_D", w.b_dec_D)
+        if centre.shape[-1] != w.d_in:
+            raise RunDirError(f"cannot export this transcoder to {target}: it centres its input but records no input "
+                              f"centre of width {w.d_in} (b_in_D)")
+        b_enc = b_enc - centre.double() @ w.W_enc_DF.double()
+    out = {"W_enc_DF": c(w.W_enc_DF), "b_enc_F": c(b_enc), "W_dec_FD": c(w.W_dec_FD), "b_dec_D": c(w.b_dec_D)}
+    if w.architecture == "jumprelu":
+        out["threshold_F"] = c(w.threshold.clamp_min(0))  # saecache's JumpReLU clamps its threshold at 0 too
+    elif w.architecture != "relu":
+        out["threshold_F"] = torch.full((w.n_features,), _batchtopk_threshold(w, target), dtype=torch.float32)
+    return out
 
 
 def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None) -> None:

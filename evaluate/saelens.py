@@ -12,7 +12,7 @@ import os
 import torch
 
 from saecache.errors import RunDirError
-from saecache.evaluate.formats import DictWeights, _batchtopk_threshold, _refuse_transcoder
+from saecache.evaluate.formats import DictWeights, _batchtopk_threshold, transcoder_threshold_form
 
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
                 "matryoshka": "jumprelu"}
@@ -26,10 +26,9 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
     """Write `cfg.json` + `sae_weights.safetensors` as SAELens 6 `SAE.save_model` does: top-level architecture,
     d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations (+ k and
     rescale_acts_by_decoder_norm for topk), provenance under `metadata` (`sae_lens_training_version` null: not
-    trained by SAELens)."""
-    from safetensors.torch import save_file
-
-    _refuse_transcoder(w, "SAELens")
+    trained by SAELens). A transcoder goes to SAELens' transcoder classes (`_write_transcoder`)."""
+    if w.transcoder or w.d_in != w.d_out:
+        return _write_transcoder(w, out, meta)
     arch = SAELENS_ARCH.get(w.architecture)
     if arch is None:
         raise RunDirError(f"architecture {w.architecture!r} has no SAELens equivalent")
@@ -43,11 +42,16 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
         tensors["threshold"] = c(w.threshold)
     elif w.architecture in ("batchtopk", "matryoshka"):  # thresholded inference: a constant JumpReLU threshold
         tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
-    m = {**w.meta, **(meta or {})}
     cfg = {"architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": bool(w.pre_bias), "normalize_activations": "none", "reshape_activations": "none"}
     if arch == "topk":
         cfg.update(k=int(w.k), rescale_acts_by_decoder_norm=False)
+    _save(out, tensors, cfg, {**w.meta, **(meta or {})})
+
+
+def _save(out: str, tensors: dict, cfg: dict, m: dict) -> None:
+    from safetensors.torch import save_file
+
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
@@ -58,6 +62,22 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
     save_file(tensors, os.path.join(out, SAELENS_WEIGHTS_FILE))
     with open(os.path.join(out, SAELENS_CFG_FILE), "w") as f:
         json.dump(cfg, f, indent=1)
+
+
+def _write_transcoder(w: DictWeights, out: str, meta: dict | None) -> None:
+    """A transcoder as SAELens 6's `transcoder` (ReLU) or `jumprelu_transcoder` (JumpReLU; batchtopk's constant
+    threshold): W_enc [D_in, F], b_enc [F], W_dec [F, D_out], b_dec [D_out] (+ threshold [F]), cfg `d_out`, no input
+    centring (`apply_b_dec_to_input` false, which SAELens requires of transcoders: ours is folded into b_enc). Its
+    input hook goes to metadata.hook_name; SAELens records no output hook, so `d_out` and our provenance say it.
+    TopK and gated transcoders have no SAELens class and are refused."""
+    t = transcoder_threshold_form(w, "SAELens")
+    tensors = {"W_enc": t["W_enc_DF"], "b_enc": t["b_enc_F"], "W_dec": t["W_dec_FD"], "b_dec": t["b_dec_D"]}
+    if "threshold_F" in t:
+        tensors["threshold"] = t["threshold_F"]
+    cfg = {"architecture": "jumprelu_transcoder" if "threshold" in tensors else "transcoder", "d_in": w.d_in,
+           "d_sae": w.n_features, "d_out": w.d_out, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none"}
+    _save(out, tensors, cfg, {**w.meta, **(meta or {})})
 
 
 def read_saelens(src: str) -> DictWeights:

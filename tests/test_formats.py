@@ -217,9 +217,11 @@ def test_unrepresentable_exports_are_refused(tmp_path):
     write_dl(tmp_path / "src", "AutoEncoder")
     w = FM.read_dictionary_learning(str(tmp_path / "src"))
     tc = FM.DictWeights("relu", w.W_enc_DF, rnd(F, D + 2, seed=9), rnd(D + 2, seed=10), w.b_enc_F)
-    for writer in (FM.write_dictionary_learning, SL.write_saelens):
-        with pytest.raises(RunDirError, match="transcoder"):
-            writer(tc, str(tmp_path / "x"))
+    with pytest.raises(RunDirError, match="transcoder"):
+        FM.write_dictionary_learning(tc, str(tmp_path / "x"))
+    with pytest.raises(RunDirError, match="transcoder"):  # SAELens holds ReLU/JumpReLU transcoders, not TopK ones
+        SL.write_saelens(FM.DictWeights("topk", w.W_enc_DF, tc.W_dec_FD, tc.b_dec_D, w.b_enc_F, k=2, transcoder=True),
+                         str(tmp_path / "x"))
     sd = dl_state("BatchTopKSAE")
     sd["threshold"] = torch.tensor(-1.0)  # never set: encode would depend on the batch
     write_dl(tmp_path / "b", "BatchTopKSAE", sd=sd)
@@ -254,6 +256,8 @@ def test_our_transcoder_is_refused_on_export():
     from saecache.train.sae import SAE, SAEConfig
 
     sae = SAE(SAEConfig(arch="relu", d_in=D, width=F, d_out=D, transcoder=True))
-    for writer in (FM.write_dictionary_learning, SL.write_saelens):
-        with pytest.raises(RunDirError, match="transcoder"):
-            writer(FM.from_sae(sae), "unused")
+    with pytest.raises(RunDirError, match="transcoder"):
+        FM.write_dictionary_learning(FM.from_sae(sae), "unused")
+    topk = SAE(SAEConfig(arch="topk", d_in=D, width=F, d_out=D, transcoder=True, k=2))
+    with pytest.raises(RunDirError, match="topk transcoder to SAELens"):  # ReLU/JumpReLU ones go to SAELens
+        SL.write_saelens(FM.from_sae(topk), "unused")

@@ -1,0 +1,140 @@
+"""Export to circuit-tracer 0.5.0 (github.com/safety-research/circuit-tracer), the tool that builds attribution
+graphs over a replacement model: a per-layer transcoder (PLT) set in its `transcoder_set` layout.
+
+The layout, as its code reads it (`transcoder/single_layer_transcoder.py` `load_relu_transcoder` /
+`load_transcoder_set`, `utils/caching.py` `load_transcoders_from_cache`):
+
+    OUT/config.yaml             model_kind: transcoder_set, model_name, feature_input_hook, feature_output_hook, scan
+    OUT/layer_{i}.safetensors   W_enc [F, D], W_dec [F, D], b_enc [F], b_dec [D]  (+ activation_function.threshold [F])
+
+one file per layer i = 0..n-1, every layer present (its `TranscoderSet` asserts it; its replacement model runs a
+transcoder at every layer of the model). A layer encodes f = act(x @ W_encᵀ + b_enc), act = ReLU, or JumpReLU
+x * (x > threshold) when the threshold key is there, and decodes f @ W_dec + b_dec. So a transcoder exports exactly
+when its inference map has that form (`formats.transcoder_threshold_form`: relu, jumprelu, batchtopk's constant
+threshold; the input centre folded into b_enc); TopK and gated ones are refused. Run dirs hold weights that act on
+raw activations (the training normalisation is folded in when a run finishes), so the export does too.
+
+Hooks: saecache's `mlp_in.i` -> `mlp_out.i` transcoders read the MLP's input after its layer norm, which
+circuit-tracer names `mlp.hook_in` / `mlp.hook_out`; `resid_mid.i` -> `mlp_out.i` ones read the residual before it,
+`hook_resid_mid` / `hook_mlp_out` (its nnsight backend maps both pairs for Llama, Gemma 2/3, Qwen3 and GPT-OSS).
+
+Loading it (offline): `circuit_tracer.utils.caching.load_transcoders_from_cache(name, cache_dir=parent)` for
+OUT = parent/name, or `ReplacementModel.from_pretrained(model_dir, "/absolute/path/OUT", backend="nnsight")`: a local
+directory with a config.yaml counts as an already cached transcoder set, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from saecache.errors import RunDirError
+
+CT_VERSION = "0.5.0"
+CONFIG_FILE = "config.yaml"
+CT_HOOKS = {("mlp_in", "mlp_out"): ("mlp.hook_in", "mlp.hook_out"),
+            ("resid_mid", "mlp_out"): ("hook_resid_mid", "hook_mlp_out")}
+"""(our input hook kind, output hook kind) -> circuit-tracer's (feature_input_hook, feature_output_hook)."""
+
+
+def _kind_layer(hook: str) -> tuple[str, int | None]:
+    m = re.fullmatch(r"([a-z_]+)\.(\d+)", hook)
+    return (m.group(1), int(m.group(2))) if m else (hook, None)
+
+
+def plt_tensors(sae) -> dict[str, torch.Tensor]:
+    """One layer's file: our transcoder `sae` as circuit-tracer's `SingleLayerTranscoder` state (float32)."""
+    from saecache.evaluate.formats import from_sae, transcoder_threshold_form
+
+    t = transcoder_threshold_form(from_sae(sae), f"circuit-tracer {CT_VERSION}")
+    out = {"W_enc": t["W_enc_DF"].t().contiguous(), "W_dec": t["W_dec_FD"], "b_enc": t["b_enc_F"],
+           "b_dec": t["b_dec_D"]}
+    if "threshold_F" in t:
+        out["activation_function.threshold"] = t["threshold_F"]
+    return out
+
+
+def write_config(path: str, fields: dict) -> None:
+    """config.yaml with one `key: value` line per field; values written as JSON scalars (valid YAML)."""
+    with open(path, "w") as f:
+        for k, v in fields.items():
+            f.write(f"{k}: {json.dumps(v)}\n")
+
+
+def _check_plt_set(loaded: list[tuple[str, object, dict]]) -> tuple[list, tuple[str, str]]:
+    """[(run_dir, sae, cfg)] -> [(run_dir, sae)] in layer order and circuit-tracer's hook pair; RunDirError otherwise."""
+    from saecache.evaluate.runner import run_hooks
+
+    by_layer, pairs = {}, set()
+    for run_dir, sae, cfg in loaded:
+        h_in, h_out = run_hooks(cfg)
+        (k_in, l_in), (k_out, l_out) = _kind_layer(h_in), _kind_layer(h_out)
+        if (k_in, k_out) not in CT_HOOKS or l_in != l_out:
+            known = ", ".join(f"{a}.i -> {b}.i" for a, b in CT_HOOKS)
+            raise RunDirError(f"run {run_dir} maps {h_in} -> {h_out}; circuit-tracer's transcoder sets read and "
+                              f"write one layer's MLP: {known}")
+        if l_out in by_layer:
+            raise RunDirError(f"runs {by_layer[l_out][0]} and {run_dir} both write {h_out}: give one run per layer")
+        by_layer[l_out] = (run_dir, sae)
+        pairs.add((k_in, k_out))
+    if len(pairs) > 1:
+        raise RunDirError(f"the runs read different hooks ({', '.join(sorted(a for a, _ in pairs))}): "
+                          "circuit-tracer's set has one input hook for every layer")
+    missing = sorted(set(range(max(by_layer) + 1)) - set(by_layer))
+    if missing:
+        raise RunDirError(f"circuit-tracer needs a transcoder for every layer from 0 up; missing layer(s) "
+                          f"{', '.join(map(str, missing))}")
+    ordered = [by_layer[i] for i in range(len(by_layer))]
+    widths = {s.cfg.width for _, s in ordered}
+    if len(widths) > 1:
+        raise RunDirError(f"the runs have different widths ({', '.join(map(str, sorted(widths)))}): circuit-tracer's "
+                          "transcoder set needs one width for every layer")
+    return ordered, CT_HOOKS[pairs.pop()]
+
+
+def _fresh_out(out: str) -> str:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise RunDirError(f"{out} already exists and is not empty; choose another --out")
+    tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, out: str) -> None:
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty, checked before writing
+    os.replace(tmp, out)
+
+
+def export_transcoder_set(run_dirs: list[str], out: str, model_name: str | None = None) -> str:
+    """Write the PLT set of `run_dirs` (one transcoder per layer 0..n-1) into `out` in circuit-tracer's
+    `transcoder_set` layout. `model_name` for config.yaml defaults to the model the runs' store was harvested from.
+    Everything is written into a temporary directory renamed into place, so a refusal or failure leaves no `out`."""
+    from saecache.evaluate.runner import load_run_checked
+
+    if not run_dirs:
+        raise RunDirError("no run dir given: pass one transcoder run dir per layer")
+    loaded = [(r, *load_run_checked(r)) for r in run_dirs]
+    ordered, (hook_in, hook_out) = _check_plt_set(loaded)
+    files = [plt_tensors(s) for _, s in ordered]  # refusals (TopK, no threshold) before anything is written
+    name = model_name or (loaded[0][2].get("model") or {}).get("name")
+    tmp = _fresh_out(out)
+    try:
+        from safetensors.torch import save_file
+
+        for i, ((run_dir, _), tensors) in enumerate(zip(ordered, files)):
+            save_file(tensors, os.path.join(tmp, f"layer_{i}.safetensors"),
+                      metadata={"saecache_run": os.path.basename(os.path.normpath(run_dir))})
+        write_config(os.path.join(tmp, CONFIG_FILE),
+                     {"model_kind": "transcoder_set", "model_name": name, "feature_input_hook": hook_in,
+                      "feature_output_hook": hook_out, "scan": os.path.basename(os.path.normpath(out))})
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

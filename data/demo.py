@@ -306,10 +306,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     _step(f"evaluating on held-out rows and {cfg.eval_contexts} held-out contexts", t0)
     ecfg = EvalConfig(run_dirs=run_dirs, store=store, out=str(root / "eval"), n_contexts=cfg.eval_contexts,
-                      device=cfg.device, model=str(model_dir))
+                      device=cfg.device, model=str(model_dir), progress=cfg.progress)
     rows = run_evaluation(ecfg)
     timings["total"] = round(time.time() - t0, 1)
+    timings["evaluate"] = round(timings["total"] - timings["train_done"], 1)
+    frontier = json.loads((root / "eval" / "frontier.json").read_text())  # the sweep's frontier, a PNG per hook
     summary = {"config": dataclasses.asdict(cfg), **model_info, "harvest": harvest, "timings_s": timings,
-               "report": str(root / "eval" / "report.md"), "rows": rows}
+               "report": str(root / "eval" / "report.md"), "report_html": str(root / "eval" / "report.html"),
+               "frontier": [str(root / "eval" / p["png"]) for p in frontier["panels"] if p.get("png")], "rows": rows}
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -38,7 +38,14 @@ def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
 
     out = tmp_path / "demo"
     assert (out / "eval" / "report.md").is_file()
-    assert len(list((out / "eval").glob("*.png"))) == len(want)
+    assert len(list((out / "eval").glob("hist-*.png"))) == len(want)
+    # the sweep's frontier: a picture per hook, a point per SAE at its row's L0 and % loss recovered
+    assert [p.rsplit("/", 1)[-1] for p in s["frontier"]] == [f"frontier-mlp_out.{i}.png" for i in range(cfg.layers)]
+    assert all((out / "eval" / p).is_file() for p in s["frontier"]) and (out / "eval" / "report.html").is_file()
+    points = {q["run"]: q for p in json.loads((out / "eval" / "frontier.json").read_text())["panels"]
+              for ln in p["lines"] for q in ln["points"]}
+    assert {run: (q["l0"], q["recovered_zero"]) for run, q in points.items()} == {
+        r["run"]: (r["l0"], r["recovered_zero"]) for r in s["rows"]}
     assert json.loads((out / "demo_config.json").read_text())["widths"] == list(cfg.widths)
 
     # second run: nothing is retrained or re-harvested; the evaluation gives the same figures

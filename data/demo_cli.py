@@ -39,5 +39,5 @@ def demo(quiet: bool, **kw) -> None:
     click.echo(f"tokenizer: {s['tokenizer']}")
     click.echo(model_line(cfg.model, s))
     click.echo("\n" + tables(s["rows"]))
-    click.echo(f"\nreport: {s['report']} (histograms beside it); store: {cfg.out}/store.zarr; runs: {cfg.out}/runs; "
-               f"total {s['timings_s']['total']:.0f} s")
+    click.echo(f"\nreport: {s['report']} and report.html (the frontier and histograms beside them); "
+               f"store: {cfg.out}/store.zarr; runs: {cfg.out}/runs; total {s['timings_s']['total']:.0f} s")

@@ -14,7 +14,8 @@ from saecache.options import config_options
 @click.argument("run_dirs", nargs=-1, required=True)
 @config_options(EvalConfig, skip=("run_dirs", "extra"))
 def evaluate(run_dirs, **kw):
-    """Statistics, % loss recovered and frequency histograms for RUN_DIRS on a store's held-out data."""
+    """Statistics, % loss recovered, the sparsity–fidelity frontier with pruning curves, and frequency histograms for
+    RUN_DIRS on a store's held-out data; report.html shows them all."""
     from saecache.evaluate.runner import run_evaluation
 
     if kw["max_rows"] == 0:  # the flag's older spelling of "all rows"
@@ -23,7 +24,8 @@ def evaluate(run_dirs, **kw):
     run_evaluation(cfg)
     with open(os.path.join(cfg.out, "report.md")) as f:
         click.echo(f.read())
-    click.echo(f"report written to {cfg.out}/ (report.md, report.json, report.csv, eval_config.json, freq-*.npy"
+    click.echo(f"report written to {cfg.out}/ (report.html, report.md, report.json, report.csv, frontier.json, "
+               "eval_config.json, freq-*.npy" + (", frontier-*.png" if cfg.frontier else "")
                + (", hist-*.png" if cfg.histograms else "") + (", features-*.html" if cfg.html_features else "") + ")")
 
 

@@ -289,11 +289,12 @@ def _bar(cfg: EvalConfig, desc: str, total: int, unit: str, items=None):
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
     """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows, in run-dir order
     (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
-    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), n_rows, mse, l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias,
-    pruned, n_pruned (+ prune_above), and with splicing ce_clean, ce_spliced, ce_zero, ce_mean, recovered_zero,
-    recovered_mean (each with its 95 % bootstrap interval over contexts: *_lo, *_hi), kl, n_predictions,
-    n_contexts. `report.tables(rows)` renders the seed-style markdown tables. The pruning curves' rows (same keys,
-    `pruned` and `prune_above` set) are not returned: they go to frontier.json with the frontier (`frontier.py`).
+    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), n_rows, mse,
+    l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, pruned, n_pruned (+ prune_above), and with splicing ce_clean,
+    ce_spliced, ce_zero, ce_mean, recovered_zero, recovered_mean (each with its 95 % bootstrap interval over contexts:
+    *_lo, *_hi), kl, n_predictions, n_contexts. `report.tables(rows)` renders the seed-style markdown tables. The
+    pruning curves' rows (same keys, `pruned` and `prune_above` set) are not returned: they go to frontier.json with
+    the frontier (`frontier.py`).
 
     Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
     from saecache.evaluate.features import load_tokenizer

@@ -29,12 +29,12 @@ class EvalConfig:
     """Also report every statistic with the features firing more often than this (held-out frequency) dropped.
     Dropped means set to zero after encoding; the seed killed features above 0.038."""
     prune_curve: tuple[float, ...] = PRUNE_CURVE
-    """Firing-frequency thresholds of the pruning curve drawn beside the frontier: each SAE measured again (L0, FVE,
-    % loss recovered; spliced in the same forwards as the SAE) with the features firing more often than each one
-    dropped. Thresholds that drop no feature beyond a higher one's are left out. Empty ('') = no curve."""
+    """Frequency thresholds of the pruning curves beside the frontier; '' = none. Each SAE is measured again (L0,
+    FVE, % loss recovered; spliced in the same forwards as the SAE) with the features firing more often than each
+    threshold dropped; a threshold dropping no feature beyond a higher one's is left out."""
     frontier: bool = True
-    """Draw the sparsity–fidelity frontier (L0 against % loss recovered and FVE, and the pruning curves), one PNG per
-    hook; its numbers go to frontier.json either way."""
+    """Draw the sparsity–fidelity frontier, one PNG per hook. L0 against % loss recovered and against FVE, and the
+    pruning curves; the numbers go to frontier.json either way."""
     n_contexts: int = 64
     """Held-out contexts run through the model for the loss figures (fewer if the store has fewer)."""
     max_rows: int | None = 65536

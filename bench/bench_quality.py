@@ -4,10 +4,10 @@ dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR
 
 - Data: every candidate trains on the same store's training rows (the held-out contexts excluded) for the same number
   of steps at the same batch size. saecache runs its real trainer (`run_training`, every default left unset; it leaves
-  the BOS rows out, `train_on_bos` off); the peers read the rows saecache's loader serves its seed-0 run, BOS rows left out
-  the same way (written once to a raw fp16 file in the scratch dir, lossless for a float16 store), in the same
-  order and the same per-step batches. saecache's seeds 1, 2... also reshuffle its data order; the peers' seeds only
-  change their init.
+  the BOS rows out: `train_on_bos` off); the peers read the rows saecache's loader serves its seed-0 run, BOS
+  rows left out the same way (written once to a raw fp16 file in the scratch dir, lossless for a float16 store), in
+  the same order and the same per-step batches. saecache's seeds 1, 2... also reshuffle its data order; the peers'
+  seeds only change their init.
 - Peers run in a worker process of their own Python environment (bench/quality_peers.py, whose docstring gives each
   peer's recipe): dictionary_learning TopK/BatchTopK/Standard trainers, SAELens' SAETrainer, sparsify's Adam and
   signum recipes, each with its own defaults; warm-ups capped at a tenth of the run.

@@ -204,7 +204,8 @@ def _entry(p: click.Option, ctx: click.Context) -> str:
     head = f"- `{names}`" + ("" if p.is_flag else f" {p.make_metavar(ctx)}")
     if required:
         head += " (required)"
-    elif isinstance(default, (str, int, float, tuple, list)) and default not in ((), [], "") and not (p.is_flag and not p.secondary_opts and default is False):
+    elif (isinstance(default, (str, int, float, tuple, list)) and default not in ((), [], "")
+          and not (p.is_flag and not p.secondary_opts and default is False)):  # a plain --flag is off unless given
         head += f" (default: `{_show(default)}`)"
     return f"{head}: {text}" if text else head
 
@@ -220,7 +221,8 @@ def flags_page() -> str:
             ctx = click.Context(cmd, info_name=name, parent=parent)
             help_opt = cmd.get_help_option(ctx)
             usage = " ".join(cmd.collect_usage_pieces(ctx))
-            out.append(f"## saecache {name}\n\n`saecache {name} {usage}`\n\n{inspect.cleandoc(cmd.help or COMMANDS[name][1])}\n")
+            text = inspect.cleandoc(cmd.help or COMMANDS[name][1])
+            out.append(f"## saecache {name}\n\n`saecache {name} {usage}`\n\n{text}\n")
             entries = [_entry(p, ctx) for p in cmd.get_params(ctx) if isinstance(p, click.Option) and p is not help_opt]
             out.append("\n".join(entries) + "\n")
     return "\n".join(out)

@@ -15,7 +15,7 @@ from saecache.data.demo import DemoConfig
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.copy import CopyConfig
-from saecache.options import field_default, field_docs
+from saecache.options import field_default, field_docs, help_line
 from saecache.train.config import SAESpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_every_config_field_is_one_option_with_its_docstring_and_default(name, c
         assert f.name in params, f"{name}: no option for {cls.__name__}.{f.name}"
         opt = params[f.name]
         doc = " ".join(docs[f.name].split())
-        assert doc and opt.help.startswith(doc), (f.name, opt.help)
+        assert doc and opt.doc == doc and opt.help.startswith(help_line(doc)), (f.name, opt.help)  # 1st sentence
         default = field_default(cls, f.name)
         if name in ("train", "demo"):  # options default to None (a flag given overrides --config, or the demo
             assert opt.default in (None, ()), f.name  # flavour's value); help shows the default

@@ -19,6 +19,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
 from saecache.errors import ConfigError, DataError, ModelError
+from saecache.threads import stage_threads
 
 RESULT_FILE = "training.json"
 """Written last by `train_model`: the recipe hash, losses and timings. Its presence marks a finished run."""
@@ -52,8 +53,11 @@ def init_model(config: GPTNeoXConfig, seed: int, out_dir: Path, tokenizer: PreTr
     return out_dir
 
 
-def encode_file(tokenizer: PreTrainedTokenizerBase, path: Path) -> np.ndarray:
-    """All documents of a Pile-format file as one int32 token stream, each document followed by EOS (as in Pythia)."""
+def encode_file(tokenizer: PreTrainedTokenizerBase, path: Path, progress: bool = False) -> np.ndarray:
+    """All documents of a Pile-format file as one int32 token stream, each document followed by EOS (as in Pythia).
+    `progress`: a bar with its ETA on stderr."""
+    from tqdm import tqdm
+
     from saecache.data.tokenizer import iter_texts
 
     texts = list(iter_texts([path]))
@@ -61,10 +65,12 @@ def encode_file(tokenizer: PreTrainedTokenizerBase, path: Path) -> np.ndarray:
         raise DataError(f"{path} holds no documents")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for start in range(0, len(texts), 256):
-        for doc in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
-            ids.extend(doc)
-            ids.append(eos)
+    with tqdm(total=len(texts), desc=f"tokenize {Path(path).name}", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(texts), 256):
+            for doc in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
+                ids.extend(doc)
+                ids.append(eos)
+            bar.update(len(texts[start:start + 256]))
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -107,15 +113,14 @@ def _file_sha(path: Path) -> str:
 
 def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: Path, val_file: Path, seconds: float,
                 ctx_len: int = 128, batch: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = False,
-                steps: int | None = None, threads: int = 2) -> dict:
+                steps: int | None = None, threads: int | None = None) -> dict:
     """Train the model in `out_dir` (made by `init_model`) from its seeded init for about `seconds` of wall time.
 
     The step budget is fixed after timing a few steps, so the warmup + cosine schedule ends when the time does.
     Saves the weights over `out_dir` and writes `training.json` (val loss, unigram entropy of the val tokens, steps,
     tokens, seconds). If `training.json` already records the same recipe hash the cached result is returned as is.
     With `steps` the budget is that many steps instead (deterministic; `seconds` is then ignored). `threads` sets
-    torch's intra-op threads for the run only (2 suits a quiet 2-core machine; use 1 for tiny models or when the
-    machine is shared: 2 threads on 1 free core can be many times slower).
+    torch's intra-op threads for the run only (unset: saecache's thread policy, `saecache/threads.py`).
     """
     if (steps is None and seconds <= 0) or (steps is not None and steps < 1):
         raise ConfigError(f"training budget must be positive: seconds={seconds}, steps={steps}")
@@ -136,8 +141,8 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
     result_path.unlink(missing_ok=True)  # weights are about to change: the old record no longer describes them
 
     # data: one token stream per split; val = the first VAL_CONTEXTS non-overlapping contexts
-    train_ids = torch.from_numpy(encode_file(tokenizer, train_file).astype(np.int64))
-    val_stream = encode_file(tokenizer, val_file)
+    train_ids = torch.from_numpy(encode_file(tokenizer, train_file, progress).astype(np.int64))
+    val_stream = encode_file(tokenizer, val_file, progress)
     n_val = min(VAL_CONTEXTS, len(val_stream) // ctx_len)
     if n_val < 1 or len(train_ids) <= ctx_len:
         raise DataError(f"corpus too small for ctx_len {ctx_len}: {len(train_ids)} train / {len(val_stream)} val tokens")
@@ -145,13 +150,9 @@ def train_model(out_dir: Path, tokenizer: PreTrainedTokenizerBase, train_file: P
     if int(train_ids.max()) >= config.vocab_size:
         raise ConfigError(f"token id {int(train_ids.max())} exceeds the model vocab {config.vocab_size}")
 
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with stage_threads(threads):
         return _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx_len, batch, lr, seed,
                       progress, steps)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx_len, batch, lr, seed, progress,

@@ -115,10 +115,12 @@ def splice_losses_many(
     mean_D: torch.Tensor,
     first_position: int = 0,
     batch_size: int = 8,
+    on_batch: Callable[[int], object] | None = None,
 ) -> dict[str, SpliceLosses]:
     """`splice_losses` for several reconstructions of the same hook on the same contexts: {label: (reconstruct,
     hook_in)} -> {label: SpliceLosses}. Per batch of contexts the clean, zero- and mean-ablated forwards run once and
-    each reconstruction adds one spliced forward (n + 3 forwards instead of 4n)."""
+    each reconstruction adds one spliced forward (n + 3 forwards instead of 4n). `on_batch(n)` is called after each
+    batch of n contexts (progress)."""
     device = next(model.parameters()).device
     base: dict[str, list[float]] = {"clean": [], "zero": [], "mean": []}  # per context
     spliced_C: dict[str, list[float]] = {label: [] for label in reconstructions}
@@ -144,6 +146,8 @@ def splice_losses_many(
             spliced = _spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position)
             spliced_C[label] += _ce_per_context(spliced, ids, mask)
             kl_sum[label] += ref.compare(spliced)[1]
+        if on_batch is not None:
+            on_batch(ids.shape[0])
 
     n = max(count, 1)
     mean_of = {k: sum(v) / n for k, v in base.items()}

@@ -30,6 +30,7 @@ from saecache.harvest import quant
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
+from saecache.threads import stage_threads
 
 
 def bos_policy(cfg: HarvestConfig) -> str:
@@ -228,6 +229,12 @@ def default_encode_workers() -> int:
 
 
 def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
+    """`_run_harvest` under saecache's thread policy (`saecache/threads.py`)."""
+    with stage_threads():
+        return _run_harvest(cfg, progress)
+
+
+def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """Harvest this worker's shards of `cfg.out`; return a summary dict. Safe to rerun: finished shards are skipped."""
     from saecache.harvest.hooks import ActivationCapture, resolve_hooks
     from saecache.harvest.model import load_model

@@ -9,6 +9,10 @@ The Python API (docs/api.md) is imported on first use, so ``import saecache`` st
 
 __version__ = "0.1.0"
 
+from saecache import threads as _threads  # noqa: E402
+
+_threads.prepare()  # before any stage imports torch: its OpenMP threads then wait passively (saecache/threads.py)
+
 _API = ("open_store", "load_sae", "splice", "ActivationStore")
 __all__ = ["__version__", *_API]
 

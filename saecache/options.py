@@ -194,6 +194,15 @@ dataclasses' field docstrings: do not edit by hand; regenerate with
 """
 
 
+def _metavar(p: click.Option) -> str:
+    """The option's value placeholder, spelled here so the page does not change with the click version."""
+    if p.metavar:
+        return p.metavar
+    if isinstance(p.type, click.Choice):
+        return "[" + "|".join(map(str, p.type.choices)) + "]"
+    return p.type.name.upper()
+
+
 def _entry(p: click.Option, ctx: click.Context) -> str:
     names = "/".join(p.opts) + ("/" + "/".join(p.secondary_opts) if p.secondary_opts else "")
     if isinstance(p, ConfigOption):
@@ -201,7 +210,7 @@ def _entry(p: click.Option, ctx: click.Context) -> str:
         required = p.required or default is _MISSING
     else:
         text, default, required = p.help or "", p.get_default(ctx, call=False), p.required
-    head = f"- `{names}`" + ("" if p.is_flag else f" {p.make_metavar(ctx)}")
+    head = f"- `{names}`" + ("" if p.is_flag else f" {_metavar(p)}")
     if required:
         head += " (required)"
     elif (isinstance(default, (str, int, float, tuple, list)) and default not in ((), [], "")

@@ -3,6 +3,7 @@ records it (minus the worker fields, which do not change the store's content).""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -43,6 +44,20 @@ def differing_flags(keys: list[str]) -> list[str]:
         if f not in out:
             out.append(f)
     return out
+
+
+TRAIN_HELDOUT_DEFAULT = 0.01  # `saecache train --heldout`'s default (TrainConfig.heldout_fraction; a test checks)
+HELDOUT_RULE = ("training holds out the last ceil(--heldout x contexts) contexts of a store, --heldout "
+                f"{TRAIN_HELDOUT_DEFAULT:g} by default, and needs at least one more to train on")
+
+
+def min_store_contexts(heldout_fraction: float = TRAIN_HELDOUT_DEFAULT) -> int:
+    """The fewest contexts a store needs so that training keeps at least one after holding out the last
+    ``ceil(heldout_fraction * n)`` (harvest/split.py's rule): 2 at the default fraction."""
+    n = 1
+    while n - math.ceil(heldout_fraction * n) < 1:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,16 @@ class HarvestConfig:
         if self.encode_workers is not None and self.encode_workers < 0:
             raise ConfigError(f"--encode-workers must be 0 or more, got {self.encode_workers}")
         self.worker_slot()  # validates
+
+    def check_tokens(self) -> None:
+        """Refuse (ConfigError) a --tokens that harvests too few contexts to train from (`min_store_contexts`).
+        `run_harvest` asks after the model's own limits, before anything is written."""
+        rpc = self.ctx_len - (0 if self.store_bos else 1)  # stored rows per context
+        if math.ceil(self.tokens / rpc) < (need := min_store_contexts()):
+            per = f"{rpc} rows per context with --ctx-len {self.ctx_len}" + ("" if self.store_bos else
+                                                                             " and --no-store-bos")
+            raise ConfigError(f"--tokens {self.tokens} gives {math.ceil(self.tokens / rpc)} context ({per}), but "
+                              f"{HELDOUT_RULE}: use --tokens {need * rpc} or more, or a shorter --ctx-len")
 
     def worker_slot(self) -> tuple[int, int]:
         """(i, N) from --worker, else from the launcher's environment, else (0, 1)."""

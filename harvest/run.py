@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
-from saecache.harvest.config import HarvestConfig
+from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_contexts
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
@@ -236,27 +237,77 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
 
 def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """Harvest this worker's shards of `cfg.out`; return a summary dict. Safe to rerun: finished shards are skipped."""
-    from saecache.harvest.hooks import ActivationCapture, resolve_hooks
+    from saecache.harvest.hooks import resolve_hooks
     from saecache.harvest.model import load_model
-    from saecache.harvest.plan import Plan, plan_key
-    from saecache.harvest.text import TextSpec
 
     worker, n_workers = cfg.worker_slot()
     t_start = time.time()
     loc = _Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
-    probe_store_dir(loc)
+    fresh = new_local_dir(loc)
+    if fresh is None or not os.access(os.path.dirname(fresh[0]), os.W_OK):
+        probe_store_dir(loc)  # an --out that is not a store or cannot be made is refused before the model loads
     model, tokenizer, info = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device, cfg.trust_remote_code)
     max_pos = info["model"].get("max_positions")
     if max_pos is not None and cfg.ctx_len > max_pos:
         raise ConfigError(f"--ctx-len {cfg.ctx_len} is above the model's maximum context of {max_pos} tokens; "
                           f"use --ctx-len {max_pos} or less")
+    cfg.check_tokens()
     hooks = resolve_hooks(model, list(cfg.hooks))
+    try:
+        if fresh is not None:
+            probe_store_dir(loc)  # creates --out: only once the model and the hooks are known to be good
+        return _harvest(cfg, loc, model, tokenizer, info, hooks, worker, n_workers, t_start, progress)
+    except Exception:
+        # a failed harvest of a new store leaves nothing it created; published shards (a resumable store) and
+        # other workers' stores are kept, and so is everything on a stop (Ctrl-C): a rerun resumes
+        if fresh is not None and n_workers == 1:
+            remove_unpublished(loc, fresh)
+        raise
+
+
+def new_local_dir(loc: _Location) -> tuple[str, bool] | None:
+    """What this harvest will create for a local --out, which a failed harvest may remove: (its topmost missing
+    ancestor, False), or (the store dir, True) when that exists and is empty (then only its contents are ours);
+    None for an existing store (a resume) or a remote one."""
+    if not loc.local:
+        return None
+    if os.path.isdir(loc.root) and not os.listdir(loc.root):
+        return loc.root, True
+    top, path = None, loc.root
+    while not os.path.lexists(path):
+        top, path = path, os.path.dirname(path)
+    return (top, False) if top else None
+
+
+def remove_unpublished(loc: _Location, fresh: tuple[str, bool]) -> None:
+    """Remove what this harvest created (`new_local_dir`) unless the store holds a published shard by now."""
+    manifest = os.path.join(loc.root, "_manifest")
+    if os.path.isdir(manifest) and any(n.startswith("shard-") for n in os.listdir(manifest)):
+        return
+    path, keep_dir = fresh
+    doomed = [path] if not keep_dir else [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
+    for p in doomed:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+def _harvest(cfg: HarvestConfig, loc: _Location, model, tokenizer, info: dict, hooks: list, worker: int,
+             n_workers: int, t_start: float, progress: bool) -> dict:
+    from saecache.harvest.hooks import ActivationCapture
+    from saecache.harvest.plan import Plan, plan_key
+    from saecache.harvest.text import TextSpec
+
     spec = TextSpec(source=cfg.dataset, text_field=cfg.text_field, split=cfg.split, name=cfg.dataset_name)
     rpc = cfg.ctx_len - (0 if cfg.store_bos else 1)
     per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
     plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard),
                 spec)
     planned = plan.ensure(spec, tokenizer, log=(lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
+    if planned["n_contexts"] < (need := min_store_contexts()):
+        raise DataError(f"dataset {cfg.dataset} yields only {planned['n_contexts']} context(s) of {cfg.ctx_len} tokens "
+                        f"and training needs {need} ({HELDOUT_RULE}); use more text or a smaller --ctx-len")
     header = build_header(cfg, info, hooks, planned["n_contexts"], planned["fingerprint"])
     writer = StoreWriter(cfg.out, header, cfg.storage_options)
     writer.claim_worker(worker, n_workers)

@@ -100,7 +100,7 @@ def test_nonfinite_activations_policy(capsys, tmp_path, tiny_model_dir, tiny_cor
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(bad_dir)
     code, err = run_main(capsys, base_args(tmp_path / "s", bad_dir, tiny_corpus))
     assert_one_line(code, err, "NaN/Inf", "--nonfinite count")
-    assert Store.open(str(tmp_path / "s")).complete_shards() == []  # nothing published
+    assert not (tmp_path / "s").exists()  # nothing published, and the store it began is removed (issue 22 §6)
     out2 = tmp_path / "s2"
     assert main(base_args(out2, bad_dir, tiny_corpus, **{"--nonfinite": "count"})) is None
     st = Store.open(str(out2)).stats("mlp_out.0")

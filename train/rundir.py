@@ -165,6 +165,35 @@ def clean_tmp(run_dir: str) -> None:
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
 
 
+# ------------------------------------------------------------------------------------------ what a failure removes
+
+
+def snapshot(out: str, run_dirs: list[str]) -> dict:
+    """What exists before a train command writes anything: the topmost missing ancestor of `out` (None when `out`
+    exists) and, per run dir, the names in it (None when it does not exist). `remove_new` takes it."""
+    top, path = None, os.path.abspath(out)
+    while not os.path.lexists(path):
+        top, path = path, os.path.dirname(path)
+    return {"top": top, "runs": {d: (set(os.listdir(d)) if os.path.isdir(d) else None) for d in run_dirs}}
+
+
+def remove_new(before: dict) -> None:
+    """After a failed train command: remove what it created (`snapshot` taken before) in each run dir that holds
+    no checkpoint (a run dir with one is resumable and stays as it is): a run dir it made goes whole; in one that
+    existed, only the names it added. Then `out` itself (and the parents it made) when nothing is left in them."""
+    for d, names in before["runs"].items():
+        if not os.path.isdir(d) or list_checkpoints(d):
+            continue
+        for p in [d] if names is None else [os.path.join(d, n) for n in set(os.listdir(d)) - names]:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+    top = before["top"]
+    if top and os.path.isdir(top) and not any(files for _, _, files in os.walk(top)):
+        shutil.rmtree(top, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------------- metrics
 
 

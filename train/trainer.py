@@ -237,13 +237,20 @@ def drop_bos(batch: dict, stores_with_bos: list[int]) -> dict:
 
 
 def run_training(cfg: TrainConfig) -> list[str]:
-    """`_run_training` under saecache's thread policy (`saecache/threads.py`)."""
-    with stage_threads():
-        return _run_training(cfg)
+    """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs.
+    `_run_training` under saecache's thread policy (`saecache/threads.py`). A failure (or a stop) before an SAE's
+    first checkpoint leaves nothing this call created for it (`rundir.remove_new`)."""
+    before = rundir.snapshot(cfg.out, [os.path.join(cfg.out, name) for _, name, _ in cfg.replicas()])
+    try:
+        with stage_threads():
+            return _run_training(cfg)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:  # DDP: rank 0 alone writes run dirs
+            rundir.remove_new(before)
+        raise
 
 
 def _run_training(cfg: TrainConfig) -> list[str]:
-    """Train every SAE of `cfg`, resuming from the newest common checkpoint. Returns the SAEs' run dirs."""
     check_backend(cfg.log)
     rank, world, device = ddp.setup(cfg.device)
     stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)

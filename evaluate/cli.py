@@ -8,6 +8,7 @@ import os
 import click
 
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
+from saecache.evaluate.replacement import ReplacementConfig
 from saecache.options import config_options
 
 @click.command()
@@ -63,6 +64,18 @@ def import_cmd(src, out, hook, hook_out, store, name, fmt):
 
     import_run(src, out, hook, hook_out, store, name, fmt)
     click.echo(f"imported {src} -> {out}")
+
+
+@click.command("replacement")
+@click.argument("run_dirs", nargs=-1, required=True)
+@config_options(ReplacementConfig, skip=("run_dirs",))
+def replacement(run_dirs, **kw):
+    """Evaluate transcoder RUN_DIRS (one per layer) as a replacement model: every MLP output replaced at once."""
+    from saecache.evaluate.replacement import markdown, run_replacement
+
+    cfg = ReplacementConfig(run_dirs=list(run_dirs), **kw)
+    click.echo(markdown(run_replacement(cfg)), nl=False)
+    click.echo(f"report written to {cfg.out}/ (replacement.md, replacement.json)")
 
 
 @click.command("export")

@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("saecache.train.cli:train", "Train one or more SAEs from a store in one read of the data."),
     "evaluate": ("saecache.evaluate.cli:evaluate", "Statistics, % loss recovered and histograms for run dirs."),
     "features": ("saecache.evaluate.cli:features", "Top-activating contexts of features, read from the store."),
+    "replacement": ("saecache.evaluate.cli:replacement", "Evaluate a per-layer transcoder set as a replacement model."),
     "import": ("saecache.evaluate.cli:import_cmd", "Import a dictionary_learning ae.pt as a saecache run dir."),
     "export": ("saecache.evaluate.cli:export_cmd", "Export a run dir to SAELens or dictionary_learning format."),
     "demo": ("saecache.data.demo_cli:demo", "The main job offline: corpus, tiny model, harvest, train, evaluate."),

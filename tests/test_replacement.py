@@ -6,6 +6,9 @@ active hidden units. Zero transcoders give the zero-ablation loss. Noisy transco
 with the MLP modules swapped by hand (no hooks): the clean-input mode equals MLPs that return the prediction made
 from the clean run's input; the replaced-input mode equals MLPs that return the prediction from their own input."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -178,3 +181,75 @@ def test_one_layer_alone_agrees_across_modes_and_with_evaluates_splice(model, id
         assert got.spliced == pytest.approx(ref.spliced, abs=1e-6) and got.kl == pytest.approx(ref.kl, abs=1e-6)
         assert got.zero == pytest.approx(ref.zero, abs=1e-6) and got.mean == pytest.approx(ref.mean, abs=1e-6)
     assert res["clean"].layers[0]["fve"] == pytest.approx(res["replaced"].layers[0]["fve"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------- `saecache replacement` on run dirs
+
+
+@pytest.fixture(scope="module")
+def plt_runs(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """A store of the tiny demo-size model's two MLPs (input and output) and a ReLU PLT set trained briefly on it."""
+    from _store import harvest_tiny
+
+    from saecache.train.config import TrainConfig
+    from saecache.train.trainer import run_training
+
+    root = tmp_path_factory.mktemp("plt")
+    store = harvest_tiny(root / "store.zarr", tiny_model_dir, tiny_corpus,
+                         hooks=("mlp_in.0", "mlp_out.0", "mlp_in.1", "mlp_out.1"))
+    saes = [{"arch": "relu", "width": 128, "hook_in": f"mlp_in.{i}", "hook_out": f"mlp_out.{i}", "name": f"plt-{i}"}
+            for i in (1, 0)]
+    runs = run_training(TrainConfig.from_dict({"stores": [str(store)], "out": str(root / "runs"), "saes": saes,
+                                               "steps": 40, "batch_size": 64, "heldout_fraction": 0.05,
+                                               "device": "cpu", "progress": False}))
+    return root, str(store), runs
+
+
+def test_the_command_reports_both_modes_and_each_layer_alone_as_evaluate_splices_it(plt_runs, capsys):
+    from saecache.cli import main
+
+    root, store, runs = plt_runs
+    out = root / "rep"
+    main(["replacement", *runs, "--store", store, "--out", str(out), "--device", "cpu", "--n-contexts", "6"])
+    main(["replacement", *runs, "--store", store, "--out", str(root / "all"), "--device", "cpu", "--n-contexts",
+          "64", "--inputs", "clean", "--no-per-layer"])  # every held-out context: the rows evaluate reads
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "replacement.json").read_text())
+    assert (out / "replacement.md").read_text() in printed
+    assert [layer["hook_out"] for layer in rep["layers"]] == ["mlp_out.0", "mlp_out.1"]  # model order
+    assert set(rep["modes"]) == {"clean", "replaced"}
+    for m in rep["modes"].values():
+        assert m["ce_zero"] != m["ce_clean"] and m["n_contexts"] == 6 and m["kl"] > 0  # a random-init model
+        assert len(m["layers"]) == 2 and all(s["rel_error"] > 0 and s["l0"] > 0 for s in m["layers"])
+    assert rep["modes"]["clean"]["layers"][0] == rep["modes"]["replaced"]["layers"][0]  # layer 0 reads the same
+    main(["evaluate", *runs, "--store", store, "--out", str(root / "eval"), "--device", "cpu", "--n-contexts", "6",
+          "--no-histograms", "--html-features", "0", "--prune-curve", "", "--no-frontier"])
+    rows = {r["hook_out"]: r for r in json.loads((root / "eval" / "report.json").read_text())["rows"]}
+    for layer in rep["layers"]:
+        ev = rows[layer["hook_out"]]
+        assert layer["alone"]["ce_spliced"] == pytest.approx(ev["ce_spliced"], abs=1e-6)
+        assert layer["alone"]["ce_clean"] == pytest.approx(ev["ce_clean"], abs=1e-6)
+        assert layer["alone"]["kl"] == pytest.approx(ev["kl"], abs=1e-6)
+    # with clean inputs, each layer's statistics over every held-out row are evaluate's (read from the fp16 store)
+    every = json.loads((root / "all" / "replacement.json").read_text())
+    assert set(every["modes"]) == {"clean"} and "alone" not in every["layers"][0]
+    for layer, s in zip(every["layers"], every["modes"]["clean"]["layers"]):
+        ev = rows[layer["hook_out"]]
+        assert s["n_rows"] == ev["n_rows"]
+        assert s["fve"] == pytest.approx(ev["fve"], abs=2e-3) and s["l0"] == pytest.approx(ev["l0"], rel=1e-2)
+
+
+def test_an_sae_in_place_of_a_transcoder_is_refused_in_one_line(plt_runs, tmp_path, capsys):
+    from saecache.cli import main
+
+    root, store, runs = plt_runs
+    sae_run = tmp_path / "sae-run"
+    shutil.copytree(runs[0], sae_run)
+    cfg = json.loads((sae_run / "cfg.json").read_text())
+    cfg["hooks"]["out"] = cfg["hooks"]["in"]
+    (sae_run / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["replacement", str(sae_run), "--store", store, "--out", str(tmp_path / "rep"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "reconstructs its own input" in err[0]
+    assert not (tmp_path / "rep").exists()

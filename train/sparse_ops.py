@@ -45,9 +45,11 @@ class SparseCode(NamedTuple):
 
 
 def _argsort(flat: Tensor, bound: int) -> Tensor:
-    """Any order that sorts `flat` (ints in [0, bound)). On CPU numpy's vectorised int32 argsort runs on this
-    thread in ~2 ms for 131k entries, while torch.sort's 1-D parallel path takes 30-700 ms when the cores are
-    shared (it waits on busy intra-op threads); elsewhere torch.sort."""
+    """Any order that sorts `flat` (ints in [0, bound)). On CPU numpy's vectorised int32 argsort, on this thread
+    (~2 ms for 131k entries on a quiet core); elsewhere torch.sort. torch.sort's 1-D parallel path was the first
+    sign of torch's OpenMP threads spinning on shared cores (`saecache/threads.py`): 131k entries took 510 ms
+    beside other jobs and 2.9 s with one more busy process, against 32 ms and 8 ms once its threads wait passively.
+    numpy stays: it needs no parallel region at all, so it is also safe where torch loaded before saecache."""
     if flat.device.type == "cpu" and bound <= 2**31:
         return torch.from_numpy(np.argsort(flat.to(torch.int32).numpy())).to(torch.long)
     return flat.sort().indices

@@ -28,11 +28,14 @@ def matryoshka(dtype=torch.float64, seed=0, **over):
 
 
 def test_registry_holds_objects_with_one_interface():
-    assert list(ARCHITECTURES) == ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "skip-transcoder"]
+    cross = ["clt", "clt-batchtopk", "clt-jumprelu", "crosscoder", "crosscoder-batchtopk", "crosscoder-jumprelu"]
+    assert list(ARCHITECTURES) == ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "skip-transcoder",
+                                   *cross]
     for name, a in ARCHITECTURES.items():
         assert isinstance(a, Architecture) and a.name == name and a.penalties[0] in a.default_coeff
     assert [n for n, a in ARCHITECTURES.items() if not a.resample] == ["topk", "batchtopk", "matryoshka",
-                                                                       "skip-transcoder"]
+                                                                       "skip-transcoder", *cross]
+    assert [n for n, a in ARCHITECTURES.items() if a.cross_layer] == cross
 
 
 def test_matryoshka_config():

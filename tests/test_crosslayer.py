@@ -83,3 +83,158 @@ def test_skip_transcoder_fold_scale_save_load_and_decode(tmp_path):
     back = load_sae(sae.cfg, tmp_path / "sae.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(back.W_skip_DD, sae.W_skip_DD) and torch.equal(back(x.float()), sae(x.float()))
+
+
+# ---- the cross-layer family ----
+
+from saecache.train.crosslayer import (CrossLayer, CrossLayerConfig, KIND_OBJECTS, load_crosslayer,  # noqa: E402
+                                       save_crosslayer)
+
+L, DI, DX, FL, KL = 3, 8, 6, 16, 3
+FAMILIES = [(kind, act) for kind in ("clt", "crosscoder") for act in ("topk", "batchtopk", "jumprelu")]
+
+
+def _cross(kind, act, dtype=torch.float64, seed=0, **over):
+    torch.manual_seed(seed)
+    hooks_in = [f"resid_mid.{i}" for i in range(L)]
+    kw = dict(kind=kind, activation=act, hooks_in=hooks_in, d_in=DI, n_features=FL,
+              k=None if act == "jumprelu" else KL, threshold_start_step=0)
+    if kind == "clt":
+        kw.update(hooks_out=[f"mlp_out.{i}" for i in range(L)], d_out=DX)
+    if act == "jumprelu":
+        kw.update(jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.3, coeff=0.05, tanh_c=2.0, pre_act_coeff=0.01)
+    m = CrossLayer(CrossLayerConfig(**{**kw, **over})).to(dtype)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.startswith(("b_", "threshold_")):
+                p.add_(torch.randn_like(p) * 0.1)
+    d_out = m.cfg.d_out
+    xs = [torch.randn(B, DI, dtype=dtype) + 0.3 for _ in range(L)]
+    ts = [torch.randn(B, d_out, dtype=dtype) + xs[i][:, :d_out].tanh() for i in range(L)]
+    return m, xs, ts
+
+
+def _rect(u):
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def _reference_loss(cfg, w, xs, ts):
+    """The definitions in plain torch over the saved (circuit-tracer) layout `w`: dense pre-activations, the
+    activation by its textbook formula, every (source, target) decoder as its own matmul."""
+    L_, srcs = cfg.n_layers, KIND_OBJECTS[cfg.kind].sources(cfg.n_layers)
+    pen = 0.0
+    fs = []
+    for s in range(len(srcs)):
+        if cfg.kind == "clt":
+            z = xs[s] @ w[f"W_enc_{s}"].t() + w[f"b_enc_{s}"]
+        else:
+            z = sum(xs[h] @ w[f"W_enc_{h}"].t() for h in range(L_)) + w["b_enc"]
+        a = z.relu()
+        if cfg.activation == "topk":
+            top = a.topk(cfg.k, dim=1)
+            f = torch.zeros_like(a).scatter(1, top.indices, top.values)
+        elif cfg.activation == "batchtopk":
+            keep = torch.zeros(a.numel(), dtype=a.dtype)
+            keep[a.flatten().topk(cfg.k * a.shape[0]).indices] = 1
+            f = a * keep.view_as(a)
+        else:
+            th = w[f"threshold_{s}"] if cfg.kind == "clt" else w["threshold"]
+            eps = cfg.jumprelu_bandwidth
+            # value relu(z)·H(z − θ); pseudo-gradient to θ: −(relu(θ)/ε) K((z − θ)/ε)
+            f = a * (z > th) + (th - th.detach()) * (-(th.detach().relu() / eps) * _rect((z - th) / eps)).detach()
+            if cfg.kind == "clt":
+                norm = w[f"W_dec_{s}"].flatten(1).norm(dim=1)
+            else:
+                norm = torch.cat([w[f"W_dec_{h}"] for h in range(L_)], dim=1).norm(dim=1)
+            pen = pen + cfg.coeff * torch.tanh(cfg.tanh_c * f * norm).sum(1).mean() \
+                + cfg.pre_act_coeff * ((th - z).relu() * norm).sum(1).mean()
+        fs.append(f)
+    recon = 0.0
+    for l in range(L_):
+        if cfg.kind == "clt":
+            y = w[f"b_dec_{l}"] + sum(fs[i] @ w[f"W_dec_{i}"][:, l - i] for i in range(l + 1))
+        else:
+            y = w[f"b_dec_{l}"] + fs[0] @ w[f"W_dec_{l}"]
+        recon = recon + (y - ts[l]).pow(2).sum(1).mean()
+    return recon + pen
+
+
+@pytest.mark.parametrize("kind,act", FAMILIES)
+def test_cross_layer_gradients_equal_dense_reference(kind, act):
+    m, xs, ts = _cross(kind, act)
+    m.train()
+    out = m.loss(xs, ts)
+    out.total.backward()
+    w = {k: v.clone().requires_grad_() for k, v in m.state_for_save().items() if v.is_floating_point()}
+    ref = _reference_loss(m.cfg, w, xs, ts)
+    ref.backward()
+    assert_close(out.total, ref, atol=1e-10, rtol=1e-10)
+    grads = {k: v.grad for k, v in w.items() if v.grad is not None}  # (batchtopk's threshold is a buffer)
+    ref_grads = KIND_OBJECTS[kind].from_saved(m.cfg, grads)
+    params = dict(m.named_parameters())
+    assert set(ref_grads) == set(params)
+    for n, p in params.items():
+        assert ref_grads[n].abs().max() > 0, n  # every parameter takes part (thresholds included)
+        assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert out.l0 > 0 and out.x_hat_BD.shape == (B, L * m.cfg.d_out)
+
+
+def _cross_steps(m, xs, ts, n=3):
+    opt = make_optimizer(m, 1e-2)
+    m.train()
+    for _ in range(n):
+        out = m.loss(xs, ts)
+        opt.zero_grad()
+        out.total.backward()
+        m.project_decoder_grad_()
+        opt.step()
+        m.renorm_decoder_()
+    m.eval()
+
+
+@pytest.mark.parametrize("kind,act", FAMILIES)
+def test_cross_layer_fold_scale_and_save_load(kind, act, tmp_path):
+    m, xs, ts = _cross(kind, act)
+    _cross_steps(m, xs, ts)
+    if act == "batchtopk":
+        assert float(m.threshold_0[0]) > 0  # estimated during the steps; inference uses it
+    ins, outs = [3.0, 0.5, 7.0], [0.2, 4.0, 1.5]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m(xs), m.decode(m.encode(xs))))
+        f_scaled = [c if torch.is_tensor(c) else c.dense(FL) for c in m.encode([x / s for x, s in zip(xs, ins)])]
+        y_scaled = [y * s for y, s in zip(m([x / s for x, s in zip(xs, ins)]), outs)]
+        m.fold_scale(ins, outs)
+        f = [c if torch.is_tensor(c) else c.dense(FL) for c in m.encode(xs)]
+        for a, b in zip(f + m(xs), f_scaled + y_scaled):
+            assert_close(a, b)
+    m = m.float()
+    save_crosslayer(m, tmp_path / "w.safetensors")
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "w.safetensors")
+    if kind == "clt":  # circuit-tracer's layout
+        assert saved["W_enc_1"].shape == (FL, DI) and saved["W_dec_0"].shape == (FL, L, DX)
+        assert saved["W_dec_2"].shape == (FL, 1, DX) and saved["b_dec_2"].shape == (DX,)
+        assert (f"threshold_{L - 1}" in saved) == (act != "topk")
+    else:
+        assert saved["W_enc_2"].shape == (FL, DI) and saved["W_dec_1"].shape == (FL, DI) and saved["b_enc"].shape == (FL,)
+    back = load_crosslayer(CrossLayerConfig.from_dict(m.cfg.to_dict()), tmp_path / "w.safetensors").eval()
+    xf = [x.float() for x in xs]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(back(xf), m(xf)))
+    wrong = CrossLayerConfig.from_dict({**m.cfg.to_dict(), "n_features": FL + 1})
+    with pytest.raises(Exception, match="do not match"):
+        load_crosslayer(wrong, tmp_path / "w.safetensors")
+
+
+def test_cross_layer_config_checks():
+    base = dict(kind="clt", hooks_in=["a", "b"], hooks_out=["c", "d"], d_in=4, n_features=8, k=2)
+    c = CrossLayerConfig(**base)
+    assert c.n_layers == 2 and c.d_out == 4 and c.arch == "clt" and c.width == 16
+    assert CrossLayerConfig(**{**base, "kind": "crosscoder", "hooks_out": None}).width == 8
+    for bad, match in (({"hooks_out": ["c"]}, "equal, non-zero length"), ({"k": None}, "needs 0 < k"),
+                       ({"kind": "crosscoder"}, "reconstructs the hooks it reads"), ({"activation": "relu"}, "unknown"),
+                       ({"activation": "jumprelu"}, "k is only")):
+        with pytest.raises(Exception, match=match):
+            CrossLayerConfig(**{**base, **bad})
+    with pytest.raises(Exception, match="several hooks"):
+        SAEConfig("clt", 4, 8, k=2)

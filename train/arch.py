@@ -73,6 +73,9 @@ class Architecture:
     lr = 3e-4
     """Default learning rate at E‖x‖² = 1 inputs (`default_lr`); gated and jumprelu keep saecache's earlier default,
     not refitted across widths."""
+    cross_layer = False
+    """A dictionary over several hooks (`crosslayer.CrossLayer`, built from a spec's hooks_in/hooks_out), not an
+    `SAE`."""
 
     def default_lr(self, width: int) -> float:
         """The learning rate of an SAE of `width` features when none is given."""
@@ -283,6 +286,32 @@ class SkipTranscoder(TopK):
         return code
 
 
+class CrossLayerFamily(Architecture):
+    """The cross-layer dictionaries (`crosslayer.py`): `kind` clt or crosscoder, with one `activation` (topk,
+    batchtopk, jumprelu). Named `kind` for TopK, `kind-activation` otherwise. These objects carry what the
+    TrainConfig resolves per architecture (k, learning rate, decay, batchtopk threshold); the module itself is
+    `crosslayer.CrossLayer`, and an `SAE` refuses them."""
+    cross_layer, resample = True, False
+
+    def __init__(self, kind: str, activation: str):
+        self.kind, self.activation = kind, activation
+        self.name = kind if activation == "topk" else f"{kind}-{activation}"
+        what = {"clt": "cross-layer transcoder", "crosscoder": "acausal crosscoder"}[kind]
+        self.description = f"{what}, {activation}"
+        self.needs_k = activation != "jumprelu"
+        self.threshold = activation == "batchtopk"
+        self.decay_fraction = TopK.decay_fraction if self.needs_k else 0.0
+
+    def default_lr(self, width: int) -> float:
+        return TopK().default_lr(width) if self.needs_k else self.lr
+
+    def resolve(self, cfg, set_):
+        from saecache.errors import ConfigError
+
+        raise ConfigError(f"{self.name} is a dictionary over several hooks: give its spec hooks_in (and hooks_out), "
+                          "not hook_in")
+
+
 def default_group_sizes(width: int) -> list[int]:
     """Nested prefixes of width/16, /8, /4, /2 and the whole dictionary (fewer when width is small)."""
     ends = sorted({max(1, width >> s) for s in (4, 3, 2, 1)} | {width})
@@ -321,3 +350,5 @@ class Matryoshka(BatchTopK):
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (ReLU(), TopK(), BatchTopK(), JumpReLU(), Gated(),
                                                               Matryoshka(), SkipTranscoder())}
+ARCHITECTURES.update({a.name: a for a in (CrossLayerFamily(kind, act) for kind in ("clt", "crosscoder")
+                                          for act in ("topk", "batchtopk", "jumprelu"))})

@@ -17,6 +17,7 @@ subclasses with a one-line message.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -121,13 +122,15 @@ class ActivationStore:
           partitions): shuffled, held-out contexts never served. `steps` batches (default: one epoch, no row
           twice; more runs on into the next epochs as training does).
         - ``split="heldout"``: exactly the held-out rows, each once, in storage order (rows are shuffled within
-          their shard at harvest), as evaluate reads them; batches hold up to `batch_size` rows; `seed` unused.
+          their shard at harvest), as evaluate reads them; batches hold up to `batch_size` rows (at most `steps`
+          batches); `seed` unused.
         - ``split="all"``: the train loader's order over every row (nothing held out).
 
         Values are the store's, as float32 (`dtype` to change); ``normalize=True`` divides each hook by the square
         root of its mean squared norm from the store's statistics, as `saecache train` does. BOS rows are served
         when the store holds them (`saecache train` leaves them out by default). `heldout_fraction` defaults to
-        `saecache train`'s (0.01). On CUDA, batches are pinned and copied non-blocking."""
+        `saecache train`'s (0.01); `partitions` (default: train's 8) is part of the order, as in train. On CUDA,
+        batches are pinned and copied non-blocking. Arguments are checked at the call."""
         import torch
 
         names = [hooks] if isinstance(hooks, str) else list(hooks)
@@ -142,19 +145,27 @@ class ActivationStore:
         if len(set(names)) != len(names):
             raise ConfigError(f"batches: a hook is named twice in {names}")
         self.store.require_complete()
+        if batch_size < 1:
+            raise ConfigError(f"batches: batch_size {batch_size} must be >= 1")
+        if steps is not None and steps < 0:
+            raise ConfigError(f"batches: steps {steps} must be >= 0 (or None for one epoch)")
         fraction = _fraction(heldout_fraction)
         dtype = torch.float32 if dtype is None else dtype
         scale = {h: _scale(self.store, h) if normalize and h not in IDS else 1.0 for h in names}
         if split == "heldout":
-            gen = self._heldout(names, batch_size, fraction, dtype, device)
+            from saecache.harvest.split import heldout_cutoff
+
+            if heldout_cutoff(self.store, fraction) >= self.n_contexts:
+                raise ConfigError("batches: heldout_fraction 0 holds nothing out; use split='all' for every row")
+            gen = itertools.islice(self._heldout(names, batch_size, fraction, dtype, device), steps)
         else:
             gen = self._loader(names, batch_size, seed, fraction if split == "train" else 0.0, dtype, device, steps,
                                partitions)
-        for batch in gen:
-            out = tuple(batch[h] / scale[h] if scale[h] != 1.0 else batch[h] for h in names)
-            yield out[0] if single else out
+        # checked above, read from here on: bad arguments fail at the call, not at the first batch
+        return (_pick(batch, names, scale, single) for batch in gen)
 
     def _loader(self, names, batch_size, seed, fraction, dtype, device, steps, partitions):
+        """The train loader, built now (it checks the batch size against the rows), read by the generator."""
         from saecache.train.config import TrainConfig
         from saecache.train.loader import Loader
 
@@ -163,6 +174,10 @@ class ActivationStore:
                         partitions=partitions or defaults["partitions"].default,
                         shuffle_chunks=defaults["shuffle_chunks"].default,
                         shuffle_run=defaults["shuffle_run"].default, dtype=dtype, device=device)
+        return self._serve(loader, steps)
+
+    @staticmethod
+    def _serve(loader, steps):
         try:
             n = loader.batches_per_epoch(0) if steps is None else int(steps)
             for _ in range(n):
@@ -186,6 +201,11 @@ class ActivationStore:
                     t = t.to(device)
                 b[h] = t
             yield b
+
+
+def _pick(batch: dict, names: list[str], scale: dict[str, float], single: bool):
+    out = tuple(batch[h] / scale[h] if scale[h] != 1.0 else batch[h] for h in names)
+    return out[0] if single else out
 
 
 def _fraction(heldout_fraction: float | None) -> float:

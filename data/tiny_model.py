@@ -96,11 +96,13 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def eval_loss(model: GPTNeoXForCausalLM, ids_BT: torch.Tensor, batch: int = 32) -> float:
-    """Mean next-token cross-entropy (nats) over all positions of `ids_BT`."""
+def eval_loss(model: GPTNeoXForCausalLM, ids_BT: torch.Tensor, batch: int = 32, progress: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) over all positions of `ids_BT`; `progress`: a bar on stderr."""
+    from tqdm import tqdm
+
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(ids_BT), batch):
+    for i in tqdm(range(0, len(ids_BT), batch), desc="validation loss", unit="batch", disable=not progress):
         chunk = ids_BT[i:i + batch]
         total += model(input_ids=chunk, labels=chunk).loss.item() * chunk.numel()
         n += chunk.numel()

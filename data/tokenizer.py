@@ -70,8 +70,10 @@ def iter_texts(files: Sequence[Path], text_field: str = "text") -> Iterator[str]
             yield f.read_text(encoding="utf-8")
 
 
-def train_bpe(files: Sequence[Path], vocab_size: int, out_dir: Path | None = None) -> PreTrainedTokenizerFast:
-    """Train a NeoX-layout byte-level BPE on `files` (see `iter_texts`); save it to `out_dir` when given."""
+def train_bpe(files: Sequence[Path], vocab_size: int, out_dir: Path | None = None,
+              progress: bool = False) -> PreTrainedTokenizerFast:
+    """Train a NeoX-layout byte-level BPE on `files` (see `iter_texts`); save it to `out_dir` when given. `progress`:
+    a bar with its ETA on stderr over the documents read (about two thirds of the time; the merges follow)."""
     if vocab_size < 256 + 2:
         raise ConfigError(f"vocab_size must be at least 258 (256 bytes + 2 specials), got {vocab_size}")
     bpe = Tokenizer(models.BPE())
@@ -80,7 +82,12 @@ def train_bpe(files: Sequence[Path], vocab_size: int, out_dir: Path | None = Non
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(iter_texts(files), trainer=trainer)
+    texts = iter_texts(files)
+    if progress:
+        from tqdm import tqdm
+
+        texts = tqdm(texts, total=sum(1 for _ in iter_texts(files)), desc="train BPE tokenizer", unit="doc")
+    bpe.train_from_iterator(texts, trainer=trainer)
     if bpe.token_to_id(EOS) != 0 or bpe.token_to_id(PAD) != 1:
         raise AssertionError("special tokens must be ids 0 and 1")
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)

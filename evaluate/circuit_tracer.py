@@ -1,5 +1,6 @@
 """Export to circuit-tracer 0.5.0 (github.com/safety-research/circuit-tracer), the tool that builds attribution
-graphs over a replacement model: a per-layer transcoder (PLT) set in its `transcoder_set` layout.
+graphs over a replacement model: a per-layer transcoder (PLT) set in its `transcoder_set` layout, a cross-layer
+transcoder (CLT) in its `cross_layer_transcoder` layout (`export_clt`: W_enc_{i} / W_dec_{i} files, see `clt_files`).
 
 The layout, as its code reads it (`transcoder/single_layer_transcoder.py` `load_relu_transcoder` /
 `load_transcoder_set`, `utils/caching.py` `load_transcoders_from_cache`):
@@ -94,6 +95,78 @@ def _check_plt_set(loaded: list[tuple[str, object, dict]]) -> tuple[list, tuple[
         raise RunDirError(f"the runs have different widths ({', '.join(map(str, sorted(widths)))}): circuit-tracer's "
                           "transcoder set needs one width for every layer")
     return ordered, CT_HOOKS[pairs.pop()]
+
+
+def clt_files(clt) -> dict[str, dict[str, torch.Tensor]]:
+    """A CLT (`train.crosslayer.CrossLayer`, kind clt) as circuit-tracer's files: W_enc_{i}.safetensors with W_enc_{i}
+    [F, D_in], b_enc_{i}, b_dec_{i} (+ threshold_{i} [F]); W_dec_{i}.safetensors with W_dec_{i} [F, L-i, D_out]."""
+    cfg = clt.cfg
+    target = f"circuit-tracer {CT_VERSION}"
+    if cfg.kind != "clt":
+        raise RunDirError(f"cannot export a {cfg.kind} to {target}: it holds per-layer and cross-layer transcoders "
+                          "only")
+    if cfg.activation == "topk":
+        raise RunDirError(f"cannot export a TopK CLT to {target}: its CLTs encode with ReLU or JumpReLU only; train "
+                          "clt-jumprelu or clt-batchtopk (its inference threshold is a JumpReLU)")
+    c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
+    files = {}
+    for i in range(cfg.n_layers):
+        th = getattr(clt, f"threshold_{i}")
+        if cfg.activation == "batchtopk" and float(th.min()) < 0:
+            raise RunDirError(f"cannot export this batchtopk CLT to {target}: source {i} has no inference threshold "
+                              "yet (train past the threshold start so encode does not depend on the batch)")
+        # ours: relu(z) * (z > θ); circuit-tracer's JumpReLU: z * (z > θ) — the same for θ >= 0
+        files[f"W_enc_{i}.safetensors"] = {f"W_enc_{i}": c(getattr(clt, f"W_enc_{i}")),
+                                           f"b_enc_{i}": c(getattr(clt, f"b_enc_{i}")),
+                                           f"b_dec_{i}": c(clt.b_dec_LD[i]), f"threshold_{i}": c(th.clamp_min(0))}
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": c(getattr(clt, f"W_dec_{i}").view(
+            cfg.n_features, cfg.n_layers - i, cfg.d_out))}
+    return files
+
+
+def _hook_pair(hooks_in: list[str], hooks_out: list[str], what: str) -> tuple[str, str]:
+    kinds = {(_kind_layer(a)[0], _kind_layer(b)[0]) for a, b in zip(hooks_in, hooks_out)}
+    layers_ok = all(_kind_layer(a)[1] == _kind_layer(b)[1] == i for i, (a, b) in enumerate(zip(hooks_in, hooks_out)))
+    if len(kinds) != 1 or next(iter(kinds)) not in CT_HOOKS or not layers_ok:
+        known = ", ".join(f"{a}.i -> {b}.i" for a, b in CT_HOOKS)
+        raise RunDirError(f"{what} maps {hooks_in[0]}.. -> {hooks_out[0]}..; circuit-tracer needs layer i's input and "
+                          f"MLP output for every layer i = 0..n-1: {known}")
+    return CT_HOOKS[kinds.pop()]
+
+
+def export_clt(run_dir: str, out: str, model_name: str | None = None) -> str:
+    """Write the CLT of `run_dir` into `out` in circuit-tracer's cross_layer_transcoder layout (`load_clt`), with a
+    config.yaml naming its hooks; written into a temporary directory renamed into place."""
+    from safetensors.torch import save_file
+
+    from saecache.evaluate.replacement import read_run
+
+    clt, cfg = read_run(run_dir)
+    files = clt_files(clt)  # refuses a crosscoder or a TopK CLT first
+    hook_in, hook_out = _hook_pair(clt.cfg.hooks_in, clt.cfg.hooks_out, f"run {run_dir}")
+    tmp = _fresh_out(out)
+    try:
+        for name, tensors in files.items():
+            save_file(tensors, os.path.join(tmp, name))
+        write_config(os.path.join(tmp, CONFIG_FILE),
+                     {"model_kind": "cross_layer_transcoder",
+                      "model_name": model_name or (cfg.get("model") or {}).get("name"),
+                      "feature_input_hook": hook_in, "feature_output_hook": hook_out,
+                      "scan": os.path.basename(os.path.normpath(out))})
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export(run_dirs: list[str], out: str) -> str:
+    """`saecache export --to circuit-tracer`: one CLT run dir, or a PLT set (one transcoder run dir per layer)."""
+    from saecache.train.rundir import read_cfg
+
+    if len(run_dirs) == 1 and os.path.isdir(run_dirs[0]) and "kind" in (read_cfg(run_dirs[0]).get("sae") or {}):
+        return export_clt(run_dirs[0], out)
+    return export_transcoder_set(run_dirs, out)
 
 
 def _fresh_out(out: str) -> str:

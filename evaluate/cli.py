@@ -84,13 +84,13 @@ def replacement(run_dirs, **kw):
 @click.option("--out", required=True, help="Directory to write (cfg.json + sae_weights.safetensors, ae.pt + "
                                             "config.json, or circuit-tracer's config.yaml + layer_{i}.safetensors).")
 def export_cmd(run_dirs, to, out):
-    """Export the SAE in RUN_DIR to SAELens or dictionary_learning format, or a per-layer transcoder set (one run dir
-    per layer, 0..n-1) to circuit-tracer's."""
+    """Export the SAE in RUN_DIR to SAELens or dictionary_learning format; to circuit-tracer, a per-layer transcoder
+    set (one run dir per layer, 0..n-1) or a cross-layer transcoder's run dir."""
     if to == "circuit-tracer":
-        from saecache.evaluate.circuit_tracer import export_transcoder_set
+        from saecache.evaluate.circuit_tracer import export
 
-        export_transcoder_set(list(run_dirs), out)
-        click.echo(f"exported {len(run_dirs)} transcoder(s) -> {out} (circuit-tracer transcoder_set)")
+        export(list(run_dirs), out)
+        click.echo(f"exported {' '.join(run_dirs)} -> {out} (circuit-tracer)")
         return
     from saecache.evaluate.convert import export_run
 

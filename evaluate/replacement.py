@@ -80,6 +80,49 @@ class TranscoderSet(Replacement):
         return sae.decode(codes[layer], x)
 
 
+class CrossLayerReplacement(Replacement):
+    """A cross-layer transcoder (`saecache.train.crosslayer.CrossLayer`, kind clt): source l reads layer l's input and
+    writes every layer l' >= l, so layer l's prediction reads the codes of every source <= l."""
+
+    def __init__(self, clt, hooks_in: list[HookPoint], hooks_out: list[HookPoint], layer_names: list[str]):
+        self.clt, self.hooks_in, self.hooks_out, self.layer_names = clt, hooks_in, hooks_out, layer_names
+        self.widths = [clt.cfg.n_features] * clt.cfg.n_layers
+
+    def sources(self, layer):
+        return list(range(layer + 1))
+
+    def encode(self, layer, x_ND):
+        m = self.clt
+        code = m.act.encode(m, layer, x_ND.to(m.b_dec_LD.device, torch.float32))
+        return code.f_BF if code.f_BF is not None else code.sparse.dense(m.cfg.n_features)
+
+    def decode(self, layer, codes, xs):
+        m = self.clt
+        cfg = m.cfg
+        y = m.b_dec_LD[layer].expand(codes[layer].shape[0], -1)
+        for s in self.sources(layer):
+            W_FD = getattr(m, f"W_dec_{s}").view(cfg.n_features, cfg.n_layers - s, cfg.d_out)[:, layer - s]
+            y = y + codes[s] @ W_FD
+        return y
+
+
+def read_run(run_dir: str, device="cpu"):
+    """(module, cfg.json) of a run dir: an `SAE`, or a `CrossLayer` when cfg.json's "sae" is a cross-layer config
+    (it has a `kind`). Missing directory or files -> one-line RunDirError."""
+    from saecache.evaluate.runner import load_run_checked
+    from saecache.train.rundir import WEIGHTS_FILE, read_cfg
+
+    if os.path.isdir(run_dir) and "kind" in (read_cfg(run_dir).get("sae") or {}):
+        from saecache.train.crosslayer import CrossLayerConfig, load_crosslayer
+
+        cfg = read_cfg(run_dir)
+        path = os.path.join(run_dir, WEIGHTS_FILE)
+        if not os.path.exists(path):
+            raise RunDirError(f"{run_dir} has no {WEIGHTS_FILE}: training did not finish")
+        return load_crosslayer(CrossLayerConfig.from_dict(cfg["sae"]), path, device).eval(), cfg
+    return load_run_checked(run_dir, device)
+
+
 @dataclass
 class ModeResult:
     """What one input mode gives: the whole replacement's loss figures and each layer's reconstruction statistics."""
@@ -205,11 +248,12 @@ def replacement_losses(model: torch.nn.Module, ids_CT: torch.Tensor, rep: Replac
 
 @dataclass
 class ReplacementConfig:
-    """`saecache replacement`: a PLT set (one transcoder run dir per replaced layer) evaluated as a replacement model
-    on a store's held-out contexts; writes replacement.md and replacement.json."""
+    """`saecache replacement`: a PLT set (one transcoder run dir per replaced layer) or a cross-layer transcoder
+    evaluated as a replacement model on a store's held-out contexts; writes replacement.md and replacement.json."""
 
     run_dirs: list[str]
-    """Transcoder run dirs, one per replaced layer (each maps an input hook, e.g. mlp_in.i, to mlp_out.i)."""
+    """Transcoder run dirs, one per replaced layer (each maps an input hook, e.g. mlp_in.i, to mlp_out.i), or one
+    cross-layer transcoder's run dir."""
     store: str
     """Store the runs were trained on (its held-out contexts are used) or another store of the same model and hooks."""
     out: str = "replacement"
@@ -242,31 +286,59 @@ class ReplacementConfig:
         return MODES if self.inputs == "both" else (self.inputs,)
 
 
-def load_transcoder_set(run_dirs: list[str], store, device) -> tuple[TranscoderSet, tuple[int, int]]:
-    """The PLT set of `run_dirs` in model order, and the contexts held out for every one of them."""
+def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, tuple[int, int]]:
+    """The replacement of `run_dirs` (one CLT run dir, or a PLT set: one transcoder per layer) in model order, and
+    the contexts held out for every one of them."""
     from saecache.evaluate import runner as R
 
+    first = read_run(run_dirs[0], device)
+    if hasattr(first[0].cfg, "kind"):
+        return _load_clt(run_dirs, first, store)
     entries = []
     c0, c1 = 0, store.geometry.n_contexts
     for run_dir in run_dirs:
-        sae, rcfg = R.load_run_checked(run_dir, device)
+        sae, rcfg = read_run(run_dir, device)
+        if hasattr(sae.cfg, "kind"):
+            raise RunDirError(f"run {run_dir} is a {sae.cfg.kind}: evaluate it alone, not within a transcoder set")
         h_in, h_out = R.run_hooks(rcfg)
         if h_in == h_out:
             raise RunDirError(f"run {run_dir} is an SAE of {h_in} (it reconstructs its own input); a replacement "
                               "model needs transcoders, e.g. trained with --hook mlp_in.i --hook-out mlp_out.i")
         (a, b), _ = R.heldout_contexts_for(run_dir, rcfg, sae, store)
         c0, c1 = max(c0, a), min(c1, b)
-        entries.append((R.hook_point(store, h_out).order, sae, h_in, h_out))
+        entries.append((sae, h_in, h_out))
     if c0 >= c1:
         raise RunDirError("the runs share no held-out context of this store (they were trained on different splits)")
-    order = [store.hooks[h]["module"] for _, _, _, h in entries]
-    dupes = sorted({h for _, _, _, h in entries if [e[3] for e in entries].count(h) > 1})
-    if dupes or len(set(order)) < len(order):
-        raise RunDirError(f"more than one run writes {', '.join(dupes) or 'the same module'}: give one per layer")
-    entries.sort(key=lambda e: int(R.layer_of(e[3])) if R.layer_of(e[3]).isdigit() else 0)
-    rep = TranscoderSet([e[1] for e in entries], [R.hook_point(store, e[2]) for e in entries],
-                        [R.hook_point(store, e[3]) for e in entries], [R.layer_of(e[3]) for e in entries])
+    outs = [e[2] for e in entries]
+    dupes = sorted({h for h in outs if outs.count(h) > 1})
+    if dupes:
+        raise RunDirError(f"more than one run writes {', '.join(dupes)}: give one transcoder per layer")
+    entries.sort(key=lambda e: int(R.layer_of(e[2])) if R.layer_of(e[2]).isdigit() else 0)
+    rep = TranscoderSet([e[0] for e in entries], [R.hook_point(store, e[1]) for e in entries],
+                        [R.hook_point(store, e[2]) for e in entries], [R.layer_of(e[2]) for e in entries])
     return rep, (c0, c1)
+
+
+def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[int, int]]:
+    from saecache.evaluate import runner as R
+    from saecache.harvest.split import heldout_range
+
+    clt, rcfg = loaded
+    if len(run_dirs) != 1 or clt.cfg.kind != "clt":
+        raise RunDirError(f"run {run_dirs[0]} is a {clt.cfg.kind}: a replacement model takes one cross-layer "
+                          "transcoder alone (a crosscoder replaces no MLP)")
+    for h, d in [(h, clt.cfg.d_in) for h in clt.cfg.hooks_in] + [(h, clt.cfg.d_out) for h in clt.cfg.hooks_out]:
+        if h not in store.hooks or store.hooks[h]["d"] != d:
+            raise RunDirError(f"run {run_dirs[0]} reads or writes {h!r} (width {d}) but store {store.url} has "
+                              f"{'no such hook' if h not in store.hooks else 'width ' + str(store.hooks[h]['d'])}")
+    rng = heldout_range(R._split_records(run_dirs[0], rcfg, store), store)
+    contexts = rng if rng is not None else (0, store.geometry.n_contexts)
+    if contexts[0] >= contexts[1]:
+        raise RunDirError(f"store {store.url} holds none of run {run_dirs[0]}'s held-out contexts")
+    rep = CrossLayerReplacement(clt, [R.hook_point(store, h) for h in clt.cfg.hooks_in],
+                                [R.hook_point(store, h) for h in clt.cfg.hooks_out],
+                                [R.layer_of(h) for h in clt.cfg.hooks_out])
+    return rep, contexts
 
 
 def run_replacement(cfg: ReplacementConfig) -> dict:
@@ -276,7 +348,7 @@ def run_replacement(cfg: ReplacementConfig) -> dict:
 
     device = pick_device(cfg.device)
     store = R.open_store(cfg.store)
-    rep, contexts = load_transcoder_set(cfg.run_dirs, store, device)
+    rep, contexts = load_replacement(cfg.run_dirs, store, device)
     model = R.load_store_model(store, cfg)
     ids = R.splice_contexts(store, contexts, cfg.n_contexts)
     means = {l: torch.as_tensor(store.stats(h.name)["mean"], dtype=torch.float32) for l, h in enumerate(rep.hooks_out)}

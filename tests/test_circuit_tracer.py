@@ -10,8 +10,11 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +156,121 @@ def test_saelens_holds_relu_and_jumprelu_transcoders(tmp_path, arch):
     f = pre.relu() * (pre > t["threshold"]) if "threshold" in t else pre.relu()
     with torch.no_grad():
         torch.testing.assert_close(f @ t["W_dec"] + t["b_dec"], sae(X), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the real circuit-tracer (slow)
+
+CT_PINS = ("torch==2.13.0", "circuit-tracer==0.5.0", "nnsight==0.6.3")
+"""torch first and alone: the CPU wheel, so circuit-tracer's torch requirement is met and no CUDA build is pulled.
+nnsight is pinned because circuit-tracer 0.5.0 asks only nnsight>=0.6.0 and imports
+`nnsight.intervention.tracing.tracer.Barrier`, which nnsight 0.7 moved (0.8.1, what pip picks, fails to import)."""
+VENV = Path(__file__).resolve().parents[1] / ".venvs" / "circuit-tracer-0.5.0"
+VENV_RECORD = "saecache-venv.json"
+"""Written last into the venv: its pins and build time. A venv without it (an interrupted build) is rebuilt."""
+PROMPT = "def add(a, b):\n    return a +"
+
+
+@pytest.fixture(scope="session")
+def ct_venv() -> Path:
+    """The circuit-tracer 0.5.0 virtualenv's python, built once (its versions apart from ours: it pins
+    transformers<=4.57.3) and reused while its record matches the pins."""
+    py, record = VENV / "bin" / "python", VENV / VENV_RECORD
+    if py.exists() and record.is_file() and json.loads(record.read_text()).get("pins") == list(CT_PINS):
+        return py
+    shutil.rmtree(VENV, ignore_errors=True)
+    VENV.parent.mkdir(exist_ok=True)  # git-ignored (.gitignore: /.venvs/)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, CT_PINS[0]], check=True)
+    subprocess.run([*pip, *CT_PINS], check=True)
+    record.write_text(json.dumps({"pins": list(CT_PINS), "build_seconds": round(time.time() - t0, 1)}) + "\n")
+    return py
+
+
+def transformers4_model_dir(src: Path, dst: Path) -> Path:
+    """`src` (saved by transformers 5) as transformers <= 4.57 reads it: config.json gets rope_theta / rope_scaling
+    back from rope_parameters (else 4.57 silently uses its default base), tokenizer_config.json a tokenizer class it
+    knows; the weights are linked, not copied."""
+    dst.mkdir()
+    for name in os.listdir(src):
+        if name not in ("config.json", "tokenizer_config.json"):
+            os.symlink(src / name, dst / name)
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta"))
+    cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def smollm2_plt(tmp_path_factory, tiny_corpus):
+    """SmolLM2-135M-Instruct, a store of every layer's mlp_in and mlp_out (2048 tokens) and a PLT set trained briefly from it:
+    ReLU transcoders of 32 features, one per layer (circuit-tracer's replacement model runs one at every layer)."""
+    from saecache.data.smollm2 import export_smollm2
+    from saecache.harvest.config import HarvestConfig
+    from saecache.harvest.run import run_harvest
+    from saecache.train.config import TrainConfig
+    from saecache.train.trainer import run_training
+
+    root = tmp_path_factory.mktemp("ct_smollm2")
+    model = export_smollm2(root / "smollm2")
+    n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    hooks = tuple(f"{k}.{i}" for i in range(n_layers) for k in ("mlp_in", "mlp_out"))
+    store = root / "store.zarr"
+    run_harvest(HarvestConfig(out=str(store), model=str(model), dataset=str(tiny_corpus), hooks=hooks, ctx_len=32,
+                              tokens=2048, batch_size=8, device="cpu", seed=0), progress=False)
+    saes = [{"arch": "relu", "width": 32, "hook_in": f"mlp_in.{i}", "hook_out": f"mlp_out.{i}", "name": f"plt-{i}"}
+            for i in range(n_layers)]
+    runs = run_training(TrainConfig.from_dict({"stores": [str(store)], "out": str(root / "runs"), "saes": saes,
+                                               "steps": 20, "batch_size": 64, "device": "cpu", "progress": False}))
+    return {"root": root, "model": model, "store": store, "runs": runs, "n_layers": n_layers}
+
+
+@pytest.mark.slow
+def test_circuit_tracer_loads_the_set_reproduces_it_and_builds_an_attribution_graph(ct_venv, smollm2_plt, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saecache.evaluate.runner import load_run_checked
+    from saecache.harvest.store import Store
+
+    s = smollm2_plt
+    export_transcoder_set(s["runs"], str(tmp_path / "plt"))
+    store, tensors = Store.open(str(s["store"])), {}
+    with torch.no_grad():
+        for i, run in enumerate(sorted(s["runs"], key=lambda r: int(r.rsplit("-", 1)[1]))):
+            sae, cfg = load_run_checked(run)
+            assert cfg["hooks"] == {"in": f"mlp_in.{i}", "out": f"mlp_out.{i}"}
+            x = store.read_acts_torch(f"mlp_in.{i}", 0, 64).float()
+            tensors[f"x_{i}"], tensors[f"y_{i}"] = x, sae(x)
+        tok = AutoTokenizer.from_pretrained(str(s["model"]))
+        ids = torch.tensor([tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]])
+        model = AutoModelForCausalLM.from_pretrained(str(s["model"]), dtype=torch.float32).eval()
+        tensors["ids"], tensors["logits"] = ids, model(input_ids=ids[None]).logits[0]
+        del model
+    assert all(bool((tensors[f"y_{i}"] != tensors[f"y_{i}"][0]).any()) for i in range(s["n_layers"]))  # not constant
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "inputs.safetensors"))
+    args = {"transcoders": str(tmp_path / "plt"), "inputs": str(tmp_path / "inputs.safetensors"),
+            "model": str(transformers4_model_dir(s["model"], tmp_path / "model4")),
+            "graph_dir": str(tmp_path / "graph"), "slug": "smollm2-add"}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([str(ct_venv), str(Path(__file__).with_name("ct_roundtrip.py")), str(tmp_path / "args.json")],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["n_layers"] == s["n_layers"] == 30
+    assert res["config"] == {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
+                             "feature_output_hook": "mlp.hook_out"}
+    assert max(res["recon_err"]) <= 1e-4, res["recon_err"]  # |ct - ours| / (1 + |ours|), every layer
+    assert res["logit_err"] < 1e-3  # its transformers reads the model directory as the same model
+    assert res["n_active_features"] > 0 and res["n_selected_features"] > 0
+    graph = json.loads((tmp_path / "graph" / "smollm2-add.json").read_text())
+    assert graph["nodes"] and graph["links"] and graph["metadata"]["slug"] == "smollm2-add"
+    assert (tmp_path / "graph" / "graph-metadata.json").is_file() and (tmp_path / "graph" / "smollm2-add.pt").is_file()

@@ -1,7 +1,7 @@
 """Progress with an ETA for the long phases: each phase of the evaluation (statistics, splicing, feature pages) and
-the demo model's preparation (tokenizing the corpus, training) shows a tqdm line with a remaining-time field on
-stderr, and prints it before the phase ends; `progress=False` (`--no-progress`, the demo's `--quiet`) prints none.
-Before this, the evaluation printed nothing at all until its report (4.7 minutes silent in the tiny demo).
+the demo model's preparation (its BPE tokenizer, tokenizing the corpus, training) shows a tqdm line with a
+remaining-time field on stderr, printed before the phase ends; `progress=False` (`--no-progress`, the demo's
+`--quiet`) prints none. Before this, the evaluation printed nothing until its report (4.7 minutes in the tiny demo).
 """
 
 import re
@@ -69,3 +69,11 @@ def test_demo_model_preparation_shows_an_eta(tiny_model_dir, tiny_corpus_split, 
     for desc in ("tokenize train.jsonl.zst", "tokenize val.jsonl.zst", "train tiny model"):
         lines = phase_lines(err, desc)
         assert any(re.search(ETA, line) for line in lines), f"{desc}: {lines or err[-2000:]}"
+
+
+def test_demo_tokenizer_training_shows_an_eta(tiny_corpus, capfd):
+    from saecache.data.tokenizer import train_bpe
+
+    train_bpe([tiny_corpus], 300, progress=True)
+    lines = phase_lines(capfd.readouterr().err, "train BPE tokenizer")
+    assert any(re.search(ETA, line) for line in lines), lines

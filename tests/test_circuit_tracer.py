@@ -158,6 +158,69 @@ def test_saelens_holds_relu_and_jumprelu_transcoders(tmp_path, arch):
         torch.testing.assert_close(f @ t["W_dec"] + t["b_dec"], sae(X), rtol=1e-5, atol=1e-5)
 
 
+def make_clt_run(root, activation="jumprelu", kind="clt", L=3, seed=0, hook_in="resid_mid") -> tuple[str, object]:
+    from saecache.train.crosslayer import CrossLayer, CrossLayerConfig, save_crosslayer
+
+    hooks_out = None if kind == "crosscoder" else [f"mlp_out.{i}" for i in range(L)]
+    clt = CrossLayer(CrossLayerConfig(kind=kind, hooks_in=[f"{hook_in}.{i}" for i in range(L)], hooks_out=hooks_out,
+                                      d_in=D, n_features=F, activation=activation,
+                                      k=4 if activation != "jumprelu" else None)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in clt.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, b in clt.named_buffers():
+            if name.startswith("threshold_"):
+                b.fill_(0.2)
+    run = os.path.join(root, f"{kind}-{activation}")
+    os.makedirs(run)
+    with open(os.path.join(run, "cfg.json"), "w") as f:
+        json.dump({"format_version": 1, "name": os.path.basename(run), "sae": clt.cfg.to_dict(),
+                   "model": {"name": "models/tiny-llama"}}, f)
+    save_crosslayer(clt, os.path.join(run, "sae.safetensors"))
+    return run, clt
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_a_clt_exports_in_circuit_tracers_layout_and_computes_the_same(tmp_path, activation):
+    L = 3
+    run, clt = make_clt_run(tmp_path, activation, L=L)
+    subprocess.run([sys.executable, "-m", "saecache", "export", run, "--to", "circuit-tracer", "--out",
+                    str(tmp_path / "out")], check=True, capture_output=True)
+    cfg = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert cfg == {"model_kind": "cross_layer_transcoder", "model_name": "models/tiny-llama",
+                   "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out", "scan": "out"}
+    enc = [load_file(str(tmp_path / "out" / f"W_enc_{i}.safetensors")) for i in range(L)]
+    dec = [load_file(str(tmp_path / "out" / f"W_dec_{i}.safetensors")) for i in range(L)]
+    for i in range(L):
+        assert {k: tuple(v.shape) for k, v in enc[i].items()} == {f"W_enc_{i}": (F, D), f"b_enc_{i}": (F,),
+                                                                   f"b_dec_{i}": (D,), f"threshold_{i}": (F,)}
+        assert {k: tuple(v.shape) for k, v in dec[i].items()} == {f"W_dec_{i}": (F, L - i, D)}
+    xs = [torch.randn(20, D, generator=torch.Generator().manual_seed(10 + i)) for i in range(L)]
+    # circuit-tracer's CrossLayerTranscoder: features_i = x_i @ W_enc_i.T + b_enc_i, JumpReLU f * (f > threshold_i);
+    # layer l = b_dec_l + sum over i <= l of features_i @ W_dec_i[:, l - i]
+    feats = []
+    for i in range(L):
+        z = xs[i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        feats.append(z * (z > enc[i][f"threshold_{i}"]))
+    with torch.no_grad():
+        ours = clt(xs)
+    for l in range(L):
+        ct = enc[l][f"b_dec_{l}"] + sum(feats[i] @ dec[i][f"W_dec_{i}"][:, l - i] for i in range(l + 1))
+        torch.testing.assert_close(ct, ours[l], rtol=1e-5, atol=1e-5)
+    assert all(bool((f > 0).any()) for f in feats)
+
+
+@pytest.mark.parametrize("kind, activation, match", [("clt", "topk", "cannot export a TopK CLT"),
+                                                     ("crosscoder", "jumprelu", "cannot export a crosscoder")])
+def test_unexportable_cross_layer_dictionaries_are_refused(tmp_path, kind, activation, match):
+    run, _ = make_clt_run(tmp_path, activation, kind=kind)
+    proc = subprocess.run([sys.executable, "-m", "saecache", "export", run, "--to", "circuit-tracer", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and match in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ the real circuit-tracer (slow)
 
 CT_PINS = ("torch==2.13.0", "circuit-tracer==0.5.0", "nnsight==0.6.3")

@@ -253,3 +253,81 @@ def test_an_sae_in_place_of_a_transcoder_is_refused_in_one_line(plt_runs, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "reconstructs its own input" in err[0]
     assert not (tmp_path / "rep").exists()
+
+
+# ------------------------------------------------------------------------------------- a cross-layer transcoder
+
+
+def clt_of(model, off_diagonal=0.0, seed=0):
+    """A JumpReLU CLT (threshold 0: ReLU) over mlp_in.l -> mlp_out.l whose source l encodes with MLP l's first layer
+    and decodes into layer l with its second layer; decoders into later layers are `off_diagonal`-scaled noise."""
+    from saecache.train.crosslayer import CrossLayer, CrossLayerConfig
+
+    clt = CrossLayer(CrossLayerConfig(kind="clt", hooks_in=[f"mlp_in.{i}" for i in range(L)],
+                                      hooks_out=[f"mlp_out.{i}" for i in range(L)], d_in=D, n_features=H,
+                                      activation="jumprelu")).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in range(L):
+            mlp = model.gpt_neox.layers[s].mlp
+            getattr(clt, f"W_enc_{s}").copy_(mlp.dense_h_to_4h.weight)
+            getattr(clt, f"b_enc_{s}").copy_(mlp.dense_h_to_4h.bias)
+            getattr(clt, f"threshold_{s}").zero_()
+            W = off_diagonal * torch.randn(H, L - s, D, generator=g)
+            W[:, 0] = mlp.dense_4h_to_h.weight.t()
+            getattr(clt, f"W_dec_{s}").copy_(W.reshape(H, -1))
+            clt.b_dec_LD[s].copy_(mlp.dense_4h_to_h.bias)
+    return clt
+
+
+def clt_replacement(clt):
+    from saecache.evaluate.replacement import CrossLayerReplacement
+
+    return CrossLayerReplacement(clt, [hooks(i)[0] for i in range(L)], [hooks(i)[1] for i in range(L)],
+                                 [str(i) for i in range(L)])
+
+
+def test_a_clt_with_the_mlps_on_its_diagonal_replaces_the_model_exactly(model, ids):
+    rep = clt_replacement(clt_of(model))
+    res = replacement_losses(model, ids, rep, list(range(L)), means(rep), first_position=1, batch_size=4)
+    for r in res.values():
+        assert r.losses.spliced == pytest.approx(r.losses.clean, abs=1e-5) and abs(r.losses.kl) < 1e-5
+        assert all(layer["rel_error"] < 1e-5 for layer in r.layers)
+
+
+def test_a_clts_layer_sums_every_earlier_source_in_both_modes(model, ids):
+    p0 = 1
+    clt = clt_of(model, off_diagonal=0.01, seed=3)
+    rep = clt_replacement(clt)
+    res = replacement_losses(model, ids, rep, list(range(L)), means(rep), first_position=p0, batch_size=4)
+
+    def pred(l, xs):  # ŷ_l = b_dec_l + sum over s <= l of relu(x_s W_enc_s^T + b_enc_s) W_dec_s[:, l - s]
+        y = clt.b_dec_LD[l].clone()
+        for s in range(l + 1):
+            f = torch.relu(xs[s] @ getattr(clt, f"W_enc_{s}").t() + getattr(clt, f"b_enc_{s}"))
+            y = y + f @ getattr(clt, f"W_dec_{s}").view(H, L - s, D)[:, l - s]
+        return y
+
+    clean_in = {}
+    handles = [model.gpt_neox.layers[i].mlp.register_forward_pre_hook(
+        lambda m, a, i=i: clean_in.__setitem__(i, a[0].detach())) for i in range(L)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    own_in = {}
+
+    def own(l):
+        def fn(x):
+            own_in[l] = x
+            return pred(l, own_in)
+        return fn
+
+    with torch.no_grad():
+        replaced_own = manual_ce(model, ids, p0, {i: own(i) for i in range(L)})
+        replaced_clean = manual_ce(model, ids, p0, {i: (lambda x, i=i: pred(i, clean_in)) for i in range(L)})
+    assert res["replaced"].losses.spliced == pytest.approx(replaced_own, abs=1e-5)
+    assert res["clean"].losses.spliced == pytest.approx(replaced_clean, abs=1e-5)
+    assert abs(res["clean"].losses.spliced - res["clean"].losses.clean) > 1e-4  # the cross-layer terms count

@@ -122,8 +122,9 @@ class Plan:
 
     # -- building
     def ensure(self, spec: TextSpec, tokenizer, log: Callable[[str], None] = lambda m: None,
-               poll_seconds: float = 0.5) -> dict:
-        """The finished plan: read it, wait for the live planner, or build it (resuming a dead planner's work)."""
+               poll_seconds: float = 0.5, progress: bool = False) -> dict:
+        """The finished plan: read it, wait for the live planner, or build it (resuming a dead planner's work).
+        `progress`: a bar with its ETA on stderr while building."""
         self.spec = spec
         waited = False
         while (done := self.finished()) is None:
@@ -141,7 +142,7 @@ class Plan:
             if raw and json.loads(raw)["id"] != self.id:
                 continue
             try:
-                done = self._build(spec, tokenizer)
+                done = self._build(spec, tokenizer, progress)
             finally:
                 try:
                     self.loc.fs.rm(self.loc.path(PLANNER_FILE))
@@ -161,7 +162,7 @@ class Plan:
         data = zstandard.ZstdCompressor(level=3).compress(np.ascontiguousarray(contexts_CT, dtype=np.int32).tobytes())
         self.loc.put_atomic(f"{PLAN_DIR}/contexts-{s:06d}.bin", data)
 
-    def _build(self, spec: TextSpec, tokenizer) -> dict:
+    def _build(self, spec: TextSpec, tokenizer, progress: bool = False) -> dict:
         start, eos = _special_ids(tokenizer, self.key["bos"])
         body = self.ctx_len - (1 if self.key["bos"] else 0)
         names = source_names(spec)
@@ -188,6 +189,10 @@ class Plan:
 
         tail = [eos] if eos is not None else []
         records = iter_records(spec, after) if k * self.per_shard < self.want else iter(())
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.want, initial=min(self.want, k * self.per_shard), desc="plan: tokenize into contexts",
+                   unit="ctx", disable=not progress, smoothing=0.1)
         while k * self.per_shard < self.want:
             need = (self.want - k * self.per_shard) * body - len(stream)  # stream tokens still wanted
             if not (batch := _take(records, BATCH_DOCS, CHARS_PER_TOKEN_CAP * need)):
@@ -218,6 +223,8 @@ class Plan:
                 k += 1
             if k > k0 and k * self.per_shard < self.want:
                 self._checkpoint(k, after, fp, n_docs, n_tok, stream)
+            bar.update(min(self.want, k * self.per_shard + len(stream) // body) - bar.n)
+        bar.close()
         n_contexts = min(self.want, k * self.per_shard)
         if k * self.per_shard < self.want and len(stream) >= body:  # the text ran out: a last, partial shard
             n_last = len(stream) // body

@@ -32,6 +32,7 @@ from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_conte
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
+from saecache.threads import stage_threads
 
 
 def bos_policy(cfg: HarvestConfig) -> str:
@@ -236,6 +237,12 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
 
 
 def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
+    """`_run_harvest` under saecache's thread policy (`saecache/threads.py`)."""
+    with stage_threads():
+        return _run_harvest(cfg, progress)
+
+
+def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """Harvest this worker's shards of `cfg.out`; return a summary dict. Safe to rerun: finished shards are skipped."""
     from saecache.harvest.hooks import resolve_hooks
     from saecache.harvest.model import load_model
@@ -304,7 +311,8 @@ def _harvest(cfg: HarvestConfig, loc: _Location, model, tokenizer, info: dict, h
     per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
     plan = Plan(loc, plan_key(spec, info["tokenizer"], cfg.ctx_len, cfg.bos, math.ceil(cfg.tokens / rpc), per_shard),
                 spec)
-    planned = plan.ensure(spec, tokenizer, log=(lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
+    planned = plan.ensure(spec, tokenizer, log=(lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None),
+                          progress=progress)
     if planned["n_contexts"] < (need := min_store_contexts()):
         raise DataError(f"dataset {cfg.dataset} yields only {planned['n_contexts']} context(s) of {cfg.ctx_len} tokens "
                         f"and training needs {need} ({HELDOUT_RULE}); use more text or a smaller --ctx-len")

@@ -77,3 +77,14 @@ def test_demo_tokenizer_training_shows_an_eta(tiny_corpus, capfd):
     train_bpe([tiny_corpus], 300, progress=True)
     lines = phase_lines(capfd.readouterr().err, "train BPE tokenizer")
     assert any(re.search(ETA, line) for line in lines), lines
+
+
+def test_harvest_shows_planning_and_harvesting_with_an_eta(tiny_model_dir, tiny_corpus, tmp_path, capfd):
+    from saecache.harvest.run import run_harvest
+    from _store import tiny_harvest_config
+
+    run_harvest(tiny_harvest_config(tmp_path / "store.zarr", tiny_model_dir, tiny_corpus, tokens=2048), progress=True)
+    err = capfd.readouterr().err
+    for desc in ("plan: tokenize into contexts", "harvest 0/1"):
+        lines = phase_lines(err, desc)
+        assert any(re.search(ETA, line) for line in lines), f"{desc}: {lines or err[-2000:]}"

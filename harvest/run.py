@@ -32,7 +32,6 @@ from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_conte
 from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
-from saecache.threads import stage_threads
 
 
 def bos_policy(cfg: HarvestConfig) -> str:
@@ -231,12 +230,6 @@ def default_encode_workers() -> int:
 
 
 def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
-    """`_run_harvest` under saecache's thread policy (`saecache/threads.py`)."""
-    with stage_threads():
-        return _run_harvest(cfg, progress)
-
-
-def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """`_run_harvest` under saecache's thread policy (`saecache/threads.py`)."""
     with stage_threads():
         return _run_harvest(cfg, progress)

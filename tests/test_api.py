@@ -57,6 +57,20 @@ def collect(batches) -> list:
 # ----------------------------------------------------------------------------------------------------- open_store
 
 
+def test_import_saecache_stays_light():
+    """`import saecache` and naming the API import neither torch nor a stage package (the CLI's --help stays fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, saecache; names = (saecache.open_store, saecache.load_sae, saecache.splice); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('saecache.harvest', "
+            "'saecache.train', 'saecache.evaluate'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'open_sae'"):
+        saecache.open_sae
+
+
 def test_open_store_describes_the_store(tiny_store):
     from saecache.harvest.store import Store
 

@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# before any test imports torch, so its OpenMP threads wait passively (saecache/threads.py)
+import saecache  # noqa: E402,F401
+
 from _assets import *  # noqa: E402,F401,F403
 from _store import *  # noqa: E402,F401,F403
 

@@ -29,7 +29,7 @@ from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
 from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_contexts
-from saecache.harvest.store import FORMAT_VERSION, Geometry, _Location, shard_permutation
+from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
 
@@ -280,9 +280,13 @@ def new_local_dir(loc: _Location) -> tuple[str, bool] | None:
 
 
 def remove_unpublished(loc: _Location, fresh: tuple[str, bool]) -> None:
-    """Remove what this harvest created (`new_local_dir`) unless the store holds a published shard by now."""
-    manifest = os.path.join(loc.root, "_manifest")
-    if os.path.isdir(manifest) and any(n.startswith("shard-") for n in os.listdir(manifest)):
+    """Remove what this harvest created (`new_local_dir`) unless the store holds a published shard by now, or
+    another process works on it (a claim or a planner record left after this one released its own)."""
+    def names(d: str) -> list[str]:
+        return os.listdir(os.path.join(loc.root, d)) if os.path.isdir(os.path.join(loc.root, d)) else []
+
+    if (any(n.startswith("shard-") for n in names("_manifest"))
+            or any(n.startswith("worker-") for n in names(CLAIMS_DIR)) or "planner.json" in names("_plan")):
         return
     path, keep_dir = fresh
     doomed = [path] if not keep_dir else [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []

@@ -236,3 +236,63 @@ def test_first_store_outputs_and_the_venv_are_git_ignored(tmp_path):
     p = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", "--no-index", *kept], capture_output=True,
                        text=True)
     assert p.stdout.split() == []
+
+
+HELD = """
+import importlib
+import sys
+from saecache.cli import main
+
+def hold(where):  # module:function waits, after its first call, until the test closes stdin
+    module, name = where.split(":")
+    run = importlib.import_module(module)
+    real = getattr(run, name)
+    def held(*a, **kw):
+        out = real(*a, **kw)
+        if not getattr(held, "done", False):
+            held.done = True
+            print("held", flush=True)
+            sys.stdin.read()
+        return out
+    setattr(run, name, held)
+
+hold(sys.argv[1])
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_second_harvest_of_a_new_store_leaves_the_first_ones_work(tmp_path, tiny_model_dir, tiny_corpus):
+    """Two harvests of one new --out at once. The second has seen no store (it waits after loading the model); the
+    first creates the store, claims the worker slot and waits inside its first shard; then the second goes on, finds
+    the slot taken and fails, and must not remove the store the first is writing (which then completes)."""
+    import os
+    import sys
+
+    from saecache.harvest.store import Store
+
+    out = tmp_path / "s.zarr"
+    args = [str(a) for a in harvest_args(out, tiny_model_dir, tiny_corpus, "--tokens", "512")]
+
+    def start(name):
+        p = subprocess.Popen([sys.executable, "-c", HELD, name, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.stdout.readline().strip() == "held", p.stderr.read()
+        return p
+
+    second = start("saecache.harvest.model:load_model")
+    assert not out.exists()
+    first = start("saecache.harvest.run:harvest_shard")
+    try:
+        assert any((out / "_claims").glob("worker-*"))
+        second.stdin.close()
+        assert second.wait(timeout=300) == 2
+        err = [ln for ln in second.stderr.read().splitlines() if ln.strip()]
+        one_error_line(2, err[-1:], "already running")
+        assert (out / "zarr.json").exists()
+        first.stdin.close()
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill(), second.kill()
+    st = Store.open(str(out))
+    assert st.complete_shards() == list(range(st.geometry.n_shards))

@@ -67,7 +67,7 @@ def write_config(path: str, fields: dict) -> None:
 
 
 def _check_plt_set(loaded: list[tuple[str, object, dict]]) -> tuple[list, tuple[str, str]]:
-    """[(run_dir, sae, cfg)] -> [(run_dir, sae)] in layer order and circuit-tracer's hook pair; RunDirError otherwise."""
+    """[(run_dir, sae, cfg)] -> [(run_dir, sae)] in layer order and circuit-tracer's hook pair; else RunDirError."""
     from saecache.evaluate.runner import run_hooks
 
     by_layer, pairs = {}, set()

@@ -8,7 +8,7 @@ import os
 import click
 
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
-from saecache.evaluate.replacement import ReplacementConfig
+from saecache.evaluate.replacement_run import ReplacementConfig
 from saecache.options import config_options
 
 @click.command()
@@ -71,7 +71,7 @@ def import_cmd(src, out, hook, hook_out, store, name, fmt):
 @config_options(ReplacementConfig, skip=("run_dirs",))
 def replacement(run_dirs, **kw):
     """Evaluate transcoder RUN_DIRS (one per layer) as a replacement model: every MLP output replaced at once."""
-    from saecache.evaluate.replacement import markdown, run_replacement
+    from saecache.evaluate.replacement_run import markdown, run_replacement
 
     cfg = ReplacementConfig(run_dirs=list(run_dirs), **kw)
     click.echo(markdown(run_replacement(cfg)), nl=False)

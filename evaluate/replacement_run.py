@@ -1,0 +1,163 @@
+"""`saecache replacement`: a PLT set's run dirs (one transcoder per layer) or one CLT's run dir evaluated as a
+replacement model on a store's held-out contexts (`replacement.replacement_losses` in each input mode, and each layer
+spliced alone), written as replacement.md and replacement.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from saecache.errors import ConfigError, RunDirError
+from saecache.evaluate.replacement import (MODES, CrossLayerReplacement, Replacement, TranscoderSet, read_run,
+                                           replacement_losses)
+
+
+@dataclass
+class ReplacementConfig:
+    """`saecache replacement`: a PLT set (one transcoder run dir per replaced layer) or a cross-layer transcoder
+    evaluated as a replacement model on a store's held-out contexts; writes replacement.md and replacement.json."""
+
+    run_dirs: list[str]
+    """Transcoder run dirs, one per replaced layer (each maps an input hook, e.g. mlp_in.i, to mlp_out.i), or one
+    cross-layer transcoder's run dir."""
+    store: str
+    """Store the runs were trained on (its held-out contexts are used) or another store of the same model and hooks."""
+    out: str = "replacement"
+    """Output directory for replacement.md and replacement.json."""
+    inputs: str = "both"
+    """Where each transcoder reads its input: `clean` (the clean model's run), `replaced` (the replaced model's own
+    run, layer by layer) or `both`."""
+    per_layer: bool = True
+    """Also splice each layer alone (as `saecache evaluate` does), for its % loss recovered and KL."""
+    n_contexts: int = 64
+    """Held-out contexts run through the model (fewer if the store has fewer)."""
+    ctx_batch_size: int = 8
+    """Contexts per model forward."""
+    model: str | None = None
+    """Model directory or Hub name; unset: the one named in the store header (its config hash must match)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
+
+    def __post_init__(self):
+        if not self.run_dirs:
+            raise ConfigError("no run dir given: saecache replacement RUN_DIR... --store STORE (one per layer)")
+        if self.inputs not in (*MODES, "both"):
+            raise ConfigError(f"--inputs is clean, replaced or both, got {self.inputs!r}")
+        for name in ("n_contexts", "ctx_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.inputs == "both" else (self.inputs,)
+
+
+def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, tuple[int, int]]:
+    """The replacement of `run_dirs` (one CLT run dir, or a PLT set: one transcoder per layer) in model order, and
+    the contexts held out for every one of them."""
+    from saecache.evaluate import runner as R
+
+    first = read_run(run_dirs[0], device)
+    if hasattr(first[0].cfg, "kind"):
+        return _load_clt(run_dirs, first, store)
+    entries = []
+    c0, c1 = 0, store.geometry.n_contexts
+    for run_dir in run_dirs:
+        sae, rcfg = read_run(run_dir, device)
+        if hasattr(sae.cfg, "kind"):
+            raise RunDirError(f"run {run_dir} is a {sae.cfg.kind}: evaluate it alone, not within a transcoder set")
+        h_in, h_out = R.run_hooks(rcfg)
+        if h_in == h_out:
+            raise RunDirError(f"run {run_dir} is an SAE of {h_in} (it reconstructs its own input); a replacement "
+                              "model needs transcoders, e.g. trained with --hook mlp_in.i --hook-out mlp_out.i")
+        (a, b), _ = R.heldout_contexts_for(run_dir, rcfg, sae, store)
+        c0, c1 = max(c0, a), min(c1, b)
+        entries.append((sae, h_in, h_out))
+    if c0 >= c1:
+        raise RunDirError("the runs share no held-out context of this store (they were trained on different splits)")
+    outs = [e[2] for e in entries]
+    dupes = sorted({h for h in outs if outs.count(h) > 1})
+    if dupes:
+        raise RunDirError(f"more than one run writes {', '.join(dupes)}: give one transcoder per layer")
+    entries.sort(key=lambda e: int(R.layer_of(e[2])) if R.layer_of(e[2]).isdigit() else 0)
+    rep = TranscoderSet([e[0] for e in entries], [R.hook_point(store, e[1]) for e in entries],
+                        [R.hook_point(store, e[2]) for e in entries], [R.layer_of(e[2]) for e in entries])
+    return rep, (c0, c1)
+
+
+def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[int, int]]:
+    from saecache.evaluate import runner as R
+    from saecache.harvest.split import heldout_range
+
+    clt, rcfg = loaded
+    if len(run_dirs) != 1 or clt.cfg.kind != "clt":
+        raise RunDirError(f"run {run_dirs[0]} is a {clt.cfg.kind}: a replacement model takes one cross-layer "
+                          "transcoder alone (a crosscoder replaces no MLP)")
+    for h, d in [(h, clt.cfg.d_in) for h in clt.cfg.hooks_in] + [(h, clt.cfg.d_out) for h in clt.cfg.hooks_out]:
+        if h not in store.hooks or store.hooks[h]["d"] != d:
+            raise RunDirError(f"run {run_dirs[0]} reads or writes {h!r} (width {d}) but store {store.url} has "
+                              f"{'no such hook' if h not in store.hooks else 'width ' + str(store.hooks[h]['d'])}")
+    rng = heldout_range(R._split_records(run_dirs[0], rcfg, store), store)
+    contexts = rng if rng is not None else (0, store.geometry.n_contexts)
+    if contexts[0] >= contexts[1]:
+        raise RunDirError(f"store {store.url} holds none of run {run_dirs[0]}'s held-out contexts")
+    rep = CrossLayerReplacement(clt, [R.hook_point(store, h) for h in clt.cfg.hooks_in],
+                                [R.hook_point(store, h) for h in clt.cfg.hooks_out],
+                                [R.layer_of(h) for h in clt.cfg.hooks_out])
+    return rep, contexts
+
+
+def run_replacement(cfg: ReplacementConfig) -> dict:
+    """Evaluate `cfg.run_dirs` as a replacement model; writes cfg.out/replacement.{md,json}; returns the report."""
+    from saecache.evaluate import runner as R
+    from saecache.harvest.model import pick_device
+
+    device = pick_device(cfg.device)
+    store = R.open_store(cfg.store)
+    rep, contexts = load_replacement(cfg.run_dirs, store, device)
+    model = R.load_store_model(store, cfg)
+    ids = R.splice_contexts(store, contexts, cfg.n_contexts)
+    means = {l: torch.as_tensor(store.stats(h.name)["mean"], dtype=torch.float32) for l, h in enumerate(rep.hooks_out)}
+    first = store.header["storage"]["first_position"]
+    every = list(range(len(rep)))
+    res = replacement_losses(model, ids, rep, every, means, first, cfg.ctx_batch_size, cfg.modes)
+    alone = [replacement_losses(model, ids, rep, [l], means, first, cfg.ctx_batch_size, ("clean",))["clean"]
+             for l in every] if cfg.per_layer else []
+    report = {"store": cfg.store, "contexts": list(contexts), "first_position": first,
+              "modes": {m: {**r.losses.as_dict(), "layers": r.layers} for m, r in res.items()},
+              "layers": [{"layer": rep.layer_names[l], "hook_in": rep.hooks_in[l].name,
+                          "hook_out": rep.hooks_out[l].name, "n_features": rep.widths[l],
+                          **({"alone": alone[l].losses.as_dict()} if alone else {})} for l in every]}
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "replacement.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(cfg.out, "replacement.md"), "w") as f:
+        f.write(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The replacement-model table (one row per input mode) and the per-layer table."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| inputs | CE clean | CE replaced | CE all MLPs zero | CE all MLPs mean | % rec. (zero) | "
+             "% rec. (mean) | KL |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in report["modes"].items():
+        lines.append(f"| {m} | {r['ce_clean']:.4f} | {r['ce_spliced']:.4f} | {r['ce_zero']:.4f} | {r['ce_mean']:.4f} "
+                     f"| {pct(r['recovered_zero'])} | {pct(r['recovered_mean'])} | {r['kl']:.4f} |")
+    modes = list(report["modes"])
+    head = "| layer | hooks | F | " + " | ".join(f"L0 ({m}) | FVE ({m}) | ‖y−ŷ‖/‖y‖ ({m})" for m in modes)
+    alone = "alone" in report["layers"][0]
+    lines += ["", head + (" | alone: % rec. (zero) | alone: KL |" if alone else " |"),
+              "|---" * (3 + 3 * len(modes) + 2 * alone) + "|"]
+    for l, layer in enumerate(report["layers"]):
+        cells = [layer["layer"], f"{layer['hook_in']} → {layer['hook_out']}", str(layer["n_features"])]
+        for m in modes:
+            s = report["modes"][m]["layers"][l]
+            cells += [f"{s['l0']:.1f}", f"{s['fve']:.3f}", f"{s['rel_error']:.3f}"]
+        if alone:
+            cells += [pct(layer["alone"]["recovered_zero"]), f"{layer['alone']['kl']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

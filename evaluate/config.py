@@ -65,8 +65,8 @@ class EvalConfig:
     tokenizer: str | None = None
     """Tokenizer for the HTML pages; unset: the one named in the store header, else --model when that fails."""
     threads: int | None = None
-    """torch CPU threads during the evaluation (restored afterwards); unset: saecache's thread policy
-    (`saecache/threads.py`: every core, waiting passively, so a busy machine costs about its fair share)."""
+    """torch CPU threads during the evaluation; unset: saecache's thread policy. Restored afterwards. The policy
+    (`saecache/threads.py`) uses every core, its threads waiting passively, so a busy machine costs its fair share."""
     progress: bool = True
     """Show each phase's progress (statistics, splicing, feature pages) with its ETA on stderr."""
     extra: dict = field(default_factory=dict)

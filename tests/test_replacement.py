@@ -331,3 +331,26 @@ def test_a_clts_layer_sums_every_earlier_source_in_both_modes(model, ids):
     assert res["replaced"].losses.spliced == pytest.approx(replaced_own, abs=1e-5)
     assert res["clean"].losses.spliced == pytest.approx(replaced_clean, abs=1e-5)
     assert abs(res["clean"].losses.spliced - res["clean"].losses.clean) > 1e-4  # the cross-layer terms count
+
+
+def test_the_command_takes_a_clt_run_dir(plt_runs, tmp_path):
+    from saecache.cli import main
+    from saecache.train.crosslayer import CrossLayer, CrossLayerConfig, save_crosslayer
+
+    root, store, runs = plt_runs
+    torch.manual_seed(0)
+    clt = CrossLayer(CrossLayerConfig(kind="clt", hooks_in=["mlp_in.0", "mlp_in.1"],
+                                      hooks_out=["mlp_out.0", "mlp_out.1"], d_in=64, n_features=32,
+                                      activation="jumprelu")).eval()
+    run = tmp_path / "clt"
+    run.mkdir()
+    (run / "cfg.json").write_text(json.dumps({"format_version": 1, "name": "clt", "sae": clt.cfg.to_dict()}))
+    save_crosslayer(clt, run / "sae.safetensors")
+    main(["replacement", str(run), "--store", store, "--out", str(tmp_path / "rep"), "--device", "cpu",
+          "--n-contexts", "4"])
+    rep = json.loads((tmp_path / "rep" / "replacement.json").read_text())
+    assert [layer["hook_out"] for layer in rep["layers"]] == ["mlp_out.0", "mlp_out.1"]
+    assert [layer["n_features"] for layer in rep["layers"]] == [32, 32]
+    clean, replaced = rep["modes"]["clean"], rep["modes"]["replaced"]
+    assert clean["layers"][0] == replaced["layers"][0] and clean["ce_spliced"] != replaced["ce_spliced"]
+    assert rep["layers"][0]["alone"]["ce_spliced"] != rep["layers"][1]["alone"]["ce_spliced"]

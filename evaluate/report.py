@@ -281,7 +281,7 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
     os.makedirs(cfg.out, exist_ok=True)
     header = {"store": store.url, "model": store.header["model"].get("name"), "fingerprint": store.fingerprint(),
               "first_position": store.header["storage"]["first_position"], "bos_policy": store.header.get("bos_policy"),
-              "package_version": __version__, "n_contexts_asked": cfg.n_contexts}
+              "package_version": __version__, "n_contexts_asked": getattr(cfg, "n_contexts", None)}
     paths = {"config": os.path.join(cfg.out, "eval_config.json"), "json": os.path.join(cfg.out, "report.json"),
              "csv": os.path.join(cfg.out, "report.csv"), "md": os.path.join(cfg.out, "report.md")}
     with open(paths["config"], "w") as f:

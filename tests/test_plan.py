@@ -169,7 +169,7 @@ def test_a_stopped_planner_is_resumed_from_its_checkpoint(tmp_path, tiny_model_d
         assert (ref.read(s) == plan.Plan(loc, key).read(s)).all()
     assert len(ref.read(n_shards - 1)) == 3000 - 64 * (n_shards - 1)
     other = dict(key, ctx_len=16)
-    with pytest.raises(StoreError, match="different configuration .*ctx_len"):
+    with pytest.raises(StoreError, match="different configuration .*--ctx-len"):
         plan.Plan(loc, other).ensure(spec, tok)
 
 

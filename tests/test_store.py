@@ -153,7 +153,7 @@ def test_other_config_refused_and_nothing_damaged(tmp_path):
     url = str(tmp_path / "s.zarr")
     write_all(url, make_header())
     before = {p: p.read_bytes() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
-    with pytest.raises(StoreError, match="different configuration.*ctx_len"):
+    with pytest.raises(StoreError, match="different configuration.*--ctx-len"):
         StoreWriter(url, make_header(ctx_len=16))
     after = {p: p.read_bytes() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
     assert before == after

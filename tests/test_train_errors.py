@@ -145,7 +145,7 @@ def test_newer_formats_are_refused(capsys, tiny_store, tmp_path):
     newer.write_text(json.dumps({**cfg, "format_version": 2}))
     _fails(capsys, "--config", newer, match="newer than this saecache reads")
     newer.write_text(json.dumps({**cfg, "shiny_new_option": True}))
-    _fails(capsys, "--config", newer, match="unknown TrainConfig field(s): shiny_new_option (written by a newer")
+    _fails(capsys, "--config", newer, match="unknown training config field(s): shiny_new_option (written by a newer")
     newer.write_text(json.dumps({**cfg, "saes": [{**cfg["saes"][0], "shiny": 1}]}))
     _fails(capsys, "--config", newer, match="unknown SAE spec field(s) shiny")
     for bad, match in ((dict(steps="3"), "config field steps must be int or None, got '3'"),
@@ -223,11 +223,11 @@ def _relu(store, out, *more):
 def test_resample_flag_errors_and_the_decay_rule(capsys, tiny_store, tmp_path):
     out = tmp_path / "out"
     _fails(capsys, *base(tiny_store, out, "--resample"),
-           match="SAE topk-mlp_out.0-64-k4 has resample=true but the run has no resample_steps")
+           match="SAE topk-mlp_out.0-64-k4 is to be resampled (--resample) but the run has no --resample-steps")
     decaying = ("--resample-steps", "2", "--decay-start", "1")
     _fails(capsys, *_relu(tiny_store, out, *decaying),  # relu resamples by default
-           match="decay_start cannot be combined with resampling (the LR re-warms after each resample); "
-                 "resampled SAE(s): relu-mlp_out.0-64; set their resample to false")
+           match="--decay-start cannot be combined with resampling (the LR re-warms after each resample); "
+                 "resampled SAE(s): relu-mlp_out.0-64; pass --no-resample or drop --decay-start")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out, resample="yes"),
            match="SAE spec field resample must be bool or None, got 'yes'")
     _fails(capsys, "--config", _named_config(tmp_path, tiny_store, out), "--no-resample",

@@ -7,8 +7,7 @@ import os
 
 import click
 
-from saecache.evaluate.config import EvalConfig, FeaturesConfig
-from saecache.evaluate.replacement_run import ReplacementConfig
+from saecache.evaluate.config import EvalConfig, FeaturesConfig, ReplacementConfig
 from saecache.options import config_options
 
 @click.command()

@@ -134,3 +134,48 @@ class FeaturesConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ReplacementConfig:
+    """`saecache replacement`: a PLT set (one transcoder run dir per replaced layer) or a cross-layer transcoder
+    evaluated as a replacement model on a store's held-out contexts; writes replacement.md and replacement.json."""
+
+    run_dirs: list[str]
+    """Transcoder run dirs, one per replaced layer (each maps an input hook, e.g. mlp_in.i, to mlp_out.i), or one
+    cross-layer transcoder's run dir."""
+    store: str
+    """Store the runs were trained on (its held-out contexts are used) or another store of the same model and hooks."""
+    out: str = "replacement"
+    """Output directory for replacement.md and replacement.json."""
+    inputs: str = "both"
+    """Where each transcoder reads its input: `clean` (the clean model's run), `replaced` (the replaced model's own
+    run, layer by layer) or `both`."""
+    per_layer: bool = True
+    """Also splice each layer alone (as `saecache evaluate` does), for its % loss recovered and KL."""
+    n_contexts: int = 64
+    """Held-out contexts run through the model (fewer if the store has fewer)."""
+    ctx_batch_size: int = 8
+    """Contexts per model forward."""
+    model: str | None = None
+    """Model directory or Hub name; unset: the one named in the store header (its config hash must match)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
+
+    def __post_init__(self):
+        from saecache.evaluate.replacement import MODES  # torch: imported on use, so --help stays light
+
+        if not self.run_dirs:
+            raise ConfigError("no run dir given: saecache replacement RUN_DIR... --store STORE (one per layer)")
+        if self.inputs not in (*MODES, "both"):
+            raise ConfigError(f"--inputs is clean, replaced or both, got {self.inputs!r}")
+        for name in ("n_contexts", "ctx_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                  f"got {getattr(self, name)!r}")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        from saecache.evaluate.replacement import MODES
+
+        return MODES if self.inputs == "both" else (self.inputs,)

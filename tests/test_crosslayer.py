@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from saecache.train.optim import make_optimizer
 from saecache.train.sae import SAE, SAEConfig, load_sae, save_sae
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D, DO, F, K, B = 12, 10, 48, 4, 64
 
 
@@ -238,3 +239,43 @@ def test_cross_layer_config_checks():
             CrossLayerConfig(**{**base, **bad})
     with pytest.raises(Exception, match="several hooks"):
         SAEConfig("clt", 4, 8, k=2)
+
+
+def test_planted_clt_is_recovered():
+    """Targets made by a known sparse CLT: layer i's k-sparse features f_i (random latents and values) give the input
+    x_i = f_i A_i and write y_l = Σ_{i ≤ l} f_i W_i[:, l − i]. A TopK CLT trained on (x, y) learns decoders at cosine
+    ≥ 0.9 to the planted ones for every (source, target) pair, after matching each planted feature to the learned
+    feature of its layer whose decoders (over all targets) are closest."""
+    Lp, Di, Do, Fp, k, Bp = 3, 32, 24, 16, 3, 256
+    g = torch.Generator().manual_seed(0)
+    A = [torch.nn.functional.normalize(torch.randn(Fp, Di, generator=g), dim=1) for _ in range(Lp)]
+    W = [torch.nn.functional.normalize(torch.randn(Fp, Lp - i, Do, generator=g), dim=2) for i in range(Lp)]
+
+    def batch():
+        fs = []
+        for _ in range(Lp):
+            idx = torch.rand(Bp, Fp, generator=g).argsort(1)[:, :k]
+            fs.append(torch.zeros(Bp, Fp).scatter(1, idx, 0.5 + torch.rand(Bp, k, generator=g)))
+        return [f @ a for f, a in zip(fs, A)], [sum(fs[i] @ W[i][:, l - i] for i in range(l + 1)) for l in range(Lp)]
+
+    torch.manual_seed(1)
+    m = CrossLayer(CrossLayerConfig(kind="clt", hooks_in=["x0", "x1", "x2"], hooks_out=["y0", "y1", "y2"], d_in=Di,
+                                    d_out=Do, n_features=2 * Fp, k=k))
+    opt = make_optimizer(m, 3e-3)
+    m.train()
+    for _ in range(1000):
+        xs, ys = batch()
+        out = m.loss(xs, ys)
+        opt.zero_grad()
+        out.total.backward()
+        m.project_decoder_grad_()
+        opt.step()
+        m.renorm_decoder_()
+    w = m.state_for_save()
+    for i in range(Lp):
+        planted = torch.nn.functional.normalize(W[i].flatten(1), dim=1)
+        learned = torch.nn.functional.normalize(w[f"W_dec_{i}"].flatten(1), dim=1)
+        match = (planted @ learned.t()).argmax(1)
+        for j in range(Lp - i):
+            cos = torch.nn.functional.cosine_similarity(W[i][:, j], w[f"W_dec_{i}"][match, j], dim=1)
+            assert cos.min() >= 0.9, (i, i + j, cos)

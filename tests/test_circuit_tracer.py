@@ -3,8 +3,8 @@
 - here: the files, keys, shapes and config.yaml circuit-tracer's loaders read, and its encode/decode (written out from
   its `SingleLayerTranscoder` and SAELens' `Transcoder` / `JumpReLUTranscoder` source) reproducing ours; refusals;
 - in the real tool (slow): a virtualenv with circuit-tracer 0.5.0 (`ct_venv`, built once and kept under .venvs/)
-  loads a set trained on SmolLM2-135M-Instruct with its own loader, reproduces our reconstructions and computes an attribution
-  graph offline on CPU (`ct_roundtrip.py`, run inside that venv).
+  loads a PLT set and a CLT trained on SmolLM2-135M-Instruct with its own loaders, reproduces our reconstructions
+  and computes an attribution graph with each, offline on CPU (`ct_roundtrip.py`, run inside that venv).
 """
 
 import json
@@ -272,8 +272,9 @@ def transformers4_model_dir(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_plt(tmp_path_factory, tiny_corpus):
-    """SmolLM2-135M-Instruct, a store of every layer's mlp_in and mlp_out (2048 tokens) and a PLT set trained briefly from it:
-    ReLU transcoders of 32 features, one per layer (circuit-tracer's replacement model runs one at every layer)."""
+    """SmolLM2-135M-Instruct, a store of every layer's mlp_in and mlp_out (2048 tokens), a PLT set trained briefly
+    from it (ReLU transcoders of 32 features, one per layer: circuit-tracer's replacement model runs one at every
+    layer) and a CLT."""
     from saecache.data.smollm2 import export_smollm2
     from saecache.harvest.config import HarvestConfig
     from saecache.harvest.run import run_harvest
@@ -291,36 +292,75 @@ def smollm2_plt(tmp_path_factory, tiny_corpus):
             for i in range(n_layers)]
     runs = run_training(TrainConfig.from_dict({"stores": [str(store)], "out": str(root / "runs"), "saes": saes,
                                                "steps": 20, "batch_size": 64, "device": "cpu", "progress": False}))
-    return {"root": root, "model": model, "store": store, "runs": runs, "n_layers": n_layers}
+    return {"root": root, "model": model, "store": store, "runs": runs, "n_layers": n_layers,
+            "clt_run": train_clt_briefly(store, n_layers, root / "clt")}
+
+
+def train_clt_briefly(store_path, n_layers, run_dir) -> str:
+    """A JumpReLU CLT over the same hooks (32 features per layer), fitted by a plain loop of 20 Adam steps on the
+    store's rows (`saecache train` does not train CLTs yet), saved as a run dir (cfg.json + sae.safetensors)."""
+    from saecache.harvest.store import Store
+    from saecache.train.crosslayer import CrossLayer, CrossLayerConfig, save_crosslayer
+
+    store = Store.open(str(store_path))
+    xs = [store.read_acts_torch(f"mlp_in.{i}", 64, 1024).float() for i in range(n_layers)]
+    ts = [store.read_acts_torch(f"mlp_out.{i}", 64, 1024).float() for i in range(n_layers)]
+    torch.manual_seed(0)
+    clt = CrossLayer(CrossLayerConfig(kind="clt", hooks_in=[f"mlp_in.{i}" for i in range(n_layers)],
+                                      hooks_out=[f"mlp_out.{i}" for i in range(n_layers)], d_in=xs[0].shape[1],
+                                      n_features=32, activation="jumprelu"))
+    clt.init_from_batch(xs, ts)
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-3)
+    for step in range(20):
+        rows = slice(64 * (step % 15), 64 * (step % 15 + 1))
+        opt.zero_grad()
+        clt.loss([x[rows] for x in xs], [t[rows] for t in ts]).total.backward()
+        opt.step()
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "cfg.json"), "w") as f:
+        json.dump({"format_version": 1, "name": "clt", "sae": clt.cfg.to_dict(),
+                   "model": {"name": store.header["model"]["name"]}}, f)
+    save_crosslayer(clt.eval(), os.path.join(run_dir, "sae.safetensors"))
+    return str(run_dir)
 
 
 @pytest.mark.slow
-def test_circuit_tracer_loads_the_set_reproduces_it_and_builds_an_attribution_graph(ct_venv, smollm2_plt, tmp_path):
+def test_circuit_tracer_loads_the_sets_reproduces_them_and_builds_attribution_graphs(ct_venv, smollm2_plt, tmp_path):
+    """A PLT set and a CLT trained on SmolLM2-135M, exported, loaded by circuit-tracer 0.5.0's own loader in its
+    venv: every layer's reconstruction equal to ours to 1e-4, and an attribution graph each, on CPU, offline."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from saecache.evaluate.runner import load_run_checked
+    from saecache.evaluate.circuit_tracer import export
+    from saecache.evaluate.replacement import read_run
     from saecache.harvest.store import Store
 
     s = smollm2_plt
-    export_transcoder_set(s["runs"], str(tmp_path / "plt"))
+    L = s["n_layers"]
+    export(s["runs"], str(tmp_path / "plt"))
+    export([s["clt_run"]], str(tmp_path / "clt"))
     store, tensors = Store.open(str(s["store"])), {}
     with torch.no_grad():
+        xs = [store.read_acts_torch(f"mlp_in.{i}", 0, 64).float() for i in range(L)]
         for i, run in enumerate(sorted(s["runs"], key=lambda r: int(r.rsplit("-", 1)[1]))):
-            sae, cfg = load_run_checked(run)
+            sae, cfg = read_run(run)
             assert cfg["hooks"] == {"in": f"mlp_in.{i}", "out": f"mlp_out.{i}"}
-            x = store.read_acts_torch(f"mlp_in.{i}", 0, 64).float()
-            tensors[f"x_{i}"], tensors[f"y_{i}"] = x, sae(x)
+            tensors[f"x_{i}"], tensors[f"plt_y_{i}"] = xs[i], sae(xs[i])
+        clt, _ = read_run(s["clt_run"])
+        for i, y in enumerate(clt(xs)):
+            tensors[f"clt_y_{i}"] = y
         tok = AutoTokenizer.from_pretrained(str(s["model"]))
         ids = torch.tensor([tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]])
         model = AutoModelForCausalLM.from_pretrained(str(s["model"]), dtype=torch.float32).eval()
         tensors["ids"], tensors["logits"] = ids, model(input_ids=ids[None]).logits[0]
         del model
-    assert all(bool((tensors[f"y_{i}"] != tensors[f"y_{i}"][0]).any()) for i in range(s["n_layers"]))  # not constant
+    for slug in ("plt", "clt"):  # reconstructions that vary with the input: features fire
+        assert all(bool((tensors[f"{slug}_y_{i}"] != tensors[f"{slug}_y_{i}"][0]).any()) for i in range(L)), slug
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "inputs.safetensors"))
-    args = {"transcoders": str(tmp_path / "plt"), "inputs": str(tmp_path / "inputs.safetensors"),
+    args = {"sets": {"plt": str(tmp_path / "plt"), "clt": str(tmp_path / "clt")},
+            "inputs": str(tmp_path / "inputs.safetensors"),
             "model": str(transformers4_model_dir(s["model"], tmp_path / "model4")),
-            "graph_dir": str(tmp_path / "graph"), "slug": "smollm2-add"}
+            "graph_dir": str(tmp_path / "graph")}
     (tmp_path / "args.json").write_text(json.dumps(args))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -328,12 +368,16 @@ def test_circuit_tracer_loads_the_set_reproduces_it_and_builds_an_attribution_gr
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["n_layers"] == s["n_layers"] == 30
-    assert res["config"] == {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
-                             "feature_output_hook": "mlp.hook_out"}
-    assert max(res["recon_err"]) <= 1e-4, res["recon_err"]  # |ct - ours| / (1 + |ours|), every layer
+    print(json.dumps(res))  # the figures (pytest -s): reconstruction errors, load and attribution seconds
     assert res["logit_err"] < 1e-3  # its transformers reads the model directory as the same model
-    assert res["n_active_features"] > 0 and res["n_selected_features"] > 0
-    graph = json.loads((tmp_path / "graph" / "smollm2-add.json").read_text())
-    assert graph["nodes"] and graph["links"] and graph["metadata"]["slug"] == "smollm2-add"
-    assert (tmp_path / "graph" / "graph-metadata.json").is_file() and (tmp_path / "graph" / "smollm2-add.pt").is_file()
+    kinds = {"plt": "transcoder_set", "clt": "cross_layer_transcoder"}
+    for slug, r in ((k, res[k]) for k in kinds):
+        assert r["n_layers"] == L == 30
+        assert r["config"] == {"model_kind": kinds[slug], "feature_input_hook": "mlp.hook_in",
+                               "feature_output_hook": "mlp.hook_out"}
+        assert max(r["recon_err"]) <= 1e-4, (slug, r["recon_err"])  # |ct - ours| / (1 + |ours|), every layer
+        assert r["n_active_features"] > 0 and r["n_selected_features"] > 0
+        graph = json.loads((tmp_path / "graph" / f"{slug}.json").read_text())
+        assert graph["nodes"] and graph["links"] and graph["metadata"]["slug"] == slug
+        assert (tmp_path / "graph" / f"{slug}.pt").is_file()
+    assert (tmp_path / "graph" / "graph-metadata.json").is_file()

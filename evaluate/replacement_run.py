@@ -102,7 +102,9 @@ def run_replacement(cfg: ReplacementConfig) -> dict:
 def markdown(report: dict) -> str:
     """The replacement-model table (one row per input mode) and the per-layer table."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| inputs | CE clean | CE replaced | CE all MLPs zero | CE all MLPs mean | % rec. (zero) | "
+    lines = ["Every MLP output replaced at once. inputs: `clean` = each transcoder reads the clean model's activation "
+             "(circuit tracing's local replacement); `replaced` = the replaced model's own, layer by layer.", "",
+             "| inputs | CE clean | CE replaced | CE all MLPs zero | CE all MLPs mean | % rec. (zero) | "
              "% rec. (mean) | KL |", "|---|---|---|---|---|---|---|---|"]
     for m, r in report["modes"].items():
         lines.append(f"| {m} | {r['ce_clean']:.4f} | {r['ce_spliced']:.4f} | {r['ce_zero']:.4f} | {r['ce_mean']:.4f} "

@@ -63,13 +63,21 @@ class SAESpec:
     """One SAE of the sweep."""
 
     arch: str = "topk"
-    """SAE architecture: relu, topk, batchtopk, jumprelu, gated or matryoshka."""
+    """SAE architecture: relu, topk, batchtopk, jumprelu, gated, matryoshka or skip-transcoder; or a dictionary over
+    several hooks (given `hooks_in`): clt, clt-batchtopk, clt-jumprelu (cross-layer transcoders), crosscoder,
+    crosscoder-batchtopk, crosscoder-jumprelu (acausal crosscoders)."""
     width: int = 4096
     """Number of dictionary features F."""
     hook_in: str = ""
     """Store hook the SAE encodes (e.g. `mlp_out.0`)."""
     hook_out: str | None = None
     """Store hook the SAE reconstructs; unset: the hook it encodes (an SAE). A different hook makes a transcoder."""
+    hooks_in: list[str] | None = None
+    """Cross-layer dictionaries (clt*, crosscoder*) only, instead of hook_in: the store hooks read, one per layer in
+    layer order (e.g. `resid_mid.0` .. `resid_mid.5`)."""
+    hooks_out: list[str] | None = None
+    """clt* only: the store hooks reconstructed, one per layer (e.g. `mlp_out.0` .. `mlp_out.5`); unset: hooks_in
+    (a crosscoder reconstructs what it reads)."""
     k: int | None = None
     """Active features per row of topk/batchtopk/matryoshka SAEs; unset: 32 (at most the width), as the peers.
     Only for those architectures."""
@@ -104,7 +112,10 @@ class SAESpec:
         needs_k = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].needs_k
         if self.k is None and needs_k and isinstance(self.width, int) and self.width >= 1:
             self.k = min(DEFAULT_K, self.width)
-        if not self.hook_in:
+        cross = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].cross_layer
+        if cross or self.hooks_in is not None or self.hooks_out is not None:
+            self._check_cross_layer_hooks(cross)
+        elif not self.hook_in:
             raise ConfigError("every SAE needs --hook (the store hook it reads; `hook_in` in a --config), e.g. "
                               "--hook mlp_out.0")
         if not isinstance(self.width, int) or self.width < 1:
@@ -120,6 +131,10 @@ class SAESpec:
         self._check_against_sae_config()
         if self.name is None:
             hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
+            if cross:  # first..last hook of each list
+                span = lambda hs: f"{hs[0]}..{hs[-1]}" if len(hs) > 1 else hs[0]  # noqa: E731
+                hooks = span(self.inputs) if self.targets == self.inputs else \
+                    f"{span(self.inputs)}-to-{span(self.targets)}"
             self.name = f"{self.arch}-{hooks}-{self.width}" + (f"-k{self.k}" if self.k is not None else "") + \
                 (f"-{self.penalty}" if self.penalty is not None else "") + \
                 (f"-c{self.coeff:g}" if self.coeff is not None else "")
@@ -130,12 +145,43 @@ class SAESpec:
     def target_hook(self) -> str:
         return self.hook_out or self.hook_in
 
+    @property
+    def inputs(self) -> list[str]:
+        """The store hooks this dictionary encodes: hooks_in, or [hook_in]."""
+        return list(self.hooks_in) if self.hooks_in else [self.hook_in]
+
+    @property
+    def targets(self) -> list[str]:
+        """The store hooks it reconstructs: hooks_out (else hooks_in), or [the target hook]."""
+        if self.hooks_in:
+            return list(self.hooks_out or self.hooks_in)
+        return [self.target_hook]
+
+    def _check_cross_layer_hooks(self, cross: bool) -> None:
+        """hooks_in/hooks_out belong to the cross-layer architectures, which take no hook_in/hook_out."""
+        if not cross:
+            raise ConfigError(f"hooks_in/hooks_out are for the cross-layer architectures (clt, crosscoder, ...), not "
+                              f"{self.arch}; give it hook_in (--hook)")
+        if self.hook_in or self.hook_out:
+            raise ConfigError(f"{self.arch} reads hooks_in (one hook per layer), not hook_in/hook_out; e.g. "
+                              '"hooks_in": ["resid_mid.0", "resid_mid.1"], "hooks_out": ["mlp_out.0", "mlp_out.1"]')
+        for name in ("hooks_in", "hooks_out"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, list) and v and all(isinstance(h, str) and h for h in v)):
+                raise ConfigError(f"{name} must be a non-empty list of store hook names, got {v!r}")
+        if self.hooks_in is None:
+            raise ConfigError(f"{self.arch} needs hooks_in: the store hooks it reads, one per layer, e.g. "
+                              '"hooks_in": ["resid_mid.0", "resid_mid.1"]')
+
     def _check_against_sae_config(self) -> None:
         """Refuse an unknown architecture, k/penalty nonsense or unknown options now, before any store is opened."""
+        from saecache.train.arch import ARCHITECTURES
         from saecache.train.sae import SAEConfig
 
         if not isinstance(self.options, dict):
             raise ConfigError(f"--sae-options must be a JSON object of SAE settings, got {self.options!r}")
+        if ARCHITECTURES.get(self.arch) is not None and ARCHITECTURES[self.arch].cross_layer:
+            return self._check_against_cross_layer_config(ARCHITECTURES[self.arch])
         check_types(self.options, SAEConfig, "SAE option")
         fixed = {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
         known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
@@ -147,6 +193,36 @@ class SAESpec:
                       **self.options)
         except TypeError as e:  # e.g. a string where a number belongs
             raise ConfigError(f"bad SAE options {self.options}: {e}") from None
+
+    def _check_against_cross_layer_config(self, arch) -> None:
+        from saecache.train.crosslayer import CrossLayerConfig
+
+        check_types(self.options, CrossLayerConfig, "SAE option")
+        fixed = {"kind", "activation", "hooks_in", "hooks_out", "d_in", "d_out", "n_features", "n_layers", "k",
+                 "coeff"}
+        known = {f.name for f in dataclasses.fields(CrossLayerConfig)} - fixed
+        bad = sorted(set(self.options) - known)
+        if bad:
+            raise ConfigError(f"unknown {self.arch} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        if self.penalty is not None:
+            raise ConfigError(f"{self.arch} takes no penalty (jumprelu's is the tanh penalty, weighted by coeff)")
+        if self.resample:
+            raise ConfigError(f"{self.arch} does not resample dead latents; set resample to false")
+        try:
+            self.cross_layer_config(1, 1)
+        except TypeError as e:
+            raise ConfigError(f"bad SAE options {self.options}: {e}") from None
+
+    def cross_layer_config(self, d_in: int, d_out: int):
+        """The `CrossLayerConfig` of a cross-layer spec, for hooks of widths d_in and d_out."""
+        from saecache.train.arch import ARCHITECTURES
+        from saecache.train.crosslayer import CrossLayerConfig
+
+        arch = ARCHITECTURES[self.arch]
+        return CrossLayerConfig(**{"kind": arch.kind, "activation": arch.activation, "hooks_in": self.inputs,
+                                   "hooks_out": self.targets, "d_in": d_in, "d_out": d_out, "n_features": self.width,
+                                   "k": self.k, **({"coeff": self.coeff} if self.coeff is not None else {}),
+                                   **self.options})
 
 
 @dataclass
@@ -393,7 +469,7 @@ class TrainConfig:
         """Every store hook the sweep reads, in first-use order."""
         out: list[str] = []
         for s in self.saes:
-            for h in (s.hook_in, s.target_hook):
+            for h in (*s.inputs, *s.targets):
                 if h not in out:
                     out.append(h)
         return out

@@ -423,7 +423,27 @@ class CrossLayer(nn.Module):
 
     def dead_mask(self, window_tokens: int) -> Tensor:
         """[S·F] features (source by source) that have not fired in the last `window_tokens` training rows."""
-        return torch.cat([getattr(self, f"tokens_since_fired_{s}") for s in range(len(self.sources))]) >= window_tokens
+        return torch.cat(self.counters()) >= window_tokens
+
+    def counters(self) -> list[Tensor]:
+        """Each source's [F] rows-since-fired counter."""
+        return [getattr(self, f"tokens_since_fired_{s}") for s in range(len(self.sources))]
+
+    @torch.no_grad()
+    def sync_stats_(self, since_before: list[Tensor], global_batch: int) -> None:
+        """DDP: counters (and batchtopk's thresholds) of the global batch on every rank, as `ddp.sync_sae_stats_`."""
+        import torch.distributed as dist
+
+        from saecache.train import ddp
+
+        for s, (since, before) in enumerate(zip(self.counters(), since_before)):
+            fired = ddp.all_reduce_max((since == 0).to(torch.int64)) > 0
+            since.copy_(torch.where(fired, 0, before + global_batch))
+            if self.act.name == "batchtopk":
+                thr = getattr(self, f"threshold_{s}")
+                t = thr.clone()
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                thr.copy_(t / dist.get_world_size())
 
     # ---- training constraints (the trainer's project → step → renorm) ----
     def decoders(self) -> list[Tensor]:
@@ -504,3 +524,18 @@ def load_crosslayer(cfg: CrossLayerConfig, path, device: str | torch.device = "c
 
 def is_cross_layer(arch: str) -> bool:
     return getattr(ARCHITECTURES.get(arch), "cross_layer", False)
+
+
+def config_from_dict(d: dict[str, Any]):
+    """The module config a run dir's cfg.json "sae" record holds: a CrossLayerConfig (it has a `kind`) or an
+    SAEConfig."""
+    from saecache.train.sae import SAEConfig
+
+    return CrossLayerConfig.from_dict(d) if "kind" in d else SAEConfig.from_dict(d)
+
+
+def build_module(cfg) -> nn.Module:
+    """A fresh module for a config of either family."""
+    from saecache.train.sae import SAE
+
+    return CrossLayer(cfg) if isinstance(cfg, CrossLayerConfig) else SAE(cfg)

@@ -58,8 +58,10 @@ def read_cfg(run_dir: str) -> dict:
 
 
 def load_run(run_dir: str, device: str | torch.device = "cpu"):
-    """Rebuild a trained SAE from its run dir: returns ``(sae, cfg)``; weights take raw (unnormalised) activations."""
-    from saecache.train.sae import SAEConfig, load_sae
+    """Rebuild a trained SAE from its run dir: returns ``(sae, cfg)``; weights take raw (unnormalised) activations.
+    A cross-layer run dir (cfg.json's "sae" has a `kind`) gives a `crosslayer.CrossLayer`."""
+    from saecache.train.crosslayer import CrossLayerConfig, config_from_dict, load_crosslayer
+    from saecache.train.sae import load_sae
 
     cfg = read_cfg(run_dir)
     path = os.path.join(run_dir, WEIGHTS_FILE)
@@ -67,7 +69,9 @@ def load_run(run_dir: str, device: str | torch.device = "cpu"):
         ckpts = list_checkpoints(run_dir)
         hint = f"; latest checkpoint: step {ckpts[-1]} (rerun the train command to finish)" if ckpts else ""
         raise RunDirError(f"{run_dir} has no {WEIGHTS_FILE}: training did not finish{hint}")
-    return load_sae(SAEConfig.from_dict(cfg["sae"]), path, device), cfg
+    mcfg = config_from_dict(cfg["sae"])
+    load = load_crosslayer if isinstance(mcfg, CrossLayerConfig) else load_sae
+    return load(mcfg, path, device), cfg
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints

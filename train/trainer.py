@@ -21,11 +21,13 @@ import time
 import torch
 
 from saecache import __version__
-from saecache.errors import DivergedError, RunDirError
+from saecache.errors import ConfigError, DivergedError, RunDirError
 from saecache.harvest.split import RULE as SPLIT_RULE
 from saecache.harvest.split import split_record
 from saecache.train import ddp, rundir
+from saecache.train.arch import ARCHITECTURES
 from saecache.train.config import SAESpec, TrainConfig, flag, upgrade_fields
+from saecache.train.crosslayer import CrossLayer, config_from_dict
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
 from saecache.train.monitor import Logger, check_backend, step_metrics
 from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
@@ -49,9 +51,10 @@ class Member:
     sae: SAE
     opt: torch.optim.Optimizer
     run_dir: str
-    in_scale: float
-    """Training sees x / in_scale (sqrt of the hook's mean squared norm, so E‖x‖² = 1); folded back at save."""
-    out_scale: float
+    in_scale: float | list[float]
+    """Training sees x / in_scale (sqrt of the hook's mean squared norm, so E‖x‖² = 1); folded back at save. A
+    cross-layer member has one per input hook, each from its own statistics."""
+    out_scale: float | list[float]
     generator: torch.Generator
     lr: float
     replica: dict | None = None
@@ -76,7 +79,8 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
         "format_version": rundir.FORMAT_VERSION, "package_version": __version__, "name": m.spec.name,
         "complete": False, "sae": m.sae.cfg.to_dict(), "spec": dataclasses.asdict(m.spec),
         "train": cfg.to_dict(), "seed": cfg.seed, "world_size": world,
-        "hooks": {"in": m.spec.hook_in, "out": m.spec.target_hook},
+        "hooks": ({"in": m.spec.inputs, "out": m.spec.targets, "kind": m.sae.cfg.kind}
+                  if isinstance(m.sae, CrossLayer) else {"in": m.spec.hook_in, "out": m.spec.target_hook}),
         "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint(),
                     "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction),
                     "split": split_record(st, cfg.heldout_fraction)} for st in stores],
@@ -96,7 +100,7 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
     a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES}  # today's names
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
     diff = [k if k == "saes" else flag(k) for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))]
-    old_sae = SAEConfig.from_dict(old["sae"]).to_dict()  # under today's field names
+    old_sae = config_from_dict(old["sae"]).to_dict()  # under today's field names
     if old_sae != record["sae"]:  # run settings first: the run's length also resolves SAE fields (dead threshold)
         diff = [k for k in diff if k != "saes"] + [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}); rerun with the original "
@@ -126,19 +130,31 @@ def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) ->
     for base, name, r in cfg.replicas():
         spec = base if name == base.name else dataclasses.replace(base, name=name)
         seed = replica_seed(cfg.seed, base.name, r)
-        d_in, d_out = stores[0].hooks[spec.hook_in]["d"], stores[0].hooks[spec.target_hook]["d"]
+        d_in, d_out = _hook_width(stores, spec.inputs, spec.name), _hook_width(stores, spec.targets, spec.name)
+        cross = ARCHITECTURES[spec.arch].cross_layer
         torch.manual_seed(seed)
-        sae = SAE(_sae_config(spec, d_in, d_out)).to(device)
+        sae = (CrossLayer(spec.cross_layer_config(d_in, d_out)) if cross else SAE(_sae_config(spec, d_in, d_out)))
+        sae = sae.to(device)
         sae._workspace = workspace
         lr = spec.lr or cfg.lr
-        in_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.hook_in)) if cfg.normalize else 1.0
-        out_scale = normalisation_scale(pooled_mean_sq_norm(stores, spec.target_hook)) if cfg.normalize else 1.0
+        scale = lambda h: normalisation_scale(pooled_mean_sq_norm(stores, h)) if cfg.normalize else 1.0  # noqa: E731
+        in_scale = [scale(h) for h in spec.inputs] if cross else scale(spec.hook_in)
+        out_scale = [scale(h) for h in spec.targets] if cross else scale(spec.target_hook)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         replica = {"of": base.name, "index": r, "seeds": cfg.seeds, "init_seed": seed} if cfg.seeds > 1 else None
         m = Member(spec, sae, make_optimizer(sae, lr), os.path.join(cfg.out, spec.name), in_scale, out_scale,
                    gen, lr, replica)
         members.append(m)
     return members
+
+
+def _hook_width(stores, hooks: list[str], name: str) -> int:
+    """The width shared by `hooks` (a cross-layer dictionary's hooks must agree)."""
+    widths = sorted({stores[0].hooks[h]["d"] for h in hooks})
+    if len(widths) > 1:
+        raise ConfigError(f"SAE {name}: its hooks {', '.join(hooks)} have different widths {widths}; a cross-layer "
+                          "dictionary needs one width for its inputs and one for its targets")
+    return widths[0]
 
 
 def _diverged(m: Member, what: str, hint: str = "lower the lr") -> DivergedError:
@@ -183,13 +199,24 @@ def _finish(m: Member, record: dict, steps: int, cfg: TrainConfig) -> None:
 
 
 def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, autocast: dict, world: int):
-    """One optimizer step of one SAE. Returns the LossOutput (for metrics) and the normalised target."""
-    x_BD = batch[m.spec.hook_in] / m.in_scale
-    t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
-    n_global = ddp.all_reduce_sum_int(x_BD.shape[0]) if world > 1 else x_BD.shape[0]
+    """One optimizer step of one SAE. Returns the LossOutput (for metrics) and the normalised target. A cross-layer
+    member (`CrossLayer`) takes lists of hooks (x_BD, t_BD are lists, one tensor per hook) and its own decoder
+    constraint and counters; its target for the metrics is every target hook side by side."""
+    cross = isinstance(m.sae, CrossLayer)
+    if cross:
+        x_BD = [batch[h] / s for h, s in zip(m.spec.inputs, m.in_scale)]
+        t_BD = [batch[h] / s for h, s in zip(m.spec.targets, m.out_scale)]
+    else:
+        x_BD = batch[m.spec.hook_in] / m.in_scale
+        t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
+    rows = (x_BD[0] if cross else x_BD).shape[0]
+    n_global = ddp.all_reduce_sum_int(rows) if world > 1 else rows
+    gather = (lambda v: [ddp.all_gather_rows(a) for a in v]) if cross else ddp.all_gather_rows  # noqa: E731
     if step == 0:
-        m.sae.init_from_batch(ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD))
-    since_F = m.sae.tokens_since_fired_F.clone() if world > 1 else None
+        m.sae.init_from_batch(gather(x_BD), gather(t_BD))
+    since_F = None
+    if world > 1:
+        since_F = [c.clone() for c in m.sae.counters()] if cross else m.sae.tokens_since_fired_F.clone()
     with torch.autocast(**autocast):
         out = m.sae.loss(x_BD, t_BD, sparsity_warmup_factor(step, cfg.sparsity_warmup_steps))
     # a 0/1 flag, not the loss itself: MAX over ranks of a NaN is not reliably NaN, and every rank must stop together
@@ -199,9 +226,9 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     m.opt.zero_grad(set_to_none=True)
     # ranks may hold different row counts (BOS rows left out): weight each rank's mean so the averaged gradient is
     # that of the mean over the global batch, as in one process
-    (out.total * (x_BD.shape[0] * world / n_global) if world > 1 else out.total).backward()
+    (out.total * (rows * world / n_global) if world > 1 else out.total).backward()
     ddp.average_gradients(m.sae, world)
-    project_decoder_grad_(m.sae)
+    m.sae.project_decoder_grad_() if cross else project_decoder_grad_(m.sae)
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
         torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
@@ -209,14 +236,14 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()
-    renorm_decoder_(m.sae)
+    m.sae.renorm_decoder_() if cross else renorm_decoder_(m.sae)
     if world > 1:
-        ddp.sync_sae_stats_(m.sae, since_F, n_global)
+        m.sae.sync_stats_(since_F, n_global) if cross else ddp.sync_sae_stats_(m.sae, since_F, n_global)
     if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
-    return out, t_BD
+    return out, (torch.cat(t_BD, dim=1) if cross else t_BD)
 
 
 def bos_stores(cfg: TrainConfig, stores) -> list[int]:

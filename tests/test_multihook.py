@@ -204,3 +204,21 @@ def test_sweep_of_every_family_trains_from_one_read_and_resumes_bit_identically(
     for d in dirs:
         assert (open(os.path.join(d, rundir.WEIGHTS_FILE), "rb").read(),
                 open(os.path.join(d, rundir.METRICS_FILE)).read()) == whole[d], d
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_trains_a_clt_from_flags_and_refuses_bad_hooks_in_one_line(multi_store, tmp_path, capsys):
+    from saecache.cli import main
+
+    base = ["train", "--store", str(multi_store), "--steps", "4", "--batch-size", "128", "--no-progress",
+            "--heldout-fraction", "0.05", "--arch", "clt", "--width", "32", "--k", "4"]
+    main([*base, "--out", str(tmp_path / "run"), "--hooks-in", "resid_mid.0", "--hooks-in", "resid_mid.1",
+          "--hooks-out", "mlp_out.0", "--hooks-out", "mlp_out.1"])
+    [run] = capsys.readouterr().out.split()
+    module, rec = rundir.load_run(run)
+    assert isinstance(module, CrossLayer) and rec["hooks"] == {"in": MIDS, "out": OUTS, "kind": "clt"}
+    with pytest.raises(SystemExit) as e:  # a CLT given one --hook: one line, nothing written
+        main([*base, "--out", str(tmp_path / "bad"), "--hook", "resid_mid.0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hooks_in" in err and not (tmp_path / "bad").exists()

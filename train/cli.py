@@ -22,7 +22,8 @@ from saecache.options import config_options
 from saecache.train.config import AUTOCAST, LOG_BACKENDS, SAESpec, TrainConfig, flag
 
 SWEEP = ("hook_in", "width", "k", "coeff")  # repeatable SAE flags: the sweep is their product
-SAE_FLAGS = (*SWEEP, "hook_out", "arch", "penalty", "resample", "options")
+SAE_FLAGS = (*SWEEP, "hook_out", "hooks_in", "hooks_out", "arch", "penalty", "resample", "options")
+LIST_FLAGS = ("hooks_in", "hooks_out")  # repeated for one SAE's list (a cross-layer dictionary's hooks)
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "saes")
 
 
@@ -67,7 +68,7 @@ def build_config(opts: dict) -> TrainConfig:
     for need, flag in (("stores", "--store"), ("out", "--out")):
         if not base.get(need):
             raise ConfigError(f"missing {flag}")
-    sae = {k: opts[k] for k in SAE_FLAGS if opts.get(k) not in (None, ())}
+    sae = {k: list(opts[k]) if k in LIST_FLAGS else opts[k] for k in SAE_FLAGS if opts.get(k) not in (None, ())}
     if base.get("saes") and sae:
         given = ["--resample/--no-resample" if k == "resample" else flag(k) for k in sae]
         raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SAEs given with --hook; "
@@ -75,7 +76,7 @@ def build_config(opts: dict) -> TrainConfig:
     if base.get("total_tokens") is None and base.get("steps") is None:
         raise ConfigError("give the training length: --tokens N or --steps N")
     if not base.get("saes"):
-        if "hook_in" not in sae:
+        if "hook_in" not in sae and "hooks_in" not in sae:
             sae["hook_in"] = default_hooks(base["stores"])
         sweep = {k: sae.pop(k) for k in SWEEP if k in sae}
         base["saes"] = [{**sae, **dict(zip(sweep, values))} for values in itertools.product(*sweep.values())]

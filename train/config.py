@@ -73,11 +73,11 @@ class SAESpec:
     hook_out: str | None = None
     """Store hook the SAE reconstructs; unset: the hook it encodes (an SAE). A different hook makes a transcoder."""
     hooks_in: list[str] | None = None
-    """Cross-layer dictionaries (clt*, crosscoder*) only, instead of hook_in: the store hooks read, one per layer in
-    layer order (e.g. `resid_mid.0` .. `resid_mid.5`)."""
+    """Cross-layer dictionaries (clt*, crosscoder*) only, instead of --hook: the store hooks read, one per layer in
+    layer order (e.g. `--hooks-in resid_mid.0 --hooks-in resid_mid.1`)."""
     hooks_out: list[str] | None = None
-    """clt* only: the store hooks reconstructed, one per layer (e.g. `mlp_out.0` .. `mlp_out.5`); unset: hooks_in
-    (a crosscoder reconstructs what it reads)."""
+    """clt* only: the store hooks reconstructed, one per layer (e.g. `--hooks-out mlp_out.0 --hooks-out
+    mlp_out.1`); unset: the hooks read (a crosscoder reconstructs what it reads)."""
     k: int | None = None
     """Active features per row of topk/batchtopk/matryoshka SAEs; unset: 32 (at most the width), as the peers.
     Only for those architectures."""

@@ -4,7 +4,7 @@ OpenMP wait policy (spinning: the old behaviour) and saecache's thread policy (`
 Workloads, each a fixed amount of work on the demo's model shape (3 layers, width 128, ctx 128):
 - `harvest`: `run_harvest` of mlp_out.0..2 over `--harvest-tokens` tokens into a fresh store;
 - `train`: `run_training` of 4 SAEs (ReLU + TopK-32 at widths 512 and 1024, batch 2048) for `--train-steps` steps;
-- `evaluate`: `run_evaluation` of those 4 SAEs (statistics, 32 spliced contexts, feature pages, histograms);
+- `evaluate`: `run_evaluation` of those 4 SAEs (statistics, 16 spliced contexts, feature pages, histograms);
 - `model`: the demo model's training (`data/tiny_model.train_model`) for `--model-steps` steps (its loop's seconds).
 
 Each (policy, load) cell is a fresh child process, so the policy's environment is in place before torch loads; the
@@ -20,7 +20,7 @@ policy is compared against its own alone run.
 On a machine shared with other jobs "alone" still has their load (the 1-minute load average before each cell is
 recorded): rerun on a quiet machine for clean figures.
 
-Usage: python -m bench.bench_shared_cpu [--rounds 2] [--load 2] [--out bench/results]
+Usage: python -m bench.bench_shared_cpu [--rounds 2] [--load 2] [--out bench/results] [--append bench/results/shared_cpu.json]
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def evaluate(root: Path, out: Path) -> None:
     from saecache.evaluate.runner import run_evaluation
 
     runs = sorted(str(p) for p in (root / "runs").iterdir() if p.is_dir())
-    run_evaluation(EvalConfig(run_dirs=runs, store=str(root / "store.zarr"), out=str(out), n_contexts=32,
-                              device="cpu", model=str(root / "model"), html_features=2, html_max_rows=4096,
+    run_evaluation(EvalConfig(run_dirs=runs, store=str(root / "store.zarr"), out=str(out), n_contexts=16,
+                              device="cpu", model=str(root / "model"), html_features=2, html_max_rows=2048,
                               progress=False))
 
 
@@ -170,7 +170,7 @@ def write_results(out: Path, result: dict) -> None:
     (out / "shared_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     L, C = result["load"], result["cores"]
     lines = ["# Shared-CPU benchmark", "",
-             f"{C} cores, {L} competing busy processes, {result['rounds']} rounds (ABAB), medians. old = torch's "
+             f"{C} cores, {L} competing busy processes, rounds: {result['rounds']} (ABAB), medians. old = torch's "
              "defaults (OpenMP threads spin while they wait), new = saecache's thread policy (OMP_WAIT_POLICY=PASSIVE "
              "set before torch loads; `saecache/threads.py`). Fair wall = alone × max(1, u·(L+1)/C), u = cores the "
              "workload kept busy alone; target: loaded ≤ 1.5 × fair.", "",
@@ -182,7 +182,11 @@ def write_results(out: Path, result: dict) -> None:
                      f"{o['ratio_vs_fair']} | {n['alone_s']} | {n['loaded_s']} | {n['ratio_vs_fair']} | "
                      f"{r['new_vs_old_alone']} | {r['new_vs_old_loaded']} |")
     loads = [round(c["loadavg_before"], 1) for c in result["cells"]]
-    lines += ["", f"1-minute load average before each cell (other jobs included): {loads}. {result['note']}", ""]
+    bg = statistics.median(c["loadavg_before"] for c in result["cells"] if c["load"] == 0)
+    lines += ["", f"1-minute load average before each cell (other jobs included): {loads}. {result['note']} "
+              f"With B other runnable jobs already there (load average ~{bg:.0f} before the alone cells), the alone "
+              f"run gets about C/(B+1) cores and the loaded one C/(B+L+1), so there fair × is about (B+L+1)/(B+1) = "
+              f"{(bg + L + 1) / (bg + 1):.2f}; the column above assumes an otherwise idle machine.", ""]
     (out / "shared_cpu.md").write_text("\n".join(lines))
 
 
@@ -190,10 +194,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--load", type=int, default=2, help="competing busy processes in the loaded cells")
-    ap.add_argument("--harvest-tokens", type=int, default=16384)
-    ap.add_argument("--train-steps", type=int, default=12)
-    ap.add_argument("--model-steps", type=int, default=6)
+    ap.add_argument("--harvest-tokens", type=int, default=8192)
+    ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--model-steps", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--append", type=Path, help="a shared_cpu.json of the same settings whose cells (rounds) to keep: "
+                                                 "more rounds in several shorter sittings")
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -204,9 +210,10 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_assets(root, 65536)
-        cells = []
-        for r in range(args.rounds):
+        make_assets(root, 32768)
+        old = json.loads(args.append.read_text()) if args.append else {"cells": [], "rounds": 0}
+        cells, first = list(old["cells"]), old["rounds"]
+        for r in range(first, first + args.rounds):
             order = list(POLICIES) if r % 2 == 0 else list(POLICIES)[::-1]
             for load in (0, args.load):
                 for p in order:
@@ -215,7 +222,8 @@ def main() -> None:
                     print(f"round {r} {p} load {load}: " + ", ".join(f"{w} {c[w]['wall_s']:.1f}s" for w in WORKLOADS)
                           + f" (loadavg {c['loadavg_before']:.1f})", file=sys.stderr, flush=True)
     cores = available_cores()
-    result = {"cores": cores, "load": args.load, "rounds": args.rounds, "seconds": round(time.time() - t0),
+    result = {"cores": cores, "load": args.load, "rounds": first + args.rounds,
+              "seconds": round(time.time() - t0) + old.get("seconds", 0),
               "settings": {"harvest_tokens": args.harvest_tokens, "train_steps": args.train_steps,
                            "model_steps": args.model_steps, "saes": SWEEP},
               "workloads": summarise(cells, args.load, cores), "cells": cells,

@@ -222,3 +222,33 @@ def test_cli_trains_a_clt_from_flags_and_refuses_bad_hooks_in_one_line(multi_sto
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "hooks_in" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_cross_layer_training_over_two_gloo_ranks_matches_one_process(multi_store, tmp_path):
+    """A TopK CLT, a JumpReLU CLT and a TopK crosscoder trained by 2 gloo ranks (each reading its own partitions) end
+    with the weights of one process at the same global batch: gradients averaged over the ranks' lists of hooks.
+    (BatchTopK is left out: each rank selects the top k·B of its own rows, as the SAE's batchtopk does.)"""
+    cfg = {"stores": [str(multi_store)], "steps": 8, "batch_size": 128, "heldout_fraction": 0.05, "progress": False,
+           "device": "cpu", "checkpoint_every": 8,
+           "saes": [SWEEP[2], SWEEP[4], dict(arch="crosscoder", hooks_in=MIDS, width=32, k=4)]}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = ["-m", "saecache", "train", "--config", str(tmp_path / "cfg.json"), "--out"]
+    one = subprocess.run([sys.executable, *cmd, str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *cmd, str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for d in one.stdout.split():
+        name = os.path.basename(d)
+        a, b = load_file(tmp_path / "one" / name / rundir.WEIGHTS_FILE), load_file(tmp_path / "two" / name /
+                                                                                   rundir.WEIGHTS_FILE)
+        assert a.keys() == b.keys() and any(k.startswith("threshold") for k in a) == ("jumprelu" in name)
+        for k in a:
+            if a[k].is_floating_point():
+                torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4 * float(a[k].abs().max()), msg=k)
+            else:
+                assert torch.equal(a[k], b[k]), k

@@ -279,3 +279,28 @@ def test_planted_clt_is_recovered():
         for j in range(Lp - i):
             cos = torch.nn.functional.cosine_similarity(W[i][:, j], w[f"W_dec_{i}"][match, j], dim=1)
             assert cos.min() >= 0.9, (i, i + j, cos)
+
+
+@pytest.mark.parametrize("act", ["topk", "jumprelu"])
+def test_cross_layer_decoder_constraint(act):
+    """TopK family: each feature's decoders over all its targets keep unit norm (the gradient loses its radial part
+    before the step, the rows are renormalised after it); jumprelu's decoders are free (its penalty reads their
+    norms)."""
+    m, xs, ts = _cross("clt", act)
+    m.train()
+    m.loss(xs, ts).total.backward()
+    before = [W.grad.clone() for W in m.decoders()]
+    m.project_decoder_grad_()
+    for W, g0 in zip(m.decoders(), before):
+        if act == "jumprelu":
+            assert torch.equal(W.grad, g0)
+            continue
+        w_hat = W / W.norm(dim=1, keepdim=True)
+        assert_close(W.grad, g0 - (g0 * w_hat).sum(1, keepdim=True) * w_hat)
+        assert (g0 * w_hat).sum(1).abs().max() > 1e-3 and (W.grad * w_hat).sum(1).abs().max() < 1e-10
+    _cross_steps(m, xs, ts)
+    norms = torch.cat([W.norm(dim=1) for W in m.decoders()])
+    if act == "topk":
+        assert_close(norms, torch.ones_like(norms))
+    else:
+        assert (norms - 1).abs().max() > 1e-3

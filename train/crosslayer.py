@@ -347,10 +347,11 @@ class CrossLayer(nn.Module):
         """topk/batchtopk: remove from each feature's decoder gradient (over all its targets) its radial part."""
         if not self.act.unit_decoders:
             return
-        for W in self.decoders():
+        for W in self.decoders():  # g −= (g·w) w / ‖w‖², with no [F, T·D] temporary (the decoders are large)
             if W.grad is not None:
-                w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                W.grad.sub_((W.grad * w_hat).sum(1, keepdim=True) * w_hat)
+                dot_F = torch.linalg.vecdot(W.grad, W, dim=1)
+                sq_F = torch.linalg.vector_norm(W, dim=1).square_().clamp_min_(1e-24)
+                W.grad.addcmul_(W, (dot_F / sq_F).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def renorm_decoder_(self) -> None:

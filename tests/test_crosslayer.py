@@ -304,3 +304,13 @@ def test_cross_layer_decoder_constraint(act):
         assert_close(norms, torch.ones_like(norms))
     else:
         assert (norms - 1).abs().max() > 1e-3
+
+
+def test_bench_dense_reference_is_the_same_math():
+    """bench_crosslayer's dense reference step computes the loss of the CLT it is compared with."""
+    from bench.bench_crosslayer import DenseCLT, _clt
+
+    m = _clt(3, 8, 16, 3)
+    ref = DenseCLT(m)
+    xs, ts = [torch.randn(32, 8) for _ in range(3)], [torch.randn(32, 8) for _ in range(3)]
+    assert_close(ref.loss(xs, ts), m.loss(xs, ts).total)

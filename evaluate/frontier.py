@@ -113,10 +113,12 @@ def _point_note(q: dict) -> str:
 
 
 def _log_ticks(ax) -> None:
-    """Plain numbers at 1-2-5 steps on the log L0 axis, no minor labels (they overlap over a short range)."""
+    """Plain numbers on the log L0 axis at 1-2-5 steps (decades over more than two), no minor labels (they overlap
+    over a short range)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if hi > 100 * lo else (1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 

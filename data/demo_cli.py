@@ -23,7 +23,11 @@ def model_line(model: str, s: dict) -> str:
 @config_options(DemoConfig, skip=("progress", "extra"), defaults=False,
                 types={"tokenizer": click.Choice(TOKENIZERS), "model": click.Choice(MODELS)})
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(quiet: bool, **kw) -> None:
+@click.option("--recipe", type=click.Choice(("sae", "circuits")), default="sae", show_default=True,
+              help="sae: the SAE sweep; circuits: a PLT set and a CLT (matched latents and L0, --widths' first and "
+                   "--k) from a store of every layer's resid_mid and mlp_out, evaluated as replacement models "
+                   "(saecache/data/circuits.py).")
+def demo(quiet: bool, recipe: str, **kw) -> None:
     """The main job offline: a Pile-format corpus from local text, a language model (a small Pythia-architecture one
     trained here, or with --model smollm2 SmolLM2-135M-Instruct de-quantized from a Q4_1 GGUF), harvest of its MLP
     outputs, a ReLU+L1 / TopK sweep from one store, evaluation by splicing, and the seed's table. Options not given
@@ -35,6 +39,14 @@ def demo(quiet: bool, **kw) -> None:
     if given.get("model_steps") == 0:  # the flag's older spelling of "use --model-seconds"
         given["model_steps"] = None
     cfg = DemoConfig.preset(kw["model"] or DemoConfig.model, **given, progress=not quiet)
+    if recipe == "circuits":
+        from saecache.data.circuits import circuits_table, run_circuits
+
+        c = run_circuits(cfg)
+        click.echo("\n" + circuits_table(c["reports"]))
+        click.echo(f"reports: {cfg.out}/circuits-eval/{{plt,clt}}/replacement.md; store: {c['store']}; "
+                   f"total {c['seconds']:.0f} s")
+        return
     s = run_demo(cfg)
     click.echo(f"tokenizer: {s['tokenizer']}")
     click.echo(model_line(cfg.model, s))

@@ -20,7 +20,8 @@ policy is compared against its own alone run.
 On a machine shared with other jobs "alone" still has their load (the 1-minute load average before each cell is
 recorded): rerun on a quiet machine for clean figures.
 
-Usage: python -m bench.bench_shared_cpu [--rounds 2] [--load 2] [--out bench/results] [--append bench/results/shared_cpu.json]
+Usage: python -m bench.bench_shared_cpu [--rounds 2] [--load 2] [--out bench/results]
+       [--append bench/results/shared_cpu.json]
 """
 
 from __future__ import annotations

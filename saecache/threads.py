@@ -4,9 +4,10 @@ torch's CPU wheels run intra-op parallel regions on GNU OpenMP (libgomp). By def
 the end of a region spins (busy-waits) before it sleeps, and so does the thread that waits for it. When other
 processes keep the cores busy, a region's threads are not all on a core at once: one spins through its time slice
 waiting for a partner the scheduler has parked behind another process, and every one of the thousands of small
-regions a training step runs pays for it. Measured on 2 cores (`bench/bench_shared_cpu.py`, results in
-`bench/results/shared_cpu.md`): a TopK SAE step with torch's defaults took ~25x its quiet time beside two busy
-processes, where fair share (a third of the machine) explains 3x.
+regions a training step runs pays for it. Measured on 2 cores shared with other jobs (`bench/bench_shared_cpu.py`,
+`bench/results/shared_cpu.md`, medians of 2 rounds): 6 steps of 4 SAEs took 29 s with torch's defaults and 3.2 s
+with the passive policy, and beside two more busy processes 46 s and 4.8 s; the evaluation 85 s and 13 s, then
+171 s and 19 s; the demo model's training steps 38 s and 5.6 s, then 71 s and 7.9 s.
 
 `OMP_WAIT_POLICY=PASSIVE` makes waiting threads sleep at once, so the cores go to threads that have work. libgomp
 reads it only when it loads, i.e. on `import torch`, so `prepare()` runs from `saecache/__init__.py`, before any

@@ -49,6 +49,9 @@ def run_hooks(cfg: dict) -> tuple[str, str]:
     hooks = cfg.get("hooks") or {}
     if "in" not in hooks:
         raise RunDirError(f"cfg.json of run {cfg.get('name')!r} records no hooks (hooks.in / hooks.out)")
+    if isinstance(hooks["in"], list):
+        raise RunDirError(f"run {cfg.get('name')!r} is a {hooks.get('kind', 'cross-layer dictionary')} over several "
+                          "hooks; evaluate it as a replacement model: saecache replacement RUN_DIR --store STORE")
     return hooks["in"], hooks.get("out") or hooks["in"]
 
 

@@ -217,6 +217,11 @@ def test_cli_trains_a_clt_from_flags_and_refuses_bad_hooks_in_one_line(multi_sto
     [run] = capsys.readouterr().out.split()
     module, rec = rundir.load_run(run)
     assert isinstance(module, CrossLayer) and rec["hooks"] == {"in": MIDS, "out": OUTS, "kind": "clt"}
+    with pytest.raises(SystemExit) as e:  # `evaluate` is for single-hook dictionaries: one line, nothing written
+        main(["evaluate", run, "--store", str(multi_store), "--out", str(tmp_path / "eval")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "saecache replacement" in err and not (tmp_path / "eval").exists()
     with pytest.raises(SystemExit) as e:  # a CLT given one --hook: one line, nothing written
         main([*base, "--out", str(tmp_path / "bad"), "--hook", "resid_mid.0"])
     assert e.value.code == 2

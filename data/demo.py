@@ -102,6 +102,10 @@ class DemoConfig:
     eval_contexts: int = 256
     """Held-out contexts spliced for % loss recovered. The report gives each figure's 95 % bootstrap interval
     over them and lists the intervals wider than ±2 points."""
+    prune_curve: tuple[float, ...] = (0.2, 0.1, 0.05, 0.03)
+    """Frequency thresholds of the pruning curves beside the frontier (evaluate's --prune-curve). Shorter than
+    evaluate's default: below 0.03 the demo's dictionaries keep an L0 under ~5, and each threshold adds a spliced
+    forward per SAE."""
     seed: int = 0
     """Seeds the corpus split, model, harvest permutation and SAEs."""
     device: str = "auto"
@@ -117,6 +121,9 @@ class DemoConfig:
         if self.model not in MODELS:
             raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         self.widths, self.hooks, self.archs = tuple(self.widths), tuple(self.hooks), tuple(self.archs)
+        self.prune_curve = tuple(self.prune_curve)
+        if any(not 0 < t <= 1 for t in self.prune_curve):
+            raise ConfigError(f"--prune-curve takes firing frequencies in (0, 1], got {self.prune_curve}")
         if not self.archs or set(self.archs) - {"relu", "topk"}:
             raise ConfigError(f"--archs must be a non-empty subset of relu, topk; got {','.join(self.archs)}")
         for name in ("corpus_bytes", "layers", "hidden", "ctx_len", "harvest_tokens", "k", "train_tokens",
@@ -308,7 +315,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     _step(f"evaluating on held-out rows and {cfg.eval_contexts} held-out contexts", t0)
     ecfg = EvalConfig(run_dirs=run_dirs, store=store, out=str(root / "eval"), n_contexts=cfg.eval_contexts,
-                      device=cfg.device, model=str(model_dir), progress=cfg.progress)
+                      device=cfg.device, model=str(model_dir), progress=cfg.progress, prune_curve=cfg.prune_curve)
     rows = run_evaluation(ecfg)
     timings["total"] = round(time.time() - t0, 1)
     timings["evaluate"] = round(timings["total"] - timings["train_done"], 1)

@@ -42,10 +42,12 @@ def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
     # the sweep's frontier: a picture per hook, a point per SAE at its row's L0 and % loss recovered
     assert [p.rsplit("/", 1)[-1] for p in s["frontier"]] == [f"frontier-mlp_out.{i}.png" for i in range(cfg.layers)]
     assert all((out / "eval" / p).is_file() for p in s["frontier"]) and (out / "eval" / "report.html").is_file()
-    points = {q["run"]: q for p in json.loads((out / "eval" / "frontier.json").read_text())["panels"]
-              for ln in p["lines"] for q in ln["points"]}
+    panels = json.loads((out / "eval" / "frontier.json").read_text())["panels"]
+    points = {q["run"]: q for p in panels for ln in p["lines"] for q in ln["points"]}
     assert {run: (q["l0"], q["recovered_zero"]) for run, q in points.items()} == {
         r["run"]: (r["l0"], r["recovered_zero"]) for r in s["rows"]}
+    pruned_at = {q["prune_above"] for p in panels for c in p["pruning"] for q in c["points"][1:]}
+    assert pruned_at and pruned_at <= set(cfg.prune_curve)  # the demo's own series
     assert json.loads((out / "demo_config.json").read_text())["widths"] == list(cfg.widths)
 
     # second run: nothing is retrained or re-harvested; the evaluation gives the same figures

@@ -314,3 +314,25 @@ def test_bench_dense_reference_is_the_same_math():
     ref = DenseCLT(m)
     xs, ts = [torch.randn(32, 8) for _ in range(3)], [torch.randn(32, 8) for _ in range(3)]
     assert_close(ref.loss(xs, ts), m.loss(xs, ts).total)
+
+
+def test_cross_layer_auxk_trains_dead_latents_on_the_residual_of_their_targets():
+    m, xs, ts = _cross("clt", "topk", dead_tokens_threshold=1)
+    with torch.no_grad():
+        m.tokens_since_fired_0[:6] = 5  # six dead latents, in source 0 only
+    m.train()
+    out = m.loss(xs, ts)
+    # reference: each row's top k_aux (= d_out // 2) dead latents of source 0 predict the residual of layers 0..L-1
+    z = (xs[0] @ m.W_enc_0.t() + m.b_enc_0).relu().detach()
+    top = z[:, :6].topk(DX // 2, dim=1)
+    f_aux = torch.zeros_like(z).scatter(1, top.indices, top.values)
+    e = (torch.cat(ts, 1) - out.x_hat_BD).detach()
+    e_hat = f_aux @ m.W_dec_0
+    ref = m.cfg.auxk_alpha * (e_hat - e).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean()
+    assert out.aux > 0
+    assert_close(out.aux, ref)
+    m.zero_grad()
+    out.aux.backward()
+    touched = m.W_dec_0.grad.abs().sum(1) > 0
+    assert touched[:6].any() and not touched[6:].any()
+    assert all(getattr(m, f"W_dec_{s}").grad is None or not getattr(m, f"W_dec_{s}").grad.any() for s in (1, 2))

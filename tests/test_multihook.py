@@ -191,6 +191,8 @@ def test_sweep_of_every_family_trains_from_one_read_and_resumes_bit_identically(
         metrics = [json.loads(x) for x in (tmp_path / "run" / os.path.basename(d) / rundir.METRICS_FILE)
                    .read_text().splitlines()]
         assert [r["step"] for r in metrics] == [3, 6, 9, 12] and all(r["fve"] is not None for r in metrics)
+        if spec["arch"] in ("clt", "crosscoder"):  # AuxK on, its dead threshold resolved from the run's length
+            assert rec["sae"]["dead_tokens_threshold"] == 12 * 128 // 100 and max(r["aux"] for r in metrics) > 0
     skip = rundir.load_run(dirs[1])[0]
     assert skip.W_skip_DD.abs().sum() > 0  # the skip term trained
     # resume from the step-6 checkpoint, as after a kill: bit-identical weights and metrics

@@ -298,7 +298,7 @@ class CrossLayerFamily(Architecture):
         self.name = kind if activation == "topk" else f"{kind}-{activation}"
         what = {"clt": "cross-layer transcoder", "crosscoder": "acausal crosscoder"}[kind]
         self.description = f"{what}, {activation}"
-        self.needs_k = activation != "jumprelu"
+        self.needs_k = self.sparse = activation != "jumprelu"  # sparse: AuxK's dead threshold is resolved by the run
         self.threshold = activation == "batchtopk"
         self.decay_fraction = TopK.decay_fraction if self.needs_k else 0.0
 

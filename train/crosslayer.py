@@ -40,7 +40,9 @@ from torch import Tensor, nn
 from saecache.errors import ConfigError
 from saecache.train import penalties as P
 from saecache.train.arch import ARCHITECTURES
+from saecache.train.ddp import batch_variance
 from saecache.train.crosslayer_acts import ACTIVATIONS, SourceCode  # noqa: F401 (re-exported)
+from saecache.train.sae import DEAD_TOKENS_THRESHOLD
 from saecache.train.sparse_ops import SparseCode, Workspace, sparse_decode
 
 KINDS = ("clt", "crosscoder")
@@ -83,6 +85,13 @@ class CrossLayerConfig:
     """batchtopk: EMA decay of the inference threshold."""
     threshold_start_step: int = 1000
     """batchtopk: training steps before the threshold EMA starts."""
+    auxk_alpha: float = 1 / 32
+    """topk/batchtopk: weight of the AuxK loss (0 = off)."""
+    k_aux: int | None = None
+    """topk/batchtopk: dead latents per row and source used by AuxK; None means d_out // 2."""
+    dead_tokens_threshold: int = DEAD_TOKENS_THRESHOLD
+    """topk/batchtopk: a latent silent for this many training rows is dead (for AuxK); a TrainConfig resolves it to
+    a hundredth of the run's rows, at most 10M, as for the SAEs."""
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: resolve defaults)
@@ -107,6 +116,8 @@ class CrossLayerConfig:
         set_("n_layers", len(hooks_in))
         if self.d_out is None:
             set_("d_out", self.d_in)
+        if self.k_aux is None:
+            set_("k_aux", max(1, self.d_out // 2))
         if min(self.d_in, self.d_out, self.n_features) <= 0:
             raise ConfigError(f"widths must be positive (d_in={self.d_in}, d_out={self.d_out}, "
                               f"n_features={self.n_features})")
@@ -116,8 +127,10 @@ class CrossLayerConfig:
         if not needs_k and self.k is not None:
             raise ConfigError(f"k is only for topk/batchtopk, not {self.activation}")
         if min(self.coeff, self.tanh_c, self.pre_act_coeff) < 0 or self.jumprelu_bandwidth <= 0 \
-                or not 0 <= self.threshold_beta < 1:
-            raise ConfigError("need coeff, tanh_c, pre_act_coeff ≥ 0, jumprelu_bandwidth > 0, 0 ≤ threshold_beta < 1")
+                or not 0 <= self.threshold_beta < 1 or self.auxk_alpha < 0 or self.k_aux < 1 \
+                or self.dead_tokens_threshold < 1:
+            raise ConfigError("need coeff, tanh_c, pre_act_coeff, auxk_alpha ≥ 0, jumprelu_bandwidth > 0, "
+                              "0 ≤ threshold_beta < 1, k_aux ≥ 1, dead_tokens_threshold ≥ 1")
 
     @property
     def arch(self) -> str:
@@ -219,10 +232,10 @@ KIND_OBJECTS = {k.name: k for k in (CLT(), Crosscoder())}
 @dataclass
 class CrossLayerLoss:
     """What `CrossLayer.loss` returns; the fields the trainer's metrics read are `LossOutput`'s."""
-    total: Tensor        # recon + sparsity_scale · penalty
+    total: Tensor        # recon + sparsity_scale · penalty + aux
     recon: Tensor        # Σ over layers of Σ_D (ŷ − t)², mean over B
     sparsity: Tensor     # the weighted penalty (jumprelu), 0 for topk/batchtopk
-    aux: Tensor          # 0 (no auxiliary loss)
+    aux: Tensor          # weighted AuxK loss (topk, batchtopk), 0 if none
     x_hat_BD: Tensor     # every layer's reconstruction side by side, [B, L·D_out] (detached)
     l0: Tensor           # active features per row, summed over sources
     l0_S: list[float] = field(default_factory=list)  # per source
@@ -299,7 +312,8 @@ class CrossLayer(nn.Module):
         recon = (y_BLD - t_BLD).pow(2).sum((1, 2)).mean()
         pens = [c.pen for c in codes if c.pen is not None]
         sparsity = torch.stack(pens).sum() if pens else recon.new_zeros(())
-        total = recon + sparsity_scale * sparsity
+        aux = self._aux_loss(codes, y_BLD, t_BLD)
+        total = recon + sparsity_scale * sparsity + aux
         B = t_BLD.shape[0]
         with torch.no_grad():
             l0_S = [float(c.active()) / B for c in codes]
@@ -311,8 +325,20 @@ class CrossLayer(nn.Module):
                 self.n_steps += 1
                 for s, c in enumerate(codes):
                     self.act.after_step(self, s, c)
-        return CrossLayerLoss(total, recon, sparsity, recon.new_zeros(()), y_BLD.detach().flatten(1),
+        return CrossLayerLoss(total, recon, sparsity, aux, y_BLD.detach().flatten(1),
                               torch.tensor(sum(l0_S)), l0_S, codes)
+
+    def _aux_loss(self, codes: list[SourceCode], y_BLD: Tensor, t_BLD: Tensor) -> Tensor:
+        """AuxK summed over sources: a source's dead-latent picks decode (through its decoders) the residual error
+        e = t − ŷ of the targets it writes, normalised by e's variance over the batch (`penalties.auxk_loss`)."""
+        total = y_BLD.new_zeros(())
+        for s, (src, c) in enumerate(zip(self.sources, codes)):
+            if c.aux is None:
+                continue
+            e_BD = (t_BLD - y_BLD)[:, src.outs[0]:src.outs[-1] + 1].detach().flatten(1)
+            e_hat_BD = sparse_decode(c.aux, getattr(self, f"W_dec_{s}"))
+            total = total + self.cfg.auxk_alpha * P.auxk_loss(e_hat_BD, e_BD, batch_variance(e_BD))
+        return total
 
     def dead_mask(self, window_tokens: int) -> Tensor:
         """[S·F] features (source by source) that have not fired in the last `window_tokens` training rows."""

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from saecache.train import penalties as P
-from saecache.train.sparse_ops import SparseCode, batch_topk_select, centered_linear, sparse_encode, topk_select
+from saecache.train.sparse_ops import (SparseCode, batch_topk_select, centered_linear, dead_topk_select, sparse_encode,
+                                       topk_select, with_extra_columns)
 
 if TYPE_CHECKING:
     from saecache.train.crosslayer import CrossLayer, CrossLayerConfig
@@ -28,6 +29,7 @@ class SourceCode:
     sparse: SparseCode | None = None
     f_BF: Tensor | None = None
     pen: Tensor | None = None   # jumprelu: this source's weighted penalty (tanh + pre-activation)
+    aux: SparseCode | None = None  # topk family in training: AuxK's picks among the source's dead latents
 
     def public(self) -> SparseCode | Tensor:
         return self.sparse if self.sparse is not None else self.f_BF
@@ -47,7 +49,9 @@ class SourceCode:
 
 
 class TopKAct:
-    """Per-row top k of relu(z) per source; sparse encode and decode (`sparse_ops`)."""
+    """Per-row top k of relu(z) per source; sparse encode and decode (`sparse_ops`). In training, AuxK (Gao et al.
+    2024) as the SAE's: each row also picks its top k_aux among the source's dead latents (silent for
+    dead_tokens_threshold rows), which the loss trains to predict the residual error of the source's targets."""
     name, needs_k, unit_decoders = "topk", True, True
 
     def add_state(self, m: "CrossLayer", s: int) -> None:
@@ -57,8 +61,17 @@ class TopKAct:
         return topk_select(cfg.k)
 
     def encode_train(self, m: "CrossLayer", s: int, x_BD: Tensor) -> SourceCode:
-        W, b = m.encoder(s)
-        return SourceCode(sparse=sparse_encode(x_BD, None, W, b, self.select(m.cfg), m._workspace))
+        cfg, (W, b) = m.cfg, m.encoder(s)
+        select = self.select(cfg)
+        dead_M = (getattr(m, f"tokens_since_fired_{s}") >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
+        n_aux = min(cfg.k_aux, dead_M.numel()) if cfg.auxk_alpha > 0 else 0
+        if n_aux:
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
+        sparse = sparse_encode(x_BD, None, W, b, select, m._workspace)
+        if not n_aux:
+            return SourceCode(sparse=sparse)
+        main, aux = sparse.split(sparse.vals_N.numel() - x_BD.shape[0] * n_aux)  # the extras come last
+        return SourceCode(sparse=main, aux=aux)
 
     def encode(self, m: "CrossLayer", s: int, x_BD: Tensor) -> SourceCode:
         W, b = m.encoder(s)

@@ -94,9 +94,10 @@ def run(args) -> dict:
     peer_versions = None
     for k in ks:
         for r in range(args.seeds):
-            for name, dirs in ((f"PLT set k={k}", [runs[plt_name(args.width, k, i) + suffix(r)] for i in range(layers)]),
-                               (f"CLT k={k}", [runs[clt_name(args.width, k) + suffix(r)]])):
-                rep = replacement(cfg, model_dir, store, dirs, str(work / "eval" / f"{name.replace(' ', '_')}-{r}"))
+            plts = [runs[plt_name(args.width, k, i) + suffix(r)] for i in range(layers)]
+            for name, dirs in ((f"PLT set k={k}", plts), (f"CLT k={k}", [runs[clt_name(args.width, k) + suffix(r)]])):
+                rep = replacement(cfg, model_dir, store, dirs, str(work / "eval" / f"{name.replace(' ', '_')}-{r}"),
+                                  per_layer=False)
                 reports.setdefault(name, []).append(rep)
     if args.peers_python:
         from bench.circuits_peer import sparsify_reports
@@ -156,8 +157,8 @@ def markdown(sections: dict) -> str:
                   f"{s['n_contexts']} held-out contexts (store contexts {s['contexts'][0]}..{s['contexts'][1]}). "
                   f"Wall: harvest {s['seconds']['harvest']} s, training {s['seconds']['train']} s, total "
                   f"{s['seconds']['total']} s (shared 2-core CPU). Command: `{s['command']}`", "",
-                  "| dictionary | inputs | mean L0/layer | CE (clean " + f"{next(iter(s['summary'].values()))['clean']['ce_clean']:.4f}) | "
-                  "% rec. (zero) | % rec. (mean) | KL |", "|---|---|---|---|---|---|---|"]
+                  "| dictionary | inputs | mean L0/layer | CE (clean "
+                  f"{next(iter(s['summary'].values()))['clean']['ce_clean']:.4f}) | % rec. (zero) | % rec. (mean) | KL |", "|---|---|---|---|---|---|---|"]
         for name, by_mode in s["summary"].items():
             for mode, r in by_mode.items():
                 lines.append(f"| {name} | {mode} | {r['l0']:.1f} | {r['ce_spliced']['mean']:.4f} | "
@@ -175,8 +176,8 @@ def markdown(sections: dict) -> str:
                   f"{LLAMASCOPIUM_BPV[1]} (fp32 safetensors chunks, measured on the same kind of model).", ""]
         lines += [verdict(s), ""]
         if s.get("peer_versions"):
-            lines += ["Peer: sparsify's transcoder (bench/circuits_peer.py: its Trainer.fit defaults, signum, one seed) "
-                      "on the rows saecache's seed-0 runs read; " +
+            lines += ["Peer: sparsify's transcoder (bench/circuits_peer.py: its Trainer.fit defaults, signum, one "
+                      "seed) on the rows saecache's seed-0 runs read; " +
                       ", ".join(f"{p} {v}" for p, v in s["peer_versions"].items()) + ". Its L0 is below k where "
                       "ReLU zeroes some of the top k.", ""]
     return "\n".join(lines)

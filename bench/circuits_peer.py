@@ -195,7 +195,8 @@ def _evaluate(cfg, model_dir, store, rep, contexts) -> dict:
     means = {l: torch.as_tensor(store.stats(h.name)["mean"], dtype=torch.float32) for l, h in enumerate(rep.hooks_out)}
     first = store.header["storage"]["first_position"]
     res = replacement_losses(model, ids, rep, list(range(len(rep))), means, first, rcfg.ctx_batch_size, rcfg.modes)
-    return {"contexts": list(contexts), "modes": {m: {**r.losses.as_dict(), "layers": r.layers} for m, r in res.items()}}
+    modes = {m: {**r.losses.as_dict(), "layers": r.layers} for m, r in res.items()}
+    return {"contexts": list(contexts), "modes": modes}
 
 
 if __name__ == "__main__":

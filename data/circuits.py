@@ -87,13 +87,16 @@ def train_circuits(cfg: DemoConfig, store: str, saes: list[dict], seeds: int = 1
     return {Path(d).name: d for d in run_training(tcfg)}
 
 
-def replacement(cfg: DemoConfig, model_dir: Path, store: str, run_dirs: list[str], out: str) -> dict:
-    """The replacement-model report (both input modes, each layer alone) of a PLT set or a CLT."""
+def replacement(cfg: DemoConfig, model_dir: Path, store: str, run_dirs: list[str], out: str,
+                per_layer: bool = True) -> dict:
+    """The replacement-model report (both input modes, and each layer alone when `per_layer`) of a PLT set or a
+    CLT."""
     from saecache.evaluate.config import ReplacementConfig
     from saecache.evaluate.replacement_run import run_replacement
 
     return run_replacement(ReplacementConfig(run_dirs=run_dirs, store=store, out=out, inputs="both",
-                                             n_contexts=cfg.eval_contexts, model=str(model_dir), device=cfg.device))
+                                             n_contexts=cfg.eval_contexts, model=str(model_dir), device=cfg.device,
+                                             per_layer=per_layer))
 
 
 def prepare(cfg: DemoConfig) -> tuple[Path, dict, int]:

@@ -75,3 +75,25 @@ def test_demo_recipe_circuits_end_to_end_and_cached_rerun(tmp_path):
     assert s2["harvest"]["shards_written"] == 0
     assert {p: p.read_bytes() for p in (out / "circuits-runs").glob("*/sae.safetensors")} == weights
     assert s2["reports"]["CLT"]["modes"] == reps["CLT"]["modes"]
+
+
+def test_the_bench_pairs_seeds_and_states_whether_the_lower_l0_claim_holds():
+    from bench.bench_circuits import delta, summarise, verdict
+
+    def rep(rec):
+        layer = {"l0": 4.0, "fve": 0.5, "rel_error": 0.5}
+        return {"modes": {m: {"recovered_zero": rec, "recovered_mean": rec, "kl": 1 - rec, "ce_spliced": 5.0,
+                              "ce_clean": 4.0, "layers": [layer]} for m in ("clean", "replaced")}}
+
+    summary = summarise({"PLT set k=8": [rep(0.80), rep(0.90)], "CLT k=4": [rep(0.78), rep(0.86)],
+                         "CLT k=8": [rep(0.95), rep(0.97)], "PLT set k=4": [rep(0.7), rep(0.7)]})
+    d = delta(summary, "CLT k=4", "PLT set k=8", "clean", "recovered_zero")
+    assert [round(v, 6) for v in d["per_seed"]] == [-0.02, -0.04]  # paired by seed, not mean minus mean
+    assert round(d["mean"], 6) == -0.03 and round(d["spread"], 6) == 0.02
+    assert delta(summary, "CLT k=2", "PLT set k=8", "clean", "kl") is None
+    deltas = {m: {name: {"recovered_zero": delta(summary, a, b, m, "recovered_zero")}
+                  for name, a, b in (("CLT k=4 − PLT set k=8", "CLT k=4", "PLT set k=8"),)} for m in ("clean",)}
+    assert "does not reach the PLT set at k=8 (-3.0 ± 2.0" in verdict({"k": [8, 4], "deltas": deltas})
+    deltas["clean"]["CLT k=4 − PLT set k=8"]["recovered_zero"] = delta(summary, "CLT k=4", "PLT set k=4", "clean",
+                                                                       "recovered_zero")
+    assert "CLT at k=4 reaches the PLT set at k=8" in verdict({"k": [8, 4], "deltas": deltas})

@@ -7,11 +7,11 @@ layer, one transcoder `resid_mid.i -> mlp_out.i` each; the CLT has `width` featu
 L0 (TopK with k active per layer on both). Everything is cached in `DemoConfig.out` as the demo is: the model and
 corpus are the demo's own (`data/demo.py`), the store `circuits.zarr` resumes, finished runs are kept.
 
-On the smollm2 flavour the recipe covers SmolLM2's first `SMOLLM2_LAYERS` blocks (all 30 at d=576 would make a
-store of ~9 GB in fp16 at the flavour's 150k tokens); the blocks after them keep their MLPs. No attribution graph is drawn
-here, because it is not cheap: circuit-tracer's transcoders encode with ReLU/JumpReLU, so the TopK dictionaries of this
-recipe do not export (train `batchtopk` / `clt-batchtopk` instead: their inference threshold exports exactly); a set
-should cover every one of the model's 30 layers (uncovered MLPs enter the graph whole, as error nodes); and
+On the smollm2 flavour the recipe covers SmolLM2's first `SMOLLM2_LAYERS` blocks (all 30 at d=576 would make a store
+of ~9 GB in fp16 at the flavour's 150k tokens); the blocks after them keep their MLPs. No attribution graph is drawn
+here, because it is not cheap: circuit-tracer's transcoders encode with ReLU/JumpReLU, so the TopK dictionaries of
+this recipe do not export (train `batchtopk` / `clt-batchtopk` instead: their inference threshold exports exactly); a
+set should cover every one of the model's 30 layers (uncovered MLPs enter the graph whole, as error nodes); and
 circuit-tracer 0.5.0 needs its own virtualenv (it pins transformers <= 4.57.3). The steps: `saecache export RUN_DIR...
 --to circuit-tracer --out DIR`, then `ReplacementModel.from_pretrained` and `attribute` in that virtualenv
 (docs/circuits.md; tests/ct_roundtrip.py does it for SmolLM2).

@@ -43,19 +43,19 @@ def panel(frontier, hook):
     return next(p for p in frontier["panels"] if p["hook"] == hook)
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_a_point_per_sae_at_its_report_row(sweep):
     rows, fr = sweep["report"]["rows"], sweep["frontier"]
     assert [p["hook"] for p in fr["panels"]] == ["mlp_out.0", "mlp_out.1"]
     assert all(not r["pruned"] for r in rows) and len(rows) == 7  # the curves' variants are not report rows
     p0 = panel(fr, "mlp_out.0")
     assert [(ln["architecture"], ln["n_features"]) for ln in p0["lines"]] == [("relu", 64), ("topk", 32), ("topk", 64)]
-    points = {q["run"]: (ln, q) for p in fr["panels"] for ln in p["lines"] for q in ln["points"]}
-    assert set(points) == {r["run"] for r in rows}
+    points = [(p["hook"], ln, q) for p in fr["panels"] for ln in p["lines"] for q in ln["points"]]
+    assert sorted(q["run"] for _, _, q in points) == sorted(r["run"] for r in rows)  # one point per SAE
+    by_run = {q["run"]: (hook, ln, q) for hook, ln, q in points}
     for r in rows:
-        ln, q = points[r["run"]]
-        assert (ln["architecture"], ln["n_features"]) == (r["architecture"], r["n_features"])
-        assert r["run"] in {q["run"] for q in panel(fr, r["hook_out"])["lines"][0]["points"]} or \
-            any(r["run"] in {x["run"] for x in other["points"]} for other in panel(fr, r["hook_out"])["lines"])
+        hook, ln, q = by_run[r["run"]]
+        assert hook == r["hook_out"] and (ln["architecture"], ln["n_features"]) == (r["architecture"], r["n_features"])
         for key in ("l0", "fve", "recovered_zero", "recovered_zero_lo", "recovered_zero_hi"):
             assert q[key] == r[key], (r["run"], key)
         assert r["recovered_zero"] is not None and 0 < r["l0"]
@@ -77,6 +77,7 @@ def heldout_x(store_path, hook):
     return torch.from_numpy(np.asarray(st.array(f"acts/{hook}")[:])[rows].astype(np.float32))
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_pruning_curves_fall_monotonically_and_drop_the_frequent_features(sweep, tiny_store):
     from saecache.train.rundir import load_run
 
@@ -114,6 +115,7 @@ def test_pruning_curves_fall_monotonically_and_drop_the_frequent_features(sweep,
                 assert int((freq > t).sum()) == (higher[-1]["n_pruned"] if higher else 0)
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_the_curve_equals_a_prune_above_run_at_the_same_threshold(sweep, tiny_store, tmp_path):
     c = next(c for p in sweep["frontier"]["panels"] for c in p["pruning"] if c["run"] == "topk64-k8")
     q = c["points"][2]
@@ -129,6 +131,7 @@ def test_the_curve_equals_a_prune_above_run_at_the_same_threshold(sweep, tiny_st
     assert not list(out.glob("frontier-*.png"))
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_pictures_are_written_and_shown_in_report_md(sweep):
     out, fr = sweep["out"], sweep["frontier"]
     md = (out / "report.md").read_text()

@@ -28,6 +28,7 @@ def page(tiny_store, tmp_path_factory):
     return out, view_page(out / "report.html")
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_report_html_loads_without_errors_and_shows_every_picture(page):
     out, view = page
     assert view.errors == []
@@ -44,6 +45,7 @@ def test_report_html_loads_without_errors_and_shows_every_picture(page):
         assert colours >= MIN_COLOURS and ink >= MIN_INK, (im, colours, ink)
 
 
+@pytest.mark.slow  # the sweep: ~25 s to train and evaluate once per session
 def test_report_html_has_the_tables_and_links_to_the_feature_pages(page):
     out, view = page
     html = (out / "report.html").read_text()

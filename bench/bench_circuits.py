@@ -156,7 +156,8 @@ def markdown(sections: dict) -> str:
                   f"{s['train_tokens']:,} training tokens per dictionary, batch {s['batch_size']}; "
                   f"{s['n_contexts']} held-out contexts (store contexts {s['contexts'][0]}..{s['contexts'][1]}). "
                   f"Wall: harvest {s['seconds']['harvest']} s, training {s['seconds']['train']} s, total "
-                  f"{s['seconds']['total']} s (shared 2-core CPU). Command: `{s['command']}`", "",
+                  f"{s['seconds']['total']} s (shared 2-core CPU). Command: `{s['command']}`" +
+                  (f" ({s['note']})" if s.get("note") else ""), "",
                   "| dictionary | inputs | mean L0/layer | CE (clean "
                   f"{next(iter(s['summary'].values()))['clean']['ce_clean']:.4f}) | % rec. (zero) | % rec. (mean) | KL |", "|---|---|---|---|---|---|---|"]
         for name, by_mode in s["summary"].items():

@@ -170,9 +170,11 @@ class ActivationStore:
         from saecache.train.loader import Loader
 
         defaults = TrainConfig.__dataclass_fields__
+        partitions = partitions or defaults["partitions"].default
+        if batch_size % partitions:  # the loader's own message names train's flags
+            raise ConfigError(f"batches: batch_size {batch_size} must be a multiple of partitions {partitions}")
         loader = Loader([self.store], names, batch_size, seed, heldout_fraction=fraction,
-                        partitions=partitions or defaults["partitions"].default,
-                        shuffle_chunks=defaults["shuffle_chunks"].default,
+                        partitions=partitions, shuffle_chunks=defaults["shuffle_chunks"].default,
                         shuffle_run=defaults["shuffle_run"].default, dtype=dtype, device=device)
         return self._serve(loader, steps)
 

@@ -131,5 +131,5 @@ def test_grad_clip_zero_turns_clipping_off(tmp_path):
 
 def test_grad_clip_must_be_nonnegative(tmp_path):
     from saecache.errors import ConfigError
-    with pytest.raises(ConfigError, match="grad_clip"):
+    with pytest.raises(ConfigError, match="--grad-clip"):
         _cfg("topk", tmp_path, grad_clip=-1.0)

@@ -120,9 +120,9 @@ class Loader:
                  reader_threads: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None):
         if batch_size % partitions:
-            raise ConfigError(f"batch_size {batch_size} must be a multiple of partitions {partitions}")
+            raise ConfigError(f"--batch-size {batch_size} must be a multiple of --partitions {partitions}")
         if partitions % world_size:
-            raise ConfigError(f"partitions {partitions} must be a multiple of the number of ranks {world_size}")
+            raise ConfigError(f"--partitions {partitions} must be a multiple of the number of ranks {world_size}")
         self.stores, self.hooks, self.batch_size, self.seed = stores, list(hooks), batch_size, seed
         self.partitions, self.shuffle_chunks, self.dtype = partitions, shuffle_chunks, dtype
         # each partition's share of a batch spans at least 4 runs (batch 4096 / 8 partitions: runs of 128 rows)

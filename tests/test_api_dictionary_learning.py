@@ -1,58 +1,33 @@
 """The teammate path with the real library: dictionary_learning's `trainSAE` trains from `store.batches`, and its
 `ae.pt` goes through `saecache import` and `saecache evaluate` (docs/api.md, "A teammate's trainer").
 
-dictionary_learning's pins clash with ours (nnsight<0.4), so it runs in its own virtualenv: built once under
-`.venvs/` (git-ignored) keyed by its requirements, and reused by later runs; saecache is installed into it editable
+dictionary_learning's pins clash with ours (nnsight<0.4), so it runs in its own virtualenv (tests/_venvs.py: built
+once under `.venvs/`, git-ignored, keyed by its requirements, and reused by later runs); saecache is installed into it editable
 from this checkout (no dependencies: the venv already has what the API's store and loader need). The first build
 downloads ~1 GB of packages (a few minutes); CI builds it once per run.
 """
 
-import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from _venvs import peer_python
 from test_api import docs_blocks
 
 REPO = Path(__file__).resolve().parents[1]
-# torch first: the CPU build on disk; zarr, numcodecs and crc32c: what the store reader needs beyond the library's deps
-REQUIREMENTS = ["torch==2.13.0", "dictionary-learning==0.1.0", "zarr>=3.1,<4", "numcodecs>=0.13", "crc32c>=2.4"]
-
-
-def _build(venv: Path) -> float:
-    """Make the virtualenv at `venv` (built beside it, moved in place once complete); returns the seconds taken."""
-    t0 = time.perf_counter()
-    tmp = venv.with_name(venv.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
-    pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, *REQUIREMENTS], check=True)
-    # nnsight requires torchvision, and PyPI's torchvision is built against CUDA torch: with the CPU build its
-    # operators fail to load ("operator torchvision::nms does not exist") and transformers' imports break.
-    # dictionary_learning's training never uses it.
-    subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "torchvision"], check=True)
-    seconds = time.perf_counter() - t0
-    (tmp / "saecache-build.json").write_text(json.dumps({"requirements": REQUIREMENTS, "seconds": round(seconds)}))
-    os.replace(tmp, venv)  # the scripts in bin/ keep the old path in their #! line: everything runs `python -m`
-    return seconds
 
 
 @pytest.fixture(scope="session")
 def dl_python() -> Path:
     """The interpreter of the dictionary_learning virtualenv, with this checkout's saecache installed."""
-    key = hashlib.sha256(json.dumps([sys.version_info[:2], REQUIREMENTS]).encode()).hexdigest()[:12]
-    venv = REPO / ".venvs" / f"dictionary-learning-{key}"
-    if not (venv / "saecache-build.json").exists():
-        venv.parent.mkdir(exist_ok=True)
-        print(f"building {venv.name}: {_build(venv):.0f} s", file=sys.stderr)
-    python = venv / "bin" / "python"
+    python = peer_python("dictionary-learning")  # tests/_venvs.py: built once, kept under .venvs/
+    venv = python.parent.parent
     where = subprocess.run([str(python), "-c", "import saecache, os; print(os.path.dirname(saecache.__file__))"],
                            capture_output=True, text=True, cwd=venv)  # not the repo: its ./saecache would import
     if where.returncode or Path(where.stdout.strip()) != REPO / "saecache":

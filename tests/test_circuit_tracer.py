@@ -10,10 +10,8 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from _venvs import peer_python
 from saecache.errors import RunDirError
 from saecache.evaluate.circuit_tracer import export_transcoder_set
 from saecache.evaluate.formats import from_sae
@@ -223,32 +222,14 @@ def test_unexportable_cross_layer_dictionaries_are_refused(tmp_path, kind, activ
 
 # ------------------------------------------------------------------------------------ the real circuit-tracer (slow)
 
-CT_PINS = ("torch==2.13.0", "circuit-tracer==0.5.0", "nnsight==0.6.3")
-"""torch first and alone: the CPU wheel, so circuit-tracer's torch requirement is met and no CUDA build is pulled.
-nnsight is pinned because circuit-tracer 0.5.0 asks only nnsight>=0.6.0 and imports
-`nnsight.intervention.tracing.tracer.Barrier`, which nnsight 0.7 moved (0.8.1, what pip picks, fails to import)."""
-VENV = Path(__file__).resolve().parents[1] / ".venvs" / "circuit-tracer-0.5.0"
-VENV_RECORD = "saecache-venv.json"
-"""Written last into the venv: its pins and build time. A venv without it (an interrupted build) is rebuilt."""
 PROMPT = "def add(a, b):\n    return a +"
 
 
 @pytest.fixture(scope="session")
 def ct_venv() -> Path:
-    """The circuit-tracer 0.5.0 virtualenv's python, built once (its versions apart from ours: it pins
-    transformers<=4.57.3) and reused while its record matches the pins."""
-    py, record = VENV / "bin" / "python", VENV / VENV_RECORD
-    if py.exists() and record.is_file() and json.loads(record.read_text()).get("pins") == list(CT_PINS):
-        return py
-    shutil.rmtree(VENV, ignore_errors=True)
-    VENV.parent.mkdir(exist_ok=True)  # git-ignored (.gitignore: /.venvs/)
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, CT_PINS[0]], check=True)
-    subprocess.run([*pip, *CT_PINS], check=True)
-    record.write_text(json.dumps({"pins": list(CT_PINS), "build_seconds": round(time.time() - t0, 1)}) + "\n")
-    return py
+    """The circuit-tracer 0.5.0 virtualenv's python (tests/_venvs.py: its versions apart from ours, since it pins
+    transformers<=4.57.3; built once and kept under .venvs/)."""
+    return peer_python("circuit-tracer")
 
 
 def transformers4_model_dir(src: Path, dst: Path) -> Path:

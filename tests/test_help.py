@@ -232,3 +232,21 @@ def test_smollm2_is_named_for_what_it_is():
     assert DESCRIPTION in line and "pretrained" not in line
     for path in ("data/smollm2.py", "data/demo.py", "data/demo_cli.py"):
         assert "pretrained SmolLM2" not in " ".join((ROOT / path).read_text().split()), path
+
+
+def test_run_dir_from_before_the_cross_layer_fields_resumes(capsys, tiny_store, tmp_path):
+    """cfg.json written before SAESpec had hooks_in/hooks_out (their defaults keep the old meaning) resumes."""
+    argv = ["--store", tiny_store, "--out", tmp_path / "out", "--hook", "mlp_out.0", "--width", "64", "--k", "4",
+            "--steps", "4", "--batch-size", "64", "--checkpoint-every", "2", "--no-progress"]
+    code, out, err = _train(capsys, *argv)
+    assert code == 0, err
+    run = Path(out.strip())
+    rec = json.loads((run / "cfg.json").read_text())
+    for spec in rec["train"]["saes"]:
+        assert spec.pop("hooks_in") is None and spec.pop("hooks_out") is None
+    (run / "cfg.json").write_text(json.dumps({**rec, "complete": False}))  # as if killed after step 2
+    (run / "sae.safetensors").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    code, out, err = _train(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((run / "cfg.json").read_text())["complete"] is True and (run / "sae.safetensors").exists()

@@ -55,6 +55,9 @@ def upgrade_fields(d: dict) -> dict:
         if old in d:
             value = convert(d.pop(old))
             d.setdefault(new, value)
+    if isinstance(d.get("saes"), list):  # spec fields added since (hooks_in, ...) at their defaults: the old meaning
+        defaults = {f.name: f.default for f in dataclasses.fields(SAESpec) if f.default is not dataclasses.MISSING}
+        d["saes"] = [{**defaults, **s} if isinstance(s, dict) else s for s in d["saes"]]
     return d
 
 

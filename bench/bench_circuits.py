@@ -133,14 +133,14 @@ def verdict(s: dict) -> str:
         d = ds[f"CLT k={h} − PLT set k={k}"]["recovered_zero"]
         holds = d["mean"] + d["spread"] >= 0
         parts.append(f"{mode} inputs: CLT at k={h} {'reaches' if holds else 'does not reach'} the PLT set at k={k} "
-                     f"({100 * d['mean']:+.1f} ± {100 * d['spread']:.1f} points of loss recovered)")
+                     f"({_pm(d, 100, '+.1f')} points of loss recovered)")
     return "Lower L0 at the same fidelity (the paper's claim): " + "; ".join(parts) + "."
 
 
 def _pm(v: dict, scale: float = 100, fmt: str = ".1f") -> str:
     """mean ± seed spread, or the one value when there was one seed."""
     m = format(scale * v["mean"], fmt)
-    return m if len(v["per_seed"]) < 2 else f"{m} ± {format(scale * v['spread'], fmt)}"
+    return m if len(v["per_seed"]) < 2 else f"{m} ± {format(scale * v['spread'], fmt.lstrip('+'))}"
 
 
 def markdown(sections: dict) -> str:
@@ -168,9 +168,8 @@ def markdown(sections: dict) -> str:
         for mode, ds in s["deltas"].items():
             for name, d in ds.items():
                 if d["recovered_zero"] is not None:
-                    lines.append(f"| {name} | {mode} | {100 * d['recovered_zero']['mean']:+.1f} ± "
-                                 f"{100 * d['recovered_zero']['spread']:.1f} | {d['kl']['mean']:+.4f} ± "
-                                 f"{d['kl']['spread']:.4f} |")
+                    lines.append(f"| {name} | {mode} | {_pm(d['recovered_zero'], 100, '+.1f')} | "
+                                 f"{_pm(d['kl'], 1, '+.4f')} |")
         bpv = s["store_bytes_per_value"]
         lines += ["", "Store: " + ", ".join(f"{d} {v:.3f} bytes/value" for d, v in bpv.items()) +
                   f" (activations only, the store's codec), against Llamascopium's {LLAMASCOPIUM_BPV[0]}–"

@@ -17,7 +17,9 @@ def make(*args, **env_changes) -> str:
     """stdout of `make -s ARGS` in the repo, with VIRTUAL_ENV / CONDA_PREFIX unset unless given."""
     if shutil.which("make") is None:
         pytest.fail("GNU make is needed: the README's two commands are make targets")
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PY", "VENV")}
+    # MAKEFLAGS & co.: a suite run by `make test PY=...` must not pass its command-line variables on to this make
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PY", "VENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
     env.update(env_changes)
     p = subprocess.run(["make", "-s", "-C", str(REPO), *args], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr

@@ -74,18 +74,12 @@ def sparsity_warmup_factor(step: int, sparsity_warmup_steps: int) -> float:
     return min(1.0, (step + 1) / sparsity_warmup_steps)
 
 
-@torch.no_grad()
 def project_decoder_grad_(sae) -> None:
-    """Remove from each decoder row's gradient its component along the row (call before the optimizer step)."""
-    W, g = sae.W_dec_FD, sae.W_dec_FD.grad
-    if g is None:
-        return
-    w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    g.sub_((g * w_hat).sum(1, keepdim=True) * w_hat)
+    """Remove from each decoder row's gradient its component along the row (call before the optimizer step); the
+    module's own rule (`SAE.project_decoder_grad_`, `CrossLayer.project_decoder_grad_`)."""
+    sae.project_decoder_grad_()
 
 
-@torch.no_grad()
 def renorm_decoder_(sae) -> None:
-    """Rescale each decoder row to unit norm (call after the optimizer step)."""
-    W = sae.W_dec_FD
-    W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    """Rescale each decoder row to unit norm (call after the optimizer step); the module's own rule."""
+    sae.renorm_decoder_()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saecache.errors import ConfigError
+from saecache.train import ddp
 from saecache.train import dense_ops as DO
 from saecache.train import penalties as P
 from saecache.train.arch import ARCHITECTURES, Architecture, Code  # noqa: F401 (re-exported)
@@ -248,6 +249,30 @@ class SAE(nn.Module):
     def dead_mask(self, window_tokens: int) -> Tensor:
         """Latents that have not fired in the last `window_tokens` training tokens."""
         return self.tokens_since_fired_F >= window_tokens
+
+    # ---- the trainer's constraints and DDP counters: the same interface as `crosslayer.CrossLayer` ----
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (before the optimizer step)."""
+        W, g = self.W_dec_FD, self.W_dec_FD.grad
+        if g is None:
+            return
+        w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g.sub_((g * w_hat).sum(1, keepdim=True) * w_hat)
+
+    @torch.no_grad()
+    def renorm_decoder_(self) -> None:
+        """Rescale each decoder row to unit norm (after the optimizer step)."""
+        W = self.W_dec_FD
+        W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def counters(self) -> list[Tensor]:
+        """The dead-latent counters, as a list (one per feature set) like a cross-layer dictionary's."""
+        return [self.tokens_since_fired_F]
+
+    def sync_stats_(self, since_before: list[Tensor], global_batch: int) -> None:
+        """DDP: the global batch's counters (and threshold) on every rank (`ddp.sync_sae_stats_`)."""
+        ddp.sync_sae_stats_(self, since_before[0], global_batch)
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: Tensor, target_BD: Tensor | None = None) -> None:

@@ -30,8 +30,7 @@ from saecache.train.config import SAESpec, TrainConfig, flag, upgrade_fields
 from saecache.train.crosslayer import CrossLayer, config_from_dict
 from saecache.train.loader import Loader, heldout_cutoff, open_stores
 from saecache.train.monitor import Logger, check_backend, step_metrics
-from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
-                                  sparsity_warmup_factor)
+from saecache.train.optim import lr_factor, make_optimizer, sparsity_warmup_factor
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
 from saecache.train.resample import resample_dead_
 from saecache.train.sparse_ops import Workspace
@@ -214,9 +213,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     gather = (lambda v: [ddp.all_gather_rows(a) for a in v]) if cross else ddp.all_gather_rows  # noqa: E731
     if step == 0:
         m.sae.init_from_batch(gather(x_BD), gather(t_BD))
-    since_F = None
-    if world > 1:
-        since_F = [c.clone() for c in m.sae.counters()] if cross else m.sae.tokens_since_fired_F.clone()
+    since = [c.clone() for c in m.sae.counters()] if world > 1 else None
     with torch.autocast(**autocast):
         out = m.sae.loss(x_BD, t_BD, sparsity_warmup_factor(step, cfg.sparsity_warmup_steps))
     # a 0/1 flag, not the loss itself: MAX over ranks of a NaN is not reliably NaN, and every rank must stop together
@@ -228,7 +225,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     # that of the mean over the global batch, as in one process
     (out.total * (rows * world / n_global) if world > 1 else out.total).backward()
     ddp.average_gradients(m.sae, world)
-    m.sae.project_decoder_grad_() if cross else project_decoder_grad_(m.sae)
+    m.sae.project_decoder_grad_()
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
         torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
@@ -236,9 +233,9 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()
-    m.sae.renorm_decoder_() if cross else renorm_decoder_(m.sae)
+    m.sae.renorm_decoder_()
     if world > 1:
-        m.sae.sync_stats_(since_F, n_global) if cross else ddp.sync_sae_stats_(m.sae, since_F, n_global)
+        m.sae.sync_stats_(since, n_global)
     if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
         dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
         if dead_F.any():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
 from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_contexts
+from saecache.harvest.paths import remove_path, topmost_missing
 from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, _Location, shard_permutation
 from saecache.harvest.writer import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
@@ -273,9 +273,7 @@ def new_local_dir(loc: _Location) -> tuple[str, bool] | None:
         return None
     if os.path.isdir(loc.root) and not os.listdir(loc.root):
         return loc.root, True
-    top, path = None, loc.root
-    while not os.path.lexists(path):
-        top, path = path, os.path.dirname(path)
+    top = topmost_missing(loc.root)
     return (top, False) if top else None
 
 
@@ -291,10 +289,7 @@ def remove_unpublished(loc: _Location, fresh: tuple[str, bool]) -> None:
     path, keep_dir = fresh
     doomed = [path] if not keep_dir else [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
     for p in doomed:
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.lexists(p):
-            os.remove(p)
+        remove_path(p)
 
 
 def _harvest(cfg: HarvestConfig, loc: _Location, model, tokenizer, info: dict, hooks: list, worker: int,

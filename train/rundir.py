@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saecache.errors import RunDirError
+from saecache.harvest.paths import remove_path, topmost_missing
 
 FORMAT_VERSION = 1
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE, CKPT_DIR = "cfg.json", "sae.safetensors", "metrics.jsonl", "checkpoints"
@@ -165,8 +166,7 @@ def clean_tmp(run_dir: str) -> None:
         if os.path.isdir(d):
             for n in os.listdir(d):
                 if n.startswith(".tmp-") or ".tmp-" in n:
-                    p = os.path.join(d, n)
-                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+                    remove_path(os.path.join(d, n))
 
 
 # ------------------------------------------------------------------------------------------ what a failure removes
@@ -175,10 +175,8 @@ def clean_tmp(run_dir: str) -> None:
 def snapshot(out: str, run_dirs: list[str]) -> dict:
     """What exists before a train command writes anything: the topmost missing ancestor of `out` (None when `out`
     exists) and, per run dir, the names in it (None when it does not exist). `remove_new` takes it."""
-    top, path = None, os.path.abspath(out)
-    while not os.path.lexists(path):
-        top, path = path, os.path.dirname(path)
-    return {"top": top, "runs": {d: (set(os.listdir(d)) if os.path.isdir(d) else None) for d in run_dirs}}
+    return {"top": topmost_missing(out),
+            "runs": {d: (set(os.listdir(d)) if os.path.isdir(d) else None) for d in run_dirs}}
 
 
 def remove_new(before: dict) -> None:
@@ -189,10 +187,7 @@ def remove_new(before: dict) -> None:
         if not os.path.isdir(d) or list_checkpoints(d):
             continue
         for p in [d] if names is None else [os.path.join(d, n) for n in set(os.listdir(d)) - names]:
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.remove(p)
+            remove_path(p)
     top = before["top"]
     if top and os.path.isdir(top) and not any(files for _, _, files in os.walk(top)):
         shutil.rmtree(top, ignore_errors=True)

@@ -31,7 +31,7 @@ import torch
 
 from saecache.errors import RunDirError
 from saecache.evaluate import metrics as M
-from saecache.evaluate.splice import SpliceLosses, _ce_per_context, _logits, _replace_from
+from saecache.evaluate.splice import SpliceLosses, ce_per_context, model_logits, replace_from
 from saecache.harvest.hooks import HookPoint, patch_output
 
 MODES = ("clean", "replaced")
@@ -153,7 +153,7 @@ def _replacing(model, hooks: dict[int, HookPoint], new: Callable[[int, torch.Ten
     """Patches replacing each hook's tensor t by new(layer, t) at positions >= first_position."""
     stack = contextlib.ExitStack()
     for l, h in hooks.items():
-        stack.enter_context(patch_output(model, h, _replace_from(first_position, lambda t, l=l: new(l, t))))
+        stack.enter_context(patch_output(model, h, replace_from(first_position, lambda t, l=l: new(l, t))))
     return stack
 
 
@@ -191,15 +191,15 @@ def replacement_losses(model: torch.nn.Module, ids_CT: torch.Tensor, rep: Replac
         xs: dict[int, torch.Tensor] = {}
         ys: dict[int, torch.Tensor] = {}
         with _recording(model, {l: rep.hooks_in[l] for l in need_in}, xs), _recording(model, outs, ys):
-            clean = _logits(model, ids)
-        base["clean"] += _ce_per_context(clean, ids, mask)
+            clean = model_logits(model, ids)
+        base["clean"] += ce_per_context(clean, ids, mask)
         ref = M.CleanReference(clean, ids, mask)
         del clean
         count += ref.count
         with _replacing(model, outs, lambda l, t: torch.zeros_like(t), first_position):
-            base["zero"] += _ce_per_context(_logits(model, ids), ids, mask)
+            base["zero"] += ce_per_context(model_logits(model, ids), ids, mask)
         with _replacing(model, outs, lambda l, t: means[l].to(t.device, t.dtype).expand_as(t), first_position):
-            base["mean"] += _ce_per_context(_logits(model, ids), ids, mask)
+            base["mean"] += ce_per_context(model_logits(model, ids), ids, mask)
 
         for mode in modes:
             st = per_mode[mode]
@@ -210,7 +210,7 @@ def replacement_losses(model: torch.nn.Module, ids_CT: torch.Tensor, rep: Replac
                     st["acc"][l].update(_flat(ys[l], first_position), _flat(preds[l], first_position),
                                         _flat(codes[l].reshape(*ys[l].shape[:-1], -1), first_position))
                 with _replacing(model, outs, lambda l, t: preds[l], first_position):
-                    logits = _logits(model, ids)
+                    logits = model_logits(model, ids)
             else:  # layer by layer: each input read in the replaced run itself, encoded when the run reaches it
                 seen: dict[int, torch.Tensor] = {}
                 codes = {}
@@ -226,8 +226,8 @@ def replacement_losses(model: torch.nn.Module, ids_CT: torch.Tensor, rep: Replac
 
                 with _recording(model, {l: rep.hooks_in[l] for l in need_in}, seen), \
                         _replacing(model, outs, replace, first_position):
-                    logits = _logits(model, ids)
-            st["ce"] += _ce_per_context(logits, ids, mask)
+                    logits = model_logits(model, ids)
+            st["ce"] += ce_per_context(logits, ids, mask)
             st["kl"] += ref.compare(logits)[1]
             del logits
 

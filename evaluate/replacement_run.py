@@ -11,7 +11,7 @@ import torch
 
 from saecache.errors import RunDirError
 from saecache.evaluate.config import ReplacementConfig  # noqa: F401  (with the stage's other configs: light to import)
-from saecache.evaluate.replacement import (MODES, CrossLayerReplacement, Replacement, TranscoderSet, read_run,
+from saecache.evaluate.replacement import (CrossLayerReplacement, Replacement, TranscoderSet, read_run,
                                            replacement_losses)
 
 

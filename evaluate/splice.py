@@ -82,7 +82,7 @@ class SpliceLosses:
                 "kl": self.kl, "n_predictions": self.n_predictions, "n_contexts": self.n_contexts}
 
 
-def _replace_from(first_position: int, new_BTD: Callable[[torch.Tensor], torch.Tensor]):
+def replace_from(first_position: int, new_BTD: Callable[[torch.Tensor], torch.Tensor]):
     """fn for patch_output: positions >= first_position come from new_BTD(t), earlier ones stay as they were."""
 
     def fn(t_BTD: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _apply(reconstruct: Reconstruct, src_BTD: torch.Tensor, d_out: int) -> torch
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, ids_BT: torch.Tensor) -> torch.Tensor:
+def model_logits(model: torch.nn.Module, ids_BT: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids_BT, use_cache=False).logits
 
 
@@ -131,20 +131,20 @@ def splice_losses_many(
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
         mask[:, first_position:] = True
 
-        clean = _logits(model, ids)
-        base["clean"] += _ce_per_context(clean, ids, mask)
+        clean = model_logits(model, ids)
+        base["clean"] += ce_per_context(clean, ids, mask)
         ref = M.CleanReference(clean, ids, mask)
         del clean
         count += ref.count
-        with patch_output(model, hook_out, _replace_from(first_position, torch.zeros_like)):
-            base["zero"] += _ce_per_context(_logits(model, ids), ids, mask)
+        with patch_output(model, hook_out, replace_from(first_position, torch.zeros_like)):
+            base["zero"] += ce_per_context(model_logits(model, ids), ids, mask)
         with patch_output(model, hook_out,
-                          _replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
-            base["mean"] += _ce_per_context(_logits(model, ids), ids, mask)
+                          replace_from(first_position, lambda t: mean_D.to(t.device, t.dtype).expand_as(t))):
+            base["mean"] += ce_per_context(model_logits(model, ids), ids, mask)
 
         for label, (reconstruct, hook_in) in reconstructions.items():
             spliced = _spliced_logits(model, ids, hook_out, reconstruct, hook_in, first_position)
-            spliced_C[label] += _ce_per_context(spliced, ids, mask)
+            spliced_C[label] += ce_per_context(spliced, ids, mask)
             kl_sum[label] += ref.compare(spliced)[1]
         if on_batch is not None:
             on_batch(ids.shape[0])
@@ -157,7 +157,7 @@ def splice_losses_many(
             for label in reconstructions}
 
 
-def _ce_per_context(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[float]:
+def ce_per_context(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[float]:
     """Summed next-token CE of each context of the batch (`metrics.next_token_ce` row by row)."""
     return [M.next_token_ce(logits_BTV[b : b + 1], ids_BT[b : b + 1], mask_BT[b : b + 1])[0]
             for b in range(ids_BT.shape[0])]
@@ -167,7 +167,7 @@ def _spliced_logits(model, ids, hook_out: HookPoint, reconstruct: Reconstruct, h
                     first_position: int) -> torch.Tensor:
     """Logits with hook_out's tensor replaced by the reconstruction (of the tensor at hook_in for a transcoder)."""
     with spliced(model, hook_out, reconstruct, hook_in, first_position):
-        return _logits(model, ids)
+        return model_logits(model, ids)
 
 
 @contextlib.contextmanager
@@ -186,13 +186,13 @@ def spliced(model: torch.nn.Module, hook_out: HookPoint, reconstruct: Reconstruc
         fresh = model.register_forward_pre_hook(lambda *_: seen.clear())  # each forward captures anew
         try:
             with patch_output(model, hook_in, record), patch_output(
-                model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
+                model, hook_out, replace_from(first_position, lambda t: _apply(reconstruct, seen["x"], t.shape[-1]))
             ):
                 yield
         finally:
             fresh.remove()
         return
-    with patch_output(model, hook_out, _replace_from(first_position, lambda t: _apply(reconstruct, t, t.shape[-1]))):
+    with patch_output(model, hook_out, replace_from(first_position, lambda t: _apply(reconstruct, t, t.shape[-1]))):
         yield
 
 

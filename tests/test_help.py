@@ -15,6 +15,7 @@ import pytest
 
 from saecache.cli import COMMANDS, cli, main
 from saecache.options import ConfigOption, flags_page, help_line
+from test_train_errors import _run as _train
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERNAL = re.compile(r"\bNone\b|SAESpec|TrainConfig|HarvestConfig|EvalConfig|FeaturesConfig|DemoConfig|SAEConfig|"
@@ -132,15 +133,6 @@ def test_old_configs_with_exclude_bos_load():
     assert TrainConfig.from_dict(base).train_on_bos is False
 
 
-def _train(capsys, *argv):
-    capsys.readouterr()
-    try:
-        main(["train", *map(str, argv)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_run_dir_from_before_the_rename_resumes(capsys, tiny_store, tmp_path):

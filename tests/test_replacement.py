@@ -22,6 +22,20 @@ from saecache.train.sae import SAE, SAEConfig
 D, H, V, T, L = 32, 64, 97, 12, 3
 
 
+def clean_mlp_inputs(model, ids, L: int) -> dict:
+    """Every MLP's input in a clean forward of `ids`, by layer."""
+    seen = {}
+    handles = [model.gpt_neox.layers[i].mlp.register_forward_pre_hook(
+        lambda m, a, i=i: seen.__setitem__(i, a[0].detach())) for i in range(L)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -140,15 +154,7 @@ def test_each_mode_equals_the_mlps_swapped_by_hand(model, ids):
     p0 = 1
     rep = plt_set(model, noise=0.005)
     res = replacement_losses(model, ids, rep, list(range(L)), means(rep), first_position=p0, batch_size=4)
-    clean_in = {}  # every MLP's input in the clean run
-    handles = [model.gpt_neox.layers[i].mlp.register_forward_pre_hook(
-        lambda m, a, i=i: clean_in.__setitem__(i, a[0].detach())) for i in range(L)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    clean_in = clean_mlp_inputs(model, ids, L)  # every MLP's input in the clean run
 
     def pred(i, x):
         return rep.saes[i](x.reshape(-1, D)).reshape(x.shape)
@@ -308,15 +314,7 @@ def test_a_clts_layer_sums_every_earlier_source_in_both_modes(model, ids):
             y = y + f @ getattr(clt, f"W_dec_{s}").view(H, L - s, D)[:, l - s]
         return y
 
-    clean_in = {}
-    handles = [model.gpt_neox.layers[i].mlp.register_forward_pre_hook(
-        lambda m, a, i=i: clean_in.__setitem__(i, a[0].detach())) for i in range(L)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    clean_in = clean_mlp_inputs(model, ids, L)
     own_in = {}
 
     def own(l):

@@ -71,7 +71,7 @@ def bytes_per_value(store_url: str, hook: str, root: Path) -> list[dict]:
     """Rewrite the harvested activations through the store writer for each dtype x codec."""
     from saecache.harvest.inspect import store_size
     from saecache.harvest.store import CODECS, Store
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     src = Store.open(store_url)
     x = src.read_acts_torch(hook, 0, src.geometry.n_rows).float()

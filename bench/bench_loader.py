@@ -40,7 +40,7 @@ def write_store(path: Path, x: np.ndarray, codec: str) -> None:
     from saecache.harvest.config import HarvestConfig
     from saecache.harvest.run import build_header
     from saecache.harvest.store import shard_permutation
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     cfg = HarvestConfig(out=str(path), model="synthetic", dataset="synthetic", hooks=(HOOK,), ctx_len=128,
                         tokens=len(x), bos=False, dtype="float16", codec=codec)
@@ -103,7 +103,7 @@ def codec_decode_epoch(url: str) -> tuple[float, int]:
     import numcodecs
     from numcodecs import blosc
 
-    from saecache.harvest.shards import ShardArray
+    from saecache.harvest.store.shards import ShardArray
     from saecache.harvest.store import Store
 
     st = Store.open(url)

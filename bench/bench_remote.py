@@ -54,7 +54,7 @@ def make_header(n_contexts: int) -> dict:
 
 def write_store(url: str, n_shards: int) -> dict:
     from saecache.harvest.store import Geometry
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     header = make_header(n_shards * CTX_PER_CHUNK * CHUNKS_PER_SHARD)
     w = StoreWriter(url, header)
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store.cache import CacheConfig, ShardCache
     from saecache.harvest.copy import CopyConfig, copy_store
     from saecache.harvest.store import Store
 

@@ -49,7 +49,7 @@ def transcode(src_url: str, dst: str, fmt: str, n_contexts: int | None = None) -
     """The rows of `src_url` (float32) for contexts [0, n_contexts) as a store in `fmt`, through the writer."""
     from saecache.harvest import quant
     from saecache.harvest.store import Geometry, Store
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     src = Store.open(src_url)
     header = json.loads(json.dumps(src.header))
@@ -80,9 +80,9 @@ def header_hook(header: dict) -> str:
 
 
 def exact_heldout(ref, hook: str, max_rows: int) -> torch.Tensor:
-    from saecache.train.chunks import heldout_batches
+    from saecache.harvest.split import Split
 
-    return torch.cat([b[hook] for b in heldout_batches(ref, [hook], HELDOUT, max_rows=max_rows)])
+    return torch.cat([b[hook] for b in Split(HELDOUT).heldout_batches(ref, [hook], max_rows=max_rows)])
 
 
 def train(args, url: str, out: Path, saes: list[dict], heldout: float, total_rows: int) -> dict[tuple, str]:
@@ -221,7 +221,7 @@ def main() -> None:
     from saecache.harvest.inspect import store_size
     from saecache.harvest.model import load_model
     from saecache.harvest.store import Store
-    from saecache.train.chunks import heldout_cutoff
+    from saecache.harvest.split import heldout_cutoff
 
     t_start = time.time()
     root = Path(args.work or tempfile.mkdtemp(prefix="bench_storage_quality-"))

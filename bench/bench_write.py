@@ -64,7 +64,7 @@ def pipeline_rows_per_s(root: Path, tag: str, codec: str, shard_FD: np.ndarray, 
                         workers: int) -> tuple[float, float]:
     """(rows/s, rows per CPU-second of the whole process) of the write pipeline."""
     from saecache.harvest.run import WritePipeline
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     header = make_header(codec, n_shards)
     writer = StoreWriter(str(root / f"{tag}.zarr"), header)

@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from saecache.errors import StoreError
 from saecache.harvest.config import CopyConfig  # noqa: F401  (defined with the stage's other configs: light to import)
-from saecache.harvest.remote import remote_errors, safe_url
+from saecache.harvest.store.io import remote_errors, redact_url
 from saecache.harvest.store import (
-    BOOKKEEPING_GROUPS, FINAL_DIR, Store, _Location, aggregate_stats, checksum, compute_fingerprint, final_key,
+    BOOKKEEPING_GROUPS, FINAL_DIR, Store, Location, aggregate_stats, checksum, compute_fingerprint, final_key,
     manifest_key, parse_record, record_bytes,
 )
 
@@ -65,7 +65,7 @@ class _Copier:
         for h in self.hooks:
             self.src.require_hook(h)
         self.full = set(self.hooks) == set(self.src.hooks)
-        self.dst = _Location(cfg.dst, cfg.dst_options, read_only=False)
+        self.dst = Location(cfg.dst, cfg.dst_options, read_only=False)
         self.header = self.src.header if self.full else derived_header(self.src, self.hooks)
         self.manifest = self.src.manifest(refresh=True)
         self.version = self.src.version  # a copy keeps the source's format (and so its fingerprint)
@@ -83,12 +83,12 @@ class _Copier:
         if raw is not None:
             found = json.loads(raw).get("attributes", {}).get("saecache")
             if found != self.header:
-                raise StoreError(f"{safe_url(self.cfg.dst)} already holds a different store (its header differs "
+                raise StoreError(f"{redact_url(self.cfg.dst)} already holds a different store (its header differs "
                                  "from the one being copied); choose a new destination")
             return
         foreign = sorted(k for k in self.dst.sizes() if k.split("/")[0] not in _STORE_TOP)
         if foreign:
-            raise StoreError(f"{safe_url(self.cfg.dst)} is not empty and not a store (it holds {foreign[0]}); choose "
+            raise StoreError(f"{redact_url(self.cfg.dst)} is not empty and not a store (it holds {foreign[0]}); choose "
                              "a new destination")
         for key in _metadata_keys(self.hooks, self.version):
             self.dst.put_atomic(key, self._get_src(key))
@@ -174,7 +174,7 @@ def copy_store(cfg: CopyConfig, progress=None) -> dict:
             break
         if attempt == 1:
             first = next(iter(bad.items()))
-            raise StoreError(f"{len(bad)} shard(s) of {safe_url(cfg.dst)} do not match their checksums after copying "
+            raise StoreError(f"{len(bad)} shard(s) of {redact_url(cfg.dst)} do not match their checksums after copying "
                              f"twice (e.g. shard {first[0]}: {first[1]}); check the destination storage")
         for s in bad:
             try:

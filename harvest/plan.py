@@ -27,8 +27,8 @@ import numpy as np
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.config import differing_flags
-from saecache.harvest.remote import _Location
-from saecache.harvest.writer import _diff_keys, process_is_live
+from saecache.harvest.store.io import Location
+from saecache.harvest.store.write import diff_keys, process_is_live
 from saecache.harvest.text import (
     TextSpec, _special_ids, chain_fingerprint, iter_records, source_identity, source_names,
 )
@@ -76,7 +76,7 @@ def _files(spec: TextSpec) -> list[list]:
 class Plan:
     """The `_plan/` area of one store: read shard contexts, or build the plan (once, resumably)."""
 
-    def __init__(self, loc: _Location, key: dict, spec: TextSpec | None = None):
+    def __init__(self, loc: Location, key: dict, spec: TextSpec | None = None):
         self.loc = loc
         self.spec = spec
         self.key = key
@@ -91,7 +91,7 @@ class Plan:
         if raw is None:
             return None
         rec = json.loads(raw)
-        diff = _diff_keys(rec.get("key", {}), self.key) or self._same_source(rec)
+        diff = diff_keys(rec.get("key", {}), self.key) or self._same_source(rec)
         if diff:
             raise StoreError(f"store {self.loc.url} was planned with a different configuration (differs in: "
                              f"{', '.join(differing_flags(diff)[:8])}); rerun with the original settings or write to a "

@@ -29,8 +29,8 @@ from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
 from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_contexts
 from saecache.harvest.paths import remove_path, topmost_missing
-from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, _Location, shard_permutation
-from saecache.harvest.writer import StoreWriter, probe_store_dir
+from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, Location, shard_permutation
+from saecache.harvest.store.write import StoreWriter, probe_store_dir
 from saecache.threads import stage_threads
 
 
@@ -242,7 +242,7 @@ def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
 
     worker, n_workers = cfg.worker_slot()
     t_start = time.time()
-    loc = _Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
+    loc = Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
     fresh = new_local_dir(loc)
     if fresh is None or not os.access(os.path.dirname(fresh[0]), os.W_OK):
         probe_store_dir(loc)  # an --out that is not a store or cannot be made is refused before the model loads
@@ -265,7 +265,7 @@ def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
         raise
 
 
-def new_local_dir(loc: _Location) -> tuple[str, bool] | None:
+def new_local_dir(loc: Location) -> tuple[str, bool] | None:
     """What this harvest will create for a local --out, which a failed harvest may remove: (its topmost missing
     ancestor, False), or (the store dir, True) when that exists and is empty (then only its contents are ours);
     None for an existing store (a resume) or a remote one."""
@@ -277,7 +277,7 @@ def new_local_dir(loc: _Location) -> tuple[str, bool] | None:
     return (top, False) if top else None
 
 
-def remove_unpublished(loc: _Location, fresh: tuple[str, bool]) -> None:
+def remove_unpublished(loc: Location, fresh: tuple[str, bool]) -> None:
     """Remove what this harvest created (`new_local_dir`) unless the store holds a published shard by now, or
     another process works on it (a claim or a planner record left after this one released its own)."""
     def names(d: str) -> list[str]:
@@ -292,7 +292,7 @@ def remove_unpublished(loc: _Location, fresh: tuple[str, bool]) -> None:
         remove_path(p)
 
 
-def _harvest(cfg: HarvestConfig, loc: _Location, model, tokenizer, info: dict, hooks: list, worker: int,
+def _harvest(cfg: HarvestConfig, loc: Location, model, tokenizer, info: dict, hooks: list, worker: int,
              n_workers: int, t_start: float, progress: bool) -> dict:
     from saecache.harvest.hooks import ActivationCapture
     from saecache.harvest.plan import Plan, plan_key

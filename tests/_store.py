@@ -53,7 +53,7 @@ def downgrade_to_v1(src, dst) -> Path:
     import json
     import shutil
 
-    from saecache.harvest.store import _json_bytes, compute_fingerprint
+    from saecache.harvest.store import json_bytes, compute_fingerprint
 
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
@@ -69,7 +69,7 @@ def downgrade_to_v1(src, dst) -> Path:
             st.pop("sq_err", None), st.pop("sq_exact", None)
         manifest[entry["shard"]] = entry
         shutil.rmtree(node)
-        (dst / "_manifest" / f"{node.name}.json").write_bytes(_json_bytes(entry))
+        (dst / "_manifest" / f"{node.name}.json").write_bytes(json_bytes(entry))
     (dst / "_manifest" / "zarr.json").unlink()
     shutil.rmtree(dst / "_claims")
     final = json.loads((dst / "_final" / "zarr.json").read_text())["attributes"]["saecache"]
@@ -77,5 +77,5 @@ def downgrade_to_v1(src, dst) -> Path:
     for st in final["stats"].values():
         st.pop("rel_mse", None)
     final["fingerprint"] = compute_fingerprint(header, manifest)
-    (dst / "_final.json").write_bytes(_json_bytes(final))
+    (dst / "_final.json").write_bytes(json_bytes(final))
     return dst

@@ -19,7 +19,7 @@ from _store import TINY_STORE_HOOKS, harvest_tiny, tiny_harvest_config
 from saecache.errors import StoreError
 from saecache.harvest.inspect import verify_store
 from saecache.harvest.store import Geometry, Store, record_bytes
-from saecache.harvest.writer import StoreWriter
+from saecache.harvest.store.write import StoreWriter
 
 
 def _shard_records(mdir: Path) -> list[str]:
@@ -244,7 +244,7 @@ def test_pipelined_stores_are_byte_identical_to_the_serial_writer(tmp_path, tiny
 def test_statistics_taken_on_the_device_equal_the_stored_rows(tmp_path, tiny_model_dir, tiny_corpus, dtype):
     """The harvest takes each shard's manifest statistics on the model's device (so the write threads only encode);
     they must be those of the rows the shard object holds, as `shard_stats` computes them from the file."""
-    from saecache.harvest.writer import shard_stats
+    from saecache.harvest.store.write import shard_stats
 
     out = harvest_tiny(tmp_path / "s.zarr", tiny_model_dir, tiny_corpus, dtype=dtype)
     st = Store.open(str(out))

@@ -11,9 +11,10 @@ import zarr
 
 from _store import harvest_tiny
 from saecache.errors import ConfigError, StoreError
-from saecache.harvest.shards import ShardArray
+from saecache.harvest.store.shards import ShardArray
 from saecache.harvest.store import Store
-from saecache.train.loader import Loader, heldout_batches, heldout_cutoff, open_stores
+from saecache.harvest.split import Split, heldout_cutoff
+from saecache.train.loader import Loader, open_stores
 
 HOOKS = ["mlp_in.0", "mlp_out.0", "mlp_out.1"]
 
@@ -121,7 +122,7 @@ def test_heldout_rows_are_never_served_for_training(tiny_store):
     assert int(served.max()) < cut
     assert len(set(served.tolist())) == cut  # every training context is used
 
-    got = list(heldout_batches(st, ["mlp_out.0"], frac, batch_size=100))
+    got = list(Split(frac).heldout_batches(st, ["mlp_out.0"], batch_size=100))
     ctx = torch.cat([b["context"] for b in got])
     assert int(ctx.min()) == cut and len(ctx) == (st.geometry.n_contexts - cut) * st.geometry.rows_per_context
     meta_ctx = np.asarray(zarr.open_group(str(tiny_store), mode="r")["rows/context"][:])

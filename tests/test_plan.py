@@ -99,7 +99,7 @@ def test_four_concurrent_workers_tokenize_the_text_once(tmp_path, tiny_model_dir
 
 
 def test_rerun_and_resume_read_no_text(tmp_path, tiny_model_dir, tiny_corpus, counts, monkeypatch):
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     ref = harvest_tiny(tmp_path / "ref.zarr", tiny_model_dir, tiny_corpus, **SMALL)
     assert counts["tokens"] > 0 and counts["opened"] > 0
@@ -133,14 +133,14 @@ def test_a_stopped_planner_is_resumed_from_its_checkpoint(tmp_path, tiny_model_d
     from transformers import AutoTokenizer
 
     import saecache.harvest.plan as plan
-    from saecache.harvest.remote import _Location
+    from saecache.harvest.store.io import Location
     from saecache.harvest.text import TextSpec
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     spec = TextSpec(str(tiny_corpus))
     key = plan.plan_key(spec, {"name": "tiny"}, 32, True, 3000, 64)  # ~47 shards over most of the tiny corpus
     monkeypatch.setattr(plan, "BATCH_DOCS", 1)  # a checkpoint after every document
-    ref = plan.Plan(_Location(str(tmp_path / "ref"), read_only=False), key)
+    ref = plan.Plan(Location(str(tmp_path / "ref"), read_only=False), key)
     want = ref.ensure(spec, tok)
     one_pass = dict(counts)
     put = plan.Plan._put_contexts
@@ -151,7 +151,7 @@ def test_a_stopped_planner_is_resumed_from_its_checkpoint(tmp_path, tiny_model_d
         return put(self, s, contexts)
 
     monkeypatch.setattr(plan.Plan, "_put_contexts", stop_at_30)
-    loc = _Location(str(tmp_path / "resumed"), read_only=False)
+    loc = Location(str(tmp_path / "resumed"), read_only=False)
     _reset(counts)
     with pytest.raises(KeyboardInterrupt):
         plan.Plan(loc, key).ensure(spec, tok)

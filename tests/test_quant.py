@@ -148,7 +148,7 @@ def test_plain_zarr_lists_a_store_without_warnings_or_tracebacks(stores, tiny_mo
                                                                  capfd):
     import gc
 
-    from saecache.harvest.writer import StoreWriter
+    from saecache.harvest.store.write import StoreWriter
 
     # an incomplete store with a live claim, next to complete ones: bookkeeping of every kind is present
     part = harvest_tiny(tmp_path / "part.zarr", tiny_model_dir, tiny_corpus, dtype="int8", tokens=4096, worker="0/2")

@@ -304,7 +304,8 @@ def _upload_copy(s3, tiny_store, name: str, capsys) -> str:
 def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tmp_path, monkeypatch, capsys):
     from saecache.errors import StoreError
     from saecache.harvest.store import Store
-    from saecache.train.loader import Loader, heldout_batches
+    from saecache.harvest.split import Split
+    from saecache.train.loader import Loader
 
     use_identity(monkeypatch, s3, "writer", tmp_path / "cache")
     url = _upload_copy(s3, tiny_store, "damaged.zarr", capsys)
@@ -329,7 +330,7 @@ def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tm
                 next(loader)
         assert "does not match its manifest checksum" in str(e.value) or "missing from the store" in str(e.value)
     with pytest.raises(StoreError, match="listed in the manifest but missing"):  # evaluation's read path
-        list(heldout_batches(Store.open(url, cache=None), ["mlp_out.0"], heldout_fraction=0.1))
+        list(Split(0.1).heldout_batches(Store.open(url, cache=None), ["mlp_out.0"]))
     # each damage on its own, through the cached chunk reader and through zarr reads
     store = Store.open(url)
     r3, r15 = store.geometry.shard_row_range(3)[0], store.geometry.shard_row_range(15)[0]
@@ -351,7 +352,7 @@ def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tm
 
 
 def test_cache_is_bounded_and_serves_second_epoch_locally(s3, s3_store, tiny_store, tmp_path, monkeypatch):
-    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store.cache import CacheConfig, ShardCache
     from saecache.harvest.store import Store
     from saecache.train.loader import Loader
 
@@ -549,7 +550,7 @@ def test_local_store_object_missing_despite_manifest_is_an_error_not_zeros(tiny_
 
 
 def test_cache_survives_restarts_and_rechecks_files_on_disk(s3, s3_store, tiny_store, tmp_path, monkeypatch):
-    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store.cache import CacheConfig, ShardCache
     from saecache.harvest.store import Store
 
     use_identity(monkeypatch, s3, "reader", tmp_path / "unused")

@@ -18,12 +18,12 @@ import pytest
 import zarr
 
 from saecache.errors import StoreError
-from saecache.harvest.files import FilePool, map_file
-from saecache.harvest.shards import ShardArray, ShardLayout
+from saecache.harvest.store.files import FilePool, map_file
+from saecache.harvest.store.shards import ShardArray, ShardLayout
 from saecache.harvest.store import (Geometry, checksum, manifest_key, record_bytes, shard_object_keys,
                                     shard_permutation,
                                     unpermuted_meta)
-from saecache.harvest.writer import StoreWriter, shard_stats
+from saecache.harvest.store.write import StoreWriter, shard_stats
 from test_store import make_header
 
 
@@ -161,7 +161,7 @@ def test_maps_keep_no_descriptor_and_outlive_the_reader(tmp_path):
 POOL_AT_THE_LIMIT = r"""
 import os, resource, sys
 from saecache.errors import StoreError
-from saecache.harvest.files import FilePool
+from saecache.harvest.store.files import FilePool
 resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
 paths = sys.argv[1:]
 pool = FilePool(max_open=1000)  # a cap above the process's limit: opening must give back descriptors, not fail
@@ -183,7 +183,7 @@ def test_pool_gives_back_descriptors_at_the_process_limit_then_fails_in_one_line
 def test_cache_eviction_closes_the_readers_descriptors(tmp_path, monkeypatch):
     """A remote store read through a small shard cache: evicted files are not kept alive (on disk) by descriptors
     the shard readers hold, and every chunk reads back equal to the local store."""
-    from saecache.harvest.cache import CacheConfig, ShardCache
+    from saecache.harvest.store.cache import CacheConfig, ShardCache
     from saecache.harvest.copy import CopyConfig, copy_store
     from saecache.harvest.store import Store
 

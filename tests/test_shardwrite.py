@@ -11,7 +11,7 @@ import zarr
 
 from saecache.harvest import quant
 from saecache.harvest.store import Store
-from saecache.harvest.writer import StoreWriter, shard_stats
+from saecache.harvest.store.write import StoreWriter, shard_stats
 from test_store import fake_acts, make_header, write_all
 
 
@@ -95,7 +95,7 @@ def test_float32_squares_that_would_overflow_float32_are_summed_exactly():
 def test_parts_made_ahead_keep_their_order_and_raise_where_they_fail():
     import threading
 
-    from saecache.harvest.shardwrite import made_ahead
+    from saecache.harvest.store.encode import made_ahead
 
     makers = set()
 

@@ -13,7 +13,7 @@ from saecache.errors import StoreError
 from saecache.harvest import quant
 from saecache.harvest.inspect import store_info, verify_store
 from saecache.harvest.store import FORMAT_VERSION, Geometry, Store, shard_permutation
-from saecache.harvest.writer import StoreWriter
+from saecache.harvest.store.write import StoreWriter
 
 
 def make_header(n_contexts=10, ctx_len=8, first=0, dtype="float16", codec="blosc-zstd", d=6, seed=3):

@@ -3,8 +3,8 @@
 A unit is one inner chunk of one complete shard. The loader copies a unit's rows from, per hook, either a zero-copy
 view of the memory-mapped shard file (`ChunkReader.views`: uncompressed local store) or its window buffer, into which
 `ChunkReader.read` decodes the chunk (direct shard reader on local disk, the verified shard cache for remote stores,
-zarr as the fallback). Also here: opening and checking the stores, the held-out cut, the
-storage-bits → float cast, and `heldout_batches` (the held-out rows in storage order, for evaluation).
+zarr as the fallback). Also here: opening and checking the stores, the row selection the run's `Split` asks for (the
+held-out cut, and the BOS rows left out: the one place they are dropped), and the storage-bits → float cast.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 
 from saecache.errors import StoreError
 from saecache.harvest.quant import decode
-from saecache.harvest.shards import ShardArray
-from saecache.harvest.split import context_batches, heldout_cutoff  # noqa: F401 (the split's one rule)
+from saecache.harvest.store.shards import ShardArray
+from saecache.harvest.split import Split
 from saecache.harvest.store import Store
 
 # per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
@@ -35,16 +35,27 @@ TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.
 
 @dataclass(frozen=True)
 class Unit:
-    """One inner chunk to read: rows ``[row0, row0 + n)`` of store ``src``; ``keep`` filters rows (held-out cut)."""
+    """One inner chunk to read: rows ``[row0, row0 + n)`` of store ``src``; ``keep`` (the offsets read: a shard
+    straddling the held-out cut) or ``drop`` (the offsets left out, the BOS rows: 1/ctx_len of them, so a store's units
+    stay small in memory) filter its rows."""
 
     src: int
     row0: int
     n: int
     keep: np.ndarray | None = None
+    drop: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
-        return self.n if self.keep is None else len(self.keep)
+        return len(self.keep) if self.keep is not None else self.n - (0 if self.drop is None else len(self.drop))
+
+    def kept(self) -> np.ndarray | None:
+        """Offsets of the rows read, ascending; None: every row."""
+        if self.drop is None:
+            return self.keep
+        mask = np.ones(self.n, dtype=bool)
+        mask[self.drop] = False
+        return np.flatnonzero(mask)
 
 
 def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True) -> list[Store]:
@@ -67,24 +78,33 @@ def open_stores(urls: list[str], hooks: list[str], require_complete: bool = True
     return stores
 
 
-def training_units(stores: list[Store], heldout_fraction: float) -> list[Unit]:
-    """Every readable inner chunk of the complete shards, held-out contexts removed."""
+def training_units(stores: list[Store], split: Split) -> list[Unit]:
+    """Every readable inner chunk of the complete shards, with the rows `split` trains on: held-out contexts removed
+    (`Split.cutoff`), and the BOS rows when the split leaves them out (`Split.bos_rows`)."""
     units = []
     for i, st in enumerate(stores):
-        g, cut = st.geometry, heldout_cutoff(st, heldout_fraction)
+        g, cut = st.geometry, split.cutoff(st)
         for s in st.complete_shards():
             c0, c1 = g.shard_contexts(s)
             if c0 >= cut:
                 continue
             r0, r1 = g.shard_row_range(s)
             ctx = st.array("rows/context")[r0:r1] if c1 > cut else None
+            bos = split.bos_rows(st, s)  # offsets in the shard, ascending; None: none left out
             for c in range(g.chunks_per_shard):
                 a, b = r0 + c * g.chunk_rows, min(r0 + (c + 1) * g.chunk_rows, r1)
                 if a >= b:
                     break
-                keep = None if ctx is None else np.flatnonzero(ctx[a - r0:b - r0] < cut)
-                if keep is None or len(keep):
-                    units.append(Unit(i, a, b - a, keep))
+                drop = None if bos is None else bos[(bos >= a - r0) & (bos < b - r0)] - (a - r0)
+                if ctx is not None:
+                    mask = ctx[a - r0:b - r0] < cut
+                    if drop is not None:
+                        mask[drop] = False
+                    keep = np.flatnonzero(mask)
+                    if len(keep):
+                        units.append(Unit(i, a, b - a, keep))
+                elif drop is None or len(drop) < b - a:
+                    units.append(Unit(i, a, b - a, None, drop if drop is not None and len(drop) else None))
     return units
 
 
@@ -97,12 +117,16 @@ def split_units(units: list[Unit], pieces: int) -> list[Unit]:
         step = -(-u.n // pieces)
         for a in range(0, u.n, step):
             b = min(a + step, u.n)
-            if u.keep is None:
-                out.append(Unit(u.src, u.row0 + a, b - a))
-            else:
+            if u.keep is not None:
                 keep = u.keep[(u.keep >= a) & (u.keep < b)] - a
                 if len(keep):
                     out.append(Unit(u.src, u.row0 + a, b - a, keep))
+            elif u.drop is not None:
+                drop = u.drop[(u.drop >= a) & (u.drop < b)] - a
+                if len(drop) < b - a:
+                    out.append(Unit(u.src, u.row0 + a, b - a, None, drop if len(drop) else None))
+            else:
+                out.append(Unit(u.src, u.row0 + a, b - a))
     return out
 
 
@@ -159,7 +183,7 @@ class ChunkReader:
     @staticmethod
     def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:
         """(shard, inner chunk) when ``unit`` is one whole inner chunk of a shard-read array, else None."""
-        if unit.keep is not None or arr is None or unit.n != arr.chunk_rows:
+        if unit.keep is not None or unit.drop is not None or arr is None or unit.n != arr.chunk_rows:
             return None
         shard, rem = divmod(unit.row0, arr.shard_rows)
         return shard, rem // arr.chunk_rows
@@ -180,7 +204,7 @@ class ChunkReader:
     def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int, skip=()) -> None:
         """Write the unit's rows of every hook not in ``skip`` into rows ``[off, off + unit.rows)`` of the hook's
         window buffer (a whole local inner chunk is decoded straight into it)."""
-        sl = slice(off, off + unit.rows)
+        sl, kept = slice(off, off + unit.rows), unit.kept()
         for h, arr in self.direct.items():
             if h in skip:
                 continue
@@ -189,8 +213,8 @@ class ChunkReader:
             if where:
                 arr.read_chunk(*where, out=dst[sl])
             elif h == "row":
-                dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if unit.keep is None else \
-                    unit.row0 + unit.keep
+                dst[sl] = np.arange(unit.row0, unit.row0 + unit.n, dtype=np.int64) if kept is None else \
+                    unit.row0 + kept
             elif h == "store":
                 dst[sl] = unit.src
             else:
@@ -200,16 +224,5 @@ class ChunkReader:
                     a = arr.read_rows(unit.row0, unit.n)
                 else:
                     a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
-                dst[sl] = a if unit.keep is None else a[unit.keep]
+                dst[sl] = a if kept is None else a[kept]
 
-
-def heldout_batches(store: Store, hooks: list[str], heldout_fraction: float, batch_size: int = 4096,
-                    dtype: torch.dtype = torch.float32, max_rows: int | None = None):
-    """Yield the held-out rows (contexts ``>= heldout_cutoff``, the rule of `saecache.harvest.split`) in storage
-    order: ``{hook: [b, D] tensor, "context": [b] int64, "position": [b] int64, "token": [b] int64}``."""
-    from saecache.errors import ConfigError
-
-    cut = heldout_cutoff(store, heldout_fraction)
-    if cut >= store.geometry.n_contexts:
-        raise ConfigError("heldout_fraction is 0: the run has no held-out rows; evaluate on another store")
-    yield from context_batches(store, hooks, cut, store.geometry.n_contexts, batch_size, dtype, max_rows)

@@ -26,99 +26,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-import crc32c
-import numcodecs
 import numpy as np
 
 from saecache.errors import StoreError
-from saecache.harvest.files import FilePool, default_pool, map_file
+from saecache.harvest.store.files import FilePool, default_pool, map_file
+from saecache.harvest.store.layout import MISSING, ShardLayout, inner_decoder
 
-MISSING = 2**64 - 1  # index entry of an inner chunk that was never written
 MAX_MAPS = 64  # memory-mapped shard files kept per array (address space, not memory: pages are the page cache's)
-
-
-def inner_decoder(codecs: list[dict]):
-    """numcodecs decoder of an inner codec chain (None for raw bytes); KeyError when we do not handle it."""
-    names = [c["name"] for c in codecs]
-    if names[0] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
-        raise KeyError("inner codecs must start with little-endian bytes")
-    if len(codecs) == 1:
-        return None
-    if len(codecs) == 2 and names[1] == "blosc":
-        return numcodecs.Blosc()
-    if len(codecs) == 2 and names[1] == "zstd":
-        return numcodecs.Zstd()
-    raise KeyError(f"unsupported codec chain {names}")
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Where the inner chunks of a sharded zarr v3 array ``[N, *row]`` live, from its ``zarr.json``."""
-
-    shape: tuple[int, ...]
-    """Array shape; axis 0 = rows, inner chunks and shards span every other axis whole."""
-    dtype: np.dtype
-    """Element type as stored (little-endian)."""
-    shard_rows: int
-    """Rows per shard object (the chunk grid along axis 0)."""
-    chunk_rows: int
-    """Rows per inner chunk (the unit of a read)."""
-    separator: str
-    """Chunk key separator ("/" in every store saecache writes)."""
-    fill_value: float
-    """Value of rows beyond the array's end inside the last inner chunk."""
-    codecs: tuple = field(repr=False)
-    """The inner codec chain (zarr metadata), decoded by `inner_decoder`."""
-    crc: bool
-    """Whether the shard index ends with a crc32c."""
-
-    @classmethod
-    def parse(cls, meta: dict) -> ShardLayout | None:
-        """The layout of an array's metadata, or None when it is not one this reader handles."""
-        try:
-            codecs = meta["codecs"]
-            if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed" or meta.get("storage_transformers"):
-                return None
-            conf = codecs[0]["configuration"]
-            shape, inner = list(meta["shape"]), list(conf["chunk_shape"])
-            outer = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
-            if (not shape or inner[1:] != shape[1:] or outer[1:] != shape[1:] or outer[0] % inner[0]
-                    or conf.get("index_location", "end") != "end" or meta["chunk_key_encoding"]["name"] != "default"
-                    or [c["name"] for c in conf["index_codecs"]] not in (["bytes"], ["bytes", "crc32c"])):
-                return None
-            inner_decoder(conf["codecs"])  # raises KeyError for chains we do not decode
-            return cls(tuple(shape), np.dtype(meta["data_type"]).newbyteorder("<"), outer[0], inner[0],
-                       meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/"),
-                       meta.get("fill_value", 0), tuple(conf["codecs"]),
-                       any(c["name"] == "crc32c" for c in conf["index_codecs"]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            return None
-
-    @property
-    def n_inner(self) -> int:
-        return self.shard_rows // self.chunk_rows
-
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        return self.shape[1:]
-
-    def key(self, shard: int) -> str:
-        """Object key of shard ``shard``, relative to the array (``c/<shard>/0`` for a 2-D array)."""
-        parts = ["c", str(shard)] + ["0"] * (len(self.shape) - 1)
-        return "/".join(parts) if self.separator == "/" else self.separator.join(parts)
-
-    def index_bytes(self) -> int:
-        return self.n_inner * 16 + (4 if self.crc else 0)
-
-    def parse_index(self, raw: bytes, where: str) -> np.ndarray:
-        """The ``[n_inner, 2]`` (offset, nbytes) table from a shard's trailing index bytes; checks the crc32c."""
-        if len(raw) != self.index_bytes():
-            raise StoreError(f"short shard file {where}: no room for its index; run `saecache verify`")
-        if self.crc and crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise StoreError(f"corrupt shard index (crc32c mismatch) in {where}; run `saecache verify`")
-        return np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
 
 
 # ------------------------------------------------------------------------------------------------------ the reader
@@ -160,7 +75,7 @@ class ShardArray:
                 layout = ShardLayout.parse(json.load(f))
         except (OSError, ValueError):
             return None
-        if layout is None:
+        if layout is None or not layout.sharded:
             return None
         return cls(layout, lambda s: os.path.join(path, layout.key(s)), path, pool=pool)
 

@@ -26,33 +26,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
-import numcodecs
 import numpy as np
 
-from saecache.harvest.remote import _Location, remote_errors
-from saecache.harvest.shards import MISSING, ShardLayout
-from saecache.harvest.store import checksum
-
-_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
-
-
-def inner_encoder(codecs: list[dict]):
-    """numcodecs encoder of a `bytes` (+ blosc/zstd) codec chain, configured as zarr configures its own (None: raw
-    bytes); KeyError for a chain this module does not write."""
-    if codecs[0]["name"] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
-        raise KeyError("codecs must start with little-endian bytes")
-    if len(codecs) == 1:
-        return None
-    if len(codecs) != 2:
-        raise KeyError("more than one compressor")
-    name, conf = codecs[1]["name"], codecs[1].get("configuration", {})
-    if name == "blosc":
-        return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=_SHUFFLE[conf["shuffle"]],
-                               blocksize=conf.get("blocksize", 0), typesize=conf["typesize"])
-    if name == "zstd":
-        return numcodecs.Zstd(level=conf["level"], checksum=conf.get("checksum", False))
-    raise KeyError(f"codec {name}")
-
+from saecache.harvest.store.io import Location, checksum, remote_errors
+from saecache.harvest.store.layout import MISSING, ShardLayout, inner_encoder
 
 class ObjectEncoder:
     """Encodes the objects of one array whose chunks (or shards) span whole rows: `encode(rows, perm)` gives the
@@ -66,21 +43,11 @@ class ObjectEncoder:
     @classmethod
     def for_array(cls, meta: dict) -> ObjectEncoder | None:
         """The encoder of an array's objects from its `zarr.json` metadata, or None when the layout is not handled."""
-        try:
-            if meta["codecs"][0]["name"] == "sharding_indexed":
-                lay = ShardLayout.parse(meta)
-                if lay is None or not lay.crc:
-                    return None
-                return cls(lay.dtype, lay.row_shape, lay.shard_rows, lay.chunk_rows, lay.fill_value,
-                           inner_encoder(list(lay.codecs)), True)
-            shape, chunk = list(meta["shape"]), list(meta["chunk_grid"]["configuration"]["chunk_shape"])
-            if (not shape or chunk[1:] != shape[1:] or meta["chunk_key_encoding"]["name"] != "default"
-                    or meta.get("storage_transformers")):
-                return None
-            return cls(np.dtype(meta["data_type"]).newbyteorder("<"), tuple(shape[1:]), chunk[0], chunk[0],
-                       meta.get("fill_value", 0), inner_encoder(meta["codecs"]), False)
-        except (KeyError, TypeError, ValueError, IndexError):
+        lay = ShardLayout.parse(meta)
+        if lay is None or (lay.sharded and not lay.crc):
             return None
+        return cls(lay.dtype, lay.row_shape, lay.shard_rows, lay.chunk_rows, lay.fill_value,
+                   inner_encoder(list(lay.codecs)), lay.sharded)
 
     def _encode_chunk(self, buf: np.ndarray) -> bytes:
         return buf.tobytes() if self.codec is None else self.codec.encode(buf)
@@ -134,7 +101,7 @@ def made_ahead(parts: Iterable[bytes], depth: int = 2) -> Iterator[bytes]:
             yield part
 
 
-def put_parts(loc: _Location, key: str, parts: Iterable[bytes]) -> dict:
+def put_parts(loc: Location, key: str, parts: Iterable[bytes]) -> dict:
     """Write an object from its parts as zarr's stores do (locally a temp file, each part written as it comes, then a
     rename; elsewhere one PUT); return its manifest checksum (`store.checksum` of the whole object, computed from the
     parts as they are written)."""

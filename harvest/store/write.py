@@ -24,23 +24,26 @@ from saecache.errors import StoreError
 from saecache.harvest.config import differing_flags
 from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels, row_sums, stats_from_sums
 from saecache.harvest.model import local_dir
-from saecache.harvest.shardwrite import ObjectEncoder, made_ahead, put_parts
-from saecache.harvest.store import (
-    BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, Geometry, Store, _Location, aggregate_stats, checksum,
-    check_format_version, claim_key, compute_fingerprint, final_key, manifest_key, parse_record, record_bytes,
-    record_key, shard_object_keys, shard_permutation, unpermuted_meta,
+from saecache.harvest.store.encode import ObjectEncoder, made_ahead, put_parts
+from saecache.harvest.store.io import Location, checksum
+from saecache.harvest.store.layout import (
+    BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, MANIFEST_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
+    check_format_version, claim_key, compressors, final_key, manifest_key, parse_record, record_bytes, record_key,
+    rows_array, shard_object_keys, shard_permutation, unpermuted_meta,
 )
+from saecache.harvest.store.read import aggregate_stats, compute_fingerprint, read_manifest
 
 AHEAD_BYTES = 8 << 20  # objects at least this large are encoded a few chunks ahead of their write (`made_ahead`)
 CLAIM_LEASE_SECONDS = 600  # a claim from another host is trusted as live for this long after its last heartbeat
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (what a same-configuration check names)."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, f"{prefix}{k}.")
+            out += diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
@@ -70,13 +73,12 @@ class StoreWriter:
     hand_encode = True  # shard objects encoded by `shardwrite.py`; False: through zarr (the reference it matches)
 
     def __init__(self, url: str, header: dict, storage_options: dict | None = None):
-        self.loc = _Location(url, storage_options, read_only=False)
+        self.loc = Location(url, storage_options, read_only=False)
         self.header = header
         self.geometry = Geometry.from_header(header)
         self._probe_writable()
         self._create_or_validate()
         self.group = zarr.open_group(store=self.loc.zarr_store(), mode="r+", zarr_format=3)
-        self.store = Store(self.loc, self.header)
         self.claim_id = uuid.uuid4().hex
         self._encoders: dict[str, ObjectEncoder | None] = {}  # array name -> its object encoder (None: via zarr)
 
@@ -104,7 +106,7 @@ class StoreWriter:
                              "harvest to a new --out")
         if found != self.header:
             near = self.loc.root if self.loc.local else None
-            diff = ", ".join(differing_flags(_diff_keys(_identity(found, near), _identity(self.header, near)))[:8])
+            diff = ", ".join(differing_flags(diff_keys(_identity(found, near), _identity(self.header, near)))[:8])
             if diff:
                 raise StoreError(f"store {self.loc.url} was harvested with a different configuration (differs in: "
                                  f"{diff}); rerun with the original settings or write to a new --out")
@@ -115,20 +117,20 @@ class StoreWriter:
         zstore = self.loc.zarr_store()
         group = zarr.create_group(store=zstore, zarr_format=3, attributes={"saecache": h}, overwrite=False)
         fmt = FORMATS[h["storage"]["dtype"]]
-        compressor = CODECS[h["storage"]["codec"]]()
+        version = h["format_version"]
         common = dict(fill_value=0, config={"write_empty_chunks": True}, overwrite=False)
-        comp = {"compressors": compressor} if compressor is not None else {"compressors": None}
+        comp = {"compressors": compressors(h["storage"]["codec"], version) or None}
         for name, info in sorted(h["hooks"].items()):
             w = fmt.width(info["d"])
-            group.create_array(f"acts/{name}", shape=(g.n_rows, w), dtype=fmt.zarr_dtype,
+            group.create_array(acts_array(name), shape=(g.n_rows, w), dtype=fmt.zarr_dtype,
                                chunks=(g.chunk_rows, w), shards=(g.shard_rows, w),
                                attributes={"logical_dtype": fmt.name, "hook": name, "d": info["d"],
                                            **format_attributes(fmt.name)}, **comp, **common)
-        for name, dt in (("token", "int32"), ("context", "int32"), ("position", "int16")):
-            group.create_array(f"rows/{name}", shape=(g.n_rows,), dtype=dt, chunks=(g.chunk_rows,),
-                               shards=(g.shard_rows,), compressors=CODECS["blosc-zstd"](), **common)
-        group.create_array("contexts", shape=(g.n_contexts, g.ctx_len), dtype="int32",
-                           chunks=(g.ctx_per_shard, g.ctx_len), compressors=CODECS["blosc-zstd"](), **common)
+        for name, dt in zip(ROW_FIELDS, ("int32", "int32", "int16")):
+            group.create_array(rows_array(name), shape=(g.n_rows,), dtype=dt, chunks=(g.chunk_rows,),
+                               shards=(g.shard_rows,), compressors=compressors(ROWS_CODEC, version), **common)
+        group.create_array(CONTEXTS, shape=(g.n_contexts, g.ctx_len), dtype="int32",
+                           chunks=(g.ctx_per_shard, g.ctx_len), compressors=compressors(ROWS_CODEC, version), **common)
         for name in BOOKKEEPING_GROUPS:  # so that plain zarr sees the bookkeeping as (empty) groups, not stray objects
             group.create_group(name, overwrite=False)
 
@@ -175,7 +177,7 @@ class StoreWriter:
 
     # -- shards
     def done_shards(self) -> set[int]:
-        return set(self.store.complete_shards(refresh=True))
+        return {s for s in read_manifest(self.loc, self.header["format_version"]) if s < self.geometry.n_shards}
 
     def write_shard(self, s: int, acts: dict[str, np.ndarray], contexts_CT: np.ndarray,
                     quant_err: dict[str, tuple[float, float]] | None = None) -> dict:
@@ -214,11 +216,11 @@ class StoreWriter:
             fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
             assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
             assert stats[name]["count"] == r1 - r0, (stats[name]["count"], name)
-            objects[f"acts/{name}/c/{s}/0"] = self._write_object(f"acts/{name}", f"c/{s}/0", r0, a, perm)
+            objects[f"{acts_array(name)}/c/{s}/0"] = self._write_object(acts_array(name), f"c/{s}/0", r0, a, perm)
         meta_perm = shard_permutation(h["seed"], s, r1 - r0) if perm is None else perm
         for name, v in unpermuted_meta(g, s, contexts_CT).items():
-            objects[f"rows/{name}/c/{s}"] = self._write_object(f"rows/{name}", f"c/{s}", r0, v, meta_perm)
-        objects[f"contexts/c/{s}/0"] = self._write_object("contexts", f"c/{s}/0", c0, contexts_CT.astype(np.int32))
+            objects[f"{rows_array(name)}/c/{s}"] = self._write_object(rows_array(name), f"c/{s}", r0, v, meta_perm)
+        objects[f"{CONTEXTS}/c/{s}/0"] = self._write_object(CONTEXTS, f"c/{s}/0", c0, contexts_CT.astype(np.int32))
         assert sorted(objects) == sorted(shard_object_keys(h, s))
         worker, n = getattr(self, "_worker", (0, 1))
         entry = {"shard": s, "contexts": [c0, c1], "rows": [r0, r1], "objects": objects,
@@ -253,7 +255,7 @@ class StoreWriter:
 
     def finalize_if_complete(self) -> bool:
         """Write the final record when every shard is published. Content is a pure function of the manifest."""
-        manifest = self.store.manifest(refresh=True)
+        manifest = read_manifest(self.loc, self.header["format_version"])
         if len([s for s in manifest if s < self.geometry.n_shards]) < self.geometry.n_shards:
             return False
         stats = {}
@@ -289,7 +291,7 @@ def shard_stats(a: np.ndarray, fmt: str, d: int | None = None, block_rows: int =
     return stats_from_sums(sums.tolist(), len(a))
 
 
-def probe_store_dir(loc: _Location) -> None:
+def probe_store_dir(loc: Location) -> None:
     """Refuse (StoreError) a local --out that cannot be written, or that is a non-empty directory and not a store
     (a store's first files are `zarr.json` and the harvest plan's `_plan/`)."""
     if not loc.local:

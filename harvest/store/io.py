@@ -1,16 +1,14 @@
-"""Stores at fsspec URLs (s3://, gs://, hf://, memory://, …): opening filesystems with an install hint when the
-backend package is missing, turning backend exceptions into one-line `StoreError`s, and a zarr store wrapper that
-does the same for zarr's own reads and writes.
+"""A store's I/O, once: `Location` (a store root, local directory or fsspec URL, with the few object operations the
+store needs), the one atomic write (`write_atomic`, `Location.put`), the one checksum (`checksum`, `check_object`) and
+the one URL redaction (`redact_url`). Stores at fsspec URLs (s3://, gs://, hf://, memory://, …): filesystems open
+with an install hint when the backend package is missing, and backend exceptions become one-line `StoreError`s.
 
 fsspec and its backends (s3fs, gcsfs, huggingface_hub) do the transport. What they do not give is an error a user can
 act on: botocore raises `NoCredentialsError`, aiohttp `ClientConnectorError`, s3fs maps `AccessDenied` to
 `PermissionError` — each with a long traceback. `remote_errors` maps them to what to do. Credentials come from the
 backend's usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, …) or from storage options;
-they are never written anywhere by saecache: `safe_url` strips any user info before a URL is recorded.
-
-Also here: `_Location`, a store root (local directory or URL) with the few file operations the store needs, and
-`ManifestCheckedStore`, the zarr store wrapper that makes remote array reads go by the manifest (a listed object must
-exist and, through the shard cache of `cache.py`, match its checksum).
+they are never written anywhere by saecache: `redact_url` strips any user info and query string (which may carry a
+token) before a URL is shown or recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
+import crc32c
 import fsspec
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -52,20 +51,18 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
-def safe_url(url: str) -> str:
-    """The URL without any user:password@ part: what may be printed, logged or recorded in a run dir."""
+def redact_url(url: str) -> str:
+    """The URL without user:password@ and without its query string or fragment (which may carry a token): what may
+    be printed, logged or recorded in a store or a run dir. Local paths come back unchanged."""
     if "://" not in url:
         return url
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def open_filesystem(url: str, storage_options: dict | None = None, asynchronous: bool = False):
     """(fsspec filesystem, root path) for a URL; a missing backend package is a StoreError with the install hint."""
-    import fsspec
-
     opts = dict(storage_options or {})
     if asynchronous:
         opts["asynchronous"] = True
@@ -73,9 +70,9 @@ def open_filesystem(url: str, storage_options: dict | None = None, asynchronous:
         fs, root = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         package, hint = BACKENDS.get(protocol(url), ("an fsspec backend", "pip install the fsspec backend"))
-        raise StoreError(f"store {safe_url(url)} needs the {package} package, which is not installed: {hint}") from e
+        raise StoreError(f"store {redact_url(url)} needs the {package} package, which is not installed: {hint}") from e
     except ValueError as e:  # unknown protocol
-        raise StoreError(f"cannot open store {safe_url(url)}: {e}") from e
+        raise StoreError(f"cannot open store {redact_url(url)}: {e}") from e
     return fs, root.rstrip("/")
 
 
@@ -90,7 +87,7 @@ def _chain(e: BaseException) -> list[BaseException]:
 
 def describe_error(e: BaseException, url: str, action: str) -> str | None:
     """One line saying what went wrong with a remote store and what to do; None if `e` is not a storage problem."""
-    url = safe_url(url)
+    url = redact_url(url)
     chain = _chain(e)
     names = {type(x).__name__ for x in chain}
     text = " ".join(str(x) for x in chain)
@@ -173,11 +170,51 @@ class ErrorTranslatingStore(WrapperStore):
 # ------------------------------------------------------------------------------------- store roots (local or URL)
 
 
+def checksum(data: bytes) -> dict:
+    """An object's manifest checksum: {"nbytes", "crc32c"}."""
+    return {"nbytes": len(data), "crc32c": crc32c.crc32c(data)}
+
+
+def check_object(key: str, data: bytes | None, want: dict) -> str | None:
+    """None when object `key` (None: missing) has the manifest checksum `want`, else what is wrong with it (one
+    phrase, for `verify` and the one-line errors of the readers)."""
+    if data is None:
+        return f"object {key} is missing"
+    got = checksum(data)
+    if got != {"nbytes": want["nbytes"], "crc32c": want["crc32c"]}:
+        return (f"object {key} is corrupt (crc32c {got['crc32c']} != {want['crc32c']}, {got['nbytes']} vs "
+                f"{want['nbytes']} bytes)")
+    return None
+
+
+def write_atomic(path: str, parts: bytes | Iterable[bytes], fsync: bool = False) -> dict:
+    """Write a local file from its bytes (or parts, each written as it comes) to a temporary name beside it, then
+    rename: readers see the old file or the whole new one, never part of it; a failure leaves no temporary file.
+    Returns the checksum of what was written (computed as it is written, never read back)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    crc, nbytes = 0, 0
+    try:
+        with open(tmp, "wb") as f:
+            for p in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:
+                crc, nbytes = crc32c.crc32c(p, value=crc), nbytes + len(p)
+                f.write(p)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {"nbytes": nbytes, "crc32c": crc}
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-class _Location:
+class Location:
     """A store root: the zarr store object plus an fsspec filesystem for the non-zarr files.
 
     A writable remote location is probed with one tiny PUT when it is made, so missing write permission fails
@@ -220,19 +257,19 @@ class _Location:
         except FileNotFoundError:
             return None
 
-    def put_atomic(self, key: str, data: bytes) -> None:
-        path = self.path(key)
+    def put(self, key: str, parts: bytes | Iterable[bytes], fsync: bool = False) -> dict:
+        """Write object `key` atomically (locally `write_atomic`; elsewhere one PUT, atomic on object stores) from
+        its bytes or parts; returns its manifest checksum."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            with remote_errors(self.url, f"writing {key} to"):
-                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+            return write_atomic(self.path(key), parts, fsync)
+        data = parts if isinstance(parts, bytes) else b"".join(parts)
+        with remote_errors(self.url, f"writing {key} to"):
+            self.fs.pipe_file(self.path(key), data)
+        return checksum(data)
+
+    def put_atomic(self, key: str, data: bytes) -> None:
+        """A bookkeeping record or metadata object, flushed to disk before it is renamed into place."""
+        self.put(key, data, fsync=True)
 
     def list(self, prefix: str) -> list[str]:
         """Names (not paths) of the files directly under `prefix`."""
@@ -263,7 +300,7 @@ class ManifestCheckedStore(WrapperStore):
     silently read zeros), and with a shard cache it is fetched whole once, checked against its crc32c, and every
     partial read is then served from local disk."""
 
-    def __init__(self, store, loc: _Location, manifest_objects, cache=None, cache_id: str = ""):
+    def __init__(self, store, loc: Location, manifest_objects, cache=None, cache_id: str = ""):
         super().__init__(store)
         self._loc, self._objects, self._cache, self._cache_id = loc, manifest_objects, cache, cache_id
 
@@ -277,8 +314,8 @@ class ManifestCheckedStore(WrapperStore):
         if self._cache is None:
             out = await self._store.get(key, prototype, byte_range)
             if out is None:
-                raise StoreError(f"{key} of {safe_url(self._loc.url)} is listed in the manifest but missing from the "
-                                 f"store: the store is damaged; run `saecache verify {safe_url(self._loc.url)}`")
+                raise StoreError(f"{key} of {redact_url(self._loc.url)} is listed in the manifest but missing from the "
+                                 f"store: the store is damaged; run `saecache verify {redact_url(self._loc.url)}`")
             return out
         start, end = _byte_span(byte_range, want["nbytes"])
         data = await asyncio.to_thread(self._cache.read, self._loc, self._cache_id, key, want, start, end)

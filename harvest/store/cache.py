@@ -30,11 +30,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import crc32c
-
 from saecache.errors import ConfigError, StoreError
-from saecache.harvest.files import default_pool
-from saecache.harvest.shards import ShardArray, ShardLayout
+from saecache.harvest.store.files import default_pool
+from saecache.harvest.store.io import check_object, checksum, redact_url, write_atomic
+from saecache.harvest.store.layout import ShardLayout, acts_array
+from saecache.harvest.store.shards import ShardArray
 
 
 @dataclass(frozen=True)
@@ -120,19 +120,15 @@ class ShardCache:
                 return path
             data = loc.get(key)
             if data is None:
-                raise StoreError(f"{key} of {_safe(loc.url)} is listed in the manifest but missing from the store: "
-                                 f"the store is damaged; run `saecache verify {_safe(loc.url)}` and re-copy or "
-                                 "re-harvest that shard")
-            got = {"nbytes": len(data), "crc32c": crc32c.crc32c(data)}
-            if got != {"nbytes": want["nbytes"], "crc32c": want["crc32c"]}:
-                raise StoreError(f"{key} of {_safe(loc.url)} does not match its manifest checksum ({got['nbytes']} "
-                                 f"bytes, crc32c {got['crc32c']} vs {want['nbytes']}, {want['crc32c']}): the store is "
-                                 f"corrupt; run `saecache verify {_safe(loc.url)}`")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+                raise StoreError(f"{key} of {redact_url(loc.url)} is listed in the manifest but missing from the "
+                                 f"store: the store is damaged; run `saecache verify {redact_url(loc.url)}` and "
+                                 "re-copy or re-harvest that shard")
+            if check_object(key, data, want) is not None:
+                got = checksum(data)
+                raise StoreError(f"{key} of {redact_url(loc.url)} does not match its manifest checksum "
+                                 f"({got['nbytes']} bytes, crc32c {got['crc32c']} vs {want['nbytes']}, "
+                                 f"{want['crc32c']}): the store is corrupt; run `saecache verify {redact_url(loc.url)}`")
+            write_atomic(path, data)
             with self._lock:
                 self.misses += 1
                 self.bytes_fetched += len(data)
@@ -185,21 +181,12 @@ class ShardCache:
 
 def _matches(path: str, want: dict) -> bool:
     with open(path, "rb") as f:
-        data = f.read()
-    return len(data) == want["nbytes"] and crc32c.crc32c(data) == want["crc32c"]
-
-
-def _safe(url: str) -> str:
-    from saecache.harvest.remote import safe_url
-
-    return safe_url(url)
+        return check_object(path, f.read(), want) is None
 
 
 def store_cache_id(url: str) -> str:
     """Directory name of a store inside the cache: readable tail of the URL + a hash of the whole URL."""
-    from saecache.harvest.remote import safe_url
-
-    u = safe_url(url).rstrip("/")
+    u = redact_url(url).rstrip("/")
     tail = "".join(c if c.isalnum() or c in "-_." else "_" for c in u.rsplit("/", 1)[-1])[:40]
     return f"{tail}-{hashlib.sha256(u.encode()).hexdigest()[:16]}"
 
@@ -227,23 +214,23 @@ class CachedShardArray(ShardArray):
     def open(cls, store, hook: str, cache: ShardCache) -> CachedShardArray | None:
         """The cached reader of `acts/<hook>`, or None when its layout is not the one saecache writes."""
         try:
-            layout = ShardLayout.parse(json.loads(store.loc.get(f"acts/{hook}/zarr.json")))
+            layout = ShardLayout.parse(json.loads(store.loc.get(f"{acts_array(hook)}/zarr.json")))
         except (TypeError, ValueError):
             return None
-        if layout is None or layout.separator != "/":
+        if layout is None or not layout.sharded or layout.separator != "/":
             return None
         store_id = store_cache_id(store.url)
 
         def locate(shard: int) -> str:
-            key = f"acts/{hook}/{layout.key(shard)}"
+            key = f"{acts_array(hook)}/{layout.key(shard)}"
             entry = store.manifest().get(shard)
             if entry is None or key not in entry["objects"]:
-                raise StoreError(f"shard {shard} of {_safe(store.url)} is not complete (no manifest entry): refusing "
+                raise StoreError(f"shard {shard} of {redact_url(store.url)} is not complete (no manifest entry): refusing "
                                  "to read unwritten rows")
             return cache.fetch(store.loc, store_id, key, entry["objects"][key])
 
         def missing(shard: int, path: str) -> Exception:
-            return StoreError(f"cannot keep acts/{hook}/{layout.key(shard)} of {_safe(store.url)} in the shard cache "
+            return StoreError(f"cannot keep acts/{hook}/{layout.key(shard)} of {redact_url(store.url)} in the shard cache "
                               f"{cache.cfg.dir}: it is evicted as soon as it is fetched; raise SAECACHE_CACHE_GB")
 
-        return cls(layout, locate, f"acts/{hook} of {_safe(store.url)}", missing=missing, attempts=3)
+        return cls(layout, locate, f"acts/{hook} of {redact_url(store.url)}", missing=missing, attempts=3)

@@ -1,0 +1,34 @@
+"""The store format, in one package (SPEC.md): `layout` (format version, key names, codec chain, geometry, array
+metadata, the within-shard permutation: pure), `io` (a store root, the one atomic write, checksums, URL redaction,
+remote errors), `read` (`Store`), `shards` (the hand-written shard reader), `cache` (the verified local cache of remote
+shards), `files` (bounded open files and maps), `encode` (shard objects encoded by hand) and `write` (`StoreWriter`).
+
+Imports run one way inside: layout, io, files ← shards ← cache ← read ← encode, write. The names below are the
+package's public API; `from saecache.harvest.store import Store` is what the other stages use.
+"""
+
+from saecache.harvest.store.cache import CacheConfig, CachedShardArray, ShardCache, default_cache, store_cache_id
+from saecache.harvest.store.encode import ObjectEncoder, made_ahead, put_parts
+from saecache.harvest.store.files import FilePool, default_pool, map_file
+from saecache.harvest.store.io import (
+    Location, check_object, checksum, describe_error, open_filesystem, redact_url, remote_errors, write_atomic,
+)
+from saecache.harvest.store.layout import (
+    BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR, PLAN_DIR, ROW_FIELDS,
+    Geometry, ShardLayout, check_format_version, claim_key, final_key, json_bytes, manifest_key, parse_record,
+    record_bytes, record_key, shard_object_keys, shard_permutation, unpermuted_meta,
+)
+from saecache.harvest.store.read import Store, aggregate_stats, compute_fingerprint, read_manifest, to_torch
+from saecache.harvest.store.shards import ShardArray
+from saecache.harvest.store.write import StoreWriter, diff_keys, probe_store_dir, process_is_live
+
+__all__ = [
+    "BOOKKEEPING_GROUPS", "CLAIMS_DIR", "CODECS", "DTYPES", "FINAL_DIR", "FORMAT_VERSION", "MANIFEST_DIR", "PLAN_DIR",
+    "ROW_FIELDS", "CacheConfig", "CachedShardArray", "FilePool", "Geometry", "Location", "ObjectEncoder",
+    "ShardArray", "ShardCache", "ShardLayout", "Store", "StoreWriter", "aggregate_stats", "check_format_version",
+    "check_object", "checksum", "claim_key", "compute_fingerprint", "default_cache", "default_pool",
+    "describe_error", "diff_keys", "final_key", "json_bytes", "made_ahead", "manifest_key", "map_file",
+    "open_filesystem", "parse_record", "probe_store_dir", "process_is_live", "put_parts", "read_manifest",
+    "record_bytes", "record_key", "redact_url", "remote_errors", "shard_object_keys", "shard_permutation",
+    "store_cache_id", "to_torch", "unpermuted_meta", "write_atomic",
+]

@@ -1,0 +1,352 @@
+"""The store format's layout, once (SPEC.md): format version, every key name, the codec chain, the geometry of
+contexts/chunks/shards, how an array's `zarr.json` is read, and the within-shard permutation. Pure: no I/O.
+
+Everything that knows where an object lives or how its bytes are laid out imports it from here: the reader
+(`read.py`, `shards.py`, `cache.py`), the writer (`write.py`, `encode.py`), `inspect.py`, `copy.py` and the harvest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import numcodecs
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from saecache import __version__
+from saecache.errors import StoreError
+from saecache.harvest.quant import FORMATS
+
+FORMAT_VERSION = 2
+"""Version 3 adds a crc32c codec at the end of every inner chunk's codec chain (each chunk carries its checksum)."""
+CHUNK_CRC_VERSION = 3  # first format version whose inner chunks carry a crc32c
+
+# -- key names (SPEC.md "Layout")
+ACTS_DIR = "acts"
+ROWS_DIR = "rows"
+CONTEXTS = "contexts"
+ROW_FIELDS = ("token", "context", "position")
+MANIFEST_DIR = "_manifest"
+CLAIMS_DIR = "_claims"
+FINAL_DIR = "_final"
+PLAN_DIR = "_plan"
+BOOKKEEPING_GROUPS = (MANIFEST_DIR, CLAIMS_DIR)  # empty zarr groups made with the store (version >= 2)
+TOP_LEVEL = {"zarr.json", ACTS_DIR, ROWS_DIR, CONTEXTS, MANIFEST_DIR, CLAIMS_DIR, "_final.json", FINAL_DIR, PLAN_DIR}
+
+
+def acts_array(hook: str) -> str:
+    return f"{ACTS_DIR}/{hook}"
+
+
+def rows_array(name: str) -> str:
+    return f"{ROWS_DIR}/{name}"
+
+
+def shard_object_keys(header: dict, s: int) -> list[str]:
+    """Every zarr object written for shard `s` (SPEC.md "Manifest")."""
+    keys = [f"{acts_array(h)}/c/{s}/0" for h in sorted(header["hooks"])]
+    keys += [f"{rows_array(name)}/c/{s}" for name in ROW_FIELDS]
+    keys.append(f"{CONTEXTS}/c/{s}/0")
+    return keys
+
+
+def metadata_keys(hooks, version: int) -> list[str]:
+    """zarr metadata objects of a store with these hooks, the group's zarr.json excluded."""
+    keys = [f"{ACTS_DIR}/zarr.json", f"{ROWS_DIR}/zarr.json", f"{CONTEXTS}/zarr.json"]
+    keys += [f"{acts_array(h)}/zarr.json" for h in sorted(hooks)]
+    keys += [f"{rows_array(n)}/zarr.json" for n in ROW_FIELDS]
+    if version >= 2:
+        keys += [f"{g}/zarr.json" for g in BOOKKEEPING_GROUPS]
+    return keys
+
+
+# Bookkeeping layout (SPEC.md "Manifest", "Final record", "Claims"). Version 1 wrote plain JSON files, which plain zarr
+# lists as unknown objects (a warning per file on every tree()/members()); from version 2 every record is a zarr group
+# node whose attributes["saecache"] hold the record, written as one object, atomically, as before.
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, indent=1).encode()
+
+
+def manifest_key(s: int, version: int = FORMAT_VERSION) -> str:
+    return f"{MANIFEST_DIR}/shard-{s:06d}.json" if version == 1 else f"{MANIFEST_DIR}/shard-{s:06d}/zarr.json"
+
+
+def final_key(version: int = FORMAT_VERSION) -> str:
+    return "_final.json" if version == 1 else f"{FINAL_DIR}/zarr.json"
+
+
+def claim_key(worker: int, n_workers: int, version: int = FORMAT_VERSION) -> str:
+    name = f"worker-{worker:05d}-of-{n_workers:05d}"
+    return f"{CLAIMS_DIR}/{name}.json" if version == 1 else f"{CLAIMS_DIR}/{name}/zarr.json"
+
+
+def record_key(prefix: str, name: str, version: int) -> str | None:
+    """Key of the record listed as `name` under `prefix` (a file in version 1, a group node after), None if `name`
+    is not a record (the prefix's own zarr.json, a temporary file)."""
+    if version == 1:
+        return f"{prefix}/{name}" if name.endswith(".json") and not name.startswith(".") else None
+    return None if "." in name else f"{prefix}/{name}/zarr.json"
+
+
+def record_bytes(record: dict, version: int = FORMAT_VERSION) -> bytes:
+    """The bytes of a bookkeeping record: JSON (version 1) or a zarr group node carrying it as an attribute."""
+    if version == 1:
+        return json_bytes(record)
+    return json_bytes({"zarr_format": 3, "node_type": "group", "attributes": {"saecache": record}})
+
+
+def parse_record(raw: bytes, version: int) -> dict:
+    doc = json.loads(raw)
+    return doc if version == 1 else doc["attributes"]["saecache"]
+
+
+def check_format_version(header: dict, url: str) -> None:
+    v = header.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION:
+        raise StoreError(f"store {url} has format version {v}, newer than this saecache ({__version__}) reads "
+                         f"(version {FORMAT_VERSION}); upgrade saecache")
+
+
+# -- formats and the codec chain (SPEC.md "Formats and codecs")
+
+# storage format name -> (zarr dtype, logical dtype); the formats themselves (and their decoding) are in quant.py
+DTYPES = {name: (f.zarr_dtype, name) for name, f in FORMATS.items()}
+
+# codec name -> factory of the zarr compressor inside the sharding codec (None = uncompressed)
+CODECS = {
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+    "zstd": lambda: ZstdCodec(level=3),
+    "none": lambda: None,
+}
+ROWS_CODEC = "blosc-zstd"  # rows/* and contexts, whatever the activations' codec
+
+
+def compressors(codec: str, version: int = FORMAT_VERSION) -> list:
+    """zarr's `compressors` (bytes-to-bytes codecs after `bytes`) of an array in this codec: the compressor, then
+    (version >= 3) the crc32c each inner chunk carries."""
+    comp = CODECS[codec]()
+    return ([] if comp is None else [comp]) + ([Crc32cCodec()] if version >= CHUNK_CRC_VERSION else [])
+
+
+MISSING = 2**64 - 1  # shard index entry of an inner chunk that was never written
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def _split_chain(codecs: list[dict]) -> tuple[dict | None, bool]:
+    """(the compressor's metadata or None, whether the chain ends with crc32c) of a `bytes` [+ blosc/zstd]
+    [+ crc32c] chain; KeyError for any other chain."""
+    names = [c["name"] for c in codecs]
+    if names[0] != "bytes" or codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        raise KeyError("inner codecs must start with little-endian bytes")
+    crc = names[-1] == "crc32c"
+    rest = codecs[1:len(codecs) - crc]
+    if len(rest) > 1 or (rest and rest[0]["name"] not in ("blosc", "zstd")):
+        raise KeyError(f"unsupported codec chain {names}")
+    return (rest[0] if rest else None), crc
+
+
+def inner_decoder(codecs: list[dict]):
+    """numcodecs decoder of an inner codec chain's compressor (None for raw bytes); KeyError when not handled."""
+    comp, _ = _split_chain(codecs)
+    return None if comp is None else numcodecs.Blosc() if comp["name"] == "blosc" else numcodecs.Zstd()
+
+
+def inner_encoder(codecs: list[dict]):
+    """numcodecs encoder of a chain's compressor, configured as zarr configures its own (None: raw bytes); KeyError
+    for a chain this package does not write."""
+    comp, _ = _split_chain(codecs)
+    if comp is None:
+        return None
+    conf = comp.get("configuration", {})
+    if comp["name"] == "blosc":
+        return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=_SHUFFLE[conf["shuffle"]],
+                               blocksize=conf.get("blocksize", 0), typesize=conf["typesize"])
+    return numcodecs.Zstd(level=conf["level"], checksum=conf.get("checksum", False))
+
+
+def chain_has_crc(codecs: list[dict]) -> bool:
+    """Whether each chunk of this codec chain ends with its crc32c (format version 3)."""
+    return _split_chain(codecs)[1]
+
+
+# -- geometry (SPEC.md "Geometry")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where every context and row lives, from the header. Pure arithmetic, no I/O. Each array's `ShardLayout`
+    (from its zarr.json) must agree with it (`ShardLayout.check`)."""
+
+    ctx_len: int
+    first_position: int
+    ctx_per_chunk: int
+    chunks_per_shard: int
+    n_contexts: int
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.ctx_len - self.first_position
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.ctx_per_chunk * self.rows_per_context
+
+    @property
+    def shard_rows(self) -> int:
+        return self.chunks_per_shard * self.chunk_rows
+
+    @property
+    def ctx_per_shard(self) -> int:
+        return self.ctx_per_chunk * self.chunks_per_shard
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_contexts // self.ctx_per_shard)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    def shard_contexts(self, s: int) -> tuple[int, int]:
+        c0 = s * self.ctx_per_shard
+        return c0, min(c0 + self.ctx_per_shard, self.n_contexts)
+
+    def shard_row_range(self, s: int) -> tuple[int, int]:
+        c0, c1 = self.shard_contexts(s)
+        r0 = s * self.shard_rows
+        return r0, r0 + (c1 - c0) * self.rows_per_context
+
+    def chunk_row_range(self, g: int) -> tuple[int, int]:
+        """Rows of global inner chunk `g` (chunk `g % chunks_per_shard` of shard `g // chunks_per_shard`)."""
+        r0 = g * self.chunk_rows
+        return r0, min(r0 + self.chunk_rows, self.n_rows)
+
+    def shard_of_row(self, r: int) -> int:
+        return r // self.shard_rows
+
+    @staticmethod
+    def default_ctx_per_chunk(rows_per_context: int, target_rows: int = 4096) -> int:
+        return max(1, round(target_rows / rows_per_context))
+
+    @classmethod
+    def from_header(cls, header: dict) -> Geometry:
+        st = header["storage"]
+        return cls(header["ctx_len"], st["first_position"], st["ctx_per_chunk"], st["chunks_per_shard"],
+                   header["n_contexts"])
+
+
+def shard_permutation(seed: int, shard: int, n_rows: int) -> np.ndarray:
+    """Stored row j of a shard is unpermuted row perm[j] (SPEC.md "Row order inside a shard")."""
+    return np.random.default_rng([seed, shard]).permutation(n_rows)
+
+
+def unpermuted_meta(geom: Geometry, shard: int, contexts_CT: np.ndarray) -> dict[str, np.ndarray]:
+    """token/context/position of the shard's rows in unpermuted order; contexts_CT holds the shard's contexts."""
+    c0, c1 = geom.shard_contexts(shard)
+    n_ctx, rpc, p0 = c1 - c0, geom.rows_per_context, geom.first_position
+    return {
+        "token": contexts_CT[:, p0:].reshape(-1).astype(np.int32),
+        "context": np.repeat(np.arange(c0, c1, dtype=np.int32), rpc),
+        "position": np.tile(np.arange(p0, geom.ctx_len, dtype=np.int16), n_ctx),
+    }
+
+
+# -- an array's zarr.json (zarr v3 sharding spec)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where the inner chunks of an array ``[N, *row]`` live, from its ``zarr.json``: a sharded array (shard =
+    concatenated inner-chunk blobs + an index of ``n_inner × (offset u64, nbytes u64)`` at its end), or a plain
+    chunked one (`sharded` False: one chunk per object, as `contexts`)."""
+
+    shape: tuple[int, ...]
+    """Array shape; axis 0 = rows, inner chunks and shards span every other axis whole."""
+    dtype: np.dtype
+    """Element type as stored (little-endian)."""
+    shard_rows: int
+    """Rows per object (the chunk grid along axis 0)."""
+    chunk_rows: int
+    """Rows per inner chunk (the unit of a read)."""
+    separator: str
+    """Chunk key separator ("/" in every store saecache writes)."""
+    fill_value: float
+    """Value of rows beyond the array's end inside the last inner chunk."""
+    codecs: tuple = field(repr=False)
+    """The inner codec chain (zarr metadata): `bytes` [+ blosc/zstd] [+ crc32c]."""
+    crc: bool
+    """Whether the shard index ends with a crc32c."""
+    sharded: bool = True
+    """False for a plain chunked array (no index; the object is one chunk)."""
+
+    @classmethod
+    def parse(cls, meta: dict) -> ShardLayout | None:
+        """The layout of an array's metadata, or None when it is not one this package reads and writes."""
+        try:
+            codecs = meta["codecs"]
+            shape = list(meta["shape"])
+            outer = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            if (not shape or outer[1:] != shape[1:] or meta["chunk_key_encoding"]["name"] != "default"
+                    or meta.get("storage_transformers") or outer[0] <= 0):
+                return None
+            dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+            sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+            if codecs[0]["name"] != "sharding_indexed":
+                _split_chain(codecs)  # raises KeyError for chains we do not handle
+                return cls(tuple(shape), dtype, outer[0], outer[0], sep, meta.get("fill_value", 0), tuple(codecs),
+                           False, sharded=False)
+            conf = codecs[0]["configuration"]
+            inner = list(conf["chunk_shape"])
+            if (len(codecs) != 1 or inner[1:] != shape[1:] or inner[0] <= 0 or outer[0] % inner[0]
+                    or conf.get("index_location", "end") != "end"
+                    or [c["name"] for c in conf["index_codecs"]] not in (["bytes"], ["bytes", "crc32c"])):
+                return None
+            _split_chain(conf["codecs"])
+            return cls(tuple(shape), dtype, outer[0], inner[0], sep, meta.get("fill_value", 0), tuple(conf["codecs"]),
+                       any(c["name"] == "crc32c" for c in conf["index_codecs"]))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            return None
+
+    @property
+    def n_inner(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def chunk_crc(self) -> bool:
+        """Whether each inner chunk ends with its own crc32c (format version 3)."""
+        return chain_has_crc(list(self.codecs))
+
+    def key(self, shard: int) -> str:
+        """Object key of shard ``shard``, relative to the array (``c/<shard>/0`` for a 2-D array)."""
+        parts = ["c", str(shard)] + ["0"] * (len(self.shape) - 1)
+        return self.separator.join(parts)
+
+    def index_bytes(self) -> int:
+        return self.n_inner * 16 + (4 if self.crc else 0)
+
+    def parse_index(self, raw: bytes, where: str) -> np.ndarray:
+        """The ``[n_inner, 2]`` (offset, nbytes) table from a shard's trailing index bytes; checks the crc32c."""
+        if len(raw) != self.index_bytes():
+            raise StoreError(f"short shard file {where}: no room for its index; run `saecache verify`")
+        if self.crc and crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise StoreError(f"corrupt shard index (crc32c mismatch) in {where}; run `saecache verify`")
+        return np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
+
+    def agrees_with(self, geom: Geometry) -> bool:
+        """Whether the array's rows, shards and inner chunks are the header's (an `acts/*` or `rows/*` array)."""
+        return (self.sharded and self.shape[0] == geom.n_rows and self.shard_rows == geom.shard_rows
+                and self.chunk_rows == geom.chunk_rows)

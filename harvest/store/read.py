@@ -1,0 +1,242 @@
+"""Reading a store (SPEC.md): `Store` opens one, by local path or fsspec URL, and reads what its manifest has
+published. Only shards recorded in the manifest are readable: zarr silently reads unwritten chunks as zeros.
+
+Reads of a remote store go through the bounded local shard cache (`cache.py`), which checks every object against the
+manifest, so a damaged store fails loudly, never as zeros. The format's layout is `layout.py`; the writer `write.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+
+import numpy as np
+import zarr
+
+from saecache.errors import StoreError
+from saecache.harvest.quant import decode
+from saecache.harvest.store.cache import CachedShardArray, default_cache, store_cache_id
+from saecache.harvest.store.io import Location, redact_url
+from saecache.harvest.store.layout import (
+    DTYPES, MANIFEST_DIR, Geometry, check_format_version, final_key, json_bytes, parse_record, record_key,
+    shard_object_keys,
+)
+
+# ------------------------------------------------------------------------------------------------------------ reader
+
+
+_DEFAULT = object()
+
+
+class Store:
+    """Read access to a store. Only shards recorded in the manifest are readable.
+
+    `cache`: the local shard cache used for a remote store's array reads (default: the one configured by the
+    environment, see `cache.py`; None reads remote objects directly). Local stores never use it."""
+
+    def __init__(self, loc: Location, header: dict, cache=None):
+        self.loc = loc
+        self.header = header
+        self.geometry = Geometry.from_header(header)
+        self.cache = None if loc.local else cache
+        self.version = header["format_version"]
+        self._manifest: dict[int, dict] | None = None
+        self._objects: dict[str, dict] = {}
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True, cache=_DEFAULT) -> Store:
+        loc = Location(url, storage_options, read_only=read_only)
+        raw = loc.get("zarr.json")
+        if raw is None:
+            raise StoreError(f"no store at {redact_url(url)}: zarr.json not found (harvest one with "
+                             f"`saecache harvest --out {redact_url(url)}`)")
+        try:
+            header = json.loads(raw).get("attributes", {}).get("saecache")
+        except (ValueError, AttributeError):
+            raise StoreError(f"{redact_url(url)}/zarr.json is not valid zarr metadata: the store is damaged") from None
+        if header is None:
+            raise StoreError(f"{redact_url(url)} is a zarr group but not a saecache store (no 'saecache' attribute)")
+        check_format_version(header, redact_url(url))
+        if cache is _DEFAULT:
+            cache = None
+            if not loc.local:
+
+                cache = default_cache()
+        return cls(loc, header, cache)
+
+    # -- metadata
+    @property
+    def url(self) -> str:
+        """The URL without credentials (what messages and run dirs show)."""
+        return redact_url(self.loc.url)
+
+    @property
+    def hooks(self) -> dict[str, dict]:
+        return self.header["hooks"]
+
+    @property
+    def seed(self) -> int:
+        return self.header["seed"]
+
+    @property
+    def logical_dtype(self) -> str:
+        return DTYPES[self.header["storage"]["dtype"]][1]
+
+    def require_hook(self, hook: str) -> dict:
+        if hook not in self.hooks:
+            raise StoreError(f"store {self.url} has no hook {hook!r}; it has: {', '.join(sorted(self.hooks))}")
+        return self.hooks[hook]
+
+    def manifest(self, refresh: bool = False) -> dict[int, dict]:
+        if self._manifest is None or refresh:
+            entries = read_manifest(self.loc, self.version)
+            self._manifest = entries
+            self._objects = {k: v for e in entries.values() for k, v in e["objects"].items()}
+        return self._manifest
+
+    def manifest_objects(self) -> dict[str, dict]:
+        """Every object the manifest lists, key -> {"nbytes", "crc32c"} (the shards published so far)."""
+        self.manifest()
+        return self._objects
+
+    def restrict_to_shards(self, shards) -> None:
+        """Read only these published shards from now on (a DDP run's ranks agree on rank 0's view of a store that is
+        still being harvested); every one must be in this process's manifest."""
+        m = self.manifest()
+        self._manifest = {s: m[s] for s in shards}
+        self._objects = {k: v for e in self._manifest.values() for k, v in e["objects"].items()}
+
+    def complete_shards(self, refresh: bool = False) -> list[int]:
+        return sorted(s for s in self.manifest(refresh) if s < self.geometry.n_shards)
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.complete_shards()) == self.geometry.n_shards
+
+    @property
+    def final(self) -> dict | None:
+        raw = self.loc.get(final_key(self.version))
+        return None if raw is None else parse_record(raw, self.version)
+
+    def require_complete(self) -> None:
+        done, n = len(self.complete_shards()), self.geometry.n_shards
+        if done < n:
+            raise StoreError(f"store {self.url} is incomplete: {done}/{n} shards written; rerun the harvest command "
+                             "to finish it (or the missing workers)")
+
+    # -- arrays
+    @cached_property
+    def group(self) -> zarr.Group:
+        zstore = self.loc.zarr_store(self.manifest_objects, self.cache, store_cache_id(self.url))
+        return zarr.open_group(store=zstore, mode="r", zarr_format=3)
+
+    def cached_array(self, hook: str):
+        """Fast inner-chunk reader of `acts/<hook>` through the shard cache (remote stores with a cache), else None.
+        Same `read_rows` contract as the local direct reader of the training loader."""
+        if self.loc.local or self.cache is None:
+            return None
+        return CachedShardArray.open(self, hook, self.cache)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def _check_rows(self, r0: int, r1: int) -> None:
+        if not 0 <= r0 <= r1 <= self.geometry.n_rows:
+            raise StoreError(f"rows [{r0}, {r1}) outside the store's {self.geometry.n_rows} rows")
+        done = self.manifest()
+        for s in range(self.geometry.shard_of_row(r0), self.geometry.shard_of_row(max(r1 - 1, r0)) + 1):
+            if r1 > r0 and s not in done:
+                raise StoreError(f"shard {s} of {self.url} is not complete (no manifest entry): refusing to read "
+                                 "unwritten rows, which zarr would return as zeros")
+
+    def read_acts(self, hook: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a hook as stored: shape [r1-r0, D] in the storage dtype (uint16 bits for bf16), or
+        [r1-r0, width] uint8 rows (scale + codes) for a quantized format (SPEC.md "Formats")."""
+        self.require_hook(hook)
+        self._check_rows(r0, r1)
+        return self.array(f"acts/{hook}")[r0:r1]
+
+    def read_acts_torch(self, hook: str, r0: int, r1: int):
+        """Rows [r0, r1) as a torch tensor in the logical dtype (float16/float32/bfloat16; float32 dequantized for a
+        quantized format)."""
+        return to_torch(self.read_acts(hook, r0, r1), self.logical_dtype, self.hooks[hook]["d"])
+
+    def read_meta(self, r0: int, r1: int) -> dict[str, np.ndarray]:
+        self._check_rows(r0, r1)
+        return {k: self.array(f"rows/{k}")[r0:r1] for k in ("token", "context", "position")}
+
+    def contexts(self, c0: int, c1: int) -> np.ndarray:
+        """Token ids of contexts [c0, c1), shape [c1-c0, T]."""
+        g = self.geometry
+        for s in range(c0 // g.ctx_per_shard, (max(c1, c0 + 1) - 1) // g.ctx_per_shard + 1):
+            if c1 > c0 and s not in self.manifest():
+                raise StoreError(f"shard {s} of {self.url} is not complete: its contexts are not readable yet")
+        return self.array("contexts")[c0:c1]
+
+    # -- statistics and identity
+    def stats(self, hook: str) -> dict:
+        """{"mean": [D] float64, "mean_sq_norm": float, "count": int, "nonfinite": int} over complete shards."""
+        self.require_hook(hook)
+        final = self.final
+        if final is not None:
+            st = final["stats"][hook]
+            return {**st, "mean": np.asarray(st["mean"], dtype=np.float64)}
+        return aggregate_stats(self.manifest(), hook)
+
+    def fingerprint(self) -> str:
+        return compute_fingerprint(self.header, self.manifest())
+
+    def object_keys(self, s: int) -> list[str]:
+        return shard_object_keys(self.header, s)
+
+
+def read_manifest(loc: Location, version: int) -> dict[int, dict]:
+    """Every manifest entry of the store at `loc`, by shard number (SPEC.md "Manifest")."""
+    entries = {}
+    for name in loc.list(MANIFEST_DIR):
+        key = record_key(MANIFEST_DIR, name, version)
+        if name.startswith("shard-") and key is not None:
+            raw = loc.get(key)
+            if raw is not None:
+                try:
+                    entry = parse_record(raw, version)
+                    entries[int(entry["shard"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    raise StoreError(f"manifest entry {name} of {redact_url(loc.url)} is not valid JSON with a shard "
+                                     "number: the store is damaged; run `saecache verify`") from None
+    return entries
+
+
+def aggregate_stats(manifest: dict[int, dict], hook: str) -> dict:
+    """Per-hook statistics over the given shards; `rel_mse` (quantization error, SPEC.md) when every shard has it."""
+    count, total, sq, nonfinite, err = 0, None, 0.0, 0, [0.0, 0.0]
+    for s in sorted(manifest):
+        st = manifest[s]["stats"][hook]
+        count += st["count"]
+        sq += st["sum_sq_norm"]
+        nonfinite += st["nonfinite"]
+        v = np.asarray(st["sum"], dtype=np.float64)
+        total = v if total is None else total + v
+        if err is not None and "sq_err" in st:
+            err = [err[0] + st["sq_err"], err[1] + st["sq_exact"]]
+        else:
+            err = None
+    if count == 0:
+        raise StoreError("no complete shards: statistics are not available yet")
+    out = {"mean": total / count, "mean_sq_norm": sq / count, "count": count, "nonfinite": nonfinite}
+    if err is not None:
+        out["rel_mse"] = err[0] / err[1] if err[1] > 0 else 0.0
+    return out
+
+
+def compute_fingerprint(header: dict, manifest: dict[int, dict]) -> str:
+    h = hashlib.sha256(json_bytes(header))
+    for s in sorted(manifest):
+        h.update(json_bytes({"shard": s, "objects": manifest[s]["objects"]}))
+    return h.hexdigest()
+
+
+def to_torch(a: np.ndarray, logical_dtype: str, d: int | None = None):
+    """Stored rows → torch: float formats bit-exact in their own dtype, quantized ones dequantized to float32."""
+    return decode(a, logical_dtype, a.shape[1] if d is None else d, None)

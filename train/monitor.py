@@ -63,7 +63,7 @@ class Logger:
             self.tb = {n: SummaryWriter(f"{cfg.out}/{n}/tensorboard") for n in names}
         elif cfg.log == "wandb":
             try:
-                import wandb
+                import wandb  # pyright: ignore[reportMissingImports]  (optional: not in any extra)
             except ImportError as e:
                 raise ImportError("log=wandb needs wandb: pip install wandb") from e
             self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), resume="allow")

@@ -17,7 +17,7 @@ dictionary_learning's StandardTrainer at matched L0, plus saecache ablations (LR
   but at equal λ its trainer ends at about half saecache's L0, so its default sweep is half ours). Per library, FVE
   at a common L0 (`--match-l0`, default k, else the log-midpoint of the overlap of the two L0 ranges) by linear
   interpolation of FVE against log L0 between the bracketing coefficients; "no crossing" when the ranges do not overlap.
-- Evaluation: the held-out rows of the store (`heldout_batches`, BOS rows left out as in training); each candidate
+- Evaluation: the held-out rows of the store (`Split.heldout_batches`, BOS rows left out as in training); each candidate
   returns its reconstruction and per-feature firing counts, and this process computes FVE with saecache's one
   definition (`saecache.train.monitor.fraction_variance_explained`, centred), L0 and dead % (never fires on them);
   and "dead % train": never fires on the last `TRAIN_SAMPLE_ROWS` of the training rows every trainer saw (the dead
@@ -45,7 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -100,7 +99,6 @@ PEERS = ("dl", "sparsify-adam", "sparsify-signum", "saelens")
 RELU_COEFFS = (0.1, 0.2, 0.4)
 DL_L1_PER_RMS = (0.05, 0.1, 0.2)  # dictionary_learning's l1_penalty in units of the training rows' RMS norm
 TRAIN_SAMPLE_ROWS = 100_000  # rows every trainer trained on, over which "dead on training rows" is counted
-NO_BOS = SimpleNamespace(train_on_bos=False)  # `bos_stores` reads only this field of a TrainConfig
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
@@ -127,22 +125,21 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
                                                           "decay_start": rec["spec"]["decay_start"]}
 
 
-def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch: Path) -> tuple[int, float]:
+def dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch: Path) -> tuple[int, float]:
     """The batches saecache's loader serves its seed-0 run, BOS rows left out as its trainer does, as raw fp16
     (rows.f16) with each step's row offsets (offsets.npy), for the peers; the last `TRAIN_SAMPLE_ROWS` of them
     (train_sample.npy) for the dead count over training rows. Returns (d, E‖x‖² over those rows)."""
+    from saecache.harvest.split import Split
     from saecache.train.loader import Loader, open_stores
-    from saecache.train.trainer import bos_stores, drop_bos
 
     stores = open_stores([store], [hook])
-    with_bos = bos_stores(NO_BOS, stores)
-    loader = Loader(stores, [hook] + (["position", "store"] if with_bos else []), batch, 0, heldout_fraction=0.01,
+    loader = Loader(stores, [hook], batch, 0, split=Split.for_training(stores, 0.01, train_on_bos=False),
                     dtype=torch.float16)
     offsets, sq = [0], 0.0
     with open(scratch / "rows.f16", "wb") as fh:
         for _ in range(-(-tokens // batch)):
             b = next(loader)
-            x = (drop_bos(b, with_bos) if with_bos else b)[hook].numpy()
+            x = b[hook].numpy()
             fh.write(x.tobytes())
             offsets.append(offsets[-1] + len(x))
             sq += float(np.square(x, dtype=np.float32).sum())
@@ -154,18 +151,16 @@ def _dump_training_rows(store: str, hook: str, tokens: int, batch: int, scratch:
     return x.shape[1], sq / n
 
 
-def _heldout(store: str, hook: str) -> np.ndarray:
+def heldout_rows(store: str, hook: str) -> np.ndarray:
     from saecache.harvest.store import Store
-    from saecache.train.loader import heldout_batches
-    from saecache.train.trainer import bos_stores
+    from saecache.harvest.split import Split
 
     st = Store.open(store)
-    bos = bool(bos_stores(NO_BOS, [st]))
-    return torch.cat([b[hook][b["position"] != 0] if bos else b[hook]
-                      for b in heldout_batches(st, [hook], 0.01)]).numpy()
+    return torch.cat([b[hook] for b in Split.for_training([st], 0.01, train_on_bos=False).heldout_batches(st, [hook])
+                      ]).numpy()
 
 
-def _metrics(x: np.ndarray, res: dict) -> dict:
+def metrics(x: np.ndarray, res: dict) -> dict:
     from saecache.train.monitor import fraction_variance_explained
 
     out = {"fve": round(fraction_variance_explained(torch.from_numpy(x), torch.from_numpy(res["x_hat"])), 5),
@@ -242,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
     steps = -(-args.tokens // args.batch)
-    x_held = _heldout(args.store, args.hook)
+    x_held = heldout_rows(args.store, args.hook)
     np.save(scratch / "heldout.npy", x_held)
     peers, rms, dl_l1 = None, None, []
     logged = None if args.rows is None else _logged_rows(args.rows)
@@ -250,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.peers = sorted({r["candidate"] for r in logged if not r["candidate"].startswith("saecache")})
         dl_l1 = sorted({r["coeff"] for r in logged if r["candidate"] == "dl" and r["arch"] == "relu"})
     if logged is None:
-        d, ms = _dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch)
+        d, ms = dump_training_rows(args.store, args.hook, args.tokens, args.batch, scratch)
         x_train = np.load(scratch / "train_sample.npy", mmap_mode="r")
         rms = math.sqrt(ms)
         dl_l1 = args.dl_l1 if args.dl_l1 is not None else [float(f"{c * rms:.4g}") for c in args.dl_l1_rms]
@@ -308,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                 print(f"{name} {arch}: {ans['error']}", file=sys.stderr)
                                 continue
                             res, sec = dict(np.load(scratch / "peer.npz")), ans["seconds"]
-                        row.update({**_metrics(x_held, res), "train_s": round(sec, 1)})
+                        row.update({**metrics(x_held, res), "train_s": round(sec, 1)})
                         result["rows"].append(row)
                         print(json.dumps(row), flush=True)
     finally:

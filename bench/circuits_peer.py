@@ -81,21 +81,17 @@ def _dump_rows(cfg, store: str, hooks: list[str], scratch: Path) -> None:
     BOS rows left out as its trainer does, as raw fp16 per hook, with each step's row offsets."""
     import torch
 
-    from types import SimpleNamespace
-
     from saecache.data.demo import heldout_fraction
+    from saecache.harvest.split import Split
     from saecache.train.loader import Loader, open_stores
-    from saecache.train.trainer import bos_stores, drop_bos
 
     stores = open_stores([store], hooks)
-    with_bos = bos_stores(SimpleNamespace(train_on_bos=False), stores)
-    loader = Loader(stores, hooks + (["position", "store"] if with_bos else []), cfg.batch_size, cfg.seed,
-                    heldout_fraction=heldout_fraction(cfg), dtype=torch.float16)
+    loader = Loader(stores, hooks, cfg.batch_size, cfg.seed, dtype=torch.float16,
+                    split=Split.for_training(stores, heldout_fraction(cfg), train_on_bos=False))
     offsets = [0]
     files = {h: open(scratch / f"{h}.f16", "wb") for h in hooks}
     for _ in range(-(-cfg.train_tokens // cfg.batch_size)):
         b = next(loader)
-        b = drop_bos(b, with_bos) if with_bos else b
         for h in hooks:
             files[h].write(b[h].numpy().tobytes())
         offsets.append(offsets[-1] + len(b[hooks[0]]))

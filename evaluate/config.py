@@ -53,6 +53,11 @@ class EvalConfig:
     """Write the log10 feature-frequency histogram PNG per SAE (needs matplotlib)."""
     splice: bool = True
     """Run the model for the loss figures (turn off for a statistics-only report without loading the model)."""
+    splice_bos: bool = False
+    """For a run that left BOS rows out of training (`saecache train`'s default): replace the BOS position too and
+    count its rows and predictions (the figures evaluate gave before it followed the training rule). Off: the BOS
+    position keeps the model's own activation, and the statistics and losses count every other position (the rule
+    the run trained under)."""
     hist_bins: int = 50
     """Bins of the frequency histograms."""
     html_features: int = 6
@@ -155,6 +160,9 @@ class ReplacementConfig:
     run, layer by layer) or `both`."""
     per_layer: bool = True
     """Also splice each layer alone (as `saecache evaluate` does), for its % loss recovered and KL."""
+    splice_bos: bool = False
+    """For runs that left BOS rows out of training: replace the BOS position too and count its predictions (as
+    `saecache evaluate --splice-bos`). Off: the BOS position keeps the model's own activation."""
     n_contexts: int = 64
     """Held-out contexts run through the model (fewer if the store has fewer)."""
     ctx_batch_size: int = 8

@@ -17,7 +17,9 @@ layer spliced alone, as `saecache evaluate` does (in both modes alike: the layer
 
 `Replacement` is the interface: per layer an input hook, an output hook, `encode(l, x)` and `decode(l, codes, xs)`
 reading the codes of `sources(l)`: for a PLT set the layer itself; a cross-layer transcoder's layer l reads every
-source l' <= l. Positions before the store's `first_position` are never replaced and never counted (`splice`).
+source l' <= l. Positions before `first_position` are never replaced and never counted (`splice`): the store's
+first position, or 1 when the runs left BOS rows out of training (`replacement_run`, the rule `saecache evaluate`
+follows).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """`saecache replacement`: a PLT set's run dirs (one transcoder per layer) or one CLT's run dir evaluated as a
 replacement model on a store's held-out contexts (`replacement.replacement_losses` in each input mode, and each layer
-spliced alone), written as replacement.md and replacement.json."""
+spliced alone), written as replacement.md and replacement.json.
+
+BOS follows `saecache evaluate`'s rule (`runner.bos_rule`): when a run left the BOS rows out of training, the BOS
+position keeps the model's own activation in every layer and its prediction is not counted, unless
+`ReplacementConfig.splice_bos`; the report says which rule ran."""
 
 from __future__ import annotations
 
@@ -10,20 +14,21 @@ import os
 import torch
 
 from saecache.errors import RunDirError
+from saecache.evaluate import runner as R
 from saecache.evaluate.config import ReplacementConfig  # noqa: F401  (with the stage's other configs: light to import)
 from saecache.evaluate.replacement import (CrossLayerReplacement, Replacement, TranscoderSet, read_run,
                                            replacement_losses)
+from saecache.evaluate.report import BOS_RULES
+from saecache.harvest.split import Split
 
 
-def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, tuple[int, int]]:
-    """The replacement of `run_dirs` (one CLT run dir, or a PLT set: one transcoder per layer) in model order, and
-    the contexts held out for every one of them."""
-    from saecache.evaluate import runner as R
-
+def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, tuple[int, int], list[Split]]:
+    """The replacement of `run_dirs` (one CLT run dir, or a PLT set: one transcoder per layer) in model order, the
+    contexts held out for every one of them, and their splits."""
     first = read_run(run_dirs[0], device)
     if hasattr(first[0].cfg, "kind"):
         return _load_clt(run_dirs, first, store)
-    entries = []
+    entries, splits = [], []
     c0, c1 = 0, store.geometry.n_contexts
     for run_dir in run_dirs:
         sae, rcfg = read_run(run_dir, device)
@@ -33,8 +38,9 @@ def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, t
         if h_in == h_out:
             raise RunDirError(f"run {run_dir} is an SAE of {h_in} (it reconstructs its own input); a replacement "
                               "model needs transcoders, e.g. trained with --hook mlp_in.i --hook-out mlp_out.i")
-        (a, b), _ = R.heldout_contexts_for(run_dir, rcfg, sae, store)
+        (a, b), _, split = R.heldout_contexts_for(run_dir, rcfg, sae, store)
         c0, c1 = max(c0, a), min(c1, b)
+        splits.append(split)
         entries.append((sae, h_in, h_out))
     if c0 >= c1:
         raise RunDirError("the runs share no held-out context of this store (they were trained on different splits)")
@@ -45,13 +51,10 @@ def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, t
     entries.sort(key=lambda e: int(R.layer_of(e[2])) if R.layer_of(e[2]).isdigit() else 0)
     rep = TranscoderSet([e[0] for e in entries], [R.hook_point(store, e[1]) for e in entries],
                         [R.hook_point(store, e[2]) for e in entries], [R.layer_of(e[2]) for e in entries])
-    return rep, (c0, c1)
+    return rep, (c0, c1), splits
 
 
-def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[int, int]]:
-    from saecache.evaluate import runner as R
-    from saecache.harvest.split import heldout_range
-
+def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[int, int], list[Split]]:
     clt, rcfg = loaded
     if len(run_dirs) != 1 or clt.cfg.kind != "clt":
         raise RunDirError(f"run {run_dirs[0]} is a {clt.cfg.kind}: a replacement model takes one cross-layer "
@@ -60,33 +63,36 @@ def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[in
         if h not in store.hooks or store.hooks[h]["d"] != d:
             raise RunDirError(f"run {run_dirs[0]} reads or writes {h!r} (width {d}) but store {store.url} has "
                               f"{'no such hook' if h not in store.hooks else 'width ' + str(store.hooks[h]['d'])}")
-    rng = heldout_range(R._split_records(run_dirs[0], rcfg, store), store)
+    split = Split.from_cfg(rcfg, store, run_dirs[0])
+    rng = split.heldout_contexts(store)
     contexts = rng if rng is not None else (0, store.geometry.n_contexts)
     if contexts[0] >= contexts[1]:
         raise RunDirError(f"store {store.url} holds none of run {run_dirs[0]}'s held-out contexts")
     rep = CrossLayerReplacement(clt, [R.hook_point(store, h) for h in clt.cfg.hooks_in],
                                 [R.hook_point(store, h) for h in clt.cfg.hooks_out],
                                 [R.layer_of(h) for h in clt.cfg.hooks_out])
-    return rep, contexts
+    return rep, contexts, [split]
 
 
 def run_replacement(cfg: ReplacementConfig) -> dict:
     """Evaluate `cfg.run_dirs` as a replacement model; writes cfg.out/replacement.{md,json}; returns the report."""
-    from saecache.evaluate import runner as R
     from saecache.harvest.model import pick_device
 
     device = pick_device(cfg.device)
     store = R.open_store(cfg.store)
-    rep, contexts = load_replacement(cfg.run_dirs, store, device)
+    rep, contexts, splits = load_replacement(cfg.run_dirs, store, device)
+    # one rule for the whole replacement: the BOS position stays clean when any run never trained on it
+    rules = [R.bos_rule(s, store, cfg) for s in splits]
+    bos = "clean" if "clean" in rules else rules[0]
     model = R.load_store_model(store, cfg)
     ids = R.splice_contexts(store, contexts, cfg.n_contexts)
     means = {l: torch.as_tensor(store.stats(h.name)["mean"], dtype=torch.float32) for l, h in enumerate(rep.hooks_out)}
-    first = store.header["storage"]["first_position"]
+    first = R.splice_first_position(store, bos)
     every = list(range(len(rep)))
     res = replacement_losses(model, ids, rep, every, means, first, cfg.ctx_batch_size, cfg.modes)
     alone = [replacement_losses(model, ids, rep, [l], means, first, cfg.ctx_batch_size, ("clean",))["clean"]
              for l in every] if cfg.per_layer else []
-    report = {"store": cfg.store, "contexts": list(contexts), "first_position": first,
+    report = {"store": cfg.store, "contexts": list(contexts), "first_position": first, "bos": bos,
               "modes": {m: {**r.losses.as_dict(), "layers": r.layers} for m, r in res.items()},
               "layers": [{"layer": rep.layer_names[l], "hook_in": rep.hooks_in[l].name,
                           "hook_out": rep.hooks_out[l].name, "n_features": rep.widths[l],
@@ -103,7 +109,8 @@ def markdown(report: dict) -> str:
     """The replacement-model table (one row per input mode) and the per-layer table."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     lines = ["Every MLP output replaced at once. inputs: `clean` = each transcoder reads the clean model's activation "
-             "(circuit tracing's local replacement); `replaced` = the replaced model's own, layer by layer.", "",
+             "(circuit tracing's local replacement); `replaced` = the replaced model's own, layer by layer. "
+             f"BOS: {bos_clause(report)}", "",
              "| inputs | CE clean | CE replaced | CE all MLPs zero | CE all MLPs mean | % rec. (zero) | "
              "% rec. (mean) | KL |", "|---|---|---|---|---|---|---|---|"]
     for m, r in report["modes"].items():
@@ -123,3 +130,15 @@ def markdown(report: dict) -> str:
             cells += [pct(layer["alone"]["recovered_zero"]), f"{layer['alone']['kl']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def bos_clause(report: dict) -> str:
+    """The report's BOS rule in words (`runner.bos_rule`)."""
+    rule = report.get("bos")
+    if rule == "not stored" or (rule is None and report["first_position"]):
+        return (f"positions before {report['first_position']} (not in the store) are never replaced and their "
+                "predictions not counted.")
+    if rule == "clean":
+        return ("the BOS position (position 0) keeps the model's own activation in every layer and variant and its "
+                "prediction is not counted, as the runs never trained on BOS rows (--splice-bos replaces it too).")
+    return BOS_RULES[rule or "replaced"] + "."

@@ -221,10 +221,7 @@ def notes(rows: list[dict], header: dict) -> str:
     n = sorted({r["n_rows"] for r in rows})
     ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
     bos = (f"BOS/padding: contexts are fixed-length with no padding, as harvested "
-           f"({header.get('bos_policy') or 'not recorded'}); "
-           + ("every position, BOS included, is replaced and every prediction counts." if not header["first_position"]
-              else f"positions before {header['first_position']} (not in the store) are never replaced and the "
-                   "predictions made there not counted."))
+           f"({header.get('bos_policy') or 'not recorded'}); " + bos_sentence(rows, header))
     loss = (f"Loss figures over {', '.join(map(str, ctx))} held-out contexts of the store's own token ids. {bos}" if ctx
             else "Loss figures not computed (no splicing).")
     wide, asked = wide_intervals(rows), header.get("n_contexts_asked")
@@ -241,6 +238,32 @@ def notes(rows: list[dict], header: dict) -> str:
     return (f"Statistics over {', '.join(map(str, n))} held-out rows (tokens) per SAE "
             f"({'; '.join(dict.fromkeys(r['rows'] for r in rows))}); "
             f"% Alive counts a feature alive when it fires on at least one of them. {loss}")
+
+
+BOS_RULES = {
+    "clean": "the BOS position (position 0) keeps the model's own activation in every variant (spliced, zero, mean), "
+             "the prediction made there is not counted and the BOS rows are left out of the statistics, as the run "
+             "never trained on them (evaluate --splice-bos replaces it too)",
+    "replaced": "every position, BOS included, is replaced and every prediction counts",
+    "no BOS": "contexts do not start with BOS: every position is replaced and every prediction counts",
+}
+"""What each `runner.bos_rule` means for the figures ("not stored": `bos_sentence` names the first stored position)."""
+
+
+def bos_sentence(rows: list[dict], header: dict) -> str:
+    """The BOS rule of the rows (`bos` of each row: `runner.bos_rule`), one clause per rule, naming the runs when
+    they differ."""
+    def clause(rule):
+        if rule == "not stored" or (rule is None and header["first_position"]):
+            return (f"positions before {header['first_position']} (not in the store) are never replaced and the "
+                    "predictions made there not counted")
+        return BOS_RULES[rule or "replaced"]
+
+    rules = list(dict.fromkeys(r.get("bos") for r in rows)) or [None]
+    if len(rules) == 1:
+        return clause(rules[0]) + "."
+    return "; ".join(f"for {', '.join(r['run'] for r in rows if r.get('bos') == rule)}: {clause(rule)}"
+                     for rule in rules) + "."
 
 
 def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -> None:

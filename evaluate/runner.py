@@ -3,10 +3,14 @@ the reconstruction statistics and firing frequencies, optionally prune high-freq
 splice every SAE (and pruned SAE) of one hook into the model together for the loss figures, write a feature page per
 SAE, then the report (`report.py`). Runs are processed one output hook at a time.
 
-Which rows are "held out" is decided by the split's identity (`saecache.harvest.split`): for a store of the training
-data's contexts (the training store, or any store of the same dataset and tokenization), the held-out context range
-the run's cfg.json records; for a store of another dataset with the same model and hooks, every row; a training-data
-store without held-out contexts is refused. Loss figures use the first `n_contexts` of those contexts.
+Which rows are "held out" is the run's `Split` (`saecache.harvest.split`, from its cfg.json): for a store of the
+training data's contexts (the training store, or any store of the same dataset and tokenization), the held-out context
+range the run recorded; for a store of another dataset with the same model and hooks, every row; a training-data store
+without held-out contexts is refused. Loss figures use the first `n_contexts` of those contexts.
+
+BOS follows the rule the run trained under: when it left the BOS rows out (`Split.drops_bos`), the statistics leave
+them out too and the splice keeps the model's own activation at the BOS position (position 0 is then treated as a
+store without it treats it: never replaced, its prediction not counted); `EvalConfig.splice_bos` gives the old figures.
 """
 
 from __future__ import annotations
@@ -22,11 +26,9 @@ from saecache.errors import RunDirError, StoreError
 from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
 from saecache.harvest.hooks import HookPoint
+from saecache.harvest.split import Split, context_batches
 from saecache.harvest.store import Store
 from saecache.threads import stage_threads
-
-ALL_ROWS = 1.0  # recorded heldout fraction meaning "every context" (`saecache import`)
-
 
 def open_store(url: str) -> Store:
     store = Store.open(url)
@@ -55,41 +57,13 @@ def run_hooks(cfg: dict) -> tuple[str, str]:
     return hooks["in"], hooks.get("out") or hooks["in"]
 
 
-def _split_records(run_dir: str, cfg: dict, store: Store) -> list[dict]:
-    """The run's split records (`harvest.split.split_record` per training store). A cfg.json from before split
-    identities has none: they are rebuilt from its training stores' headers when those open, and a store that
-    cannot be opened must be the one evaluated (same fingerprint), else evaluation refuses rather than guess."""
-    from saecache.harvest.split import dataset_identity
-
-    out = []
-    for s in cfg.get("stores") or []:
-        if "split" in s:
-            out.append(s["split"])
-            continue
-        if s.get("fingerprint") == store.fingerprint():
-            trained = store
-        else:
-            try:
-                trained = Store.open(s["url"])
-            except (StoreError, OSError):
-                raise RunDirError(f"run {run_dir} records no held-out split identity (an older saecache) and its "
-                                  f"training store {s.get('url')} cannot be opened, so which rows of {store.url} "
-                                  "were held out is unknown; evaluate on the training store itself") from None
-        out.append({"dataset": dataset_identity(trained),
-                    "heldout_contexts": [int(s.get("heldout_from_context", trained.geometry.n_contexts)),
-                                         trained.geometry.n_contexts]})
-    return out
-
-
-def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tuple[int, int], str]:
+def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tuple[int, int], str, Split]:
     """Check the run matches the store (hooks, widths, model) and say which contexts of it are held out for it.
 
-    Returns ((first context, end context), a sentence for the report). The split's identity (`harvest.split`) decides:
-    the recorded held-out range when the store holds the training data's contexts (whatever its fingerprint: a
-    finished `--allow-incomplete` store, a `copy --hooks` subset), every context of another dataset's store; a
+    Returns ((first context, end context), a sentence for the report, the run's `Split`). The split's identity
+    decides: the recorded held-out range when the store holds the training data's contexts (whatever its fingerprint:
+    a finished `--allow-incomplete` store, a `copy --hooks` subset), every context of another dataset's store; a
     training-data store without held-out contexts is refused, never widened."""
-    from saecache.harvest.split import heldout_range
-
     h_in, h_out = run_hooks(cfg)
     for h in dict.fromkeys((h_in, h_out)):
         if h not in store.hooks:
@@ -106,16 +80,17 @@ def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tu
                           f"{recorded[:12]}) but store {store.url} holds model {header_model.get('name')!r} "
                           f"({str(header_model.get('config_hash'))[:12]}): different models")
     n = store.geometry.n_contexts
-    if float((cfg.get("heldout") or {}).get("fraction", 0.0)) >= ALL_ROWS:  # `saecache import`: never trained here
-        return (0, n), "every row of the store (the run was never trained on it)"
-    rng = heldout_range(_split_records(run_dir, cfg, store), store)
+    split = Split.from_cfg(cfg, store, run_dir)
+    if split.imported:  # `saecache import`: never trained here
+        return (0, n), "every row of the store (the run was never trained on it)", split
+    rng = split.heldout_contexts(store)
     if rng is not None:
         c0, c1 = rng
         if c0 >= c1:
             raise RunDirError(f"store {store.url} holds the contexts run {run_dir} was trained on, but none of its "
                               f"held-out ones (held out: contexts >= {c0}; the store has {n}); evaluate on the "
                               "training store or on a store of another dataset")
-        return (c0, c1), f"held-out contexts {c0}..{c1 - 1} of the training data (by the run's split record)"
+        return (c0, c1), f"held-out contexts {c0}..{c1 - 1} of the training data (by the run's split record)", split
     for s in cfg.get("stores") or []:  # another dataset: its model and hooks must be the training store's
         try:
             trained = Store.open(s["url"])
@@ -129,7 +104,7 @@ def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tu
             if (a.get("module"), a.get("io")) != (b.get("module"), b.get("io")):
                 raise RunDirError(f"hook {h!r} is {a.get('module')}:{a.get('io')} in the run's training store but "
                                   f"{b.get('module')}:{b.get('io')} in {store.url}: different hooks")
-    return (0, n), "every row of a store of another dataset (none of it was trained on)"
+    return (0, n), "every row of a store of another dataset (none of it was trained on)", split
 
 
 def hook_point(store: Store, name: str) -> HookPoint:
@@ -142,18 +117,34 @@ def layer_of(hook: str) -> str:
     return m.group(1) if m else hook
 
 
+def bos_rule(split: Split, store: Store, cfg) -> str:
+    """How evaluation treats the BOS position of `store` for a run of `split`: "clean" (the run left BOS rows out and
+    `cfg.splice_bos` is off: position 0 keeps the model's activation, its rows and predictions are not counted),
+    "replaced" (BOS rows stored and replaced like every position), "not stored" (position 0 is not in the store) or
+    "no BOS" (contexts do not start with BOS: position 0 is an ordinary token)."""
+    if store.geometry.first_position:
+        return "not stored"
+    if not (store.header.get("config") or {}).get("bos", True):
+        return "no BOS"
+    return "clean" if split.drops_bos(store) and not cfg.splice_bos else "replaced"
+
+
+def splice_first_position(store: Store, bos: str) -> int:
+    """First position replaced and counted in the splice: the store's, or 1 when the BOS position stays clean."""
+    return max(store.geometry.first_position, 1 if bos == "clean" else 0)
+
+
 @torch.no_grad()
 def reconstruction_stats(sae, store: Store, h_in: str, h_out: str, contexts: tuple[int, int], cfg: EvalConfig,
-                         device, keeps_F: list[torch.Tensor | None]) -> list[tuple[dict, torch.Tensor]]:
-    """Statistics over the held-out rows (see metrics.py for each definition) and per-feature firing frequencies,
-    for the SAE with each mask of `keeps_F` applied after encoding (None: the SAE itself), from one read of the rows
-    and one encoding per batch."""
-    from saecache.harvest.split import context_batches
-
+                         device, keeps_F: list[torch.Tensor | None], drop_bos: bool = False
+                         ) -> list[tuple[dict, torch.Tensor]]:
+    """Statistics over the held-out rows (see metrics.py for each definition; BOS rows left out with `drop_bos`) and
+    per-feature firing frequencies, for the SAE with each mask of `keeps_F` applied after encoding (None: the SAE
+    itself), from one read of the rows and one encoding per batch."""
     accs = [M.ReconAccumulator(sae.cfg.width) for _ in keeps_F]
     keeps = [None if k is None else k.to(device=device, dtype=torch.float32) for k in keeps_F]
     for batch in context_batches(store, list(dict.fromkeys((h_in, h_out))), *contexts, batch_size=cfg.batch_size,
-                                 max_rows=cfg.max_rows):
+                                 max_rows=cfg.max_rows, drop_bos=drop_bos):
         x, y = batch[h_in].to(device), batch[h_out].to(device)
         f = sae.encode(x)
         for acc, keep in zip(accs, keeps):
@@ -213,12 +204,15 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     figures are added by `splice_variants`."""
     sae, rcfg = load_run_checked(run_dir, device)
     h_in, h_out = run_hooks(rcfg)
-    contexts, rows_note = heldout_contexts_for(run_dir, rcfg, sae, store)
+    contexts, rows_note, split = heldout_contexts_for(run_dir, rcfg, sae, store)
+    bos = bos_rule(split, store, cfg)
+    if bos == "clean":
+        rows_note += ", BOS rows left out as in training"
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
     base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
             "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
             "coeff": None if sae.cfg.k else sae.cfg.coeff,
-            "rows": rows_note, "replica_of": (rcfg.get("replica") or {}).get("of")}
+            "rows": rows_note, "bos": bos, "replica_of": (rcfg.get("replica") or {}).get("of")}
 
     def variant(stats, freq, keep_F, label, report, **extra):
         row = {**base, **stats, "pruned": keep_F is not None,
@@ -231,7 +225,8 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
         return {"row": row, "label": label, "freq": freq, "sae": sae, "contexts": contexts, "report": report,
                 "reconstruct": lambda x: recon(x.to(device).float())}
 
-    [(stats, freq)] = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [None])
+    drop = bos == "clean"
+    [(stats, freq)] = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [None], drop)
     out = [variant(stats, freq, None, name, True)]
     pruned: list[tuple[torch.Tensor, str, bool, dict]] = []
     if cfg.prune_above is not None:
@@ -239,7 +234,7 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     for thr, keep_F in prune_masks(freq, cfg.prune_curve):
         pruned.append((keep_F, f"{name}-prune{thr:g}", False, {"prune_above": thr}))
     if pruned:
-        measured = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [p[0] for p in pruned])
+        measured = reconstruction_stats(sae, store, h_in, h_out, contexts, cfg, device, [p[0] for p in pruned], drop)
         for (keep_F, label, report, extra), (stats, freq_k) in zip(pruned, measured):
             out.append(variant(stats, freq_k, keep_F, label, report, **extra))
     return out
@@ -247,14 +242,15 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
 
 def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) -> None:
     """Add the loss figures to each variant's row; variants replacing the same hook on the same contexts share one
-    clean / zero / mean forward per batch (`splice_losses_many`)."""
+    clean / zero / mean forward per batch (`splice_losses_many`), when they also keep the same positions clean (the
+    run's BOS rule: `bos_rule`)."""
     from saecache.evaluate.splice import splice_losses_many
 
-    first = store.header["storage"]["first_position"]
     groups: dict[tuple, list[dict]] = {}
     for v in variants:
-        groups.setdefault((v["row"]["hook_out"], v["contexts"]), []).append(v)
-    for (h_out, contexts), vs in groups.items():
+        first = splice_first_position(store, v["row"]["bos"])
+        groups.setdefault((v["row"]["hook_out"], v["contexts"], first), []).append(v)
+    for (h_out, contexts, first), vs in groups.items():
         ids = splice_contexts(store, contexts, cfg.n_contexts)
         mean_D = torch.as_tensor(store.stats(h_out)["mean"], dtype=torch.float32)
         recons = {i: (v["reconstruct"], hook_point(store, v["row"]["hook_in"]) if v["row"]["hook_in"] != h_out
@@ -292,7 +288,8 @@ def _bar(cfg: EvalConfig, desc: str, total: int, unit: str, items=None):
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
     """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows, in run-dir order
     (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
-    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), n_rows, mse,
+    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), bos (how the
+    BOS position is treated: `bos_rule`), n_rows, mse,
     l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, pruned, n_pruned (+ prune_above), and with splicing ce_clean,
     ce_spliced, ce_zero, ce_mean, recovered_zero, recovered_mean (each with its 95 % bootstrap interval over contexts:
     *_lo, *_hi), kl, n_predictions, n_contexts. `report.tables(rows)` renders the seed-style markdown tables. The

@@ -4,8 +4,8 @@ A thin facade over the stage code, so a teammate's own trainer reads exactly wha
 
 - `open_store` opens `harvest.store.Store` (local path or any fsspec URL such as ``s3://``) and wraps it;
 - `ActivationStore.batches` serves the training loader's batches (`train.loader.Loader`: its deterministic shuffled
-  order, canonical partitions, the held-out split of `harvest.split`) or the held-out rows as evaluate reads them
-  (`train.chunks.heldout_batches`);
+  order, canonical partitions, the rows of a `harvest.split.Split`) or the held-out rows as evaluate reads them
+  (`Split.heldout_batches`);
 - `load_sae` is the run-dir loader evaluate uses (`evaluate.runner.load_run_checked`);
 - `splice` is evaluate's own splice (`evaluate.splice.spliced`), the one behind every % loss recovered.
 
@@ -99,9 +99,9 @@ class ActivationStore:
 
     def heldout_contexts(self, heldout_fraction: float | None = None) -> range:
         """Context ids held out from training at this fraction (default: `saecache train`'s)."""
-        from saecache.harvest.split import heldout_cutoff
+        from saecache.harvest.split import Split
 
-        return range(heldout_cutoff(self.store, _fraction(heldout_fraction)), self.n_contexts)
+        return range(Split(_fraction(heldout_fraction)).cutoff(self.store), self.n_contexts)
 
     def tokens(self, c0: int, c1: int):
         """Token ids of contexts ``[c0, c1)`` as an int64 tensor ``[C, T]`` (what the model read)."""
@@ -113,7 +113,8 @@ class ActivationStore:
     # -- reading
     def batches(self, hooks: str | Sequence[str], batch_size: int = 4096, seed: int = 0, split: str = "train",
                 device: str = "cpu", *, steps: int | None = None, normalize: bool = False,
-                heldout_fraction: float | None = None, dtype=None, partitions: int | None = None) -> Iterator:
+                heldout_fraction: float | None = None, dtype=None, partitions: int | None = None,
+                train_on_bos: bool = True) -> Iterator:
         """Batches of rows: for one hook name a ``[B, D]`` tensor per batch; for a list of names a tuple of tensors
         in that order, row-aligned (row i of each is the same token). Names in `IDS` ("context", "position",
         "token") give that id of each row as int64 ``[B]``.
@@ -128,7 +129,9 @@ class ActivationStore:
 
         Values are the store's, as float32 (`dtype` to change); ``normalize=True`` divides each hook by the square
         root of its mean squared norm from the store's statistics, as `saecache train` does. BOS rows are served
-        when the store holds them (`saecache train` leaves them out by default). `heldout_fraction` defaults to
+        when the store holds them; ``train_on_bos=False`` leaves them out as `saecache train` does by default (the
+        loader's row selection: batches stay `batch_size` rows; held out: as evaluate reads such a run's rows).
+        `heldout_fraction` defaults to
         `saecache train`'s (0.01); `partitions` (default: train's 8) is part of the order, as in train. On CUDA,
         batches are pinned and copied non-blocking. Arguments are checked at the call."""
         import torch
@@ -152,19 +155,19 @@ class ActivationStore:
         fraction = _fraction(heldout_fraction)
         dtype = torch.float32 if dtype is None else dtype
         scale = {h: _scale(self.store, h) if normalize and h not in IDS else 1.0 for h in names}
-        if split == "heldout":
-            from saecache.harvest.split import heldout_cutoff
+        from saecache.harvest.split import Split
 
-            if heldout_cutoff(self.store, fraction) >= self.n_contexts:
+        rows = Split(fraction if split != "all" else 0.0, train_on_bos=bool(train_on_bos))
+        if split == "heldout":
+            if rows.cutoff(self.store) >= self.n_contexts:
                 raise ConfigError("batches: heldout_fraction 0 holds nothing out; use split='all' for every row")
-            gen = itertools.islice(self._heldout(names, batch_size, fraction, dtype, device), steps)
+            gen = itertools.islice(self._heldout(names, batch_size, rows, dtype, device), steps)
         else:
-            gen = self._loader(names, batch_size, seed, fraction if split == "train" else 0.0, dtype, device, steps,
-                               partitions)
+            gen = self._loader(names, batch_size, seed, rows, dtype, device, steps, partitions)
         # checked above, read from here on: bad arguments fail at the call, not at the first batch
         return (_pick(batch, names, scale, single) for batch in gen)
 
-    def _loader(self, names, batch_size, seed, fraction, dtype, device, steps, partitions):
+    def _loader(self, names, batch_size, seed, split, dtype, device, steps, partitions):
         """The train loader, built now (it checks the batch size against the rows), read by the generator."""
         from saecache.train.config import TrainConfig
         from saecache.train.loader import Loader
@@ -173,7 +176,7 @@ class ActivationStore:
         partitions = partitions or defaults["partitions"].default
         if batch_size % partitions:  # the loader's own message names train's flags
             raise ConfigError(f"batches: batch_size {batch_size} must be a multiple of partitions {partitions}")
-        loader = Loader([self.store], names, batch_size, seed, heldout_fraction=fraction,
+        loader = Loader([self.store], names, batch_size, seed, split=split,
                         partitions=partitions, shuffle_chunks=defaults["shuffle_chunks"].default,
                         shuffle_run=defaults["shuffle_run"].default, dtype=dtype, device=device)
         return self._serve(loader, steps)
@@ -187,14 +190,12 @@ class ActivationStore:
         finally:
             loader.close()
 
-    def _heldout(self, names, batch_size, fraction, dtype, device):
+    def _heldout(self, names, batch_size, split, dtype, device):
         import torch
-
-        from saecache.train.chunks import heldout_batches
 
         hooks = [h for h in names if h not in IDS]
         cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        for b in heldout_batches(self.store, hooks, fraction, batch_size, dtype):
+        for b in split.heldout_batches(self.store, hooks, batch_size, dtype):
             for h in names:
                 t = b[h]
                 if cuda:  # as the train loader does: pinned host memory, asynchronous copy

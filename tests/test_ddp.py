@@ -123,6 +123,7 @@ import json, os, sys
 import torch.distributed as dist
 from saecache.harvest.store import Store
 from saecache.train import ddp
+from saecache.harvest.split import Split
 from saecache.train.chunks import training_units
 
 path, path_rank1, hidden, agree, out_dir = sys.argv[1:6]
@@ -140,7 +141,7 @@ seen = len(st.complete_shards())
 try:
     if agree == "agree":
         ddp.agree_on_shards([st])
-    units = [[u.row0, u.n] for u in training_units([st], 0.05)]
+    units = [[u.row0, u.n] for u in training_units([st], Split(0.05))]
     result = {"rank": rank, "seen": seen, "units": units}
 except Exception as e:
     result = {"rank": rank, "error": f"{type(e).__name__}: {e}"}

@@ -16,6 +16,7 @@ import torch
 
 import saecache
 from saecache.cli import main
+from saecache.harvest.split import heldout_cutoff
 from saecache.harvest.store import Store
 from saecache.train import rundir
 from saecache.train.config import TrainConfig
@@ -142,7 +143,11 @@ def test_cfg_json_provenance_metrics_and_folded_normalisation(tiny_store, tmp_pa
     assert rec["stores"][0]["fingerprint"] == st.fingerprint()
     assert rec["hooks"] == {"in": "mlp_out.0", "out": "mlp_out.0"}
     assert rec["tokens_seen"] == 23 * 256 and rec["steps_done"] == 23
-    assert rec["heldout"]["fraction"] == 0.05 and rec["stores"][0]["heldout_from_context"] < st.geometry.n_contexts
+    # the split, recorded once: its rule's fraction and BOS choice, and per store the held-out context range
+    assert rec["split"]["heldout_fraction"] == 0.05 and rec["split"]["train_on_bos"] is False
+    assert rec["split"]["stores"][0]["heldout_contexts"] == [heldout_cutoff(st, 0.05), st.geometry.n_contexts]
+    assert heldout_cutoff(st, 0.05) < st.geometry.n_contexts
+    assert "heldout" not in rec and set(rec["stores"][0]) == {"url", "fingerprint"}
     assert TrainConfig.from_dict(rec["train"]).to_dict() == cfg.to_dict()  # everything needed to rerun it
     assert SAEConfig.from_dict(rec["sae"]).width == 512
     # which SAEs were resampled, resolved from the architecture defaults: relu yes, topk (AuxK) no
@@ -274,23 +279,31 @@ def test_lr_decay_and_auxk_dead_threshold_defaults_are_resolved_per_sae(tmp_path
 
 
 def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monkeypatch):
-    """tiny_store keeps position 0 (its contexts start with BOS): by default no SAE step sees a BOS row, the batch
-    trains on its other rows, and cfg.json says so; train_on_bos=True trains on every row."""
+    """tiny_store keeps position 0 (its contexts start with BOS): by default no SAE step sees a BOS row, every batch
+    still holds batch_size rows (the loader's row selection leaves BOS rows out, nothing is dropped after reading),
+    and cfg.json says so; train_on_bos=True trains on every row, BOS rows included."""
     from saecache.train import trainer
+
+    class WithPositions(Loader):  # the trainer's own loader, also serving each row's position to the spy
+        def __init__(self, stores, hooks, *a, **kw):
+            super().__init__(stores, [*hooks, "position"], *a, **kw)
 
     seen, real = [], trainer.train_step
 
     def spy(m, batch, *a, **kw):
-        seen.append((batch.get("position"), batch[m.spec.hook_in].shape[0]))
+        seen.append((batch["position"], batch[m.spec.hook_in].shape[0]))
         return real(m, batch, *a, **kw)
 
     monkeypatch.setattr(trainer, "train_step", spy)
+    monkeypatch.setattr(trainer, "Loader", WithPositions)
     (run,) = run_training(small_cfg(tiny_store, tmp_path / "a", steps=3, saes=[dict(arch="topk", hook_in="mlp_out.0",
                                                                                      width=64, k=4)]))
     assert len(seen) == 3
-    assert all(p is not None and bool((p != 0).all()) and n == len(p) < 256 for p, n in seen)
+    assert all(bool((p != 0).all()) and n == len(p) == 256 for p, n in seen)
     assert rundir.read_cfg(run)["train"]["train_on_bos"] is False
+    assert rundir.read_cfg(run)["split"]["train_on_bos"] is False
     seen.clear()
     run_training(small_cfg(tiny_store, tmp_path / "b", steps=3, train_on_bos=True,
                            saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4)]))
-    assert [n for _, n in seen] == [256] * 3 and all(p is None for p, _ in seen)
+    assert [n for _, n in seen] == [256] * 3
+    assert any(bool((p == 0).any()) for p, _ in seen)  # BOS rows trained on (1 in 32 rows: some in 768)

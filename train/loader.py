@@ -3,7 +3,10 @@
 Never reads random single rows (each would decode a whole compressed inner chunk). The order is a pure function of
 (seed, epoch, the stores' complete shards, ``partitions``, ``shuffle_chunks``, ``shuffle_run``):
 
-1. units = every inner chunk of every complete shard of every store, minus the held-out contexts (``chunks.py``);
+1. units = every inner chunk of every complete shard of every store, with the rows the run's `Split` trains on
+   (``chunks.training_units``): minus the held-out contexts, and minus the BOS rows unless the run trains on them.
+   This row selection is the one place BOS rows are dropped, so a batch never holds one and every batch has
+   ``batch_size`` rows (the BOS rows' share is made up by more rows of the store, not by smaller batches);
 2. per epoch, units are permuted with ``default_rng([seed, epoch])`` and dealt round-robin to ``partitions``
    canonical partitions (fixed by the config, NOT by the number of ranks or threads);
 3. each partition reads its units in groups of ``shuffle_chunks`` (a window), cuts the window's rows into runs of
@@ -18,7 +21,8 @@ are disjoint and gathering the local batches in rank order gives exactly the glo
 Resume state is ``{"batches_served", "seed"}`` (batches since the start, every epoch included; ``epoch`` rides along
 for information): resuming recomputes each partition's position and skips rows without reading them. Reader threads only decode chunks ahead of time; results are consumed in the fixed order, so thread
 counts never change the batches. Held out = the last ``heldout_fraction`` of contexts by context id (rows of a shard
-that straddles the cut are filtered by ``rows/context``); ``heldout_batches`` serves exactly those rows to evaluate.
+that straddles the cut are filtered by ``rows/context``); `Split.heldout_batches` serves exactly those rows to
+evaluate.
 
 Data path (one copy per row into the batch, plus the cast): a compressed chunk is decoded by a reader thread straight
 into its slot of a per-partition window buffer (recycled: two live per partition); an uncompressed local chunk is not
@@ -31,7 +35,6 @@ stalls on a busy core).
 from __future__ import annotations
 
 import bisect
-import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +43,10 @@ import numpy as np
 import torch
 
 from saecache.errors import ConfigError, StoreError
+from saecache.harvest.split import Split
 from saecache.harvest.store import Store
-from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, heldout_batches, heldout_cutoff,  # noqa: F401
-                                   open_stores, single_threaded, split_units, to_float, training_units)
+from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, open_stores, single_threaded,  # noqa: F401
+                                   split_units, to_float, training_units)
 
 TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 MIN_PIECE = 64  # rows: the smallest piece a small store's inner chunks are cut into (see Loader._fit_small_store)
@@ -112,13 +116,16 @@ class Loader:
 
     ``batch_size`` is the GLOBAL batch; on rank ``r`` of ``world_size`` the local batch holds the rows of partitions
     ``[r·P/W, (r+1)·P/W)`` (rank order = partition order, so gathered local batches = the one-process batch).
-    Call ``state_dict()`` after consuming a batch to record the position.
+    Call ``state_dict()`` after consuming a batch to record the position. ``split`` is the run's `Split` (held-out
+    contexts and BOS rows left out); without one, ``heldout_fraction`` alone holds out contexts and BOS rows are
+    served like any other.
     """
 
     def __init__(self, stores: list[Store], hooks: list[str], batch_size: int, seed: int = 0, *,
                  heldout_fraction: float = 0.0, partitions: int = 8, shuffle_chunks: int = 4, shuffle_run: int = 128,
                  reader_threads: int = 2, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None):
+                 rank: int = 0, world_size: int = 1, direct: bool = True, state: dict | None = None,
+                 split: Split | None = None):
         if batch_size % partitions:
             raise ConfigError(f"--batch-size {batch_size} must be a multiple of --partitions {partitions}")
         if partitions % world_size:
@@ -130,7 +137,8 @@ class Loader:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.logical = stores[0].logical_dtype
-        self.units = training_units(stores, heldout_fraction)
+        self.split = split or Split(heldout_fraction, train_on_bos=True)
+        self.units = training_units(stores, self.split)
         self.per_part = batch_size // partitions
         per_rank = partitions // world_size
         self.my_parts = list(range(rank * per_rank, (rank + 1) * per_rank))

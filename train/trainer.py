@@ -16,19 +16,19 @@ import copy
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 
 import torch
 
 from saecache import __version__
 from saecache.errors import ConfigError, DivergedError, RunDirError
-from saecache.harvest.split import RULE as SPLIT_RULE
-from saecache.harvest.split import split_record
+from saecache.harvest.split import Split
 from saecache.train import ddp, rundir
 from saecache.train.arch import ARCHITECTURES
 from saecache.train.config import SAESpec, TrainConfig, flag, upgrade_fields
 from saecache.train.crosslayer import CrossLayer, config_from_dict
-from saecache.train.loader import Loader, heldout_cutoff, open_stores
+from saecache.train.loader import Loader, open_stores
 from saecache.train.monitor import Logger, check_backend, step_metrics
 from saecache.train.optim import lr_factor, make_optimizer, sparsity_warmup_factor
 from saecache.train.sae import SAE, SAEConfig, normalisation_scale, save_sae
@@ -73,17 +73,15 @@ def _sae_config(spec: SAESpec, d_in: int, d_out: int) -> SAEConfig:
                         "coeff": spec.coeff, **spec.options})
 
 
-def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
+def _cfg_record(cfg: TrainConfig, m: Member, stores, split: Split, world: int) -> dict:
     return {
         "format_version": rundir.FORMAT_VERSION, "package_version": __version__, "name": m.spec.name,
         "complete": False, "sae": m.sae.cfg.to_dict(), "spec": dataclasses.asdict(m.spec),
         "train": cfg.to_dict(), "seed": cfg.seed, "world_size": world,
         "hooks": ({"in": m.spec.inputs, "out": m.spec.targets, "kind": m.sae.cfg.kind}
                   if isinstance(m.sae, CrossLayer) else {"in": m.spec.hook_in, "out": m.spec.target_hook}),
-        "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint(),
-                    "heldout_from_context": heldout_cutoff(st, cfg.heldout_fraction),
-                    "split": split_record(st, cfg.heldout_fraction)} for st in stores],
-        "heldout": {"fraction": cfg.heldout_fraction, "rule": SPLIT_RULE},
+        "stores": [{"url": rundir.redact_url(st.url), "fingerprint": st.fingerprint()} for st in stores],
+        "split": split.record(),
         "normalization": {"in_scale": m.in_scale, "out_scale": m.out_scale,
                           "source": "training saw x / scale, scale = sqrt(mean_sq_norm) from the store statistics; "
                                     "folded back into sae.safetensors (it takes raw activations)"},
@@ -91,8 +89,10 @@ def _cfg_record(cfg: TrainConfig, m: Member, stores, world: int) -> dict:
     }
 
 
-def _check_existing(run_dir: str, record: dict) -> dict | None:
-    """The cfg.json of an earlier run in `run_dir`, after checking it is the same run; None when fresh."""
+def _check_existing(run_dir: str, record: dict, drops_bos: bool = False) -> dict | None:
+    """The cfg.json of an earlier run in `run_dir`, after checking it is the same run; None when fresh. `drops_bos`:
+    this run leaves BOS rows out of some store; a run started before the loader did so (its cfg.json has no "split")
+    dropped them from each batch after reading it, so it resumes on the same rows in another order (one warning)."""
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
@@ -109,6 +109,10 @@ def _check_existing(run_dir: str, record: dict) -> dict | None:
                           "the original settings or use a new --out")
     if [s["fingerprint"] for s in old["stores"]] != [s["fingerprint"] for s in record["stores"]]:
         raise RunDirError(f"the store changed since {run_dir} was started (fingerprint differs); use a new --out")
+    if "split" not in old and drops_bos:
+        print(f"warning: {run_dir} was started by an older saecache, which left the BOS rows out of each batch after "
+              "reading it; it resumes with the loader leaving them out (the same rows, in another order from here)",
+              file=sys.stderr)
     return old
 
 
@@ -208,8 +212,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     else:
         x_BD = batch[m.spec.hook_in] / m.in_scale
         t_BD = x_BD if m.spec.target_hook == m.spec.hook_in else batch[m.spec.target_hook] / m.out_scale
-    rows = (x_BD[0] if cross else x_BD).shape[0]
-    n_global = ddp.all_reduce_sum_int(rows) if world > 1 else rows
+    n_global = (x_BD[0] if cross else x_BD).shape[0] * world  # every rank holds batch_size / world rows
     gather = (lambda v: [ddp.all_gather_rows(a) for a in v]) if cross else ddp.all_gather_rows  # noqa: E731
     if step == 0:
         m.sae.init_from_batch(gather(x_BD), gather(t_BD))
@@ -221,9 +224,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
         raise _diverged(m, f"loss became {out.total.item()} at step {step}",
                         "lower the lr or check the store for non-finite rows")
     m.opt.zero_grad(set_to_none=True)
-    # ranks may hold different row counts (BOS rows left out): weight each rank's mean so the averaged gradient is
-    # that of the mean over the global batch, as in one process
-    (out.total * (rows * world / n_global) if world > 1 else out.total).backward()
+    out.total.backward()  # equal rows per rank: the ranks' averaged gradient is that of the global batch's mean
     ddp.average_gradients(m.sae, world)
     m.sae.project_decoder_grad_()
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
@@ -241,23 +242,6 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
     return out, (torch.cat(t_BD, dim=1) if cross else t_BD)
-
-
-def bos_stores(cfg: TrainConfig, stores) -> list[int]:
-    """Indices of the stores whose rows include BOS rows to leave out (unless `TrainConfig.train_on_bos`): position 0
-    is stored and the store's contexts start with BOS."""
-    if cfg.train_on_bos:
-        return []
-    return [i for i, st in enumerate(stores)
-            if st.geometry.first_position == 0 and (st.header.get("config") or {}).get("bos", True)]
-
-
-def drop_bos(batch: dict, stores_with_bos: list[int]) -> dict:
-    """The batch without the BOS rows (position 0 of the given stores); every tensor filtered alike."""
-    bos = (batch["position"] == 0) & torch.isin(batch["store"], torch.tensor(stores_with_bos,
-                                                                             device=batch["store"].device))
-    keep = ~bos
-    return {h: t[keep] for h, t in batch.items()}
 
 
 def run_training(cfg: TrainConfig) -> list[str]:
@@ -280,18 +264,19 @@ def _run_training(cfg: TrainConfig) -> list[str]:
     stores = open_stores(cfg.stores, cfg.hooks, require_complete=not cfg.allow_incomplete)
     ddp.agree_on_shards(stores)  # DDP: every rank reads the shards rank 0 sees published
     members = build_members(cfg, stores, device, world)
-    records = {m.spec.name: _cfg_record(cfg, m, stores, world) for m in members}
+    split = Split.for_training(stores, cfg.heldout_fraction, cfg.train_on_bos)
+    records = {m.spec.name: _cfg_record(cfg, m, stores, split, world) for m in members}
+    drops_bos = any(split.drops_bos(st) for st in stores)
     for m in members:
-        old = _check_existing(m.run_dir, records[m.spec.name])
+        old = _check_existing(m.run_dir, records[m.spec.name], drops_bos)
         m.done = bool(old and old.get("complete") and os.path.exists(os.path.join(m.run_dir, rundir.WEIGHTS_FILE)))
     active = [m for m in members if not m.done]
     total = cfg.total_steps
     if not active:
         return [m.run_dir for m in members]
-    # the loader checks batch size vs. the training rows: build it before anything is written
-    with_bos = bos_stores(cfg, stores)
-    loader = Loader(stores, cfg.hooks + (["position", "store"] if with_bos else []), cfg.batch_size, cfg.seed,
-                    heldout_fraction=cfg.heldout_fraction,
+    # the loader checks batch size vs. the training rows: build it before anything is written. Its row selection
+    # leaves out the held-out contexts and (unless --train-on-bos) the BOS rows: every batch has batch_size rows
+    loader = Loader(stores, cfg.hooks, cfg.batch_size, cfg.seed, split=split,
                     partitions=cfg.partitions, shuffle_chunks=cfg.shuffle_chunks, shuffle_run=cfg.shuffle_run,
                     reader_threads=cfg.reader_threads,
                     device=device, rank=rank, world_size=world)
@@ -321,8 +306,6 @@ def _run_training(cfg: TrainConfig) -> list[str]:
         t0 = time.perf_counter()
         for step in range(start, total):
             batch = next(loader)
-            if with_bos:
-                batch = drop_bos(batch, with_bos)
             results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,

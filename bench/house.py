@@ -138,8 +138,10 @@ def import_graph(imports: dict[str, list[dict]]) -> dict:
                     edges["in_function" if imp["in_function"] else "module_level"].add((src, dst))
     against = sorted(e for kind in edges.values() for e in kind
                      if STAGES.index(stage(e[0])) < STAGES.index(stage(e[1])))
-    strip = lambda m: m.removeprefix("saecache.")  # noqa: E731
-    fmt = lambda es: [f"{strip(a)} -> {strip(b)}" for a, b in sorted(es)]  # noqa: E731
+
+    def fmt(es) -> list[str]:
+        return [f"{a.removeprefix('saecache.')} -> {b.removeprefix('saecache.')}" for a, b in sorted(es)]
+
     return {"nodes": len(nodes), "module_level_edges": len(edges["module_level"]),
             "in_function_edges": len(edges["in_function"]),
             "cross_stage_edges": sum(stage(a) != stage(b) for kind in edges.values() for a, b in kind),
@@ -171,7 +173,8 @@ def knows_store_format(path: Path) -> tuple[bool, bool]:
             keys |= (id(node) in array_name) if v == "contexts" else (bool(KEY_RE.search(v)) and " " not in v)
             codec |= v in CODEC_STRINGS and (v not in AMBIGUOUS or id(node) in codec_name)
         elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)):
-            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else node.name
+            name = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "name"}[type(node)]
+            name = getattr(node, name)
             codec |= name.rpartition(".")[2] in CODEC_NAMES or (
                 isinstance(node, ast.Attribute) and name in ("Blosc", "Zstd") and
                 isinstance(node.value, ast.Name) and node.value.id == "numcodecs")
@@ -280,8 +283,8 @@ def figures(m: dict) -> dict[str, int]:
 def markdown(before: dict, after: dict, names: tuple[str, str]) -> str:
     fb, fa = figures(before), figures(after)
     lines = ["# The house's figures (issue 23, acceptance 1)", "",
-             f"Written by `python -m bench.house`: before = {names[0]}, after = {names[1]}. Production code is "
-             "saecache/, harvest/, train/, evaluate/ and data/; every figure is read with `ast` (bench/house.py).", "",
+             (f"Written by `python -m bench.house`: before = {names[0]}, after = {names[1]}. Production code is "
+              "saecache/, harvest/, train/, evaluate/ and data/; every figure is read with `ast` (bench/house.py)."), "",
              "| figure | before | after |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {fb[k]} | {fa[k]} |" for k in fb]
 

@@ -22,6 +22,12 @@ that warm-ups (and dictionary_learning's batchtopk threshold start) are capped a
   so in a run of ~1000 steps its AuxK never switches on (nor does dictionary_learning's, whose window is 10M tokens).
   Evaluated as SAELens would ship it: `save_inference_model` then `SAE.load_from_disk` (batchtopk becomes a JumpReLU
   SAE at the learned threshold).
+
+Long runs (bench/bench_long.py, op "long"): dl and sparsify-signum train over the whole dump as one schedule, in
+pieces that survive the process: each request trains from the last saved state up to a step, saving the trainer's
+whole state (module, optimizer, scheduler, dead counters) every `save_every` steps as safetensors + JSON (never
+pickle), then evaluates there. A resumed run replays exactly what an uninterrupted one would (no randomness after
+the init; sparsify-signum is evaluated at its averaged weights on a copy, the training weights left as they are).
 """
 
 from __future__ import annotations
@@ -141,6 +147,178 @@ def _saelens(arch: str, width: int, k: int, rows: Rows, batch: int, scratch: str
     return _encode_decode(inf.encode, inf.decode)
 
 
+# ------------------------------------------------------------------------------------------------------- long runs
+def _encode_tree(obj, tensors: dict, path: str):
+    """A JSON-able copy of a state dict tree; tensors go into `tensors` under their path, dicts with non-string keys
+    (an optimizer's parameter indices) keep their keys' types."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode_tree(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _decode_tree(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _decode_tree(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode_tree(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_tree(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(state_dir: str, step: int, state: dict) -> None:
+    """Write `state` (a tree of dicts, lists, tensors, numbers) as step-<step>/{state.safetensors, state.json} under
+    `state_dir` (a temp dir renamed into place), then remove the older steps."""
+    from safetensors.torch import save_file
+    root = Path(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tensors: dict = {}
+    tree = _encode_tree(state, tensors, "s")
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "tree": tree}))
+    tmp.rename(root / f"step-{step:09d}")
+    for old in sorted(root.glob("step-*"))[:-1]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def load_state(state_dir: str) -> tuple[int, dict | None]:
+    """(step, state) of the newest saved state under `state_dir`; (0, None) when there is none."""
+    from safetensors.torch import load_file
+    steps = sorted(Path(state_dir).glob("step-*")) if Path(state_dir).is_dir() else []
+    if not steps:
+        return 0, None
+    meta = json.loads((steps[-1] / "state.json").read_text())
+    return meta["step"], _decode_tree(meta["tree"], load_file(str(steps[-1] / "state.safetensors")))
+
+
+class LongDL:
+    """dictionary_learning's TopKTrainer / BatchTopKTrainer over the whole dump (warm-ups as in `_dl`)."""
+
+    def __init__(self, arch: str, width: int, k: int, seed: int, rows: Rows):
+        steps = len(rows)
+        kw = dict(steps=steps, activation_dim=rows.d, dict_size=width, layer=0, lm_name="bench", seed=seed,
+                  device="cpu", warmup_steps=min(1000, steps // 10), k=k)
+        if arch == "topk":
+            from dictionary_learning.trainers.top_k import TopKTrainer
+            self.tr = TopKTrainer(**kw)
+        else:
+            from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+            self.tr = BatchTopKTrainer(**kw, threshold_start_step=min(1000, steps // 10))
+
+    def step(self, s: int, x: torch.Tensor) -> None:
+        self.tr.update(s, x)
+
+    def state(self) -> dict:
+        tr = self.tr
+        return {"ae": tr.ae.state_dict(), "optimizer": tr.optimizer.state_dict(),
+                "scheduler": tr.scheduler.state_dict(), "num_tokens_since_fired": tr.num_tokens_since_fired}
+
+    def load(self, st: dict) -> None:
+        tr = self.tr
+        tr.ae.load_state_dict(st["ae"])
+        tr.optimizer.load_state_dict(st["optimizer"])
+        tr.scheduler.load_state_dict(st["scheduler"])
+        tr.num_tokens_since_fired = st["num_tokens_since_fired"].clone()
+
+    def runner(self):
+        ae = self.tr.ae
+        return _encode_decode(ae.encode, ae.decode)
+
+
+class LongSignum:
+    """sparsify's SparseCoder with its default optimizer (schedule-free SignSGD, as in `_sparsify`)."""
+
+    def __init__(self, width: int, k: int, rows: Rows):
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+        self.width = width
+        self.sae = SparseCoder(rows.d, SparseCoderConfig(num_latents=width, k=k), device="cpu", dtype=torch.float32)
+        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(),
+                                                 "lr": 5e-3 / (width / 2 ** 14) ** 0.5}]), momentum=0.95)
+        self.opt.train()
+
+    def step(self, s: int, x: torch.Tensor) -> None:
+        if s == 0:
+            self.sae.b_dec.data = x.mean(0)
+        sparsify_step(self.sae, x, self.opt)
+
+    def state(self) -> dict:
+        return {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load(self, st: dict) -> None:
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.opt.train_mode = True  # the saved weights are the train-mode (y) point already
+
+    def runner(self):
+        """The SAE at the averaged weights (what `opt.eval()` makes), on a copy."""
+        import copy
+        sae = copy.deepcopy(self.sae)
+        with torch.no_grad():
+            for p, q in zip(self.sae.parameters(), sae.parameters()):
+                z = self.opt.state[p].get("z")
+                if z is not None:
+                    q.lerp_(end=z, weight=1 - 1 / self.opt.momentum)
+        sae.set_decoder_norm_to_unit_norm()
+
+        def run(x):
+            out = sae(x=x, y=x, dead_mask=None)
+            f = torch.zeros(x.shape[0], self.width).scatter_(1, out.latent_indices, out.latent_acts)
+            return out.sae_out, f
+        return run
+
+
+LONG = {"dl": ("topk", "batchtopk"), "sparsify-signum": ("topk",)}
+_live: dict = {}  # state_dir -> (trainer, next step): a worker continues a run without reloading it
+
+
+def long_run(req: dict) -> dict:
+    """Train one long run from its last saved state up to step `until` (saving every `save_every` steps), then
+    evaluate there: reconstruction of the held-out rows and firing counts over training rows `window`."""
+    name, arch = req["name"], req["arch"]
+    if arch not in LONG.get(name, ()):
+        raise KeyError(f"{name} has no long {arch}")
+    rows = Rows(req["data"], req["offsets"], req["d"])
+    key = req["state_dir"]
+    if key in _live:
+        run, step = _live.pop(key)
+    else:
+        torch.manual_seed(req["seed"])
+        run = LongDL(arch, req["width"], req["k"], req["seed"], rows) if name == "dl" else \
+            LongSignum(req["width"], req["k"], rows)
+        step, st = load_state(key)
+        if st is not None:
+            run.load(st)
+    t0 = time.perf_counter()
+    for s in range(step, req["until"]):
+        run.step(s, rows(s))
+        if (s + 1) % req["save_every"] == 0 or s + 1 == req["until"]:
+            save_state(key, s + 1, run.state())
+    step = max(step, req["until"])
+    _live[key] = (run, step)
+    seconds = time.perf_counter() - t0
+    model = run.runner()
+    res = evaluate(model, np.load(req["heldout"], mmap_mode="r"))
+    lo, hi = req["window"]
+    res["train_counts"] = evaluate(model, rows.data[lo:hi], counts_only=True)["counts"]
+    np.savez(req["result"], **res)
+    return {"seconds": seconds, "step": step}
+
+
 def train(name: str, arch: str, width: int, k: int, seed: int, rows: Rows, batch: int, coeff: float | None,
           scratch: str):
     """Train one peer SAE; returns a function x → (x_hat, f)."""
@@ -177,8 +355,15 @@ def worker() -> None:
         req = json.loads(line)
         try:
             if req.get("op") == "versions":
-                from importlib.metadata import version
-                ans = {p: version(p) for p in ("torch", "dictionary-learning", "sae-lens", "eai-sparsify")}
+                from importlib.metadata import PackageNotFoundError, version
+                ans = {}
+                for p in ("torch", "dictionary-learning", "sae-lens", "eai-sparsify"):
+                    try:
+                        ans[p] = version(p)
+                    except PackageNotFoundError:  # a peer environment with only some of the peers
+                        pass
+            elif req.get("op") == "long":
+                ans = long_run(req)
             else:
                 rows = Rows(req["data"], req["offsets"], req["d"])
                 t0 = time.perf_counter()

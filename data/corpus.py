@@ -2,9 +2,13 @@
 
 The Pile ships as `*.jsonl.zst` files whose lines are `{"text": ..., "meta": {"pile_set_name": ...}}`. Offline we cannot
 download it, so this recipe writes the same format from text every Python installation has (the standard library's
-sources), plus the Python documentation and `/usr/share/doc` READMEs when installed. The set names are our own
-(`PythonStdlib`, `PythonDocs`, `UsrShareDoc`); they do not pretend to be Pile subsets. Everything is deterministic:
-the same machine and arguments give the same bytes. Written by hand because it is only file walking + `zstandard`.
+sources), plus the Python documentation and `/usr/share/doc` READMEs when installed. A larger corpus, for benches
+that need tens of millions of unique tokens (bench/bench_long.py), adds the `sitepackages` source when asked: the
+.py/.md/.rst/.txt files of the installed third-party packages (the interpreter's site-packages, some hundreds of MB
+where torch and transformers are installed); the default sources, and so the demo's corpus, leave it out. The set
+names are our own (`PythonStdlib`, `PythonDocs`, `UsrShareDoc`, `PythonSitePackages`); they do not pretend to be Pile
+subsets. Everything is deterministic: the same machine (the same installed packages) and arguments give the same
+bytes. Written by hand because it is only file walking + `zstandard`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,15 @@ import zstandard
 
 from saecache.errors import ConfigError, DataError
 
-SET_NAMES = {"stdlib": "PythonStdlib", "pydocs": "PythonDocs", "usrsharedoc": "UsrShareDoc"}
+SET_NAMES = {"stdlib": "PythonStdlib", "pydocs": "PythonDocs", "usrsharedoc": "UsrShareDoc",
+             "sitepackages": "PythonSitePackages"}
 """Source key -> the `pile_set_name` written in each line's meta."""
+DEFAULT_SOURCES = ("stdlib", "pydocs", "usrsharedoc")
+"""The sources of the demo's corpus; `sitepackages` only when asked (`include`)."""
 
 _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "lib-dynload", "test", "tests", "idlelib", "__pycache__"}
+_SITE_SUFFIXES = {".py", ".md", ".rst", ".txt"}
+_SKIP_SITE_DIRS = {"test", "tests", "testing", "__pycache__"}  # and every *.dist-info / *.egg-info (licence copies)
 _MAX_DOC_BYTES = 1_000_000  # one huge generated file (e.g. pydoc topics) would otherwise dominate a small corpus
 _ZSTD_LEVEL = 3
 
@@ -83,9 +92,25 @@ def _usrsharedoc_files() -> Iterator[tuple[Path, Path]]:
             yield root, path
 
 
+def _sitepackages_files() -> Iterator[tuple[Path, Path]]:
+    """Text of the installed third-party packages: .py/.md/.rst/.txt under site-packages, without tests, caches and
+    the packaging metadata (*.dist-info, *.egg-info: mostly copies of the same licences)."""
+    paths = sysconfig.get_paths()
+    for root in sorted({Path(paths["purelib"]), Path(paths["platlib"])}):
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            dirs = rel.parts[:-1]
+            if (path.suffix in _SITE_SUFFIXES and _SKIP_SITE_DIRS.isdisjoint(dirs)
+                    and not any(d.endswith((".dist-info", ".egg-info")) for d in dirs)
+                    and path.is_file() and not path.is_symlink()):
+                yield root, path
+
+
 def collect_sources(
     max_bytes: int | None = None,
-    include: Sequence[str] = ("stdlib", "pydocs", "usrsharedoc"),
+    include: Sequence[str] = DEFAULT_SOURCES,
     stdlib_packages: Sequence[str] | None = None,
 ) -> list[Doc]:
     """Documents from the chosen sources, sorted by (set_name, doc_id).
@@ -98,7 +123,7 @@ def collect_sources(
     if unknown:
         raise ConfigError(f"unknown corpus source(s) {sorted(unknown)}; choose from {sorted(SET_NAMES)}")
     walkers = {"stdlib": lambda: _stdlib_files(stdlib_packages), "pydocs": _pydocs_files,
-               "usrsharedoc": _usrsharedoc_files}
+               "usrsharedoc": _usrsharedoc_files, "sitepackages": _sitepackages_files}
     docs: list[Doc] = []
     for key in include:
         for root, path in walkers[key]():
@@ -161,7 +186,7 @@ def build_pile_corpus(
     max_bytes: int,
     heldout_fraction: float = 0.05,
     seed: int = 0,
-    include: Sequence[str] = ("stdlib", "pydocs", "usrsharedoc"),
+    include: Sequence[str] = DEFAULT_SOURCES,
     stdlib_packages: Sequence[str] | None = None,
 ) -> dict:
     """Write `train.jsonl.zst` and `val.jsonl.zst` under `out_dir`.

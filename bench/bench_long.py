@@ -1,0 +1,376 @@
+"""Quality against run length (issue 21 §1): held-out FVE and dead latents of saecache's default TopK and BatchTopK
+SAEs against dictionary_learning's and sparsify's own trainers, at checkpoints 1M, 3M, 10M and 20M tokens of ONE
+20M-token run per trainer (the checkpoints are points along that run's schedule: saecache's LR decays over the last
+half of the 20M run, so its 1M-10M points are at full LR, not what a 1M-token run would end at); saecache's default
+also as separate short runs (1M, 3M: their own schedules) to compare.
+
+- Data: a store of ≥ 20M unique tokens of the demo model's mlp_out.1, harvested by `saecache harvest` from a larger
+  local corpus than the demo's (`corpus`: the demo's sources plus the installed packages' .py/.md/.rst/.txt,
+  `data/corpus.py`'s `sitepackages`). 20,000 steps of 1,024 rows (BOS rows left out) read each training row at most
+  once. saecache trains with its own CLI (`saecache train`, every default left unset); the peers read the rows its
+  loader serves that run (`dump`: bench_quality's `dump_training_rows`, raw fp16), in the same order and batches,
+  through bench/quality_peers.py's "long" op in their own Python (dl: dictionary_learning's TopK/BatchTopK trainers;
+  sparsify-signum: sparsify's default recipe).
+- Measured at each checkpoint (bench_quality's definitions): FVE, L0 and dead % on the store's held-out rows, and
+  dead % train: latents that never fire on the training rows of the last 1,000 steps (~1M rows). At the end, %
+  loss recovered with its interval (`saecache evaluate`) of saecache's run dirs.
+- Resumable: saecache's runs resume from their checkpoints (bit-identical), the peers from the state they save every
+  1,000 steps (safetensors + JSON); every checkpoint's row is appended to long.json as soon as it is measured and a
+  rerun skips what is there. Scratch (store, dump, runs): saecache-demo/bench-long/ (git-ignored).
+
+Usage (in order; each step resumes or is a no-op when done; run them under `nice -n 19`):
+  python -m bench.bench_long corpus                  # ~110 MB of text, its token count with the model's tokenizer
+  python -m bench.bench_long harvest                 # saecache harvest, 21.5M rows of mlp_out.1, fp16
+  python -m bench.bench_long dump                    # the training rows in order (~5 GB) + the held-out rows
+  python -m bench.bench_long run saecache-topk       # then sparsify-signum-topk --python P, dl-topk --python P,
+                                                     # saecache-batchtopk, dl-batchtopk, saecache-topk-1m/-3m
+  python -m bench.bench_long loss                    # % loss recovered of the finished saecache runs
+  python -m bench.bench_long report                  # long.md + long.png from long.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.bench_quality import dump_training_rows, heldout_rows, metrics
+from bench.quality_peers import evaluate
+
+STEPS, BATCH, K, WIDTH, HOOK = 20_000, 1024, 32, 4096, "mlp_out.1"
+CHECKPOINTS = (1_000, 3_000, 10_000, 20_000)  # steps; × 1,024 rows = 1.02M, 3.07M, 10.2M, 20.5M tokens
+WINDOW = 1_000  # steps: "dead % train" counts latents silent over the training rows of the last WINDOW steps
+POLL_S = 30  # seconds between looks for a new checkpoint of a saecache run
+HARVEST_TOKENS = 21_500_000  # ≥ 20.3M non-BOS training rows after the 1 % held out
+TRAINERS = {  # name -> (trainer, arch, total steps of its own schedule)
+    "saecache-topk": ("saecache", "topk", STEPS),
+    "sparsify-signum-topk": ("sparsify-signum", "topk", STEPS),
+    "dl-topk": ("dl", "topk", STEPS),
+    "saecache-batchtopk": ("saecache", "batchtopk", STEPS),
+    "dl-batchtopk": ("dl", "batchtopk", STEPS),
+    "saecache-topk-1m": ("saecache", "topk", 1_000),  # short runs: their own (short) schedule
+    "saecache-topk-3m": ("saecache", "topk", 3_000),
+}
+
+
+def paths(scratch: Path) -> dict:
+    return {"corpus": scratch / "corpus", "store": scratch / "store.zarr", "rows": scratch / "rows.f16",
+            "offsets": scratch / "offsets.npy", "heldout": scratch / "heldout.npy", "dump": scratch / "dump.json",
+            "runs": scratch / "runs", "state": scratch / "peer-state", "eval": scratch / "eval"}
+
+
+# -------------------------------------------------------------------------------------------------------- results
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": [], "commands": [], "loss": {}}
+
+
+def save_results(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def record(path: Path, row: dict) -> None:
+    """Append one measured row (replacing an earlier one of the same trainer and step)."""
+    result = load_results(path)
+    result["rows"] = [r for r in result["rows"] if (r["trainer"], r["step"]) != (row["trainer"], row["step"])]
+    result["rows"].append(row)
+    save_results(path, result)
+    print(json.dumps(row), flush=True)
+
+
+def measured(path: Path, trainer: str) -> set[int]:
+    return {r["step"] for r in load_results(path)["rows"] if r["trainer"] == trainer}
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+def build_corpus(p: dict, model: str, max_bytes: int) -> dict:
+    from tokenizers import Tokenizer
+
+    from saecache.data.corpus import DEFAULT_SOURCES, build_pile_corpus, read_pile_jsonl_zst
+
+    info = build_pile_corpus(p["corpus"], max_bytes=max_bytes, heldout_fraction=0.02,
+                             include=DEFAULT_SOURCES + ("sitepackages",))
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    texts = [d["text"] for d in read_pile_jsonl_zst(info["train"])]
+    info["train_tokens"] = sum(len(e.ids) for i in range(0, len(texts), 256) for e in tok.encode_batch(texts[i:i + 256]))
+    info = {k: str(v) if isinstance(v, Path) else v for k, v in info.items()}
+    (p["corpus"] / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def harvest_command(p: dict, model: str) -> list[str]:
+    return [sys.executable, "-m", "saecache", "harvest", "--out", str(p["store"]), "--model", model,
+            "--dataset", str(p["corpus"] / "train.jsonl.zst"), "--hooks", HOOK, "--ctx-len", "128",
+            "--tokens", str(HARVEST_TOKENS), "--dtype", "float16", "--device", "cpu", "--encode-workers", "1",
+            "--quiet"]
+
+
+def dump(p: dict, hook: str) -> dict:
+    """The training rows of the 20M run in order, the held-out rows; dump.json marks it done."""
+    if p["dump"].exists():
+        return json.loads(p["dump"].read_text())
+    d, ms = dump_training_rows(str(p["store"]), hook, STEPS * BATCH, BATCH, p["rows"].parent)
+    np.save(p["heldout"], heldout_rows(str(p["store"]), hook))
+    info = {"d": d, "mean_sq_norm": ms, "rows": int(np.load(p["offsets"])[-1])}
+    p["dump"].write_text(json.dumps(info) + "\n")
+    return info
+
+
+def window_rows(p: dict, d: int, step: int) -> np.ndarray:
+    """The training rows of steps [step - WINDOW, step) (a memmap)."""
+    off = np.load(p["offsets"])
+    rows = np.memmap(p["rows"], dtype=np.float16, mode="r").reshape(-1, d)
+    return rows[off[max(0, step - WINDOW)]:off[step]]
+
+
+def saecache_checkpoint(run_dir: Path, step: int):
+    """x -> (x_hat, f) of a saecache checkpoint, in raw activation units (the normalisation folded back)."""
+    from saecache.train.crosslayer import config_from_dict
+    from saecache.train.rundir import load_checkpoint, read_cfg
+    from saecache.train.sae import SAE
+
+    cfg = read_cfg(str(run_dir))
+    model, _, _ = load_checkpoint(str(run_dir), step)
+    sae = SAE.from_state(config_from_dict(cfg["sae"]), model)
+    sae.fold_scale(cfg["normalization"]["in_scale"], cfg["normalization"]["out_scale"])
+    sae.eval()
+    return lambda x: (sae(x), sae.encode(x))
+
+
+def train_command(p: dict, name: str) -> list[str]:
+    _, arch, steps = TRAINERS[name]
+    return [sys.executable, "-m", "saecache", "train", "--store", str(p["store"]), "--hook", HOOK, "--arch", arch,
+            "--width", str(WIDTH), "--k", str(K), "--tokens", str(steps * BATCH), "--batch-size", str(BATCH),
+            "--checkpoint-every", str(min(CHECKPOINTS[0], steps)),
+            "--keep-checkpoints", str(steps // CHECKPOINTS[0] + 2),
+            "--out", str(p["runs"] / name), "--no-progress"]
+
+
+def run_dir_of(p: dict, name: str) -> Path | None:
+    """The run dir `saecache train` made for trainer `name` (its one SAE's, named by arch, hook and width)."""
+    found = sorted((p["runs"] / name).glob("*/cfg.json"))
+    return found[0].parent if found else None
+
+
+def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int) -> None:
+    """Train (or resume) with saecache's CLI in a child process, measuring each checkpoint as it appears."""
+    steps = TRAINERS[name][2]
+    todo = [s for s in (CHECKPOINTS if steps == STEPS else (steps,)) if s not in measured(res_path, name)]
+    if not todo:
+        return
+    child = subprocess.Popen(train_command(p, name), env={**os.environ, "SAECACHE_THREADS": "1"})
+    t0 = time.time()
+    while todo:
+        from saecache.train.rundir import list_checkpoints
+
+        run_dir = run_dir_of(p, name)
+        ready = [s for s in todo if run_dir and s in list_checkpoints(str(run_dir))]
+        for s in ready:
+            run = saecache_checkpoint(run_dir, s)
+            res = evaluate(run, x_held)
+            res["train_counts"] = evaluate(run, window_rows(p, d, s), counts_only=True)["counts"]
+            record(res_path, {"trainer": name, "step": s, "tokens": s * BATCH, "schedule_steps": steps,
+                              **metrics(x_held, res), "wall_s_since_start": round(time.time() - t0)})
+            todo.remove(s)
+        if todo and child.poll() is not None:
+            raise SystemExit(f"bench_long: saecache train exited ({child.returncode}) before step {todo[0]}")
+        if todo:
+            time.sleep(POLL_S)
+    child.wait()
+
+
+def run_peer(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int, python: str) -> None:
+    """Train (or resume) a peer in its own Python (quality_peers' "long" op), up to each checkpoint in turn."""
+    peer, arch, steps = TRAINERS[name]
+    worker = subprocess.Popen([python, str(Path(__file__).with_name("quality_peers.py"))], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    off = np.load(p["offsets"])
+    try:
+        for s in [s for s in CHECKPOINTS if s not in measured(res_path, name)]:
+            req = {"op": "long", "name": peer, "arch": arch, "width": WIDTH, "k": K, "seed": 0, "d": d,
+                   "data": str(p["rows"]), "offsets": str(p["offsets"]), "heldout": str(p["heldout"]),
+                   "state_dir": str(p["state"] / name), "until": s, "save_every": 1000,
+                   "window": [int(off[s - WINDOW]), int(off[s])], "result": str(p["state"] / f"{name}.npz")}
+            worker.stdin.write(json.dumps(req) + "\n")
+            ans = next((json.loads(x[2:]) for x in worker.stdout if x.startswith("@@")), None)
+            if ans is None or "error" in ans:
+                raise SystemExit(f"bench_long: {name}: {ans and ans['error'] or 'the worker exited'}")
+            res = dict(np.load(p["state"] / f"{name}.npz"))
+            record(res_path, {"trainer": name, "step": s, "tokens": s * BATCH, "schedule_steps": steps,
+                              **metrics(x_held, res), "train_s_this_piece": round(ans["seconds"])})
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=600)
+
+
+def loss_recovered(p: dict, res_path: Path, n_contexts: int) -> None:
+    """% loss recovered with its interval (saecache evaluate) of every finished saecache run dir."""
+    result = load_results(res_path)
+    for name in [n for n in TRAINERS if TRAINERS[n][0] == "saecache"]:
+        run_dir = run_dir_of(p, name)
+        if name in result["loss"] or run_dir is None or not (run_dir / "sae.safetensors").exists():
+            continue
+        out = p["eval"] / name
+        subprocess.run([sys.executable, "-m", "saecache", "evaluate", str(run_dir), "--store", str(p["store"]),
+                        "--out", str(out), "--n-contexts", str(n_contexts), "--no-frontier", "--no-histograms",
+                        "--html-features", "0", "--no-progress", "--threads", "1"], check=True)
+        result = load_results(res_path)
+        result["loss"][name] = json.loads((out / "report.json").read_text())
+        save_results(res_path, result)
+
+
+# --------------------------------------------------------------------------------------------------------- report
+def targets(rows: list[dict]) -> list[dict]:
+    """Per arch and checkpoint of the 20M schedule: saecache's FVE ≥ the best peer's; at the end also its dead %
+    train ≤ the lowest peer's + 1 point."""
+    out = []
+    for arch in ("topk", "batchtopk"):
+        for s in CHECKPOINTS:
+            at = {r["trainer"]: r for r in rows if r["step"] == s and r["schedule_steps"] == STEPS
+                  and TRAINERS[r["trainer"]][1] == arch}
+            ours, peers = at.get(f"saecache-{arch}"), [r for n, r in at.items() if not n.startswith("saecache")]
+            if not ours or not peers:
+                continue
+            best = max(peers, key=lambda r: r["fve"])
+            t = {"arch": arch, "step": s, "tokens": s * BATCH, "fve": ours["fve"], "best_peer": best["trainer"],
+                 "peer_fve": best["fve"], "margin": round(ours["fve"] - best["fve"], 5),
+                 "fve_met": ours["fve"] >= best["fve"], "peers": sorted(at)}
+            if s == CHECKPOINTS[-1]:
+                low = min(peers, key=lambda r: r["dead_train_pct"])
+                t.update(dead_train_pct=ours["dead_train_pct"], lowest_dead_peer=low["trainer"],
+                         peer_dead_train_pct=low["dead_train_pct"],
+                         dead_met=ours["dead_train_pct"] <= low["dead_train_pct"] + 1.0)
+            out.append(t)
+    return out
+
+
+def write_report(res_path: Path, out: Path) -> dict:
+    result = load_results(res_path)
+    rows = sorted(result["rows"], key=lambda r: (list(TRAINERS).index(r["trainer"]), r["step"]))
+    result["targets"] = targets(rows)
+    save_results(res_path, result)
+    meta = result.get("meta", {})
+    lines = ["# Quality against run length (bench/bench_long.py, issue 21 §1)", "",
+             f"Store: {meta.get('store_note', '')} Hook {HOOK}, TopK-family k={K}, F={WIDTH}, batches of {BATCH} "
+             f"rows (BOS rows left out), one 20,000-step run per trainer measured at steps "
+             f"{', '.join(map(str, CHECKPOINTS))} (1.02M / 3.07M / 10.2M / 20.5M tokens): the checkpoints are points "
+             "along one schedule (saecache's LR decays over the last half of the 20M run; the peers' schedules are "
+             "their own for 20,000 steps), except the `-1m`/`-3m` rows, separate runs with their own short schedule. "
+             f"Held-out rows: {meta.get('heldout_rows', 0):,}; dead % train: never fires on the training rows of "
+             "the last 1,000 steps (~1M rows). 1 torch thread per trainer, niced on a shared machine.", "",
+             "| trainer | schedule steps | step | tokens | FVE | L0 | dead % held-out | dead % train (last 1M) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trainer']} | {r['schedule_steps']:,} | {r['step']:,} | {r['tokens']:,} | "
+                     f"{r['fve']:.4f} | {r['l0']:.1f} | {r['dead_pct']} | {r.get('dead_train_pct', '–')} |")
+    lines += ["", "Target (issue 21): at every checkpoint saecache's FVE ≥ the best peer's; at the end its dead % "
+              "train ≤ the lowest peer's + 1 point.", ""]
+    for t in result["targets"]:
+        dead = (f"; dead % train {t['dead_train_pct']} vs {t['lowest_dead_peer']} {t['peer_dead_train_pct']}: "
+                f"{'met' if t['dead_met'] else 'NOT met'}") if "dead_met" in t else ""
+        lines.append(f"- {t['arch']} step {t['step']:,}: saecache {t['fve']:.4f} vs {t['best_peer']} "
+                     f"{t['peer_fve']:.4f} (margin {t['margin']:+.4f}, peers measured: {', '.join(t['peers'])}): "
+                     f"{'met' if t['fve_met'] else 'NOT met'}{dead}")
+    missing = [f"{n} step {s:,}" for n, (_, _, st) in TRAINERS.items()
+               for s in (CHECKPOINTS if st == STEPS else (st,)) if s not in measured(res_path, n)]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    for name, rep in result.get("loss", {}).items():
+        lines += ["", f"% loss recovered ({name}): `{json.dumps(rep.get('saes', rep))[:300]}`"]
+    lines += ["", "Commands:", ""] + [f"    {c}" for c in result.get("commands", [])]
+    (out / "long.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "long.png")
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (_, _, steps) in TRAINERS.items():
+        rs = [r for r in rows if r["trainer"] == name]
+        if not rs:
+            continue
+        xs, ys = [r["tokens"] for r in rs], [r["fve"] for r in rs]
+        if steps == STEPS:
+            ax.plot(xs, ys, marker="o", label=name, ls="-" if "batchtopk" not in name else "--")
+        else:
+            ax.plot(xs, ys, marker="*", ms=12, ls="none", label=f"{name} (own schedule)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out FVE")
+    ax.set_title(f"{HOOK}, F={WIDTH}, k={K}: FVE along one 20M-token run per trainer")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=("corpus", "harvest", "dump", "run", "loss", "report"))
+    ap.add_argument("trainer", nargs="?", choices=list(TRAINERS), help="with `run`")
+    ap.add_argument("--python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),
+                    help="the peer's Python (dictionary_learning's or sparsify's environment) for a peer trainer")
+    ap.add_argument("--scratch", default="saecache-demo/bench-long")
+    ap.add_argument("--model", default="saecache-demo/model", help="the demo model (`saecache demo` builds it)")
+    ap.add_argument("--corpus-bytes", type=int, default=110_000_000)
+    ap.add_argument("--n-contexts", type=int, default=256, help="contexts spliced for % loss recovered")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    p, out = paths(Path(args.scratch)), Path(args.out)
+    res_path = out / "long.json"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    if args.stage != "corpus" and not (Path(args.model) / "config.json").exists():
+        raise SystemExit(f"bench_long: no model at {args.model}; run `python -m saecache demo` first or pass --model")
+    command = "python -m bench.bench_long " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = load_results(res_path)
+    if command not in result["commands"] and args.stage != "report":
+        result["commands"].append(command)
+        save_results(res_path, result)
+    if args.stage == "corpus":
+        print(json.dumps(build_corpus(p, args.model, args.corpus_bytes)))
+    elif args.stage == "harvest":
+        subprocess.run(harvest_command(p, args.model), check=True, env={**os.environ, "SAECACHE_THREADS": "1"})
+    elif args.stage == "dump":
+        info = dump(p, HOOK)
+        result = load_results(res_path)
+        result["meta"] = {**result.get("meta", {}), **info, "heldout_rows": int(len(np.load(p["heldout"],
+                                                                                          mmap_mode="r")))}
+        save_results(res_path, result)
+    elif args.stage == "run":
+        if args.trainer is None:
+            raise SystemExit(f"bench_long run: name a trainer: {', '.join(TRAINERS)}")
+        if not p["dump"].exists():
+            raise SystemExit("bench_long run: the training rows are not dumped yet; run `python -m bench.bench_long "
+                             "dump` first")
+        d = json.loads(p["dump"].read_text())["d"]
+        x_held = np.load(p["heldout"])
+        if TRAINERS[args.trainer][0] == "saecache":
+            run_saecache(p, args.trainer, res_path, x_held, d)
+        elif not args.python:
+            raise SystemExit(f"bench_long run {args.trainer}: pass --python, the peer's Python")
+        else:
+            run_peer(p, args.trainer, res_path, x_held, d, args.python)
+    elif args.stage == "loss":
+        loss_recovered(p, res_path, args.n_contexts)
+    if args.stage in ("dump", "run", "loss", "report"):
+        write_report(res_path, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,8 +85,9 @@ class Split:
     """BOS rows are trained on and evaluated like any other (a split from a fraction alone); off (`saecache train`'s
     default, `for_training` passes it): they are left out of training and of the held-out statistics, and spliced
     with the clean activation."""
-    stores: tuple = ()
-    """Per training store, in the run's order: ``{"dataset": dataset_identity, "heldout_contexts": [c0, c1]}``."""
+    stores: tuple | None = None
+    """Per training store, in the run's order: ``{"dataset": dataset_identity, "heldout_contexts": [c0, c1]}``;
+    None for a split from a fraction alone (the rule applies to whatever store it is given)."""
 
     # -- training side
     @classmethod
@@ -119,7 +120,7 @@ class Split:
     def record(self) -> dict:
         """What cfg.json records, once, under "split"."""
         return {"heldout_fraction": self.heldout_fraction, "rule": RULE, "train_on_bos": self.train_on_bos,
-                "stores": [dict(s) for s in self.stores]}
+                "stores": [dict(s) for s in self.stores or ()]}
 
     # -- evaluation side
     @classmethod
@@ -174,11 +175,11 @@ class Split:
     def heldout_contexts(self, store) -> tuple[int, int] | None:
         """Held-out contexts ``(c0, c1)`` of ``store``, clipped to the contexts it has; ``None`` when no record is of
         this store's dataset (nothing of it was trained on). An empty range comes back as is (c0 >= c1): the caller
-        refuses. A split without store records (from a fraction alone) applies the rule to ``store``."""
+        refuses. A split from a fraction alone (`stores` None) applies the rule to ``store``."""
         n = store.geometry.n_contexts
         if self.imported:
             return 0, n
-        if not self.stores:
+        if self.stores is None:
             return self.cutoff(store), n
         mine = dataset_identity(store)
         ranges = [r["heldout_contexts"] for r in self.stores if r.get("dataset") == mine]

@@ -139,6 +139,86 @@ def test_runner_losses_equal_a_manual_module_swap(tiny_store, tiny_model_dir, tm
     assert rows["sae"]["ce_spliced"] != pytest.approx(rows["tc"]["ce_spliced"], rel=1e-6)
 
 
+def manual_ce_after_bos(model, ids, new):
+    """Mean next-token CE of the predictions made at positions 1..T-2, with layer 0's MLP output replaced by
+    new(input, output) at positions >= 1 only: the BOS position keeps the model's own output."""
+    def keep_bos(x, y):
+        out = y.clone()
+        out[:, 1:] = new(x, y)[:, 1:]
+        return out
+
+    layer = model.gpt_neox.layers[0]
+    original = layer.mlp
+    layer.mlp = Swapped(original, keep_bos)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        layer.mlp = original
+    V = logits.shape[-1]
+    return float(Fn.cross_entropy(logits[:, 1:-1].reshape(-1, V).double(), ids[:, 2:].reshape(-1)))
+
+
+@pytest.fixture(scope="module")
+def bos_free_run(tiny_store, tmp_path_factory):
+    """A real run trained on tiny_store with saecache train's defaults: BOS rows left out, 10 % held out."""
+    from saecache.train.config import TrainConfig
+    from saecache.train.trainer import run_training
+
+    torch.set_num_threads(1)
+    (run,) = run_training(TrainConfig(stores=[str(tiny_store)], out=str(tmp_path_factory.mktemp("bosrun")), steps=3,
+                                      batch_size=64, heldout_fraction=0.1, progress=False,
+                                      saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 32, "k": 4}]))
+    return run
+
+
+def test_a_run_that_left_bos_out_is_spliced_with_bos_kept_clean(bos_free_run, tiny_store, tiny_model_dir, tmp_path):
+    """The run never saw a BOS row, so evaluation follows that rule: its spliced / zero / mean losses equal a hand-built
+    forward in which only the non-BOS positions are replaced (the prediction made at BOS not counted), and the
+    statistics leave the BOS rows out. `splice_bos` gives the old figures: every position replaced and counted, every
+    held-out row in the statistics. The report (md, json, html) says which rule ran."""
+    from transformers import AutoModelForCausalLM
+
+    from saecache.harvest.split import heldout_cutoff
+    from saecache.train.rundir import load_run
+
+    (row,) = evaluate([bos_free_run], tiny_store, tmp_path / "clean")
+    (old,) = evaluate([bos_free_run], tiny_store, tmp_path / "old", splice_bos=True)
+    sae, _ = load_run(bos_free_run)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    grp, final = store_arrays(tiny_store)
+    cut = heldout_cutoff(Store.open(str(tiny_store)), 0.1)
+    ids = torch.from_numpy(np.asarray(grp["contexts"][cut:cut + N_CTX]).astype(np.int64))
+    mean = torch.tensor(final["stats"]["mlp_out.0"]["mean"], dtype=torch.float32)
+
+    def spliced(x, y):
+        with torch.no_grad():
+            return sae(y.reshape(-1, D)).reshape(y.shape)
+
+    T = ids.shape[1]
+    assert row["bos"] == "clean" and row["n_predictions"] == N_CTX * (T - 2)
+    assert row["ce_clean"] == pytest.approx(manual_ce_after_bos(model, ids, lambda x, y: y), rel=1e-6)
+    assert row["ce_spliced"] == pytest.approx(manual_ce_after_bos(model, ids, spliced), rel=1e-6)
+    assert row["ce_zero"] == pytest.approx(manual_ce_after_bos(model, ids, lambda x, y: torch.zeros_like(y)), rel=1e-6)
+    assert row["ce_mean"] == pytest.approx(manual_ce_after_bos(model, ids, lambda x, y: mean.expand_as(y)), rel=1e-6)
+    # --splice-bos: the old figure, every position replaced and every prediction counted
+    assert old["bos"] == "replaced" and old["n_predictions"] == N_CTX * (T - 1)
+    assert old["ce_spliced"] == pytest.approx(manual_ce(model, ids, spliced), rel=1e-6)
+    assert old["ce_spliced"] != pytest.approx(row["ce_spliced"], rel=1e-6)
+    # statistics: the held-out rows without / with the BOS rows
+    ctx, pos = np.asarray(grp["rows/context"][:]), np.asarray(grp["rows/position"][:])
+    assert row["n_rows"] == int(((ctx >= cut) & (pos != 0)).sum()) and old["n_rows"] == int((ctx >= cut).sum())
+    assert "BOS rows left out as in training" in row["rows"] and "BOS" not in old["rows"]
+    # the report says which rule ran
+    rep = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert rep["rows"][0]["bos"] == "clean"
+    md = (tmp_path / "clean" / "report.md").read_text()
+    assert "the BOS position (position 0) keeps the model's own activation" in md and "BOS included" not in md
+    html = (tmp_path / "clean" / "report.html").read_text()
+    assert "keeps the model&#x27;s own activation" in html or "keeps the model's own activation" in html
+    assert "every position, BOS included, is replaced" in (tmp_path / "old" / "report.md").read_text()
+
+
 def test_store_of_other_hooks_and_model_of_another_store_are_refused(identity_and_zero, tiny_store, tiny_model_dir,
                                                                       tiny_corpus, tmp_path):
     from _store import harvest_tiny
@@ -198,10 +278,11 @@ def test_a_derived_store_of_the_training_data_is_evaluated_on_the_held_out_conte
     assert cp.fingerprint() != st.fingerprint()
     cut = heldout_cutoff(st, 0.1)
     ctx = np.asarray(zarr.open_group(str(tiny_store), mode="r")["rows/context"][:])
-    (row,) = evaluate([run], copy, tmp_path / "eval", splice=False)
+    # splice_bos: every held-out row counted, BOS rows too (the run left them out: by default they would not be)
+    (row,) = evaluate([run], copy, tmp_path / "eval", splice=False, splice_bos=True)
     assert row["n_rows"] == int((ctx >= cut).sum()) < len(ctx)
     assert f"held-out contexts {cut}.." in row["rows"]
-    (same,) = evaluate([run], tiny_store, tmp_path / "eval2", splice=False)
+    (same,) = evaluate([run], tiny_store, tmp_path / "eval2", splice=False, splice_bos=True)
     assert same["n_rows"] == row["n_rows"] and same["mse"] == pytest.approx(row["mse"])
     # a store of the same data that stops before the cut: nothing held out in it -> refused
     short = harvest_tiny(tmp_path / "short.zarr", tiny_model_dir, tiny_corpus, tokens=2048)

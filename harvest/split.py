@@ -137,8 +137,8 @@ class Split:
         """The split of a run's cfg.json. Older records are mapped here, once: "heldout" {fraction} beside a per-store
         "split" (or, older still, only "heldout_from_context", rebuilt from the training store's header when it opens;
         a store that cannot be opened must be the one evaluated, same fingerprint, else this refuses rather than
-        guess); "train_on_bos" from the train config (`exclude_bos` before it, and every row before that); an imported SAE
-        counts as trained on BOS (evaluated at every position, as before)."""
+        guess); "train_on_bos" from the train config (`exclude_bos` before it, and every row before that); an
+        imported SAE counts as trained on BOS (evaluated at every position, as before)."""
         if "split" in cfg:
             r = cfg["split"]
             return cls(float(r["heldout_fraction"]), bool(r["train_on_bos"]), tuple(r.get("stores") or ()))

@@ -245,6 +245,38 @@ def test_the_command_reports_both_modes_and_each_layer_alone_as_evaluate_splices
         assert s["fve"] == pytest.approx(ev["fve"], abs=2e-3) and s["l0"] == pytest.approx(ev["l0"], rel=1e-2)
 
 
+def test_replacement_keeps_bos_clean_for_runs_that_left_it_out_as_evaluate_does(plt_runs, tmp_path):
+    """The PLT set was trained with BOS rows left out (train's default): the replacement splices every layer from
+    position 1 on (the BOS position keeps the model's own activations, its prediction not counted), and says so;
+    --splice-bos replaces and counts every position, as before. Each layer alone equals evaluate's splice either way."""
+    from saecache.cli import main
+
+    root, store, runs = plt_runs
+    T = 32  # the tiny store's ctx_len, with position 0 stored
+    reports, evals = {}, {}
+    for name, flag in (("clean", []), ("every", ["--splice-bos"])):
+        main(["replacement", *runs, "--store", store, "--out", str(tmp_path / name), "--device", "cpu", "--n-contexts",
+              "4", "--inputs", "clean", *flag])
+        main(["evaluate", *runs, "--store", store, "--out", str(tmp_path / f"ev-{name}"), "--device", "cpu",
+              "--n-contexts", "4", "--no-histograms", "--html-features", "0", "--prune-curve", "", "--no-frontier",
+              *flag])
+        reports[name] = json.loads((tmp_path / name / "replacement.json").read_text())
+        evals[name] = {r["hook_out"]: r for r in json.loads((tmp_path / f"ev-{name}" / "report.json").read_text())
+                       ["rows"]}
+    clean, every = reports["clean"], reports["every"]
+    assert (clean["bos"], clean["first_position"], every["bos"], every["first_position"]) == ("clean", 1, "replaced", 0)
+    assert clean["modes"]["clean"]["n_predictions"] == 4 * (T - 2)
+    assert every["modes"]["clean"]["n_predictions"] == 4 * (T - 1)
+    assert clean["modes"]["clean"]["ce_spliced"] != every["modes"]["clean"]["ce_spliced"]
+    for name, rep in reports.items():
+        for layer in rep["layers"]:
+            ev = evals[name][layer["hook_out"]]
+            assert layer["alone"]["ce_spliced"] == pytest.approx(ev["ce_spliced"], abs=1e-6)
+            assert layer["alone"]["n_predictions"] == ev["n_predictions"]
+    assert "keeps the model's own activation" in (tmp_path / "clean" / "replacement.md").read_text()
+    assert "BOS included, is replaced" in (tmp_path / "every" / "replacement.md").read_text()
+
+
 def test_an_sae_in_place_of_a_transcoder_is_refused_in_one_line(plt_runs, tmp_path, capsys):
     from saecache.cli import main
 

@@ -32,8 +32,14 @@ import re
 import shutil
 
 import torch
+from safetensors.torch import save_file
 
 from saecache.errors import RunDirError
+from saecache.evaluate.formats import from_sae, transcoder_threshold_form
+from saecache.evaluate.replacement import read_run
+from saecache.evaluate.runner import load_run_checked, run_hooks
+from saecache.train.arch import architecture
+from saecache.train.rundir import read_cfg
 
 CT_VERSION = "0.5.0"
 CONFIG_FILE = "config.yaml"
@@ -49,8 +55,6 @@ def _kind_layer(hook: str) -> tuple[str, int | None]:
 
 def plt_tensors(sae) -> dict[str, torch.Tensor]:
     """One layer's file: our transcoder `sae` as circuit-tracer's `SingleLayerTranscoder` state (float32)."""
-    from saecache.evaluate.formats import from_sae, transcoder_threshold_form
-
     t = transcoder_threshold_form(from_sae(sae), f"circuit-tracer {CT_VERSION}")
     out = {"W_enc": t["W_enc_DF"].t().contiguous(), "W_dec": t["W_dec_FD"], "b_enc": t["b_enc_F"],
            "b_dec": t["b_dec_D"]}
@@ -68,8 +72,6 @@ def write_config(path: str, fields: dict) -> None:
 
 def _check_plt_set(loaded: list[tuple[str, object, dict]]) -> tuple[list, tuple[str, str]]:
     """[(run_dir, sae, cfg)] -> [(run_dir, sae)] in layer order and circuit-tracer's hook pair; else RunDirError."""
-    from saecache.evaluate.runner import run_hooks
-
     by_layer, pairs = {}, set()
     for run_dir, sae, cfg in loaded:
         h_in, h_out = run_hooks(cfg)
@@ -100,19 +102,19 @@ def _check_plt_set(loaded: list[tuple[str, object, dict]]) -> tuple[list, tuple[
 def clt_files(clt) -> dict[str, dict[str, torch.Tensor]]:
     """A CLT (`train.crosslayer.CrossLayer`, kind clt) as circuit-tracer's files: W_enc_{i}.safetensors with W_enc_{i}
     [F, D_in], b_enc_{i}, b_dec_{i} (+ threshold_{i} [F]); W_dec_{i}.safetensors with W_dec_{i} [F, L-i, D_out]."""
-    cfg = clt.cfg
+    cfg, arch = clt.cfg, architecture(clt.cfg.arch)
     target = f"circuit-tracer {CT_VERSION}"
-    if cfg.kind != "clt":
+    if not arch.transcoder:
         raise RunDirError(f"cannot export a {cfg.kind} to {target}: it holds per-layer and cross-layer transcoders "
                           "only")
-    if cfg.activation == "topk":
+    if not arch.threshold_form:
         raise RunDirError(f"cannot export a TopK CLT to {target}: its CLTs encode with ReLU or JumpReLU only; train "
                           "clt-jumprelu or clt-batchtopk (its inference threshold is a JumpReLU)")
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
     files = {}
     for i in range(cfg.n_layers):
         th = getattr(clt, f"threshold_{i}")
-        if cfg.activation == "batchtopk" and float(th.min()) < 0:
+        if arch.threshold and float(th.min()) < 0:
             raise RunDirError(f"cannot export this batchtopk CLT to {target}: source {i} has no inference threshold "
                               "yet (train past the threshold start so encode does not depend on the batch)")
         # ours: relu(z) * (z > θ); circuit-tracer's JumpReLU: z * (z > θ) — the same for θ >= 0
@@ -137,10 +139,6 @@ def _hook_pair(hooks_in: list[str], hooks_out: list[str], what: str) -> tuple[st
 def export_clt(run_dir: str, out: str, model_name: str | None = None) -> str:
     """Write the CLT of `run_dir` into `out` in circuit-tracer's cross_layer_transcoder layout (`load_clt`), with a
     config.yaml naming its hooks; written into a temporary directory renamed into place."""
-    from safetensors.torch import save_file
-
-    from saecache.evaluate.replacement import read_run
-
     clt, cfg = read_run(run_dir)
     files = clt_files(clt)  # refuses a crosscoder or a TopK CLT first
     hook_in, hook_out = _hook_pair(clt.cfg.hooks_in, clt.cfg.hooks_out, f"run {run_dir}")
@@ -162,8 +160,6 @@ def export_clt(run_dir: str, out: str, model_name: str | None = None) -> str:
 
 def export(run_dirs: list[str], out: str) -> str:
     """`saecache export --to circuit-tracer`: one CLT run dir, or a PLT set (one transcoder run dir per layer)."""
-    from saecache.train.rundir import read_cfg
-
     if len(run_dirs) == 1 and os.path.isdir(run_dirs[0]) and "kind" in (read_cfg(run_dirs[0]).get("sae") or {}):
         return export_clt(run_dirs[0], out)
     return export_transcoder_set(run_dirs, out)
@@ -188,8 +184,6 @@ def export_transcoder_set(run_dirs: list[str], out: str, model_name: str | None 
     """Write the PLT set of `run_dirs` (one transcoder per layer 0..n-1) into `out` in circuit-tracer's
     `transcoder_set` layout. `model_name` for config.yaml defaults to the model the runs' store was harvested from.
     Everything is written into a temporary directory renamed into place, so a refusal or failure leaves no `out`."""
-    from saecache.evaluate.runner import load_run_checked
-
     if not run_dirs:
         raise RunDirError("no run dir given: pass one transcoder run dir per layer")
     loaded = [(r, *load_run_checked(r)) for r in run_dirs]
@@ -198,8 +192,6 @@ def export_transcoder_set(run_dirs: list[str], out: str, model_name: str | None 
     name = model_name or (loaded[0][2].get("model") or {}).get("name")
     tmp = _fresh_out(out)
     try:
-        from safetensors.torch import save_file
-
         for i, ((run_dir, _), tensors) in enumerate(zip(ordered, files)):
             save_file(tensors, os.path.join(tmp, f"layer_{i}.safetensors"),
                       metadata={"saecache_run": os.path.basename(os.path.normpath(run_dir))})

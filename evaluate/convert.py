@@ -39,7 +39,7 @@ def import_run(src: str, out: str, hook: str, hook_out: str | None = None, store
         "heldout": HELDOUT_ALL, "imported_from": {"format": fmt, "source": os.path.basename(os.path.normpath(src)),
                                                   **{k: v for k, v in w.meta.items() if v is not None}},
     }
-    if w.architecture == "topk" and w.threshold is not None:
+    if w.arch.threshold_key is None and w.threshold is not None:  # kept for the round trip; inference ignores it
         record["imported_from"]["dl_threshold"] = float(w.threshold)
     if store_url:
         store = Store.open(store_url)

@@ -41,25 +41,25 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from saecache.errors import RunDirError
+from saecache.train.arch import Architecture, architecture, from_dl_class
+from saecache.train.sae import SAE, SAEConfig
 
-# dictionary_learning dict_class -> (our architecture, expected ae.pt keys, trainer_class written on export)
-DL_CLASSES: dict[str, tuple[str, frozenset, str]] = {
-    "AutoEncoder": ("relu", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "bias"}), "StandardTrainer"),
-    "AutoEncoderNew": ("relu", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}),
+# dictionary_learning dict_class -> (expected ae.pt keys, trainer_class written on export). Which of our architectures
+# a class is read as, and written from, is the architecture's `dl_classes`.
+DL_CLASSES: dict[str, tuple[frozenset, str]] = {
+    "AutoEncoder": (frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "bias"}), "StandardTrainer"),
+    "AutoEncoderNew": (frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}),
                        "StandardTrainerAprilUpdate"),
-    "AutoEncoderTopK": ("topk", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k",
-                                           "threshold"}), "TopKTrainer"),
-    "BatchTopKSAE": ("batchtopk", frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k",
-                                             "threshold"}), "BatchTopKTrainer"),
-    "JumpReluAutoEncoder": ("jumprelu", frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}), "JumpReluTrainer"),
-    "GatedAutoEncoder": ("gated", frozenset({"encoder.weight", "r_mag", "gate_bias", "mag_bias", "decoder.weight",
-                                             "decoder_bias"}), "GatedSAETrainer"),
-    "MatryoshkaBatchTopKSAE": ("matryoshka", frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold",
-                                                        "group_sizes"}), "MatryoshkaBatchTopKTrainer"),
+    "AutoEncoderTopK": (frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}),
+                        "TopKTrainer"),
+    "BatchTopKSAE": (frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}),
+                     "BatchTopKTrainer"),
+    "JumpReluAutoEncoder": (frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}), "JumpReluTrainer"),
+    "GatedAutoEncoder": (frozenset({"encoder.weight", "r_mag", "gate_bias", "mag_bias", "decoder.weight",
+                                    "decoder_bias"}), "GatedSAETrainer"),
+    "MatryoshkaBatchTopKSAE": (frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"}),
+                               "MatryoshkaBatchTopKTrainer"),
 }
-DL_EXPORT_CLASS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
-                   "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder",
-                   "matryoshka": "MatryoshkaBatchTopKSAE"}
 DL_NO_PRE_BIAS = {"JumpReluAutoEncoder", "AutoEncoderNew"}
 DL_WEIGHTS_FILE, DL_CFG_FILE = "ae.pt", "config.json"
 
@@ -69,12 +69,12 @@ class DictWeights:
     """A dictionary in library-neutral form: pre = (x - a * b_dec_D) @ W_enc_DF + b_enc_F with a = pre_bias."""
 
     architecture: str
-    """relu, topk, batchtopk, jumprelu, gated or matryoshka (our names)."""
+    """relu, topk, batchtopk, jumprelu, gated or matryoshka (our names; `arch` is the object)."""
     W_enc_DF: torch.Tensor
     W_dec_FD: torch.Tensor
     b_dec_D: torch.Tensor
-    b_enc_F: torch.Tensor | None = None
-    """None for gated (it has b_gate_F / b_mag_F instead)."""
+    b_enc_F: torch.Tensor
+    """The encoder bias (gated: the gate bias b_gate)."""
     pre_bias: bool = True
     """Whether b_dec is subtracted from the input before the encoder."""
     k: int | None = None
@@ -84,11 +84,15 @@ class DictWeights:
     group_sizes: list[int] | None = None
     """matryoshka: the nested groups' sizes (summing to F)."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """gated: r_mag_F, b_gate_F, b_mag_F."""
+    """The architecture's `extra_F` (gated: r_mag_F, b_mag_F); a transcoder's input centre b_in_D."""
     meta: dict = field(default_factory=dict)
     """Provenance carried along: lm_name, layer, submodule_name, hook, io, ctx_len..."""
     transcoder: bool = False
     """Predicts another hook than its input (its input centre, if any, is extras["b_in_D"]); no export format has one."""
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture(self.architecture)
 
     @property
     def d_in(self) -> int:
@@ -110,13 +114,8 @@ class DictWeights:
         if self.d_in != self.d_out:
             raise RunDirError("cannot move the pre-bias of a transcoder (b_dec lives in the output space)")
         shift_F = sign * (self.b_dec_D.double() @ self.W_enc_DF.double())
-        if self.architecture == "gated":
-            ex = dict(self.extras)
-            ex["b_gate_F"] = (ex["b_gate_F"].double() + shift_F).to(ex["b_gate_F"].dtype)
-            ex["b_mag_F"] = (ex["b_mag_F"].double() + shift_F * ex["r_mag_F"].double().exp()).to(ex["b_mag_F"].dtype)
-            return replace(self, extras=ex, pre_bias=want)
-        b = (self.b_enc_F.double() + shift_F).to(self.b_enc_F.dtype)
-        return replace(self, b_enc_F=b, pre_bias=want)
+        b_enc, extras = self.arch.move_pre_bias(self.b_enc_F, dict(self.extras), shift_F)
+        return replace(self, b_enc_F=b_enc, extras=extras, pre_bias=want)
 
 
 def _shape_error(name: str, key: str, got, want) -> RunDirError:
@@ -154,9 +153,10 @@ def read_dictionary_learning(src: str) -> DictWeights:
         config = json.load(f)
     trainer, buffer = config.get("trainer", {}), config.get("buffer", {})
     cls = trainer.get("dict_class")
-    if cls not in DL_CLASSES:
+    arch = from_dl_class(cls) if cls in DL_CLASSES else None
+    if arch is None:
         raise RunDirError(f"{cfg_path}: dict_class {cls!r} is not supported; supported: {', '.join(DL_CLASSES)}")
-    arch, keys, _ = DL_CLASSES[cls]
+    keys = DL_CLASSES[cls][0]
     sd = load_plain_state_dict(pt_path)
     if set(sd) != keys:
         raise RunDirError(f"{pt_path} does not match {cls}: missing {sorted(keys - set(sd))}, "
@@ -165,35 +165,35 @@ def read_dictionary_learning(src: str) -> DictWeights:
     if cls in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
         W_enc, W_dec, b_enc, b_dec = f32["W_enc"], f32["W_dec"], f32["b_enc"], f32["b_dec"]
     elif cls == "GatedAutoEncoder":
-        W_enc, W_dec, b_enc, b_dec = f32["encoder.weight"].T, f32["decoder.weight"].T, None, f32["decoder_bias"]
+        W_enc, W_dec, b_enc, b_dec = f32["encoder.weight"].T, f32["decoder.weight"].T, f32["gate_bias"], \
+            f32["decoder_bias"]
     else:
         W_enc, W_dec, b_enc = f32["encoder.weight"].T, f32["decoder.weight"].T, f32["encoder.bias"]
         b_dec = f32.get("b_dec", f32.get("bias", f32.get("decoder.bias")))
     D, F = W_enc.shape
-    for key, t, want in (("W_dec", W_dec, (F, D)), ("b_dec", b_dec, (D,))) + \
-            ((("b_enc", b_enc, (F,)),) if b_enc is not None else ()):
+    if cls == "GatedAutoEncoder":
+        extras = {"r_mag_F": f32["r_mag"], "b_mag_F": f32["mag_bias"]}
+    else:
+        extras = {}
+    for key, t, want in (("W_dec", W_dec, (F, D)), ("b_dec", b_dec, (D,)), ("b_enc", b_enc, (F,)),
+                         *((k, t, (F,)) for k, t in extras.items())):
         if tuple(t.shape) != want:
             raise _shape_error(pt_path, key, t.shape, want)
-    w = DictWeights(arch, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(),
-                    None if b_enc is None else b_enc.contiguous(), pre_bias=cls not in DL_NO_PRE_BIAS)
-    if arch == "matryoshka":
+    w = DictWeights(arch.name, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), b_enc.contiguous(),
+                    pre_bias=cls not in DL_NO_PRE_BIAS, extras=extras)
+    if "group_sizes" in keys:
         w.group_sizes = [int(s) for s in sd["group_sizes"].tolist()]
         if sum(w.group_sizes) != F or min(w.group_sizes) < 1:
             raise RunDirError(f"{pt_path}: group_sizes {w.group_sizes} are not positive sizes summing to {F}")
-    if arch in ("topk", "batchtopk", "matryoshka"):
+    if "k" in keys:
         w.k = int(sd["k"].item())
-        w.threshold = f32["threshold"].reshape(())
         if not 1 <= w.k <= F:
             raise RunDirError(f"{pt_path}: k={w.k} outside [1, dict_size={F}]")
-    if arch == "jumprelu":
-        w.threshold = f32["threshold"]
-        if tuple(w.threshold.shape) != (F,):
-            raise _shape_error(pt_path, "threshold", w.threshold.shape, (F,))
-    if arch == "gated":
-        w.extras = {"r_mag_F": f32["r_mag"], "b_gate_F": f32["gate_bias"], "b_mag_F": f32["mag_bias"]}
-        for key, t in w.extras.items():
-            if tuple(t.shape) != (F,):
-                raise _shape_error(pt_path, key, t.shape, (F,))
+    if "threshold" in keys:  # per feature (jumprelu), else one scalar (kept for a topk, which infers without it)
+        want = (F,) if arch.feature_threshold else ()
+        w.threshold = f32["threshold"] if arch.feature_threshold else f32["threshold"].reshape(())
+        if tuple(w.threshold.shape) != want:
+            raise _shape_error(pt_path, "threshold", w.threshold.shape, want)
     for key, want in (("activation_dim", D), ("dict_size", F)):
         if key in trainer and trainer[key] != want:
             raise RunDirError(f"{cfg_path}: trainer.{key}={trainer[key]} but {DL_WEIGHTS_FILE} has {want}")
@@ -212,25 +212,12 @@ def _refuse_transcoder(w: DictWeights, target: str) -> None:
                           "reconstruct their own input (one width, one decoder bias)")
 
 
-def _batchtopk_threshold(w: DictWeights, target: str) -> float:
-    t = float(w.threshold) if w.threshold is not None else -1.0
-    if t < 0:
-        raise RunDirError(f"cannot export this {w.architecture} SAE to {target}: it has no inference threshold yet "
-                          "(train past the threshold start so encode does not depend on the batch)")
-    return t
-
-
-THRESHOLD_FORM = ("relu", "jumprelu", "batchtopk", "matryoshka")
-"""Architectures whose inference map is f = z * (z > θ_F) with z = x @ W_enc_DF + b_enc_F and θ ≥ 0 (θ = 0: ReLU):
-the one form circuit-tracer's and SAELens' transcoder classes encode with. TopK's per-row selection and the gated
-SAE's two paths have no such form."""
-
-
 def transcoder_threshold_form(w: DictWeights, target: str) -> dict[str, torch.Tensor]:
     """A transcoder as {W_enc_DF, b_enc_F, W_dec_FD, b_dec_D} (+ threshold_F for a JumpReLU) with no input centring:
     the input centre is folded into the encoder bias, b_enc' = b_enc - b_in @ W_enc; batchtopk's (and matryoshka's)
-    scalar inference threshold becomes a constant JumpReLU threshold. float32. Other architectures are refused."""
-    if w.architecture not in THRESHOLD_FORM:
+    scalar inference threshold becomes a constant JumpReLU threshold. float32. Architectures without that form
+    (`Architecture.threshold_form`) are refused."""
+    if not w.arch.threshold_form:
         raise RunDirError(f"cannot export a {w.architecture} transcoder to {target}: its transcoders encode with ReLU "
                           "or JumpReLU only; train relu, jumprelu or batchtopk (its inference threshold is a JumpReLU)")
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
@@ -242,19 +229,18 @@ def transcoder_threshold_form(w: DictWeights, target: str) -> dict[str, torch.Te
                               f"centre of width {w.d_in} (b_in_D)")
         b_enc = b_enc - centre.double() @ w.W_enc_DF.double()
     out = {"W_enc_DF": c(w.W_enc_DF), "b_enc_F": c(b_enc), "W_dec_FD": c(w.W_dec_FD), "b_dec_D": c(w.b_dec_D)}
-    if w.architecture == "jumprelu":
-        out["threshold_F"] = c(w.threshold.clamp_min(0))  # saecache's JumpReLU clamps its threshold at 0 too
-    elif w.architecture != "relu":
-        out["threshold_F"] = torch.full((w.n_features,), _batchtopk_threshold(w, target), dtype=torch.float32)
+    threshold_F = w.arch.threshold_F(w.threshold, w.n_features, target)
+    if threshold_F is not None:  # saecache's JumpReLU clamps its threshold at 0 too
+        out["threshold_F"] = c(threshold_F.clamp_min(0))
     return out
 
 
 def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None) -> None:
     """Write `ae.pt` (a plain state dict, torch.save) and `config.json` as dictionary_learning saves them."""
     _refuse_transcoder(w, "dictionary_learning")
-    cls = DL_EXPORT_CLASS.get(w.architecture)
-    if cls is None:
+    if not w.arch.dl_classes:
         raise RunDirError(f"architecture {w.architecture!r} has no dictionary_learning class")
+    cls = w.arch.dl_classes[0]
     w = w.with_pre_bias(cls not in DL_NO_PRE_BIAS)
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
     if cls == "JumpReluAutoEncoder":
@@ -263,23 +249,24 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
     elif cls == "MatryoshkaBatchTopKSAE":
         sd = {"W_enc": c(w.W_enc_DF), "b_enc": c(w.b_enc_F), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D),
               "k": torch.tensor(int(w.k), dtype=torch.int32),
-              "threshold": torch.tensor(_batchtopk_threshold(w, "dictionary_learning"), dtype=torch.float32),
+              "threshold": torch.tensor(w.arch.export_threshold(w.threshold, "dictionary_learning"),
+                                        dtype=torch.float32),
               "group_sizes": torch.tensor(w.group_sizes, dtype=torch.int64)}
     elif cls == "GatedAutoEncoder":
         sd = {"encoder.weight": c(w.W_enc_DF.T), "decoder.weight": c(w.W_dec_FD.T), "decoder_bias": c(w.b_dec_D),
-              "r_mag": c(w.extras["r_mag_F"]), "gate_bias": c(w.extras["b_gate_F"]), "mag_bias": c(w.extras["b_mag_F"])}
+              "r_mag": c(w.extras["r_mag_F"]), "gate_bias": c(w.b_enc_F), "mag_bias": c(w.extras["b_mag_F"])}
     else:
         sd = {"encoder.weight": c(w.W_enc_DF.T), "encoder.bias": c(w.b_enc_F), "decoder.weight": c(w.W_dec_FD.T)}
         if cls == "AutoEncoder":
             sd["bias"] = c(w.b_dec_D)
         else:
-            if cls == "BatchTopKSAE":
-                _batchtopk_threshold(w, "dictionary_learning")
+            if w.arch.threshold:
+                w.arch.export_threshold(w.threshold, "dictionary_learning")
             sd.update(b_dec=c(w.b_dec_D), k=torch.tensor(int(w.k), dtype=torch.int32),
                       threshold=(c(w.threshold).reshape(()) if w.threshold is not None
                                  else torch.tensor(-1.0, dtype=torch.float32)))
     m = {**w.meta, **(meta or {})}
-    trainer = {"dict_class": cls, "trainer_class": DL_CLASSES[cls][2], "activation_dim": w.d_in,
+    trainer = {"dict_class": cls, "trainer_class": DL_CLASSES[cls][1], "activation_dim": w.d_in,
                "dict_size": w.n_features, "lm_name": m.get("lm_name"), "layer": m.get("layer"),
                "submodule_name": m.get("submodule_name")}
     if w.k is not None:
@@ -298,23 +285,15 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
 
 def to_sae(w: DictWeights):
     """Our `SAE` computing the same map as `w` (the pre-bias convention is converted where the architectures differ)."""
-    from saecache.train.sae import ARCHITECTURES, SAE, SAEConfig
-
-    if w.architecture not in ARCHITECTURES:
-        raise RunDirError(f"architecture {w.architecture!r} unknown here; known: {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[w.architecture]
+    arch = w.arch
     w = w.with_pre_bias(arch.pre_bias)
-    cfg = SAEConfig(arch=w.architecture, d_in=w.d_in, width=w.n_features, d_out=w.d_out,
+    cfg = SAEConfig(arch=arch.name, d_in=w.d_in, width=w.n_features, d_out=w.d_out,
                     k=w.k if arch.needs_k else None, group_sizes=w.group_sizes)
     state = {k: v.clone() for k, v in SAE(cfg).state_dict().items()}  # buffers (dead counters...) at their defaults
-    state.update(W_enc_DF=w.W_enc_DF, W_dec_FD=w.W_dec_FD, b_dec_D=w.b_dec_D)
-    state["b_enc_F"] = w.extras["b_gate_F"] if w.architecture == "gated" else w.b_enc_F
-    if w.architecture == "gated":
-        state.update(r_mag_F=w.extras["r_mag_F"], b_mag_F=w.extras["b_mag_F"])
-    if w.architecture == "jumprelu":
-        state["threshold_F"] = w.threshold
-    if arch.threshold:
-        state["threshold"] = w.threshold.reshape(())
+    state.update(W_enc_DF=w.W_enc_DF, W_dec_FD=w.W_dec_FD, b_dec_D=w.b_dec_D, b_enc_F=w.b_enc_F)
+    state.update({name: w.extras[name] for name in arch.extra_F})
+    if arch.threshold_key is not None:
+        state[arch.threshold_key] = w.threshold.reshape(state[arch.threshold_key].shape)
     if "tokens_since_fired_F" in state:
         state["tokens_since_fired_F"].zero_()
     return SAE.from_state(cfg, {k: v.detach().to(torch.float32) if v.is_floating_point() else v
@@ -323,22 +302,16 @@ def to_sae(w: DictWeights):
 
 def from_sae(sae, meta: dict | None = None) -> DictWeights:
     """The neutral form of our `SAE` (raw-activation weights as saved in a run dir)."""
-    from saecache.train.sae import ARCHITECTURES
-
-    c, arch = sae.cfg, sae.cfg.arch
+    c, arch = sae.cfg, sae.arch
     g = lambda name: getattr(sae, name).detach().to(torch.float32).cpu().clone()  # noqa: E731
-    w = DictWeights(arch, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"),
-                    None if arch == "gated" else g("b_enc_F"), pre_bias=ARCHITECTURES[arch].pre_bias,
-                    k=c.k, meta=dict(meta or {}), group_sizes=c.group_sizes)
+    w = DictWeights(arch.name, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"), g("b_enc_F"),
+                    pre_bias=arch.pre_bias, k=c.k, meta=dict(meta or {}), group_sizes=c.group_sizes,
+                    extras={name: g(name) for name in arch.extra_F})
     w.transcoder = bool(c.transcoder)
     if w.transcoder:
         w.extras["b_in_D"] = g("b_in_D")
-    if arch == "gated":
-        w.extras.update(b_gate_F=g("b_enc_F"), r_mag_F=g("r_mag_F"), b_mag_F=g("b_mag_F"))
-    if arch == "jumprelu":
-        w.threshold = g("threshold_F")
-    if ARCHITECTURES[arch].threshold:
-        w.threshold = g("threshold").reshape(())
-    if arch == "topk" and (meta or {}).get("dl_threshold") is not None:
+    if arch.threshold_key is not None:
+        w.threshold = g(arch.threshold_key)
+    elif (meta or {}).get("dl_threshold") is not None:
         w.threshold = torch.tensor(float(meta["dl_threshold"]))  # kept from an import, unused by inference
     return w

@@ -10,12 +10,15 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from saecache.errors import RunDirError
-from saecache.evaluate.formats import DictWeights, _batchtopk_threshold, transcoder_threshold_form
+from saecache.evaluate.formats import DictWeights, transcoder_threshold_form
+from saecache.train.arch import ARCHITECTURES, from_saelens
 
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
-                "matryoshka": "jumprelu"}
+SAELENS_THRESHOLD, SAELENS_TAKES_K = ("jumprelu",), ("topk",)
+"""SAELens architectures whose weights hold a per-feature `threshold`, and those whose cfg holds `k`. Which SAELens
+architecture each of ours is written as and read from is the architecture's `saelens_arch`."""
 SAELENS_WEIGHTS_FILE, SAELENS_CFG_FILE = "sae_weights.safetensors", "cfg.json"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens version whose on-disk layout `write_saelens` writes (SAELens >= 6 reads it as its own; older cfgs
@@ -29,29 +32,23 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
     trained by SAELens). A transcoder goes to SAELens' transcoder classes (`_write_transcoder`)."""
     if w.transcoder or w.d_in != w.d_out:
         return _write_transcoder(w, out, meta)
-    arch = SAELENS_ARCH.get(w.architecture)
-    if arch is None:
+    a = w.arch
+    if a.saelens_arch is None:
         raise RunDirError(f"architecture {w.architecture!r} has no SAELens equivalent")
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
-    tensors = {"W_enc": c(w.W_enc_DF), "W_dec": c(w.W_dec_FD), "b_dec": c(w.b_dec_D)}
-    if arch == "gated":
-        tensors.update(b_gate=c(w.extras["b_gate_F"]), r_mag=c(w.extras["r_mag_F"]), b_mag=c(w.extras["b_mag_F"]))
-    else:
-        tensors["b_enc"] = c(w.b_enc_F)
-    if w.architecture == "jumprelu":
-        tensors["threshold"] = c(w.threshold)
-    elif w.architecture in ("batchtopk", "matryoshka"):  # thresholded inference: a constant JumpReLU threshold
-        tensors["threshold"] = torch.full((w.n_features,), _batchtopk_threshold(w, "SAELens"), dtype=torch.float32)
-    cfg = {"architecture": arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
+    tensors = {a.saelens_key(name): c(t) for name, t in (("W_enc_DF", w.W_enc_DF), ("W_dec_FD", w.W_dec_FD),
+                                                           ("b_dec_D", w.b_dec_D), ("b_enc_F", w.b_enc_F),
+                                                           *((n, w.extras[n]) for n in a.extra_F))}
+    if a.saelens_arch in SAELENS_THRESHOLD:  # a JumpReLU's own, or the batchtopk family's scalar on every feature
+        tensors["threshold"] = c(a.threshold_F(w.threshold, w.n_features, "SAELens"))
+    cfg = {"architecture": a.saelens_arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": bool(w.pre_bias), "normalize_activations": "none", "reshape_activations": "none"}
-    if arch == "topk":
+    if a.saelens_arch in SAELENS_TAKES_K:
         cfg.update(k=int(w.k), rescale_acts_by_decoder_norm=False)
     _save(out, tensors, cfg, {**w.meta, **(meta or {})})
 
 
 def _save(out: str, tensors: dict, cfg: dict, m: dict) -> None:
-    from safetensors.torch import save_file
-
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": m.get("lm_name"), "hook_name": m.get("hook_name") or m.get("submodule_name"),
@@ -83,8 +80,6 @@ def _write_transcoder(w: DictWeights, out: str, meta: dict | None) -> None:
 def read_saelens(src: str) -> DictWeights:
     """A SAELens save dir (`cfg.json` + `sae_weights.safetensors`, the inference architectures above) -> DictWeights.
     A SAELens jumprelu comes back as jumprelu (a batchtopk export is a jumprelu with a constant threshold)."""
-    from safetensors.torch import load_file
-
     cfg_path, st_path = os.path.join(src, SAELENS_CFG_FILE), os.path.join(src, SAELENS_WEIGHTS_FILE)
     for p in (cfg_path, st_path):
         if not os.path.exists(p):
@@ -92,26 +87,29 @@ def read_saelens(src: str) -> DictWeights:
                               f"{SAELENS_WEIGHTS_FILE})")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-    arch = ours.get(cfg.get("architecture", "standard"))
-    if arch is None:
+    a = from_saelens(cfg.get("architecture", "standard"))
+    if a is None:
+        known = [b.saelens_arch for b in ARCHITECTURES.values() if from_saelens(b.saelens_arch) is b]
         raise RunDirError(f"{cfg_path}: SAELens architecture {cfg.get('architecture')!r} is not supported; "
-                          f"supported: {', '.join(ours)}")
+                          f"supported: {', '.join(known)}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise RunDirError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not supported "
                           "(fold the scaling into the weights first)")
     t = {k: v.to(torch.float32) for k, v in load_file(st_path).items()}
     meta = cfg.get("metadata") or {}  # SAELens 6 keeps provenance here; pre-6.0 cfgs have it at the top level
-    w = DictWeights(arch, t["W_enc"], t["W_dec"], t["b_dec"], t.get("b_enc"),
+    missing = sorted({a.saelens_key(n) for n in ("W_enc_DF", "W_dec_FD", "b_dec_D", "b_enc_F", *a.extra_F)}
+                     - set(t))
+    if missing:
+        raise RunDirError(f"{st_path} lacks {', '.join(missing)} of a SAELens {cfg.get('architecture', 'standard')}")
+    w = DictWeights(a.name, t["W_enc"], t["W_dec"], t["b_dec"], t[a.saelens_key("b_enc_F")],
                     pre_bias=bool(cfg.get("apply_b_dec_to_input", True)),
                     meta={"lm_name": cfg.get("model_name", meta.get("model_name")),
                           "hook_name": cfg.get("hook_name", meta.get("hook_name")),
                           "layer": cfg.get("hook_layer"),
-                          "ctx_len": cfg.get("context_size", meta.get("context_size"))})
-    if arch == "topk":
+                          "ctx_len": cfg.get("context_size", meta.get("context_size"))},
+                    extras={n: t[a.saelens_key(n)] for n in a.extra_F})
+    if a.needs_k:
         w.k = int(cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k"))
-    if arch == "jumprelu":
+    if a.threshold_key is not None:
         w.threshold = t["threshold"]
-    if arch == "gated":
-        w.extras = {"r_mag_F": t["r_mag"], "b_gate_F": t["b_gate"], "b_mag_F": t["b_mag"]}
     return w

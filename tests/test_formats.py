@@ -86,7 +86,7 @@ def write_dl(dirpath, cls, sd=None, trainer_extra=None):
     dirpath.mkdir(parents=True, exist_ok=True)
     sd = dl_state(cls) if sd is None else sd
     torch.save(sd, dirpath / "ae.pt")
-    trainer = {"dict_class": cls, "trainer_class": FM.DL_CLASSES[cls][2], "activation_dim": D, "dict_size": F,
+    trainer = {"dict_class": cls, "trainer_class": FM.DL_CLASSES[cls][1], "activation_dim": D, "dict_size": F,
                "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3, "submodule_name": "mlp_out_layer3",
                **(trainer_extra or {})}
     if "TopK" in cls:

@@ -25,7 +25,8 @@ LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-DEFAULT_K = 32  # active features per row of the TopK family when none is given (the peers' default)
+
+
 def check_types(values: dict, cls, what: str) -> None:
     """One-line error for a JSON value of the wrong type in a scalar field of dataclass `cls` (int, float, bool, str,
     optionally `| None`), so a config typo never surfaces later as a traceback."""
@@ -45,6 +46,12 @@ def check_types(values: dict, cls, what: str) -> None:
 def flag(field_name: str) -> str:
     """The `saecache train` flag of a TrainConfig or SAESpec field, e.g. `total_tokens` -> `--tokens`."""
     return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _is_cross_layer(arch: str) -> bool:
+    from saecache.train.crosslayer import is_cross_layer  # torch: imported on use, so `train --help` stays light
+
+    return is_cross_layer(arch)
 
 
 def upgrade_fields(d: dict) -> dict:
@@ -109,15 +116,11 @@ class SAESpec:
     30}`). They are fields of the `sae` record of cfg.json."""
 
     def __post_init__(self):
-        from saecache.train.arch import ARCHITECTURES  # torch: imported on use, so `train --help` stays light
-
+        """Checks of the spec's own fields; its defaults (k, name, lr, ...) are its architecture's, filled in by
+        `resolved` when a TrainConfig takes it."""
         check_types(dataclasses.asdict(self), SAESpec, "SAE spec")
-        needs_k = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].needs_k
-        if self.k is None and needs_k and isinstance(self.width, int) and self.width >= 1:
-            self.k = min(DEFAULT_K, self.width)
-        cross = self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].cross_layer
-        if cross or self.hooks_in is not None or self.hooks_out is not None:
-            self._check_cross_layer_hooks(cross)
+        if self.hooks_in is not None or self.hooks_out is not None or _is_cross_layer(self.arch):
+            self._check_cross_layer_hooks(_is_cross_layer(self.arch))
         elif not self.hook_in:
             raise ConfigError("every SAE needs --hook (the store hook it reads; `hook_in` in a --config), e.g. "
                               "--hook mlp_out.0")
@@ -131,18 +134,22 @@ class SAESpec:
             raise ConfigError(f"an SAE's lr must be > 0, got {self.lr}")
         if self.decay_start is not None and self.decay_start < 0:
             raise ConfigError(f"an SAE's decay_start must be >= 0, got {self.decay_start}")
-        self._check_against_sae_config()
-        if self.name is None:
-            hooks = self.hook_in if self.hook_out in (None, self.hook_in) else f"{self.hook_in}-to-{self.hook_out}"
-            if cross:  # first..last hook of each list
-                span = lambda hs: f"{hs[0]}..{hs[-1]}" if len(hs) > 1 else hs[0]  # noqa: E731
-                hooks = span(self.inputs) if self.targets == self.inputs else \
-                    f"{span(self.inputs)}-to-{span(self.targets)}"
-            self.name = f"{self.arch}-{hooks}-{self.width}" + (f"-k{self.k}" if self.k is not None else "") + \
-                (f"-{self.penalty}" if self.penalty is not None else "") + \
-                (f"-c{self.coeff:g}" if self.coeff is not None else "")
-        if not _NAME_RE.match(self.name):
+        self._check_options()
+        if self.name is not None and not _NAME_RE.match(self.name):
             raise ConfigError(f"SAE name {self.name!r} may only use letters, digits and _.=+-")
+
+    def resolved(self, run) -> SAESpec:
+        """This spec with its architecture's defaults for `run` (an `arch.RunDefaults`) filled in: k, name, lr,
+        resample, decay_start, and the options a run resolves (`arch.RUN_OPTIONS`). `Architecture.resolve` holds
+        every rule; cfg.json records the result."""
+        from saecache.train.arch import RUN_OPTIONS, architecture  # torch: imported on use (`train --help`)
+
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
+        c = architecture(self.arch).resolve({**self.options, **fields}, run)
+        if not _NAME_RE.match(c["name"]):
+            raise ConfigError(f"SAE name {c['name']!r} may only use letters, digits and _.=+-")
+        return dataclasses.replace(self, **{k: c[k] for k in ("k", "name", "lr", "resample", "decay_start")},
+                                   options={**self.options, **{k: c[k] for k in RUN_OPTIONS if k in c}})
 
     @property
     def target_hook(self) -> str:
@@ -176,56 +183,38 @@ class SAESpec:
             raise ConfigError(f"{self.arch} needs hooks_in: the store hooks it reads, one per layer, e.g. "
                               '"hooks_in": ["resid_mid.0", "resid_mid.1"]')
 
-    def _check_against_sae_config(self) -> None:
-        """Refuse an unknown architecture, k/penalty nonsense or unknown options now, before any store is opened."""
-        from saecache.train.arch import ARCHITECTURES
+    def _check_options(self) -> None:
+        """Refuse options that are not settings of this spec's module (or of the wrong type) now, before any store is
+        opened; their values are checked with the rest when the module is built."""
+        from saecache.train.crosslayer import CrossLayerConfig  # torch: imported on use (`train --help`)
         from saecache.train.sae import SAEConfig
 
         if not isinstance(self.options, dict):
             raise ConfigError(f"--sae-options must be a JSON object of SAE settings, got {self.options!r}")
-        if ARCHITECTURES.get(self.arch) is not None and ARCHITECTURES[self.arch].cross_layer:
-            return self._check_against_cross_layer_config(ARCHITECTURES[self.arch])
-        check_types(self.options, SAEConfig, "SAE option")
-        fixed = {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
-        known = {f.name for f in dataclasses.fields(SAEConfig)} - fixed
-        bad = sorted(set(self.options) - known)
-        if bad:
-            raise ConfigError(f"unknown SAE option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        try:
-            SAEConfig(arch=self.arch, d_in=1, width=self.width, k=self.k, penalty=self.penalty, coeff=self.coeff,
-                      **self.options)
-        except TypeError as e:  # e.g. a string where a number belongs
-            raise ConfigError(f"bad SAE options {self.options}: {e}") from None
-
-    def _check_against_cross_layer_config(self, arch) -> None:
-        from saecache.train.crosslayer import CrossLayerConfig
-
-        check_types(self.options, CrossLayerConfig, "SAE option")
+        cross = _is_cross_layer(self.arch)
+        cls = CrossLayerConfig if cross else SAEConfig
+        check_types(self.options, cls, "SAE option")
         fixed = {"kind", "activation", "hooks_in", "hooks_out", "d_in", "d_out", "n_features", "n_layers", "k",
-                 "coeff"}
-        known = {f.name for f in dataclasses.fields(CrossLayerConfig)} - fixed
+                 "coeff"} if cross else {"arch", "d_in", "width", "d_out", "transcoder", "k", "penalty", "coeff"}
+        known = {f.name for f in dataclasses.fields(cls)} - fixed
         bad = sorted(set(self.options) - known)
         if bad:
-            raise ConfigError(f"unknown {self.arch} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        if self.penalty is not None:
-            raise ConfigError(f"{self.arch} takes no penalty (jumprelu's is the tanh penalty, weighted by coeff)")
-        if self.resample:
-            raise ConfigError(f"{self.arch} does not resample dead latents; set resample to false")
-        try:
-            self.cross_layer_config(1, 1)
-        except TypeError as e:
-            raise ConfigError(f"bad SAE options {self.options}: {e}") from None
+            what = f"{self.arch} option(s)" if cross else "SAE option(s)"
+            raise ConfigError(f"unknown {what} {', '.join(bad)}; known: {', '.join(sorted(known))}")
 
     def cross_layer_config(self, d_in: int, d_out: int):
         """The `CrossLayerConfig` of a cross-layer spec, for hooks of widths d_in and d_out."""
-        from saecache.train.arch import ARCHITECTURES
+        from saecache.train.arch import architecture
         from saecache.train.crosslayer import CrossLayerConfig
 
-        arch = ARCHITECTURES[self.arch]
-        return CrossLayerConfig(**{"kind": arch.kind, "activation": arch.activation, "hooks_in": self.inputs,
-                                   "hooks_out": self.targets, "d_in": d_in, "d_out": d_out, "n_features": self.width,
-                                   "k": self.k, **({"coeff": self.coeff} if self.coeff is not None else {}),
-                                   **self.options})
+        arch = architecture(self.arch)
+        fields = {"kind": arch.kind, "activation": arch.activation, "hooks_in": self.inputs, "hooks_out": self.targets,
+                  "d_in": d_in, "d_out": d_out, "n_features": self.width, "k": self.k,
+                  **({"coeff": self.coeff} if self.coeff is not None else {}), **self.options}
+        try:
+            return CrossLayerConfig(**fields)
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ConfigError(f"bad SAE options {self.options}: {e}") from None
 
 
 @dataclass
@@ -351,9 +340,6 @@ class TrainConfig:
             raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
             raise ConfigError(f"--seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
-        names = [name for _, name, _ in self.replicas()]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"SAE names must be unique, got {names}")
         if (self.total_tokens is None) == (self.steps is None):
             raise ConfigError("give exactly one training length: --tokens N or --steps N")
         for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks",
@@ -370,86 +356,45 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
         if not self.grad_clip >= 0 or self.grad_clip == float("inf"):
             raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
-        self._resolve_schedule()
+        self._resolve_warmups()
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("--warmup, --sparsity-warmup and --reader-threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"--heldout must be in [0, 1), got {self.heldout_fraction}")
         if self.resample_steps is not None and self.resample_steps < 1:
             raise ConfigError(f"--resample-steps must be >= 1, got {self.resample_steps}")
-        self._resolve_resample()
         if self.resample_window is not None and self.resample_window < 1:
             raise ConfigError(f"--resample-window must be >= 1, got {self.resample_window}")
-        self._resolve_decay()
+        if self.decay_start is not None and not 0 <= self.decay_start <= self.total_steps:
+            raise ConfigError(f"--decay-start must be in [0, {self.total_steps}] (the run's steps = no decay), got "
+                              f"{self.decay_start}")
+        self.saes = [s.resolved(self.run_defaults()) for s in self.saes]
+        names = [name for _, name, _ in self.replicas()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"SAE names must be unique, got {names}")
         if self.autocast not in AUTOCAST:
             raise ConfigError(f"--autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.log not in LOG_BACKENDS:
             raise ConfigError(f"--log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
 
-    def _resolve_schedule(self) -> None:
-        """Fill in what was left None with the rules above (an explicit value always wins), so the config, and
-        cfg.json, say what ran: each spec's lr, the warm-ups, and each batchtopk spec's threshold_start_step."""
-        from saecache.train.arch import ARCHITECTURES
-        from saecache.train.optim import default_lr, default_schedule
+    def _resolve_warmups(self) -> None:
+        """The run's warm-ups left None: a tenth / a twentieth of the run (`optim.default_schedule`), so the config,
+        and cfg.json, say what ran. Each SAE's own defaults are its architecture's (`SAESpec.resolved`)."""
+        from saecache.train.optim import default_schedule  # torch: imported on use, so `train --help` stays light
 
         sched = default_schedule(self.total_steps, self.batch_size)
         for name in ("warmup_steps", "sparsity_warmup_steps"):
             if getattr(self, name) is None:
                 setattr(self, name, sched[name])
-        specs = []
-        for s in self.saes:
-            lr = s.lr if s.lr is not None else self.lr if self.lr is not None else default_lr(s.arch, s.width, s.k)
-            options = dict(s.options)
-            if ARCHITECTURES[s.arch].threshold:  # batchtopk, matryoshka
-                options.setdefault("threshold_start_step", sched["threshold_start_step"])
-                options.setdefault("threshold_beta", sched["threshold_beta"])
-                if options["threshold_start_step"] >= self.total_steps:
-                    raise ConfigError(f"SAE {s.name}: threshold_start_step {options['threshold_start_step']} is not "
-                                      f"below the run's {self.total_steps} steps, so it would be saved without an "
-                                      "inference threshold; lower threshold_start_step or train longer")
-            if ARCHITECTURES[s.arch].sparse:  # the TopK family's AuxK
-                options.setdefault("dead_tokens_threshold", sched["dead_tokens_threshold"])
-            specs.append(dataclasses.replace(s, lr=lr, options=options))
-        self.saes = specs
 
-    def _resolve_resample(self) -> None:
-        """Replace each spec's `resample=None` by the architecture default (False without resample_steps), so the
-        specs, and the cfg.json records built from them, say which SAEs are resampled."""
-        from saecache.train.arch import ARCHITECTURES
+    def run_defaults(self):
+        """What this run gives its SAEs' defaults (`arch.RunDefaults`)."""
+        from saecache.train.arch import RunDefaults
+        from saecache.train.optim import default_schedule
 
-        for s in self.saes:
-            if s.resample and self.resample_steps is None:
-                raise ConfigError(f"SAE {s.name} is to be resampled (--resample) but the run has no --resample-steps "
-                                  "(set it, e.g. --resample-steps 25000)")
-        self.saes = [s if s.resample is not None else dataclasses.replace(
-            s, resample=self.resample_steps is not None and ARCHITECTURES[s.arch].resample) for s in self.saes]
-
-    def _resolve_decay(self) -> None:
-        """Replace each spec's `decay_start=None` by the run's, else its architecture's default (after
-        `_resolve_resample`: an SAE that resamples does not decay); refuse a decay beyond the run or beside
-        resampling (the run's decay_start naming every resampled SAE, a spec's its own)."""
-        from saecache.train.arch import ARCHITECTURES
-
-        T, specs = self.total_steps, []
-        if self.decay_start is not None and not 0 <= self.decay_start <= T:
-            raise ConfigError(f"--decay-start must be in [0, {T}] (the run's steps = no decay), got {self.decay_start}")
-        both = [s.name for s in self.saes if s.resample]
-        if self.decay_start is not None and self.decay_start < T and both:
-            raise ConfigError(f"--decay-start cannot be combined with resampling (the LR re-warms after each "
-                              f"resample); resampled SAE(s): {', '.join(both)}; pass --no-resample or drop "
-                              "--decay-start")
-        for s in self.saes:
-            start = s.decay_start if s.decay_start is not None else self.decay_start
-            if start is None:
-                start = T if s.resample else T - round(ARCHITECTURES[s.arch].decay_fraction * T)
-            if not 0 <= start <= T:
-                raise ConfigError(f"SAE {s.name}: decay_start must be in [0, {T}] (the run's steps = no decay), "
-                                  f"got {start}")
-            if s.resample and start < T:
-                raise ConfigError(f"SAE {s.name} resamples (its LR re-warms after each resample), so it cannot "
-                                  f"decay from step {start}; set its resample to false or drop its decay_start")
-            specs.append(dataclasses.replace(s, decay_start=start))
-        self.saes = specs
+        return RunDefaults(steps=self.total_steps, lr=self.lr, decay_start=self.decay_start,
+                           resample_steps=self.resample_steps,
+                           schedule=default_schedule(self.total_steps, self.batch_size))
 
     def replicas(self) -> list[tuple[SAESpec, str, int]]:
         """(spec, run name, replica index) of every SAE trained: each spec `seeds` times (`seeds` field)."""

@@ -34,15 +34,17 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saecache.errors import ConfigError
+from saecache.train import ddp
 from saecache.train import penalties as P
-from saecache.train.arch import ARCHITECTURES
+from saecache.train.arch import ARCHITECTURES, DEAD_TOKENS_THRESHOLD
 from saecache.train.ddp import batch_variance
 from saecache.train.crosslayer_acts import ACTIVATIONS, SourceCode  # noqa: F401 (re-exported)
-from saecache.train.sae import DEAD_TOKENS_THRESHOLD
+from saecache.train.sae import SAE, SAEConfig
 from saecache.train.sparse_ops import SparseCode, Workspace, sparse_decode
 
 KINDS = ("clt", "crosscoder")
@@ -109,7 +111,7 @@ class CrossLayerConfig:
                               f"layer), got {len(hooks_in)} and {len(hooks_out)}")
         if len(set(hooks_in)) != len(hooks_in) or len(set(hooks_out)) != len(hooks_out):
             raise ConfigError(f"{self.kind} hooks must not repeat: {hooks_in} -> {hooks_out}")
-        if self.kind == "crosscoder" and hooks_out != hooks_in:
+        if KIND_OBJECTS[self.kind].reads_its_targets and hooks_out != hooks_in:
             raise ConfigError("a crosscoder reconstructs the hooks it reads: leave hooks_out unset (= hooks_in)")
         if self.n_layers not in (None, len(hooks_in)):
             raise ConfigError(f"n_layers={self.n_layers} but {len(hooks_in)} hooks_in")
@@ -135,7 +137,8 @@ class CrossLayerConfig:
     @property
     def arch(self) -> str:
         """The `--arch` name (`arch.ARCHITECTURES`): kind, or kind-activation for batchtopk and jumprelu."""
-        return self.kind if self.activation == "topk" else f"{self.kind}-{self.activation}"
+        return next(a.name for a in ARCHITECTURES.values()
+                    if a.cross_layer and (a.kind, a.activation) == (self.kind, self.activation))
 
     @property
     def width(self) -> int:
@@ -165,7 +168,7 @@ class Source:
 
 class CLT:
     """Source i reads layer i's input and writes layers i..L-1."""
-    name = "clt"
+    name, reads_its_targets = "clt", False
 
     def sources(self, L: int) -> list[Source]:
         return [Source([i], list(range(i, L))) for i in range(L)]
@@ -196,7 +199,7 @@ class CLT:
 
 class Crosscoder:
     """One source reading every hook (encoder slices summed) and writing every hook."""
-    name = "crosscoder"
+    name, reads_its_targets = "crosscoder", True  # hooks_out == hooks_in
 
     def sources(self, L: int) -> list[Source]:
         return [Source(list(range(L)), list(range(L)))]
@@ -351,14 +354,10 @@ class CrossLayer(nn.Module):
     @torch.no_grad()
     def sync_stats_(self, since_before: list[Tensor], global_batch: int) -> None:
         """DDP: counters (and batchtopk's thresholds) of the global batch on every rank, as `ddp.sync_sae_stats_`."""
-        import torch.distributed as dist
-
-        from saecache.train import ddp
-
         for s, (since, before) in enumerate(zip(self.counters(), since_before)):
             fired = ddp.all_reduce_max((since == 0).to(torch.int64)) > 0
             since.copy_(torch.where(fired, 0, before + global_batch))
-            if self.act.name == "batchtopk":
+            if ARCHITECTURES[self.cfg.arch].threshold:  # batchtopk: the per-source thresholds
                 thr = getattr(self, f"threshold_{s}")
                 t = thr.clone()
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -449,13 +448,9 @@ def is_cross_layer(arch: str) -> bool:
 def config_from_dict(d: dict[str, Any]):
     """The module config a run dir's cfg.json "sae" record holds: a CrossLayerConfig (it has a `kind`) or an
     SAEConfig."""
-    from saecache.train.sae import SAEConfig
-
     return CrossLayerConfig.from_dict(d) if "kind" in d else SAEConfig.from_dict(d)
 
 
 def build_module(cfg) -> nn.Module:
     """A fresh module for a config of either family."""
-    from saecache.train.sae import SAE
-
     return CrossLayer(cfg) if isinstance(cfg, CrossLayerConfig) else SAE(cfg)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 
 from saecache.errors import ConfigError
-from saecache.train.arch import ARCHITECTURES
-from saecache.train.sae import DEAD_TOKENS_THRESHOLD
+from saecache.train.arch import DEAD_TOKENS_THRESHOLD, architecture
 
 MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
 
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
     """The learning rate of one SAE when none is given: its architecture's (`Architecture.default_lr`: the TopK
-    family 8e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4); an SAE given a k takes the TopK family's."""
-    return ARCHITECTURES["topk" if k is not None else arch].default_lr(width)
+    family 8e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4). `k` changes nothing: only the TopK family
+    takes one."""
+    return architecture(arch).default_lr(width)
 
 
 def default_schedule(total_steps: int, batch_size: int) -> dict:

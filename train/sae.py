@@ -26,10 +26,8 @@ from saecache.errors import ConfigError
 from saecache.train import ddp
 from saecache.train import dense_ops as DO
 from saecache.train import penalties as P
-from saecache.train.arch import ARCHITECTURES, Architecture, Code  # noqa: F401 (re-exported)
+from saecache.train.arch import ARCHITECTURES, DEAD_TOKENS_THRESHOLD, Architecture, Code, architecture  # noqa: F401
 from saecache.train.sparse_ops import SparseCode, Workspace, centered_linear, sparse_encode
-
-DEAD_TOKENS_THRESHOLD = 10_000_000  # sparsify's AuxK dead threshold; TrainConfig scales it down for shorter runs
 
 # cfg.json written before the fields took SAESpec's names (saecache < 0.2): old name -> new name
 RENAMED_FIELDS = {"architecture": "arch", "n_features": "width", "sparsity_coeff": "coeff"}
@@ -38,7 +36,7 @@ RENAMED_FIELDS = {"architecture": "arch", "n_features": "width", "sparsity_coeff
 @dataclass(frozen=True)
 class SAEConfig:
     """Everything needed to rebuild an SAE (saved as cfg.json beside the weights). Defaults are resolved in
-    `__post_init__`, so the saved config shows the values actually used. Field names are `SAESpec`'s where both have
+    `__post_init__` by the architecture (`Architecture.resolve`), so the saved config shows the values actually used. Field names are `SAESpec`'s where both have
     one (arch, width, coeff); `from_dict` still reads the old names (architecture, n_features, sparsity_coeff)."""
 
     arch: str
@@ -81,38 +79,11 @@ class SAEConfig:
     prefixes of width/16, /8, /4, /2 and width (`arch.default_group_sizes`)."""
 
     def __post_init__(self):
-        arch = ARCHITECTURES.get(self.arch)
-        if arch is None:
-            raise ConfigError(f"unknown SAE architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        arch = architecture(self.arch)
         if self.d_in <= 0 or self.width <= 0 or (self.d_out is not None and self.d_out <= 0):
             raise ConfigError(f"widths must be positive (d_in={self.d_in}, width={self.width}, d_out={self.d_out})")
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: resolve defaults)
-        if self.d_out is None:
-            set_("d_out", self.d_in)
-        if self.d_out != self.d_in:
-            set_("transcoder", True)
-        penalty = self.penalty if self.penalty is not None else arch.penalties[0]
-        if penalty not in arch.penalties:
-            raise ConfigError(f"penalty {penalty!r} not available for {self.arch}; use {arch.penalties}")
-        set_("penalty", penalty)
-        if self.coeff is None:
-            set_("coeff", arch.default_coeff[penalty])
-        if self.coeff < 0:
-            raise ConfigError(f"coeff must be ≥ 0, got {self.coeff}")
-        k_archs = "/".join(n for n, a in ARCHITECTURES.items() if a.needs_k)
-        if arch.needs_k and (self.k is None or not 0 < self.k <= self.width):
-            raise ConfigError(f"{self.arch} needs 0 < k ≤ width ({self.width}), got k={self.k}")
-        if not arch.needs_k and self.k is not None:
-            raise ConfigError(f"k is only for {k_archs}, not {self.arch}")
-        if self.group_sizes is not None and self.arch != "matryoshka":
-            raise ConfigError(f"group_sizes is only for matryoshka, not {self.arch}")
-        if self.k_aux is None:
-            set_("k_aux", max(1, self.d_out // 2))
-        arch.resolve(self, set_)
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise ConfigError(f"target_l0 must be > 0, got {self.target_l0}")
-        if self.jumprelu_bandwidth <= 0 or not 0 <= self.threshold_beta < 1 or self.dead_tokens_threshold <= 0:
-            raise ConfigError("need jumprelu_bandwidth > 0, 0 ≤ threshold_beta < 1, dead_tokens_threshold > 0")
+        for name, value in arch.resolve(asdict(self)).items():  # frozen: the resolved defaults are set once, here
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -321,7 +321,8 @@ def plot(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=("corpus", "harvest", "dump", "run", "loss", "report"))
+    ap.add_argument("stage", nargs="?", default="report", choices=("corpus", "harvest", "dump", "run", "loss", "report"),
+                    help="default: report (what `make bench` runs: the long runs are started by hand)")
     ap.add_argument("trainer", nargs="?", choices=list(TRAINERS), help="with `run`")
     ap.add_argument("--python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),
                     help="the peer's Python (dictionary_learning's or sparsify's environment) for a peer trainer")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     res_path = out / "long.json"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    if args.stage != "corpus" and not (Path(args.model) / "config.json").exists():
+    if args.stage != "report" and not (Path(args.model) / "config.json").exists():
         raise SystemExit(f"bench_long: no model at {args.model}; run `python -m saecache demo` first or pass --model")
     command = "python -m bench.bench_long " + " ".join(sys.argv[1:] if argv is None else argv)
     result = load_results(res_path)

@@ -157,7 +157,7 @@ def write_md(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default="saecache-demo/bench-long/store.zarr")
     ap.add_argument("--hook", default="mlp_out.1")
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     from saecache.harvest.store import Store
 
     if not Path(args.store).exists():
-        raise SystemExit(f"bench_resample: no store at {args.store}; harvest it first (bench/bench_long.py's "
-                         "docstring) or pass --store")
+        print(f"bench_resample: no store at {args.store}; harvest it first (bench/bench_long.py's docstring) or pass "
+              "--store", file=sys.stderr)
+        return None
     unknown = sorted(set(args.settings) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"bench_resample: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")

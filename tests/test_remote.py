@@ -335,9 +335,9 @@ def test_corrupt_or_missing_chunk_caught_by_verify_and_loader(s3, tiny_store, tm
     store = Store.open(url)
     r3, r15 = store.geometry.shard_row_range(3)[0], store.geometry.shard_row_range(15)[0]
     with pytest.raises(StoreError, match="c/3/0 of s3://team-bucket/stores/damaged.zarr does not match its manifest"):
-        store.cached_array("mlp_out.0").read_rows(r3, 128)
+        store.chunk_reader("mlp_out.0").read_rows(r3, 128)
     with pytest.raises(StoreError, match="c/15/0 of s3://team-bucket/stores/damaged.zarr is listed in the manifest"):
-        store.cached_array("mlp_out.0").read_rows(r15, 128)
+        store.chunk_reader("mlp_out.0").read_rows(r15, 128)
     with pytest.raises(StoreError, match="does not match its manifest checksum"):
         store.read_acts("mlp_out.0", r3, r3 + 10)
     with pytest.raises(StoreError, match="listed in the manifest but missing"):
@@ -558,7 +558,7 @@ def test_cache_survives_restarts_and_rechecks_files_on_disk(s3, s3_store, tiny_s
     want = Store.open(str(tiny_store)).read_acts("mlp_out.1", 0, 8192)
 
     def read_all(cache):
-        arr = Store.open(s3_store, cache=cache).cached_array("mlp_out.1")
+        arr = Store.open(s3_store, cache=cache).chunk_reader("mlp_out.1")
         return np.concatenate([arr.read_rows(r, 128) for r in range(0, 8192, 128)])
 
     first = ShardCache(cfg)
@@ -586,7 +586,7 @@ def test_any_fsspec_url_memory_filesystem(tiny_store, tmp_path, monkeypatch, cap
     local, remote = Store.open(str(tiny_store)), Store.open(url)
     assert remote.fingerprint() == local.fingerprint()
     np.testing.assert_array_equal(remote.read_acts("mlp_in.0", 0, 8192), local.read_acts("mlp_in.0", 0, 8192))
-    np.testing.assert_array_equal(remote.cached_array("mlp_in.0").read_rows(640, 128),
+    np.testing.assert_array_equal(remote.chunk_reader("mlp_in.0").read_rows(640, 128),
                                   local.read_acts("mlp_in.0", 640, 768))
     assert run_cli(["verify", url], capsys)[0] == 0
 

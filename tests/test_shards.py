@@ -37,11 +37,17 @@ needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="coun
 # ------------------------------------------------------------------------------------------ a store, written fast
 
 
+def with_crc(blob: bytes) -> bytes:
+    """A chunk's bytes followed by their crc32c, little-endian (zarr's crc32c codec)."""
+    return bytes(blob) + crc32c.crc32c(blob).to_bytes(4, "little")
+
+
 def encode_shard(rows: np.ndarray, chunk_rows: int, codec) -> bytes:
     """A zarr v3 shard written from the spec (an independent check of the reader): the inner chunks' encoded bytes,
-    then per chunk (offset, nbytes) as little-endian u64, then the crc32c of that table."""
+    then per chunk (offset, nbytes) as little-endian u64, then the crc32c of that table. Format version 3: each inner
+    chunk's encoded bytes end with their own crc32c."""
     blobs = [rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
-    blobs = [np.ascontiguousarray(b).tobytes() if codec is None else codec.encode(np.ascontiguousarray(b))
+    blobs = [with_crc(np.ascontiguousarray(b).tobytes() if codec is None else codec.encode(np.ascontiguousarray(b)))
              for b in blobs]
     index, off = [], 0
     for b in blobs:
@@ -72,7 +78,7 @@ def write_many_shards(url: str, n_shards: int, codec: str = "none") -> dict:
             data[f"acts/{name}/c/{s}/0"] = encode_shard(x[perm], g.chunk_rows, None if codec == "none" else blosc)
         for name, v in unpermuted_meta(g, s, ctx_CT).items():
             data[f"rows/{name}/c/{s}"] = encode_shard(v[perm], g.chunk_rows, blosc)
-        data[f"contexts/c/{s}/0"] = blosc.encode(ctx_CT)
+        data[f"contexts/c/{s}/0"] = with_crc(blosc.encode(ctx_CT))
         assert sorted(data) == sorted(shard_object_keys(header, s))
         for key, blob in data.items():
             os.makedirs(os.path.dirname(f"{root}/{key}"), exist_ok=True)
@@ -192,7 +198,7 @@ def test_cache_eviction_closes_the_readers_descriptors(tmp_path, monkeypatch):
     copy_store(CopyConfig(src=local, dst=url))
     shard_bytes = os.path.getsize(f"{local}/acts/a.0/c/0/0")
     cache = ShardCache(CacheConfig(str(tmp_path / "cache"), 6 * shard_bytes))
-    remote, want = Store.open(url, cache=cache).cached_array("a.0"), ShardArray.open(f"{local}/acts/a.0")
+    remote, want = Store.open(url, cache=cache).chunk_reader("a.0"), ShardArray.open(f"{local}/acts/a.0")
     for s in range(40):
         for i in range(remote.n_inner):
             assert remote.read_chunk(s, i).tobytes() == want.read_chunk(s, i).tobytes()
@@ -218,6 +224,8 @@ def test_a_reader_opened_after_a_file_changed_never_reads_the_old_descriptor(tmp
     f = f"{path}/c/1/0"
     data = bytearray(open(f, "rb").read())
     data[:2] = b"\x00\x3c"  # first value = 1.0 in fp16: same size, same index
+    nbytes = int(np.frombuffer(bytes(data[-(16 * old.n_inner + 4):-4]), "<u8")[1])  # chunk 0 (at offset 0)
+    data[nbytes - 4:nbytes] = crc32c.crc32c(bytes(data[:nbytes - 4])).to_bytes(4, "little")  # its crc, made anew
     with open(f + ".new", "wb") as out:
         out.write(data)
     os.replace(f + ".new", f)

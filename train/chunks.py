@@ -10,7 +10,6 @@ held-out cut, and the BOS rows left out: the one place they are dropped), and th
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass
 
@@ -19,7 +18,6 @@ import torch
 
 from saecache.errors import StoreError
 from saecache.harvest.quant import decode
-from saecache.harvest.store.shards import ShardArray
 from saecache.harvest.split import Split
 from saecache.harvest.store import Store
 
@@ -161,24 +159,8 @@ class ChunkReader:
 
     def __init__(self, store: Store, hooks: list[str], direct: bool):
         self.store = store
-        self.direct = {}
-        for h in hooks:
-            arr = None if h in META or not direct else (  # remote stores: the verified local shard cache
-                ShardArray.open(store.loc.path(f"acts/{h}")) if store.loc.local else store.cached_array(h))
-            self.direct[h] = arr
-        if store.loc.local:
-            self._check_files(store, hooks)
-
-    @staticmethod
-    def _check_files(store: Store, hooks: list[str]) -> None:
-        """A shard the manifest lists must have its files: a missing one would read back as zeros, silently."""
-        wanted = set(hooks)
-        for s in store.complete_shards():
-            for key in store.manifest()[s]["objects"]:
-                parts = key.split("/")
-                if parts[0] in ("acts", "rows") and parts[1] in wanted and not os.path.exists(store.loc.path(key)):
-                    raise StoreError(f"store {store.url} is damaged: {key} of complete shard {s} is missing; "
-                                     "run `saecache verify` and re-harvest that shard")
+        self.direct = {h: None if h in META or not direct else store.chunk_reader(h) for h in hooks}
+        store.require_objects([f"acts/{h}" if h not in META else f"rows/{h}" for h in hooks])
 
     @staticmethod
     def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:
@@ -192,10 +174,8 @@ class ChunkReader:
         """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
         whole chunk). Cheap: nothing is read here (a remote store's files may first need a download: none)."""
         out = {}
-        if not self.store.loc.local:
-            return out
         for h, arr in self.direct.items():
-            where = self._whole_chunk(unit, arr)
+            where = self._whole_chunk(unit, arr) if arr is not None and arr.mappable else None
             view = arr.chunk_view(*where) if where else None
             if view is not None:
                 out[h] = view

@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from saecache.errors import RunDirError
+from saecache.harvest.store import redact_url, write_atomic  # noqa: F401 (redact_url: the one rule, for run dirs)
 from saecache.harvest.paths import remove_path, topmost_missing
 
 FORMAT_VERSION = 1
@@ -25,24 +25,8 @@ CFG_FILE, WEIGHTS_FILE, METRICS_FILE, CKPT_DIR = "cfg.json", "sae.safetensors", 
 _STEP_RE = re.compile(r"^step-(\d{9})$")
 
 
-def redact_url(url: str) -> str:
-    """A store URL without credentials (user:password@ or query tokens), safe to record in cfg.json."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode(), fsync=True)
 
 
 def read_cfg(run_dir: str) -> dict:
@@ -210,10 +194,7 @@ def truncate_metrics(run_dir: str, step: int) -> None:
                 break
             if rec.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(keep).encode())
 
 
 def append_metrics(run_dir: str, record: dict) -> None:

@@ -210,6 +210,8 @@ class CachedShardArray(ShardArray):
     """Inner-chunk reads of one `acts/<hook>` array of a remote store through the shard cache: the shard reader of
     `shards.py` over the cached files. Never returns rows of a shard not in the manifest."""
 
+    mappable = False  # the loader decodes cached chunks into its own buffers (no views of cached files)
+
     @classmethod
     def open(cls, store, hook: str, cache: ShardCache) -> CachedShardArray | None:
         """The cached reader of `acts/<hook>`, or None when its layout is not the one saecache writes."""

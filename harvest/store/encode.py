@@ -36,9 +36,10 @@ class ObjectEncoder:
     object holding rows ``rows[perm]`` (all rows of one chunk/shard, fewer only for the array's last one)."""
 
     def __init__(self, dtype: np.dtype, row_shape: tuple, object_rows: int, chunk_rows: int, fill_value,
-                 codec, sharded: bool):
+                 codec, sharded: bool, chunk_crc: bool = False):
         self.dtype, self.row_shape, self.fill_value, self.codec = dtype, row_shape, fill_value, codec
         self.object_rows, self.chunk_rows, self.sharded = object_rows, chunk_rows, sharded
+        self.chunk_crc = chunk_crc  # format version 3: each chunk's bytes end with their crc32c, as zarr's codec
 
     @classmethod
     def for_array(cls, meta: dict) -> ObjectEncoder | None:
@@ -47,10 +48,11 @@ class ObjectEncoder:
         if lay is None or (lay.sharded and not lay.crc):
             return None
         return cls(lay.dtype, lay.row_shape, lay.shard_rows, lay.chunk_rows, lay.fill_value,
-                   inner_encoder(list(lay.codecs)), lay.sharded)
+                   inner_encoder(list(lay.codecs)), lay.sharded, lay.chunk_crc)
 
     def _encode_chunk(self, buf: np.ndarray) -> bytes:
-        return buf.tobytes() if self.codec is None else self.codec.encode(buf)
+        blob = buf.tobytes() if self.codec is None else self.codec.encode(buf)
+        return blob + crc32c.crc32c(blob).to_bytes(4, "little") if self.chunk_crc else blob
 
     def encode(self, rows: np.ndarray, perm: np.ndarray | None = None) -> Iterator[bytes]:
         """The object's bytes as parts to be concatenated, made one at a time (so a writer can write and drop each

@@ -20,7 +20,7 @@ from saecache import __version__
 from saecache.errors import StoreError
 from saecache.harvest.quant import FORMATS
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version 3 adds a crc32c codec at the end of every inner chunk's codec chain (each chunk carries its checksum)."""
 CHUNK_CRC_VERSION = 3  # first format version whose inner chunks carry a crc32c
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from functools import cached_property
 
 import numpy as np
@@ -19,14 +21,16 @@ from saecache.harvest.quant import decode
 from saecache.harvest.store.cache import CachedShardArray, default_cache, store_cache_id
 from saecache.harvest.store.io import Location, redact_url
 from saecache.harvest.store.layout import (
-    DTYPES, MANIFEST_DIR, Geometry, check_format_version, final_key, json_bytes, parse_record, record_key,
-    shard_object_keys,
+    CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, Geometry, check_format_version, final_key, json_bytes, parse_record, record_key,
+    acts_array, shard_object_keys,
 )
+from saecache.harvest.store.shards import ShardArray
 
 # ------------------------------------------------------------------------------------------------------------ reader
 
 
 _DEFAULT = object()
+_WARNED: set[str] = set()  # stores (URLs) whose missing chunk checksums this process has warned about
 
 
 class Store:
@@ -131,12 +135,31 @@ class Store:
         zstore = self.loc.zarr_store(self.manifest_objects, self.cache, store_cache_id(self.url))
         return zarr.open_group(store=zstore, mode="r", zarr_format=3)
 
-    def cached_array(self, hook: str):
-        """Fast inner-chunk reader of `acts/<hook>` through the shard cache (remote stores with a cache), else None.
-        Same `read_rows` contract as the local direct reader of the training loader."""
-        if self.loc.local or self.cache is None:
-            return None
-        return CachedShardArray.open(self, hook, self.cache)
+    def chunk_reader(self, hook: str) -> ShardArray | None:
+        """The inner-chunk reader of `acts/<hook>` (`read_chunk`, `read_rows`, `chunk_view`): over the shard files
+        of a local store, over the verified local cache of a remote one. None where there is none (a remote store
+        read without a cache, a layout this package does not write): `read_acts` then. Each inner chunk's crc32c is
+        checked as it is read (format version 3); an older store says once that only `verify` checks its chunks."""
+        self.require_hook(hook)
+        if self.version < CHUNK_CRC_VERSION and self.url not in _WARNED:
+            _WARNED.add(self.url)
+            print(f"warning: store {self.url} is in format version {self.version}: its chunks carry no checksum, so "
+                  "reads do not check them; `saecache verify` checks its shards", file=sys.stderr)
+        if self.loc.local:
+            return ShardArray.open(self.loc.path(acts_array(hook)))
+        return None if self.cache is None else CachedShardArray.open(self, hook, self.cache)
+
+    def require_objects(self, arrays: list[str]) -> None:
+        """Every object of these arrays (`acts/<hook>`, `rows/<field>`) that the manifest lists exists: a missing
+        local file would read back as zeros, silently. (A remote store's objects are checked as they are fetched.)"""
+        if not self.loc.local:
+            return
+        prefixes = tuple(f"{a}/" for a in arrays)
+        for s in self.complete_shards():
+            for key in self.manifest()[s]["objects"]:
+                if key.startswith(prefixes) and not os.path.exists(self.loc.path(key)):
+                    raise StoreError(f"store {self.url} is damaged: {key} of complete shard {s} is missing; "
+                                     "run `saecache verify` and re-harvest that shard")
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]

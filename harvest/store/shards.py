@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import crc32c
 import numpy as np
 
 from saecache.errors import StoreError
@@ -50,6 +51,8 @@ class ShardArray:
     """Inner-chunk reads of one sharded array whose shard objects are local files (a local store, or a remote one's
     verified cache): ``locate(shard)`` gives the file of a shard (fetching it first if need be). Thread-safe."""
 
+    mappable = True  # `chunk_view` may hand out views of the shard files (a local store)
+
     def __init__(self, layout: ShardLayout, locate: Callable[[int], str], where: str,
                  missing: Callable[[int, str], Exception] = _local_missing, attempts: int = 1,
                  pool: FilePool | None = None):
@@ -57,6 +60,7 @@ class ShardArray:
         self.shape, self.dtype = layout.shape, layout.dtype
         self.shard_rows, self.chunk_rows, self.n_inner = layout.shard_rows, layout.chunk_rows, layout.n_inner
         self._decode = inner_decoder(list(layout.codecs))
+        self._crc_bytes = 4 if layout.chunk_crc else 0  # format version 3: each inner chunk ends with its crc32c
         self._chunk_shape = (layout.chunk_rows, *layout.row_shape)
         self._chunk_nbytes = math.prod(self._chunk_shape) * layout.dtype.itemsize
         self._pool = pool if pool is not None else default_pool()  # (an empty pool is falsy: it has a length)
@@ -129,30 +133,49 @@ class ShardArray:
                 return out
             offset, nbytes = entry
             dst = out.reshape(-1).view(np.uint8)
-            if self._decode is None and dst.nbytes == nbytes:  # raw: read straight into the caller's buffer
+            if self._decode is None and dst.nbytes + self._crc_bytes == nbytes:  # raw: straight into the caller's
+                parts = [dst, self._scratch_buf(4)[:4]] if self._crc_bytes else [dst]  # buffer (+ its crc32c)
                 raw = dst
             else:
-                buf = getattr(self._scratch, "buf", None)
-                if buf is None or len(buf) < nbytes:
-                    buf = self._scratch.buf = bytearray(nbytes)
-                raw = memoryview(buf)[:nbytes]
-            got = os.preadv(fd, [raw], offset)
+                raw = self._scratch_buf(nbytes)[:nbytes]
+                parts = [raw]
+            got = os.preadv(fd, parts, offset)
         if got != nbytes:
             raise StoreError(f"short read ({got} of {nbytes} bytes) in {path}; run `saecache verify`")
+        if self._crc_bytes:
+            stored = parts[-1][-4:]
+            payload = raw if raw is dst else raw[:-4]
+            self._check_crc(shard, inner, payload, stored)
+        else:
+            payload = raw
         if raw is dst:
             return out
         if self._decode is None:
-            dst[:] = np.frombuffer(raw, dtype=np.uint8)
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
         else:
-            self._decode.decode(raw, out=dst)
+            self._decode.decode(payload, out=dst)
         return out
+
+    def _scratch_buf(self, n: int) -> memoryview:
+        """This thread's reused buffer for stored bytes, at least ``n`` long (no page faults after the first)."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._scratch.buf = bytearray(max(n, 4))
+        return memoryview(buf)
+
+    def _check_crc(self, shard: int, inner: int, payload, stored) -> None:
+        """Format version 3: an inner chunk's stored bytes end with their crc32c (zarr's crc32c codec)."""
+        if crc32c.crc32c(payload) != int.from_bytes(bytes(stored), "little"):
+            raise StoreError(f"shard {shard} of {self.where} is corrupt: inner chunk {inner} does not match its "
+                             "crc32c; run `saecache verify` on the store and re-harvest or re-copy that shard")
 
     def chunk_view(self, shard: int, inner: int) -> np.ndarray | None:
         """Uncompressed arrays only: inner chunk ``inner`` of shard ``shard`` as a ``[chunk_rows, *row]`` view of the
         memory-mapped shard file (no copy; the page cache is the buffer). None when the array is compressed or the
         chunk is not a whole stored chunk. The mapping is private: writing into the view never changes the file.
         Pages are read (and mapped) on first touch, by the kernel's fault-around and read-around (no madvise: even
-        MADV_WILLNEED on cached pages cost 0.07-0.28 ms per 4 MB here, more than copying them)."""
+        MADV_WILLNEED on cached pages cost 0.07-0.28 ms per 4 MB here, more than copying them). In format version 3
+        the chunk's crc32c is checked over the view before it is handed out (one pass over its pages)."""
         if self._decode is not None:
             return None
         with self._lock:
@@ -168,12 +191,15 @@ class ShardArray:
                     self._maps.popitem(last=False)  # views handed out keep their own map alive
         m, idx = m  # a map and the index of the same opening of the file
         entry = self._entry(shard, inner, idx, self.where)
-        if entry is None or entry[1] != self._chunk_nbytes:
+        if entry is None or entry[1] != self._chunk_nbytes + self._crc_bytes:
             return None
         offset, nbytes = entry
         if offset + nbytes > len(m):
             raise StoreError(f"short shard file in {self.where} shard {shard}: chunk {inner} ends past the file")
-        return np.frombuffer(m, self.dtype, nbytes // self.dtype.itemsize, offset).reshape(self._chunk_shape)
+        view = np.frombuffer(m, self.dtype, self._chunk_nbytes // self.dtype.itemsize, offset)
+        if self._crc_bytes:
+            self._check_crc(shard, inner, view, m[offset + self._chunk_nbytes:offset + nbytes])
+        return view.reshape(self._chunk_shape)
 
     def raw_chunk(self, shard: int, inner: int) -> bytes:
         """The stored (encoded) bytes of an inner chunk, b"" for one past the array's end."""

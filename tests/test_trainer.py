@@ -42,8 +42,8 @@ def popen(*args) -> subprocess.Popen:
 def small_cfg(store, out, **kw) -> TrainConfig:
     base = dict(stores=[str(store)], out=str(out), saes=[dict(arch="topk", hook_in="mlp_out.0", width=512, k=4),
                                                          dict(arch="relu", hook_in="mlp_out.1", width=96)],
-                steps=40, batch_size=256, checkpoint_every=10, warmup_steps=5, resample_steps=10, resample_window=3,
-                log_every=5, heldout_fraction=0.05, progress=False)
+                steps=40, batch_size=256, checkpoint_every=10, warmup_steps=5, resample_steps=10,
+                dead_tokens_threshold=3 * 256, log_every=5, heldout_fraction=0.05, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -67,7 +67,7 @@ def _files(run_root):
 def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_store, tmp_path):
     ref_root, root = tmp_path / "ref", tmp_path / "killed"
     cfg = {"stores": [str(tiny_store)], "out": str(root), "steps": 120, "batch_size": 256, "checkpoint_every": 7,
-           "warmup_steps": 5, "resample_steps": 10, "resample_window": 4, "log_every": 5, "heldout_fraction": 0.05,
+           "warmup_steps": 5, "resample_steps": 10, "dead_tokens_threshold": 4 * 256, "log_every": 5, "heldout_fraction": 0.05,
            "progress": False,
            "saes": [{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 4},
                     {"arch": "relu", "hook_in": "mlp_out.1", "width": 128}]}
@@ -307,3 +307,31 @@ def test_bos_rows_are_left_out_of_training_by_default(tiny_store, tmp_path, monk
                            saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4)]))
     assert [n for _, n in seen] == [256] * 3
     assert any(bool((p == 0).any()) for p, _ in seen)  # BOS rows trained on (1 in 32 rows: some in 768)
+
+
+def test_a_run_dir_from_before_the_split_record_resumes_and_evaluates(tiny_store, tmp_path, capsys):
+    """A cfg.json written before the one "split" record (top-level "heldout", per store "heldout_from_context" and
+    "split") on a store with BOS rows: the run resumes with one warning (the old trainer dropped BOS rows from each
+    batch after reading it: the same rows, another order from here), completes, and its split maps to today's."""
+    import shutil
+
+    from saecache.harvest.split import RULE, Split
+
+    cfg = small_cfg(tiny_store, tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=2,
+                    saes=[dict(arch="topk", hook_in="mlp_out.0", width=64, k=4)])
+    (run,) = run_training(cfg)
+    rec = rundir.read_cfg(run)
+    split = rec.pop("split")
+    c0 = split["stores"][0]["heldout_contexts"][0]
+    rec["heldout"] = {"fraction": split["heldout_fraction"], "rule": RULE}
+    rec["stores"][0].update({"heldout_from_context": c0, "split": split["stores"][0]})
+    rundir.write_json_atomic(os.path.join(run, rundir.CFG_FILE), {**rec, "complete": False})
+    os.remove(os.path.join(run, rundir.WEIGHTS_FILE))
+    shutil.rmtree(rundir.checkpoint_path(run, 4))
+    capsys.readouterr()
+    assert run_training(cfg) == [run]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "started by an older saecache" in err and "\n" == err[-1]
+    done = rundir.read_cfg(run)
+    assert done["complete"] and done["split"] == split and "heldout" not in done
+    assert Split.from_cfg(rec, Store.open(str(tiny_store))) == Split.from_cfg(done, Store.open(str(tiny_store)))

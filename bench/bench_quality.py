@@ -113,7 +113,7 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
         extra["lr"] = extra.pop("lr_gao") * 2e-4 / (spec["width"] / 2 ** 14) ** 0.5
     if "options" in extra:  # SAEConfig fields of the one SAE (SAESpec.options)
         spec = {**spec, "options": {**spec.get("options", {}), **extra.pop("options")}}
-    cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, total_tokens=tokens,
+    cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, tokens=tokens,
                       batch_size=batch, progress=False, checkpoint_every=10 ** 9, partitions=8, **extra)
     t0 = time.perf_counter()
     (run_dir,) = run_training(cfg)

@@ -69,7 +69,7 @@ def train(store: str, hook: str, name: str, width: int, tokens: int, batch: int,
     steps = -(-tokens // batch)
     plan = schedule(name, steps)
     every = plan["fields"].get("resample_steps", 250)
-    cfg = TrainConfig(stores=[store], out=str(scratch / name), seed=0, total_tokens=tokens, batch_size=batch,
+    cfg = TrainConfig(stores=[store], out=str(scratch / name), seed=0, tokens=tokens, batch_size=batch,
                       saes=[{"hook_in": hook, "arch": "relu", "width": width, "name": "sae",
                              **({} if coeff is None else {"coeff": coeff}), **({} if lr is None else {"lr": lr})}], progress=False,
                       checkpoint_every=every, keep_checkpoints=steps // every + 2, **plan["fields"])

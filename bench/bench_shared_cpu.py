@@ -71,7 +71,7 @@ def train(root: Path, out: Path, steps: int) -> list[str]:
     from saecache.train.trainer import run_training
 
     return run_training(TrainConfig(stores=[str(root / "store.zarr")], out=str(out), saes=SWEEP, batch_size=2048,
-                                    total_tokens=2048 * steps, warmup_steps=1, heldout_fraction=0.1,
+                                    tokens=2048 * steps, warmup_steps=1, heldout_fraction=0.1,
                                     checkpoint_every=steps, device="cpu", progress=False))
 
 

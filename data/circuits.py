@@ -85,7 +85,7 @@ def train_circuits(cfg: DemoConfig, store: str, saes: list[dict], seeds: int = 1
 
     steps = -(-cfg.train_tokens // cfg.batch_size)
     tcfg = TrainConfig(stores=[store], out=runs or str(Path(cfg.out) / RUNS), saes=saes, seed=cfg.seed, seeds=seeds,
-                       batch_size=cfg.batch_size, total_tokens=cfg.train_tokens, lr=cfg.lr,
+                       batch_size=cfg.batch_size, tokens=cfg.train_tokens, lr=cfg.lr,
                        warmup_steps=max(1, min(200, steps // 10)), heldout_fraction=heldout_fraction(cfg),
                        checkpoint_every=max(1, steps // 4), device=cfg.device, progress=cfg.progress, log_every=20)
     return {Path(d).name: d for d in run_training(tcfg)}

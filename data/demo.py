@@ -307,7 +307,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     steps = -(-cfg.train_tokens // cfg.batch_size)
     tcfg = TrainConfig(stores=[store], out=str(root / "runs"), saes=saes, seed=cfg.seed, seeds=cfg.seeds,
                        batch_size=cfg.batch_size,
-                       total_tokens=cfg.train_tokens, lr=cfg.lr, warmup_steps=max(1, min(200, steps // 10)),
+                       tokens=cfg.train_tokens, lr=cfg.lr, warmup_steps=max(1, min(200, steps // 10)),
                        resample_steps=min(cfg.resample_steps, max(1, steps // 3)),
                        heldout_fraction=heldout_fraction(cfg),
                        checkpoint_every=max(1, steps // 4), device=cfg.device, progress=cfg.progress, log_every=20)

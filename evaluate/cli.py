@@ -18,8 +18,6 @@ def evaluate(run_dirs, **kw):
     RUN_DIRS on a store's held-out data; report.html shows them all."""
     from saecache.evaluate.runner import run_evaluation
 
-    if kw["max_rows"] == 0:  # the flag's older spelling of "all rows"
-        kw["max_rows"] = None
     cfg = EvalConfig(run_dirs=list(run_dirs), **kw)
     run_evaluation(cfg)
     with open(os.path.join(cfg.out, "report.md")) as f:
@@ -36,8 +34,6 @@ def features(run_dir, **kw):
     """Top-activating contexts of features of the SAE in RUN_DIR, with the firing token marked «like this»."""
     from saecache.evaluate.features import as_html, as_text, feature_contexts
 
-    if kw["max_rows"] == 0:  # the flag's older spelling of "all rows"
-        kw["max_rows"] = None
     cfg = FeaturesConfig(run_dir=run_dir, **{**kw, "features": list(kw["features"])})
     result = feature_contexts(cfg)
     click.echo(as_text(result), nl=False)

@@ -36,7 +36,7 @@ def top_activations(sae, store, hook: str, features: list[int], top: int, max_ro
     for s in store.complete_shards():
         r0, r1 = g.shard_row_range(s)
         for b0 in range(r0, r1, batch_size):
-            b1 = min(b0 + batch_size, r1, b0 + (max_rows - seen) if max_rows else r1)
+            b1 = min(b0 + batch_size, r1, b0 + (max_rows - seen) if max_rows is not None else r1)
             if b1 <= b0:
                 break
             x = store.read_acts_torch(hook, b0, b1).to(device=device, dtype=torch.float32)
@@ -51,7 +51,7 @@ def top_activations(sae, store, hook: str, features: list[int], top: int, max_ro
             best_ctx = torch.cat([best_ctx, ctx]).gather(0, keep)
             best_pos = torch.cat([best_pos, pos]).gather(0, keep)
             seen += b1 - b0
-        if max_rows and seen >= max_rows:
+        if max_rows is not None and seen >= max_rows:
             break
     out = {}
     for j, feat in enumerate(features):

@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 def test_two_gloo_processes_match_one_process_and_resume_exactly(request, fmt, tmp_path):
     tiny_store = tiny_store_in(request, fmt)
     cfg = {"stores": [str(tiny_store)], "steps": 24, "batch_size": 256, "warmup_steps": 4, "checkpoint_every": 12,
-           "resample_steps": 8, "resample_window": 2, "heldout_fraction": 0.05, "log_every": 4, "progress": False,
+           "resample_steps": 8, "dead_tokens_threshold": 2 * 256, "heldout_fraction": 0.05, "log_every": 4, "progress": False,
            "device": "cpu",
            # AuxK off (its default threshold, a hundredth of the run, would train the ~300 dead latents by AuxK alone:
            # its top-k_aux among hundreds of near-equal dead pre-activations flips on rounding differences, so those

@@ -198,7 +198,7 @@ def test_train_messages_name_flags(capsys, tiny_store, tmp_path):
     assert code == 2 and "--tokens" in err and "--steps" in err and "total_tokens" not in err
     code, _, err = _train(capsys, "--store", tiny_store, "--out", tmp_path / "o", "--hook", "mlp_out.0",
                           "--steps", "2", "--heldout", "1.5")
-    assert code == 2 and "--heldout must be in [0, 1)" in err and "heldout_fraction" not in err
+    assert code == 2 and "--heldout-fraction must be in [0, 1)" in err and "heldout_fraction" not in err
 
 
 def test_help_imports_no_heavy_modules():

@@ -28,7 +28,7 @@ def run_dir(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("progress_runs")
     cfg = TrainConfig(stores=[str(tiny_store)], out=str(out), saes=[{"arch": "topk", "hook_in": "mlp_out.0",
                                                                     "width": 128, "k": 4}],
-                      batch_size=256, total_tokens=256 * 4, warmup_steps=1, checkpoint_every=4, device="cpu",
+                      batch_size=256, tokens=256 * 4, warmup_steps=1, checkpoint_every=4, device="cpu",
                       progress=False)
     return run_training(cfg)[0]
 

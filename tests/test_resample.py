@@ -135,13 +135,13 @@ def test_more_dead_latents_than_rows_and_none_dead():
 def test_training_loop_resamples_at_the_chosen_steps_and_rewarms_the_lr(tiny_store, tmp_path, monkeypatch):
     # resample=true is honoured on a topk SAE (not resampled by default)
     cfg = TrainConfig(stores=[str(tiny_store)], out=str(tmp_path), steps=30, batch_size=128, lr=1e-3, warmup_steps=4,
-                      resample_steps=10, resample_window=2, progress=False, train_on_bos=True,  # full 128-row batches
+                      resample_steps=10, dead_tokens_threshold=2 * 128, progress=False, train_on_bos=True,  # full 128-row batches
                       saes=[{"arch": "topk", "hook_in": "mlp_out.0", "width": 512, "k": 2, "resample": True}])
     calls = []
     real = T.resample_dead_
 
     def spy(sae, opt, x, t, dead_F, gen):
-        # the loop passes exactly the latents that have not fired for resample_window steps
+        # the loop passes exactly the latents that have not fired for dead_tokens_threshold rows
         assert torch.equal(dead_F, sae.tokens_since_fired_F >= 2 * 128) and x.shape == (128, 64)
         calls.append(int(sae.n_steps))
         return real(sae, opt, x, t, dead_F, gen)
@@ -165,7 +165,7 @@ LR = 3e-2  # high enough for some relu latents to die within 10 steps
 def _run(store, out, saes, **kw) -> dict:
     """Train; {name: run dir}. Checkpoint 10 is the state right after the resample at step 10."""
     cfg = TrainConfig(**{**dict(stores=[str(store)], out=str(out), steps=20, batch_size=128, lr=LR, warmup_steps=4,
-                                resample_window=3, checkpoint_every=10, log_every=1, progress=False, saes=saes), **kw})
+                                dead_tokens_threshold=3 * 128, checkpoint_every=10, log_every=1, progress=False, saes=saes), **kw})
     return {Path(d).name: Path(d) for d in T.run_training(cfg)}
 
 

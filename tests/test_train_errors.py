@@ -78,7 +78,7 @@ def test_incomplete_or_missing_store(capsys, tmp_path, incomplete_store):
     (["--penalty", "l7"], "penalty 'l7' not available for topk"),
     (["--sae-options", "{bad json"], "--sae-options is not valid JSON"),
     (["--sae-options", '{"bogus": 1}'], "unknown SAE option(s) bogus"),
-    (["--heldout", "1.5"], "--heldout must be in [0, 1)"),
+    (["--heldout", "1.5"], "--heldout-fraction must be in [0, 1)"),
     (["--batch-size", "60"], "must be a multiple of --partitions"),
     (["--batch-size", "8192", "--heldout", "0.5"], "too few training rows"),
     (["--steps", "0"], "at least one step"),

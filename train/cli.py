@@ -19,7 +19,7 @@ import click
 
 from saecache.errors import ConfigError
 from saecache.options import config_options
-from saecache.train.config import AUTOCAST, LOG_BACKENDS, SAESpec, TrainConfig, flag
+from saecache.train.config import AUTOCAST, LOG_BACKENDS, OLD_FLAGS, SAESpec, TrainConfig, flag, upgrade_fields
 
 SWEEP = ("hook_in", "width", "k", "coeff")  # repeatable SAE flags: the sweep is their product
 SAE_FLAGS = (*SWEEP, "hook_out", "hooks_in", "hooks_out", "arch", "penalty", "resample", "options")
@@ -61,6 +61,7 @@ def build_config(opts: dict) -> TrainConfig:
         if not isinstance(base, dict):
             raise ConfigError(f"--config {opts['config']} must hold a JSON object of training settings (the flags' "
                               "names with underscores, e.g. batch_size; `saes`: a list of SAE objects)")
+        base = upgrade_fields(base)  # older field names, under today's
     for name in RUN_FIELDS:  # flags given on the command line override the file
         v = opts.get(name)
         if v is not None and v != ():
@@ -73,7 +74,7 @@ def build_config(opts: dict) -> TrainConfig:
         given = ["--resample/--no-resample" if k == "resample" else flag(k) for k in sae]
         raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SAEs given with --hook; "
                           "with a --config that has `saes`, set it in each entry of `saes`")
-    if base.get("total_tokens") is None and base.get("steps") is None:
+    if base.get("tokens") is None and base.get("steps") is None:
         raise ConfigError("give the training length: --tokens N or --steps N")
     if not base.get("saes"):
         if "hook_in" not in sae and "hooks_in" not in sae:
@@ -84,9 +85,7 @@ def build_config(opts: dict) -> TrainConfig:
 
 
 @click.command("train")
-@config_options(TrainConfig, skip=("saes",), defaults=False, flags={"stores": "--store"},
-                aliases={"total_tokens": ("--tokens",), "warmup_steps": ("--warmup",),
-                         "sparsity_warmup_steps": ("--sparsity-warmup",), "heldout_fraction": ("--heldout",)},
+@config_options(TrainConfig, skip=("saes",), defaults=False, flags={"stores": "--store"}, old_flags=OLD_FLAGS,
                 types={"autocast": click.Choice(AUTOCAST), "log": click.Choice(LOG_BACKENDS)})
 @click.option("--config", "config", type=click.Path(dir_okay=False),
               help="JSON file of training settings, the flags' names with underscores (`saes`: a list of SAEs); "

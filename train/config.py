@@ -15,12 +15,25 @@ from typing import Any
 from saecache.errors import ConfigError
 
 CONFIG_FORMAT_VERSION = 1  # of --config files and cfg.json's "train"; same numbering as the run dir format
-FLAGS = {"stores": "--store", "total_tokens": "--tokens", "warmup_steps": "--warmup",
-         "sparsity_warmup_steps": "--sparsity-warmup", "heldout_fraction": "--heldout", "hook_in": "--hook",
-         "options": "--sae-options"}
+FLAGS = {"stores": "--store", "hook_in": "--hook", "options": "--sae-options"}
 """The `saecache train` flag of a field, where it is not the field's name with dashes (messages use the flags)."""
-RENAMED = {"exclude_bos": ("train_on_bos", lambda v: not v if isinstance(v, bool) else v)}
-"""Old field name of a --config file or cfg.json's "train" -> (today's field, the value's conversion)."""
+OLD_FLAGS = {"tokens": ("--total-tokens",), "warmup_steps": ("--warmup",),
+             "sparsity_warmup_steps": ("--sparsity-warmup",), "heldout_fraction": ("--heldout",)}
+"""Flags that still parse but are no longer shown: the names of fields (or flags) before they became one name."""
+
+
+def _rows(window, d: dict):
+    """An old `resample_window` (steps; None: the default rule) as today's `dead_tokens_threshold` (rows)."""
+    if not isinstance(window, int) or isinstance(window, bool):
+        return window  # None (the same default rule) or a bad value, refused by the field's checks
+    batch = d.get("batch_size", 4096)
+    return window * batch if isinstance(batch, int) else window
+
+
+RENAMED = {"exclude_bos": ("train_on_bos", lambda v, d: not v if isinstance(v, bool) else v),
+           "total_tokens": ("tokens", lambda v, d: v), "resample_window": ("dead_tokens_threshold", _rows)}
+"""Old field name of a --config file or cfg.json's "train" -> (today's field, the value's conversion given the
+whole object)."""
 LOG_BACKENDS = ("none", "tensorboard", "wandb")
 AUTOCAST = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -44,7 +57,8 @@ def check_types(values: dict, cls, what: str) -> None:
 
 
 def flag(field_name: str) -> str:
-    """The `saecache train` flag of a TrainConfig or SAESpec field, e.g. `total_tokens` -> `--tokens`."""
+    """The `saecache train` flag of a TrainConfig or SAESpec field, e.g. `batch_size` -> `--batch-size`, `hook_in` ->
+    `--hook`."""
     return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
@@ -60,7 +74,7 @@ def upgrade_fields(d: dict) -> dict:
     d = dict(d)
     for old, (new, convert) in RENAMED.items():
         if old in d:
-            value = convert(d.pop(old))
+            value = convert(d.pop(old), d)
             d.setdefault(new, value)
     if isinstance(d.get("saes"), list):  # spec fields added since (hooks_in, ...) at their defaults: the old meaning
         defaults = {f.name: f.default for f in dataclasses.fields(SAESpec) if f.default is not dataclasses.MISSING}
@@ -237,9 +251,10 @@ class TrainConfig:
     trained with --seeds 1)."""
     batch_size: int = 4096
     """Global batch (rows per optimizer step, summed over DDP ranks)."""
-    total_tokens: int | None = None
-    """Training length in rows, rounded up to whole steps (this or --steps is required). Exactly one of --tokens
-    / --steps is set."""
+    tokens: int | None = None
+    """Training length in rows (token positions, as harvest's --tokens counts them), rounded up to whole steps;
+    this or --steps is required, not both. Before this name, cfg.json and --config files said `total_tokens`
+    (and the flag --total-tokens); they still load."""
     steps: int | None = None
     """Training length in optimizer steps, instead of --tokens."""
     lr: float | None = None
@@ -271,10 +286,11 @@ class TrainConfig:
     resample_steps: int | None = None
     """Resample dead features every this many steps; unset: never. Only the SAEs whose `resample` is on are
     resampled (by default relu/gated/jumprelu, not the TopK family), by Anthropic's procedure."""
-    resample_window: int | None = None
-    """Steps without firing after which a feature counts as dead; unset: half of --resample-steps, else 100.
-    Counted in rows (steps × batch size), so with BOS rows left out it spans about 1/ctx_len more steps. Also the
-    window of the logged dead fraction."""
+    dead_tokens_threshold: int | None = None
+    """Training rows without firing after which a feature counts as dead, for resampling and the logged dead
+    fraction; unset: half of --resample-steps times --batch-size, else 100 steps' rows. AuxK's (the TopK family) is
+    the SAE option of the same name and unit. Before this name, cfg.json and --config files gave `resample_window`
+    in steps; they still load (times batch_size)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (weights + optimizer + loader + RNG state)."""
     keep_checkpoints: int = 2
@@ -285,9 +301,10 @@ class TrainConfig:
     """Train on the complete shards of a store that is still being harvested."""
     train_on_bos: bool = False
     """Also train on the BOS rows (position 0 of every store whose contexts start with BOS); off by default. BOS rows
-    are norm outliers in pretrained LMs (attention sinks; dictionary_learning drops them for Pythia); left out, a
-    batch trains on its other rows, about batch_size * (1 - 1/ctx_len). A store harvested with --no-store-bos has no
-    BOS rows. Before this name, cfg.json and --config files said `exclude_bos` (its negation); they still load."""
+    are norm outliers in pretrained LMs (attention sinks; dictionary_learning drops them for Pythia); left out, the
+    loader never serves them (every batch still holds --batch-size rows) and evaluate keeps the BOS position clean.
+    A store harvested with --no-store-bos has no BOS rows. Before this name, cfg.json and --config files said
+    `exclude_bos` (its negation); they still load."""
     normalize: bool = True
     """Scale inputs (and targets) by 1/sqrt(mean squared norm) from the store's statistics; folded back at save."""
     partitions: int = 8
@@ -340,13 +357,13 @@ class TrainConfig:
             raise ConfigError("no SAE to train: pass --hook/--arch/--width or a --config with `saes`")
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
             raise ConfigError(f"--seeds must be a positive integer (replicas per SAE), got {self.seeds!r}")
-        if (self.total_tokens is None) == (self.steps is None):
+        if (self.tokens is None) == (self.steps is None):
             raise ConfigError("give exactly one training length: --tokens N or --steps N")
         for f in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "partitions", "shuffle_chunks",
                   "shuffle_run"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ConfigError(f"{flag(f)} must be a positive integer, got {getattr(self, f)!r}")
-        if (self.steps is not None and self.steps < 1) or (self.total_tokens is not None and self.total_tokens < 1):
+        if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < 1):
             raise ConfigError("the training length must be at least one step")
         if self.batch_size % self.partitions:
             raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --partitions {self.partitions}")
@@ -358,13 +375,16 @@ class TrainConfig:
             raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
         self._resolve_warmups()
         if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
-            raise ConfigError("--warmup, --sparsity-warmup and --reader-threads must be >= 0")
+            raise ConfigError("--warmup-steps, --sparsity-warmup-steps and --reader-threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
-            raise ConfigError(f"--heldout must be in [0, 1), got {self.heldout_fraction}")
+            raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.resample_steps is not None and self.resample_steps < 1:
             raise ConfigError(f"--resample-steps must be >= 1, got {self.resample_steps}")
-        if self.resample_window is not None and self.resample_window < 1:
-            raise ConfigError(f"--resample-window must be >= 1, got {self.resample_window}")
+        if self.dead_tokens_threshold is not None and self.dead_tokens_threshold < 1:
+            raise ConfigError(f"--dead-tokens-threshold must be >= 1, got {self.dead_tokens_threshold}")
+        if self.dead_tokens_threshold is None:  # resolved: cfg.json records the window used
+            steps = max(1, self.resample_steps // 2) if self.resample_steps else 100
+            self.dead_tokens_threshold = steps * self.batch_size
         if self.decay_start is not None and not 0 <= self.decay_start <= self.total_steps:
             raise ConfigError(f"--decay-start must be in [0, {self.total_steps}] (the run's steps = no decay), got "
                               f"{self.decay_start}")
@@ -404,13 +424,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.steps if self.steps is not None else -(-self.total_tokens // self.batch_size)
-
-    @property
-    def dead_window_steps(self) -> int:
-        if self.resample_window is not None:
-            return self.resample_window
-        return max(1, self.resample_steps // 2) if self.resample_steps else 100
+        return self.steps if self.steps is not None else -(-self.tokens // self.batch_size)
 
     @property
     def hooks(self) -> list[str]:

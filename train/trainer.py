@@ -238,7 +238,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     if world > 1:
         m.sae.sync_stats_(since, n_global)
     if resample_steps and (step + 1) % resample_steps == 0 and step + 1 < total:  # (not into the saved SAE)
-        dead_F = m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size)
+        dead_F = m.sae.dead_mask(cfg.dead_tokens_threshold)
         if dead_F.any():
             resample_dead_(m.sae, m.opt, ddp.all_gather_rows(x_BD), ddp.all_gather_rows(t_BD), dead_F, m.generator)
     return out, (torch.cat(t_BD, dim=1) if cross else t_BD)
@@ -308,7 +308,7 @@ def _run_training(cfg: TrainConfig) -> list[str]:
             batch = next(loader)
             results = [train_step(m, batch, step, cfg, total, autocast, world) for m in active]
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_window_steps * cfg.batch_size), step + 1,
+                recs = [{**step_metrics(out, t, m.sae.dead_mask(cfg.dead_tokens_threshold), step + 1,
                                         cfg.batch_size), "lr": m.opt.param_groups[0]["lr"]}
                         for (out, t), m in zip(results, active)]
                 for m, rec in zip(active, recs):  # the same record goes to metrics.jsonl and the logger's backend

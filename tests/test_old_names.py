@@ -1,0 +1,108 @@
+"""One name per concept, old names mapped once at the boundary: a run dir whose cfg.json says what 97d5ea9 wrote
+(`total_tokens`, `resample_window` in steps, the SAE record's `architecture` / `n_features`) and a --config file in
+the old names still load, resume bit-identically and evaluate; the old flags parse without being shown."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from saecache.cli import main
+from saecache.train import rundir
+from saecache.train.config import TrainConfig, upgrade_fields
+from saecache.train.trainer import run_training
+
+BATCH, STEPS = 128, 6
+SAES = [{"arch": "relu", "hook_in": "mlp_out.0", "width": 64, "name": "relu"},
+        {"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 4, "name": "topk"}]
+
+
+def _settings(store, out) -> dict:
+    """Today's names: the run length in `tokens`, the resampling window in rows."""
+    return {"stores": [str(store)], "out": str(out), "tokens": STEPS * BATCH, "batch_size": BATCH,
+            "checkpoint_every": 3, "resample_steps": 4, "dead_tokens_threshold": 2 * BATCH, "heldout_fraction": 0.1,
+            "warmup_steps": 1, "progress": False, "device": "cpu", "saes": SAES}
+
+
+def _as_97d5ea9_wrote_it(settings: dict) -> dict:
+    """The same settings under the names 97d5ea9 used."""
+    old = {k: v for k, v in settings.items() if k not in ("tokens", "dead_tokens_threshold")}
+    return {**old, "total_tokens": settings["tokens"], "resample_window": settings["dead_tokens_threshold"] // BATCH}
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.err
+
+
+def test_old_names_map_once_at_the_boundary():
+    new = upgrade_fields({"total_tokens": 640, "resample_window": 3, "batch_size": 64, "exclude_bos": True})
+    assert new == {"tokens": 640, "dead_tokens_threshold": 3 * 64, "batch_size": 64, "train_on_bos": False}
+    assert upgrade_fields({"resample_window": 5})["dead_tokens_threshold"] == 5 * 4096  # the default batch
+    assert upgrade_fields({"resample_window": None}) == {"dead_tokens_threshold": None}  # the same default rule
+    assert upgrade_fields({"tokens": 7, "total_tokens": 9}) == {"tokens": 7}  # today's name wins
+    # the default window is the same rows as before: half of resample_steps (else 100) steps of batch_size rows
+    cfg = TrainConfig(stores=["s"], out="o", steps=10, batch_size=64, resample_steps=6, saes=[SAES[0]])
+    assert cfg.dead_tokens_threshold == 3 * 64
+    assert TrainConfig(stores=["s"], out="o", steps=10, batch_size=64, saes=[SAES[1]]).dead_tokens_threshold == 6400
+    with pytest.raises(TypeError):  # Python callers use today's names; only files are mapped
+        TrainConfig(stores=["s"], out="o", total_tokens=10, saes=[SAES[0]])
+
+
+def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate(capsys, tiny_store, tmp_path,
+                                                                                 monkeypatch):
+    ref = run_training(TrainConfig(**_settings(tiny_store, tmp_path / "ref")))
+    old_out = tmp_path / "old"
+    run_training(TrainConfig(**_settings(tiny_store, old_out)))
+    # make each run dir what 97d5ea9 leaves when killed after the step-3 checkpoint: cfg.json in the old names,
+    # incomplete, no weights, no later checkpoint
+    for name in ("relu", "topk"):
+        d = str(old_out / name)
+        for step in rundir.list_checkpoints(d):
+            if step > 3:
+                shutil.rmtree(rundir.checkpoint_path(d, step))
+        os.remove(os.path.join(d, rundir.WEIGHTS_FILE))
+        rec = rundir.read_cfg(d)
+        rec["train"] = _as_97d5ea9_wrote_it(rec["train"])
+        rec["sae"]["architecture"], rec["sae"]["n_features"] = rec["sae"].pop("arch"), rec["sae"].pop("width")
+        rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
+        rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
+    config = tmp_path / "old.json"  # a --config file in the old names resumes them
+    config.write_text(json.dumps(_as_97d5ea9_wrote_it(_settings(tiny_store, old_out))))
+    loaded, load = [], rundir.load_checkpoint
+    monkeypatch.setattr(rundir, "load_checkpoint", lambda d, step: loaded.append(step) or load(d, step))
+    code, err = _cli(capsys, "train", "--config", config)
+    assert code == 0, err
+    assert loaded == [3, 3]  # resumed from the old run's checkpoint, not retrained
+    for d in ref:
+        name = os.path.basename(d)
+        assert (old_out / name / rundir.WEIGHTS_FILE).read_bytes() == open(os.path.join(d, rundir.WEIGHTS_FILE),
+                                                                            "rb").read(), name
+        assert rundir.read_cfg(str(old_out / name))["complete"]
+    # the resumed run dirs evaluate (statistics on the held-out rows) and export
+    ev = tmp_path / "eval"
+    code, err = _cli(capsys, "evaluate", old_out / "relu", old_out / "topk", "--store", tiny_store, "--out", ev,
+                     "--no-splice", "--no-histograms", "--no-frontier", "--html-features", 0)
+    assert code == 0, err
+    rows = json.loads((ev / "report.json").read_text())["rows"]
+    assert {r["run"] for r in rows} >= {"relu", "topk"} and all(r["n_rows"] > 0 for r in rows)
+    code, err = _cli(capsys, "export", old_out / "topk", "--to", "saelens", "--out", tmp_path / "sl")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sl" / "cfg.json").read_text())["architecture"] == "topk"
+
+
+def test_max_rows_none_is_explicit(capsys, tmp_path):
+    """`--max-rows none` reads every row; 0 is not another spelling of it but refused in one line."""
+    from saecache.evaluate.config import EvalConfig
+
+    assert EvalConfig(run_dirs=["r"], store="s", max_rows=None).max_rows is None
+    code, err = _cli(capsys, "evaluate", tmp_path, "--store", tmp_path, "--max-rows", 0)
+    assert code != 0 and err.count("\n") == 1 and "--max-rows must be a positive integer or none" in err
+    code, err = _cli(capsys, "features", tmp_path, "--store", tmp_path, "--feature", 1, "--max-rows", 0)
+    assert code != 0 and err.count("\n") == 1 and "--max-rows must be a positive integer or none" in err

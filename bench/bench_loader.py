@@ -5,7 +5,10 @@ storage, batch 4096) against references measured in the same run, in interleaved
   (target >= 0.5x). Compared twice: both delivering fp16 (the loader with dtype=float16 vs a raw block copy) and both
   delivering the float32 torch batch the trainer consumes (the memmap block converted with the loader's own cast);
 - the default compressed store (blosc zstd clevel 3 bitshuffle) vs the codec's single-core decode rate: every inner
-  chunk's bytes, already in memory, decoded by numcodecs in one thread into a preallocated buffer (target >= 0.8x).
+  chunk's bytes, already in memory, decoded by numcodecs in one thread into a preallocated buffer (target >= 0.8x);
+- the cost of checking each inner chunk's crc32c as it is read (format version 3, issue 23 item 7): the loader as
+  shipped (checked) against the same loader on the same store with the check switched off (`*_unchecked`), for the
+  compressed store and the uncompressed one (whose zero-copy views are checked too); target >= 0.95x.
 
 The loader runs with its defaults (8 partitions, 4-chunk shuffle windows, 2 reader threads). One measurement = one
 epoch's worth of batches from a freshly built loader whose first batch has been served (a training run's steady
@@ -67,9 +70,18 @@ def warm(path: Path) -> None:
                     pass
 
 
-def loader_epoch(url: str, dtype: torch.dtype) -> tuple[float, int]:
+def loader_epoch(url: str, dtype: torch.dtype, checked: bool = True) -> tuple[float, int]:
+    """One epoch of the loader; ``checked`` False switches off the shard reader's crc32c check of each inner chunk
+    (the bytes read are the same: only the check goes)."""
+    from saecache.harvest.store import ShardArray
     from saecache.train.loader import Loader, open_stores
 
+    if not checked:
+        ShardArray.verify = False
+        try:
+            return loader_epoch(url, dtype)
+        finally:
+            ShardArray.verify = True
     loader = Loader(open_stores([url], [HOOK]), [HOOK], BATCH, seed=0, dtype=dtype)
     n = loader.batches_per_epoch(0)
     next(loader)  # the first window fill: once per run
@@ -103,12 +115,13 @@ def codec_decode_epoch(url: str) -> tuple[float, int]:
     import numcodecs
     from numcodecs import blosc
 
-    from saecache.harvest.store.shards import ShardArray
     from saecache.harvest.store import Store
 
     st = Store.open(url)
-    arr = ShardArray.open(st.loc.path(f"acts/{HOOK}"))
-    blobs = [b for s in range(st.geometry.n_shards) for i in range(arr.n_inner) if (b := arr.raw_chunk(s, i))]
+    arr = st.chunk_reader(HOOK)
+    tail = 4 if arr.layout.chunk_crc else 0  # a chunk's crc32c (format version 3): not the codec's
+    blobs = [b[:len(b) - tail] for s in range(st.geometry.n_shards) for i in range(arr.n_inner)
+             if (b := arr.raw_chunk(s, i))]
     arr.close()
     codec, out = numcodecs.Blosc(), np.empty((arr.chunk_rows, D), dtype=np.float16)
     prev, blosc.use_threads = blosc.use_threads, False  # one core: no blosc internal threads
@@ -152,6 +165,9 @@ def main() -> None:
             "codec_decode_1core": lambda r: codec_decode_epoch(zstd),
             "loader_zstd_fp16": lambda r: loader_epoch(zstd, torch.float16),
             "loader_zstd_fp32": lambda r: loader_epoch(zstd, torch.float32),
+            "loader_raw_fp16_unchecked": lambda r: loader_epoch(raw, torch.float16, checked=False),
+            "loader_raw_fp32_unchecked": lambda r: loader_epoch(raw, torch.float32, checked=False),
+            "loader_zstd_fp32_unchecked": lambda r: loader_epoch(zstd, torch.float32, checked=False),
         }
         rate: dict[str, list[float]] = {n: [] for n in cands}
         order_rng = random.Random(0)
@@ -170,6 +186,8 @@ def main() -> None:
     comparisons = [
         ("loader_raw_fp16", "memmap_blocks_fp16", 0.5), ("loader_raw_fp32", "memmap_blocks_fp32", 0.5),
         ("loader_zstd_fp16", "codec_decode_1core", 0.8), ("loader_zstd_fp32", "codec_decode_1core", 0.8),
+        ("loader_raw_fp16", "loader_raw_fp16_unchecked", 0.95), ("loader_raw_fp32", "loader_raw_fp32_unchecked", 0.95),
+        ("loader_zstd_fp32", "loader_zstd_fp32_unchecked", 0.95),
     ]
     result = {
         "rows": args.rows, "d": D, "batch": BATCH, "rounds": args.rounds, "store_write_s": round(write_s, 2),

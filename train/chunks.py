@@ -170,16 +170,23 @@ class ChunkReader:
         shard, rem = divmod(unit.row0, arr.shard_rows)
         return shard, rem // arr.chunk_rows
 
-    def views(self, unit: Unit) -> dict[str, np.ndarray]:
+    def views(self, unit: Unit, check: bool = True) -> dict[str, np.ndarray]:
         """Hooks whose rows of ``unit`` need no copy: views of the mapped shard file (uncompressed local store, a
-        whole chunk). Cheap: nothing is read here (a remote store's files may first need a download: none)."""
+        whole chunk). Cheap with ``check`` False: nothing is read here, and `check_views` (one pass over the pages:
+        each chunk's crc32c) is left to the caller's reader thread."""
         out = {}
         for h, arr in self.direct.items():
             where = self._whole_chunk(unit, arr) if arr is not None and arr.mappable else None
-            view = arr.chunk_view(*where) if where else None
+            view = arr.chunk_view(*where, check=check) if where else None
             if view is not None:
                 out[h] = view
         return out
+
+    def check_views(self, unit: Unit, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check `views(unit, check=False)` against their chunks' crc32c (a damaged chunk raises); returns them."""
+        for h, view in views.items():
+            self.direct[h].check_view(*self._whole_chunk(unit, self.direct[h]), view)
+        return views
 
     def read(self, unit: Unit, bufs: dict[str, np.ndarray], off: int, skip=()) -> None:
         """Write the unit's rows of every hook not in ``skip`` into rows ``[off, off + unit.rows)`` of the hook's

@@ -251,11 +251,13 @@ class Loader:
                       np.random.default_rng(int(self._plan_and_length(epoch)[2][p, w])))
         for u, off in zip(units, win.offs[:-1].tolist()):
             reader = self._readers[u.src]
-            views = reader.views(u)  # zero-copy hooks: nothing to read (no thread handoff, no GIL contention)
-            if len(views) == len(self.hooks):
-                win.futures.append(views)
+            views = reader.views(u, check=False)  # zero-copy hooks: nothing to read here; their check (crc32c)
+            if len(views) == len(self.hooks):   # runs on a reader thread
+                win.futures.append(self._pool.submit(reader.check_views, u, views) if self._pool else
+                                   reader.check_views(u, views))
                 continue
             def read(r=reader, u=u, off=off, v=views):
+                r.check_views(u, v)
                 r.read(u, win.bufs, off, skip=v)
                 return v  # the unit's sources: these views, and the window buffer for every other hook
 

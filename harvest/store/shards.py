@@ -52,6 +52,7 @@ class ShardArray:
     verified cache): ``locate(shard)`` gives the file of a shard (fetching it first if need be). Thread-safe."""
 
     mappable = True  # `chunk_view` may hand out views of the shard files (a local store)
+    verify = True  # check each inner chunk's crc32c (format version 3); bench/bench_loader.py turns it off to cost it
 
     def __init__(self, layout: ShardLayout, locate: Callable[[int], str], where: str,
                  missing: Callable[[int, str], Exception] = _local_missing, attempts: int = 1,
@@ -142,12 +143,9 @@ class ShardArray:
             got = os.preadv(fd, parts, offset)
         if got != nbytes:
             raise StoreError(f"short read ({got} of {nbytes} bytes) in {path}; run `saecache verify`")
-        if self._crc_bytes:
-            stored = parts[-1][-4:]
-            payload = raw if raw is dst else raw[:-4]
-            self._check_crc(shard, inner, payload, stored)
-        else:
-            payload = raw
+        payload = raw if raw is dst or not self._crc_bytes else raw[:-4]
+        if self._crc_bytes and self.verify:
+            self._check_crc(shard, inner, payload, parts[-1][-4:])
         if raw is dst:
             return out
         if self._decode is None:
@@ -169,13 +167,14 @@ class ShardArray:
             raise StoreError(f"shard {shard} of {self.where} is corrupt: inner chunk {inner} does not match its "
                              "crc32c; run `saecache verify` on the store and re-harvest or re-copy that shard")
 
-    def chunk_view(self, shard: int, inner: int) -> np.ndarray | None:
+    def chunk_view(self, shard: int, inner: int, check: bool = True) -> np.ndarray | None:
         """Uncompressed arrays only: inner chunk ``inner`` of shard ``shard`` as a ``[chunk_rows, *row]`` view of the
         memory-mapped shard file (no copy; the page cache is the buffer). None when the array is compressed or the
         chunk is not a whole stored chunk. The mapping is private: writing into the view never changes the file.
         Pages are read (and mapped) on first touch, by the kernel's fault-around and read-around (no madvise: even
         MADV_WILLNEED on cached pages cost 0.07-0.28 ms per 4 MB here, more than copying them). In format version 3
-        the chunk's crc32c is checked over the view before it is handed out (one pass over its pages)."""
+        the chunk's crc32c is checked over the view before it is handed out (one pass over its pages); ``check``
+        False leaves that to the caller's `check_view` (the loader runs it on a reader thread)."""
         if self._decode is not None:
             return None
         with self._lock:
@@ -197,9 +196,17 @@ class ShardArray:
         if offset + nbytes > len(m):
             raise StoreError(f"short shard file in {self.where} shard {shard}: chunk {inner} ends past the file")
         view = np.frombuffer(m, self.dtype, self._chunk_nbytes // self.dtype.itemsize, offset)
-        if self._crc_bytes:
-            self._check_crc(shard, inner, view, m[offset + self._chunk_nbytes:offset + nbytes])
+        if check:
+            self.check_view(shard, inner, view)
         return view.reshape(self._chunk_shape)
+
+    def check_view(self, shard: int, inner: int, view: np.ndarray) -> None:
+        """Check a `chunk_view` against the crc32c stored right after it in the same mapping (format version 3)."""
+        if not (self._crc_bytes and self.verify):
+            return
+        whole = np.frombuffer(view.base, np.uint8)  # the mapping the view lives in
+        end = view.ctypes.data - whole.ctypes.data + self._chunk_nbytes
+        self._check_crc(shard, inner, view, whole[end:end + 4])
 
     def raw_chunk(self, shard: int, inner: int) -> bytes:
         """The stored (encoded) bytes of an inner chunk, b"" for one past the array's end."""

@@ -96,7 +96,7 @@ def loader_epoch(url: str, dtype: torch.dtype, checked: bool = True) -> tuple[fl
 
 def memmap_epoch(path: Path, to_float32: bool, seed: int) -> tuple[float, int]:
     """Random 4096-row blocks (start aligned to the block size), as many rows as the store holds."""
-    from saecache.train.chunks import to_float  # the loader's own fp16 -> fp32 cast: same cost on both sides
+    from saecache.harvest.store import to_torch  # the loader's own fp16 -> fp32 cast: same cost on both sides
 
     mm = np.load(path, mmap_mode="c")  # copy-on-write, like the loader's mapping (torch wants writable arrays)
     n_blocks = len(mm) // BATCH
@@ -104,7 +104,7 @@ def memmap_epoch(path: Path, to_float32: bool, seed: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     for i in order:
         a = mm[i * BATCH:(i + 1) * BATCH]
-        b = to_float(a, "float16", torch.float32) if to_float32 else torch.from_numpy(np.array(a))
+        b = to_torch(a, "float16", None, torch.float32) if to_float32 else torch.from_numpy(np.array(a))
     dt = time.perf_counter() - t0
     assert b.shape == (BATCH, D)
     return dt, n_blocks * BATCH

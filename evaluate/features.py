@@ -32,9 +32,7 @@ def top_activations(sae, store, hook: str, features: list[int], top: int, max_ro
     best_pos = torch.zeros((0, n_feat), dtype=torch.long)
     counts = torch.zeros(n_feat, dtype=torch.long)
     seen = 0
-    g = store.geometry
-    for s in store.complete_shards():
-        r0, r1 = g.shard_row_range(s)
+    for _, _, _, r0, r1 in store.shards():
         for b0 in range(r0, r1, batch_size):
             b1 = min(b0 + batch_size, r1, b0 + (max_rows - seen) if max_rows is not None else r1)
             if b1 <= b0:

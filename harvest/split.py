@@ -204,13 +204,9 @@ def context_batches(store, hooks: list[str], c0: int, c1: int, batch_size: int =
                     dtype: torch.dtype = torch.float32, max_rows: int | None = None, drop_bos: bool = False):
     """Yield the stored rows of contexts ``[c0, c1)`` in storage order (without position 0 with ``drop_bos``):
     ``{hook: [b, D] tensor, "context", "position", "token": [b] int64}``; only complete shards are read."""
-    g, served = store.geometry, 0
-    for s in store.complete_shards():
-        lo_c, hi_c = g.shard_contexts(s)
-        if hi_c <= c0 or lo_c >= c1:
-            continue
-        r0, _ = g.shard_row_range(s)
-        meta = store.read_meta(r0, g.shard_row_range(s)[1])
+    served = 0
+    for _, _, _, r0, r1 in store.shards((c0, c1)):
+        meta = store.read_meta(r0, r1)
         sel = (meta["context"] >= c0) & (meta["context"] < c1)
         if drop_bos:
             sel &= meta["position"] != 0

@@ -14,7 +14,7 @@ from saecache.errors import StoreError
 from saecache.harvest import quant
 from saecache.harvest.inspect import format_info, store_info
 from saecache.harvest.store import Store
-from saecache.train.chunks import to_float
+from saecache.harvest.store import to_torch
 from saecache.train.loader import Loader, open_stores
 
 QUANTIZED = ("int8", "nf4")
@@ -101,7 +101,7 @@ def test_plain_zarr_spec_decode_equals_the_reader_and_tracks_exact_values(stores
         plain = spec_numpy_decode(g, hook)
         ours = st.read_acts_torch(hook, 0, n)
         assert ours.dtype == torch.float32 and np.array_equal(plain, ours.numpy())
-        assert np.array_equal(to_float(st.read_acts(hook, 0, n), fmt, torch.float32, st.hooks[hook]["d"]).numpy(),
+        assert np.array_equal(to_torch(st.read_acts(hook, 0, n), fmt, st.hooks[hook]["d"], torch.float32).numpy(),
                               plain)
         # the same rows as the exact store (same seed, same permutation), within the format's bound
         x = exact.read_acts(hook, 0, n).astype(np.float64)

@@ -9,17 +9,14 @@ held-out cut, and the BOS rows left out: the one place they are dropped), and th
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from saecache.errors import StoreError
-from saecache.harvest.quant import decode
 from saecache.harvest.split import Split
-from saecache.harvest.store import Store
+from saecache.harvest.store import Store, single_threaded, to_torch  # noqa: F401 (the loader's casts)
 
 # per-row metadata that can be requested like a hook (int64 tensors): the store's rows/* arrays, plus "row" (the row
 # index inside its store) and "store" (the index of its store in the loader's list)
@@ -82,11 +79,7 @@ def training_units(stores: list[Store], split: Split) -> list[Unit]:
     units = []
     for i, st in enumerate(stores):
         g, cut = st.geometry, split.cutoff(st)
-        for s in st.complete_shards():
-            c0, c1 = g.shard_contexts(s)
-            if c0 >= cut:
-                continue
-            r0, r1 = g.shard_row_range(s)
+        for s, c0, c1, r0, r1 in st.shards((0, cut)):
             ctx = st.array("rows/context")[r0:r1] if c1 > cut else None
             bos = split.bos_rows(st, s)  # offsets in the shard, ascending; None: none left out
             for c in range(g.chunks_per_shard):
@@ -126,31 +119,6 @@ def split_units(units: list[Unit], pieces: int) -> list[Unit]:
             else:
                 out.append(Unit(u.src, u.row0 + a, b - a))
     return out
-
-
-@contextlib.contextmanager
-def single_threaded():
-    """Torch CPU ops inside run on the calling thread only (main thread; elsewhere a no-op), the thread count is
-    restored after. The loader's casts are memory-bound: a second thread gains little on a quiet machine, but
-    torch's intra-op pool waits for a busy core, and on a shared 2-core machine one 4096×512 fp16→fp32 cast took
-    8 ms through the pool against 0.16 ms on one thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def to_float(a: np.ndarray, logical: str, dtype: torch.dtype, d: int | None = None) -> torch.Tensor:
-    """Rows as stored (numpy; bfloat16 arrives as 16-bit integers, quantized formats as uint8 rows of scale + codes)
-    → a torch ``[N, d]`` tensor of ``dtype`` on this thread: float formats bit-exact (a view when no cast is needed),
-    quantized ones dequantized (`harvest.quant.decode`). ``d`` (the hook's width) is needed for quantized formats."""
-    with single_threaded():
-        return decode(a, logical, a.shape[-1] if d is None else d, dtype)
 
 
 class ChunkReader:

@@ -46,7 +46,7 @@ from saecache.errors import ConfigError, StoreError
 from saecache.harvest.split import Split
 from saecache.harvest.store import Store
 from saecache.train.chunks import (BITS, META, TORCH, ChunkReader, open_stores, single_threaded,  # noqa: F401
-                                   split_units, to_float, training_units)
+                                   split_units, to_torch, training_units)
 
 TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 MIN_PIECE = 64  # rows: the smallest piece a small store's inner chunks are cut into (see Loader._fit_small_store)
@@ -342,7 +342,7 @@ class Loader:
                         casts.append((h, bits))
                 _run_gathers(jobs)  # one thread: a second one gains nothing on a memory-bound copy (measured slower)
                 for h, src in casts:
-                    out[h] = to_float(src.numpy(), self._buf_spec[h][2], self._want(h), self.stores[0].hooks[h]["d"])
+                    out[h] = to_torch(src.numpy(), self._buf_spec[h][2], self.stores[0].hooks[h]["d"], self._want(h))
                 for h in self.hooks:
                     t = out[h]
                     if self._cuda:

@@ -19,8 +19,6 @@ blosc/zstd; index at the end); `ObjectEncoder.for_array` returns None for anythi
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 import crc32c
 import numpy as np
 
-from saecache.harvest.store.io import Location, checksum, remote_errors
 from saecache.harvest.store.layout import MISSING, ShardLayout, inner_encoder
 
 class ObjectEncoder:
@@ -101,29 +98,3 @@ def made_ahead(parts: Iterable[bytes], depth: int = 2) -> Iterator[bytes]:
         while (part := pending.popleft().result()) is not _END:
             pending.append(ex.submit(next, it, _END))
             yield part
-
-
-def put_parts(loc: Location, key: str, parts: Iterable[bytes]) -> dict:
-    """Write an object from its parts as zarr's stores do (locally a temp file, each part written as it comes, then a
-    rename; elsewhere one PUT); return its manifest checksum (`store.checksum` of the whole object, computed from the
-    parts as they are written)."""
-    crc, nbytes = 0, 0
-    path = loc.path(key)
-    if loc.local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                for p in parts:
-                    crc, nbytes = crc32c.crc32c(p, value=crc), nbytes + len(p)
-                    f.write(p)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return {"nbytes": nbytes, "crc32c": crc}
-    data = b"".join(parts)
-    with remote_errors(loc.url, f"writing {key} to"):
-        loc.fs.pipe_file(path, data)  # one PUT: atomic on object stores
-    return checksum(data)

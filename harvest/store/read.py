@@ -7,13 +7,18 @@ manifest, so a damaged store fails loudly, never as zeros. The format's layout i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
 from functools import cached_property
 
 import numpy as np
+import torch
 import zarr
 
 from saecache.errors import StoreError
@@ -30,6 +35,16 @@ from saecache.harvest.store.shards import ShardArray
 
 
 _DEFAULT = object()
+class ShardSpan(NamedTuple):
+    """One complete shard of a store: its number, contexts [c0, c1) and rows [r0, r1)."""
+
+    shard: int
+    c0: int
+    c1: int
+    r0: int
+    r1: int
+
+
 _WARNED: set[str] = set()  # stores (URLs) whose missing chunk checksums this process has warned about
 
 
@@ -122,6 +137,16 @@ class Store:
     def final(self) -> dict | None:
         raw = self.loc.get(final_key(self.version))
         return None if raw is None else parse_record(raw, self.version)
+
+    def shards(self, contexts: tuple[int, int] | None = None) -> Iterator[ShardSpan]:
+        """The complete shards in order, as `ShardSpan`s (shard number, its contexts and rows); with ``contexts``
+        = (c0, c1) only those holding some context in [c0, c1). The one loop over a store's shards."""
+        g = self.geometry
+        for s in self.complete_shards():
+            c0, c1 = g.shard_contexts(s)
+            if contexts is not None and (c1 <= contexts[0] or c0 >= contexts[1]):
+                continue
+            yield ShardSpan(s, c0, c1, *g.shard_row_range(s))
 
     def require_complete(self) -> None:
         done, n = len(self.complete_shards()), self.geometry.n_shards
@@ -260,6 +285,27 @@ def compute_fingerprint(header: dict, manifest: dict[int, dict]) -> str:
     return h.hexdigest()
 
 
-def to_torch(a: np.ndarray, logical_dtype: str, d: int | None = None):
-    """Stored rows → torch: float formats bit-exact in their own dtype, quantized ones dequantized to float32."""
-    return decode(a, logical_dtype, a.shape[1] if d is None else d, None)
+@contextlib.contextmanager
+def single_threaded():
+    """Torch CPU ops inside run on the calling thread only (main thread; elsewhere a no-op), the thread count is
+    restored after. Casts of stored rows are memory-bound: a second thread gains little on a quiet machine, but
+    torch's intra-op pool waits for a busy core, and on a shared 2-core machine one 4096×512 fp16→fp32 cast took
+    8 ms through the pool against 0.16 ms on one thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def to_torch(a: np.ndarray, logical_dtype: str, d: int | None = None, dtype: torch.dtype | None = None):
+    """Rows as stored (numpy; bfloat16 arrives as 16-bit integers, quantized formats as uint8 rows of scale + codes)
+    → a torch ``[N, d]`` tensor on this thread: float formats bit-exact (a view when no cast is needed), quantized ones
+    dequantized (`harvest.quant.decode`); ``dtype`` None keeps a float format's own dtype (float32 for a quantized
+    one). ``d`` (the hook's width) is needed for quantized formats."""
+    with single_threaded():
+        return decode(a, logical_dtype, a.shape[-1] if d is None else d, dtype)

@@ -24,7 +24,7 @@ from saecache.errors import StoreError
 from saecache.harvest.config import differing_flags
 from saecache.harvest.quant import FORMATS, SCALE_BYTES, decode, nf4_levels, row_sums, stats_from_sums
 from saecache.harvest.model import local_dir
-from saecache.harvest.store.encode import ObjectEncoder, made_ahead, put_parts
+from saecache.harvest.store.encode import ObjectEncoder, made_ahead
 from saecache.harvest.store.io import Location, checksum
 from saecache.harvest.store.layout import (
     BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, MANIFEST_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
@@ -243,7 +243,7 @@ class StoreWriter:
         enc = self._encoders[array]
         if enc is not None:
             parts = enc.encode(rows, perm)
-            return put_parts(self.loc, key, made_ahead(parts) if rows.nbytes >= AHEAD_BYTES else parts)
+            return self.loc.put(key, made_ahead(parts) if rows.nbytes >= AHEAD_BYTES else parts)
         # zarr skips a chunk equal to the fill value (e.g. rows/context of a one-context shard is all 0): with one
         # inner chunk per shard the shard object would then never be written, so every chunk is written here
         with zarr.config.set({"array.write_empty_chunks": True}):

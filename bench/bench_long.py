@@ -100,7 +100,8 @@ def build_corpus(p: dict, model: str, max_bytes: int) -> dict:
                              include=DEFAULT_SOURCES + ("sitepackages",))
     tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
     texts = [d["text"] for d in read_pile_jsonl_zst(info["train"])]
-    info["train_tokens"] = sum(len(e.ids) for i in range(0, len(texts), 256) for e in tok.encode_batch(texts[i:i + 256]))
+    info["train_tokens"] = sum(len(e.ids) for i in range(0, len(texts), 256)
+                               for e in tok.encode_batch(texts[i:i + 256]))
     info = {k: str(v) if isinstance(v, Path) else v for k, v in info.items()}
     (p["corpus"] / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
@@ -321,7 +322,8 @@ def plot(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", nargs="?", default="report", choices=("corpus", "harvest", "dump", "run", "loss", "report"),
+    ap.add_argument("stage", nargs="?", default="report",
+                    choices=("corpus", "harvest", "dump", "run", "loss", "report"),
                     help="default: report (what `make bench` runs: the long runs are started by hand)")
     ap.add_argument("trainer", nargs="?", choices=list(TRAINERS), help="with `run`")
     ap.add_argument("--python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),

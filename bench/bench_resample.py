@@ -1,8 +1,8 @@
 """The seed's resampling question (issue 21 §2): does resampling dead latents late in a run make the spike of
 high-frequency features the seed's authors saw, and what removes it?
 
-ReLU + L1 SAEs (saecache's defaults: lr 1e-3, coeff 0.1 for E‖x‖² = 1 inputs) with Anthropic resampling, on one hook
-of a store, every setting on the same rows in the same order (saecache's seed-0 data order):
+ReLU + L1 SAEs (saecache's defaults: lr 1e-3, coeff 0.1 for E‖x‖² = 1 inputs) with Anthropic resampling, on one
+hook of a store, every setting on the same rows in the same order (saecache's seed-0 data order):
 
 - `none`: no resampling (the control);
 - `late`: resampling every 30 % of the run, so at 30, 60 and 90 % (the seed's every 30,000 of 100,000 steps);
@@ -71,7 +71,8 @@ def train(store: str, hook: str, name: str, width: int, tokens: int, batch: int,
     every = plan["fields"].get("resample_steps", 250)
     cfg = TrainConfig(stores=[store], out=str(scratch / name), seed=0, tokens=tokens, batch_size=batch,
                       saes=[{"hook_in": hook, "arch": "relu", "width": width, "name": "sae",
-                             **({} if coeff is None else {"coeff": coeff}), **({} if lr is None else {"lr": lr})}], progress=False,
+                             **({} if coeff is None else {"coeff": coeff}), **({} if lr is None else {"lr": lr})}],
+                      progress=False,
                       checkpoint_every=every, keep_checkpoints=steps // every + 2, **plan["fields"])
     (run_dir,) = run_training(cfg)
     return run_dir
@@ -144,12 +145,13 @@ def write_md(result: dict, path: Path) -> None:
              f"every setting. Measured on {result['heldout_rows']:,} held-out rows. Command: "
              f"`python -m bench.bench_resample {result['command']}`.", "",
              "| setting | resamples at step | LR re-warm | FVE | L0 | dead | above 0.038 | resampled at the last "
-             "resample | of those above 0.038 | their median freq | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "resample | of those above 0.038 | their median freq | train s |", "|---" * 11 + "|"]
     for r in result["rows"]:
         lines.append(f"| {r['setting']} | {', '.join(map(str, r['resample_at'])) or '–'} | "
                      f"{'yes' if r['rewarm'] else 'no'} | {r['fve']:.4f} | {r['l0']:.1f} | {r['dead']} | "
                      f"{r['above_threshold']} | {r.get('resampled_last', '–')} | "
-                     f"{r.get('above_threshold_resampled_last', '–')} | {r.get('resampled_last_median_freq') or '–'} | "
+                     f"{r.get('above_threshold_resampled_last', '–')} | "
+                     f"{r.get('resampled_last_median_freq') or '–'} | "
                      f"{r['train_s']} |")
     lines += ["", "Histograms: resample.png (one panel per setting, the red line at 0.038)."]
     if result.get("conclusion"):
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     steps = -(-args.tokens // args.batch)
     result = {"store": args.store, "store_rows": Store.open(args.store).geometry.n_rows, "hook": args.hook,
               "d": int(x_held.shape[1]), "width": args.width, "tokens": steps * args.batch, "steps": steps,
-              "batch": args.batch, "coeff": args.coeff, "lr": args.lr, "heldout_rows": len(x_held), "threshold": THRESHOLD, "threads": 1,
+              "batch": args.batch, "coeff": args.coeff, "lr": args.lr, "heldout_rows": len(x_held),
+              "threshold": THRESHOLD, "threads": 1,
               "command": " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
     if res_path.exists():  # resume: keep the settings measured on the same run shape
         old = json.loads(res_path.read_text())

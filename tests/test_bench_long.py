@@ -184,8 +184,8 @@ def test_resample_schedules():
 
 
 def test_resample_study_end_to_end(tiny_store, tmp_path, one_torch_thread, monkeypatch):
-    """Three settings on the tiny store with a strong L1 and a high LR (latents die, so resampling has work): the resampled
-    latents are found only where resampling ran, the counts agree with the frequencies, and a rerun trains
+    """Three settings on the tiny store with a strong L1 and a high LR (latents die, so resampling has work): the
+    resampled latents are found only where resampling ran, the counts agree with the frequencies, and a rerun trains
     nothing."""
     from bench import bench_resample as br
     from saecache.train.rundir import read_cfg
@@ -207,7 +207,7 @@ def test_resample_study_end_to_end(tiny_store, tmp_path, one_torch_thread, monke
     for x in r["rows"]:
         freq = np.asarray(x["freq"])
         assert len(freq) == 64 and x["above_threshold"] == int((freq > br.THRESHOLD).sum())
-        assert x["dead"] == int((freq == 0).sum()) and x["l0"] == pytest.approx(freq.sum(), abs=0.01)  # (l0 rounded to 2 places)
+        assert x["dead"] == int((freq == 0).sum()) and x["l0"] == pytest.approx(freq.sum(), abs=0.01)  # l0: 2 places
     assert (out / "resample.png").stat().st_size > 0 and "| late | 6, 12, 18 | yes |" in \
         (out / "resample.md").read_text()
     monkeypatch.setattr(br, "train", None)  # every setting is measured: nothing is trained again

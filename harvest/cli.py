@@ -10,7 +10,8 @@ from saecache.harvest.config import HarvestConfig
 from saecache.options import config_options
 
 
-def _storage_options(pairs: tuple[str, ...]) -> dict:
+def parse_storage_options(pairs: tuple[str, ...]) -> dict:
+    """fsspec storage options from repeated `KEY=VALUE` flags (-S here, -S/-D of `saecache copy`)."""
     opts = {}
     for p in pairs:
         k, _, v = p.partition("=")
@@ -36,7 +37,7 @@ def harvest(quiet: bool, storage_option: tuple[str, ...], **kw) -> None:
     """
     from saecache.harvest.run import run_harvest
 
-    cfg = HarvestConfig(storage_options=_storage_options(storage_option), **kw)
+    cfg = HarvestConfig(storage_options=parse_storage_options(storage_option), **kw)
     s = run_harvest(cfg, progress=not quiet)
     state = "complete" if s["complete"] else "incomplete (other workers' shards pending)"
     click.echo(f"harvested {s['rows']:,} rows into {s['store']} in {s['seconds']:.1f}s: "
@@ -51,7 +52,7 @@ def info(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Summarise a store: provenance, hooks, rows, codec, size and fingerprint."""
     from saecache.harvest.inspect import format_info, store_info
 
-    d = store_info(store, _storage_options(storage_option))
+    d = store_info(store, parse_storage_options(storage_option))
     click.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
@@ -63,11 +64,11 @@ def verify(store: str, storage_option: tuple[str, ...]) -> None:
     from saecache.harvest.inspect import verify_store
     from saecache.harvest.store import Store
 
-    problems = verify_store(store, _storage_options(storage_option))
+    problems = verify_store(store, parse_storage_options(storage_option))
     for p in problems:
         click.echo(p)
     if problems:
         click.echo(f"{store}: {len(problems)} problem(s)", err=True)
         raise SystemExit(1)
-    n = Store.open(store, _storage_options(storage_option)).geometry.n_shards
+    n = Store.open(store, parse_storage_options(storage_option)).geometry.n_shards
     click.echo(f"{store}: all {n} shards verified")

@@ -24,13 +24,15 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
+import zstandard
+from tqdm import tqdm
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.config import differing_flags
 from saecache.harvest.store.io import Location
 from saecache.harvest.store.write import diff_keys, process_is_live
 from saecache.harvest.text import (
-    TextSpec, _special_ids, chain_fingerprint, iter_records, source_identity, source_names,
+    TextSpec, chain_fingerprint, iter_records, resolve_source, source_identity, source_names, special_ids,
 )
 
 PLAN_DIR = "_plan"
@@ -65,9 +67,7 @@ def plan_key(spec: TextSpec, tokenizer_info: dict, ctx_len: int, bos: bool, n_co
 
 def _files(spec: TextSpec) -> list[list]:
     """[name, size] of each file of a file source (names as the fingerprint gives them), else []."""
-    from saecache.harvest.text import _resolve
-
-    kind, targets = _resolve(spec)
+    kind, targets = resolve_source(spec)
     if kind != "files":
         return [[spec.source, None]]
     return [[n, os.path.getsize(f)] for n, f in zip(source_names(spec), targets)]
@@ -112,8 +112,6 @@ class Plan:
 
     def read(self, s: int) -> np.ndarray:
         """Shard `s`'s contexts, int32 [n, ctx_len]."""
-        import zstandard
-
         raw = self.loc.get(f"{PLAN_DIR}/contexts-{s:06d}.bin")
         if raw is None:
             raise StoreError(f"the plan of {self.loc.url} lacks shard {s}'s contexts although it is complete; the "
@@ -157,13 +155,11 @@ class Plan:
         self.loc.put_atomic(PLANNER_FILE, json.dumps(rec).encode())
 
     def _put_contexts(self, s: int, contexts_CT: np.ndarray) -> None:
-        import zstandard
-
         data = zstandard.ZstdCompressor(level=3).compress(np.ascontiguousarray(contexts_CT, dtype=np.int32).tobytes())
         self.loc.put_atomic(f"{PLAN_DIR}/contexts-{s:06d}.bin", data)
 
     def _build(self, spec: TextSpec, tokenizer, progress: bool = False) -> dict:
-        start, eos = _special_ids(tokenizer, self.key["bos"])
+        start, eos = special_ids(tokenizer, self.key["bos"])
         body = self.ctx_len - (1 if self.key["bos"] else 0)
         names = source_names(spec)
         state = self._json(STATE_FILE)
@@ -189,8 +185,6 @@ class Plan:
 
         tail = [eos] if eos is not None else []
         records = iter_records(spec, after) if k * self.per_shard < self.want else iter(())
-        from tqdm import tqdm
-
         bar = tqdm(total=self.want, initial=min(self.want, k * self.per_shard), desc="plan: tokenize into contexts",
                    unit="ctx", disable=not progress, smoothing=0.1)
         while k * self.per_shard < self.want:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from saecache.harvest.cli import _storage_options
+from saecache.harvest.cli import parse_storage_options
 from saecache.harvest.config import CopyConfig
 from saecache.options import config_options
 
@@ -33,7 +33,7 @@ def copy(src: str, dst: str, hooks: tuple[str, ...] | None, src_option: tuple[st
     from saecache.harvest.copy import copy_store
 
     cfg = CopyConfig(src=src, dst=dst, hooks=hooks,
-                     src_options=_storage_options(src_option), dst_options=_storage_options(dst_option),
+                     src_options=parse_storage_options(src_option), dst_options=parse_storage_options(dst_option),
                      threads=threads)
     with tqdm(unit="shard", desc="copy", disable=quiet) as bar:
         s = copy_store(cfg, progress=bar.update)

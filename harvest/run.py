@@ -10,6 +10,7 @@ shard's bytes do not depend on which process wrote it, when, or how many encode 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -23,14 +24,20 @@ import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
+from zarr.core import sync as zsync
 
 from saecache import __version__
 from saecache.errors import ConfigError, DataError
 from saecache.harvest import quant
 from saecache.harvest.config import HELDOUT_RULE, HarvestConfig, min_store_contexts
+from saecache.harvest.hooks import ActivationCapture, resolve_hooks
+from saecache.harvest.inspect import store_size
+from saecache.harvest.model import load_model
 from saecache.harvest.paths import remove_path, topmost_missing
+from saecache.harvest.plan import Plan, plan_key
 from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, Location, shard_permutation
 from saecache.harvest.store.write import StoreWriter, probe_store_dir
+from saecache.harvest.text import TextSpec
 from saecache.threads import stage_threads
 
 
@@ -192,8 +199,6 @@ class WritePipeline:
 def _set_codec_threads(n: int) -> Callable[[], None]:
     """Give zarr's event loop a default executor of `n` threads (where its codecs encode objects the writer leaves to
     zarr); returns the undo."""
-    from zarr.core import sync as zsync
-
     zsync._get_executor()  # zarr's own executor exists (and is the loop's default) before we swap it
     loop = zsync._get_loop()
     ours = ThreadPoolExecutor(n, thread_name_prefix="saecache-codec")
@@ -213,8 +218,6 @@ def keep_freed_heap() -> None:
     codec's CPU (15k faults per 65,536-row shard, measured by bench_write: +25 % store rows/s). Process-wide, once;
     does nothing where the C library is not glibc."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
@@ -237,9 +240,6 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
 
 def _run_harvest(cfg: HarvestConfig, progress: bool = True) -> dict:
     """Harvest this worker's shards of `cfg.out`; return a summary dict. Safe to rerun: finished shards are skipped."""
-    from saecache.harvest.hooks import resolve_hooks
-    from saecache.harvest.model import load_model
-
     worker, n_workers = cfg.worker_slot()
     t_start = time.time()
     loc = Location(cfg.out, cfg.storage_options, read_only=False)  # parses the URL early
@@ -294,10 +294,6 @@ def remove_unpublished(loc: Location, fresh: tuple[str, bool]) -> None:
 
 def _harvest(cfg: HarvestConfig, loc: Location, model, tokenizer, info: dict, hooks: list, worker: int,
              n_workers: int, t_start: float, progress: bool) -> dict:
-    from saecache.harvest.hooks import ActivationCapture
-    from saecache.harvest.plan import Plan, plan_key
-    from saecache.harvest.text import TextSpec
-
     spec = TextSpec(source=cfg.dataset, text_field=cfg.text_field, split=cfg.split, name=cfg.dataset_name)
     rpc = cfg.ctx_len - (0 if cfg.store_bos else 1)
     per_shard = (cfg.ctx_per_chunk or Geometry.default_ctx_per_chunk(rpc)) * cfg.chunks_per_shard
@@ -342,8 +338,6 @@ def _harvest(cfg: HarvestConfig, loc: Location, model, tokenizer, info: dict, ho
         complete = writer.finalize_if_complete()
     finally:
         writer.release()  # also when stopped: a rerun in this same process may take the slot at once
-    from saecache.harvest.inspect import store_size
-
     return {"store": cfg.out, "shards_written": len(todo), "shards_of_this_worker": len(mine), "complete": complete,
             "seconds": time.time() - t_start, "loop_seconds": loop_seconds, "encode_workers": workers,
             "plan": {k: planned[k] for k in ("n_contexts", "documents", "tokens")},

@@ -73,8 +73,9 @@ def _kind(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _resolve(spec: TextSpec) -> tuple[str, list[str]]:
-    """("files", sorted files) | ("disk", [dir]) | ("dir", [dir]) | ("hub", [name])."""
+def resolve_source(spec: TextSpec) -> tuple[str, list[str]]:
+    """What `spec.source` names: ("files", the matched files, sorted per glob) | ("disk", [a saved dataset's dir]) |
+    ("dir", [a dataset directory]) | ("hub", [a Hub name]). DataError when nothing matches."""
     src = spec.source.strip()
     parts = [src] if os.path.exists(os.path.expanduser(src)) else [p.strip() for p in src.split(",") if p.strip()]
     if not parts:
@@ -227,7 +228,7 @@ def _iter_dataset(ds, spec: TextSpec, target: str, after: int = -1) -> Iterator[
 def source_names(spec: TextSpec) -> list[str]:
     """The source's parts as the fingerprint names them: matched files relative to their common directory, or the
     one dataset directory / Hub name."""
-    kind, targets = _resolve(spec)
+    kind, targets = resolve_source(spec)
     if kind != "files":
         return [os.path.basename(targets[0].rstrip("/")) if kind != "hub" else targets[0]]
     root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in targets])
@@ -238,7 +239,7 @@ def iter_records(spec: TextSpec, after: tuple[int, int] | None = None) -> Iterat
     """((part, record), text) for every document of `spec` in a deterministic order (files sorted, records in file
     order; `part` indexes `source_names(spec)`). `after`: resume after that position; files before it are not
     opened, records before it in its file are skipped unparsed. DataError when the source holds no documents."""
-    kind, targets = _resolve(spec)
+    kind, targets = resolve_source(spec)
     f0, r0 = after if after is not None else (0, -1)
     n = 0
     if kind == "files":
@@ -261,7 +262,7 @@ def iter_documents(spec: TextSpec) -> Iterator[str]:
 def source_identity(spec: TextSpec) -> str:
     """The start of the dataset fingerprint: what names the source besides its bytes (Hub name, config, split and
     revision; split and config of a local dataset directory; nothing more for files)."""
-    kind, targets = _resolve(spec)
+    kind, targets = resolve_source(spec)
     ident = {"kind": kind}
     if kind == "hub":
         ident.update(hub=targets[0], name=spec.name, split=spec.split, revision=spec.revision)
@@ -292,7 +293,9 @@ def fingerprint(spec: TextSpec, docs: Iterable[tuple[tuple[int, int], str]] | No
 
 # ---- packing ----
 
-def _special_ids(tokenizer, bos: bool) -> tuple[int | None, int | None]:
+def special_ids(tokenizer, bos: bool) -> tuple[int | None, int | None]:
+    """(the id that starts each context, None without BOS; the id that ends each document, None when the tokenizer
+    has no EOS). A tokenizer without a BOS token starts contexts with its EOS."""
     eos = tokenizer.eos_token_id
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     if bos and start is None:
@@ -302,7 +305,7 @@ def _special_ids(tokenizer, bos: bool) -> tuple[int | None, int | None]:
 
 def packing_policy(tokenizer, bos: bool) -> str:
     """The packing policy as one line, with the actual ids: the store header's `bos_policy`."""
-    start, eos = _special_ids(tokenizer, bos)
+    start, eos = special_ids(tokenizer, bos)
     sep = f"followed by EOS id {eos}" if eos is not None else "with no separator (tokenizer has no EOS)"
     head = f"[BOS id {start}] + ctx_len-1 stream tokens" if bos else "ctx_len stream tokens (no BOS)"
     return (f"non-empty documents tokenized without special tokens, each {sep}, concatenated in order; "
@@ -313,7 +316,7 @@ def iter_contexts(docs: Iterable[str], tokenizer, ctx_len: int, bos: bool = True
                   batch_docs: int = 256) -> Iterator[np.ndarray]:
     """Yield blocks of packed contexts, int32 [c, ctx_len] (c >= 1), following the packing policy; reads `docs`
     lazily, `batch_docs` documents per fast-tokenizer call. DataError if the text holds less than one context."""
-    start, eos = _special_ids(tokenizer, bos)
+    start, eos = special_ids(tokenizer, bos)
     body = ctx_len - (1 if bos else 0)
     if body < 1:
         raise ConfigError(f"ctx_len {ctx_len} is too small: need at least {2 if bos else 1}")

@@ -23,6 +23,8 @@ import math
 import os
 
 from saecache.errors import ConfigError
+from saecache.harvest.hooks import layer_of
+from saecache.harvest.paths import safe_name
 
 POINT_KEYS = ("run", "architecture", "n_features", "k", "coeff", "l0", "fve", "mse", "recovered_zero",
               "recovered_zero_lo", "recovered_zero_hi", "recovered_mean", "n_pruned", "prune_above")
@@ -44,22 +46,19 @@ def point(row: dict) -> dict:
 
 
 def _hook_order(hook: str):
-    from saecache.evaluate.runner import layer_of
-
     layer = layer_of(hook.split(" -> ")[-1])
     return (0, int(layer), hook) if layer.isdigit() else (1, 0, hook)
 
 
 def frontier_data(rows: list[dict], curves: dict[str, list[dict]] | None = None) -> dict:
-    """The numbers behind the pictures. `rows`: the report rows (pruned re-measurements are not points); `curves`:
-    per run dir, its unpruned row followed by its pruning-curve rows (highest threshold first).
+    """The numbers behind the pictures. `rows`: the points, as the report's tables show them (its rows with each
+    set of replicas summarized, `report.with_seed_summaries`, and no pruned re-measurement); `curves`: per run dir,
+    its unpruned row followed by its pruning-curve rows (highest threshold first).
 
     Returns {"panels": [{"hook", "lines": [{"architecture", "n_features", "points": [point, ...] sorted by L0}],
     "pruning": [{"run", "architecture", "n_features", "points": [unpruned point, then one per threshold]}]}]}."""
-    from saecache.evaluate.report import with_seed_summaries
-
     panels: dict[str, dict] = {}
-    for r in with_seed_summaries([r for r in rows if not r.get("pruned")]):
+    for r in rows:
         p = panels.setdefault(panel_of(r), {"hook": panel_of(r), "lines": {}, "pruning": []})
         line = p["lines"].setdefault((r["architecture"], r["n_features"]), {
             "architecture": r["architecture"], "n_features": r["n_features"], "points": []})
@@ -189,14 +188,12 @@ def frontier_png(panel: dict, path: str) -> None:
 
 
 def png_name(hook: str) -> str:
-    from saecache.evaluate.report import safe_name
-
     return f"frontier-{safe_name(hook.replace(' -> ', '-to-'))}.png"
 
 
 def write_frontier(out: str, rows: list[dict], curves: dict[str, list[dict]] | None, draw: bool) -> dict:
-    """frontier.json in `out` (and, with `draw`, one frontier-<hook>.png per panel, named in the panel's `png`);
-    returns the data written."""
+    """frontier.json in `out` (and, with `draw`, one frontier-<hook>.png per panel, named in the panel's `png`) from
+    the points' `rows` and the pruning `curves` (as `frontier_data` takes them); returns the data written."""
     data = frontier_data(rows, curves)
     for panel in data["panels"]:
         panel["png"] = None

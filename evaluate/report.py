@@ -20,6 +20,7 @@ import torch
 
 from saecache import __version__
 from saecache.errors import ConfigError
+from saecache.harvest.paths import safe_name
 
 # (column title, row key, formatter) of the markdown tables, in order
 SEED_COLUMNS = ["Layer", "MSE Loss", "L1 loss", "L0", "% Alive", "% Loss Recovered"]
@@ -289,11 +290,6 @@ def histogram_png(freq_F: torch.Tensor, path: str, title: str, bins: int = 50) -
     plt.close(fig)
 
 
-def safe_name(name: str) -> str:
-    """A run label as a file-name part."""
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
-
-
 def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
                  curves: dict[str, list[dict]] | None = None) -> dict[str, str]:
     """Write every output into cfg.out; returns {kind: path}. `curves`: per run dir, its unpruned row and its
@@ -319,7 +315,8 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(clean)
-    frontier = write_frontier(cfg.out, rows, curves, getattr(cfg, "frontier", False))
+    frontier = write_frontier(cfg.out, with_seed_summaries([r for r in rows if not r.get("pruned")]), curves,
+                              getattr(cfg, "frontier", False))
     paths["frontier"] = os.path.join(cfg.out, "frontier.json")
     with open(paths["md"], "w") as f:
         f.write(markdown(rows, header, frontier))

@@ -16,7 +16,6 @@ store without it treats it: never replaced, its prediction not counted); `EvalCo
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from saecache.errors import RunDirError, StoreError
 from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
-from saecache.harvest.hooks import HookPoint
+from saecache.harvest.hooks import HookPoint, layer_of
 from saecache.harvest.split import Split, context_batches
 from saecache.harvest.store import Store
 from saecache.threads import stage_threads
@@ -110,11 +109,6 @@ def heldout_contexts_for(run_dir: str, cfg: dict, sae, store: Store) -> tuple[tu
 def hook_point(store: Store, name: str) -> HookPoint:
     h = store.hooks[name]
     return HookPoint(name=name, module=h["module"], io=h["io"], d=h["d"], order=0)
-
-
-def layer_of(hook: str) -> str:
-    m = re.search(r"(\d+)(?!.*\d)", hook)
-    return m.group(1) if m else hook
 
 
 def bos_rule(split: Split, store: Store, cfg) -> str:

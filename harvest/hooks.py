@@ -104,6 +104,12 @@ ALIAS_KINDS: dict[str, Callable[[Layout, int], tuple[str, str]]] = {
 BLOCK0_ALIASES: dict[str, Callable[[Layout], tuple[str, str]]] = {"embed": lambda lay: (f"{lay.blocks}.0", "input")}
 
 
+def layer_of(hook: str) -> str:
+    """The layer a hook name points at: its last number (`mlp_out.3` -> "3"), or the name itself when it has none."""
+    m = re.search(r"(\d+)(?!.*\d)", hook)
+    return m.group(1) if m else hook
+
+
 class _StopForward(Exception):
     """Raised inside the deepest hook to end the forward pass early; never escapes ActivationCapture."""
 

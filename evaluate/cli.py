@@ -32,7 +32,8 @@ def evaluate(run_dirs, **kw):
 @config_options(FeaturesConfig, skip=("run_dir",), flags={"features": "--feature"})
 def features(run_dir, **kw):
     """Top-activating contexts of features of the SAE in RUN_DIR, with the firing token marked «like this»."""
-    from saecache.evaluate.features import as_html, as_text, feature_contexts
+    from saecache.evaluate.features import as_html, as_text
+    from saecache.evaluate.features_run import feature_contexts
 
     cfg = FeaturesConfig(run_dir=run_dir, **{**kw, "features": list(kw["features"])})
     result = feature_contexts(cfg)

@@ -3,20 +3,18 @@ token marked, plus each feature's firing frequency; optionally a static HTML pag
 
 Rows are scanned in storage order from the start of the store (complete shards only, up to `max_rows`); each row maps
 back to its text through rows/context + rows/position + contexts and the tokenizer named in the store header.
-`saecache features` shows chosen features; `saecache evaluate` writes one page per SAE with a few features picked
-along the frequency ranking (`pick_features`).
+`saecache features` shows chosen features (`features_run.py`); `saecache evaluate` writes one page per SAE with a few
+features picked along the frequency ranking (`pick_features`).
 """
 
 from __future__ import annotations
 
 import html
-import os
 
 import numpy as np
 import torch
 
-from saecache.errors import ConfigError, ModelError
-from saecache.evaluate.config import FeaturesConfig
+from saecache.errors import ModelError
 
 AFTER = 4  # tokens shown after the firing one
 
@@ -90,26 +88,6 @@ def render(found: dict[int, dict], n_rows: int, store, tok, window: int, run: st
         result["features"][feat] = {"count": info["count"], "frequency": info["count"] / max(n_rows, 1),
                                     "contexts": contexts}
     return result
-
-
-def feature_contexts(cfg: FeaturesConfig) -> dict:
-    """Scan the store and render: returns {"run", "n_rows", "features": {N: {frequency, count, contexts[...]}}}."""
-    from saecache.evaluate.runner import heldout_contexts_for, load_run_checked, open_store, recorded_name, run_hooks
-    from saecache.harvest.model import pick_device
-
-    device = pick_device(cfg.device)
-    store = open_store(cfg.store)
-    sae, rcfg = load_run_checked(cfg.run_dir, device)
-    heldout_contexts_for(cfg.run_dir, rcfg, sae, store)  # same model and hooks, or a one-line error
-    bad = [f for f in cfg.features if f >= sae.cfg.width]
-    if bad:
-        raise ConfigError(f"feature(s) {bad} out of range: this SAE has {sae.cfg.width} features (0.."
-                          f"{sae.cfg.width - 1})")
-    hook = run_hooks(rcfg)[0]
-    tok = load_tokenizer(cfg.tokenizer or recorded_name(store, store.header["tokenizer"]["name"]))
-    found, n_rows = top_activations(sae, store, hook, cfg.features, cfg.top, cfg.max_rows, cfg.batch_size, device)
-    run = rcfg.get("name") or os.path.basename(os.path.normpath(cfg.run_dir))
-    return render(found, n_rows, store, tok, cfg.window, run, hook)
 
 
 def pick_features(freq_F: torch.Tensor, n: int) -> list[int]:

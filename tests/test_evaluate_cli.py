@@ -150,7 +150,7 @@ def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp
 def test_features_marks_the_firing_token(runs, tiny_store, tmp_path, capsys):
     x_all, st = None, None
     from saecache.evaluate.config import FeaturesConfig
-    from saecache.evaluate.features import feature_contexts
+    from saecache.evaluate.features_run import feature_contexts
     from saecache.harvest.store import Store
     from saecache.train.rundir import load_run
 

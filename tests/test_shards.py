@@ -300,7 +300,7 @@ def evaluate():
 
 def features():
     from saecache.evaluate.config import FeaturesConfig
-    from saecache.evaluate.features import feature_contexts
+    from saecache.evaluate.features_run import feature_contexts
     res = feature_contexts(FeaturesConfig(run_dir=run["dir"], store=store, features=[0, 1], top=3, max_rows=4500,
                                           tokenizer=tokenizer, device="cpu"))
     assert res["n_rows"] == 4500  # 141 shards

@@ -68,8 +68,9 @@ DL_WEIGHTS_FILE, DL_CFG_FILE = "ae.pt", "config.json"
 class DictWeights:
     """A dictionary in library-neutral form: pre = (x - a * b_dec_D) @ W_enc_DF + b_enc_F with a = pre_bias."""
 
-    architecture: str
-    """relu, topk, batchtopk, jumprelu, gated or matryoshka (our names; `arch` is the object)."""
+    arch: Architecture
+    """Our architecture (relu, topk, batchtopk, jumprelu, gated or matryoshka); its name is taken too, and looked up
+    once, here."""
     W_enc_DF: torch.Tensor
     W_dec_FD: torch.Tensor
     b_dec_D: torch.Tensor
@@ -90,16 +91,16 @@ class DictWeights:
     transcoder: bool = False
     """Predicts another hook than its input (its input centre, if any, is extras["b_in_D"]); no export format has one."""
 
-    @property
-    def arch(self) -> Architecture:
-        return architecture(self.architecture)
+    def __post_init__(self):
+        if isinstance(self.arch, str):
+            self.arch = architecture(self.arch)
 
     @property
     def d_in(self) -> int:
         return self.W_enc_DF.shape[0]
 
     @property
-    def n_features(self) -> int:
+    def width(self) -> int:
         return self.W_enc_DF.shape[1]
 
     @property
@@ -179,7 +180,7 @@ def read_dictionary_learning(src: str) -> DictWeights:
                          *((k, t, (F,)) for k, t in extras.items())):
         if tuple(t.shape) != want:
             raise _shape_error(pt_path, key, t.shape, want)
-    w = DictWeights(arch.name, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), b_enc.contiguous(),
+    w = DictWeights(arch, W_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), b_enc.contiguous(),
                     pre_bias=cls not in DL_NO_PRE_BIAS, extras=extras)
     if "group_sizes" in keys:
         w.group_sizes = [int(s) for s in sd["group_sizes"].tolist()]
@@ -218,7 +219,7 @@ def transcoder_threshold_form(w: DictWeights, target: str) -> dict[str, torch.Te
     scalar inference threshold becomes a constant JumpReLU threshold. float32. Architectures without that form
     (`Architecture.threshold_form`) are refused."""
     if not w.arch.threshold_form:
-        raise RunDirError(f"cannot export a {w.architecture} transcoder to {target}: its transcoders encode with ReLU "
+        raise RunDirError(f"cannot export a {w.arch.name} transcoder to {target}: its transcoders encode with ReLU "
                           "or JumpReLU only; train relu, jumprelu or batchtopk (its inference threshold is a JumpReLU)")
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
     b_enc = w.b_enc_F.double()
@@ -229,7 +230,7 @@ def transcoder_threshold_form(w: DictWeights, target: str) -> dict[str, torch.Te
                               f"centre of width {w.d_in} (b_in_D)")
         b_enc = b_enc - centre.double() @ w.W_enc_DF.double()
     out = {"W_enc_DF": c(w.W_enc_DF), "b_enc_F": c(b_enc), "W_dec_FD": c(w.W_dec_FD), "b_dec_D": c(w.b_dec_D)}
-    threshold_F = w.arch.threshold_F(w.threshold, w.n_features, target)
+    threshold_F = w.arch.threshold_F(w.threshold, w.width, target)
     if threshold_F is not None:  # saecache's JumpReLU clamps its threshold at 0 too
         out["threshold_F"] = c(threshold_F.clamp_min(0))
     return out
@@ -239,7 +240,7 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
     """Write `ae.pt` (a plain state dict, torch.save) and `config.json` as dictionary_learning saves them."""
     _refuse_transcoder(w, "dictionary_learning")
     if not w.arch.dl_classes:
-        raise RunDirError(f"architecture {w.architecture!r} has no dictionary_learning class")
+        raise RunDirError(f"architecture {w.arch.name!r} has no dictionary_learning class")
     cls = w.arch.dl_classes[0]
     w = w.with_pre_bias(cls not in DL_NO_PRE_BIAS)
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
@@ -267,12 +268,12 @@ def write_dictionary_learning(w: DictWeights, out: str, meta: dict | None = None
                                  else torch.tensor(-1.0, dtype=torch.float32)))
     m = {**w.meta, **(meta or {})}
     trainer = {"dict_class": cls, "trainer_class": DL_CLASSES[cls][1], "activation_dim": w.d_in,
-               "dict_size": w.n_features, "lm_name": m.get("lm_name"), "layer": m.get("layer"),
+               "dict_size": w.width, "lm_name": m.get("lm_name"), "layer": m.get("layer"),
                "submodule_name": m.get("submodule_name")}
     if w.k is not None:
         trainer["k"] = int(w.k)
     if w.group_sizes is not None:
-        trainer.update(group_sizes=list(w.group_sizes), group_fractions=[s / w.n_features for s in w.group_sizes])
+        trainer.update(group_sizes=list(w.group_sizes), group_fractions=[s / w.width for s in w.group_sizes])
     buffer = {"d_submodule": w.d_in, "io": m.get("io") or "out", "ctx_len": m.get("ctx_len")}
     os.makedirs(out, exist_ok=True)
     torch.save(sd, os.path.join(out, DL_WEIGHTS_FILE))
@@ -287,7 +288,7 @@ def to_sae(w: DictWeights):
     """Our `SAE` computing the same map as `w` (the pre-bias convention is converted where the architectures differ)."""
     arch = w.arch
     w = w.with_pre_bias(arch.pre_bias)
-    cfg = SAEConfig(arch=arch.name, d_in=w.d_in, width=w.n_features, d_out=w.d_out,
+    cfg = SAEConfig(arch=arch.name, d_in=w.d_in, width=w.width, d_out=w.d_out,
                     k=w.k if arch.needs_k else None, group_sizes=w.group_sizes)
     state = {k: v.clone() for k, v in SAE(cfg).state_dict().items()}  # buffers (dead counters...) at their defaults
     state.update(W_enc_DF=w.W_enc_DF, W_dec_FD=w.W_dec_FD, b_dec_D=w.b_dec_D, b_enc_F=w.b_enc_F)
@@ -304,7 +305,7 @@ def from_sae(sae, meta: dict | None = None) -> DictWeights:
     """The neutral form of our `SAE` (raw-activation weights as saved in a run dir)."""
     c, arch = sae.cfg, sae.arch
     g = lambda name: getattr(sae, name).detach().to(torch.float32).cpu().clone()  # noqa: E731
-    w = DictWeights(arch.name, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"), g("b_enc_F"),
+    w = DictWeights(arch, g("W_enc_DF").contiguous(), g("W_dec_FD"), g("b_dec_D"), g("b_enc_F"),
                     pre_bias=arch.pre_bias, k=c.k, meta=dict(meta or {}), group_sizes=c.group_sizes,
                     extras={name: g(name) for name in arch.extra_F})
     w.transcoder = bool(c.transcoder)

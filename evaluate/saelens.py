@@ -34,14 +34,14 @@ def write_saelens(w: DictWeights, out: str, meta: dict | None = None) -> None:
         return _write_transcoder(w, out, meta)
     a = w.arch
     if a.saelens_arch is None:
-        raise RunDirError(f"architecture {w.architecture!r} has no SAELens equivalent")
+        raise RunDirError(f"architecture {w.arch.name!r} has no SAELens equivalent")
     c = lambda t: t.detach().to(torch.float32).contiguous().cpu()  # noqa: E731
     tensors = {a.saelens_key(name): c(t) for name, t in (("W_enc_DF", w.W_enc_DF), ("W_dec_FD", w.W_dec_FD),
                                                            ("b_dec_D", w.b_dec_D), ("b_enc_F", w.b_enc_F),
                                                            *((n, w.extras[n]) for n in a.extra_F))}
     if a.saelens_arch in SAELENS_THRESHOLD:  # a JumpReLU's own, or the batchtopk family's scalar on every feature
-        tensors["threshold"] = c(a.threshold_F(w.threshold, w.n_features, "SAELens"))
-    cfg = {"architecture": a.saelens_arch, "d_in": w.d_in, "d_sae": w.n_features, "dtype": "float32", "device": "cpu",
+        tensors["threshold"] = c(a.threshold_F(w.threshold, w.width, "SAELens"))
+    cfg = {"architecture": a.saelens_arch, "d_in": w.d_in, "d_sae": w.width, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": bool(w.pre_bias), "normalize_activations": "none", "reshape_activations": "none"}
     if a.saelens_arch in SAELENS_TAKES_K:
         cfg.update(k=int(w.k), rescale_acts_by_decoder_norm=False)
@@ -72,7 +72,7 @@ def _write_transcoder(w: DictWeights, out: str, meta: dict | None) -> None:
     if "threshold_F" in t:
         tensors["threshold"] = t["threshold_F"]
     cfg = {"architecture": "jumprelu_transcoder" if "threshold" in tensors else "transcoder", "d_in": w.d_in,
-           "d_sae": w.n_features, "d_out": w.d_out, "dtype": "float32", "device": "cpu",
+           "d_sae": w.width, "d_out": w.d_out, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none"}
     _save(out, tensors, cfg, {**w.meta, **(meta or {})})
 
@@ -101,7 +101,7 @@ def read_saelens(src: str) -> DictWeights:
                      - set(t))
     if missing:
         raise RunDirError(f"{st_path} lacks {', '.join(missing)} of a SAELens {cfg.get('architecture', 'standard')}")
-    w = DictWeights(a.name, t["W_enc"], t["W_dec"], t["b_dec"], t[a.saelens_key("b_enc_F")],
+    w = DictWeights(a, t["W_enc"], t["W_dec"], t["b_dec"], t[a.saelens_key("b_enc_F")],
                     pre_bias=bool(cfg.get("apply_b_dec_to_input", True)),
                     meta={"lm_name": cfg.get("model_name", meta.get("model_name")),
                           "hook_name": cfg.get("hook_name", meta.get("hook_name")),

@@ -132,7 +132,7 @@ def test_matryoshka_export_keeps_the_inference_map(export, tmp_path):
     else:
         SL.write_saelens(FM.from_sae(sae), str(tmp_path))
         w = SL.read_saelens(str(tmp_path))
-        assert w.architecture == "jumprelu" and torch.all(w.threshold == sae.threshold)
+        assert w.arch.name == "jumprelu" and torch.all(w.threshold == sae.threshold)
         back = FM.to_sae(w).eval()
     with torch.no_grad():
         assert_close(back.encode(x), sae.encode(x))

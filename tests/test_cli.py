@@ -12,10 +12,12 @@ import pytest
 
 from saecache.cli import COMMANDS, cli, main
 from saecache.data.demo import DemoConfig
+from saecache.errors import ConfigError
 from saecache.evaluate.config import EvalConfig, FeaturesConfig
 from saecache.harvest.config import HarvestConfig
 from saecache.harvest.copy import CopyConfig
 from saecache.options import field_default, field_docs, help_line
+from saecache.train.cli import build_config
 from saecache.train.config import SAESpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +77,6 @@ def test_help_shows_the_dataclass_default_for_renamed_flags(capsys):
 
 def test_the_sae_options_example_in_the_help_is_accepted(tiny_store, tmp_path):
     """The JSON examples the --sae-options help shows are accepted by the config they describe."""
-    from saecache.train.cli import build_config
-
     opt = next(p for p in _command("train").params if "--sae-options" in p.opts)
     examples = re.findall(r"\{[^{}]*\}", opt.help)
     assert examples
@@ -90,8 +90,6 @@ def test_the_sae_options_example_in_the_help_is_accepted(tiny_store, tmp_path):
 
 
 def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
-    from saecache.train.cli import build_config
-
     ctx = _command("train").make_context("train", [
         "--store", str(tiny_store), "--out", str(tmp_path), "--total-tokens", "640", "--warmup", "3", "--heldout", "0.1",
         "--sparsity-warmup", "2", "--hook", "mlp_out.0", "--hook", "mlp_out.1", "--width", "64", "--k", "4",
@@ -123,3 +121,13 @@ def test_default_commands_need_no_extras():
     plotting library is a core dependency, not an extra."""
     assert EvalConfig.histograms is True
     assert "matplotlib" in _core_dependencies()
+
+
+def test_sae_flags_beside_a_config_with_saes_are_refused_in_one_line(tmp_path):
+    """An SAE flag given with a --config that has `saes` names the flag (it used to crash on a shadowed name)."""
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({"stores": ["s"], "out": "o", "steps": 1, "saes": [{"hook_in": "h"}]}))
+    with pytest.raises(ConfigError, match=r"^--width, --k apply to SAEs given with --hook; with a --config"):
+        build_config({"config": str(config), "width": (64,), "k": (4,)})
+    with pytest.raises(ConfigError, match=r"^missing --store$"):
+        build_config({"out": "o", "steps": 1})

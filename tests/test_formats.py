@@ -157,7 +157,7 @@ def test_saelens_export_keys_shapes_and_outputs(tmp_path, cls):
     torch.testing.assert_close(saelens_forward(cfg, t, X), dl_forward(cls, sd, X), rtol=1e-5, atol=1e-5)
     if cls != "BatchTopKSAE":  # (a batchtopk comes back from SAELens as the equivalent jumprelu)
         back = SL.read_saelens(str(tmp_path / "sl"))
-        assert back.architecture == w.architecture and back.k == w.k and back.pre_bias == w.pre_bias
+        assert back.arch is w.arch and back.k == w.k and back.pre_bias == w.pre_bias
         for name in ("W_enc_DF", "W_dec_FD", "b_dec_D", "b_enc_F"):
             a, b = getattr(back, name), getattr(w, name)
             assert (a is None and b is None) or torch.equal(a, b), name

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from saecache.cli import main
+from saecache.evaluate.config import EvalConfig
 from saecache.train import rundir
 from saecache.train.config import TrainConfig, upgrade_fields
 from saecache.train.trainer import run_training
@@ -99,8 +100,6 @@ def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate
 
 def test_max_rows_none_is_explicit(capsys, tmp_path):
     """`--max-rows none` reads every row; 0 is not another spelling of it but refused in one line."""
-    from saecache.evaluate.config import EvalConfig
-
     assert EvalConfig(run_dirs=["r"], store="s", max_rows=None).max_rows is None
     code, err = _cli(capsys, "evaluate", tmp_path, "--store", tmp_path, "--max-rows", 0)
     assert code != 0 and err.count("\n") == 1 and "--max-rows must be a positive integer or none" in err

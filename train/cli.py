@@ -66,9 +66,9 @@ def build_config(opts: dict) -> TrainConfig:
         v = opts.get(name)
         if v is not None and v != ():
             base[name] = list(v) if isinstance(v, tuple) else v
-    for need, flag in (("stores", "--store"), ("out", "--out")):
+    for need in ("stores", "out"):
         if not base.get(need):
-            raise ConfigError(f"missing {flag}")
+            raise ConfigError(f"missing {flag(need)}")
     sae = {k: list(opts[k]) if k in LIST_FLAGS else opts[k] for k in SAE_FLAGS if opts.get(k) not in (None, ())}
     if base.get("saes") and sae:
         given = ["--resample/--no-resample" if k == "resample" else flag(k) for k in sae]

@@ -108,13 +108,13 @@ class LossOutput:
     x_hat_BD: Tensor
     l0: Tensor           # mean number of active latents per row (no grad)
     code: Code
-    n_features: int
+    width: int
     inner: Tensor | None = None  # matryoshka: the inner prefixes' reconstruction losses, summed (in total)
 
     @property
     def f_BF(self) -> Tensor:
         """Dense features (materialised on demand: [B, F] is large for the sparse architectures)."""
-        return self.code.dense(self.n_features).detach()
+        return self.code.dense(self.width).detach()
 
 
 def normalisation_scale(mean_sq_norm: float) -> float:

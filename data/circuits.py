@@ -23,8 +23,15 @@ import json
 import time
 from pathlib import Path
 
-from saecache.data.demo import DemoConfig, _step, build_model, heldout_fraction, prepare_smollm2
+from saecache.data.demo import build_model, heldout_fraction, prepare_smollm2, step
+from saecache.data.demo_config import DemoConfig
 from saecache.errors import ConfigError
+from saecache.evaluate.config import ReplacementConfig
+from saecache.evaluate.replacement_run import run_replacement
+from saecache.harvest.config import HarvestConfig
+from saecache.harvest.run import run_harvest
+from saecache.train.config import TrainConfig
+from saecache.train.trainer import run_training
 
 SMOLLM2_LAYERS = 6
 """Blocks of SmolLM2-135M-Instruct the recipe replaces (its first ones)."""
@@ -66,9 +73,6 @@ def circuit_sweep(layers: int, width: int, plt_ks: tuple[int, ...], clt_ks: tupl
 def harvest_circuits(cfg: DemoConfig, model_dir: Path, corpus: str, layers: int, dtype: str = "float16",
                      out: str | None = None) -> tuple[str, dict]:
     """(store path, harvest summary) of `resid_mid.i` and `mlp_out.i` for every replaced layer."""
-    from saecache.harvest.config import HarvestConfig
-    from saecache.harvest.run import run_harvest
-
     ins, outs = circuit_hooks(layers)
     store = out or str(Path(cfg.out) / STORE)
     hcfg = HarvestConfig(out=store, model=str(model_dir), dataset=corpus, hooks=tuple(ins + outs),
@@ -80,9 +84,6 @@ def harvest_circuits(cfg: DemoConfig, model_dir: Path, corpus: str, layers: int,
 
 def train_circuits(cfg: DemoConfig, store: str, saes: list[dict], seeds: int = 1, runs: str | None = None) -> dict:
     """Train `saes` from one read of `store`; {run name: run dir}."""
-    from saecache.train.config import TrainConfig
-    from saecache.train.trainer import run_training
-
     steps = -(-cfg.train_tokens // cfg.batch_size)
     tcfg = TrainConfig(stores=[store], out=runs or str(Path(cfg.out) / RUNS), saes=saes, seed=cfg.seed, seeds=seeds,
                        batch_size=cfg.batch_size, tokens=cfg.train_tokens, lr=cfg.lr,
@@ -95,9 +96,6 @@ def replacement(cfg: DemoConfig, model_dir: Path, store: str, run_dirs: list[str
                 per_layer: bool = True) -> dict:
     """The replacement-model report (both input modes, and each layer alone when `per_layer`) of a PLT set or a
     CLT."""
-    from saecache.evaluate.config import ReplacementConfig
-    from saecache.evaluate.replacement_run import run_replacement
-
     return run_replacement(ReplacementConfig(run_dirs=run_dirs, store=store, out=out, inputs="both",
                                              n_contexts=cfg.eval_contexts, model=str(model_dir), device=cfg.device,
                                              per_layer=per_layer))
@@ -120,12 +118,12 @@ def run_circuits(cfg: DemoConfig) -> dict:
     t0 = time.time()
     model_dir, info, layers = prepare(cfg)
     width, k = cfg.widths[0], cfg.k
-    _step(f"harvesting resid_mid and mlp_out of {layers} layers over {cfg.harvest_tokens:,} tokens", t0)
+    step(f"harvesting resid_mid and mlp_out of {layers} layers over {cfg.harvest_tokens:,} tokens", t0)
     store, harvest = harvest_circuits(cfg, model_dir, info["corpus_train"], layers)
-    _step(f"training a PLT set ({layers} TopK transcoders, {width} features, k={k}) and a CLT ({width} features "
+    step(f"training a PLT set ({layers} TopK transcoders, {width} features, k={k}) and a CLT ({width} features "
           f"per layer, k={k} per layer) from one read of the store", t0)
     runs = train_circuits(cfg, store, circuit_sweep(layers, width, (k,), (k,)))
-    _step(f"evaluating both as replacement models on {cfg.eval_contexts} held-out contexts", t0)
+    step(f"evaluating both as replacement models on {cfg.eval_contexts} held-out contexts", t0)
     root = Path(cfg.out) / EVAL
     reports = {"PLT set": replacement(cfg, model_dir, store, [runs[plt_name(width, k, i)] for i in range(layers)],
                                       str(root / "plt")),

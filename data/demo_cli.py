@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from saecache.data.demo import MODELS, TOKENIZERS, DemoConfig
+from saecache.data.demo_config import MODELS, TOKENIZERS, DemoConfig
+from saecache.data.smollm2 import DESCRIPTION
 from saecache.options import config_options
 
 
 def model_line(model: str, s: dict) -> str:
     """The demo's line about its model: which model it is, its validation loss, and how it was made."""
     if model == "smollm2":
-        from saecache.data.smollm2 import DESCRIPTION
         made = f"{DESCRIPTION}, not trained here"
     else:
         made = f"trained {s['model_train_seconds']:.0f} s on {s['model_tokens']:,} tokens"

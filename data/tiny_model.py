@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
+from saecache.data.tokenizer import iter_texts
 from saecache.errors import ConfigError, DataError, ModelError
 from saecache.threads import stage_threads
 
@@ -56,10 +58,6 @@ def init_model(config: GPTNeoXConfig, seed: int, out_dir: Path, tokenizer: PreTr
 def encode_file(tokenizer: PreTrainedTokenizerBase, path: Path, progress: bool = False) -> np.ndarray:
     """All documents of a Pile-format file as one int32 token stream, each document followed by EOS (as in Pythia).
     `progress`: a bar with its ETA on stderr."""
-    from tqdm import tqdm
-
-    from saecache.data.tokenizer import iter_texts
-
     texts = list(iter_texts([path]))
     if not texts:
         raise DataError(f"{path} holds no documents")
@@ -98,8 +96,6 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 @torch.no_grad()
 def eval_loss(model: GPTNeoXForCausalLM, ids_BT: torch.Tensor, batch: int = 32, progress: bool = False) -> float:
     """Mean next-token cross-entropy (nats) over all positions of `ids_BT`; `progress`: a bar on stderr."""
-    from tqdm import tqdm
-
     model.eval()
     total, n = 0.0, 0
     for i in tqdm(range(0, len(ids_BT), batch), desc="validation loss", unit="batch", disable=not progress):
@@ -168,8 +164,6 @@ def _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx
     eval_steps = set(range(0, steps + 1, max(1, steps // 8))) if steps else set()
     next_eval = seconds / 8 if steps is None else float("inf")
     if steps and progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, desc="train tiny model", unit="step")
     while total is None or step < total:
         # batch: random windows of the train stream, a pure function of (seed, step)
@@ -192,8 +186,6 @@ def _train(out_dir, config, recipe, recipe_hash, train_ids, val_BT, seconds, ctx
             if warmup > total // 10 and step < 100:
                 warmup = min(100, max(12, total // 10))
             if progress and bar is None:
-                from tqdm.auto import tqdm
-
                 bar = tqdm(total=total, initial=step - 1, desc="train tiny model", unit="step")
             elif bar is not None:
                 bar.total = total

@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from saecache.data.corpus import read_pile_jsonl_zst
 from saecache.errors import ConfigError, DataError, ModelError
 
 EOS = "<|endoftext|>"
@@ -55,8 +57,6 @@ def load_pythia_tokenizer() -> PreTrainedTokenizerFast:
 
 def iter_texts(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
     """Texts of Pile-format `.jsonl[.zst]` files (their `text_field`) or of plain text files (whole file)."""
-    from saecache.data.corpus import read_pile_jsonl_zst
-
     for f in files:
         f = Path(f)
         if not f.is_file():
@@ -84,8 +84,6 @@ def train_bpe(files: Sequence[Path], vocab_size: int, out_dir: Path | None = Non
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = iter_texts(files)
     if progress:
-        from tqdm import tqdm
-
         texts = tqdm(texts, total=sum(1 for _ in iter_texts(files)), desc="train BPE tokenizer", unit="doc")
     bpe.train_from_iterator(texts, trainer=trainer)
     if bpe.token_to_id(EOS) != 0 or bpe.token_to_id(PAD) != 1:

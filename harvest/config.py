@@ -46,9 +46,9 @@ def differing_flags(keys: list[str]) -> list[str]:
     return out
 
 
-TRAIN_HELDOUT_DEFAULT = 0.01  # `saecache train --heldout`'s default (TrainConfig.heldout_fraction; a test checks)
-HELDOUT_RULE = ("training holds out the last ceil(--heldout x contexts) contexts of a store, --heldout "
-                f"{TRAIN_HELDOUT_DEFAULT:g} by default, and needs at least one more to train on")
+TRAIN_HELDOUT_DEFAULT = 0.01  # `saecache train --heldout-fraction`'s default (TrainConfig.heldout_fraction; tested)
+HELDOUT_RULE = ("training holds out the last ceil(--heldout-fraction x contexts) contexts of a store, "
+                f"--heldout-fraction {TRAIN_HELDOUT_DEFAULT:g} by default, and needs at least one more to train on")
 
 
 def min_store_contexts(heldout_fraction: float = TRAIN_HELDOUT_DEFAULT) -> int:

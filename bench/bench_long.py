@@ -24,7 +24,8 @@ Usage (in order; each step resumes or is a no-op when done; run them under `nice
   python -m bench.bench_long dump                    # the training rows in order (~5 GB) + the held-out rows
   python -m bench.bench_long run saecache-topk       # then sparsify-signum-topk --python P, dl-topk --python P,
                                                      # saecache-batchtopk, dl-batchtopk, saecache-topk-1m/-3m
-  python -m bench.bench_long loss                    # % loss recovered of the finished saecache runs
+  python -m bench.bench_long loss                    # % loss recovered of the finished saecache runs;
+                                                     # `loss dl-topk --python P` for a finished peer run
   python -m bench.bench_long report                  # long.md + long.png from long.json
 """
 
@@ -212,19 +213,57 @@ def run_peer(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int, pyt
         worker.wait(timeout=600)
 
 
-def loss_recovered(p: dict, res_path: Path, n_contexts: int) -> None:
-    """% loss recovered with its interval (saecache evaluate) of every finished saecache run dir."""
-    result = load_results(res_path)
-    for name in [n for n in TRAINERS if TRAINERS[n][0] == "saecache"]:
-        run_dir = run_dir_of(p, name)
-        if name in result["loss"] or run_dir is None or not (run_dir / "sae.safetensors").exists():
+def _evaluate(p: dict, run_dir: Path, out: Path, n_contexts: int) -> dict:
+    """saecache evaluate of one run dir: its report row (% loss recovered with its interval, FVE, L0...)."""
+    subprocess.run([sys.executable, "-m", "saecache", "evaluate", str(run_dir), "--store", str(p["store"]),
+                    "--out", str(out), "--n-contexts", str(n_contexts), "--no-frontier", "--no-histograms",
+                    "--html-features", "0", "--no-progress", "--threads", "1"], check=True)
+    (row,) = json.loads((out / "report.json").read_text())["rows"]
+    return row
+
+
+def _import_peer(p: dict, name: str, python: str, d: int) -> Path | None:
+    """The peer's SAE at the end of its run as a saecache run dir (quality_peers' long_export, a dictionary_learning
+    save dir, then `saecache import`); None when its run has not reached the end."""
+    peer, arch, steps = TRAINERS[name]
+    if not (p["state"] / name / f"step-{steps:09d}").is_dir():
+        return None
+    src, run_dir = p["eval"] / name / "dictionary_learning", p["eval"] / name / "run"
+    req = {"op": "long_export", "name": peer, "arch": arch, "width": WIDTH, "k": K, "seed": 0, "d": d,
+           "data": str(p["rows"]), "offsets": str(p["offsets"]), "state_dir": str(p["state"] / name),
+           "out": str(src)}
+    out = subprocess.run([python, str(Path(__file__).with_name("quality_peers.py"))], input=json.dumps(req) + "\n",
+                         capture_output=True, text=True, check=True).stdout
+    ans = next(json.loads(x[2:]) for x in out.splitlines() if x.startswith("@@"))
+    if "error" in ans:
+        raise SystemExit(f"bench_long: exporting {name}: {ans['error']}")
+    if not (run_dir / "cfg.json").exists():
+        subprocess.run([sys.executable, "-m", "saecache", "import", str(src), "--out", str(run_dir), "--hook", HOOK,
+                        "--store", str(p["store"]), "--name", name], check=True)
+    return run_dir
+
+
+def loss_recovered(p: dict, res_path: Path, n_contexts: int, trainer: str | None, python: str | None,
+                   d: int) -> None:
+    """% loss recovered with its interval (saecache evaluate) at the end of each finished run: every saecache run,
+    or the one peer `trainer` (its SAE imported through dictionary_learning's format; needs `python`)."""
+    names = [trainer] if trainer else [n for n in TRAINERS if TRAINERS[n][0] == "saecache"]
+    for name in names:
+        if name in load_results(res_path)["loss"]:
             continue
-        out = p["eval"] / name
-        subprocess.run([sys.executable, "-m", "saecache", "evaluate", str(run_dir), "--store", str(p["store"]),
-                        "--out", str(out), "--n-contexts", str(n_contexts), "--no-frontier", "--no-histograms",
-                        "--html-features", "0", "--no-progress", "--threads", "1"], check=True)
+        if TRAINERS[name][0] == "saecache":
+            run_dir = run_dir_of(p, name)
+            run_dir = run_dir if run_dir and (run_dir / "sae.safetensors").exists() else None
+        elif not python:
+            raise SystemExit(f"bench_long loss {name}: pass --python, the peer's Python")
+        else:
+            run_dir = _import_peer(p, name, python, d)
+        if run_dir is None:
+            print(f"bench_long loss: {name} has not finished its run", file=sys.stderr)
+            continue
+        row = _evaluate(p, run_dir, p["eval"] / name / "report", n_contexts)
         result = load_results(res_path)
-        result["loss"][name] = json.loads((out / "report.json").read_text())
+        result["loss"][name] = row
         save_results(res_path, result)
 
 
@@ -284,8 +323,14 @@ def write_report(res_path: Path, out: Path) -> dict:
                for s in (CHECKPOINTS if st == STEPS else (st,)) if s not in measured(res_path, n)]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
-    for name, rep in result.get("loss", {}).items():
-        lines += ["", f"% loss recovered ({name}): `{json.dumps(rep.get('saes', rep))[:300]}`"]
+    if result.get("loss"):
+        lines += ["", f"% loss recovered at the end (`saecache evaluate`, zero-ablation baseline, 95 % bootstrap "
+                  "interval over the evaluated contexts):", "", "| trainer | % loss recovered | [lo, hi] | FVE | L0 |",
+                  "|---|---|---|---|---|"]
+        for name, row in result["loss"].items():
+            lines.append(f"| {name} | {100 * row['recovered_zero']:.1f} | [{100 * row['recovered_zero_lo']:.1f}, "
+                         f"{100 * row['recovered_zero_hi']:.1f}] | {row.get('fve', float('nan')):.4f} | "
+                         f"{row.get('l0', float('nan')):.1f} |")
     lines += ["", "Commands:", ""] + [f"    {c}" for c in result.get("commands", [])]
     (out / "long.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "long.png")
@@ -370,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_peer(p, args.trainer, res_path, x_held, d, args.python)
     elif args.stage == "loss":
-        loss_recovered(p, res_path, args.n_contexts)
+        d = json.loads(p["dump"].read_text())["d"] if p["dump"].exists() else None
+        loss_recovered(p, res_path, args.n_contexts, args.trainer, args.python, d)
     if args.stage in ("dump", "run", "loss", "report"):
         write_report(res_path, out)
 

@@ -236,6 +236,10 @@ class LongDL:
         ae = self.tr.ae
         return _encode_decode(ae.encode, ae.decode)
 
+    def dl_state(self) -> tuple[str, dict]:
+        """(dict_class, state dict) as dictionary_learning saves this SAE."""
+        return type(self.tr.ae).__name__, self.tr.ae.state_dict()
+
 
 class LongSignum:
     """sparsify's SparseCoder with its default optimizer (schedule-free SignSGD, as in `_sparsify`)."""
@@ -264,8 +268,8 @@ class LongSignum:
         self.opt.load_state_dict(st["optimizer"])
         self.opt.train_mode = True  # the saved weights are the train-mode (y) point already
 
-    def runner(self):
-        """The SAE at the averaged weights (what `opt.eval()` makes), on a copy."""
+    def averaged(self):
+        """A copy of the SAE at the averaged weights (what `opt.eval()` makes); the training weights stay."""
         import copy
         sae = copy.deepcopy(self.sae)
         with torch.no_grad():
@@ -274,6 +278,20 @@ class LongSignum:
                 if z is not None:
                     q.lerp_(end=z, weight=1 - 1 / self.opt.momentum)
         sae.set_decoder_norm_to_unit_norm()
+        return sae
+
+    def dl_state(self) -> tuple[str, dict]:
+        """The averaged SAE as dictionary_learning's AutoEncoderTopK (the same map: topk of relu(W (x - b_dec) + b),
+        decoded as f W_dec + b_dec), so saecache's `import` reads it."""
+        sae = self.averaged()
+        return "AutoEncoderTopK", {"encoder.weight": sae.encoder.weight.detach(),
+                                   "encoder.bias": sae.encoder.bias.detach(),
+                                   "decoder.weight": sae.W_dec.detach().T.contiguous(), "b_dec": sae.b_dec.detach(),
+                                   "k": torch.tensor(sae.cfg.k, dtype=torch.int32), "threshold": torch.tensor(-1.0)}
+
+    def runner(self):
+        """The SAE at the averaged weights, as x -> (x_hat, f)."""
+        sae = self.averaged()
 
         def run(x):
             out = sae(x=x, y=x, dead_mask=None)
@@ -286,6 +304,36 @@ LONG = {"dl": ("topk", "batchtopk"), "sparsify-signum": ("topk",)}
 _live: dict = {}  # state_dir -> (trainer, next step): a worker continues a run without reloading it
 
 
+def _long_trainer(req: dict, rows: Rows):
+    """The live run of `req["state_dir"]`, or one built and restored from its saved state; returns (run, step)."""
+    key = req["state_dir"]
+    if key in _live:
+        return _live.pop(key)
+    torch.manual_seed(req["seed"])
+    run = LongDL(req["arch"], req["width"], req["k"], req["seed"], rows) if req["name"] == "dl" else \
+        LongSignum(req["width"], req["k"], rows)
+    step, st = load_state(key)
+    if st is not None:
+        run.load(st)
+    return run, step
+
+
+def long_export(req: dict) -> dict:
+    """Write the long run's SAE at its saved state as a dictionary_learning save dir (ae.pt, a plain state dict, and
+    config.json) at `req["out"]`, for saecache's `import`."""
+    rows = Rows(req["data"], req["offsets"], req["d"])
+    run, step = _long_trainer(req, rows)
+    _live[req["state_dir"]] = (run, step)
+    cls, sd = run.dl_state()
+    out = Path(req["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, out / "ae.pt")
+    trainer = {"dict_class": cls, "activation_dim": req["d"], "dict_size": req["width"], "k": req["k"],
+               "lm_name": "bench", "layer": 0, "steps_done": step}
+    (out / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"io": "out"}}, indent=1))
+    return {"step": step}
+
+
 def long_run(req: dict) -> dict:
     """Train one long run from its last saved state up to step `until` (saving every `save_every` steps), then
     evaluate there: reconstruction of the held-out rows and firing counts over training rows `window`."""
@@ -294,15 +342,7 @@ def long_run(req: dict) -> dict:
         raise KeyError(f"{name} has no long {arch}")
     rows = Rows(req["data"], req["offsets"], req["d"])
     key = req["state_dir"]
-    if key in _live:
-        run, step = _live.pop(key)
-    else:
-        torch.manual_seed(req["seed"])
-        run = LongDL(arch, req["width"], req["k"], req["seed"], rows) if name == "dl" else \
-            LongSignum(req["width"], req["k"], rows)
-        step, st = load_state(key)
-        if st is not None:
-            run.load(st)
+    run, step = _long_trainer(req, rows)
     t0 = time.perf_counter()
     for s in range(step, req["until"]):
         run.step(s, rows(s))
@@ -364,6 +404,8 @@ def worker() -> None:
                         pass
             elif req.get("op") == "long":
                 ans = long_run(req)
+            elif req.get("op") == "long_export":
+                ans = long_export(req)
             else:
                 rows = Rows(req["data"], req["offsets"], req["d"])
                 t0 = time.perf_counter()

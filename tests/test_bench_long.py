@@ -157,6 +157,11 @@ def test_long_run_measures_every_checkpoint_and_resumes(tiny_long, tiny_store, t
     torch.testing.assert_close(f, sae.encode(x))
     md = (out / "long.md").read_text()
     assert "| saecache-topk | 8 | 8 |" in md and (out / "long.png").stat().st_size > 0
+    bl.main(["loss", *args, "--n-contexts", "4"])  # saecache evaluate of both finished runs
+    loss = json.loads((out / "long.json").read_text())["loss"]
+    assert set(loss) == {"saecache-topk", "saecache-topk-1m"}
+    assert all(x["recovered_zero_lo"] <= x["recovered_zero"] <= x["recovered_zero_hi"] for x in loss.values())
+    assert "| saecache-topk-1m | " in (out / "long.md").read_text().split("% loss recovered at the end")[1]
     before = (out / "long.json").read_text()
     monkeypatch.setattr(bl.subprocess, "Popen", None)  # nothing left to train: no child is started
     bl.main(["run", "saecache-topk", *args])
@@ -249,3 +254,13 @@ def test_dictionary_learning_long_run_resumes_exactly_in_a_new_process(tmp_path)
         assert np.array_equal(a[k], b[k]), k
     assert not np.array_equal(np.load(tmp_path / "one-12.npz")["x_hat"], a["x_hat"])  # it did train on
     assert math.isfinite(float(a["x_hat"].sum()))
+    # the end state exported as a dictionary_learning save dir and imported by saecache is the same SAE
+    export = {**req("two", 20, "unused"), "op": "long_export", "out": str(tmp_path / "dl-save")}
+    ask([export])
+    subprocess.run([sys.executable, "-m", "saecache", "import", str(tmp_path / "dl-save"), "--out",
+                    str(tmp_path / "run"), "--hook", "mlp_out.1"], check=True)
+    from saecache.train.rundir import load_run
+
+    sae, _ = load_run(str(tmp_path / "run"))
+    x = torch.from_numpy(np.load(tmp_path / "heldout.npy"))
+    np.testing.assert_allclose(sae(x).detach().numpy(), a["x_hat"], atol=1e-5)

@@ -20,6 +20,7 @@ from saecache.evaluate.replacement import (CrossLayerReplacement, Replacement, T
                                            replacement_losses)
 from saecache.evaluate.report import BOS_RULES
 from saecache.harvest.split import Split
+from saecache.train.arch import architecture
 
 
 def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, tuple[int, int], list[Split]]:
@@ -56,7 +57,7 @@ def load_replacement(run_dirs: list[str], store, device) -> tuple[Replacement, t
 
 def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[int, int], list[Split]]:
     clt, rcfg = loaded
-    if len(run_dirs) != 1 or clt.cfg.kind != "clt":
+    if len(run_dirs) != 1 or not architecture(clt.cfg.arch).transcoder:
         raise RunDirError(f"run {run_dirs[0]} is a {clt.cfg.kind}: a replacement model takes one cross-layer "
                           "transcoder alone (a crosscoder replaces no MLP)")
     for h, d in [(h, clt.cfg.d_in) for h in clt.cfg.hooks_in] + [(h, clt.cfg.d_out) for h in clt.cfg.hooks_out]:

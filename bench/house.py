@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE = "97d5ea9"  # main's start commit on the day of issue 23
 STAGES = ("harvest", "train", "evaluate")  # the direction: a stage imports only stages after it
 PRODUCTION = ("saecache", "harvest", "train", "evaluate", "data")
-HEAVY = {"torch", "transformers", "matplotlib", "datasets", "safetensors", "tokenizers", "zarr", "numcodecs",
-         "fsspec", "s3fs", "tqdm", "numpy", "scipy"}
+# libraries slow enough to import (a second or more, or pulling torch) that a command loads them when it starts
+HEAVY = {"torch", "transformers", "matplotlib", "datasets", "safetensors", "tokenizers", "zarr", "fsspec", "s3fs"}
 KEY_RE = re.compile(r"(^|/)_(manifest|final|claims|plan)(/|\.|$)|(^|/)(acts|rows|contexts)/|zarr\.json|(^|/)c/")
 CODEC_NAMES = {"BloscCodec", "ShardingCodec", "ZstdCodec", "BytesCodec", "Crc32cCodec", "ShardingCodecIndexLocation"}
 CODEC_STRINGS = {"bytes", "blosc", "bitshuffle", "crc32c", "sharding_indexed"}
@@ -86,20 +86,23 @@ class Imports(ast.NodeVisitor):
         for part in (*node.handlers, *node.orelse, *node.finalbody):
             self.visit(part)
 
-    def _add(self, node, module: str, names: list[tuple[str, str]]):
+    def _add(self, node, module: str, names: list[tuple[str, str]], binds: dict[str, str]):
         self.found.append({"module": module, "names": names, "line": node.lineno, "in_function": bool(self.funcs),
-                           "function": self.funcs[0] if self.funcs else None, "optional": self.guarded > 0})
+                           "function": self.funcs[0] if self.funcs else None, "optional": self.guarded > 0,
+                           "binds": binds})
 
     def visit_Import(self, node):
-        for a in node.names:
-            self._add(node, a.name, [(a.name, a.asname or a.name.split(".")[0])])
+        for a in node.names:  # `import a.b as x` binds x to a.b; `import a.b` binds a
+            top = a.name.split(".")[0]
+            self._add(node, a.name, [], {a.asname: a.name} if a.asname else {top: top})
 
     def visit_ImportFrom(self, node):
         base = node.module or ""
         if node.level:
             pkg = self.package.split(".")[: len(self.package.split(".")) - node.level + 1]
             base = ".".join([*pkg, *([base] if base else [])])
-        self._add(node, base, [(a.name, a.asname or a.name) for a in node.names])
+        names = [(a.name, a.asname or a.name) for a in node.names]
+        self._add(node, base, names, {alias: f"{base}.{name}" for name, alias in names})
 
 
 def read_imports(tree: Path, files: dict[str, Path]) -> dict[str, list[dict]]:
@@ -115,7 +118,7 @@ def read_imports(tree: Path, files: dict[str, Path]) -> dict[str, list[dict]]:
 def targets(imp: dict, modules: set[str]) -> list[str]:
     """The tree's modules one import statement reaches: `from pkg import mod` reaches pkg.mod when that is a module."""
     hit = [f"{imp['module']}.{name}" for name, _ in imp["names"] if f"{imp['module']}.{name}" in modules]
-    if len(hit) < len(imp["names"]) and imp["module"] in modules:
+    if (len(hit) < len(imp["names"]) or not imp["names"]) and imp["module"] in modules:
         hit.append(imp["module"])
     return sorted(set(hit))
 
@@ -186,15 +189,13 @@ def private_imports(tree: Path, imports: dict[str, list[dict]], files: dict[str,
     out = []
     for rel, found in imports.items():
         own = module_name(rel)
-        bound = {}
+        bound = {}  # local name -> the tree's module it stands for
         for imp in found:
-            for name, alias in imp["names"]:
+            for name, _ in imp["names"]:
                 private = name.startswith("_") and not name.startswith("__")
                 if private and imp["module"] != own and f"{imp['module']}.{name}" not in modules:
                     out.append(f"{rel}:{imp['line']}: {imp['module'].removeprefix('saecache.')}.{name}")
-                full = f"{imp['module']}.{name}" if imp["module"] and "." not in alias else name
-                if full in modules and full != own:
-                    bound[alias] = full
+            bound.update({alias: mod for alias, mod in imp["binds"].items() if mod in modules and mod != own})
         for node in ast.walk(ast.parse(files[rel].read_text())):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
@@ -284,7 +285,8 @@ def markdown(before: dict, after: dict, names: tuple[str, str]) -> str:
     fb, fa = figures(before), figures(after)
     lines = ["# The house's figures (issue 23, acceptance 1)", "",
              (f"Written by `python -m bench.house`: before = {names[0]}, after = {names[1]}. Production code is "
-              "saecache/, harvest/, train/, evaluate/ and data/; every figure is read with `ast` (bench/house.py)."), "",
+              "saecache/, harvest/, train/, evaluate/ and data/; every figure is read with `ast` (bench/house.py)."),
+             "",
              "| figure | before | after |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {fb[k]} | {fa[k]} |" for k in fb]
 

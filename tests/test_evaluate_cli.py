@@ -40,14 +40,15 @@ def run_cli(args, capsys):
 
 
 def heldout_rows(store_path, hook):
-    """Held-out rows read directly: every row whose context id is in the last HELDOUT fraction."""
+    """Held-out rows read directly: every row whose context id is in the last HELDOUT fraction, but the BOS rows
+    (position 0), which the runs (train's default) never trained on and evaluate leaves out for them."""
     from saecache.harvest.store import Store
 
     st = Store.open(str(store_path))
     n_ctx = st.geometry.n_contexts
     cut = n_ctx - math.ceil(HELDOUT * n_ctx)
     ctx = np.asarray(st.array("rows/context")[:])
-    rows = np.flatnonzero(ctx >= cut)
+    rows = np.flatnonzero((ctx >= cut) & (np.asarray(st.array("rows/position")[:]) != 0))
     return torch.from_numpy(np.asarray(st.array(f"acts/{hook}")[:])[rows].astype(np.float32)), st
 
 
@@ -99,7 +100,8 @@ def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp
     assert head_tc[:6] == head[:6] and len(body_tc) == 1
     head_pr, body_pr = md_table(md, "mlp_out: topk, 64 features, k=4 — features firing more often than")
     assert head_pr[-1] == "Pruned" and body_pr[0][-1] == str(int((freq_F > thr).sum()))
-    assert "2048 held-out rows" in md and "6 held-out contexts" in md  # what the figures are over
+    # what the figures are over: 64 held-out contexts of 32 positions, less the BOS rows the run never trained on
+    assert f"{64 * 31} held-out rows" in md and "6 held-out contexts" in md
 
     report = json.loads((out / "report.json").read_text())
     rows = {(r["run"], r["pruned"]): r for r in report["rows"]}
@@ -118,7 +120,8 @@ def test_evaluate_writes_tables_histograms_and_pruned_rows(runs, tiny_store, tmp
 
     # the statistics agree with the direct computation over the held-out rows
     n_ctx = st.geometry.n_contexts
-    assert rows[("topk0", False)]["n_rows"] == math.ceil(HELDOUT * n_ctx) * st.geometry.rows_per_context == len(x)
+    # every held-out row but the BOS ones (the run left them out)
+    assert rows[("topk0", False)]["n_rows"] == math.ceil(HELDOUT * n_ctx) * (st.geometry.rows_per_context - 1) == len(x)
     r = rows[("topk0", False)]
     assert r["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-4)
     assert r["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)

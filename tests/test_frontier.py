@@ -49,17 +49,17 @@ def test_a_point_per_sae_at_its_report_row(sweep):
     assert [p["hook"] for p in fr["panels"]] == ["mlp_out.0", "mlp_out.1"]
     assert all(not r["pruned"] for r in rows) and len(rows) == 7  # the curves' variants are not report rows
     p0 = panel(fr, "mlp_out.0")
-    assert [(ln["architecture"], ln["n_features"]) for ln in p0["lines"]] == [("relu", 64), ("topk", 32), ("topk", 64)]
+    assert [(ln["arch"], ln["width"]) for ln in p0["lines"]] == [("relu", 64), ("topk", 32), ("topk", 64)]
     points = [(p["hook"], ln, q) for p in fr["panels"] for ln in p["lines"] for q in ln["points"]]
     assert sorted(q["run"] for _, _, q in points) == sorted(r["run"] for r in rows)  # one point per SAE
     by_run = {q["run"]: (hook, ln, q) for hook, ln, q in points}
     for r in rows:
         hook, ln, q = by_run[r["run"]]
-        assert hook == r["hook_out"] and (ln["architecture"], ln["n_features"]) == (r["architecture"], r["n_features"])
+        assert hook == r["hook_out"] and (ln["arch"], ln["width"]) == (r["arch"], r["width"])
         for key in ("l0", "fve", "recovered_zero", "recovered_zero_lo", "recovered_zero_hi"):
             assert q[key] == r[key], (r["run"], key)
         assert r["recovered_zero"] is not None and 0 < r["l0"]
-    topk64 = next(ln for ln in p0["lines"] if ln["architecture"] == "topk" and ln["n_features"] == 64)
+    topk64 = next(ln for ln in p0["lines"] if ln["arch"] == "topk" and ln["width"] == 64)
     assert [q["run"] for q in topk64["points"]] == ["topk64-k2", "topk64-k4", "topk64-k8"]  # by L0, as k grows
     assert [q["k"] for q in topk64["points"]] == [2, 4, 8]
     relu = p0["lines"][0]["points"]
@@ -68,12 +68,14 @@ def test_a_point_per_sae_at_its_report_row(sweep):
 
 
 def heldout_x(store_path, hook):
-    """Held-out rows read directly from the zarr arrays: every row whose context is in the last HELDOUT fraction."""
+    """Held-out rows read directly from the zarr arrays: every row whose context is in the last HELDOUT fraction,
+    but the BOS rows (position 0), which the runs (train's default) never trained on and evaluate leaves out."""
     from saecache.harvest.store import Store
 
     st = Store.open(str(store_path))
     n_ctx = st.geometry.n_contexts
-    rows = np.flatnonzero(np.asarray(st.array("rows/context")[:]) >= n_ctx - math.ceil(HELDOUT * n_ctx))
+    held = np.asarray(st.array("rows/context")[:]) >= n_ctx - math.ceil(HELDOUT * n_ctx)
+    rows = np.flatnonzero(held & (np.asarray(st.array("rows/position")[:]) != 0))
     return torch.from_numpy(np.asarray(st.array(f"acts/{hook}")[:])[rows].astype(np.float32))
 
 

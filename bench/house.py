@@ -289,6 +289,12 @@ def markdown(before: dict, after: dict, names: tuple[str, str]) -> str:
              "",
              "| figure | before | after |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {fb[k]} | {fa[k]} |" for k in fb]
+    lines += ["", "How counted: an edge is a pair of modules (one however many statements import it); an import inside "
+              "a function is one imported module (`import a, b` two, `from m import x, y` one), optional when inside "
+              "`try: ... except ImportError`, lazy CLI when in a command module (cli.py, *_cli.py, __main__.py), in "
+              "saecache's lazy `__getattr__`, or of a library slow to import (" + ", ".join(sorted(HEAVY)) + "); a "
+              "file knows a key name or the codec chain when a string constant or a name in its code (not a comment) "
+              "is one."]
 
     def section(title: str, get, note: str = "") -> None:
         b, a = get(before), get(after)

@@ -27,6 +27,7 @@ END = "<!-- end of demo table -->"
 ARCH_NAMES = {"relu": "ReLU+L1", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "gated": "Gated",
               "matryoshka": "Matryoshka"}
 FILES = {"report": Path("eval") / "report.json", "summary": Path("demo_summary.json")}
+OLD_ROW_KEYS = {"architecture": "arch", "n_features": "width"}  # report.json rows before the one-name rename
 
 
 def _pct(row: dict) -> str:
@@ -40,12 +41,12 @@ def readme_table(report: dict, summary: dict) -> str:
     rows = [r for r in report["rows"] if not r.get("pruned")]
     if not rows:
         raise ValueError("the demo's report.json has no rows: run `saecache demo` first")
-    sets = sorted({(r["n_features"], r["architecture"] != "relu", r["architecture"]) for r in rows})
+    sets = sorted({(r["width"], r["arch"] != "relu", r["arch"]) for r in rows})
     layers = sorted({int(r["layer"]) for r in rows})
-    by = {(int(r["layer"]), r["architecture"], r["n_features"]): r for r in rows}
+    by = {(int(r["layer"]), r["arch"], r["width"]): r for r in rows}
     heads = []
     for width, _, arch in sets:
-        k = next((r.get("k") for r in rows if r["architecture"] == arch and r["n_features"] == width), None)
+        k = next((r.get("k") for r in rows if r["arch"] == arch and r["width"] == width), None)
         extra = " (L0)" if arch == "relu" else (f" (k={k})" if k else "")
         heads.append(f"{ARCH_NAMES.get(arch, arch)} {width}{extra}")
     n_ctx = sorted({r.get("n_contexts") for r in rows if r.get("n_contexts") is not None})
@@ -77,7 +78,9 @@ def load(demo_dir: Path) -> tuple[dict, dict]:
         if not p.is_file():
             raise click.ClickException(f"no {rel} in {demo_dir}: run `saecache demo` first, or pass --demo-dir")
         out.append(json.loads(p.read_text()))
-    return out[0], out[1]
+    report = out[0]  # rows of a report.json written before they said arch / width keep loading
+    report["rows"] = [{OLD_ROW_KEYS.get(k, k): v for k, v in r.items()} for r in report.get("rows", [])]
+    return report, out[1]
 
 
 def readme_block(text: str) -> str:

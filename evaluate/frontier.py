@@ -26,7 +26,7 @@ from saecache.errors import ConfigError
 from saecache.harvest.hooks import layer_of
 from saecache.harvest.paths import safe_name
 
-POINT_KEYS = ("run", "architecture", "n_features", "k", "coeff", "l0", "fve", "mse", "recovered_zero",
+POINT_KEYS = ("run", "arch", "width", "k", "coeff", "l0", "fve", "mse", "recovered_zero",
               "recovered_zero_lo", "recovered_zero_hi", "recovered_mean", "n_pruned", "prune_above")
 """Figures kept per point (None where a row lacks one, e.g. no splicing)."""
 
@@ -55,13 +55,13 @@ def frontier_data(rows: list[dict], curves: dict[str, list[dict]] | None = None)
     set of replicas summarized, `report.with_seed_summaries`, and no pruned re-measurement); `curves`: per run dir,
     its unpruned row followed by its pruning-curve rows (highest threshold first).
 
-    Returns {"panels": [{"hook", "lines": [{"architecture", "n_features", "points": [point, ...] sorted by L0}],
-    "pruning": [{"run", "architecture", "n_features", "points": [unpruned point, then one per threshold]}]}]}."""
+    Returns {"panels": [{"hook", "lines": [{"arch", "width", "points": [point, ...] sorted by L0}],
+    "pruning": [{"run", "arch", "width", "points": [unpruned point, then one per threshold]}]}]}."""
     panels: dict[str, dict] = {}
     for r in rows:
         p = panels.setdefault(panel_of(r), {"hook": panel_of(r), "lines": {}, "pruning": []})
-        line = p["lines"].setdefault((r["architecture"], r["n_features"]), {
-            "architecture": r["architecture"], "n_features": r["n_features"], "points": []})
+        line = p["lines"].setdefault((r["arch"], r["width"]), {
+            "arch": r["arch"], "width": r["width"], "points": []})
         line["points"].append(point(r))
     seen_sets = set()
     for curve in (curves or {}).values():
@@ -73,12 +73,12 @@ def frontier_data(rows: list[dict], curves: dict[str, list[dict]] | None = None)
                 continue
             seen_sets.add(base["replica_of"])
         p = panels.setdefault(panel_of(base), {"hook": panel_of(base), "lines": {}, "pruning": []})
-        p["pruning"].append({"run": base.get("replica_of") or base["run"], "architecture": base["architecture"],
-                             "n_features": base["n_features"], "points": [point(r) for r in curve]})
+        p["pruning"].append({"run": base.get("replica_of") or base["run"], "arch": base["arch"],
+                             "width": base["width"], "points": [point(r) for r in curve]})
     out = []
     for hook in sorted(panels, key=_hook_order):
         p = panels[hook]
-        lines = sorted(p["lines"].values(), key=lambda ln: (ln["architecture"], ln["n_features"]))
+        lines = sorted(p["lines"].values(), key=lambda ln: (ln["arch"], ln["width"]))
         for ln in lines:
             ln["points"].sort(key=lambda q: (q["l0"] is None, q["l0"] or 0.0))
         out.append({"hook": hook, "lines": lines, "pruning": p["pruning"]})
@@ -104,7 +104,7 @@ def _xy(points: list[dict], y: str, scale: float = 1.0) -> tuple[list[float], li
 
 
 def _line_label(line: dict) -> str:
-    return f"{line['architecture']} {line['n_features']}"
+    return f"{line['arch']} {line['width']}"
 
 
 def _point_note(q: dict) -> str:
@@ -137,8 +137,8 @@ def frontier_png(panel: dict, path: str) -> None:
     """Three plots side by side for one hook: L0 (log) against % loss recovered, against FVE, and the pruning
     curves (dashed) over the frontier's points."""
     plt = _plt()
-    keys = sorted({(ln["architecture"], ln["n_features"]) for ln in panel["lines"]}
-                  | {(c["architecture"], c["n_features"]) for c in panel["pruning"]})
+    keys = sorted({(ln["arch"], ln["width"]) for ln in panel["lines"]}
+                  | {(c["arch"], c["width"]) for c in panel["pruning"]})
     colour = {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(keys)}
     marker = {"topk": "s", "relu": "o", "batchtopk": "D", "jumprelu": "^", "gated": "v"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
@@ -146,13 +146,13 @@ def frontier_png(panel: dict, path: str) -> None:
     for ax, (y, scale), title in zip(axes, (("recovered_zero", 100), ("fve", 1), ("recovered_zero", 100)), titles):
         drawn = False
         for ln in panel["lines"]:
-            key = (ln["architecture"], ln["n_features"])
+            key = (ln["arch"], ln["width"])
             xs, ys = _xy(ln["points"], y, scale)
             if not xs:
                 continue
             drawn = True
             faded = ax is axes[2]
-            ax.plot(xs, ys, "-", marker=marker.get(ln["architecture"], "o"), color=colour[key],
+            ax.plot(xs, ys, "-", marker=marker.get(ln["arch"], "o"), color=colour[key],
                     alpha=0.45 if faded else 1.0, label=None if faded else _line_label(ln), ms=6)
             if y == "recovered_zero" and not faded:
                 for q in ln["points"]:
@@ -164,7 +164,7 @@ def frontier_png(panel: dict, path: str) -> None:
                     ax.annotate(_point_note(q), (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if ax is axes[2]:
             for c in panel["pruning"]:
-                key = (c["architecture"], c["n_features"])
+                key = (c["arch"], c["width"])
                 xs, ys = _xy(c["points"], y, scale)
                 if xs:
                     drawn = True

@@ -96,7 +96,7 @@ def run_replacement(cfg: ReplacementConfig) -> dict:
     report = {"store": cfg.store, "contexts": list(contexts), "first_position": first, "bos": bos,
               "modes": {m: {**r.losses.as_dict(), "layers": r.layers} for m, r in res.items()},
               "layers": [{"layer": rep.layer_names[l], "hook_in": rep.hooks_in[l].name,
-                          "hook_out": rep.hooks_out[l].name, "n_features": rep.widths[l],
+                          "hook_out": rep.hooks_out[l].name, "width": rep.widths[l],
                           **({"alone": alone[l].losses.as_dict()} if alone else {})} for l in every]}
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "replacement.json"), "w") as f:
@@ -123,7 +123,7 @@ def markdown(report: dict) -> str:
     lines += ["", head + (" | alone: % rec. (zero) | alone: KL |" if alone else " |"),
               "|---" * (3 + 3 * len(modes) + 2 * alone) + "|"]
     for l, layer in enumerate(report["layers"]):
-        cells = [layer["layer"], f"{layer['hook_in']} → {layer['hook_out']}", str(layer["n_features"])]
+        cells = [layer["layer"], f"{layer['hook_in']} → {layer['hook_out']}", str(layer["width"])]
         for m in modes:
             s = report["modes"][m]["layers"][l]
             cells += [f"{s['l0']:.1f}", f"{s['fve']:.3f}", f"{s['rel_error']:.3f}"]

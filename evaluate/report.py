@@ -159,7 +159,7 @@ def _group(row: dict) -> str:
     hook = row["hook_out"] if row["hook_in"] == row["hook_out"] else f"{row['hook_in']} -> {row['hook_out']}"
     kind = re.sub(r"\.\d+(?=$| ->)", "", hook)
     k = f", k={row['k']}" if row.get("k") else ""
-    return f"{kind}: {row['architecture']}, {row['n_features']} features{k}"
+    return f"{kind}: {row['arch']}, {row['width']} features{k}"
 
 
 def _layer_key(row: dict):

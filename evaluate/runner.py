@@ -203,8 +203,8 @@ def measure_run(run_dir: str, store: Store, cfg: EvalConfig, device) -> list[dic
     if bos == "clean":
         rows_note += ", BOS rows left out as in training"
     name = rcfg.get("name") or os.path.basename(os.path.normpath(run_dir))
-    base = {"run": name, "run_dir": run_dir, "architecture": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
-            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "n_features": sae.cfg.width, "k": sae.cfg.k,
+    base = {"run": name, "run_dir": run_dir, "arch": sae.cfg.arch, "hook_in": h_in, "hook_out": h_out,
+            "layer": layer_of(h_out), "d_in": sae.cfg.d_in, "width": sae.cfg.width, "k": sae.cfg.k,
             "coeff": None if sae.cfg.k else sae.cfg.coeff,
             "rows": rows_note, "bos": bos, "replica_of": (rcfg.get("replica") or {}).get("of")}
 
@@ -281,8 +281,8 @@ def _bar(cfg: EvalConfig, desc: str, total: int, unit: str, items=None):
 
 def run_evaluation(cfg: EvalConfig) -> list[dict]:
     """Evaluate every run dir of `cfg` and write the report into `cfg.out`; returns the report rows, in run-dir order
-    (each run's pruned row right after it). Row keys: run, run_dir, architecture, hook_in, hook_out, layer, d_in,
-    n_features, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), bos (how the
+    (each run's pruned row right after it). Row keys: run, run_dir, arch, hook_in, hook_out, layer, d_in,
+    width, k, coeff (the sparsity coefficient of a non-TopK SAE), rows (which rows are held out), bos (how the
     BOS position is treated: `bos_rule`), n_rows, mse,
     l1, l0, frac_alive, fve, cos, l2_ratio, rel_bias, pruned, n_pruned (+ prune_above), and with splicing ce_clean,
     ce_spliced, ce_zero, ce_mean, recovered_zero, recovered_mean (each with its 95 % bootstrap interval over contexts:

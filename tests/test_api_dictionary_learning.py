@@ -60,6 +60,6 @@ def test_dictionary_learning_trains_from_store_batches(dl_python, tmp_path, tiny
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "eval-dl" / "report.json").read_text())["rows"]
-    assert row["run"] == "dl-topk" and row["n_features"] == 1024 and row["architecture"] == "topk"
+    assert row["run"] == "dl-topk" and row["width"] == 1024 and row["arch"] == "topk"
     assert row["fve"] > 0.5  # 200 steps of dictionary_learning's TopK trainer on the store's rows: it learned
     assert 0 < row["l0"] <= 16

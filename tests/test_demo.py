@@ -21,12 +21,12 @@ def test_demo_pipeline_end_to_end_and_cached_rerun(tmp_path):
 
     # the sweep: ReLU+L1 and TopK at both widths for every layer's MLP output, all evaluated
     want = {(a, w, str(layer)) for a in ("relu", "topk") for w in cfg.widths for layer in range(cfg.layers)}
-    got = {(r["architecture"], r["n_features"], str(r["layer"])) for r in s["rows"]}
+    got = {(r["arch"], r["width"], str(r["layer"])) for r in s["rows"]}
     assert got == want
     assert len(sweep(cfg, [f"mlp_out.{i}" for i in range(cfg.layers)])) == len(want)
     for r in s["rows"]:
         assert r["ce_clean"] < r["ce_zero"] or r["layer"] != "0"  # zero-ablating MLP0 hurts even a small model
-        if r["architecture"] == "topk":
+        if r["arch"] == "topk":
             assert r["l0"] <= cfg.k + 1e-6
     assert s["tokenizer"].startswith("local byte-level BPE")
     assert s["val_loss"] < s["unigram_xent"]  # the model learned something beyond token frequencies

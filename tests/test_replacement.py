@@ -380,7 +380,7 @@ def test_the_command_takes_a_clt_run_dir(plt_runs, tmp_path):
           "--n-contexts", "4"])
     rep = json.loads((tmp_path / "rep" / "replacement.json").read_text())
     assert [layer["hook_out"] for layer in rep["layers"]] == ["mlp_out.0", "mlp_out.1"]
-    assert [layer["n_features"] for layer in rep["layers"]] == [32, 32]
+    assert [layer["width"] for layer in rep["layers"]] == [32, 32]
     clean, replaced = rep["modes"]["clean"], rep["modes"]["replaced"]
     assert clean["layers"][0] == replaced["layers"][0] and clean["ce_spliced"] != replaced["ce_spliced"]
     assert rep["layers"][0]["alone"]["ce_spliced"] != rep["layers"][1]["alone"]["ce_spliced"]

@@ -82,8 +82,8 @@ def test_seeds_config_errors(tmp_path):
 # ---- evaluate: mean ± sd across seeds, on hand-made rows ----
 
 def _row(run, of, layer, mse, rec, lo, hi, pruned=False):
-    return {"run": run, "run_dir": f"/r/{run}", "architecture": "topk", "hook_in": f"mlp_out.{layer}",
-            "hook_out": f"mlp_out.{layer}", "layer": str(layer), "n_features": 64, "k": 4, "rows": "held out",
+    return {"run": run, "run_dir": f"/r/{run}", "arch": "topk", "hook_in": f"mlp_out.{layer}",
+            "hook_out": f"mlp_out.{layer}", "layer": str(layer), "width": 64, "k": 4, "rows": "held out",
             "n_rows": 100, "mse": mse, "l1": 1.0, "l0": 4.0, "frac_alive": 0.5, "recovered_zero": rec,
             "recovered_zero_lo": lo, "recovered_zero_hi": hi, "fve": None, "pruned": pruned, "replica_of": of}
 

@@ -38,7 +38,7 @@ def test_the_flavour_runs_every_stage_on_the_llama_model(demo_run):
     assert all(store.hooks[h]["d"] == 576 for h in HOOKS)
     # a real pretrained LM on Python sources: far below the unigram baseline
     assert s["val_loss"] < s["unigram_xent"] - 2.0
-    assert {r["hook_out"] for r in s["rows"]} == set(HOOKS) and all(r["architecture"] == "topk" for r in s["rows"])
+    assert {r["hook_out"] for r in s["rows"]} == set(HOOKS) and all(r["arch"] == "topk" for r in s["rows"])
     for r in s["rows"]:
         assert r["ce_clean"] < s["unigram_xent"] - 2.0  # the spliced forward runs all 30 blocks of the real model
         assert r["ce_zero"] > r["ce_clean"], r["hook_out"]  # ablating block 3's pieces hurts

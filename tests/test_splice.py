@@ -178,8 +178,8 @@ def test_bootstrap_undefined_cases():
 def test_report_tables_show_intervals_and_the_markdown_flags_wide_ones():
     from saecache.evaluate.report import markdown, tables
 
-    base = {"layer": "0", "hook_in": "mlp_out.0", "hook_out": "mlp_out.0", "architecture": "topk",
-            "n_features": 512, "k": 32, "mse": 0.1, "l1": 1.0, "l0": 32.0, "frac_alive": 0.9, "n_rows": 100,
+    base = {"layer": "0", "hook_in": "mlp_out.0", "hook_out": "mlp_out.0", "arch": "topk",
+            "width": 512, "k": 32, "mse": 0.1, "l1": 1.0, "l0": 32.0, "frac_alive": 0.9, "n_rows": 100,
             "rows": "held-out", "n_contexts": 96}
     rows = [{**base, "run": "a", "recovered_zero": 0.9731, "recovered_zero_lo": 0.9612, "recovered_zero_hi": 0.9825,
              "recovered_mean": 0.95, "recovered_mean_lo": 0.90, "recovered_mean_hi": 0.97},

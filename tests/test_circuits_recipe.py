@@ -53,7 +53,7 @@ def test_demo_recipe_circuits_end_to_end_and_cached_rerun(tmp_path):
         for r in rep["modes"].values():
             assert r["ce_zero"] > r["ce_clean"] and r["kl"] >= 0
             assert all(0 < x["l0"] <= 4 + 1e-6 for x in r["layers"])
-    assert reps["CLT"]["layers"][0]["n_features"] == 64
+    assert reps["CLT"]["layers"][0]["width"] == 64
 
     # the printed table: a line per (dictionary, mode), a line per layer
     table = circuits_table(reps)

@@ -12,6 +12,10 @@ from saecache import __version__
 from saecache.errors import ConfigError, RunDirError, StoreError
 from saecache.evaluate import formats as FM
 from saecache.evaluate import saelens as SL
+from saecache.evaluate.runner import load_run_checked
+from saecache.harvest.store import Store
+from saecache.train import rundir
+from saecache.train.sae import save_sae
 
 EXPORTERS = {"saelens": SL.write_saelens, "dictionary_learning": FM.write_dictionary_learning}
 IMPORTERS = {"dictionary_learning": FM.read_dictionary_learning}
@@ -21,10 +25,6 @@ HELDOUT_ALL = {"fraction": 1.0, "rule": "imported: never trained on a saecache s
 def import_run(src: str, out: str, hook: str, hook_out: str | None = None, store_url: str | None = None,
                name: str | None = None, fmt: str = "dictionary_learning") -> str:
     """Convert a foreign dictionary into a run dir `out` (cfg.json + sae.safetensors) that evaluate/export accept."""
-    from saecache.harvest.store import Store
-    from saecache.train import rundir
-    from saecache.train.sae import save_sae
-
     if fmt not in IMPORTERS:
         raise ConfigError(f"unknown import format {fmt!r}; known: {', '.join(IMPORTERS)}")
     if os.path.exists(os.path.join(out, rundir.CFG_FILE)):
@@ -60,8 +60,6 @@ def import_run(src: str, out: str, hook: str, hook_out: str | None = None, store
 
 def _provenance(cfg: dict) -> dict:
     """What the target formats record about the source: model name, hook, layer, context length, module path."""
-    from saecache.harvest.store import Store
-
     hooks = cfg.get("hooks") or {}
     meta = {k: v for k, v in (cfg.get("imported_from") or {}).items() if k in ("lm_name", "layer", "dl_threshold",
                                                                             "submodule_name", "ctx_len", "io")}
@@ -87,8 +85,6 @@ def _provenance(cfg: dict) -> dict:
 
 def export_run(run_dir: str, to: str, out: str) -> str:
     """Write the run dir's SAE in another library's format into `out`; unrepresentable SAEs are refused."""
-    from saecache.evaluate.runner import load_run_checked
-
     if to not in EXPORTERS:
         raise ConfigError(f"unknown export format {to!r}; known: {', '.join(EXPORTERS)}")
     target_files = {"saelens": (SL.SAELENS_CFG_FILE, SL.SAELENS_WEIGHTS_FILE),

@@ -20,24 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from saecache.errors import StoreError
 from saecache.harvest.config import CopyConfig  # noqa: F401  (defined with the stage's other configs: light to import)
-from saecache.harvest.store.io import remote_errors, redact_url
 from saecache.harvest.store import (
-    BOOKKEEPING_GROUPS, FINAL_DIR, Store, Location, aggregate_stats, checksum, compute_fingerprint, final_key,
-    manifest_key, parse_record, record_bytes,
+    TOP_LEVEL, Location, Store, aggregate_stats, check_object, compute_fingerprint, final_key, manifest_key,
+    metadata_keys, parse_record, record_bytes, redact_url, remote_errors,
 )
-
-
-_STORE_TOP = {"zarr.json", "acts", "rows", "contexts", "_manifest", "_claims", "_final.json", FINAL_DIR}
-
-
-def _metadata_keys(hooks, version: int) -> list[str]:
-    """zarr metadata objects of a store with these hooks (SPEC.md layout), group zarr.json excluded."""
-    keys = ["acts/zarr.json", "rows/zarr.json", "contexts/zarr.json"]
-    keys += [f"acts/{h}/zarr.json" for h in sorted(hooks)]
-    keys += [f"rows/{n}/zarr.json" for n in ("token", "context", "position")]
-    if version >= 2:
-        keys += [f"{g}/zarr.json" for g in BOOKKEEPING_GROUPS]
-    return keys
 
 
 def _kept(key: str, hooks) -> bool:
@@ -86,11 +72,11 @@ class _Copier:
                 raise StoreError(f"{redact_url(self.cfg.dst)} already holds a different store (its header differs "
                                  "from the one being copied); choose a new destination")
             return
-        foreign = sorted(k for k in self.dst.sizes() if k.split("/")[0] not in _STORE_TOP)
+        foreign = sorted(k for k in self.dst.sizes() if k.split("/")[0] not in TOP_LEVEL)
         if foreign:
             raise StoreError(f"{redact_url(self.cfg.dst)} is not empty and not a store (it holds {foreign[0]}); choose "
                              "a new destination")
-        for key in _metadata_keys(self.hooks, self.version):
+        for key in metadata_keys(self.hooks, self.version):
             self.dst.put_atomic(key, self._get_src(key))
         group = json.loads(self._get_src("zarr.json"))
         if self.full:
@@ -109,7 +95,7 @@ class _Copier:
         n = 0
         for key, want in sorted(entry["objects"].items()):
             data = self._get_src(key)
-            if checksum(data) != want:
+            if check_object(key, data, want) is not None:
                 raise StoreError(f"{key} of the source {self.src.url} does not match its manifest checksum (the "
                                  f"source is corrupt); run `saecache verify {self.src.url}`")
             self.dst.put_atomic(key, data)
@@ -128,7 +114,7 @@ class _Copier:
         """None if every destination object of shard `s` reads back with the manifest's checksum."""
         for key, want in sorted(self.entry(s)[0]["objects"].items()):
             data = self.dst.get(key)
-            if data is None or checksum(data) != want:
+            if check_object(key, data, want) is not None:
                 return f"{key} {'missing' if data is None else 'corrupt'}"
         return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from saecache.errors import StoreError
 from saecache.harvest.store import (
-    DTYPES, MANIFEST_DIR, Store, aggregate_stats, checksum, final_key, parse_record, record_key,
+    DTYPES, MANIFEST_DIR, Store, aggregate_stats, check_object, final_key, parse_record, record_key,
 )
 
 FORMAT_NOTE = {"int8": ", rows of a float32 scale + int8 codes", "nf4": ", rows of a float32 scale + 4-bit NF4 codes"}
@@ -112,14 +112,9 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             problems.append(f"shard {s}: missing (no manifest entry: never written or interrupted)")
             continue
         for key, want in sorted(manifest[s]["objects"].items()):
-            data = store.loc.get(key)
-            if data is None:
-                problems.append(f"shard {s}: object {key} is missing")
-                continue
-            got = checksum(data)
-            if got != want:
-                problems.append(f"shard {s}: object {key} is corrupt (crc32c {got['crc32c']} != {want['crc32c']}, "
-                                f"{got['nbytes']} vs {want['nbytes']} bytes)")
+            problem = check_object(key, store.loc.get(key), want)
+            if problem is not None:
+                problems.append(f"shard {s}: {problem}")
     for name in store.loc.list(MANIFEST_DIR):
         key = record_key(MANIFEST_DIR, name, store.version)
         raw = None if key is None else store.loc.get(key)

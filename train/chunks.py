@@ -2,9 +2,10 @@
 
 A unit is one inner chunk of one complete shard. The loader copies a unit's rows from, per hook, either a zero-copy
 view of the memory-mapped shard file (`ChunkReader.views`: uncompressed local store) or its window buffer, into which
-`ChunkReader.read` decodes the chunk (direct shard reader on local disk, the verified shard cache for remote stores,
-zarr as the fallback). Also here: opening and checking the stores, the row selection the run's `Split` asks for (the
-held-out cut, and the BOS rows left out: the one place they are dropped), and the storage-bits → float cast.
+`ChunkReader.read` decodes the chunk (the store's `chunk_reader`, which checks each chunk's crc32c; a remote store
+without the shard cache through `Store.read_acts`). Transport and manifest are the store's business: this module uses
+its public reader API only. Also here: opening and checking the stores, and the row selection the run's `Split` asks
+for (the held-out cut, and the BOS rows left out: the one place they are dropped).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def training_units(stores: list[Store], split: Split) -> list[Unit]:
     for i, st in enumerate(stores):
         g, cut = st.geometry, split.cutoff(st)
         for s, c0, c1, r0, r1 in st.shards((0, cut)):
-            ctx = st.array("rows/context")[r0:r1] if c1 > cut else None
+            ctx = st.read_meta(r0, r1, ("context",))["context"] if c1 > cut else None
             bos = split.bos_rows(st, s)  # offsets in the shard, ascending; None: none left out
             for c in range(g.chunks_per_shard):
                 a, b = r0 + c * g.chunk_rows, min(r0 + (c + 1) * g.chunk_rows, r1)
@@ -122,8 +123,8 @@ def split_units(units: list[Unit], pieces: int) -> list[Unit]:
 
 
 class ChunkReader:
-    """Reads units of one store for a set of hooks: the shard reader (`harvest/shards.py`) over local files or the
-    remote store's verified cache, zarr otherwise."""
+    """Reads units of one store for a set of hooks: per hook the store's `chunk_reader` (local shard files or the
+    remote store's verified cache), else `Store.read_acts`; `rows/*` through `Store.read_meta`."""
 
     def __init__(self, store: Store, hooks: list[str], direct: bool):
         self.store = store
@@ -174,10 +175,10 @@ class ChunkReader:
                 dst[sl] = unit.src
             else:
                 if h in META:
-                    a = self.store.array(f"rows/{h}")[unit.row0:unit.row0 + unit.n]
+                    a = self.store.read_meta(unit.row0, unit.row0 + unit.n, (h,))[h]
                 elif arr is not None:
                     a = arr.read_rows(unit.row0, unit.n)
                 else:
-                    a = self.store.array(f"acts/{h}")[unit.row0:unit.row0 + unit.n]
+                    a = self.store.read_acts(h, unit.row0, unit.row0 + unit.n)
                 dst[sl] = a if kept is None else a[kept]
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store.files import default_pool
 from saecache.harvest.store.io import check_object, checksum, redact_url, write_atomic
-from saecache.harvest.store.layout import ShardLayout, acts_array
+from saecache.harvest.store.layout import ShardLayout
 from saecache.harvest.store.shards import ShardArray
 
 
@@ -207,16 +207,16 @@ def default_cache() -> ShardCache | None:
 
 
 class CachedShardArray(ShardArray):
-    """Inner-chunk reads of one `acts/<hook>` array of a remote store through the shard cache: the shard reader of
-    `shards.py` over the cached files. Never returns rows of a shard not in the manifest."""
+    """Inner-chunk reads of one sharded array (`acts/<hook>`, `rows/<field>`) of a remote store through the shard
+    cache: the shard reader of `shards.py` over the cached files. Never returns rows of a shard not in the manifest."""
 
     mappable = False  # the loader decodes cached chunks into its own buffers (no views of cached files)
 
     @classmethod
-    def open(cls, store, hook: str, cache: ShardCache) -> CachedShardArray | None:
-        """The cached reader of `acts/<hook>`, or None when its layout is not the one saecache writes."""
+    def open(cls, store, array: str, cache: ShardCache) -> CachedShardArray | None:
+        """The cached reader of `array`, or None when its layout is not the one saecache writes."""
         try:
-            layout = ShardLayout.parse(json.loads(store.loc.get(f"{acts_array(hook)}/zarr.json")))
+            layout = ShardLayout.parse(json.loads(store.loc.get(f"{array}/zarr.json")))
         except (TypeError, ValueError):
             return None
         if layout is None or not layout.sharded or layout.separator != "/":
@@ -224,15 +224,15 @@ class CachedShardArray(ShardArray):
         store_id = store_cache_id(store.url)
 
         def locate(shard: int) -> str:
-            key = f"{acts_array(hook)}/{layout.key(shard)}"
+            key = f"{array}/{layout.key(shard)}"
             entry = store.manifest().get(shard)
             if entry is None or key not in entry["objects"]:
-                raise StoreError(f"shard {shard} of {redact_url(store.url)} is not complete (no manifest entry): refusing "
-                                 "to read unwritten rows")
+                raise StoreError(f"shard {shard} of {redact_url(store.url)} is not complete (no manifest entry): "
+                                 "refusing to read unwritten rows")
             return cache.fetch(store.loc, store_id, key, entry["objects"][key])
 
         def missing(shard: int, path: str) -> Exception:
-            return StoreError(f"cannot keep acts/{hook}/{layout.key(shard)} of {redact_url(store.url)} in the shard cache "
-                              f"{cache.cfg.dir}: it is evicted as soon as it is fetched; raise SAECACHE_CACHE_GB")
+            return StoreError(f"cannot keep {array}/{layout.key(shard)} of {redact_url(store.url)} in the shard "
+                              f"cache {cache.cfg.dir}: it is evicted as soon as it is fetched; raise SAECACHE_CACHE_GB")
 
-        return cls(layout, locate, f"acts/{hook} of {redact_url(store.url)}", missing=missing, attempts=3)
+        return cls(layout, locate, f"{array} of {redact_url(store.url)}", missing=missing, attempts=3)

@@ -13,7 +13,6 @@ token) before a URL is shown or recorded.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import uuid
@@ -24,7 +23,6 @@ from urllib.parse import urlsplit, urlunsplit
 import crc32c
 import fsspec
 import zarr
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
 from saecache.errors import StoreError
@@ -237,17 +235,13 @@ class Location:
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def zarr_store(self, manifest_objects=None, cache=None, cache_id: str = ""):
-        """The zarr store of the root. Given `manifest_objects()` (object key -> manifest checksum), reads of
-        listed objects must find them; remote ones are also served through `cache` when given (and checked against
-        the checksum there). Remote backend errors become one-line StoreErrors."""
+    def zarr_store(self):
+        """The zarr store of the root (plain zarr: the writer creates the arrays with it, and the compatibility tests
+        read through it); remote backend errors become one-line StoreErrors."""
         if self.local:
-            local = zarr.storage.LocalStore(self.root, read_only=self.read_only)
-            return local if manifest_objects is None else ManifestCheckedStore(local, self, manifest_objects)
+            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
         fs, root = open_filesystem(self.url, self.storage_options, asynchronous=True)  # zarr runs its own loop
         inner = zarr.storage.FsspecStore(fs if fs.async_impl else _async_wrap(fs), path=root, read_only=self.read_only)
-        if manifest_objects is not None:
-            inner = ManifestCheckedStore(inner, self, manifest_objects, cache, cache_id)
         return ErrorTranslatingStore(inner, self.url)
 
     def get(self, key: str) -> bytes | None:
@@ -293,49 +287,6 @@ class Location:
             return {}
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
         return {p[len(root):]: int(d.get("size") or 0) for p, d in found.items() if p.startswith(root)}
-
-
-class ManifestCheckedStore(WrapperStore):
-    """zarr reads of a remote store that go by the manifest: an object the manifest lists must exist (zarr would
-    silently read zeros), and with a shard cache it is fetched whole once, checked against its crc32c, and every
-    partial read is then served from local disk."""
-
-    def __init__(self, store, loc: Location, manifest_objects, cache=None, cache_id: str = ""):
-        super().__init__(store)
-        self._loc, self._objects, self._cache, self._cache_id = loc, manifest_objects, cache, cache_id
-
-    def _with_store(self, store):
-        return type(self)(store, self._loc, self._objects, self._cache, self._cache_id)
-
-    async def get(self, key, prototype, byte_range=None):
-        want = self._objects().get(key)
-        if want is None:
-            return await self._store.get(key, prototype, byte_range)
-        if self._cache is None:
-            out = await self._store.get(key, prototype, byte_range)
-            if out is None:
-                raise StoreError(f"{key} of {redact_url(self._loc.url)} is listed in the manifest but missing from the "
-                                 f"store: the store is damaged; run `saecache verify {redact_url(self._loc.url)}`")
-            return out
-        start, end = _byte_span(byte_range, want["nbytes"])
-        data = await asyncio.to_thread(self._cache.read, self._loc, self._cache_id, key, want, start, end)
-        return prototype.buffer.from_bytes(data)
-
-    async def get_partial_values(self, prototype, key_ranges):
-        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
-
-
-def _byte_span(byte_range, n: int) -> tuple[int, int]:
-    """(start, end) of a zarr ByteRequest (Range, Offset or Suffix) in an object of n bytes."""
-    if byte_range is None:
-        return 0, n
-    if isinstance(byte_range, RangeByteRequest):
-        return byte_range.start, min(byte_range.end, n)
-    if isinstance(byte_range, OffsetByteRequest):
-        return byte_range.offset, n
-    if isinstance(byte_range, SuffixByteRequest):
-        return max(0, n - byte_range.suffix), n
-    raise TypeError(f"unknown byte range {byte_range!r}")
 
 
 def _async_wrap(fs):

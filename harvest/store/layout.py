@@ -7,6 +7,7 @@ Everything that knows where an object lives or how its bytes are laid out import
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,7 +247,14 @@ class Geometry:
 
 
 def shard_permutation(seed: int, shard: int, n_rows: int) -> np.ndarray:
-    """Stored row j of a shard is unpermuted row perm[j] (SPEC.md "Row order inside a shard")."""
+    """Stored row j of a shard is unpermuted row perm[j] (SPEC.md "Row order inside a shard"). Computed once per
+    shard: the harvest (which permutes the activations on the device) and the writer (which permutes the rows/*
+    arrays) get copies of the same array."""
+    return _permutation(seed, shard, n_rows).copy()
+
+
+@functools.lru_cache(maxsize=32)  # a few shards in flight per process (the write pipeline's depth)
+def _permutation(seed: int, shard: int, n_rows: int) -> np.ndarray:
     return np.random.default_rng([seed, shard]).permutation(n_rows)
 
 
@@ -345,8 +353,3 @@ class ShardLayout:
         if self.crc and crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise StoreError(f"corrupt shard index (crc32c mismatch) in {where}; run `saecache verify`")
         return np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
-
-    def agrees_with(self, geom: Geometry) -> bool:
-        """Whether the array's rows, shards and inner chunks are the header's (an `acts/*` or `rows/*` array)."""
-        return (self.sharded and self.shape[0] == geom.n_rows and self.shard_rows == geom.shard_rows
-                and self.chunk_rows == geom.chunk_rows)

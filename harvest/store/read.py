@@ -24,12 +24,12 @@ import zarr
 from saecache.errors import StoreError
 from saecache.harvest.quant import decode
 from saecache.harvest.store.cache import CachedShardArray, default_cache, store_cache_id
-from saecache.harvest.store.io import Location, redact_url
+from saecache.harvest.store.io import Location, redact_url, remote_errors
 from saecache.harvest.store.layout import (
     CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, Geometry, check_format_version, final_key, json_bytes, parse_record, record_key,
-    acts_array, shard_object_keys,
+    CONTEXTS, ROW_FIELDS, ShardLayout, acts_array, rows_array, shard_object_keys,
 )
-from saecache.harvest.store.shards import ShardArray
+from saecache.harvest.store.shards import ObjectArray, ShardArray
 
 # ------------------------------------------------------------------------------------------------------------ reader
 
@@ -60,6 +60,7 @@ class Store:
         self.geometry = Geometry.from_header(header)
         self.cache = None if loc.local else cache
         self.version = header["format_version"]
+        self._readers: dict[str, ShardArray | ObjectArray] = {}  # array name -> its reader (`reader`)
         self._manifest: dict[int, dict] | None = None
         self._objects: dict[str, dict] = {}
 
@@ -157,8 +158,9 @@ class Store:
     # -- arrays
     @cached_property
     def group(self) -> zarr.Group:
-        zstore = self.loc.zarr_store(self.manifest_objects, self.cache, store_cache_id(self.url))
-        return zarr.open_group(store=zstore, mode="r", zarr_format=3)
+        """The store as plain zarr sees it: what the compatibility tests compare the reader with (saecache itself
+        reads rows through `read_acts`, `read_meta`, `contexts` and `chunk_reader`, which go by the manifest)."""
+        return zarr.open_group(store=self.loc.zarr_store(), mode="r", zarr_format=3)
 
     def chunk_reader(self, hook: str) -> ShardArray | None:
         """The inner-chunk reader of `acts/<hook>` (`read_chunk`, `read_rows`, `chunk_view`): over the shard files
@@ -172,7 +174,7 @@ class Store:
                   "reads do not check them; `saecache verify` checks its shards", file=sys.stderr)
         if self.loc.local:
             return ShardArray.open(self.loc.path(acts_array(hook)))
-        return None if self.cache is None else CachedShardArray.open(self, hook, self.cache)
+        return None if self.cache is None else CachedShardArray.open(self, acts_array(hook), self.cache)
 
     def require_objects(self, arrays: list[str]) -> None:
         """Every object of these arrays (`acts/<hook>`, `rows/<field>`) that the manifest lists exists: a missing
@@ -185,6 +187,68 @@ class Store:
                 if key.startswith(prefixes) and not os.path.exists(self.loc.path(key)):
                     raise StoreError(f"store {self.url} is damaged: {key} of complete shard {s} is missing; "
                                      "run `saecache verify` and re-harvest that shard")
+
+    def reader(self, name: str) -> ShardArray | ObjectArray:
+        """The reader of array `name` (`acts/<hook>`, `rows/<field>`, `contexts`), made once: the shard reader over
+        a local store's files or a remote store's verified cache, else byte ranges of its objects (`ObjectArray`:
+        a remote store without the cache, and `contexts`, whose objects are plain chunks)."""
+        reader = self._readers.get(name)
+        if reader is not None:
+            return reader
+        raw = self.loc.get(f"{name}/zarr.json")
+        try:
+            lay = None if raw is None else ShardLayout.parse(json.loads(raw))
+        except ValueError:
+            lay = None
+        if lay is None:
+            raise StoreError(f"{self.url}/{name}/zarr.json is missing or not an array saecache writes: the store is "
+                             "damaged; re-harvest or re-copy it")
+        if lay.sharded and self.loc.local:
+            reader = ShardArray(lay, lambda s: self.loc.path(f"{name}/{lay.key(s)}"), self.loc.path(name),
+                                missing=lambda s, path: self._missing(f"{name}/{lay.key(s)}"))
+        elif lay.sharded and self.cache is not None:
+            reader = CachedShardArray.open(self, name, self.cache)
+        if reader is None:
+            reader = ObjectArray(lay, lambda s, a, b: self._get_range(f"{name}/{lay.key(s)}", a, b),
+                                 lambda s: self._object_size(f"{name}/{lay.key(s)}"), f"{name} of {self.url}")
+        self._readers[name] = reader
+        return reader
+
+    def _object_size(self, key: str) -> int:
+        want = self.manifest_objects().get(key)
+        if want is None:
+            raise StoreError(f"{key} of {self.url} is not in the manifest: refusing to read unwritten rows")
+        return want["nbytes"]
+
+    def _get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object the manifest lists (through the verified cache for a remote store with
+        one); a listed object that is missing raises, never reads as zeros."""
+        try:
+            if self.loc.local:
+                with open(self.loc.path(key), "rb") as f:
+                    return os.pread(f.fileno(), end - start, start)
+            if self.cache is not None:
+                return self.cache.read(self.loc, store_cache_id(self.url), key, self.manifest_objects()[key], start,
+                                       end)
+            with remote_errors(self.loc.url, f"reading {key} of"):
+                return self.loc.fs.cat_file(self.loc.path(key), start=start, end=end)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+
+    def _missing(self, key: str) -> StoreError:
+        return StoreError(f"{key} of {self.url} is listed in the manifest but missing from the store: the store is "
+                          f"damaged; run `saecache verify {self.url}`")
+
+    def _read_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of array `name` as stored, read chunk by chunk through its reader."""
+        reader = self.reader(name)
+        out = np.empty((r1 - r0, *reader.layout.row_shape), dtype=reader.dtype)
+        step = reader.chunk_rows
+        for g in range(r0 // step, -(-r1 // step)):
+            a = g * step
+            lo, hi = max(r0, a), min(r1, a + step)
+            out[lo - r0:hi - r0] = reader.read_chunk(*divmod(g, reader.n_inner))[lo - a:hi - a]
+        return out
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -203,16 +267,17 @@ class Store:
         [r1-r0, width] uint8 rows (scale + codes) for a quantized format (SPEC.md "Formats")."""
         self.require_hook(hook)
         self._check_rows(r0, r1)
-        return self.array(f"acts/{hook}")[r0:r1]
+        return self._read_rows(acts_array(hook), r0, r1)
 
     def read_acts_torch(self, hook: str, r0: int, r1: int):
         """Rows [r0, r1) as a torch tensor in the logical dtype (float16/float32/bfloat16; float32 dequantized for a
         quantized format)."""
         return to_torch(self.read_acts(hook, r0, r1), self.logical_dtype, self.hooks[hook]["d"])
 
-    def read_meta(self, r0: int, r1: int) -> dict[str, np.ndarray]:
+    def read_meta(self, r0: int, r1: int, fields: tuple[str, ...] = ROW_FIELDS) -> dict[str, np.ndarray]:
+        """Rows [r0, r1) of `rows/<field>` for each field (token, context, position)."""
         self._check_rows(r0, r1)
-        return {k: self.array(f"rows/{k}")[r0:r1] for k in ("token", "context", "position")}
+        return {k: self._read_rows(rows_array(k), r0, r1) for k in fields}
 
     def contexts(self, c0: int, c1: int) -> np.ndarray:
         """Token ids of contexts [c0, c1), shape [c1-c0, T]."""
@@ -220,7 +285,7 @@ class Store:
         for s in range(c0 // g.ctx_per_shard, (max(c1, c0 + 1) - 1) // g.ctx_per_shard + 1):
             if c1 > c0 and s not in self.manifest():
                 raise StoreError(f"shard {s} of {self.url} is not complete: its contexts are not readable yet")
-        return self.array("contexts")[c0:c1]
+        return self._read_rows(CONTEXTS, c0, c1)
 
     # -- statistics and identity
     def stats(self, hook: str) -> dict:

@@ -43,6 +43,40 @@ MAX_MAPS = 64  # memory-mapped shard files kept per array (address space, not me
 _OWNERS = itertools.count()
 
 
+def chunk_entry(layout: ShardLayout, idx: np.ndarray, shard: int, inner: int, where: str) -> tuple[int, int] | None:
+    """(offset, nbytes) of an inner chunk in its shard's index; None for a chunk wholly past the array's end (never
+    written); a chunk missing from a published shard raises."""
+    offset, nbytes = idx[inner].tolist()
+    if offset == MISSING:
+        if (shard * layout.n_inner + inner) * layout.chunk_rows >= layout.shape[0]:
+            return None
+        raise StoreError(f"inner chunk {inner} of {where} is missing from its shard although the shard is "
+                         "published; run `saecache verify`")
+    return offset, nbytes
+
+
+def check_chunk_crc(payload, stored, shard: int, inner: int, where: str) -> None:
+    """Format version 3: an inner chunk's stored bytes end with their crc32c (zarr's crc32c codec)."""
+    if crc32c.crc32c(payload) != int.from_bytes(bytes(stored), "little"):
+        raise StoreError(f"shard {shard} of {where} is corrupt: inner chunk {inner} does not match its "
+                         "crc32c; run `saecache verify` on the store and re-harvest or re-copy that shard")
+
+
+def decode_chunk(decoder, payload, dst: np.ndarray, shard: int, inner: int, where: str) -> None:
+    """Decode an inner chunk's stored bytes (its crc32c already checked and cut off) into ``dst`` (uint8, the
+    chunk's full size); bytes that do not decode to exactly that size raise."""
+    try:
+        if decoder is None:
+            if len(payload) != dst.nbytes:
+                raise ValueError(f"{len(payload)} bytes for a chunk of {dst.nbytes}")
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
+        else:
+            decoder.decode(payload, out=dst)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise StoreError(f"shard {shard} of {where} is corrupt: inner chunk {inner} does not decode ({e}); run "
+                         "`saecache verify` on the store") from None
+
+
 def _local_missing(shard: int, path: str) -> Exception:
     return StoreError(f"shard file {path} is missing; run `saecache verify` and re-harvest that shard")
 
@@ -113,14 +147,7 @@ class ShardArray:
         return got[1]
 
     def _entry(self, shard: int, inner: int, idx: np.ndarray, path: str) -> tuple[int, int] | None:
-        """(offset, nbytes) of an inner chunk; None for a chunk wholly past the array's end (never written)."""
-        offset, nbytes = idx[inner].tolist()
-        if offset == MISSING:
-            if (shard * self.n_inner + inner) * self.chunk_rows >= self.shape[0]:
-                return None
-            raise StoreError(f"inner chunk {inner} of {path} is missing from its shard although the shard is "
-                             "published; run `saecache verify`")
-        return offset, nbytes
+        return chunk_entry(self.layout, idx, shard, inner, path)
 
     def read_chunk(self, shard: int, inner: int, out: np.ndarray | None = None) -> np.ndarray:
         """Decode inner chunk ``inner`` of shard ``shard`` into ``out`` (shape ``[chunk_rows, *row]``; allocated when
@@ -145,13 +172,9 @@ class ShardArray:
             raise StoreError(f"short read ({got} of {nbytes} bytes) in {path}; run `saecache verify`")
         payload = raw if raw is dst or not self._crc_bytes else raw[:-4]
         if self._crc_bytes and self.verify:
-            self._check_crc(shard, inner, payload, parts[-1][-4:])
-        if raw is dst:
-            return out
-        if self._decode is None:
-            dst[:] = np.frombuffer(payload, dtype=np.uint8)
-        else:
-            self._decode.decode(payload, out=dst)
+            check_chunk_crc(payload, parts[-1][-4:], shard, inner, self.where)
+        if raw is not dst:
+            decode_chunk(self._decode, payload, dst, shard, inner, self.where)
         return out
 
     def _scratch_buf(self, n: int) -> memoryview:
@@ -160,12 +183,6 @@ class ShardArray:
         if buf is None or len(buf) < n:
             buf = self._scratch.buf = bytearray(max(n, 4))
         return memoryview(buf)
-
-    def _check_crc(self, shard: int, inner: int, payload, stored) -> None:
-        """Format version 3: an inner chunk's stored bytes end with their crc32c (zarr's crc32c codec)."""
-        if crc32c.crc32c(payload) != int.from_bytes(bytes(stored), "little"):
-            raise StoreError(f"shard {shard} of {self.where} is corrupt: inner chunk {inner} does not match its "
-                             "crc32c; run `saecache verify` on the store and re-harvest or re-copy that shard")
 
     def chunk_view(self, shard: int, inner: int, check: bool = True) -> np.ndarray | None:
         """Uncompressed arrays only: inner chunk ``inner`` of shard ``shard`` as a ``[chunk_rows, *row]`` view of the
@@ -206,7 +223,7 @@ class ShardArray:
             return
         whole = np.frombuffer(view.base, np.uint8)  # the mapping the view lives in
         end = view.ctypes.data - whole.ctypes.data + self._chunk_nbytes
-        self._check_crc(shard, inner, view, whole[end:end + 4])
+        check_chunk_crc(view, whole[end:end + 4], shard, inner, self.where)
 
     def raw_chunk(self, shard: int, inner: int) -> bytes:
         """The stored (encoded) bytes of an inner chunk, b"" for one past the array's end."""
@@ -227,3 +244,63 @@ class ShardArray:
         with self._lock:
             self._maps.clear()
         self._pool.drop(self._owner)
+
+
+class ObjectArray:
+    """Inner-chunk reads of an array through byte ranges of its objects: ``get(shard, start, end)`` gives bytes
+    ``[start, end)`` of a shard's object (a plain chunk for `contexts`), ``size(shard)`` its length from the manifest.
+    For what has no shard file to map: a remote store read without the shard cache (a range GET per chunk, the shard
+    index fetched once), and plain-chunked arrays. Same `read_chunk` contract and checks as `ShardArray`."""
+
+    mappable = False
+    verify = True
+
+    def __init__(self, layout: ShardLayout, get: Callable[[int, int, int], bytes], size: Callable[[int], int],
+                 where: str):
+        self.layout, self.where, self._get, self._size = layout, where, get, size
+        self.shape, self.dtype = layout.shape, layout.dtype
+        self.shard_rows, self.chunk_rows, self.n_inner = layout.shard_rows, layout.chunk_rows, layout.n_inner
+        self._decode = inner_decoder(list(layout.codecs))
+        self._crc_bytes = 4 if layout.chunk_crc else 0
+        self._chunk_shape = (layout.chunk_rows, *layout.row_shape)
+        self._index: dict[int, np.ndarray] = {}  # shard -> [n_inner, 2] index: 16 B per inner chunk
+
+    def _span(self, shard: int, inner: int) -> tuple[int, int] | None:
+        size = self._size(shard)
+        if not self.layout.sharded:
+            return 0, size
+        idx = self._index.get(shard)
+        if idx is None:
+            n = self.layout.index_bytes()
+            idx = self._index[shard] = self.layout.parse_index(
+                self._get(shard, size - n, size) if size >= n else b"", f"{self.where} shard {shard}")
+        span = chunk_entry(self.layout, idx, shard, inner, f"{self.where} shard {shard}")
+        if span is not None and span[0] + span[1] > size:
+            raise StoreError(f"short shard object in {self.where} shard {shard}: chunk {inner} ends past it; run "
+                             "`saecache verify`")
+        return span
+
+    def read_chunk(self, shard: int, inner: int, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty(self._chunk_shape, dtype=self.dtype)
+        span = self._span(shard, inner)
+        if span is None:
+            out.fill(self.layout.fill_value)
+            return out
+        raw = self._get(shard, span[0], span[0] + span[1])
+        if len(raw) != span[1]:
+            raise StoreError(f"short read ({len(raw)} of {span[1]} bytes) in {self.where} shard {shard}; run "
+                             "`saecache verify`")
+        payload = memoryview(raw)[:len(raw) - self._crc_bytes]
+        if self._crc_bytes and self.verify:
+            check_chunk_crc(payload, raw[-4:], shard, inner, self.where)
+        decode_chunk(self._decode, payload, out.reshape(-1).view(np.uint8), shard, inner, self.where)
+        return out
+
+    def read_rows(self, row0: int, n: int) -> np.ndarray:
+        shard, rem = divmod(row0, self.shard_rows)
+        inner, start = divmod(rem, self.chunk_rows)
+        return self.read_chunk(shard, inner)[start:start + n]
+
+    def close(self) -> None:
+        self._index.clear()

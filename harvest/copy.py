@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from saecache.errors import StoreError
 from saecache.harvest.config import CopyConfig  # noqa: F401  (defined with the stage's other configs: light to import)
 from saecache.harvest.store import (
-    TOP_LEVEL, Location, Store, aggregate_stats, check_object, compute_fingerprint, final_key, manifest_key,
+    ACTS_DIR, TOP_LEVEL, Location, Store, aggregate_stats, check_object, compute_fingerprint, final_key, manifest_key,
     metadata_keys, parse_record, record_bytes, redact_url, remote_errors,
 )
 
 
 def _kept(key: str, hooks) -> bool:
-    return not key.startswith("acts/") or key.split("/")[1] in hooks
+    return not key.startswith(f"{ACTS_DIR}/") or key.split("/")[1] in hooks
 
 
 def derived_header(src: Store, hooks: tuple[str, ...]) -> dict:

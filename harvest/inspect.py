@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from saecache.errors import StoreError
 from saecache.harvest.store import (
-    DTYPES, MANIFEST_DIR, Store, aggregate_stats, check_object, final_key, parse_record, record_key,
+    ACTS_DIR, DTYPES, MANIFEST_DIR, Store, aggregate_stats, check_object, final_key, parse_record, record_key,
 )
 
 FORMAT_NOTE = {"int8": ", rows of a float32 scale + int8 codes", "nf4": ", rows of a float32 scale + 4-bit NF4 codes"}
@@ -19,7 +19,7 @@ def store_size(url: str | Store, storage_options: dict | None = None) -> dict:
     store = url if isinstance(url, Store) else Store.open(url, storage_options, cache=None)
     acts_bytes = 0
     for entry in store.manifest().values():
-        acts_bytes += sum(o["nbytes"] for k, o in entry["objects"].items() if k.startswith("acts/"))
+        acts_bytes += sum(o["nbytes"] for k, o in entry["objects"].items() if k.startswith(f"{ACTS_DIR}/"))
     total = 0
     for entry in store.manifest().values():
         total += sum(o["nbytes"] for o in entry["objects"].values())

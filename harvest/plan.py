@@ -29,13 +29,11 @@ from tqdm import tqdm
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.config import differing_flags
-from saecache.harvest.store.io import Location
-from saecache.harvest.store.write import diff_keys, process_is_live
+from saecache.harvest.store import PLAN_DIR, Location, diff_keys, process_is_live
 from saecache.harvest.text import (
     TextSpec, chain_fingerprint, iter_records, resolve_source, source_identity, source_names, special_ids,
 )
 
-PLAN_DIR = "_plan"
 PLAN_FILE = f"{PLAN_DIR}/plan.json"
 STATE_FILE = f"{PLAN_DIR}/state.json"
 PLANNER_FILE = f"{PLAN_DIR}/planner.json"

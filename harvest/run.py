@@ -35,8 +35,10 @@ from saecache.harvest.inspect import store_size
 from saecache.harvest.model import load_model
 from saecache.harvest.paths import remove_path, topmost_missing
 from saecache.harvest.plan import Plan, plan_key
-from saecache.harvest.store import CLAIMS_DIR, FORMAT_VERSION, Geometry, Location, shard_permutation
-from saecache.harvest.store.write import StoreWriter, probe_store_dir
+from saecache.harvest.store import (
+    CLAIMS_DIR, FORMAT_VERSION, MANIFEST_DIR, PLAN_DIR, Geometry, Location, StoreWriter, probe_store_dir,
+    shard_permutation,
+)
 from saecache.harvest.text import TextSpec
 from saecache.threads import stage_threads
 
@@ -283,8 +285,8 @@ def remove_unpublished(loc: Location, fresh: tuple[str, bool]) -> None:
     def names(d: str) -> list[str]:
         return os.listdir(os.path.join(loc.root, d)) if os.path.isdir(os.path.join(loc.root, d)) else []
 
-    if (any(n.startswith("shard-") for n in names("_manifest"))
-            or any(n.startswith("worker-") for n in names(CLAIMS_DIR)) or "planner.json" in names("_plan")):
+    if (any(n.startswith("shard-") for n in names(MANIFEST_DIR))
+            or any(n.startswith("worker-") for n in names(CLAIMS_DIR)) or "planner.json" in names(PLAN_DIR)):
         return
     path, keep_dir = fresh
     doomed = [path] if not keep_dir else [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []

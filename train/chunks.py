@@ -129,7 +129,7 @@ class ChunkReader:
     def __init__(self, store: Store, hooks: list[str], direct: bool):
         self.store = store
         self.direct = {h: None if h in META or not direct else store.chunk_reader(h) for h in hooks}
-        store.require_objects([f"acts/{h}" if h not in META else f"rows/{h}" for h in hooks])
+        store.require_objects(hooks)
 
     @staticmethod
     def _whole_chunk(unit: Unit, arr) -> tuple[int, int] | None:

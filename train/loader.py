@@ -146,8 +146,7 @@ class Loader:
         # per hook: (row shape, numpy dtype, logical dtype) of the window buffers: storage dtype for acts (a
         # quantized row is its uint8 scale + codes), int64 meta
         self._buf_spec = {h: ((), np.dtype(np.int64), "int64") if h in META else
-                          (stores[0].reader(f"acts/{h}").layout.row_shape, stores[0].reader(f"acts/{h}").dtype,
-                           self.logical) for h in self.hooks}
+                          (*stores[0].row_format(h), self.logical) for h in self.hooks}
         self._window_cap = shuffle_chunks * max((u.n for u in self.units), default=0)
         self._pool = ThreadPoolExecutor(reader_threads) if reader_threads > 0 else None
         self.batches_served = 0  # since the start of training, every epoch included

@@ -176,12 +176,13 @@ class Store:
             return ShardArray.open(self.loc.path(acts_array(hook)))
         return None if self.cache is None else CachedShardArray.open(self, acts_array(hook), self.cache)
 
-    def require_objects(self, arrays: list[str]) -> None:
-        """Every object of these arrays (`acts/<hook>`, `rows/<field>`) that the manifest lists exists: a missing
-        local file would read back as zeros, silently. (A remote store's objects are checked as they are fetched.)"""
+    def require_objects(self, names: list[str]) -> None:
+        """Every object of these hooks' `acts/*` arrays (or row fields' `rows/*`, a name in `ROW_FIELDS`) that the
+        manifest lists exists: a missing local file would read back as zeros, silently. (A remote store's objects
+        are checked as they are fetched.)"""
         if not self.loc.local:
             return
-        prefixes = tuple(f"{a}/" for a in arrays)
+        prefixes = tuple(f"{rows_array(n) if n in ROW_FIELDS else acts_array(n)}/" for n in names)
         for s in self.complete_shards():
             for key in self.manifest()[s]["objects"]:
                 if key.startswith(prefixes) and not os.path.exists(self.loc.path(key)):
@@ -249,6 +250,12 @@ class Store:
             lo, hi = max(r0, a), min(r1, a + step)
             out[lo - r0:hi - r0] = reader.read_chunk(*divmod(g, reader.n_inner))[lo - a:hi - a]
         return out
+
+    def row_format(self, hook: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, numpy dtype) of one stored row of `acts/<hook>`: ``(D,)`` in the storage dtype, or ``(width,)``
+        uint8 for a quantized format (scale + codes)."""
+        reader = self.reader(acts_array(hook))
+        return reader.layout.row_shape, reader.dtype
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]

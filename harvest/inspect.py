@@ -122,6 +122,7 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             problems.append(f"manifest entry {name} names a shard beyond the store's {store.geometry.n_shards}")
     final = store.final
     if final is not None and final.get("fingerprint") != store.fingerprint():
-        problems.append(f"{final_key(store.version)} records fingerprint {str(final.get('fingerprint'))[:16]}… but the manifest "
-                        f"gives {store.fingerprint()[:16]}…: shards were changed after the store was completed")
+        problems.append(f"{final_key(store.version)} records fingerprint {str(final.get('fingerprint'))[:16]}… but "
+                        f"the manifest gives {store.fingerprint()[:16]}…: shards were changed after the store was "
+                        "completed")
     return problems

@@ -14,8 +14,8 @@ from saecache.harvest.store.io import (
     Location, check_object, checksum, describe_error, open_filesystem, redact_url, remote_errors, write_atomic,
 )
 from saecache.harvest.store.layout import (
-    ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR, PLAN_DIR,
-    ROW_FIELDS, TOP_LEVEL, Geometry, ShardLayout, acts_array, check_format_version, claim_key, final_key, json_bytes,
+    ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR,
+    PLAN_DIR, ROW_FIELDS, TOP_LEVEL, Geometry, ShardLayout, acts_array, check_format_version, claim_key, final_key, json_bytes,
     manifest_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys,
     shard_permutation, unpermuted_meta,
 )

@@ -127,7 +127,8 @@ class ShardCache:
                 got = checksum(data)
                 raise StoreError(f"{key} of {redact_url(loc.url)} does not match its manifest checksum "
                                  f"({got['nbytes']} bytes, crc32c {got['crc32c']} vs {want['nbytes']}, "
-                                 f"{want['crc32c']}): the store is corrupt; run `saecache verify {redact_url(loc.url)}`")
+                                 f"{want['crc32c']}): the store is corrupt; run "
+                                 f"`saecache verify {redact_url(loc.url)}`")
             write_atomic(path, data)
             with self._lock:
                 self.misses += 1

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import crc32c
 import fsspec
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 import zarr
 from zarr.storage import WrapperStore
 
@@ -290,6 +291,4 @@ class Location:
 
 
 def _async_wrap(fs):
-    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
     return AsyncFileSystemWrapper(fs, asynchronous=True)

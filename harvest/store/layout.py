@@ -113,6 +113,62 @@ def check_format_version(header: dict, url: str) -> None:
                          f"(version {FORMAT_VERSION}); upgrade saecache")
 
 
+def is_count(v, lo: int = 0) -> bool:
+    """A JSON integer (not a bool) in [lo, 2**53): a count or size a reader may compute with."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v < 2**53
+
+
+def check_header(header, url: str) -> None:
+    """Refuse (StoreError) a header that is not a saecache store's: geometry of wrong types or out of range, derived
+    sizes that disagree with it (SPEC.md "Geometry"), an unknown storage format, hooks without a width."""
+    def bad(what: str):
+        raise StoreError(f"store {url} has a damaged header (zarr.json attributes['saecache']): {what}; re-harvest or "
+                         "re-copy the store")
+
+    if not isinstance(header, dict) or not isinstance(header.get("storage"), dict):
+        bad("it is not an object with a 'storage' object")
+    st, hooks = header["storage"], header.get("hooks")
+    counts = (header.get("ctx_len"), st.get("ctx_per_chunk"), st.get("chunks_per_shard"))
+    if not (all(is_count(v, 1) for v in counts) and is_count(header.get("n_contexts")) and is_count(header.get("seed"))
+            and is_count(st.get("first_position")) and st["first_position"] < min(2, header["ctx_len"])):
+        bad("ctx_len, storage.first_position, ctx_per_chunk, chunks_per_shard, n_contexts and seed must be counts")
+    g = Geometry.from_header(header)
+    derived = {"storage.rows_per_context": (st.get("rows_per_context"), g.rows_per_context),
+               "storage.chunk_rows": (st.get("chunk_rows"), g.chunk_rows),
+               "storage.shard_rows": (st.get("shard_rows"), g.shard_rows),
+               "n_rows": (header.get("n_rows"), g.n_rows), "n_shards": (header.get("n_shards"), g.n_shards)}
+    for key, (got, want) in derived.items():
+        if not is_count(got) or got != want:
+            bad(f"{key} is {got!r} but the geometry gives {want}")
+    if st.get("dtype") not in DTYPES:
+        bad(f"storage.dtype {st.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(hooks, dict) or not hooks or not all(
+            isinstance(h, dict) and is_count(h.get("d"), 1) for h in hooks.values()):
+        bad("hooks must map each hook name to an object with its width d")
+
+
+def check_array(meta, name: str, header: dict, url: str) -> ShardLayout:
+    """The layout of array `name` (acts/<hook>, rows/<field>, contexts) from its zarr.json, refused (StoreError) unless
+    it is the one the header describes: shape, shards, inner chunks, dtype and the codec chains saecache writes."""
+    g, lay = Geometry.from_header(header), ShardLayout.parse(meta) if isinstance(meta, dict) else None
+    if name == CONTEXTS:
+        want = ((g.n_contexts, header["ctx_len"]), np.dtype("<i4"), g.ctx_per_shard, g.ctx_per_shard, False)
+    elif name.startswith(f"{ROWS_DIR}/"):
+        dtype = np.dtype("<i2") if name.endswith("/position") else np.dtype("<i4")
+        want = ((g.n_rows,), dtype, g.shard_rows, g.chunk_rows, True)
+    else:
+        fmt = FORMATS[header["storage"]["dtype"]]
+        width = fmt.width(header["hooks"][name.split("/", 1)[1]]["d"])
+        want = ((g.n_rows, width), np.dtype(fmt.zarr_dtype).newbyteorder("<"), g.shard_rows, g.chunk_rows, True)
+    got = None if lay is None else (lay.shape, lay.dtype, lay.shard_rows, lay.chunk_rows, lay.sharded)
+    if (got != want or not all(type(v) is int for v in (*lay.shape, lay.shard_rows, lay.chunk_rows))
+            or lay.separator != "/" or lay.fill_value != 0 or isinstance(lay.fill_value, bool)
+            or (lay.sharded and not lay.crc) or lay.chunk_crc != (header["format_version"] >= CHUNK_CRC_VERSION)):
+        raise StoreError(f"{url}/{name}/zarr.json does not describe the array the header does (shape, dtype, shards, "
+                         f"chunks, codecs): {got} vs {want}; the store is damaged: re-harvest or re-copy it")
+    return lay
+
+
 # -- formats and the codec chain (SPEC.md "Formats and codecs")
 
 # storage format name -> (zarr dtype, logical dtype); the formats themselves (and their decoding) are in quant.py
@@ -246,6 +302,20 @@ class Geometry:
                    header["n_contexts"])
 
 
+def in_order(entries: list[list[int]], data_end: int) -> bool:
+    """Whether a shard index's (offset, nbytes) entries are the layout zarr and saecache write: the written inner
+    chunks first, in order, back to back from byte 0 up to the index at `data_end`; unwritten ones (both fields
+    MISSING, only past the array's end) after them. An index that passes its crc32c but not this is damaged."""
+    end = 0
+    for i, (offset, nbytes) in enumerate(entries):
+        if offset == MISSING:
+            return end == data_end and all(e == [MISSING, MISSING] for e in entries[i:])
+        if offset != end:
+            return False
+        end += nbytes
+    return end == data_end
+
+
 def shard_permutation(seed: int, shard: int, n_rows: int) -> np.ndarray:
     """Stored row j of a shard is unpermuted row perm[j] (SPEC.md "Row order inside a shard"). Computed once per
     shard: the harvest (which permutes the activations on the device) and the writer (which permutes the rows/*
@@ -346,10 +416,15 @@ class ShardLayout:
     def index_bytes(self) -> int:
         return self.n_inner * 16 + (4 if self.crc else 0)
 
-    def parse_index(self, raw: bytes, where: str) -> np.ndarray:
-        """The ``[n_inner, 2]`` (offset, nbytes) table from a shard's trailing index bytes; checks the crc32c."""
+    def parse_index(self, raw: bytes, where: str, size: int | None = None) -> np.ndarray:
+        """The ``[n_inner, 2]`` (offset, nbytes) table from a shard's trailing index bytes; checks the crc32c and,
+        given the object's `size`, that the table is `in_order` (so no entry points outside the chunks' bytes)."""
         if len(raw) != self.index_bytes():
             raise StoreError(f"short shard file {where}: no room for its index; run `saecache verify`")
         if self.crc and crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise StoreError(f"corrupt shard index (crc32c mismatch) in {where}; run `saecache verify`")
-        return np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
+        idx = np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
+        if size is not None and not in_order(idx.tolist(), size - self.index_bytes()):
+            raise StoreError(f"corrupt shard index in {where}: its entries do not lay the inner chunks out in order, "
+                             "back to back, before the index; run `saecache verify`")
+        return idx

@@ -143,7 +143,7 @@ class ShardArray:
             n = self.layout.index_bytes()
             size = os.fstat(fd).st_size
             got = self._index[shard] = (opened, self.layout.parse_index(
-                os.pread(fd, n, size - n) if size >= n else b"", path))
+                os.pread(fd, n, size - n) if size >= n else b"", path, size))
         return got[1]
 
     def _entry(self, shard: int, inner: int, idx: np.ndarray, path: str) -> tuple[int, int] | None:
@@ -273,7 +273,7 @@ class ObjectArray:
         if idx is None:
             n = self.layout.index_bytes()
             idx = self._index[shard] = self.layout.parse_index(
-                self._get(shard, size - n, size) if size >= n else b"", f"{self.where} shard {shard}")
+                self._get(shard, size - n, size) if size >= n else b"", f"{self.where} shard {shard}", size)
         span = chunk_entry(self.layout, idx, shard, inner, f"{self.where} shard {shard}")
         if span is not None and span[0] + span[1] > size:
             raise StoreError(f"short shard object in {self.where} shard {shard}: chunk {inner} ends past it; run "

@@ -46,7 +46,7 @@ class ReLU(Architecture):
     def encode(self, sae, x_BD):
         return Code(f_BF=sae.pre_acts(x_BD).relu())
 
-    def threshold_F(self, threshold, n_features, target):
+    def threshold_F(self, threshold, width, target):
         return None
 
 
@@ -75,7 +75,7 @@ class JumpReLU(Architecture):
     def penalty(self, sae, code):
         return P.l0_toward_target(code.pen, sae.cfg.target_l0)
 
-    def threshold_F(self, threshold, n_features, target):
+    def threshold_F(self, threshold, width, target):
         return threshold
 
 
@@ -167,8 +167,8 @@ class BatchTopK(TopK):
     threshold, threshold_form, dl_classes, saelens_arch, saelens_as_threshold = True, True, ("BatchTopKSAE",), \
         "jumprelu", True
 
-    def threshold_F(self, threshold, n_features, target):
-        return torch.full((n_features,), self.export_threshold(threshold, target), dtype=torch.float32)
+    def threshold_F(self, threshold, width, target):
+        return torch.full((width,), self.export_threshold(threshold, target), dtype=torch.float32)
 
     def select(self, cfg):
         return batch_topk_select(cfg.k)

@@ -148,7 +148,7 @@ class Architecture:
                               "(train past the threshold start so encode does not depend on the batch)")
         return t
 
-    def threshold_F(self, threshold: Tensor | None, n_features: int, target: str) -> Tensor | None:
+    def threshold_F(self, threshold: Tensor | None, width: int, target: str) -> Tensor | None:
         """θ_F of the inference map written as f = z·(z > θ_F) (`threshold_form`); None means θ = 0 (a ReLU).
         `threshold` is what the module holds at `threshold_key`."""
         raise RunDirError(f"{self.name} has no ReLU/JumpReLU form for {target}")

@@ -153,8 +153,8 @@ class WritePipeline:
     `workers=0` writes each shard on the calling thread before the next forward (the serial path). Either way the
     store's bytes are the same: a shard's objects depend only on its contents. Rows arrive in stored order with their
     statistics (`harvest_shard` permutes and sums on the device), so each thread only encodes, checksums and writes
-    its own shard (`shardwrite.py`; the codecs release the GIL), and `workers` is also the encode parallelism. Objects
-    the writer leaves to zarr (a layout `shardwrite.py` does not write) are encoded on zarr's event-loop executor,
+    its own shard (`store/encode.py`; the codecs release the GIL), and `workers` is also the encode parallelism. Objects
+    the writer leaves to zarr (a layout `store/encode.py` does not write) are encoded on zarr's event-loop executor,
     given `workers` threads while the pipeline is open."""
 
     def __init__(self, writer: StoreWriter, workers: int, on_done: Callable[[int], None]):

@@ -1,4 +1,4 @@
-"""The store writer's hand-made shard objects (harvest/shardwrite.py) and its shard statistics (writer.shard_stats,
+"""The store writer's hand-made shard objects (harvest/store/encode.py) and its shard statistics (write.shard_stats,
 quant.row_sums): byte for byte what zarr writes for the same rows, and statistics equal to a float64 numpy reference,
 with NaN/Inf values counted and left out."""
 

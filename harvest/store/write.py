@@ -3,7 +3,7 @@ and write the final record once every shard exists. Format: `SPEC.md`.
 
 Creation is idempotent (the header is a pure function of the config, so concurrent workers write identical bytes) and
 never overwrites: a store made from another config is refused. A shard is published by writing its manifest entry
-last, after every object of the shard is written; the objects are encoded by hand (`shardwrite.py`, byte for byte what
+last, after every object of the shard is written; the objects are encoded by hand (`encode.py`, byte for byte what
 zarr writes) so that their checksums come from the bytes as they are made, with no read-back.
 """
 
@@ -70,7 +70,7 @@ class StoreWriter:
     """Writes shards of one store. Several writers (processes, machines) may write disjoint shards concurrently;
     one writer may write several shards at once from several threads (the harvest's encode workers)."""
 
-    hand_encode = True  # shard objects encoded by `shardwrite.py`; False: through zarr (the reference it matches)
+    hand_encode = True  # shard objects encoded by `encode.py`; False: through zarr (the reference it matches)
 
     def __init__(self, url: str, header: dict, storage_options: dict | None = None):
         self.loc = Location(url, storage_options, read_only=False)
@@ -234,7 +234,7 @@ class StoreWriter:
     def _write_object(self, array: str, chunk_key: str, start: int, rows: np.ndarray,
                       perm: np.ndarray | None = None) -> dict:
         """Write the object `array/chunk_key` holding ``rows[perm]`` from row `start` on; return its manifest
-        checksum. Encoded by hand (`shardwrite.py`: the bytes zarr writes, checksummed as they are made), or through
+        checksum. Encoded by hand (`encode.py`: the bytes zarr writes, checksummed as they are made), or through
         zarr and read back for a layout that module does not write (or when `hand_encode` is off)."""
         key = f"{array}/{chunk_key}"
         if array not in self._encoders:

@@ -91,8 +91,8 @@ def test_the_sae_options_example_in_the_help_is_accepted(tiny_store, tmp_path):
 
 def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
     ctx = _command("train").make_context("train", [
-        "--store", str(tiny_store), "--out", str(tmp_path), "--total-tokens", "640", "--warmup", "3", "--heldout", "0.1",
-        "--sparsity-warmup", "2", "--hook", "mlp_out.0", "--hook", "mlp_out.1", "--width", "64", "--k", "4",
+        "--store", str(tiny_store), "--out", str(tmp_path), "--total-tokens", "640", "--warmup", "3",
+        "--heldout", "0.1", "--sparsity-warmup", "2", "--hook", "mlp_out.0", "--hook", "mlp_out.1", "--width", "64", "--k", "4",
         "--no-progress"])
     cfg = build_config(ctx.params)
     assert (cfg.tokens, cfg.warmup_steps, cfg.heldout_fraction, cfg.sparsity_warmup_steps) == (640, 3, 0.1, 2)

@@ -26,7 +26,8 @@ from saecache.harvest.quant import decode
 from saecache.harvest.store.cache import CachedShardArray, default_cache, store_cache_id
 from saecache.harvest.store.io import Location, redact_url, remote_errors
 from saecache.harvest.store.layout import (
-    CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, Geometry, check_format_version, final_key, json_bytes, parse_record, record_key,
+    CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, Geometry, check_array, check_format_version, check_header,
+    final_key, is_count, json_bytes, parse_record, record_key,
     CONTEXTS, ROW_FIELDS, ShardLayout, acts_array, rows_array, shard_object_keys,
 )
 from saecache.harvest.store.shards import ObjectArray, ShardArray
@@ -34,7 +35,6 @@ from saecache.harvest.store.shards import ObjectArray, ShardArray
 # ------------------------------------------------------------------------------------------------------------ reader
 
 
-_DEFAULT = object()
 class ShardSpan(NamedTuple):
     """One complete shard of a store: its number, contexts [c0, c1) and rows [r0, r1)."""
 
@@ -45,6 +45,7 @@ class ShardSpan(NamedTuple):
     r1: int
 
 
+_DEFAULT = object()
 _WARNED: set[str] = set()  # stores (URLs) whose missing chunk checksums this process has warned about
 
 
@@ -63,6 +64,7 @@ class Store:
         self._readers: dict[str, ShardArray | ObjectArray] = {}  # array name -> its reader (`reader`)
         self._manifest: dict[int, dict] | None = None
         self._objects: dict[str, dict] = {}
+        self._layouts: dict[str, ShardLayout] = {}
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True, cache=_DEFAULT) -> Store:
@@ -77,7 +79,9 @@ class Store:
             raise StoreError(f"{redact_url(url)}/zarr.json is not valid zarr metadata: the store is damaged") from None
         if header is None:
             raise StoreError(f"{redact_url(url)} is a zarr group but not a saecache store (no 'saecache' attribute)")
-        check_format_version(header, redact_url(url))
+        if isinstance(header, dict):
+            check_format_version(header, redact_url(url))
+        check_header(header, redact_url(url))
         if cache is _DEFAULT:
             cache = None
             if not loc.local:
@@ -110,7 +114,12 @@ class Store:
 
     def manifest(self, refresh: bool = False) -> dict[int, dict]:
         if self._manifest is None or refresh:
-            entries = read_manifest(self.loc, self.version)
+            entries, g = read_manifest(self.loc, self.version), self.geometry
+            for s, e in entries.items():
+                if s < g.n_shards and (e.get("rows") != list(g.shard_row_range(s)) or e.get("contexts") != list(
+                        g.shard_contexts(s)) or sorted(e["objects"]) != sorted(self.object_keys(s))):
+                    raise StoreError(f"manifest entry of shard {s} of {self.url} disagrees with the header (rows, "
+                                     "contexts or objects): the store is damaged; re-copy it or re-harvest it")
             self._manifest = entries
             self._objects = {k: v for e in entries.values() for k, v in e["objects"].items()}
         return self._manifest
@@ -130,15 +139,6 @@ class Store:
     def complete_shards(self, refresh: bool = False) -> list[int]:
         return sorted(s for s in self.manifest(refresh) if s < self.geometry.n_shards)
 
-    @property
-    def is_complete(self) -> bool:
-        return len(self.complete_shards()) == self.geometry.n_shards
-
-    @property
-    def final(self) -> dict | None:
-        raw = self.loc.get(final_key(self.version))
-        return None if raw is None else parse_record(raw, self.version)
-
     def shards(self, contexts: tuple[int, int] | None = None) -> Iterator[ShardSpan]:
         """The complete shards in order, as `ShardSpan`s (shard number, its contexts and rows); with ``contexts``
         = (c0, c1) only those holding some context in [c0, c1). The one loop over a store's shards."""
@@ -148,6 +148,22 @@ class Store:
             if contexts is not None and (c1 <= contexts[0] or c0 >= contexts[1]):
                 continue
             yield ShardSpan(s, c0, c1, *g.shard_row_range(s))
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.complete_shards()) == self.geometry.n_shards
+
+    @property
+    def final(self) -> dict | None:
+        raw = self.loc.get(final_key(self.version))
+        try:
+            final = None if raw is None else parse_record(raw, self.version)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            final = []
+        if final is not None and not isinstance(final, dict):
+            raise StoreError(f"{self.url}/{final_key(self.version)} is not a final record: the store is damaged; "
+                             "re-copy it or re-harvest it")
+        return final
 
     def require_complete(self) -> None:
         done, n = len(self.complete_shards()), self.geometry.n_shards
@@ -162,19 +178,36 @@ class Store:
         reads rows through `read_acts`, `read_meta`, `contexts` and `chunk_reader`, which go by the manifest)."""
         return zarr.open_group(store=self.loc.zarr_store(), mode="r", zarr_format=3)
 
-    def chunk_reader(self, hook: str) -> ShardArray | None:
-        """The inner-chunk reader of `acts/<hook>` (`read_chunk`, `read_rows`, `chunk_view`): over the shard files
-        of a local store, over the verified local cache of a remote one. None where there is none (a remote store
-        read without a cache, a layout this package does not write): `read_acts` then. Each inner chunk's crc32c is
-        checked as it is read (format version 3); an older store says once that only `verify` checks its chunks."""
+    def chunk_reader(self, hook: str) -> ShardArray | ObjectArray:
+        """The inner-chunk reader of `acts/<hook>` (`read_chunk`, `read_rows`; `chunk_view` where `mappable`), the
+        one choice of transport: a new shard reader over the shard files of a local store or the verified local
+        cache of a remote one; byte ranges of a remote store read without the cache (`ObjectArray`, shared with
+        `read_acts`). Each inner chunk's crc32c is checked as it is read (format version 3); an older store says
+        once that only `verify` checks its chunks."""
         self.require_hook(hook)
         if self.version < CHUNK_CRC_VERSION and self.url not in _WARNED:
             _WARNED.add(self.url)
             print(f"warning: store {self.url} is in format version {self.version}: its chunks carry no checksum, so "
                   "reads do not check them; `saecache verify` checks its shards", file=sys.stderr)
+        self.layout(acts_array(hook))
+        arr = None
         if self.loc.local:
-            return ShardArray.open(self.loc.path(acts_array(hook)))
-        return None if self.cache is None else CachedShardArray.open(self, acts_array(hook), self.cache)
+            arr = ShardArray.open(self.loc.path(acts_array(hook)))
+        elif self.cache is not None:
+            arr = CachedShardArray.open(self, acts_array(hook), self.cache)
+        return self.reader(acts_array(hook)) if arr is None else arr
+
+    def layout(self, name: str) -> ShardLayout:
+        """The layout of array `name` (acts/<hook>, rows/<field>, contexts) from its zarr.json, checked against the
+        header: a reader never trusts sizes the two disagree on."""
+        if name not in self._layouts:
+            raw = self.loc.get(f"{name}/zarr.json")
+            try:
+                meta = None if raw is None else json.loads(raw)
+            except ValueError:
+                meta = None
+            self._layouts[name] = check_array(meta, name, self.header, self.url)
+        return self._layouts[name]
 
     def require_objects(self, names: list[str]) -> None:
         """Every object of these hooks' `acts/*` arrays (or row fields' `rows/*`, a name in `ROW_FIELDS`) that the
@@ -196,14 +229,7 @@ class Store:
         reader = self._readers.get(name)
         if reader is not None:
             return reader
-        raw = self.loc.get(f"{name}/zarr.json")
-        try:
-            lay = None if raw is None else ShardLayout.parse(json.loads(raw))
-        except ValueError:
-            lay = None
-        if lay is None:
-            raise StoreError(f"{self.url}/{name}/zarr.json is missing or not an array saecache writes: the store is "
-                             "damaged; re-harvest or re-copy it")
+        lay = self.layout(name)
         if lay.sharded and self.loc.local:
             reader = ShardArray(lay, lambda s: self.loc.path(f"{name}/{lay.key(s)}"), self.loc.path(name),
                                 missing=lambda s, path: self._missing(f"{name}/{lay.key(s)}"))
@@ -299,10 +325,20 @@ class Store:
         """{"mean": [D] float64, "mean_sq_norm": float, "count": int, "nonfinite": int} over complete shards."""
         self.require_hook(hook)
         final = self.final
-        if final is not None:
-            st = final["stats"][hook]
-            return {**st, "mean": np.asarray(st["mean"], dtype=np.float64)}
-        return aggregate_stats(self.manifest(), hook)
+        try:
+            if final is not None:
+                st = final["stats"][hook]
+                st = {**st, "mean": np.asarray(st["mean"], dtype=np.float64)}
+            else:
+                st = aggregate_stats(self.manifest(), hook)
+            ok = st["mean"].shape == (self.hooks[hook]["d"],) and is_count(st["count"], 1) and float(
+                st["mean_sq_norm"]) >= 0
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise StoreError(f"the statistics of {hook} in {self.url} are damaged (final record or manifest): "
+                             "re-copy the store or re-harvest it")
+        return st
 
     def fingerprint(self) -> str:
         return compute_fingerprint(self.header, self.manifest())
@@ -312,7 +348,8 @@ class Store:
 
 
 def read_manifest(loc: Location, version: int) -> dict[int, dict]:
-    """Every manifest entry of the store at `loc`, by shard number (SPEC.md "Manifest")."""
+    """Every manifest entry of the store at `loc`, by shard number (SPEC.md "Manifest"). An entry must name the shard
+    its key names and list each object with a byte count and a crc32c."""
     entries = {}
     for name in loc.list(MANIFEST_DIR):
         key = record_key(MANIFEST_DIR, name, version)
@@ -321,10 +358,17 @@ def read_manifest(loc: Location, version: int) -> dict[int, dict]:
             if raw is not None:
                 try:
                     entry = parse_record(raw, version)
-                    entries[int(entry["shard"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    raise StoreError(f"manifest entry {name} of {redact_url(loc.url)} is not valid JSON with a shard "
-                                     "number: the store is damaged; run `saecache verify`") from None
+                    s, objects = entry["shard"], entry["objects"]
+                    ok = f"shard-{s:06d}" == name.removesuffix(".json") and not isinstance(s, bool) and all(
+                        isinstance(o, dict) and is_count(o["nbytes"]) and is_count(o["crc32c"]) and o["crc32c"] < 2**32
+                        for o in objects.values())
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    ok = False
+                if not ok:
+                    raise StoreError(f"manifest entry {name} of {redact_url(loc.url)} is damaged (not a record of "
+                                     "that shard with its objects' sizes and checksums): re-copy the store or "
+                                     "re-harvest it")
+                entries[s] = entry
     return entries
 
 

@@ -149,14 +149,17 @@ def test_one_chunk_reader_for_local_remote_and_cached_stores(tiny_store, tmp_pat
     url = "memory://checks/same.zarr"
     copy_store(CopyConfig(src=str(tiny_store), dst=url))
     local, cached, uncached = Store.open(str(tiny_store)), Store.open(url), Store.open(url, cache=None)
-    assert uncached.chunk_reader(HOOK) is None  # no local files to read chunks from: read_acts serves it
+    readers = [st.chunk_reader(HOOK) for st in (local, cached, uncached)]
+    assert [type(r).__name__ for r in readers] == ["ShardArray", "CachedShardArray", "ObjectArray"]
     g = local.geometry
     for s in (0, 5, g.n_shards - 1):
         for i in range(g.chunks_per_shard):
-            want = local.chunk_reader(HOOK).read_chunk(s, i)
+            want = readers[0].read_chunk(s, i)
             r0 = s * g.shard_rows + i * g.chunk_rows
-            assert np.array_equal(cached.chunk_reader(HOOK).read_chunk(s, i), want)
-            assert np.array_equal(uncached.read_acts(HOOK, r0, r0 + g.chunk_rows), want)
+            assert want.any() and all(np.array_equal(r.read_chunk(s, i), want) for r in readers[1:])
+            for st in (local, cached, uncached):
+                assert np.array_equal(st.read_acts(HOOK, r0, r0 + g.chunk_rows), want)
+    assert cached.cache.misses > 0 and uncached.cache is None
 
 
 def test_one_redaction_rule_drops_credentials_and_query():

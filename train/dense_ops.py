@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saecache.train.sparse_ops import _autocast_inputs, buffer
+from saecache.train.sparse_ops import autocast_inputs, buffer
 
 _mask_by = torch.ops.aten.threshold_backward.grad_input  # out = a where b > t else 0, in one float pass
 
@@ -41,7 +41,7 @@ class EncodeInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, ws: dict):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
-        x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
+        x_c_BD, W_enc_DF, b_enc_F = autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         z = buffer(ws, "z", (x_BD.shape[0], W_enc_DF.shape[1]), x_c_BD)
         torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=z)
         ctx.save_for_backward(x_c_BD, W_enc_DF)
@@ -64,7 +64,7 @@ class DecodeFrom(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_BF, W_dec_FD, b_dec_D, ws: dict, key: str):
-        f_BF, W_dec_FD, b_dec_D = _autocast_inputs(f_BF, W_dec_FD, b_dec_D)
+        f_BF, W_dec_FD, b_dec_D = autocast_inputs(f_BF, W_dec_FD, b_dec_D)
         ctx.save_for_backward(f_BF, W_dec_FD)
         ctx.ws, ctx.key = ws, key
         return torch.addmm(b_dec_D, f_BF, W_dec_FD)

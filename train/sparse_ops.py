@@ -83,7 +83,7 @@ def _gather_dot(c: SparseCode, M_FD: Tensor, y_BD: Tensor) -> Tensor:
         return torch.autograd.grad(out, w_N, y_BD.to(M_FD.dtype))[0]
 
 
-def _autocast_inputs(*ts: Tensor | None) -> tuple:
+def autocast_inputs(*ts: Tensor | None) -> tuple:
     """Under autocast, the dtype the matmul would run in: custom Functions see autocast in forward but not in
     backward, so the forward casts explicitly and saves the cast tensors (the backward then matches them)."""
     dev = next(t for t in ts if t is not None).device.type
@@ -103,7 +103,7 @@ class CenteredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
-        x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
+        x_c_BD, W_enc_DF, b_enc_F = autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         ctx.save_for_backward(x_c_BD, W_enc_DF)
         ctx.has_pre = b_pre_D is not None
         return torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
@@ -165,7 +165,7 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Select, workspace: dict | None):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
-        x_c_BD, W_enc_DF, b_enc_F = _autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
+        x_c_BD, W_enc_DF, b_enc_F = autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         z_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=_workspace_BF(workspace, x_c_BD, W_enc_DF.shape[1]))
         row_N, idx_N = select(z_BF)
         vals_N = z_BF[row_N, idx_N].relu_()

@@ -25,7 +25,7 @@ from saecache.errors import RunDirError, StoreError
 from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
 from saecache.harvest.hooks import HookPoint, layer_of
-from saecache.harvest.split import Split, context_batches
+from saecache.harvest.split import Split, context_batches, has_bos_rows
 from saecache.harvest.store import Store
 from saecache.threads import stage_threads
 
@@ -118,7 +118,7 @@ def bos_rule(split: Split, store: Store, cfg) -> str:
     "no BOS" (contexts do not start with BOS: position 0 is an ordinary token)."""
     if store.geometry.first_position:
         return "not stored"
-    if not (store.header.get("config") or {}).get("bos", True):
+    if not has_bos_rows(store):
         return "no BOS"
     return "clean" if split.drops_bos(store) and not cfg.splice_bos else "replaced"
 

@@ -9,7 +9,9 @@ BOS / padding policy, matching the store: contexts are fixed length with no padd
 out (`first_position == 1`, the BOS position), the SAE never saw that position, so it is left untouched in every
 variant (spliced, zero, mean) and the prediction made AT position 0 is not counted; every prediction made at positions
 `first_position .. T-2` counts (targets `first_position+1 .. T-1`). With `first_position == 0` every position is
-replaced and every prediction counts. The same positions count for the KL divergence to the clean model.
+replaced and every prediction counts. The same positions count for the KL divergence to the clean model. For a run
+that never trained on BOS rows, evaluation passes `first_position=1` on a store that keeps position 0 too
+(`runner.bos_rule`): the BOS position is then treated as if the store did not hold it.
 
 The hooks themselves are `saecache.harvest.hooks.patch_output` (a forward hook replacing a module's output or input);
 the capture for transcoders is an identity patch at `hook_in` that records the tensor it sees.

@@ -116,7 +116,8 @@ def downgrade_to_v2(src, dst) -> Path:
 def downgrade_to_v1(src, dst) -> Path:
     """A copy of local store `src` (float format) in the layout of format version 1, as saecache 0.1.0 wrote it:
     header format_version 1, bookkeeping as plain JSON files (`_manifest/shard-XXXXXX.json`, `_final.json`), no
-    bookkeeping group nodes. Arrays and their bytes are unchanged; the fingerprint is recomputed over the v1 header."""
+    bookkeeping group nodes. Arrays as version 2 wrote them (`downgrade_to_v2`: no per-chunk crc32c); the fingerprint
+    is recomputed over the v1 header."""
     import json
     import shutil
 

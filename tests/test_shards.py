@@ -1,7 +1,7 @@
 """The shard reader (harvest/store/shards.py) and its bounded resources (harvest/store/files.py): the file pool's cap
 and pinning, maps that keep no file descriptor, readers that never see another reader's stale descriptor, cache
-eviction, and every reader of a store with more than 10,000 shard files in a process limited to 128 open files (RLIMIT_NOFILE,
-set in a real subprocess)."""
+eviction, and every reader of a store with more than 10,000 shard files in a process limited to 128 open files
+(RLIMIT_NOFILE, set in a real subprocess)."""
 
 import json
 import os

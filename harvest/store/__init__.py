@@ -15,8 +15,8 @@ from saecache.harvest.store.io import (
 )
 from saecache.harvest.store.layout import (
     ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR,
-    PLAN_DIR, ROW_FIELDS, TOP_LEVEL, Geometry, ShardLayout, acts_array, check_format_version, claim_key, final_key, json_bytes,
-    manifest_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys,
+    PLAN_DIR, ROW_FIELDS, TOP_LEVEL, Geometry, ShardLayout, acts_array, check_format_version, claim_key, final_key,
+    json_bytes, manifest_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys,
     shard_permutation, unpermuted_meta,
 )
 from saecache.harvest.store.read import (
@@ -25,5 +25,14 @@ from saecache.harvest.store.read import (
 from saecache.harvest.store.shards import ShardArray
 from saecache.harvest.store.write import StoreWriter, diff_keys, probe_store_dir, process_is_live
 
-__all__ = sorted(name for name in dir() if not name.startswith("_") and name not in (
-    "annotations", "cache", "encode", "files", "io", "layout", "read", "shards", "write"))
+__all__ = [
+    "ACTS_DIR", "BOOKKEEPING_GROUPS", "CLAIMS_DIR", "CODECS", "CONTEXTS", "CacheConfig", "CachedShardArray", "DTYPES",
+    "FINAL_DIR", "FORMAT_VERSION", "FilePool", "Geometry", "Location", "MANIFEST_DIR", "ObjectEncoder", "PLAN_DIR",
+    "ROW_FIELDS", "ShardArray", "ShardCache", "ShardLayout", "ShardSpan", "Store", "StoreWriter", "TOP_LEVEL",
+    "acts_array", "aggregate_stats", "check_format_version", "check_object", "checksum", "claim_key",
+    "compute_fingerprint", "default_cache", "default_pool", "describe_error", "diff_keys", "final_key", "json_bytes",
+    "made_ahead", "manifest_key", "map_file", "metadata_keys", "open_filesystem", "parse_record", "probe_store_dir",
+    "process_is_live", "read_manifest", "record_bytes", "record_key", "redact_url", "remote_errors", "rows_array",
+    "shard_object_keys", "shard_permutation", "single_threaded", "store_cache_id", "to_torch", "unpermuted_meta",
+    "write_atomic",
+]

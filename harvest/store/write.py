@@ -27,7 +27,7 @@ from saecache.harvest.model import local_dir
 from saecache.harvest.store.encode import ObjectEncoder, made_ahead
 from saecache.harvest.store.io import Location, checksum
 from saecache.harvest.store.layout import (
-    BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, MANIFEST_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
+    BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, PLAN_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
     check_format_version, claim_key, compressors, final_key, manifest_key, parse_record, record_bytes, record_key,
     rows_array, shard_object_keys, shard_permutation, unpermuted_meta,
 )
@@ -306,7 +306,7 @@ def probe_store_dir(loc: Location) -> None:
         os.remove(probe)
     except OSError as e:
         raise StoreError(f"cannot write store to {loc.url}: {e.strerror or e}; choose a writable --out")
-    existing = set(os.listdir(loc.root)) - {"zarr.json", "_plan"}
+    existing = set(os.listdir(loc.root)) - {"zarr.json", PLAN_DIR}
     if existing and not os.path.exists(os.path.join(loc.root, "zarr.json")):
         raise StoreError(f"{loc.url} is a non-empty directory that is not a store; choose a new --out")
 

@@ -19,17 +19,17 @@ SAES = [{"arch": "relu", "hook_in": "mlp_out.0", "width": 64, "name": "relu"},
         {"arch": "topk", "hook_in": "mlp_out.0", "width": 64, "k": 4, "name": "topk"}]
 
 
-def _settings(store, out) -> dict:
-    """Today's names: the run length in `tokens`, the resampling window in rows."""
+def _settings(store, out, window: int | None) -> dict:
+    """Today's names: the run length in `tokens`, the resampling window in rows (None: the default)."""
     return {"stores": [str(store)], "out": str(out), "tokens": STEPS * BATCH, "batch_size": BATCH,
-            "checkpoint_every": 3, "resample_steps": 4, "dead_tokens_threshold": 2 * BATCH, "heldout_fraction": 0.1,
-            "warmup_steps": 1, "progress": False, "device": "cpu", "saes": SAES}
+            "checkpoint_every": 3, "resample_steps": 4, "dead_tokens_threshold": window and window * BATCH,
+            "heldout_fraction": 0.1, "warmup_steps": 1, "progress": False, "device": "cpu", "saes": SAES}
 
 
-def _as_97d5ea9_wrote_it(settings: dict) -> dict:
-    """The same settings under the names 97d5ea9 used."""
+def _as_97d5ea9_wrote_it(settings: dict, window: int | None) -> dict:
+    """The same settings under the names 97d5ea9 used (it recorded an unset window as null)."""
     old = {k: v for k, v in settings.items() if k not in ("tokens", "dead_tokens_threshold")}
-    return {**old, "total_tokens": settings["tokens"], "resample_window": settings["dead_tokens_threshold"] // BATCH}
+    return {**old, "total_tokens": settings["tokens"], "resample_window": window}
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
@@ -46,7 +46,10 @@ def test_old_names_map_once_at_the_boundary():
     new = upgrade_fields({"total_tokens": 640, "resample_window": 3, "batch_size": 64, "exclude_bos": True})
     assert new == {"tokens": 640, "dead_tokens_threshold": 3 * 64, "batch_size": 64, "train_on_bos": False}
     assert upgrade_fields({"resample_window": 5})["dead_tokens_threshold"] == 5 * 4096  # the default batch
-    assert upgrade_fields({"resample_window": None}) == {"dead_tokens_threshold": None}  # the same default rule
+    # left unset, as 97d5ea9 recorded it: the rows a run resolves it to (half of resample_steps' rows, else 100 steps')
+    assert upgrade_fields({"resample_window": None, "resample_steps": 10, "batch_size": 64}) == \
+        {"dead_tokens_threshold": 5 * 64, "resample_steps": 10, "batch_size": 64}
+    assert upgrade_fields({"resample_window": None})["dead_tokens_threshold"] == 100 * 4096
     assert upgrade_fields({"tokens": 7, "total_tokens": 9}) == {"tokens": 7}  # today's name wins
     # the default window is the same rows as before: half of resample_steps (else 100) steps of batch_size rows
     cfg = TrainConfig(stores=["s"], out="o", steps=10, batch_size=64, resample_steps=6, saes=[SAES[0]])
@@ -56,11 +59,12 @@ def test_old_names_map_once_at_the_boundary():
         TrainConfig(stores=["s"], out="o", total_tokens=10, saes=[SAES[0]])
 
 
+@pytest.mark.parametrize("window", [None, 3])  # steps, as 97d5ea9's resample_window; None: its default
 def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate(capsys, tiny_store, tmp_path,
-                                                                                 monkeypatch):
-    ref = run_training(TrainConfig(**_settings(tiny_store, tmp_path / "ref")))
+                                                                                 monkeypatch, window):
+    ref = run_training(TrainConfig(**_settings(tiny_store, tmp_path / "ref", window)))
     old_out = tmp_path / "old"
-    run_training(TrainConfig(**_settings(tiny_store, old_out)))
+    run_training(TrainConfig(**_settings(tiny_store, old_out, window)))
     # make each run dir what 97d5ea9 leaves when killed after the step-3 checkpoint: cfg.json in the old names,
     # incomplete, no weights, no later checkpoint
     for name in ("relu", "topk"):
@@ -70,12 +74,12 @@ def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate
                 shutil.rmtree(rundir.checkpoint_path(d, step))
         os.remove(os.path.join(d, rundir.WEIGHTS_FILE))
         rec = rundir.read_cfg(d)
-        rec["train"] = _as_97d5ea9_wrote_it(rec["train"])
+        rec["train"] = _as_97d5ea9_wrote_it(rec["train"], window)
         rec["sae"]["architecture"], rec["sae"]["n_features"] = rec["sae"].pop("arch"), rec["sae"].pop("width")
         rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
         rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
     config = tmp_path / "old.json"  # a --config file in the old names resumes them
-    config.write_text(json.dumps(_as_97d5ea9_wrote_it(_settings(tiny_store, old_out))))
+    config.write_text(json.dumps(_as_97d5ea9_wrote_it(_settings(tiny_store, old_out, window), window)))
     loaded, load = [], rundir.load_checkpoint
     monkeypatch.setattr(rundir, "load_checkpoint", lambda d, step: loaded.append(step) or load(d, step))
     code, err = _cli(capsys, "train", "--config", config)

@@ -22,12 +22,20 @@ OLD_FLAGS = {"tokens": ("--total-tokens",), "warmup_steps": ("--warmup",),
 """Flags that still parse but are no longer shown: the names of fields (or flags) before they became one name."""
 
 
+def default_dead_tokens(resample_steps: int | None, batch_size: int) -> int:
+    """`TrainConfig.dead_tokens_threshold` left unset: half of resample_steps' rows, else 100 steps' rows."""
+    return (max(1, resample_steps // 2) if resample_steps else 100) * batch_size
+
+
 def _rows(window, d: dict):
-    """An old `resample_window` (steps; None: the default rule) as today's `dead_tokens_threshold` (rows)."""
-    if not isinstance(window, int) or isinstance(window, bool):
-        return window  # None (the same default rule) or a bad value, refused by the field's checks
-    batch = d.get("batch_size", 4096)
-    return window * batch if isinstance(batch, int) else window
+    """An old `resample_window` (steps; None: the default rule) as today's `dead_tokens_threshold` (rows), resolved
+    as a run resolves it, so an old cfg.json compares equal to the record a resumed run writes."""
+    batch, every = d.get("batch_size", 4096), d.get("resample_steps")
+    if not isinstance(batch, int) or not (every is None or isinstance(every, int)):
+        return window  # a bad value: refused by the fields' checks
+    if window is None:
+        return default_dead_tokens(every, batch)
+    return window * batch if isinstance(window, int) and not isinstance(window, bool) else window
 
 
 RENAMED = {"exclude_bos": ("train_on_bos", lambda v, d: not v if isinstance(v, bool) else v),
@@ -383,8 +391,7 @@ class TrainConfig:
         if self.dead_tokens_threshold is not None and self.dead_tokens_threshold < 1:
             raise ConfigError(f"--dead-tokens-threshold must be >= 1, got {self.dead_tokens_threshold}")
         if self.dead_tokens_threshold is None:  # resolved: cfg.json records the window used
-            steps = max(1, self.resample_steps // 2) if self.resample_steps else 100
-            self.dead_tokens_threshold = steps * self.batch_size
+            self.dead_tokens_threshold = default_dead_tokens(self.resample_steps, self.batch_size)
         if self.decay_start is not None and not 0 <= self.decay_start <= self.total_steps:
             raise ConfigError(f"--decay-start must be in [0, {self.total_steps}] (the run's steps = no decay), got "
                               f"{self.decay_start}")

@@ -140,7 +140,7 @@ def frontier_png(panel: dict, path: str) -> None:
     keys = sorted({(ln["arch"], ln["width"]) for ln in panel["lines"]}
                   | {(c["arch"], c["width"]) for c in panel["pruning"]})
     colour = {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(keys)}
-    marker = {"topk": "s", "relu": "o", "batchtopk": "D", "jumprelu": "^", "gated": "v"}
+    marker = dict(zip(sorted({a for a, _ in keys}), "osD^vPX*<>ph"))  # one marker per architecture in the panel
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     titles = ("% loss recovered", "FVE (fraction of variance explained)", "pruning curves (dashed) and SAEs")
     for ax, (y, scale), title in zip(axes, (("recovered_zero", 100), ("fve", 1), ("recovered_zero", 100)), titles):

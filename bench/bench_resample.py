@@ -4,7 +4,8 @@ high-frequency features the seed's authors saw, and what removes it?
 ReLU + L1 SAEs (saecache's defaults: lr 1e-3, coeff 0.1 for E‖x‖² = 1 inputs) with Anthropic resampling, on one
 hook of a store, every setting on the same rows in the same order (saecache's seed-0 data order):
 
-- `none`: no resampling (the control);
+- `none`: no resampling (the control); `none-no-warmup`: the same with `--warmup-steps 0`, the control of the
+  settings without re-warm;
 - `late`: resampling every 30 % of the run, so at 30, 60 and 90 % (the seed's every 30,000 of 100,000 steps);
 - `early`: resampling every third of the run, so at 33 and 67 % and none in the last 20 % (saecache resamples at
   the multiples of --resample-steps before the last step; a period in [T/3, 0.4 T) is the only way to stop before
@@ -41,8 +42,11 @@ import torch
 from bench.bench_quality import heldout_rows
 
 THRESHOLD = 0.038  # the seed's pruning threshold on feature frequency
-SETTINGS = {  # name -> (resample period as a fraction of the run (None: never), LR re-warm after each resample)
+# name -> (resample period as a fraction of the run, None: never; LR warm-up at the start and re-warm after each
+# resample, or no warm-up at all)
+SETTINGS = {
     "none": (None, True),
+    "none-no-warmup": (None, False),
     "late": (0.3, True),
     "early": (1 / 3, True),
     "late-no-rewarm": (0.3, False),
@@ -52,12 +56,12 @@ SETTINGS = {  # name -> (resample period as a fraction of the run (None: never),
 
 def schedule(name: str, steps: int) -> dict:
     """TrainConfig fields of a setting for a run of `steps` steps, and the steps it resamples at."""
-    period, rewarm = SETTINGS[name]
+    period, warm = SETTINGS[name]
+    fields = {} if warm else {"warmup_steps": 0}
     if period is None:
-        return {"fields": {}, "resample_at": []}
+        return {"fields": fields, "resample_at": []}
     every = math.ceil(period * steps)
-    fields = {"resample_steps": every, **({} if rewarm else {"warmup_steps": 0})}
-    return {"fields": fields, "resample_at": list(range(every, steps, every))}
+    return {"fields": {"resample_steps": every, **fields}, "resample_at": list(range(every, steps, every))}
 
 
 def train(store: str, hook: str, name: str, width: int, tokens: int, batch: int, coeff: float | None,
@@ -137,6 +141,12 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _warmup(row: dict) -> str:
+    if not row["rewarm"]:
+        return "none"
+    return "at the start and after each resample" if row["resample_at"] else "at the start"
+
+
 def write_md(result: dict, path: Path) -> None:
     lines = ["# Resampling and the high-frequency spike (bench/bench_resample.py, issue 21 §2)", "",
              f"Store {result['store']} ({result['store_rows']:,} rows), hook {result['hook']} (d={result['d']}); "
@@ -144,14 +154,14 @@ def write_md(result: dict, path: Path) -> None:
              f"rows ({result['tokens']:,} tokens, BOS rows left out), seed 0, the same rows in the same order for "
              f"every setting. Measured on {result['heldout_rows']:,} held-out rows. Command: "
              f"`python -m bench.bench_resample {result['command']}`.", "",
-             "| setting | resamples at step | LR re-warm | FVE | L0 | dead | above 0.038 | resampled at the last "
+             "| setting | resamples at step | LR warm-up | FVE | L0 | dead | above 0.038 | resampled at the last "
              "resample | of those above 0.038 | their median freq | train s |", "|---" * 11 + "|"]
     for r in result["rows"]:
         lines.append(f"| {r['setting']} | {', '.join(map(str, r['resample_at'])) or '–'} | "
-                     f"{'yes' if r['rewarm'] else 'no'} | {r['fve']:.4f} | {r['l0']:.1f} | {r['dead']} | "
+                     f"{_warmup(r)} | {r['fve']:.4f} | {r['l0']:.1f} | {r['dead']} | "
                      f"{r['above_threshold']} | {r.get('resampled_last', '–')} | "
                      f"{r.get('above_threshold_resampled_last', '–')} | "
-                     f"{r.get('resampled_last_median_freq') or '–'} | "
+                     f"{r.get('resampled_last_median_freq', '–')} | "
                      f"{r['train_s']} |")
     lines += ["", "Histograms: resample.png (one panel per setting, the red line at 0.038)."]
     if result.get("conclusion"):

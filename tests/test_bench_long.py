@@ -182,6 +182,7 @@ def test_resample_schedules():
     from bench.bench_resample import schedule
 
     assert schedule("none", 2000) == {"fields": {}, "resample_at": []}
+    assert schedule("none-no-warmup", 2000) == {"fields": {"warmup_steps": 0}, "resample_at": []}
     assert schedule("late", 2000) == {"fields": {"resample_steps": 600}, "resample_at": [600, 1200, 1800]}
     early = schedule("early-no-rewarm", 2000)
     assert early == {"fields": {"resample_steps": 667, "warmup_steps": 0}, "resample_at": [667, 1334]}
@@ -213,7 +214,7 @@ def test_resample_study_end_to_end(tiny_store, tmp_path, one_torch_thread, monke
         freq = np.asarray(x["freq"])
         assert len(freq) == 64 and x["above_threshold"] == int((freq > br.THRESHOLD).sum())
         assert x["dead"] == int((freq == 0).sum()) and x["l0"] == pytest.approx(freq.sum(), abs=0.01)  # l0: 2 places
-    assert (out / "resample.png").stat().st_size > 0 and "| late | 6, 12, 18 | yes |" in \
+    assert (out / "resample.png").stat().st_size > 0 and "| late | 6, 12, 18 | at the start and after each resample |" in \
         (out / "resample.md").read_text()
     monkeypatch.setattr(br, "train", None)  # every setting is measured: nothing is trained again
     assert [x["setting"] for x in br.main(args)["rows"]] == ["none", "late", "early-no-rewarm"]

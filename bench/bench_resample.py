@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               "d": int(x_held.shape[1]), "width": args.width, "tokens": steps * args.batch, "steps": steps,
               "batch": args.batch, "coeff": args.coeff, "lr": args.lr, "heldout_rows": len(x_held),
               "threshold": THRESHOLD, "threads": 1,
-              "command": " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
+              "command": " ".join(a for a in (sys.argv[1:] if argv is None else argv)
+                                  if a not in ("--conclusion", args.conclusion)), "rows": []}
     if res_path.exists():  # resume: keep the settings measured on the same run shape
         old = json.loads(res_path.read_text())
         if all(old.get(k) == result[k] for k in ("store", "hook", "width", "tokens", "batch", "coeff", "lr")):

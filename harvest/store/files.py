@@ -47,7 +47,9 @@ class FilePool:
 
     def __init__(self, max_open: int | None = None):
         self.max_open = max_open or default_max_open()
-        self._lock = threading.Lock()
+        # re-entrant: a reader collected while this thread holds the lock (a cycle, freed by the GC at any
+        # allocation) runs its finalizer's `drop` on this thread, which with a plain Lock deadlocked
+        self._lock = threading.RLock()
         self._open: OrderedDict[tuple, list[int]] = OrderedDict()  # (owner, path) -> [fd, pins, open id]
 
     def __len__(self) -> int:
@@ -106,8 +108,8 @@ class FilePool:
         for key in list(self._open):
             if len(self._open) <= max(keep, 0):
                 break
-            entry = self._open[key]
-            if select(key) if select else entry[1] == 0:
+            entry = self._open.get(key)  # None: dropped meanwhile by a finalizer on this thread
+            if entry is not None and (select(key) if select else entry[1] == 0):
                 del self._open[key]
                 if entry[1] == 0:
                     os.close(entry[0])

@@ -112,7 +112,8 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             problems.append(f"shard {s}: missing (no manifest entry: never written or interrupted)")
             continue
         for key, want in sorted(manifest[s]["objects"].items()):
-            problem = check_object(key, store.loc.get(key), want)
+            data = store.loc.get(key)
+            problem = check_object(key, data, want) or store.object_problem(key, data)
             if problem is not None:
                 problems.append(f"shard {s}: {problem}")
     for name in store.loc.list(MANIFEST_DIR):

@@ -26,11 +26,11 @@ from saecache.harvest.quant import decode
 from saecache.harvest.store.cache import CachedShardArray, default_cache, store_cache_id
 from saecache.harvest.store.io import Location, redact_url, remote_errors
 from saecache.harvest.store.layout import (
-    CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, Geometry, check_array, check_format_version, check_header,
+    CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, MISSING, Geometry, check_array, check_format_version, check_header,
     final_key, is_count, json_bytes, parse_record, record_key,
     CONTEXTS, ROW_FIELDS, ShardLayout, acts_array, rows_array, shard_object_keys,
 )
-from saecache.harvest.store.shards import ObjectArray, ShardArray
+from saecache.harvest.store.shards import ObjectArray, ShardArray, check_chunk_crc
 
 # ------------------------------------------------------------------------------------------------------------ reader
 
@@ -208,6 +208,24 @@ class Store:
                 meta = None
             self._layouts[name] = check_array(meta, name, self.header, self.url)
         return self._layouts[name]
+
+    def object_problem(self, key: str, data: bytes) -> str | None:
+        """What the manifest's crc32c of a whole array object cannot see (None: nothing): a shard index rewritten
+        with its own valid crc32c leaves the object's crc32c unchanged (the crc32c of bytes followed by their crc32c
+        is a constant), so the index is parsed (`in_order`) and, from format 3, each chunk's crc32c checked."""
+        name, shard = key.rsplit("/c/", 1)[0], int(key.rsplit("/c/", 1)[1].split("/")[0])
+        lay = self.layout(name)
+        try:
+            spans = [(0, len(data))]
+            if lay.sharded:
+                n = lay.index_bytes()
+                idx = lay.parse_index(data[len(data) - n:] if len(data) >= n else b"", key, len(data))
+                spans = [(o, b) for o, b in idx.tolist() if o != MISSING]
+            for i, (o, b) in enumerate(spans if lay.chunk_crc else []):
+                check_chunk_crc(data[o:o + b - 4] if b >= 4 else b"?", data[o + b - 4:o + b], shard, i, key)
+        except StoreError as e:
+            return f"object {key} is corrupt ({e})"
+        return None
 
     def require_objects(self, names: list[str]) -> None:
         """Every object of these hooks' `acts/*` arrays (or row fields' `rows/*`, a name in `ROW_FIELDS`) that the

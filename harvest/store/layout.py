@@ -140,7 +140,7 @@ def check_header(header, url: str) -> None:
     for key, (got, want) in derived.items():
         if not is_count(got) or got != want:
             bad(f"{key} is {got!r} but the geometry gives {want}")
-    if st.get("dtype") not in DTYPES:
+    if not isinstance(st.get("dtype"), str) or st["dtype"] not in DTYPES:
         bad(f"storage.dtype {st.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(hooks, dict) or not hooks or not all(
             isinstance(h, dict) and is_count(h.get("d"), 1) for h in hooks.values()):

@@ -126,6 +126,17 @@ def dump(p: dict, hook: str) -> dict:
     return info
 
 
+def store_note(p: dict) -> str:
+    """What the store holds, for the results: its rows and the corpus it was harvested from."""
+    from saecache.harvest.store import Store
+
+    corpus = json.loads((p["corpus"] / "corpus.json").read_text()) if (p["corpus"] / "corpus.json").exists() else {}
+    sets = ", ".join(f"{k} {v:,}" for k, v in corpus.get("sets", {}).items())
+    return (f"{p['store']}: {Store.open(str(p['store'])).geometry.n_rows:,} rows of the demo model's {HOOK} (fp16, "
+            f"ctx 128), harvested from a {corpus.get('bytes', 0) / 1e6:.0f} MB local corpus of "
+            f"{corpus.get('train_tokens', 0):,} training tokens (documents: {sets}).")
+
+
 def window_rows(p: dict, d: int, step: int) -> np.ndarray:
     """The training rows of steps [step - WINDOW, step) (a memmap)."""
     off = np.load(p["offsets"])
@@ -417,6 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.stage == "loss":
         d = json.loads(p["dump"].read_text())["d"] if p["dump"].exists() else None
         loss_recovered(p, res_path, args.n_contexts, args.trainer, args.python, d)
+    if args.stage in ("dump", "report") and p["store"].exists():
+        result = load_results(res_path)
+        result["meta"] = {**result.get("meta", {}), "store_note": store_note(p)}
+        save_results(res_path, result)
     if args.stage in ("dump", "run", "loss", "report"):
         write_report(res_path, out)
 

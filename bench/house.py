@@ -10,7 +10,8 @@ Per tree:
   `bytes`, `blosc`, `bitshuffle`, `crc32c`, `sharding_indexed`), found in string constants and names, not comments;
 - private names imported across modules (`from m import _x`, or `m._x` on an imported module);
 - imports inside functions, by file, classified: optional dependency (inside `try: ... except ImportError`), lazy CLI
-  (a command module, the package's lazy `__getattr__`, or a heavy library: torch, transformers, matplotlib...), other;
+  (a command module, the package's lazy `__getattr__` and saecache/api.py behind it, or a heavy library: torch,
+  transformers, matplotlib..., or a module of the tree that loads one the importing module does not), other;
 - the `duplicates` command's pairs (on PATH), in production code vs tests/bench.
 Everything is read with `ast`; the tree is never imported.
 """
@@ -203,15 +204,54 @@ def private_imports(tree: Path, imports: dict[str, list[dict]], files: dict[str,
     return sorted(set(out))
 
 
+def heavy_closure(imports: dict[str, list[dict]]) -> dict[str, set[str]]:
+    """Per module of the tree: the heavy libraries (`HEAVY`) that importing it loads, through its module-level imports
+    and those of the modules (and their packages' __init__) they import, transitively."""
+    by_module = {module_name(rel): [i for i in found if not i["in_function"]] for rel, found in imports.items()}
+
+    def reached(imp: dict) -> list[str]:
+        names = [imp["module"], *(f"{imp['module']}.{n}" for n, _ in imp["names"])]
+        out = []
+        for name in names:  # a module, its parent packages (their __init__ runs first)
+            parts = name.split(".")
+            out += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return out
+
+    memo: dict[str, set[str]] = {}
+
+    def heavy(module: str, seen: frozenset = frozenset()) -> set[str]:
+        if module in memo:
+            return memo[module]
+        if module not in by_module:
+            return {module.split(".")[0]} & HEAVY
+        out: set[str] = set()
+        for imp in by_module[module]:
+            for m in reached(imp):
+                if m not in seen and m != module:
+                    out |= heavy(m, seen | {module})
+        memo[module] = out
+        return out
+
+    return {m: heavy(m) for m in by_module}
+
+
 def function_imports(imports: dict[str, list[dict]]) -> dict:
+    """In-function imports, classified: optional (guarded by `except ImportError`); lazy CLI / heavy (in a command
+    module, saecache's lazy `__getattr__` and the API it leads to, saecache/api.py, whose names `import saecache` gives
+    without loading a stage; or an import that loads a heavy library the importing module does not load otherwise:
+    a light config module keeping `--help` fast); other."""
     by_file, kinds = {}, {"optional": 0, "lazy-cli": 0, "other": 0}
+    closure = heavy_closure(imports)
     for rel, found in imports.items():
-        cli = rel.endswith(("cli.py", "__main__.py"))
+        cli = rel.endswith(("cli.py", "__main__.py")) or rel == "saecache/api.py"
+        own = closure.get(module_name(rel), set())
         for imp in (i for i in found if i["in_function"]):
             top = imp["module"].split(".")[0]
+            loads = set().union(*(closure.get(m, {m.split(".")[0]} & HEAVY)
+                                  for m in [imp["module"], *(f"{imp['module']}.{n}" for n, _ in imp["names"])]))
             kind = ("optional" if imp["optional"] else
-                    "lazy-cli" if cli or top in HEAVY or (rel == "saecache/__init__.py" and imp["function"] ==
-                                                          "__getattr__") else "other")
+                    "lazy-cli" if cli or top in HEAVY or loads - own or (rel == "saecache/__init__.py" and imp[
+                        "function"] == "__getattr__") else "other")
             kinds[kind] += 1
             by_file.setdefault(rel, []).append(f"{imp['line']} {kind}: {imp['module']}")
     return {"count": sum(kinds.values()), "by_kind": kinds, "by_file": by_file}
@@ -292,8 +332,9 @@ def markdown(before: dict, after: dict, names: tuple[str, str]) -> str:
     lines += ["", "How counted: an edge is a pair of modules (one however many statements import it); an import inside "
               "a function is one imported module (`import a, b` two, `from m import x, y` one), optional when inside "
               "`try: ... except ImportError`, lazy CLI when in a command module (cli.py, *_cli.py, __main__.py), in "
-              "saecache's lazy `__getattr__`, or of a library slow to import (" + ", ".join(sorted(HEAVY)) + "); a "
-              "file knows a key name or the codec chain when a string constant or a name in its code (not a comment) "
+              "saecache's lazy `__getattr__` and saecache/api.py, or of a library slow to import ("
+              + ", ".join(sorted(HEAVY)) + ") or of a module that loads one its importer does not load (a light config "
+              "module); a file knows a key name or the codec chain when a string constant or a name in its code (not a comment) "
               "is one."]
 
     def section(title: str, get, note: str = "") -> None:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from saecache.errors import ConfigError
 
+MODES = ("clean", "replaced")
+"""The replacement model's input modes: each replaced layer reads the clean model's activations, or the replaced
+upstream layers' outputs (`replacement.Replacement`)."""
+
 PRUNE_CURVE = (0.1, 0.03, 0.01, 0.003)
 """Default pruning-curve thresholds: half-decade steps from a tenth of all tokens into the range of the seed's 8192-
 and 32768-feature dictionaries (it pruned above 0.038 at an L0 near 40). Four, because each threshold adds a spliced
@@ -173,8 +177,6 @@ class ReplacementConfig:
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
 
     def __post_init__(self):
-        from saecache.evaluate.replacement import MODES  # torch: imported on use, so --help stays light
-
         if not self.run_dirs:
             raise ConfigError("no run dir given: saecache replacement RUN_DIR... --store STORE (one per layer)")
         if self.inputs not in (*MODES, "both"):
@@ -186,6 +188,4 @@ class ReplacementConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        from saecache.evaluate.replacement import MODES
-
         return MODES if self.inputs == "both" else (self.inputs,)

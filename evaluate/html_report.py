@@ -67,12 +67,11 @@ def pruning_table(panel: dict) -> str:
     return table(["SAE", "Prune above", "Features dropped", "L0", "FVE", "% Loss Recovered"], body)
 
 
-def report_html(header: dict, rows: list[dict], frontier: dict, hists: dict[str, str], pages: list[str],
-                notes: str, out: str) -> str:
-    """The page (see the module docstring). `hists`: {label: PNG path}; `pages`: feature-page paths (linked
+def report_html(header: dict, tables: list[tuple[str, list[str], list[list[str]]]], definitions: dict[str, str],
+                frontier: dict, hists: dict[str, str], pages: list[str], notes: str, out: str) -> str:
+    """The page (see the module docstring). `tables`: the report's tables (`report.table_groups`); `definitions`:
+    what each column means (`report.DEFINITIONS`); `hists`: {label: PNG path}; `pages`: feature-page paths (linked
     relative to `out`, the page's own folder); `notes`: what the figures are over (`report.notes`)."""
-    from saecache.evaluate.report import DEFINITIONS, table_groups
-
     parts = ["<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<title>saecache evaluation</title>", f"<style>{STYLE}</style></head><body>",
              "<h1>saecache evaluation</h1>",
@@ -80,7 +79,7 @@ def report_html(header: dict, rows: list[dict], frontier: dict, hists: dict[str,
              f"<code>{_e(header['fingerprint'][:16])}</code>; saecache {_e(header.get('package_version', ''))}).</p>",
              "<h2>The seed's tables</h2>",
              "<p>% loss recovered with its 95 % bootstrap interval over contexts in brackets.</p>"]
-    for title, head, body in table_groups(rows):
+    for title, head, body in tables:
         parts += [f"<h3>{_e(title)}</h3>", table(head, body)]
     panels = frontier.get("panels", [])
     if panels:
@@ -106,6 +105,6 @@ def report_html(header: dict, rows: list[dict], frontier: dict, hists: dict[str,
                   for p in pages]
         parts.append("</ul>")
     parts += ["<h2>Definitions</h2>", f"<p>{_e(notes)}</p>", "<ul>"]
-    parts += [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in DEFINITIONS.items()]
+    parts += [f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in definitions.items()]
     parts += ["</ul>", "</body></html>\n"]
     return "\n".join(parts)

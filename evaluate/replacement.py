@@ -33,10 +33,12 @@ import torch
 
 from saecache.errors import RunDirError
 from saecache.evaluate import metrics as M
+from saecache.evaluate.config import MODES
+from saecache.evaluate.runner import load_run_checked
 from saecache.evaluate.splice import SpliceLosses, ce_per_context, model_logits, replace_from
 from saecache.harvest.hooks import HookPoint, patch_output
-
-MODES = ("clean", "replaced")
+from saecache.train.crosslayer import CrossLayerConfig, load_crosslayer
+from saecache.train.rundir import WEIGHTS_FILE, read_cfg
 
 
 class Replacement:
@@ -110,12 +112,7 @@ class CrossLayerReplacement(Replacement):
 def read_run(run_dir: str, device="cpu"):
     """(module, cfg.json) of a run dir: an `SAE`, or a `CrossLayer` when cfg.json's "sae" is a cross-layer config
     (it has a `kind`). Missing directory or files -> one-line RunDirError."""
-    from saecache.evaluate.runner import load_run_checked
-    from saecache.train.rundir import WEIGHTS_FILE, read_cfg
-
     if os.path.isdir(run_dir) and "kind" in (read_cfg(run_dir).get("sae") or {}):
-        from saecache.train.crosslayer import CrossLayerConfig, load_crosslayer
-
         cfg = read_cfg(run_dir)
         path = os.path.join(run_dir, WEIGHTS_FILE)
         if not os.path.exists(path):

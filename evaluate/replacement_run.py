@@ -19,6 +19,7 @@ from saecache.evaluate.config import ReplacementConfig  # noqa: F401  (with the 
 from saecache.evaluate.replacement import (CrossLayerReplacement, Replacement, TranscoderSet, read_run,
                                            replacement_losses)
 from saecache.evaluate.report import BOS_RULES
+from saecache.harvest.model import pick_device
 from saecache.harvest.split import Split
 from saecache.train.arch import architecture
 
@@ -77,8 +78,6 @@ def _load_clt(run_dirs: list[str], loaded, store) -> tuple[Replacement, tuple[in
 
 def run_replacement(cfg: ReplacementConfig) -> dict:
     """Evaluate `cfg.run_dirs` as a replacement model; writes cfg.out/replacement.{md,json}; returns the report."""
-    from saecache.harvest.model import pick_device
-
     device = pick_device(cfg.device)
     store = R.open_store(cfg.store)
     rep, contexts, splits = load_replacement(cfg.run_dirs, store, device)

@@ -20,6 +20,8 @@ import torch
 
 from saecache import __version__
 from saecache.errors import ConfigError
+from saecache.evaluate.frontier import write_frontier
+from saecache.evaluate.html_report import report_html
 from saecache.harvest.paths import safe_name
 
 # (column title, row key, formatter) of the markdown tables, in order
@@ -294,9 +296,6 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
                  curves: dict[str, list[dict]] | None = None) -> dict[str, str]:
     """Write every output into cfg.out; returns {kind: path}. `curves`: per run dir, its unpruned row and its
     pruning-curve rows (`runner.measure_run`), drawn with the frontier (`frontier.py`)."""
-    from saecache.evaluate.frontier import write_frontier
-    from saecache.evaluate.html_report import report_html
-
     os.makedirs(cfg.out, exist_ok=True)
     header = {"store": store.url, "model": store.header["model"].get("name"), "fingerprint": store.fingerprint(),
               "first_position": store.header["storage"]["first_position"], "bos_policy": store.header.get("bos_policy"),
@@ -331,5 +330,6 @@ def write_report(cfg, store, rows: list[dict], freqs: dict[str, torch.Tensor],
                          if not r.get("pruned")) if getattr(cfg, "html_features", 0) and os.path.isfile(p)]
     paths["html"] = os.path.join(cfg.out, "report.html")
     with open(paths["html"], "w") as f:
-        f.write(report_html(header, rows, frontier, hists, pages, notes(rows, header), cfg.out))
+        f.write(report_html(header, table_groups(rows), DEFINITIONS, frontier, hists, pages, notes(rows, header),
+                            cfg.out))
     return paths

@@ -20,14 +20,21 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from saecache.errors import RunDirError, StoreError
+from saecache.errors import ModelError, RunDirError, StoreError
 from saecache.evaluate import metrics as M
 from saecache.evaluate.config import EvalConfig
+from saecache.evaluate.features import as_html, load_tokenizer, pick_features, render, top_activations
+from saecache.evaluate.report import write_report
+from saecache.evaluate.splice import splice_losses_many
 from saecache.harvest.hooks import HookPoint, layer_of
+from saecache.harvest.model import config_hash, load_model, local_dir, pick_device
+from saecache.harvest.paths import safe_name
 from saecache.harvest.split import Split, context_batches, has_bos_rows
 from saecache.harvest.store import Store
 from saecache.threads import stage_threads
+from saecache.train.rundir import load_run
 
 def open_store(url: str) -> Store:
     store = Store.open(url)
@@ -37,8 +44,6 @@ def open_store(url: str) -> Store:
 
 def load_run_checked(run_dir: str, device="cpu"):
     """(sae, cfg) from a run dir; missing directory / files -> one-line RunDirError."""
-    from saecache.train.rundir import load_run
-
     if not os.path.isdir(run_dir):
         raise RunDirError(f"run dir {run_dir} does not exist")
     sae, cfg = load_run(run_dir, device=device)
@@ -171,15 +176,10 @@ def splice_contexts(store: Store, contexts: tuple[int, int], n: int) -> torch.Te
 def recorded_name(store: Store, name: str | None) -> str | None:
     """A model or tokenizer name from the store header, as a directory valid from here when it names a local one (a
     relative path typed elsewhere is looked up beside the store: `harvest.model.local_dir`)."""
-    from saecache.harvest.model import local_dir
-
     return local_dir(name, store.loc.root if store.loc.local else None) or name
 
 
 def load_store_model(store: Store, cfg: EvalConfig):
-    from saecache.errors import ModelError
-    from saecache.harvest.model import config_hash, load_model
-
     m = store.header["model"]
     name = cfg.model or recorded_name(store, m["name"])
     model, _, _ = load_model(name, revision=None if cfg.model else m.get("revision"), dtype=m.get("dtype", "float32"),
@@ -238,8 +238,6 @@ def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) 
     """Add the loss figures to each variant's row; variants replacing the same hook on the same contexts share one
     clean / zero / mean forward per batch (`splice_losses_many`), when they also keep the same positions clean (the
     run's BOS rule: `bos_rule`)."""
-    from saecache.evaluate.splice import splice_losses_many
-
     groups: dict[tuple, list[dict]] = {}
     for v in variants:
         first = splice_first_position(store, v["row"]["bos"])
@@ -259,9 +257,6 @@ def splice_variants(variants: list[dict], store: Store, model, cfg: EvalConfig) 
 def write_feature_page(sae, store: Store, hook: str, name: str, freq_F: torch.Tensor, cfg: EvalConfig, device,
                        tok) -> str:
     """features-<run>.html in cfg.out: `html_features` features along the frequency ranking, their top contexts."""
-    from saecache.evaluate.features import as_html, pick_features, render, top_activations
-    from saecache.evaluate.report import safe_name
-
     feats = pick_features(freq_F, cfg.html_features)
     found, n_rows = top_activations(sae, store, hook, feats, cfg.html_top, cfg.html_max_rows, cfg.batch_size, device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -273,8 +268,6 @@ def write_feature_page(sae, store: Store, hook: str, name: str, freq_F: torch.Te
 
 def _bar(cfg: EvalConfig, desc: str, total: int, unit: str, items=None):
     """A tqdm bar on stderr for one phase, with its ETA (`cfg.progress`); iterates `items` when given."""
-    from tqdm import tqdm
-
     return tqdm(items, total=total, desc=desc, unit=unit, disable=not cfg.progress, file=sys.stderr,
                 dynamic_ncols=True)
 
@@ -291,10 +284,6 @@ def run_evaluation(cfg: EvalConfig) -> list[dict]:
     the frontier (`frontier.py`).
 
     Runs are taken one output hook at a time, so only the SAEs of one hook are in memory together."""
-    from saecache.evaluate.features import load_tokenizer
-    from saecache.evaluate.report import write_report
-    from saecache.harvest.model import pick_device
-
     device = pick_device(cfg.device)
     store = open_store(cfg.store)
     by_hook: dict[str, list[str]] = {}

@@ -21,6 +21,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from saecache.errors import ConfigError
 
 SPLITS = ("train", "heldout", "all")
@@ -105,7 +107,6 @@ class ActivationStore:
 
     def tokens(self, c0: int, c1: int):
         """Token ids of contexts ``[c0, c1)`` as an int64 tensor ``[C, T]`` (what the model read)."""
-        import numpy as np
         import torch
 
         return torch.from_numpy(np.asarray(self.store.contexts(c0, c1)).astype(np.int64))

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import click
 
+from saecache.cli import COMMANDS, cli
+
 _MISSING = dataclasses.MISSING
 
 
@@ -240,8 +242,6 @@ def _entry(p: click.Option, ctx: click.Context) -> str:
 
 def flags_page() -> str:
     """docs/flags.md: one section per command (in `saecache --help` order), one entry per flag."""
-    from saecache.cli import COMMANDS, cli
-
     out = [FLAGS_PAGE_HEADER]
     with click.Context(cli, info_name="saecache") as parent:
         for name in cli.list_commands(parent):

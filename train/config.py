@@ -242,8 +242,8 @@ class TrainConfig:
 
     def run_defaults(self):
         """What this run gives its SAEs' defaults (`arch.RunDefaults`)."""
-        from saecache.train.arch import RunDefaults
-        from saecache.train.optim import default_schedule
+        from saecache.train.arch import RunDefaults  # torch: imported on use (`train --help`)
+        from saecache.train.optim import default_schedule  # torch: imported on use (`train --help`)
 
         return RunDefaults(steps=self.total_steps, lr=self.lr, decay_start=self.decay_start,
                            resample_steps=self.resample_steps,

@@ -16,12 +16,14 @@ of the local batch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import torch
 import torch.distributed as dist
 
-from saecache.errors import ConfigError
+from saecache.errors import ConfigError, StoreError
 
 
 def is_distributed() -> bool:
@@ -148,11 +150,6 @@ def agree_on_shards(stores) -> None:
     other objects for it, stops the run with one line. Messages are JSON bytes (nothing is unpickled)."""
     if not is_distributed():
         return
-    import hashlib
-    import json
-
-    from saecache.errors import StoreError
-
     digest = lambda e: hashlib.sha256(json.dumps(e["objects"], sort_keys=True).encode()).hexdigest()  # noqa: E731
     mine = [{str(s): digest(st.manifest()[s]) for s in st.complete_shards()} for st in stores]
     agreed = json.loads(_broadcast_bytes(json.dumps(mine).encode()).decode())

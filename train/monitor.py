@@ -6,9 +6,11 @@ and imported only when asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
+from tqdm import tqdm
 
 from saecache.errors import ConfigError
 
@@ -37,8 +39,6 @@ def step_metrics(out, target_BD: torch.Tensor, dead_F: torch.Tensor, step: int, 
 
 def check_backend(log: str) -> None:
     """Fail early (before any run dir is written) when the requested metrics backend is not installed."""
-    import importlib.util
-
     module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log)
     if module and importlib.util.find_spec(module) is None:
         raise ConfigError(f"--log {log} needs the {module} package: pip install {module} (or use --log none)")
@@ -52,8 +52,6 @@ class Logger:
         if not enabled:
             return
         if cfg.progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
         if cfg.log == "tensorboard":
             try:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from saecache.errors import RunDirError
 from saecache.harvest.store import redact_url, write_atomic  # noqa: F401 (redact_url: the one rule, for run dirs)
 from saecache.harvest.paths import remove_path, topmost_missing
+from saecache.train.crosslayer import CrossLayerConfig, config_from_dict, load_crosslayer
+from saecache.train.sae import load_sae
 
 FORMAT_VERSION = 1
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE, CKPT_DIR = "cfg.json", "sae.safetensors", "metrics.jsonl", "checkpoints"
@@ -45,9 +47,6 @@ def read_cfg(run_dir: str) -> dict:
 def load_run(run_dir: str, device: str | torch.device = "cpu"):
     """Rebuild a trained SAE from its run dir: returns ``(sae, cfg)``; weights take raw (unnormalised) activations.
     A cross-layer run dir (cfg.json's "sae" has a `kind`) gives a `crosslayer.CrossLayer`."""
-    from saecache.train.crosslayer import CrossLayerConfig, config_from_dict, load_crosslayer
-    from saecache.train.sae import load_sae
-
     cfg = read_cfg(run_dir)
     path = os.path.join(run_dir, WEIGHTS_FILE)
     if not os.path.exists(path):

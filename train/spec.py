@@ -158,7 +158,7 @@ class SAESpec:
         """Refuse options that are not settings of this spec's module (or of the wrong type) now, before any store is
         opened; their values are checked with the rest when the module is built."""
         from saecache.train.crosslayer import CrossLayerConfig  # torch: imported on use (`train --help`)
-        from saecache.train.sae import SAEConfig
+        from saecache.train.sae import SAEConfig  # torch: imported on use (`train --help`)
 
         if not isinstance(self.options, dict):
             raise ConfigError(f"--sae-options must be a JSON object of SAE settings, got {self.options!r}")
@@ -175,8 +175,8 @@ class SAESpec:
 
     def cross_layer_config(self, d_in: int, d_out: int):
         """The `CrossLayerConfig` of a cross-layer spec, for hooks of widths d_in and d_out."""
-        from saecache.train.arch import architecture
-        from saecache.train.crosslayer import CrossLayerConfig
+        from saecache.train.arch import architecture  # torch: imported on use (`train --help`)
+        from saecache.train.crosslayer import CrossLayerConfig  # torch: imported on use (`train --help`)
 
         arch = architecture(self.arch)
         fields = {"kind": arch.kind, "activation": arch.activation, "hooks_in": self.inputs, "hooks_out": self.targets,

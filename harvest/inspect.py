@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from saecache.errors import StoreError
 from saecache.harvest.store import (
-    ACTS_DIR, DTYPES, MANIFEST_DIR, Store, aggregate_stats, check_object, final_key, parse_record, record_key,
+    ACTS_DIR, DTYPES, Store, aggregate_stats, check_object, final_key, manifest_key,
 )
 
 FORMAT_NOTE = {"int8": ", rows of a float32 scale + int8 codes", "nf4": ", rows of a float32 scale + 4-bit NF4 codes"}
@@ -116,11 +116,10 @@ def verify_store(url: str, storage_options: dict | None = None) -> list[str]:
             problem = check_object(key, data, want) or store.object_problem(key, data)
             if problem is not None:
                 problems.append(f"shard {s}: {problem}")
-    for name in store.loc.list(MANIFEST_DIR):
-        key = record_key(MANIFEST_DIR, name, store.version)
-        raw = None if key is None else store.loc.get(key)
-        if raw is not None and parse_record(raw, store.version)["shard"] >= store.geometry.n_shards:
-            problems.append(f"manifest entry {name} names a shard beyond the store's {store.geometry.n_shards}")
+    for s in sorted(manifest):  # the entries read_manifest checked (each names the shard its key names)
+        if s >= store.geometry.n_shards:
+            problems.append(f"manifest entry {manifest_key(s, store.version).split('/')[1]} names a shard beyond the "
+                            f"store's {store.geometry.n_shards}")
     final = store.final
     if final is not None and final.get("fingerprint") != store.fingerprint():
         problems.append(f"{final_key(store.version)} records fingerprint {str(final.get('fingerprint'))[:16]}… but "

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from saecache.errors import StoreError
 from saecache.harvest.config import CopyConfig  # noqa: F401  (defined with the stage's other configs: light to import)
 from saecache.harvest.store import (
-    ACTS_DIR, TOP_LEVEL, Location, Store, aggregate_stats, check_object, compute_fingerprint, final_key, manifest_key,
-    metadata_keys, parse_record, record_bytes, redact_url, remote_errors,
+    ACTS_DIR, META, TOP_LEVEL, Location, Store, aggregate_stats, check_object, compute_fingerprint, final_key,
+    manifest_key, metadata_keys, parse_record, record_bytes, redact_url, remote_errors,
 )
 
 
@@ -65,7 +65,7 @@ class _Copier:
 
     def prepare(self) -> None:
         """Check or create the destination's metadata (group zarr.json last)."""
-        raw = self.dst.get("zarr.json")
+        raw = self.dst.get(META)
         if raw is not None:
             found = json.loads(raw).get("attributes", {}).get("saecache")
             if found != self.header:
@@ -78,12 +78,12 @@ class _Copier:
                              "a new destination")
         for key in metadata_keys(self.hooks, self.version):
             self.dst.put_atomic(key, self._get_src(key))
-        group = json.loads(self._get_src("zarr.json"))
+        group = json.loads(self._get_src(META))
         if self.full:
-            self.dst.put_atomic("zarr.json", self._get_src("zarr.json"))
+            self.dst.put_atomic(META, self._get_src(META))
         else:
             group.setdefault("attributes", {})["saecache"] = self.header
-            self.dst.put_atomic("zarr.json", json.dumps(group, indent=2).encode())
+            self.dst.put_atomic(META, json.dumps(group, indent=2).encode())
 
     def entry(self, s: int) -> tuple[dict, bytes]:
         entry = self.manifest[s] if self.full else _filter_entry(self.manifest[s], self.hooks)

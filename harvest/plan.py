@@ -29,23 +29,12 @@ from tqdm import tqdm
 
 from saecache.errors import DataError, StoreError
 from saecache.harvest.config import differing_flags
-from saecache.harvest.store import PLAN_DIR, Location, diff_keys, process_is_live
+from saecache.harvest.store import (PLAN_DIR, PLAN_FILE, PLAN_NODE, PLANNER_FILE, STATE_FILE, Location, diff_keys,
+                                    meta_key, process_is_live)
 from saecache.harvest.text import (
     TextSpec, chain_fingerprint, iter_records, resolve_source, source_identity, source_names, special_ids,
 )
 
-PLAN_FILE = f"{PLAN_DIR}/plan.json"
-STATE_FILE = f"{PLAN_DIR}/state.json"
-PLANNER_FILE = f"{PLAN_DIR}/planner.json"
-# `_plan/` is declared to zarr as an empty array node, so plain zarr lists it as one member and never looks at the
-# plan's own files beside this metadata (an undeclared prefix makes `members()`/`tree()` warn for every listing).
-PLAN_NODE = {"shape": [0], "data_type": "uint8",
-             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1]}},
-             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-             "fill_value": 0, "codecs": [{"name": "bytes"}], "zarr_format": 3, "node_type": "array",
-             "storage_transformers": [],
-             "attributes": {"saecache": {"plan": "the harvest plan: packed contexts per shard and its state beside this "
-                                                 "metadata (harvest/SPEC.md)"}}}
 BATCH_DOCS = 256  # documents per tokenizer call
 CHARS_PER_TOKEN_CAP = 8  # a batch stops at 8 characters per token still wanted (text rarely has more than ~5)
 SETTLE_SECONDS = 0.2  # a new planner re-reads its record after this long before it starts
@@ -147,8 +136,8 @@ class Plan:
         return done
 
     def _heartbeat(self) -> None:
-        if self.loc.get(f"{PLAN_DIR}/zarr.json") is None:
-            self.loc.put_atomic(f"{PLAN_DIR}/zarr.json", json.dumps(PLAN_NODE, indent=2).encode())
+        if self.loc.get(meta_key(PLAN_DIR)) is None:
+            self.loc.put_atomic(meta_key(PLAN_DIR), json.dumps(PLAN_NODE, indent=2).encode())
         rec = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         self.loc.put_atomic(PLANNER_FILE, json.dumps(rec).encode())
 

@@ -14,10 +14,11 @@ from saecache.harvest.store.io import (
     Location, check_object, checksum, describe_error, open_filesystem, redact_url, remote_errors, write_atomic,
 )
 from saecache.harvest.store.layout import (
-    ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR,
-    PLAN_DIR, ROW_FIELDS, TOP_LEVEL, Geometry, ShardLayout, acts_array, check_format_version, claim_key, final_key,
-    json_bytes, manifest_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys,
-    shard_permutation, unpermuted_meta,
+    ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR, META,
+    PLAN_DIR, PLAN_FILE, PLAN_NODE, PLANNER_FILE, ROW_FIELDS, STATE_FILE, TOP_LEVEL, Geometry, ShardLayout, acts_array,
+    check_format_version, chunk_array, chunk_key, chunk_name, claim_key, final_key, json_bytes, manifest_key,
+    meta_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys, shard_permutation,
+    unpermuted_meta,
 )
 from saecache.harvest.store.read import (
     ShardSpan, Store, aggregate_stats, compute_fingerprint, read_manifest, single_threaded, to_torch,
@@ -35,4 +36,6 @@ __all__ = [
     "process_is_live", "read_manifest", "record_bytes", "record_key", "redact_url", "remote_errors", "rows_array",
     "shard_object_keys", "shard_permutation", "single_threaded", "store_cache_id", "to_torch", "unpermuted_meta",
     "write_atomic",
+    # key names (layout.py)
+    "META", "PLAN_FILE", "PLAN_NODE", "PLANNER_FILE", "STATE_FILE", "chunk_array", "chunk_key", "chunk_name", "meta_key",
 ]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from saecache.errors import ConfigError, StoreError
 from saecache.harvest.store.files import default_pool
 from saecache.harvest.store.io import check_object, checksum, redact_url, write_atomic
-from saecache.harvest.store.layout import ShardLayout
+from saecache.harvest.store.layout import ShardLayout, meta_key
 from saecache.harvest.store.shards import ShardArray
 
 
@@ -217,7 +217,7 @@ class CachedShardArray(ShardArray):
     def open(cls, store, array: str, cache: ShardCache) -> CachedShardArray | None:
         """The cached reader of `array`, or None when its layout is not the one saecache writes."""
         try:
-            layout = ShardLayout.parse(json.loads(store.loc.get(f"{array}/zarr.json")))
+            layout = ShardLayout.parse(json.loads(store.loc.get(meta_key(array))))
         except (TypeError, ValueError):
             return None
         if layout is None or not layout.sharded or layout.separator != "/":

@@ -35,7 +35,32 @@ CLAIMS_DIR = "_claims"
 FINAL_DIR = "_final"
 PLAN_DIR = "_plan"
 BOOKKEEPING_GROUPS = (MANIFEST_DIR, CLAIMS_DIR)  # empty zarr groups made with the store (version >= 2)
-TOP_LEVEL = {"zarr.json", ACTS_DIR, ROWS_DIR, CONTEXTS, MANIFEST_DIR, CLAIMS_DIR, "_final.json", FINAL_DIR, PLAN_DIR}
+META = "zarr.json"  # a zarr v3 node's metadata object; the store group's holds the header in its attributes
+FINAL_V1 = "_final.json"  # version 1's final record (a plain JSON file)
+TOP_LEVEL = {META, ACTS_DIR, ROWS_DIR, CONTEXTS, MANIFEST_DIR, CLAIMS_DIR, FINAL_V1, FINAL_DIR, PLAN_DIR}
+CHUNKS = "c/"  # the default chunk key encoding's prefix: array/c/<shard>[/0]
+
+
+def meta_key(node: str = "") -> str:
+    """The metadata object of node `node` (an array or group path; "": the store's group)."""
+    return f"{node}/{META}" if node else META
+
+
+def chunk_key(array: str, *coords: int) -> str:
+    """The object of `array` at chunk-grid coordinates `coords` (one sharded object per shard: `(s, 0)`, or `(s,)`
+    for a 1-d array)."""
+    return f"{array}/{chunk_name(*coords)}"
+
+
+def chunk_name(*coords: int) -> str:
+    """`chunk_key` relative to its array."""
+    return CHUNKS + "/".join(str(c) for c in coords)
+
+
+def chunk_array(key: str) -> str | None:
+    """The array an object key `array/c/...` belongs to; None for a key that is not a chunk."""
+    i = ("/" + key).find("/" + CHUNKS)
+    return key[:i - 1] if i > 0 else None
 
 
 def acts_array(hook: str) -> str:
@@ -48,20 +73,35 @@ def rows_array(name: str) -> str:
 
 def shard_object_keys(header: dict, s: int) -> list[str]:
     """Every zarr object written for shard `s` (SPEC.md "Manifest")."""
-    keys = [f"{acts_array(h)}/c/{s}/0" for h in sorted(header["hooks"])]
-    keys += [f"{rows_array(name)}/c/{s}" for name in ROW_FIELDS]
-    keys.append(f"{CONTEXTS}/c/{s}/0")
+    keys = [chunk_key(acts_array(h), s, 0) for h in sorted(header["hooks"])]
+    keys += [chunk_key(rows_array(name), s) for name in ROW_FIELDS]
+    keys.append(chunk_key(CONTEXTS, s, 0))
     return keys
 
 
 def metadata_keys(hooks, version: int) -> list[str]:
     """zarr metadata objects of a store with these hooks, the group's zarr.json excluded."""
-    keys = [f"{ACTS_DIR}/zarr.json", f"{ROWS_DIR}/zarr.json", f"{CONTEXTS}/zarr.json"]
-    keys += [f"{acts_array(h)}/zarr.json" for h in sorted(hooks)]
-    keys += [f"{rows_array(n)}/zarr.json" for n in ROW_FIELDS]
+    keys = [meta_key(ACTS_DIR), meta_key(ROWS_DIR), meta_key(CONTEXTS)]
+    keys += [meta_key(acts_array(h)) for h in sorted(hooks)]
+    keys += [meta_key(rows_array(n)) for n in ROW_FIELDS]
     if version >= 2:
-        keys += [f"{g}/zarr.json" for g in BOOKKEEPING_GROUPS]
+        keys += [meta_key(g) for g in BOOKKEEPING_GROUPS]
     return keys
+
+
+# The harvest plan (SPEC.md "Plan"): files beside the `_plan` node's metadata.
+PLAN_FILE = f"{PLAN_DIR}/plan.json"
+STATE_FILE = f"{PLAN_DIR}/state.json"
+PLANNER_FILE = f"{PLAN_DIR}/planner.json"
+# `_plan/` is declared to zarr as an empty array node, so plain zarr lists it as one member and never looks at the
+# plan's own files beside this metadata (an undeclared prefix makes `members()`/`tree()` warn for every listing).
+PLAN_NODE = {"shape": [0], "data_type": "uint8",
+             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1]}},
+             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+             "fill_value": 0, "codecs": [{"name": "bytes"}], "zarr_format": 3, "node_type": "array",
+             "storage_transformers": [],
+             "attributes": {"saecache": {"plan": "the harvest plan: packed contexts per shard and its state beside "
+                                                 "this metadata (harvest/SPEC.md)"}}}
 
 
 # Bookkeeping layout (SPEC.md "Manifest", "Final record", "Claims"). Version 1 wrote plain JSON files, which plain zarr
@@ -74,16 +114,17 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def manifest_key(s: int, version: int = FORMAT_VERSION) -> str:
-    return f"{MANIFEST_DIR}/shard-{s:06d}.json" if version == 1 else f"{MANIFEST_DIR}/shard-{s:06d}/zarr.json"
+    name = f"{MANIFEST_DIR}/shard-{s:06d}"
+    return f"{name}.json" if version == 1 else meta_key(name)
 
 
 def final_key(version: int = FORMAT_VERSION) -> str:
-    return "_final.json" if version == 1 else f"{FINAL_DIR}/zarr.json"
+    return FINAL_V1 if version == 1 else meta_key(FINAL_DIR)
 
 
 def claim_key(worker: int, n_workers: int, version: int = FORMAT_VERSION) -> str:
-    name = f"worker-{worker:05d}-of-{n_workers:05d}"
-    return f"{CLAIMS_DIR}/{name}.json" if version == 1 else f"{CLAIMS_DIR}/{name}/zarr.json"
+    name = f"{CLAIMS_DIR}/worker-{worker:05d}-of-{n_workers:05d}"
+    return f"{name}.json" if version == 1 else meta_key(name)
 
 
 def record_key(prefix: str, name: str, version: int) -> str | None:
@@ -91,7 +132,7 @@ def record_key(prefix: str, name: str, version: int) -> str | None:
     is not a record (the prefix's own zarr.json, a temporary file)."""
     if version == 1:
         return f"{prefix}/{name}" if name.endswith(".json") and not name.startswith(".") else None
-    return None if "." in name else f"{prefix}/{name}/zarr.json"
+    return None if "." in name else meta_key(f"{prefix}/{name}")
 
 
 def record_bytes(record: dict, version: int = FORMAT_VERSION) -> bytes:

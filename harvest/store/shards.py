@@ -32,7 +32,7 @@ import numpy as np
 
 from saecache.errors import StoreError
 from saecache.harvest.store.files import FilePool, default_pool, map_file
-from saecache.harvest.store.layout import MISSING, ShardLayout, inner_decoder
+from saecache.harvest.store.layout import META, MISSING, ShardLayout, inner_decoder
 
 MAX_MAPS = 64  # memory-mapped shard files kept per array (address space, not memory: pages are the page cache's)
 
@@ -110,7 +110,7 @@ class ShardArray:
     def open(cls, path: str, pool: FilePool | None = None) -> ShardArray | None:
         """The reader of the array in local directory ``path``, or None if its layout is not one we handle."""
         try:
-            with open(os.path.join(path, "zarr.json")) as f:
+            with open(os.path.join(path, META)) as f:
                 layout = ShardLayout.parse(json.load(f))
         except (OSError, ValueError):
             return None

@@ -27,9 +27,9 @@ from saecache.harvest.model import local_dir
 from saecache.harvest.store.encode import ObjectEncoder, made_ahead
 from saecache.harvest.store.io import Location, checksum
 from saecache.harvest.store.layout import (
-    BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, PLAN_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
-    check_format_version, claim_key, compressors, final_key, manifest_key, parse_record, record_bytes, record_key,
-    rows_array, shard_object_keys, shard_permutation, unpermuted_meta,
+    BOOKKEEPING_GROUPS, CLAIMS_DIR, CONTEXTS, META, PLAN_DIR, ROW_FIELDS, ROWS_CODEC, Geometry, acts_array,
+    check_format_version, chunk_key, claim_key, compressors, final_key, manifest_key, meta_key, parse_record,
+    record_bytes, record_key, rows_array, shard_object_keys, shard_permutation, unpermuted_meta,
 )
 from saecache.harvest.store.read import aggregate_stats, compute_fingerprint, read_manifest
 
@@ -87,7 +87,7 @@ class StoreWriter:
         probe_store_dir(self.loc)
 
     def _create_or_validate(self) -> None:
-        raw = self.loc.get("zarr.json")
+        raw = self.loc.get(META)
         if raw is None:
             try:
                 self._create()
@@ -95,7 +95,7 @@ class StoreWriter:
                 pass
             except zarr.errors.ContainsArrayError:
                 pass
-            raw = self.loc.get("zarr.json")
+            raw = self.loc.get(META)
         found = json.loads(raw).get("attributes", {}).get("saecache")
         if found is None:
             raise StoreError(f"{self.loc.url} is a zarr group but not a saecache store; choose a new --out")
@@ -216,11 +216,11 @@ class StoreWriter:
             fmt, d = h["storage"]["dtype"], h["hooks"][name]["d"]
             assert a.shape == (r1 - r0, FORMATS[fmt].width(d)), (a.shape, name)
             assert stats[name]["count"] == r1 - r0, (stats[name]["count"], name)
-            objects[f"{acts_array(name)}/c/{s}/0"] = self._write_object(acts_array(name), f"c/{s}/0", r0, a, perm)
+            objects[chunk_key(acts_array(name), s, 0)] = self._write_object(acts_array(name), (s, 0), r0, a, perm)
         meta_perm = shard_permutation(h["seed"], s, r1 - r0) if perm is None else perm
         for name, v in unpermuted_meta(g, s, contexts_CT).items():
-            objects[f"{rows_array(name)}/c/{s}"] = self._write_object(rows_array(name), f"c/{s}", r0, v, meta_perm)
-        objects[f"{CONTEXTS}/c/{s}/0"] = self._write_object(CONTEXTS, f"c/{s}/0", c0, contexts_CT.astype(np.int32))
+            objects[chunk_key(rows_array(name), s)] = self._write_object(rows_array(name), (s,), r0, v, meta_perm)
+        objects[chunk_key(CONTEXTS, s, 0)] = self._write_object(CONTEXTS, (s, 0), c0, contexts_CT.astype(np.int32))
         assert sorted(objects) == sorted(shard_object_keys(h, s))
         worker, n = getattr(self, "_worker", (0, 1))
         entry = {"shard": s, "contexts": [c0, c1], "rows": [r0, r1], "objects": objects,
@@ -231,14 +231,15 @@ class StoreWriter:
         self.loc.put_atomic(manifest_key(s), record_bytes(entry))
         return entry
 
-    def _write_object(self, array: str, chunk_key: str, start: int, rows: np.ndarray,
+    def _write_object(self, array: str, coords: tuple[int, ...], start: int, rows: np.ndarray,
                       perm: np.ndarray | None = None) -> dict:
-        """Write the object `array/chunk_key` holding ``rows[perm]`` from row `start` on; return its manifest
-        checksum. Encoded by hand (`encode.py`: the bytes zarr writes, checksummed as they are made), or through
-        zarr and read back for a layout that module does not write (or when `hand_encode` is off)."""
-        key = f"{array}/{chunk_key}"
+        """Write the object of `array` at chunk coordinates `coords` (`layout.chunk_key`) holding ``rows[perm]`` from
+        row `start` on; return its manifest checksum. Encoded by hand (`encode.py`: the bytes zarr writes, checksummed
+        as they are made), or through zarr and read back for a layout that module does not write (or when
+        `hand_encode` is off)."""
+        key = chunk_key(array, *coords)
         if array not in self._encoders:
-            meta = json.loads(self.loc.get(f"{array}/zarr.json"))
+            meta = json.loads(self.loc.get(meta_key(array)))
             self._encoders[array] = ObjectEncoder.for_array(meta) if self.hand_encode else None
         enc = self._encoders[array]
         if enc is not None:
@@ -306,8 +307,8 @@ def probe_store_dir(loc: Location) -> None:
         os.remove(probe)
     except OSError as e:
         raise StoreError(f"cannot write store to {loc.url}: {e.strerror or e}; choose a writable --out")
-    existing = set(os.listdir(loc.root)) - {"zarr.json", PLAN_DIR}
-    if existing and not os.path.exists(os.path.join(loc.root, "zarr.json")):
+    existing = set(os.listdir(loc.root)) - {META, PLAN_DIR}
+    if existing and not os.path.exists(os.path.join(loc.root, META)):
         raise StoreError(f"{loc.url} is a non-empty directory that is not a store; choose a new --out")
 
 

@@ -16,8 +16,8 @@ from saecache.harvest.store.io import (
 from saecache.harvest.store.layout import (
     ACTS_DIR, BOOKKEEPING_GROUPS, CLAIMS_DIR, CODECS, CONTEXTS, DTYPES, FINAL_DIR, FORMAT_VERSION, MANIFEST_DIR, META,
     PLAN_DIR, PLAN_FILE, PLAN_NODE, PLANNER_FILE, ROW_FIELDS, STATE_FILE, TOP_LEVEL, Geometry, ShardLayout, acts_array,
-    check_format_version, chunk_array, chunk_key, chunk_name, claim_key, final_key, json_bytes, manifest_key,
-    meta_key, metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys, shard_permutation,
+    check_format_version, chunk_key, chunk_shard, claim_key, final_key, json_bytes, manifest_key, meta_key,
+    metadata_keys, parse_record, record_bytes, record_key, rows_array, shard_object_keys, shard_permutation,
     unpermuted_meta,
 )
 from saecache.harvest.store.read import (
@@ -37,5 +37,5 @@ __all__ = [
     "shard_object_keys", "shard_permutation", "single_threaded", "store_cache_id", "to_torch", "unpermuted_meta",
     "write_atomic",
     # key names (layout.py)
-    "META", "PLAN_FILE", "PLAN_NODE", "PLANNER_FILE", "STATE_FILE", "chunk_array", "chunk_key", "chunk_name", "meta_key",
+    "META", "PLAN_FILE", "PLAN_NODE", "PLANNER_FILE", "STATE_FILE", "chunk_key", "chunk_shard", "meta_key",
 ]

@@ -57,10 +57,10 @@ def chunk_name(*coords: int) -> str:
     return CHUNKS + "/".join(str(c) for c in coords)
 
 
-def chunk_array(key: str) -> str | None:
-    """The array an object key `array/c/...` belongs to; None for a key that is not a chunk."""
-    i = ("/" + key).find("/" + CHUNKS)
-    return key[:i - 1] if i > 0 else None
+def chunk_shard(key: str) -> tuple[str, int]:
+    """(array, shard) of a chunk object key `array/c/<shard>[/0]` (`chunk_key`)."""
+    array, coords = key.rsplit("/" + CHUNKS, 1)
+    return array, int(coords.split("/")[0])
 
 
 def acts_array(hook: str) -> str:

@@ -2,6 +2,7 @@
 (a harvested tiny store) in `_store.py`. Nothing here touches the network."""
 
 import os
+import sys
 
 import pytest
 
@@ -25,3 +26,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzed store reader's case count (tests/test_fuzz_store.py), when it ran: CI's log shows how many."""
+    fuzz = sys.modules.get("_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        terminalreporter.write_line(fuzz.summary())

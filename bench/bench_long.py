@@ -293,7 +293,7 @@ def targets(rows: list[dict]) -> list[dict]:
             best = max(peers, key=lambda r: r["fve"])
             t = {"arch": arch, "step": s, "tokens": s * BATCH, "fve": ours["fve"], "best_peer": best["trainer"],
                  "peer_fve": best["fve"], "margin": round(ours["fve"] - best["fve"], 5),
-                 "fve_met": ours["fve"] >= best["fve"], "peers": sorted(at)}
+                 "fve_met": ours["fve"] >= best["fve"], "peers": sorted(r["trainer"] for r in peers)}
             if s == CHECKPOINTS[-1]:
                 low = min(peers, key=lambda r: r["dead_train_pct"])
                 t.update(dead_train_pct=ours["dead_train_pct"], lowest_dead_peer=low["trainer"],

@@ -28,7 +28,7 @@ from saecache.harvest.store.io import Location, redact_url, remote_errors
 from saecache.harvest.store.layout import (
     CHUNK_CRC_VERSION, DTYPES, MANIFEST_DIR, MISSING, Geometry, check_array, check_format_version, check_header,
     final_key, is_count, json_bytes, parse_record, record_key,
-    CONTEXTS, ROW_FIELDS, ShardLayout, acts_array, rows_array, shard_object_keys,
+    CONTEXTS, META, ROW_FIELDS, ShardLayout, acts_array, chunk_shard, meta_key, rows_array, shard_object_keys,
 )
 from saecache.harvest.store.shards import ObjectArray, ShardArray, check_chunk_crc
 
@@ -69,7 +69,7 @@ class Store:
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, read_only: bool = True, cache=_DEFAULT) -> Store:
         loc = Location(url, storage_options, read_only=read_only)
-        raw = loc.get("zarr.json")
+        raw = loc.get(META)
         if raw is None:
             raise StoreError(f"no store at {redact_url(url)}: zarr.json not found (harvest one with "
                              f"`saecache harvest --out {redact_url(url)}`)")
@@ -201,7 +201,7 @@ class Store:
         """The layout of array `name` (acts/<hook>, rows/<field>, contexts) from its zarr.json, checked against the
         header: a reader never trusts sizes the two disagree on."""
         if name not in self._layouts:
-            raw = self.loc.get(f"{name}/zarr.json")
+            raw = self.loc.get(meta_key(name))
             try:
                 meta = None if raw is None else json.loads(raw)
             except ValueError:
@@ -213,7 +213,7 @@ class Store:
         """What the manifest's crc32c of a whole array object cannot see (None: nothing): a shard index rewritten
         with its own valid crc32c leaves the object's crc32c unchanged (the crc32c of bytes followed by their crc32c
         is a constant), so the index is parsed (`in_order`) and, from format 3, each chunk's crc32c checked."""
-        name, shard = key.rsplit("/c/", 1)[0], int(key.rsplit("/c/", 1)[1].split("/")[0])
+        name, shard = chunk_shard(key)
         lay = self.layout(name)
         try:
             spans = [(0, len(data))]

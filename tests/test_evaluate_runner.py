@@ -95,17 +95,22 @@ class Swapped(torch.nn.Module):
         return self.new(x, self.mlp(x))
 
 
-def manual_ce(model, ids, new=None):
-    """Mean next-token CE over every position (the tiny store keeps position 0) with layer 0's MLP swapped."""
+def swapped_logits(model, ids, new=None):
+    """The model's logits with layer 0's MLP output replaced by new(input, output) (None: the clean model)."""
     layer = model.gpt_neox.layers[0]
     original = layer.mlp
     if new is not None:
         layer.mlp = Swapped(original, new)
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids).logits
+            return model(input_ids=ids).logits
     finally:
         layer.mlp = original
+
+
+def manual_ce(model, ids, new=None):
+    """Mean next-token CE over every position (the tiny store keeps position 0) with layer 0's MLP swapped."""
+    logits = swapped_logits(model, ids, new)
     V = logits.shape[-1]
     return float(Fn.cross_entropy(logits[:, :-1].reshape(-1, V).double(), ids[:, 1:].reshape(-1)))
 
@@ -147,14 +152,7 @@ def manual_ce_after_bos(model, ids, new):
         out[:, 1:] = new(x, y)[:, 1:]
         return out
 
-    layer = model.gpt_neox.layers[0]
-    original = layer.mlp
-    layer.mlp = Swapped(original, keep_bos)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-    finally:
-        layer.mlp = original
+    logits = swapped_logits(model, ids, keep_bos)
     V = logits.shape[-1]
     return float(Fn.cross_entropy(logits[:, 1:-1].reshape(-1, V).double(), ids[:, 2:].reshape(-1)))
 

@@ -22,11 +22,12 @@ from saecache.train.sae import SAE, SAEConfig
 D, H, V, T, L = 32, 64, 97, 12, 3
 
 
-def clean_mlp_inputs(model, ids, L: int) -> dict:
-    """Every MLP's input in a clean forward of `ids`, by layer."""
+def clean_record(model, ids, modules: list, output: bool) -> dict:
+    """Each module's input (``output`` False) or output in a clean forward of `ids`, by its index in ``modules``."""
     seen = {}
-    handles = [model.gpt_neox.layers[i].mlp.register_forward_pre_hook(
-        lambda m, a, i=i: seen.__setitem__(i, a[0].detach())) for i in range(L)]
+    handles = [m.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.detach())) if output else
+               m.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+               for i, m in enumerate(modules)]
     try:
         with torch.no_grad():
             model(input_ids=ids)
@@ -34,6 +35,11 @@ def clean_mlp_inputs(model, ids, L: int) -> dict:
         for h in handles:
             h.remove()
     return seen
+
+
+def clean_mlp_inputs(model, ids, L: int) -> dict:
+    """Every MLP's input in a clean forward of `ids`, by layer."""
+    return clean_record(model, ids, [model.gpt_neox.layers[i].mlp for i in range(L)], output=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +125,8 @@ def manual_ce(model, ids, p0, news):
 def test_the_models_own_mlps_as_transcoders_replace_it_exactly(model, ids, p0):
     rep = plt_set(model)
     res = replacement_losses(model, ids, rep, list(range(L)), means(rep), first_position=p0, batch_size=4)
-    acts = {}  # the MLPs' hidden activations, independently of the evaluation
-    handles = [model.gpt_neox.layers[i].mlp.act.register_forward_hook(
-        lambda m, a, o, i=i: acts.__setitem__(i, o.detach())) for i in range(L)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    # the MLPs' hidden activations, independently of the evaluation
+    acts = clean_record(model, ids, [model.gpt_neox.layers[i].mlp.act for i in range(L)], output=True)
     for mode in ("clean", "replaced"):
         r = res[mode]
         assert r.losses.spliced == pytest.approx(r.losses.clean, abs=1e-5)

@@ -59,6 +59,10 @@ TRAINERS = {  # name -> (trainer, arch, total steps of its own schedule)
     "saecache-topk-1m": ("saecache", "topk", 1_000),  # short runs: their own (short) schedule
     "saecache-topk-3m": ("saecache", "topk", 3_000),
 }
+PROBES = {  # name -> (arch, extra `saecache train` args, last step): saecache on the 20M schedule, stopped early
+    "probe-topk-through": ("topk", ["--sae-options", '{"auxk_through": true}'], 3_000),
+    "probe-topk-lr2x": ("topk", ["--lr", "8e-4"], 3_000),
+}
 
 
 def paths(scratch: Path) -> dict:
@@ -73,17 +77,22 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)
 
 
 def record(path: Path, row: dict) -> None:
-    """Append one measured row (replacing an earlier one of the same trainer and step)."""
-    result = load_results(path)
-    result["rows"] = [r for r in result["rows"] if (r["trainer"], r["step"]) != (row["trainer"], row["step"])]
-    result["rows"].append(row)
-    save_results(path, result)
+    """Append one measured row (replacing an earlier one of the same trainer and step). Several runs go side by
+    side: the read-modify-write holds an exclusive lock on a file beside the results."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = load_results(path)
+        result["rows"] = [r for r in result["rows"] if (r["trainer"], r["step"]) != (row["trainer"], row["step"])]
+        result["rows"].append(row)
+        save_results(path, result)
     print(json.dumps(row), flush=True)
 
 
@@ -159,12 +168,15 @@ def saecache_checkpoint(run_dir: Path, step: int):
 
 
 def train_command(p: dict, name: str) -> list[str]:
-    _, arch, steps = TRAINERS[name]
+    if name in PROBES:
+        (arch, extra, _), steps = PROBES[name], STEPS
+    else:
+        (_, arch, steps), extra = TRAINERS[name], []
     return [sys.executable, "-m", "saecache", "train", "--store", str(p["store"]), "--hook", HOOK, "--arch", arch,
             "--width", str(WIDTH), "--k", str(K), "--tokens", str(steps * BATCH), "--batch-size", str(BATCH),
             "--checkpoint-every", str(min(CHECKPOINTS[0], steps)),
             "--keep-checkpoints", str(steps // CHECKPOINTS[0] + 2),
-            "--out", str(p["runs"] / name), "--no-progress"]
+            "--out", str(p["runs"] / name), "--no-progress", *extra]
 
 
 def run_dir_of(p: dict, name: str) -> Path | None:
@@ -175,8 +187,10 @@ def run_dir_of(p: dict, name: str) -> Path | None:
 
 def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int) -> None:
     """Train (or resume) with saecache's CLI in a child process, measuring each checkpoint as it appears."""
-    steps = TRAINERS[name][2]
-    todo = [s for s in (CHECKPOINTS if steps == STEPS else (steps,)) if s not in measured(res_path, name)]
+    steps = STEPS if name in PROBES else TRAINERS[name][2]
+    wanted = [s for s in CHECKPOINTS if s <= PROBES[name][2]] if name in PROBES else \
+        CHECKPOINTS if steps == STEPS else (steps,)
+    todo = [s for s in wanted if s not in measured(res_path, name)]
     if not todo:
         return
     child = subprocess.Popen(train_command(p, name), env={**os.environ, "SAECACHE_THREADS": "1"})
@@ -197,6 +211,8 @@ def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int)
             raise SystemExit(f"bench_long: saecache train exited ({child.returncode}) before step {todo[0]}")
         if todo:
             time.sleep(POLL_S)
+    if name in PROBES:
+        child.terminate()  # a probe stops at its last step; the run dir keeps its checkpoints
     child.wait()
 
 
@@ -305,7 +321,10 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def write_report(res_path: Path, out: Path) -> dict:
     result = load_results(res_path)
-    rows = sorted(result["rows"], key=lambda r: (list(TRAINERS).index(r["trainer"]), r["step"]))
+    rows = sorted((r for r in result["rows"] if r["trainer"] in TRAINERS),
+                  key=lambda r: (list(TRAINERS).index(r["trainer"]), r["step"]))
+    probes = sorted((r for r in result["rows"] if r["trainer"] in PROBES),
+                    key=lambda r: (list(PROBES).index(r["trainer"]), r["step"]))
     result["targets"] = targets(rows)
     save_results(res_path, result)
     meta = result.get("meta", {})
@@ -322,6 +341,13 @@ def write_report(res_path: Path, out: Path) -> dict:
     for r in rows:
         lines.append(f"| {r['trainer']} | {r['schedule_steps']:,} | {r['step']:,} | {r['tokens']:,} | "
                      f"{r['fve']:.4f} | {r['l0']:.1f} | {r['dead_pct']} | {r.get('dead_train_pct', '–')} |")
+    if probes:
+        lines += ["", "Probes: saecache on the same 20M schedule with one setting changed, stopped early (the default "
+                  "run's rows above at the same step are the reference):", "",
+                  "| probe | change | step | FVE | L0 | dead % held-out | dead % train (last 1M) |", "|---|---|---|---|---|---|---|"]
+        for r in probes:
+            lines.append(f"| {r['trainer']} | `{' '.join(PROBES[r['trainer']][1])}` | {r['step']:,} | {r['fve']:.4f} | "
+                         f"{r['l0']:.1f} | {r['dead_pct']} | {r.get('dead_train_pct', '–')} |")
     lines += ["", "Target (issue 21): at every checkpoint saecache's FVE ≥ the best peer's; at the end its dead % "
               "train ≤ the lowest peer's + 1 point.", ""]
     for t in result["targets"]:
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("stage", nargs="?", default="report",
                     choices=("corpus", "harvest", "dump", "run", "loss", "report"),
                     help="default: report (what `make bench` runs: the long runs are started by hand)")
-    ap.add_argument("trainer", nargs="?", choices=list(TRAINERS), help="with `run`")
+    ap.add_argument("trainer", nargs="?", choices=list(TRAINERS) + list(PROBES), help="with `run`")
     ap.add_argument("--python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),
                     help="the peer's Python (dictionary_learning's or sparsify's environment) for a peer trainer")
     ap.add_argument("--scratch", default="saecache-demo/bench-long")
@@ -419,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
                              "dump` first")
         d = json.loads(p["dump"].read_text())["d"]
         x_held = np.load(p["heldout"])
-        if TRAINERS[args.trainer][0] == "saecache":
+        if args.trainer in PROBES or TRAINERS[args.trainer][0] == "saecache":
             run_saecache(p, args.trainer, res_path, x_held, d)
         elif not args.python:
             raise SystemExit(f"bench_long run {args.trainer}: pass --python, the peer's Python")

@@ -350,6 +350,69 @@ def test_dead_counters_and_auxk_reach_dead_latents():
     assert touched.any() and not touched[~dead].any()
 
 
+def _train_with_buried_latents(auxk_through: bool, steps: int = 300) -> tuple[int, int]:
+    """A TopK SAE on planted sparse data, with 16 trained latents pushed below 0 on every row (b_enc −= 3): (how many
+    of them fire on fresh data after `steps` more steps, how many fired at the start). The AuxK window is one batch."""
+    torch.manual_seed(1)
+    d, n_atoms, k = 16, 32, 3
+    atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d), dim=1)
+
+    def rows(n):
+        idx = torch.rand(n, n_atoms).topk(k, dim=1).indices
+        return torch.zeros(n, n_atoms).scatter(1, idx, torch.rand(n, k) + 0.5) @ atoms
+
+    sae = SAE(SAEConfig("topk", d, 64, k=k, dead_tokens_threshold=256, auxk_through=auxk_through))
+    sae.init_from_batch(rows(512))
+    opt = make_optimizer(sae, 3e-3)
+    buried = torch.arange(16)
+    with torch.no_grad():
+        sae.b_enc_F[buried] -= 3.0
+    sae.train()
+    probe = rows(4096)
+    at_start = int(sae.encode(probe)[:, buried].gt(0).any(0).sum())
+    for _ in range(steps):
+        out = sae.loss(rows(256))
+        opt.zero_grad()
+        out.total.backward()
+        project_decoder_grad_(sae)
+        opt.step()
+        renorm_decoder_(sae)
+    with torch.no_grad():
+        return int(sae.encode(probe)[:, buried].gt(0).any(0).sum()), at_start
+
+
+def test_auxk_through_revives_latents_pushed_below_zero_on_every_row():
+    """Gao et al.'s AuxK reads relu(z) of the dead latents, so one whose pre-activation is below 0 on every row gets
+    no gradient from anything and stays dead; with `auxk_through` AuxK's gradient passes the ReLU and brings it back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, plain_start = _train_with_buried_latents(False)
+        through, through_start = _train_with_buried_latents(True)
+    finally:
+        torch.set_num_threads(threads)
+    assert plain_start == through_start == 0
+    assert plain == 0  # nothing reaches them
+    assert through >= 12, through
+
+
+def test_auxk_through_changes_no_forward_value_and_only_dead_latents_gradients():
+    sae, x, _ = make("topk", dead_tokens_threshold=B)
+    other, _, _ = make("topk", dead_tokens_threshold=B, auxk_through=True)
+    other.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        for m in (sae, other):
+            m.b_enc_F[:8] -= 50.0  # below 0 everywhere
+            m.tokens_since_fired_F[:8] = 10 * B
+    outs = [m.loss(x) for m in (sae, other)]
+    assert torch.equal(outs[0].total, outs[1].total) and torch.equal(outs[0].aux, outs[1].aux)
+    for out in outs:
+        out.total.backward()
+    assert (sae.b_enc_F.grad[:8] == 0).all() and (other.b_enc_F.grad[:8] != 0).any()
+    assert_close(sae.b_enc_F.grad[8:], other.b_enc_F.grad[8:])
+    assert_close(sae.W_dec_FD.grad, other.W_dec_FD.grad)
+
+
 def test_schedules():
     assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == 1.0
     assert lr_factor(50, 10, 100, decay_start=80) == 1.0

@@ -144,7 +144,7 @@ class TopK(Architecture):
         dead_M = (sae.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
         n_aux = min(cfg.k_aux, dead_M.numel())
         if n_aux:
-            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux), cfg.auxk_through)
         sparse = sae.sparse_encode(x_BD, select, train=True)
         if not n_aux:
             return Code(sparse=sparse)

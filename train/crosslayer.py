@@ -94,6 +94,9 @@ class CrossLayerConfig:
     dead_tokens_threshold: int = DEAD_TOKENS_THRESHOLD
     """topk/batchtopk: a latent silent for this many training rows is dead (for AuxK); a TrainConfig resolves it to
     a hundredth of the run's rows, at most 10M, as for the SAEs."""
+    auxk_through: bool = False
+    """topk/batchtopk: AuxK's gradient passes straight through the ReLU to dead latents below 0, as
+    `SAEConfig.auxk_through`."""
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: resolve defaults)

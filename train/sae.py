@@ -63,6 +63,10 @@ class SAEConfig:
     resolves it to a hundredth of the run's rows, at most 10M (`optim.default_schedule`)."""
     k_aux: int | None = None
     """topk family: dead latents used per row by AuxK; None means d_out // 2."""
+    auxk_through: bool = False
+    """topk family: AuxK's gradient reaches a dead latent even where its pre-activation is ≤ 0 (straight through
+    the ReLU; the forward value stays 0). Off, as in Gao et al., a latent pushed below 0 on every row gets no
+    gradient from anything and stays dead."""
     threshold_beta: float = 0.999
     """batchtopk, matryoshka: EMA decay of the inference threshold."""
     threshold_start_step: int = 1000

@@ -50,6 +50,7 @@ CHECKPOINTS = (1_000, 3_000, 10_000, 20_000)  # steps; × 1,024 rows = 1.02M, 3.
 WINDOW = 1_000  # steps: "dead % train" counts latents silent over the training rows of the last WINDOW steps
 POLL_S = 30  # seconds between looks for a new checkpoint of a saecache run
 HARVEST_TOKENS = 21_500_000  # ≥ 20.3M non-BOS training rows after the 1 % held out
+ADAM = ["--sae-options", '{"optimizer": "adam"}']  # saecache's optimizer before lazy-adam became the TopK default
 TRAINERS = {  # name -> (trainer, arch, total steps of its own schedule)
     "saecache-topk": ("saecache", "topk", STEPS),
     "sparsify-signum-topk": ("sparsify-signum", "topk", STEPS),
@@ -58,10 +59,28 @@ TRAINERS = {  # name -> (trainer, arch, total steps of its own schedule)
     "dl-batchtopk": ("dl", "batchtopk", STEPS),
     "saecache-topk-1m": ("saecache", "topk", 1_000),  # short runs: their own (short) schedule
     "saecache-topk-3m": ("saecache", "topk", 3_000),
+    "saecache-topk-adam": ("saecache", "topk", STEPS),  # the defaults before lazy-adam, for the record
+    "saecache-topk-adam-1m": ("saecache", "topk", 1_000),
+    "saecache-topk-adam-3m": ("saecache", "topk", 3_000),
 }
-PROBES = {  # name -> (arch, extra `saecache train` args, last step): saecache on the 20M schedule, stopped early
-    "probe-topk-through": ("topk", ["--sae-options", '{"auxk_through": true}'], 3_000),
-    "probe-topk-lr2x": ("topk", ["--lr", "8e-4"], 3_000),
+EXTRA_ARGS = {name: ADAM for name in TRAINERS if "-adam" in name}
+PROBES = {  # name -> (arch, extra `saecache train` args, last step, what changed): saecache on the 20M schedule
+    # with one setting changed, stopped early. "patch": a change tried in the code and not kept (no flag makes it).
+    "probe-topk-through": ("topk", ADAM, 3_000, "patch: AuxK's gradient straight through the ReLU to dead latents"),
+    "probe-topk-lr2x": ("topk", ["--lr", "8e-4"] + ADAM, 3_000, "2x Gao et al.'s rate instead of 4x"),
+    "probe-topk-auxk10k": ("topk", ["--sae-options", '{"dead_tokens_threshold": 10240, "optimizer": "adam"}'], 3_000,
+                           "AuxK on latents silent for 10,240 rows instead of 204,800"),
+    "probe-topk-auxk10k-a8": ("topk", ["--sae-options", '{"dead_tokens_threshold": 10240, "auxk_alpha": 0.125, '
+                                                         '"optimizer": "adam"}'], 3_000,
+                              "that, and AuxK's weight 1/8 instead of 1/32"),
+    "probe-topk-w100-invsqrt1000": ("topk", ["--warmup-steps", "100"] + ADAM, 3_000,
+                                    "warm-up 100 steps; patch: LR x sqrt(1000 / step) after step 1000"),
+    "probe-topk-w100-invsqrt500": ("topk", ["--warmup-steps", "100"] + ADAM, 3_000,
+                                   "warm-up 100 steps; patch: LR x sqrt(500 / step) after step 500"),
+    "probe-topk-lazyadam": ("topk", ["--sae-options", '{"optimizer": "lazy-adam"}'], 3_000,
+                            "lazy Adam (today's default)"),
+    "probe-topk-lazyadam-w100": ("topk", ["--warmup-steps", "100", "--sae-options", '{"optimizer": "lazy-adam"}'],
+                                 3_000, "lazy Adam, warm-up 100 steps"),
 }
 
 
@@ -169,9 +188,9 @@ def saecache_checkpoint(run_dir: Path, step: int):
 
 def train_command(p: dict, name: str) -> list[str]:
     if name in PROBES:
-        (arch, extra, _), steps = PROBES[name], STEPS
+        (arch, extra, _, _), steps = PROBES[name], STEPS
     else:
-        (_, arch, steps), extra = TRAINERS[name], []
+        (_, arch, steps), extra = TRAINERS[name], EXTRA_ARGS.get(name, [])
     return [sys.executable, "-m", "saecache", "train", "--store", str(p["store"]), "--hook", HOOK, "--arch", arch,
             "--width", str(WIDTH), "--k", str(K), "--tokens", str(steps * BATCH), "--batch-size", str(BATCH),
             "--checkpoint-every", str(min(CHECKPOINTS[0], steps)),
@@ -346,7 +365,7 @@ def write_report(res_path: Path, out: Path) -> dict:
                   "run's rows above at the same step are the reference):", "",
                   "| probe | change | step | FVE | L0 | dead % held-out | dead % train (last 1M) |", "|---|---|---|---|---|---|---|"]
         for r in probes:
-            lines.append(f"| {r['trainer']} | `{' '.join(PROBES[r['trainer']][1])}` | {r['step']:,} | {r['fve']:.4f} | "
+            lines.append(f"| {r['trainer']} | {PROBES[r['trainer']][3]} | {r['step']:,} | {r['fve']:.4f} | "
                          f"{r['l0']:.1f} | {r['dead_pct']} | {r.get('dead_train_pct', '–')} |")
     lines += ["", "Target (issue 21): at every checkpoint saecache's FVE ≥ the best peer's; at the end its dead % "
               "train ≤ the lowest peer's + 1 point.", ""]

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from saecache.errors import ConfigError
 from saecache.train import penalties as P
-from saecache.train.optim import (lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
+from saecache.train.optim import (LazyAdam, lr_factor, make_optimizer, project_decoder_grad_, renorm_decoder_,
                                   sparsity_warmup_factor)
 from saecache.train.sae import ARCHITECTURES, SAE, SAEConfig, load_sae, save_sae
 from saecache.train.sparse_ops import batch_topk_select, sparse_decode, sparse_encode, topk_select
@@ -350,67 +350,56 @@ def test_dead_counters_and_auxk_reach_dead_latents():
     assert touched.any() and not touched[~dead].any()
 
 
-def _train_with_buried_latents(auxk_through: bool, steps: int = 300) -> tuple[int, int]:
-    """A TopK SAE on planted sparse data, with 16 trained latents pushed below 0 on every row (b_enc −= 3): (how many
-    of them fire on fresh data after `steps` more steps, how many fired at the start). The AuxK window is one batch."""
-    torch.manual_seed(1)
-    d, n_atoms, k = 16, 32, 3
-    atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d), dim=1)
-
-    def rows(n):
-        idx = torch.rand(n, n_atoms).topk(k, dim=1).indices
-        return torch.zeros(n, n_atoms).scatter(1, idx, torch.rand(n, k) + 0.5) @ atoms
-
-    sae = SAE(SAEConfig("topk", d, 64, k=k, dead_tokens_threshold=256, auxk_through=auxk_through))
-    sae.init_from_batch(rows(512))
-    opt = make_optimizer(sae, 3e-3)
-    buried = torch.arange(16)
-    with torch.no_grad():
-        sae.b_enc_F[buried] -= 3.0
-    sae.train()
-    probe = rows(4096)
-    at_start = int(sae.encode(probe)[:, buried].gt(0).any(0).sum())
-    for _ in range(steps):
-        out = sae.loss(rows(256))
-        opt.zero_grad()
-        out.total.backward()
-        project_decoder_grad_(sae)
-        opt.step()
-        renorm_decoder_(sae)
-    with torch.no_grad():
-        return int(sae.encode(probe)[:, buried].gt(0).any(0).sum()), at_start
+def test_lazy_adam_is_adam_on_dense_gradients_and_still_where_a_gradient_is_zero():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(6, 3)), None
+    b = torch.nn.Parameter(a.detach().clone())
+    lazy, adam = LazyAdam([a], lr=0.01), torch.optim.Adam([b], lr=0.01)
+    for _ in range(5):  # dense gradients: Adam, step for step
+        g = torch.randn(6, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        lazy.step()
+        adam.step()
+        assert_close(a, b)
+    g = torch.zeros(6, 3)
+    g[0] = 1.0  # row 0 fires; rows 1-5 (latents silent this batch) get an exact 0
+    a.grad, b.grad = g.clone(), g.clone()
+    before_a, before_b = a.detach().clone(), b.detach().clone()
+    lazy.step()
+    adam.step()
+    assert torch.equal(a.detach()[1:], before_a[1:])  # lazy: silent rows do not move
+    assert (b.detach()[1:] != before_b[1:]).all()  # Adam's momentum moves them on
+    assert (a.detach()[0] != before_a[0]).all()
+    assert torch.equal(lazy.state[a]["updates"][0], torch.full((3,), 6.0))
+    assert torch.equal(lazy.state[a]["updates"][1], torch.full((3,), 5.0))
 
 
-def test_auxk_through_revives_latents_pushed_below_zero_on_every_row():
-    """Gao et al.'s AuxK reads relu(z) of the dead latents, so one whose pre-activation is below 0 on every row gets
-    no gradient from anything and stays dead; with `auxk_through` AuxK's gradient passes the ReLU and brings it back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        plain, plain_start = _train_with_buried_latents(False)
-        through, through_start = _train_with_buried_latents(True)
-    finally:
-        torch.set_num_threads(threads)
-    assert plain_start == through_start == 0
-    assert plain == 0  # nothing reaches them
-    assert through >= 12, through
+def test_lazy_adam_steps_a_rare_latent_by_about_lr_where_adam_steps_it_by_lr_over_sqrt_p():
+    """A parameter whose gradient is non-zero in one step of 100: after 1000 steps Adam's per-event movement is
+    several lr (its momentum runs on against a second moment averaged over the silent steps); LazyAdam's is ~lr."""
+    moved = {}
+    for name, cls in (("lazy", LazyAdam), ("adam", torch.optim.Adam)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = cls([p], lr=1e-3)
+        for step in range(1000):
+            p.grad = torch.ones(1) if step % 100 == 0 else torch.zeros(1)
+            opt.step()
+        moved[name] = -float(p.detach()) / 10 / 1e-3  # per event, in lr
+    assert 0.9 < moved["lazy"] < 1.1, moved
+    assert moved["adam"] > 2.5, moved
 
 
-def test_auxk_through_changes_no_forward_value_and_only_dead_latents_gradients():
-    sae, x, _ = make("topk", dead_tokens_threshold=B)
-    other, _, _ = make("topk", dead_tokens_threshold=B, auxk_through=True)
-    other.load_state_dict(sae.state_dict())
-    with torch.no_grad():
-        for m in (sae, other):
-            m.b_enc_F[:8] -= 50.0  # below 0 everywhere
-            m.tokens_since_fired_F[:8] = 10 * B
-    outs = [m.loss(x) for m in (sae, other)]
-    assert torch.equal(outs[0].total, outs[1].total) and torch.equal(outs[0].aux, outs[1].aux)
-    for out in outs:
-        out.total.backward()
-    assert (sae.b_enc_F.grad[:8] == 0).all() and (other.b_enc_F.grad[:8] != 0).any()
-    assert_close(sae.b_enc_F.grad[8:], other.b_enc_F.grad[8:])
-    assert_close(sae.W_dec_FD.grad, other.W_dec_FD.grad)
+def test_optimizer_defaults_by_architecture_and_old_records_mean_adam():
+    assert SAEConfig("topk", 8, 16, k=4).optimizer == "lazy-adam"
+    assert SAEConfig("matryoshka", 8, 16, k=4).optimizer == "lazy-adam"
+    assert SAEConfig("relu", 8, 16).optimizer == "adam"
+    assert SAEConfig("topk", 8, 16, k=4, optimizer="adam").optimizer == "adam"
+    old = {k: v for k, v in SAEConfig("topk", 8, 16, k=4).to_dict().items() if k != "optimizer"}
+    assert SAEConfig.from_dict(old).optimizer == "adam"  # a cfg.json written before the field: trained with Adam
+    assert isinstance(make_optimizer(SAE(SAEConfig("topk", 8, 16, k=4)), 1e-3), LazyAdam)
+    assert not isinstance(make_optimizer(SAE(SAEConfig("topk", 8, 16, k=4, optimizer="adam")), 1e-3), LazyAdam)
+    with pytest.raises(ConfigError, match="optimizer must be one of adam, lazy-adam"):
+        SAEConfig("topk", 8, 16, k=4, optimizer="sgd")
 
 
 def test_schedules():

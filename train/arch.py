@@ -24,8 +24,9 @@ import torch
 from saecache.errors import ConfigError
 from saecache.train import dense_ops as DO
 from saecache.train import penalties as P
-from saecache.train.arch_base import (ARCHITECTURES, DEAD_TOKENS_THRESHOLD, DEFAULT_K, RUN_OPTIONS,  # noqa: F401
-                                      Architecture, Code, RunDefaults, architecture, from_dl_class, from_saelens,
+from saecache.train.arch_base import (ARCHITECTURES, DEAD_TOKENS_THRESHOLD, DEFAULT_K, OPTIMIZERS, RUN_OPTIONS,  # noqa: F401
+                                      Architecture, Code, RunDefaults, architecture, check_optimizer, from_dl_class,
+                                      from_saelens,
                                       spec_name)
 from saecache.train.ddp import batch_variance
 from saecache.train.sparse_ops import (SparseCode, batch_topk_select, dead_topk_select, sparse_decode, topk_select,
@@ -119,7 +120,7 @@ class Gated(Architecture):
 
 class TopK(Architecture):
     name, description = "topk", "per-row TopK + AuxK"
-    sparse, needs_k, resample = True, True, False
+    sparse, needs_k, resample, optimizer = True, True, False, "lazy-adam"
     dl_classes, saelens_arch = ("AutoEncoderTopK",), "topk"
     decay_fraction = 0.5
     """Decay over the last half: at 3× Gao et al.'s rate, with AuxK on latents silent for a hundredth of the run, it
@@ -144,7 +145,7 @@ class TopK(Architecture):
         dead_M = (sae.tokens_since_fired_F >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
         n_aux = min(cfg.k_aux, dead_M.numel())
         if n_aux:
-            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux), cfg.auxk_through)
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
         sparse = sae.sparse_encode(x_BD, select, train=True)
         if not n_aux:
             return Code(sparse=sparse)
@@ -236,6 +237,7 @@ class CrossLayerFamily(Architecture):
         self.transcoder = kind == "clt"
         """Reconstructs other hooks than it reads, layer by layer (circuit-tracer's cross-layer transcoders)."""
         self.decay_fraction = TopK.decay_fraction if self.needs_k else 0.0
+        self.optimizer = TopK.optimizer if self.needs_k else "adam"
 
     def default_lr(self, width: int) -> float:
         return TopK().default_lr(width) if self.needs_k else self.lr

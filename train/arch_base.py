@@ -79,6 +79,17 @@ class Code:
         return self.f_BF if self.f_BF is not None else self.sparse.dense(width)
 
 
+OPTIMIZERS = ("adam", "lazy-adam")
+
+
+def check_optimizer(value, default: str) -> str:
+    """An SAE's optimizer (`SAEConfig.optimizer`), `default` when unset."""
+    value = default if value is None else value
+    if value not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {value!r}")
+    return value
+
+
 class Architecture:
     """Base: a dense architecture with a pre-bias and no extra state. Subclasses override what differs."""
 
@@ -102,6 +113,8 @@ class Architecture:
     lr = 3e-4
     """Default learning rate at E‖x‖² = 1 inputs (`default_lr`); gated and jumprelu keep saecache's earlier default,
     not refitted across widths."""
+    optimizer = "adam"
+    """Default of `SAEConfig.optimizer` (the TopK family: "lazy-adam", `optim.LazyAdam`)."""
     nested = False
     """Latents form nested prefixes, `group_sizes` (matryoshka)."""
     cross_layer = False
@@ -180,6 +193,7 @@ class Architecture:
         if penalty not in self.penalties:
             raise ConfigError(f"penalty {penalty!r} not available for {self.name}; use {self.penalties}")
         c["penalty"] = penalty
+        c["optimizer"] = check_optimizer(c.get("optimizer"), self.optimizer)
         if c.get("coeff") is None:
             c["coeff"] = self.default_coeff[penalty]
         if c["coeff"] < 0:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from saecache.errors import ConfigError
 from saecache.train import ddp
 from saecache.train import penalties as P
-from saecache.train.arch import ARCHITECTURES, DEAD_TOKENS_THRESHOLD
+from saecache.train.arch import ARCHITECTURES, DEAD_TOKENS_THRESHOLD, check_optimizer
 from saecache.train.ddp import batch_variance
 from saecache.train.crosslayer_acts import ACTIVATIONS, SourceCode  # noqa: F401 (re-exported)
 from saecache.train.sae import SAE, SAEConfig
@@ -94,9 +94,8 @@ class CrossLayerConfig:
     dead_tokens_threshold: int = DEAD_TOKENS_THRESHOLD
     """topk/batchtopk: a latent silent for this many training rows is dead (for AuxK); a TrainConfig resolves it to
     a hundredth of the run's rows, at most 10M, as for the SAEs."""
-    auxk_through: bool = False
-    """topk/batchtopk: AuxK's gradient passes straight through the ReLU to dead latents below 0, as
-    `SAEConfig.auxk_through`."""
+    optimizer: str | None = None
+    """As `SAEConfig.optimizer`: None picks lazy-adam for topk/batchtopk, adam for jumprelu."""
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: resolve defaults)
@@ -127,6 +126,7 @@ class CrossLayerConfig:
             raise ConfigError(f"widths must be positive (d_in={self.d_in}, d_out={self.d_out}, "
                               f"n_features={self.n_features})")
         needs_k = ACTIVATIONS[self.activation].needs_k
+        set_("optimizer", check_optimizer(self.optimizer, ARCHITECTURES[self.arch].optimizer))
         if needs_k and (self.k is None or not 0 < self.k <= self.n_features):
             raise ConfigError(f"{self.activation} needs 0 < k ≤ n_features ({self.n_features}), got k={self.k}")
         if not needs_k and self.k is not None:
@@ -153,6 +153,7 @@ class CrossLayerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CrossLayerConfig":
+        d = {"optimizer": "adam", **d}  # written before the field: trained with Adam
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"cross-layer config has unknown fields {sorted(unknown)} (written by a newer saecache?)")

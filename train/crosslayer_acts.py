@@ -66,7 +66,7 @@ class TopKAct:
         dead_M = (getattr(m, f"tokens_since_fired_{s}") >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
         n_aux = min(cfg.k_aux, dead_M.numel()) if cfg.auxk_alpha > 0 else 0
         if n_aux:
-            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux), cfg.auxk_through)
+            select = with_extra_columns(select, dead_topk_select(dead_M, n_aux))
         sparse = sparse_encode(x_BD, None, W, b, select, m._workspace)
         if not n_aux:
             return SourceCode(sparse=sparse)

@@ -63,10 +63,10 @@ class SAEConfig:
     resolves it to a hundredth of the run's rows, at most 10M (`optim.default_schedule`)."""
     k_aux: int | None = None
     """topk family: dead latents used per row by AuxK; None means d_out // 2."""
-    auxk_through: bool = False
-    """topk family: AuxK's gradient reaches a dead latent even where its pre-activation is ≤ 0 (straight through
-    the ReLU; the forward value stays 0). Off, as in Gao et al., a latent pushed below 0 on every row gets no
-    gradient from anything and stays dead."""
+    optimizer: str | None = None
+    """ "adam" or "lazy-adam" (`optim.LazyAdam`: a latent's moments and weights move only in the steps it fires in);
+    None picks the architecture's: lazy-adam for the TopK family, adam for the others. A run dir started before this
+    field (its cfg.json has none) trained with adam and resumes with it."""
     threshold_beta: float = 0.999
     """batchtopk, matryoshka: EMA decay of the inference threshold."""
     threshold_start_step: int = 1000
@@ -96,6 +96,7 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         """From cfg.json's "sae" (fields written under their old names are read under the new ones)."""
         d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
+        d.setdefault("optimizer", "adam")  # written before the field: trained with Adam
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -160,22 +160,18 @@ def _workspace_BF(workspace: dict | None, like_BD: Tensor, F: int) -> Tensor | N
 class SparseEncode(torch.autograd.Function):
     """vals_N = relu(z_BF[row_N, idx_N]) for the entries `select(z_BF)` picks, z_BF = (x_BD − b_pre_D) @ W_enc_DF +
     b_enc_F. No gradient through the choice; backward touches only the selected pre-activations:
-    grad W_enc = x_cᵀ @ G with G sparse, grad b_pre = −W_enc @ Σ_b G_b. A selection may return a third element,
-    n_through: its last n_through entries pass their gradient straight through the ReLU (AuxK's dead latents,
-    `with_extra_columns(..., through=True)`): their forward value is still relu(z), 0 when z ≤ 0, but a dead latent
-    whose pre-activation is negative on every row still learns which way to move."""
+    grad W_enc = x_cᵀ @ G with G sparse, grad b_pre = −W_enc @ Σ_b G_b."""
 
     @staticmethod
     def forward(ctx, x_BD, b_pre_D, W_enc_DF, b_enc_F, select: Select, workspace: dict | None):
         x_c_BD = x_BD if b_pre_D is None else x_BD - b_pre_D
         x_c_BD, W_enc_DF, b_enc_F = autocast_inputs(x_c_BD, W_enc_DF, b_enc_F)
         z_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=_workspace_BF(workspace, x_c_BD, W_enc_DF.shape[1]))
-        row_N, idx_N, *through = select(z_BF)
+        row_N, idx_N = select(z_BF)
         vals_N = z_BF[row_N, idx_N].relu_()
         del z_BF
         ctx.save_for_backward(x_c_BD, W_enc_DF, row_N, idx_N, vals_N)
         ctx.has_pre = b_pre_D is not None
-        ctx.n_through = through[0] if through else 0
         ctx.mark_non_differentiable(row_N, idx_N)
         return vals_N, idx_N, row_N
 
@@ -184,8 +180,6 @@ class SparseEncode(torch.autograd.Function):
         x_c_BD, W_enc_DF, row_N, idx_N, vals_N = ctx.saved_tensors
         (B, D), F = x_c_BD.shape, W_enc_DF.shape[1]
         g_N = g_vals_N * (vals_N > 0)
-        if ctx.n_through:
-            g_N[-ctx.n_through:] = g_vals_N[-ctx.n_through:]
         grad_x = grad_pre = grad_W = grad_b = None
         need_x, need_pre, need_W, need_b, _, _ = ctx.needs_input_grad
         if need_b or need_pre:
@@ -308,15 +302,13 @@ def batch_topk_select(k: int, out: dict | None = None) -> Select:
     return select
 
 
-def with_extra_columns(select: Select, extra: Callable[[Tensor], Tensor], through: bool = False) -> Select:
+def with_extra_columns(select: Select, extra: Callable[[Tensor], Tensor]) -> Select:
     """Append A more latents per row (AuxK candidates, `extra(z_BF) -> idx_BA`) after the selection's entries,
-    computed from the same pre-activations. `through`: their gradient passes straight through the ReLU
-    (`SparseEncode`)."""
+    computed from the same pre-activations."""
 
-    def both(z_BF: Tensor) -> tuple[Tensor, ...]:
+    def both(z_BF: Tensor) -> tuple[Tensor, Tensor]:
         (row_N, idx_N), (aux_row_N, aux_idx_N) = select(z_BF), _per_row(extra(z_BF))
-        row_N, idx_N = torch.cat([row_N, aux_row_N]), torch.cat([idx_N, aux_idx_N])
-        return (row_N, idx_N, aux_idx_N.numel()) if through else (row_N, idx_N)
+        return torch.cat([row_N, aux_row_N]), torch.cat([idx_N, aux_idx_N])
 
     return both
 

@@ -131,7 +131,7 @@ def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) ->
     """One Member per SAE and replica: replicas of a spec differ only in the seed of their init and resampling."""
     members, workspace = [], Workspace()  # SAEs step one after another: one set of [B, F] buffers serves them all
     for base, name, r in cfg.replicas():
-        spec = base if name == base.name else dataclasses.replace(base, name=name)
+        spec = _as_started(base if name == base.name else dataclasses.replace(base, name=name), cfg.out)
         seed = replica_seed(cfg.seed, base.name, r)
         d_in, d_out = _hook_width(stores, spec.inputs, spec.name), _hook_width(stores, spec.targets, spec.name)
         cross = ARCHITECTURES[spec.arch].cross_layer
@@ -149,6 +149,17 @@ def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) ->
                    gen, lr, replica)
         members.append(m)
     return members
+
+
+def _as_started(spec: SAESpec, out: str) -> SAESpec:
+    """The spec, resuming its run dir as it was started: a run dir whose cfg.json predates `SAEConfig.optimizer`
+    trained with Adam, so it goes on with Adam unless the spec names an optimizer."""
+    run_dir = os.path.join(out, spec.name)
+    if "optimizer" in spec.options or not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
+        return spec
+    if "optimizer" in rundir.read_cfg(run_dir).get("sae", {"optimizer": None}):
+        return spec
+    return dataclasses.replace(spec, options={**spec.options, "optimizer": "adam"})
 
 
 def _hook_width(stores, hooks: list[str], name: str) -> int:

@@ -109,3 +109,30 @@ def test_max_rows_none_is_explicit(capsys, tmp_path):
     assert code != 0 and err.count("\n") == 1 and "--max-rows must be a positive integer or none" in err
     code, err = _cli(capsys, "features", tmp_path, "--store", tmp_path, "--feature", 1, "--max-rows", 0)
     assert code != 0 and err.count("\n") == 1 and "--max-rows must be a positive integer or none" in err
+
+
+def test_a_run_dir_from_before_the_optimizer_field_resumes_with_adam(tiny_store, tmp_path):
+    """cfg.json's sae record gained `optimizer` when the TopK family's default became lazy-adam: a run dir without it
+    trained with Adam, and resumed with the command that started it, it goes on with Adam (bit-identical to an
+    uninterrupted Adam run), not with today's default."""
+    def settings(out, **options):
+        spec = {**SAES[1], **({"options": options} if options else {})}
+        return TrainConfig(**{**_settings(tiny_store, out, None), "saes": [spec]})
+
+    adam = run_training(settings(tmp_path / "adam", optimizer="adam"))[0]
+    lazy = run_training(settings(tmp_path / "lazy"))[0]
+    weights = lambda d: open(os.path.join(d, rundir.WEIGHTS_FILE), "rb").read()  # noqa: E731
+    assert weights(adam) != weights(lazy)  # the two optimizers part within these 6 steps
+    d = run_training(settings(tmp_path / "old", optimizer="adam"))[0]
+    for step in rundir.list_checkpoints(d):  # killed after the step-3 checkpoint, by a saecache without the field
+        if step > 3:
+            shutil.rmtree(rundir.checkpoint_path(d, step))
+    os.remove(os.path.join(d, rundir.WEIGHTS_FILE))
+    rec = rundir.read_cfg(d)
+    del rec["sae"]["optimizer"]
+    rec["spec"]["options"].pop("optimizer")
+    rec["train"]["saes"][0]["options"].pop("optimizer")
+    rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
+    rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
+    assert run_training(settings(tmp_path / "old"))[0] == d
+    assert weights(d) == weights(adam)

@@ -98,15 +98,19 @@ class LazyAdam(torch.optim.Optimizer):
     lr / sqrt(p) in all where p is the share of steps it fires in. At TopK's rates that throws rarely firing latents
     below 0 on every row, where nothing (AuxK included) reaches them: on the 20M-token bench 10 % of latents ended
     dead (bench/results/long.md). Here each of a latent's updates is about lr, as for a frequent one: the moments and
-    their bias corrections count the latent's own updates (`updates`), not the run's steps."""
+    their bias corrections count the latent's own updates (`beta1_power`, `beta2_power`: β^n for its n updates), not the
+    run's steps."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ARG002 (the Optimizer interface; no closure is used)
+        """Per element with g ≠ 0: m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², b1 ← β1·b1, b2 ← β2·b2 (b1, b2: β^n for
+        its n updates so far, starting at 1), p ← p − lr · (m / (1 − b1)) / (sqrt(v / (1 − b2)) + eps); elements with
+        g = 0 keep all four and their value. In place, without a power or a select per element."""
         for group in self.param_groups:
-            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -114,14 +118,17 @@ class LazyAdam(torch.optim.Optimizer):
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                    st["updates"] = torch.zeros_like(p)
+                    st["beta1_power"], st["beta2_power"] = torch.ones_like(p), torch.ones_like(p)
                 st["step"] += 1
-                live = g != 0
-                m, v, n = st["exp_avg"], st["exp_avg_sq"], st["updates"]
-                m.copy_(torch.where(live, b1 * m + (1 - b1) * g, m))
-                v.copy_(torch.where(live, b2 * v + (1 - b2) * g * g, v))
-                n.add_(live.to(n.dtype))
-                n1 = n.clamp(min=1)
-                update = (m / (1 - b1 ** n1)) / ((v / (1 - b2 ** n1)).sqrt() + eps)
-                p.sub_(torch.where(live, lr * update, torch.zeros_like(update)))
+                m, v, b1, b2 = st["exp_avg"], st["exp_avg_sq"], st["beta1_power"], st["beta2_power"]
+                live = (g != 0).to(p.dtype)
+                w = live * (1 - beta1)
+                m.lerp_(g, w)  # m + w·(g − m): β1·m + (1−β1)·g where live, m elsewhere
+                b1.mul_(w.neg_().add_(1))  # × β1 where live, × 1 elsewhere
+                w = live * (1 - beta2)
+                v.lerp_(g * g, w)
+                b2.mul_(w.neg_().add_(1))
+                # never-updated elements have m = v = 0 and b = 1: clamping 1 − b keeps their update 0, not 0/0
+                denom = (v / (1 - b2).clamp_(min=1e-30)).sqrt_().add_(eps)
+                p.addcdiv_(m / (1 - b1).clamp_(min=1e-30) * live, denom, value=-lr)
         return None

@@ -65,6 +65,7 @@ def _before(extra: dict | None = None, dead: int = 10_000_000) -> dict:
 ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (fractions of the run where noted)
     "saecache": {},
     "saecache-no-decay": {"decay_start": 1.0},
+    "saecache-adam": {"options": {"optimizer": "adam"}},  # the TopK family's optimizer before lazy-adam
     "saecache-decay-from-0": {"decay_start": 0.0},
     "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)

@@ -81,7 +81,10 @@ PROBES = {  # name -> (arch, extra `saecache train` args, last step, what change
                             "lazy Adam (today's default)"),
     "probe-topk-lazyadam-w100": ("topk", ["--warmup-steps", "100", "--sae-options", '{"optimizer": "lazy-adam"}'],
                                  3_000, "lazy Adam, warm-up 100 steps"),
+    "probe-topk-1m-lr6x": ("topk", ["--lr", "2.4e-3"], 1_000, "a 1M-token run of its own (1,000-step schedule) at "
+                           "6x Gao et al.'s rate, lazy Adam"),
 }
+PROBE_SCHEDULES = {"probe-topk-1m-lr6x": 1_000}  # probes on a schedule of their own (steps); the others: STEPS
 
 
 def paths(scratch: Path) -> dict:
@@ -188,7 +191,7 @@ def saecache_checkpoint(run_dir: Path, step: int):
 
 def train_command(p: dict, name: str) -> list[str]:
     if name in PROBES:
-        (arch, extra, _, _), steps = PROBES[name], STEPS
+        (arch, extra, _, _), steps = PROBES[name], PROBE_SCHEDULES.get(name, STEPS)
     else:
         (_, arch, steps), extra = TRAINERS[name], EXTRA_ARGS.get(name, [])
     return [sys.executable, "-m", "saecache", "train", "--store", str(p["store"]), "--hook", HOOK, "--arch", arch,
@@ -206,7 +209,7 @@ def run_dir_of(p: dict, name: str) -> Path | None:
 
 def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int) -> None:
     """Train (or resume) with saecache's CLI in a child process, measuring each checkpoint as it appears."""
-    steps = STEPS if name in PROBES else TRAINERS[name][2]
+    steps = PROBE_SCHEDULES.get(name, STEPS) if name in PROBES else TRAINERS[name][2]
     wanted = [s for s in CHECKPOINTS if s <= PROBES[name][2]] if name in PROBES else \
         CHECKPOINTS if steps == STEPS else (steps,)
     todo = [s for s in wanted if s not in measured(res_path, name)]

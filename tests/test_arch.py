@@ -263,7 +263,8 @@ def test_dense_training_reuses_buffers_and_refuses_a_stale_backward(arch):
 
 def test_old_cfg_json_field_names_are_read():
     old = {"architecture": "topk", "d_in": 8, "n_features": 32, "k": 4, "sparsity_coeff": None}
-    assert SAEConfig.from_dict(old) == SAEConfig(arch="topk", d_in=8, width=32, k=4)
+    # a record written before `optimizer` trained with Adam
+    assert SAEConfig.from_dict(old) == SAEConfig(arch="topk", d_in=8, width=32, k=4, optimizer="adam")
     assert {"arch", "width", "coeff"} <= set(SAEConfig("relu", 4, 8).to_dict())
     assert not {"architecture", "n_features", "sparsity_coeff"} & set(SAEConfig("relu", 4, 8).to_dict())
 

@@ -24,10 +24,9 @@ import torch
 from saecache.errors import ConfigError
 from saecache.train import dense_ops as DO
 from saecache.train import penalties as P
-from saecache.train.arch_base import (ARCHITECTURES, DEAD_TOKENS_THRESHOLD, DEFAULT_K, OPTIMIZERS, RUN_OPTIONS,  # noqa: F401
-                                      Architecture, Code, RunDefaults, architecture, check_optimizer, from_dl_class,
-                                      from_saelens,
-                                      spec_name)
+from saecache.train.arch_base import (ARCHITECTURES, DEAD_TOKENS_THRESHOLD, DEFAULT_K, OPTIMIZERS,  # noqa: F401
+                                      RUN_OPTIONS, Architecture, Code, RunDefaults, architecture, check_optimizer,
+                                      from_dl_class, from_saelens, spec_name)
 from saecache.train.ddp import batch_variance
 from saecache.train.sparse_ops import (SparseCode, batch_topk_select, dead_topk_select, sparse_decode, topk_select,
                                        with_extra_columns)

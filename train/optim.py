@@ -87,7 +87,6 @@ def renorm_decoder_(sae) -> None:
     sae.renorm_decoder_()
 
 
-
 class LazyAdam(torch.optim.Optimizer):
     """Adam whose moments, bias corrections and parameters move only where the gradient is non-zero (the TopK
     family's default, `SAEConfig.optimizer`); with a gradient non-zero everywhere it is Adam.

@@ -64,7 +64,7 @@ class SAEConfig:
     k_aux: int | None = None
     """topk family: dead latents used per row by AuxK; None means d_out // 2."""
     optimizer: str | None = None
-    """ "adam" or "lazy-adam" (`optim.LazyAdam`: a latent's moments and weights move only in the steps it fires in);
+    """`adam` or `lazy-adam` (`optim.LazyAdam`: a latent's moments and weights move only in the steps it fires in);
     None picks the architecture's: lazy-adam for the TopK family, adam for the others. A run dir started before this
     field (its cfg.json has none) trained with adam and resumes with it."""
     threshold_beta: float = 0.999

@@ -4,7 +4,7 @@ At chosen steps the training loop passes the latents that have not fired over a 
 and a batch of inputs. Each dead latent gets one input, drawn without replacement with probability ∝ the input's
 SQUARED reconstruction loss; its decoder row becomes that input's (target's, for a transcoder) unit direction, its
 encoder column the input's unit direction × 0.2 × the mean encoder norm of the alive latents, its encoder bias 0,
-and the Adam moments of exactly those rows/columns are zeroed. The loop then re-warms that SAE's LR
+and the Adam moments of exactly those rows/columns are zeroed (LazyAdam's β powers set back to 1). The loop then re-warms that SAE's LR
 (`optim.lr_factor(..., resample_steps=...)`). Only the SAEs whose `SAESpec.resample` is true are resampled (by default
 relu/gated/jumprelu; the topk family has AuxK for its dead latents).
 
@@ -31,6 +31,9 @@ def _reset_moments_(optimizer: torch.optim.Optimizer, param: Tensor, index: tupl
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         if key in state:
             state[key][index] = 0.0
+    for key in ("beta1_power", "beta2_power"):  # LazyAdam's per-element bias corrections: a fresh latent's count is 0
+        if key in state:
+            state[key][index] = 1.0
 
 
 @torch.no_grad()

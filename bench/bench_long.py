@@ -399,7 +399,9 @@ def write_report(res_path: Path, out: Path) -> dict:
             lines.append(f"| {name} | {100 * row['recovered_zero']:.1f} | [{100 * row['recovered_zero_lo']:.1f}, "
                          f"{100 * row['recovered_zero_hi']:.1f}] | {row.get('fve', float('nan')):.4f} | "
                          f"{row.get('l0', float('nan')):.1f} |")
-    lines += ["", "Commands:", ""] + [f"    {c}" for c in result.get("commands", [])]
+    lines += ["", "Commands, in the order they ran (the `saecache-topk-adam*` rows were made by the first `run "
+              "saecache-topk`, `-1m` and `-3m`, when Adam was the default, and renamed since; `run saecache-topk-adam` "
+              "and its `-1m`/`-3m` remake them):", ""] + [f"    {c}" for c in result.get("commands", [])]
     (out / "long.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "long.png")
     return result

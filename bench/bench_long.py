@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,41 +51,60 @@ CHECKPOINTS = (1_000, 3_000, 10_000, 20_000)  # steps; × 1,024 rows = 1.02M, 3.
 WINDOW = 1_000  # steps: "dead % train" counts latents silent over the training rows of the last WINDOW steps
 POLL_S = 30  # seconds between looks for a new checkpoint of a saecache run
 HARVEST_TOKENS = 21_500_000  # ≥ 20.3M non-BOS training rows after the 1 % held out
-ADAM = ["--sae-options", '{"optimizer": "adam"}']  # saecache's optimizer before lazy-adam became the TopK default
-TRAINERS = {  # name -> (trainer, arch, total steps of its own schedule)
-    "saecache-topk": ("saecache", "topk", STEPS),
-    "sparsify-signum-topk": ("sparsify-signum", "topk", STEPS),
-    "dl-topk": ("dl", "topk", STEPS),
-    "saecache-batchtopk": ("saecache", "batchtopk", STEPS),
-    "dl-batchtopk": ("dl", "batchtopk", STEPS),
-    "saecache-topk-1m": ("saecache", "topk", 1_000),  # short runs: their own (short) schedule
-    "saecache-topk-3m": ("saecache", "topk", 3_000),
-    "saecache-topk-adam": ("saecache", "topk", STEPS),  # the defaults before lazy-adam, for the record
-    "saecache-topk-adam-1m": ("saecache", "topk", 1_000),
-    "saecache-topk-adam-3m": ("saecache", "topk", 3_000),
+ADAM = ("--sae-options", '{"optimizer": "adam"}')  # saecache's optimizer before lazy-adam became the TopK default
+
+
+class Run(NamedTuple):
+    """One trainer's run: who trains, which arch, its schedule's steps, extra `saecache train` args; a probe also
+    stops at `until` and says what it changed ("patch:": a change tried in the code and not kept, no flag makes it)."""
+    trainer: str
+    arch: str
+    steps: int
+    args: tuple[str, ...] = ()
+    until: int | None = None
+    note: str = ""
+
+
+TRAINERS = {
+    "saecache-topk": Run("saecache", "topk", STEPS),
+    "sparsify-signum-topk": Run("sparsify-signum", "topk", STEPS),
+    "dl-topk": Run("dl", "topk", STEPS),
+    "saecache-batchtopk": Run("saecache", "batchtopk", STEPS),
+    "dl-batchtopk": Run("dl", "batchtopk", STEPS),
+    "saecache-topk-1m": Run("saecache", "topk", 1_000),  # short runs: their own (short) schedule
+    "saecache-topk-3m": Run("saecache", "topk", 3_000),
+    "saecache-topk-adam": Run("saecache", "topk", STEPS, ADAM),  # the defaults before lazy-adam, for the record
+    "saecache-topk-adam-1m": Run("saecache", "topk", 1_000, ADAM),
+    "saecache-topk-adam-3m": Run("saecache", "topk", 3_000, ADAM),
 }
-EXTRA_ARGS = {name: ADAM for name in TRAINERS if "-adam" in name}
-PROBES = {  # name -> (arch, extra `saecache train` args, last step, what changed): saecache on the 20M schedule
-    # with one setting changed, stopped early. "patch": a change tried in the code and not kept (no flag makes it).
-    "probe-topk-through": ("topk", ADAM, 3_000, "patch: AuxK's gradient straight through the ReLU to dead latents"),
-    "probe-topk-lr2x": ("topk", ["--lr", "8e-4"] + ADAM, 3_000, "2x Gao et al.'s rate instead of 4x"),
-    "probe-topk-auxk10k": ("topk", ["--sae-options", '{"dead_tokens_threshold": 10240, "optimizer": "adam"}'], 3_000,
-                           "AuxK on latents silent for 10,240 rows instead of 204,800"),
-    "probe-topk-auxk10k-a8": ("topk", ["--sae-options", '{"dead_tokens_threshold": 10240, "auxk_alpha": 0.125, '
-                                                         '"optimizer": "adam"}'], 3_000,
-                              "that, and AuxK's weight 1/8 instead of 1/32"),
-    "probe-topk-w100-invsqrt1000": ("topk", ["--warmup-steps", "100"] + ADAM, 3_000,
-                                    "warm-up 100 steps; patch: LR x sqrt(1000 / step) after step 1000"),
-    "probe-topk-w100-invsqrt500": ("topk", ["--warmup-steps", "100"] + ADAM, 3_000,
-                                   "warm-up 100 steps; patch: LR x sqrt(500 / step) after step 500"),
-    "probe-topk-lazyadam": ("topk", ["--sae-options", '{"optimizer": "lazy-adam"}'], 3_000,
-                            "lazy Adam (today's default)"),
-    "probe-topk-lazyadam-w100": ("topk", ["--warmup-steps", "100", "--sae-options", '{"optimizer": "lazy-adam"}'],
-                                 3_000, "lazy Adam, warm-up 100 steps"),
-    "probe-topk-1m-lr6x": ("topk", ["--lr", "2.4e-3"], 1_000, "a 1M-token run of its own (1,000-step schedule) at "
-                           "6x Gao et al.'s rate, lazy Adam"),
+PROBES = {  # saecache on the 20M schedule with one setting changed, stopped early
+    "probe-topk-through": Run("saecache", "topk", STEPS, ADAM, 3_000,
+                              "patch: AuxK's gradient straight through the ReLU to dead latents"),
+    "probe-topk-lr2x": Run("saecache", "topk", STEPS, ("--lr", "8e-4") + ADAM, 3_000,
+                           "2x Gao et al.'s rate instead of 4x"),
+    "probe-topk-auxk10k": Run("saecache", "topk", STEPS, ("--sae-options", '{"dead_tokens_threshold": 10240, '
+                                                          '"optimizer": "adam"}'), 3_000,
+                              "AuxK on latents silent for 10,240 rows instead of 204,800"),
+    "probe-topk-auxk10k-a8": Run("saecache", "topk", STEPS, ("--sae-options", '{"dead_tokens_threshold": 10240, '
+                                                             '"auxk_alpha": 0.125, "optimizer": "adam"}'), 3_000,
+                                 "that, and AuxK's weight 1/8 instead of 1/32"),
+    "probe-topk-w100-invsqrt1000": Run("saecache", "topk", STEPS, ("--warmup-steps", "100") + ADAM, 3_000,
+                                       "warm-up 100 steps; patch: LR x sqrt(1000 / step) after step 1000"),
+    "probe-topk-w100-invsqrt500": Run("saecache", "topk", STEPS, ("--warmup-steps", "100") + ADAM, 3_000,
+                                      "warm-up 100 steps; patch: LR x sqrt(500 / step) after step 500"),
+    "probe-topk-lazyadam": Run("saecache", "topk", STEPS, ("--sae-options", '{"optimizer": "lazy-adam"}'), 3_000,
+                               "lazy Adam (today's default)"),
+    "probe-topk-lazyadam-w100": Run("saecache", "topk", STEPS, ("--warmup-steps", "100", "--sae-options",
+                                                                '{"optimizer": "lazy-adam"}'), 3_000,
+                                    "lazy Adam, warm-up 100 steps"),
+    "probe-topk-1m-lr6x": Run("saecache", "topk", 1_000, ("--lr", "2.4e-3"), 1_000,
+                              "a 1M-token run of its own (1,000-step schedule) at 6x Gao et al.'s rate, lazy Adam"),
 }
-PROBE_SCHEDULES = {"probe-topk-1m-lr6x": 1_000}  # probes on a schedule of their own (steps); the others: STEPS
+
+
+def run_of(name: str) -> Run:
+    """The run of a trainer or probe name (looked up when asked, so a caller may swap TRAINERS)."""
+    return PROBES[name] if name in PROBES else Run(*TRAINERS[name])
 
 
 def paths(scratch: Path) -> dict:
@@ -190,10 +210,7 @@ def saecache_checkpoint(run_dir: Path, step: int):
 
 
 def train_command(p: dict, name: str) -> list[str]:
-    if name in PROBES:
-        (arch, extra, _, _), steps = PROBES[name], PROBE_SCHEDULES.get(name, STEPS)
-    else:
-        (_, arch, steps), extra = TRAINERS[name], EXTRA_ARGS.get(name, [])
+    _, arch, steps, extra, _, _ = run_of(name)
     return [sys.executable, "-m", "saecache", "train", "--store", str(p["store"]), "--hook", HOOK, "--arch", arch,
             "--width", str(WIDTH), "--k", str(K), "--tokens", str(steps * BATCH), "--batch-size", str(BATCH),
             "--checkpoint-every", str(min(CHECKPOINTS[0], steps)),
@@ -209,9 +226,8 @@ def run_dir_of(p: dict, name: str) -> Path | None:
 
 def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int) -> None:
     """Train (or resume) with saecache's CLI in a child process, measuring each checkpoint as it appears."""
-    steps = PROBE_SCHEDULES.get(name, STEPS) if name in PROBES else TRAINERS[name][2]
-    wanted = [s for s in CHECKPOINTS if s <= PROBES[name][2]] if name in PROBES else \
-        CHECKPOINTS if steps == STEPS else (steps,)
+    steps, until = run_of(name).steps, run_of(name).until
+    wanted = [s for s in CHECKPOINTS if s <= until] if until else CHECKPOINTS if steps == STEPS else (steps,)
     todo = [s for s in wanted if s not in measured(res_path, name)]
     if not todo:
         return
@@ -233,14 +249,14 @@ def run_saecache(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int)
             raise SystemExit(f"bench_long: saecache train exited ({child.returncode}) before step {todo[0]}")
         if todo:
             time.sleep(POLL_S)
-    if name in PROBES:
+    if until:
         child.terminate()  # a probe stops at its last step; the run dir keeps its checkpoints
     child.wait()
 
 
 def run_peer(p: dict, name: str, res_path: Path, x_held: np.ndarray, d: int, python: str) -> None:
     """Train (or resume) a peer in its own Python (quality_peers' "long" op), up to each checkpoint in turn."""
-    peer, arch, steps = TRAINERS[name]
+    peer, arch, steps = run_of(name)[:3]
     worker = subprocess.Popen([python, str(Path(__file__).with_name("quality_peers.py"))], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, "OMP_NUM_THREADS": "1"})
     off = np.load(p["offsets"])
@@ -274,7 +290,7 @@ def _evaluate(p: dict, run_dir: Path, out: Path, n_contexts: int) -> dict:
 def _import_peer(p: dict, name: str, python: str, d: int) -> Path | None:
     """The peer's SAE at the end of its run as a saecache run dir (quality_peers' long_export, a dictionary_learning
     save dir, then `saecache import`); None when its run has not reached the end."""
-    peer, arch, steps = TRAINERS[name]
+    peer, arch, steps = run_of(name)[:3]
     if not (p["state"] / name / f"step-{steps:09d}").is_dir():
         return None
     src, run_dir = p["eval"] / name / "dictionary_learning", p["eval"] / name / "run"
@@ -296,11 +312,11 @@ def loss_recovered(p: dict, res_path: Path, n_contexts: int, trainer: str | None
                    d: int) -> None:
     """% loss recovered with its interval (saecache evaluate) at the end of each finished run: every saecache run,
     or the one peer `trainer` (its SAE imported through dictionary_learning's format; needs `python`)."""
-    names = [trainer] if trainer else [n for n in TRAINERS if TRAINERS[n][0] == "saecache"]
+    names = [trainer] if trainer else [n for n in TRAINERS if run_of(n).trainer == "saecache"]
     for name in names:
         if name in load_results(res_path)["loss"]:
             continue
-        if TRAINERS[name][0] == "saecache":
+        if run_of(name).trainer == "saecache":
             run_dir = run_dir_of(p, name)
             run_dir = run_dir if run_dir and (run_dir / "sae.safetensors").exists() else None
         elif not python:
@@ -324,7 +340,7 @@ def targets(rows: list[dict]) -> list[dict]:
     for arch in ("topk", "batchtopk"):
         for s in CHECKPOINTS:
             at = {r["trainer"]: r for r in rows if r["step"] == s and r["schedule_steps"] == STEPS
-                  and TRAINERS[r["trainer"]][1] == arch}
+                  and run_of(r["trainer"]).arch == arch}
             ours, peers = at.get(f"saecache-{arch}"), [r for n, r in at.items() if not n.startswith("saecache")]
             if not ours or not peers:
                 continue
@@ -373,9 +389,10 @@ def write_report(res_path: Path, out: Path) -> dict:
     if probes:
         lines += ["", "Probes: saecache on the same 20M schedule with one setting changed, stopped early (the default "
                   "run's rows above at the same step are the reference):", "",
-                  "| probe | change | step | FVE | L0 | dead % held-out | dead % train (last 1M) |", "|---|---|---|---|---|---|---|"]
+                  "| probe | change | step | FVE | L0 | dead % held-out | dead % train (last 1M) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in probes:
-            lines.append(f"| {r['trainer']} | {PROBES[r['trainer']][3]} | {r['step']:,} | {r['fve']:.4f} | "
+            lines.append(f"| {r['trainer']} | {PROBES[r['trainer']].note} | {r['step']:,} | {r['fve']:.4f} | "
                          f"{r['l0']:.1f} | {r['dead_pct']} | {r.get('dead_train_pct', '–')} |")
     lines += ["", "Target (issue 21): at every checkpoint saecache's FVE ≥ the best peer's; at the end its dead % "
               "train ≤ the lowest peer's + 1 point.", ""]
@@ -387,7 +404,7 @@ def write_report(res_path: Path, out: Path) -> dict:
                      f"{'met' if t['fve_met'] else 'NOT met'}{dead}"
                      + (f"; saecache's own {t['step'] // 1000}M-token run {t['own_run_fve']:.4f}: "
                         f"{'met' if t['own_run_met'] else 'NOT met'}" if "own_run_fve" in t else ""))
-    missing = [f"{n} step {s:,}" for n, (_, _, st) in TRAINERS.items()
+    missing = [f"{n} step {s:,}" for n, (_, _, st, *_) in TRAINERS.items()
                for s in (CHECKPOINTS if st == STEPS else (st,)) if s not in measured(res_path, n)]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
@@ -413,7 +430,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, (_, _, steps) in TRAINERS.items():
+    for name, (_, _, steps, *_) in TRAINERS.items():
         rs = [r for r in rows if r["trainer"] == name]
         if not rs:
             continue
@@ -440,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("stage", nargs="?", default="report",
                     choices=("corpus", "harvest", "dump", "run", "loss", "report"),
                     help="default: report (what `make bench` runs: the long runs are started by hand)")
-    ap.add_argument("trainer", nargs="?", choices=list(TRAINERS) + list(PROBES), help="with `run`")
+    ap.add_argument("trainer", nargs="?", choices=[*TRAINERS, *PROBES], help="with `run`")
     ap.add_argument("--python", default=os.environ.get("SAECACHE_PEERS_PYTHON"),
                     help="the peer's Python (dictionary_learning's or sparsify's environment) for a peer trainer")
     ap.add_argument("--scratch", default="saecache-demo/bench-long")
@@ -478,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
                              "dump` first")
         d = json.loads(p["dump"].read_text())["d"]
         x_held = np.load(p["heldout"])
-        if args.trainer in PROBES or TRAINERS[args.trainer][0] == "saecache":
+        if run_of(args.trainer).trainer == "saecache":
             run_saecache(p, args.trainer, res_path, x_held, d)
         elif not args.python:
             raise SystemExit(f"bench_long run {args.trainer}: pass --python, the peer's Python")

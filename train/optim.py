@@ -115,10 +115,8 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 g, st = p.grad, self.state[p]
                 if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
                     st["beta1_power"], st["beta2_power"] = torch.ones_like(p), torch.ones_like(p)
-                st["step"] += 1
                 m, v, b1, b2 = st["exp_avg"], st["exp_avg_sq"], st["beta1_power"], st["beta2_power"]
                 live = (g != 0).to(p.dtype)
                 w = live * (1 - beta1)

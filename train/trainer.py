@@ -152,14 +152,14 @@ def build_members(cfg: TrainConfig, stores, device: torch.device, world: int) ->
 
 
 def _as_started(spec: SAESpec, out: str) -> SAESpec:
-    """The spec, resuming its run dir as it was started: a run dir whose cfg.json predates `SAEConfig.optimizer`
-    trained with Adam, so it goes on with Adam unless the spec names an optimizer."""
+    """The spec, resuming its run dir with the optimizer it was started with (its cfg.json's, read as
+    `config_from_dict` reads it: a record from before `SAEConfig.optimizer` trained with Adam), unless the spec
+    names one."""
     run_dir = os.path.join(out, spec.name)
     if "optimizer" in spec.options or not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return spec
-    if "optimizer" in rundir.read_cfg(run_dir).get("sae", {"optimizer": None}):
-        return spec
-    return dataclasses.replace(spec, options={**spec.options, "optimizer": "adam"})
+    started = config_from_dict(rundir.read_cfg(run_dir)["sae"]).optimizer
+    return dataclasses.replace(spec, options={**spec.options, "optimizer": started})
 
 
 def _hook_width(stores, hooks: list[str], name: str) -> int:

@@ -52,11 +52,14 @@ WINDOW = 1_000  # steps: "dead % train" counts latents silent over the training 
 POLL_S = 30  # seconds between looks for a new checkpoint of a saecache run
 HARVEST_TOKENS = 21_500_000  # ≥ 20.3M non-BOS training rows after the 1 % held out
 ADAM = ("--sae-options", '{"optimizer": "adam"}')  # saecache's optimizer before lazy-adam became the TopK default
+GAO4X = ("--lr", "1.6e-3")  # 4x Gao et al.'s rate at F=4096: the TopK default before 6x
+W1000, W300 = ("--warmup-steps", "1000"), ("--warmup-steps", "300")  # the warm-up before the TopK family's 100 cap
 
 
 class Run(NamedTuple):
     """One trainer's run: who trains, which arch, its schedule's steps, extra `saecache train` args; a probe also
-    stops at `until` and says what it changed ("patch:": a change tried in the code and not kept, no flag makes it)."""
+    stops at `until` and says what it changed ("patch:": a change tried in the code and not kept, no flag makes it).
+    Rows made under earlier defaults give those defaults as flags, so their command remakes them today."""
     trainer: str
     arch: str
     steps: int
@@ -73,32 +76,36 @@ TRAINERS = {
     "dl-batchtopk": Run("dl", "batchtopk", STEPS),
     "saecache-topk-1m": Run("saecache", "topk", 1_000),  # short runs: their own (short) schedule
     "saecache-topk-3m": Run("saecache", "topk", 3_000),
-    "saecache-topk-adam": Run("saecache", "topk", STEPS, ADAM),  # the defaults before lazy-adam, for the record
-    "saecache-topk-adam-1m": Run("saecache", "topk", 1_000, ADAM),
-    "saecache-topk-adam-3m": Run("saecache", "topk", 3_000, ADAM),
+    # the defaults before 6x and the 100-step warm-up (lazy Adam at 4x, warm-up min(1000, T/10)), for the record
+    "saecache-topk-4x": Run("saecache", "topk", STEPS, GAO4X + W1000),
+    "saecache-batchtopk-4x": Run("saecache", "batchtopk", STEPS, GAO4X + W1000),
+    "saecache-topk-4x-1m": Run("saecache", "topk", 1_000, GAO4X),
+    "saecache-topk-4x-3m": Run("saecache", "topk", 3_000, GAO4X + W300),
+    # the defaults before lazy-adam (Adam at 4x), for the record
+    "saecache-topk-adam": Run("saecache", "topk", STEPS, GAO4X + W1000 + ADAM),
+    "saecache-topk-adam-1m": Run("saecache", "topk", 1_000, GAO4X + ADAM),
+    "saecache-topk-adam-3m": Run("saecache", "topk", 3_000, GAO4X + W300 + ADAM),
 }
-PROBES = {  # saecache on the 20M schedule with one setting changed, stopped early
-    "probe-topk-through": Run("saecache", "topk", STEPS, ADAM, 3_000,
+PROBES = {  # saecache on the 20M schedule with one setting changed from the defaults of their day, stopped early
+    "probe-topk-through": Run("saecache", "topk", STEPS, GAO4X + W1000 + ADAM, 3_000,
                               "patch: AuxK's gradient straight through the ReLU to dead latents"),
-    "probe-topk-lr2x": Run("saecache", "topk", STEPS, ("--lr", "8e-4") + ADAM, 3_000,
+    "probe-topk-lr2x": Run("saecache", "topk", STEPS, ("--lr", "8e-4") + W1000 + ADAM, 3_000,
                            "2x Gao et al.'s rate instead of 4x"),
-    "probe-topk-auxk10k": Run("saecache", "topk", STEPS, ("--sae-options", '{"dead_tokens_threshold": 10240, '
-                                                          '"optimizer": "adam"}'), 3_000,
-                              "AuxK on latents silent for 10,240 rows instead of 204,800"),
-    "probe-topk-auxk10k-a8": Run("saecache", "topk", STEPS, ("--sae-options", '{"dead_tokens_threshold": 10240, '
-                                                             '"auxk_alpha": 0.125, "optimizer": "adam"}'), 3_000,
-                                 "that, and AuxK's weight 1/8 instead of 1/32"),
-    "probe-topk-w100-invsqrt1000": Run("saecache", "topk", STEPS, ("--warmup-steps", "100") + ADAM, 3_000,
+    "probe-topk-auxk10k": Run("saecache", "topk", STEPS, GAO4X + W1000 + (
+        "--sae-options", '{"dead_tokens_threshold": 10240, "optimizer": "adam"}'), 3_000,
+        "AuxK on latents silent for 10,240 rows instead of 204,800"),
+    "probe-topk-auxk10k-a8": Run("saecache", "topk", STEPS, GAO4X + W1000 + (
+        "--sae-options", '{"dead_tokens_threshold": 10240, "auxk_alpha": 0.125, "optimizer": "adam"}'), 3_000,
+        "that, and AuxK's weight 1/8 instead of 1/32"),
+    "probe-topk-w100-invsqrt1000": Run("saecache", "topk", STEPS, GAO4X + ("--warmup-steps", "100") + ADAM, 3_000,
                                        "warm-up 100 steps; patch: LR x sqrt(1000 / step) after step 1000"),
-    "probe-topk-w100-invsqrt500": Run("saecache", "topk", STEPS, ("--warmup-steps", "100") + ADAM, 3_000,
+    "probe-topk-w100-invsqrt500": Run("saecache", "topk", STEPS, GAO4X + ("--warmup-steps", "100") + ADAM, 3_000,
                                       "warm-up 100 steps; patch: LR x sqrt(500 / step) after step 500"),
-    "probe-topk-lazyadam": Run("saecache", "topk", STEPS, ("--sae-options", '{"optimizer": "lazy-adam"}'), 3_000,
-                               "lazy Adam (today's default)"),
-    "probe-topk-lazyadam-w100": Run("saecache", "topk", STEPS, ("--warmup-steps", "100", "--sae-options",
-                                                                '{"optimizer": "lazy-adam"}'), 3_000,
+    "probe-topk-lazyadam": Run("saecache", "topk", STEPS, GAO4X + W1000 + (
+        "--sae-options", '{"optimizer": "lazy-adam"}'), 3_000, "lazy Adam"),
+    "probe-topk-lazyadam-w100": Run("saecache", "topk", STEPS, GAO4X + ("--warmup-steps", "100", "--sae-options",
+                                                                        '{"optimizer": "lazy-adam"}'), 3_000,
                                     "lazy Adam, warm-up 100 steps"),
-    "probe-topk-1m-lr6x": Run("saecache", "topk", 1_000, ("--lr", "2.4e-3"), 1_000,
-                              "a 1M-token run of its own (1,000-step schedule) at 6x Gao et al.'s rate, lazy Adam"),
 }
 
 
@@ -376,9 +383,11 @@ def write_report(res_path: Path, out: Path) -> dict:
              f"{', '.join(map(str, CHECKPOINTS))} (1.02M / 3.07M / 10.2M / 20.5M tokens): the checkpoints are points "
              "along one schedule (saecache's LR decays over the last half of the 20M run; the peers' schedules are "
              "their own for 20,000 steps), except the `-1m`/`-3m` rows, separate runs with their own short schedule. "
-             "saecache's TopK family trains with lazy Adam (its default since this bench found Adam's dead latents); "
-             "the `saecache-topk-adam*` rows are the defaults before that, with Adam (`--sae-options "
-             "'{\"optimizer\": \"adam\"}'`). "
+             "saecache's TopK family trains with lazy Adam at 6x Gao et al.'s rate with an LR warm-up of at most "
+             "100 steps (its defaults since this bench); the `-4x` rows are the defaults before that (lazy Adam at "
+             "4x, warm-up of a tenth of the run up to 1000 steps), the `-adam` rows those before lazy Adam (Adam at "
+             "4x). sparsify's signum is schedule-free: its point at N tokens is what a run of N tokens gives, so the "
+             "like-for-like saecache figure at 1M and 3M is its own run of that length. "
              f"Held-out rows: {meta.get('heldout_rows', 0):,}; dead % train: never fires on the training rows of "
              "the last 1,000 steps (~1M rows). 1 torch thread per trainer, niced on a shared machine.", "",
              "| trainer | schedule steps | step | tokens | FVE | L0 | dead % held-out | dead % train (last 1M) |",
@@ -416,9 +425,14 @@ def write_report(res_path: Path, out: Path) -> dict:
             lines.append(f"| {name} | {100 * row['recovered_zero']:.1f} | [{100 * row['recovered_zero_lo']:.1f}, "
                          f"{100 * row['recovered_zero_hi']:.1f}] | {row.get('fve', float('nan')):.4f} | "
                          f"{row.get('l0', float('nan')):.1f} |")
-    lines += ["", "Commands, in the order they ran (the `saecache-topk-adam*` rows were made by the first `run "
-              "saecache-topk`, `-1m` and `-3m`, when Adam was the default, and renamed since; `run saecache-topk-adam` "
-              "and its `-1m`/`-3m` remake them):", ""] + [f"    {c}" for c in result.get("commands", [])]
+    lines += ["", "Commands, in the order they ran. Rows were renamed when a default changed, so that each name's "
+              "command remakes its rows today: the `saecache-topk-adam*` rows were made by the first `run "
+              "saecache-topk`, `-1m` and `-3m` (Adam, the default then); the `-4x` rows by the next `run "
+              "saecache-topk`, `-1m`, `-3m` and `run saecache-batchtopk` (lazy Adam at 4x); today's `saecache-topk`, "
+              "`saecache-batchtopk` and `saecache-topk-1m` rows by `run probe-topk-lr6x-w100`, "
+              "`probe-batchtopk-lr6x-w100` and `probe-topk-1m-lr6x`, which passed today's defaults as flags "
+              "(`--lr 2.4e-3 --warmup-steps 100`; the 1M run's warm-up is 100 steps either way):", ""] + \
+        [f"    {c}" for c in result.get("commands", [])]
     (out / "long.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "long.png")
     return result

@@ -65,7 +65,8 @@ def _before(extra: dict | None = None, dead: int = 10_000_000) -> dict:
 ABLATIONS = {  # saecache variants: TrainConfig fields on top of the defaults (fractions of the run where noted)
     "saecache": {},
     "saecache-no-decay": {"decay_start": 1.0},
-    "saecache-adam": {"options": {"optimizer": "adam"}},  # the TopK family's optimizer before lazy-adam
+    "saecache-adam": {"lr_gao": 4.0, "options": {"optimizer": "adam"}},  # the TopK family's recipe before issue 21
+    "saecache-gao4x": {"lr_gao": 4.0},  # lazy Adam at the TopK family's rate before issue 21's 6x
     "saecache-decay-from-0": {"decay_start": 0.0},
     "saecache-decay-last-20": {"decay_start": 0.8},  # dictionary_learning's TopK schedule: linear decay over the last 20 %
     "saecache-raw": {"normalize": False},  # the peers train on raw activations (no scaling to E‖x‖² = 1)
@@ -122,7 +123,7 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
     sae, rec = load_run(run_dir)
     sae.eval()
     return (lambda x: (sae(x), sae.encode(x))), seconds, {"lr": rec["spec"]["lr"],
-                                                          "warmup": rec["train"]["warmup_steps"],
+                                                          "warmup": rec["spec"]["warmup_steps"],
                                                           "decay_start": rec["spec"]["decay_start"]}
 
 

@@ -213,7 +213,7 @@ def test_resample_study_end_to_end(tiny_store, tmp_path, one_torch_thread, monke
     assert not br.resampled_at(str(scratch / "none" / "sae"), 20).any()  # trained biases are never exactly 0
     cfg = read_cfg(str(scratch / "early-no-rewarm" / "sae"))
     assert cfg["train"]["warmup_steps"] == 0 and cfg["train"]["resample_steps"] == 7
-    assert read_cfg(str(scratch / "late" / "sae"))["train"]["warmup_steps"] > 0
+    assert cfg["spec"]["warmup_steps"] == 0 and read_cfg(str(scratch / "late" / "sae"))["spec"]["warmup_steps"] > 0
     for x in r["rows"]:
         freq = np.asarray(x["freq"])
         assert len(freq) == 64 and x["above_threshold"] == int((freq > br.THRESHOLD).sum())

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERATED = [
     ("harvest", HarvestConfig, {"storage_options"}),
     ("train", TrainConfig, {"saes"}),
-    ("train", SAESpec, {"lr", "decay_start", "name"}),
+    ("train", SAESpec, {"lr", "warmup_steps", "decay_start", "name"}),
     ("evaluate", EvalConfig, {"run_dirs", "extra"}),
     ("features", FeaturesConfig, {"run_dir"}),
     ("copy", CopyConfig, {"src", "dst", "src_options", "dst_options"}),

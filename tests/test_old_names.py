@@ -28,8 +28,9 @@ def _settings(store, out, window: int | None) -> dict:
 
 def _as_97d5ea9_wrote_it(settings: dict, window: int | None) -> dict:
     """The same settings under the names 97d5ea9 used (it recorded an unset window as null)."""
-    old = {k: v for k, v in settings.items() if k not in ("tokens", "dead_tokens_threshold")}
-    return {**old, "total_tokens": settings["tokens"], "resample_window": window}
+    old = {k: v for k, v in settings.items() if k not in ("tokens", "dead_tokens_threshold", "saes")}
+    saes = [{k: v for k, v in s.items() if k != "warmup_steps"} for s in settings["saes"]]  # a per-SAE field since
+    return {**old, "saes": saes, "total_tokens": settings["tokens"], "resample_window": window}
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
@@ -76,6 +77,7 @@ def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate
         rec = rundir.read_cfg(d)
         rec["train"] = _as_97d5ea9_wrote_it(rec["train"], window)
         rec["sae"]["architecture"], rec["sae"]["n_features"] = rec["sae"].pop("arch"), rec["sae"].pop("width")
+        del rec["spec"]["warmup_steps"]
         rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
         rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
     config = tmp_path / "old.json"  # a --config file in the old names resumes them
@@ -136,3 +138,58 @@ def test_a_run_dir_from_before_the_optimizer_field_resumes_with_adam(tiny_store,
     rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
     assert run_training(settings(tmp_path / "old"))[0] == d
     assert weights(d) == weights(adam)
+
+
+def _killed_at_step_3(run_dir: str, drop_warmup_field: bool = False) -> None:
+    """Make `run_dir` what a run killed after its step-3 checkpoint leaves (and, with `drop_warmup_field`, what a
+    saecache from before SAESpec.warmup_steps wrote: the one resolved warm-up in "train" only)."""
+    for step in rundir.list_checkpoints(run_dir):
+        if step > 3:
+            shutil.rmtree(rundir.checkpoint_path(run_dir, step))
+    os.remove(os.path.join(run_dir, rundir.WEIGHTS_FILE))
+    rec = rundir.read_cfg(run_dir)
+    if drop_warmup_field:
+        assert rec["train"]["warmup_steps"] is None  # today: unset at the run level, resolved per SAE
+        rec["train"]["warmup_steps"] = rec["spec"].pop("warmup_steps")
+        for spec in rec["train"]["saes"]:
+            del spec["warmup_steps"]
+    rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
+    rundir.write_json_atomic(os.path.join(run_dir, rundir.CFG_FILE), rec)
+
+
+def test_a_run_dir_from_before_the_per_sae_warmup_resumes_bit_identically(tiny_store, tmp_path):
+    """cfg.json recorded one resolved LR warm-up for the whole run before each SAE got its own (the TopK family's
+    default cap moved to 100 steps): such a run dir, resumed with the command that started it, compares equal to
+    today's record and goes on bit-identically."""
+    def settings(out):
+        return TrainConfig(**{**_settings(tiny_store, out, None), "warmup_steps": None, "steps": 30, "tokens": None,
+                              "checkpoint_every": 3, "saes": SAES[:1]})
+
+    ref = run_training(settings(tmp_path / "ref"))[0]
+    assert rundir.read_cfg(ref)["spec"]["warmup_steps"] == 3  # relu: a tenth of the 30 steps
+    d = run_training(settings(tmp_path / "old"))[0]
+    _killed_at_step_3(d, drop_warmup_field=True)
+    assert run_training(settings(tmp_path / "old"))[0] == d
+    assert open(os.path.join(d, rundir.WEIGHTS_FILE), "rb").read() == \
+        open(os.path.join(ref, rundir.WEIGHTS_FILE), "rb").read()
+
+
+def test_a_topk_run_dir_started_at_an_earlier_default_rate_is_refused_in_one_line_naming_it(capsys, tiny_store,
+                                                                                            tmp_path):
+    """A run dir started when the TopK family's default rate was 4x Gao et al.'s records that rate; resumed with the
+    same command under today's default it is refused in one line that names the field, the started value and
+    today's, and resumes when that value is given."""
+    old_rate = 4 * 2e-4 / (64 / 2 ** 14) ** 0.5
+    settings = {**_settings(tiny_store, tmp_path / "runs", None), "saes": [SAES[1]]}
+    d = run_training(TrainConfig(**{**settings, "saes": [{**SAES[1], "lr": old_rate}]}))[0]
+    _killed_at_step_3(d)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(settings))
+    code, err = _cli(capsys, "train", "--config", config)
+    assert code != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"topk's lr {old_rate!r} (now {1.5 * old_rate!r})" in err and "give the started value" in err
+    assert not os.path.exists(os.path.join(d, rundir.WEIGHTS_FILE))  # nothing trained, the checkpoint kept
+    assert rundir.list_checkpoints(d) == [3]
+    code, err = _cli(capsys, "train", "--config", config, "--lr", old_rate)
+    assert code == 0, err
+    assert rundir.read_cfg(d)["complete"]

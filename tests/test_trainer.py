@@ -223,29 +223,35 @@ def test_rerun_cleans_what_a_kill_left_half_written(tiny_store, tmp_path):
 
 
 def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
-    """Left unset, the LR follows the architecture family (TopK: 8e-4 / sqrt(F / 2^14)), the warm-ups and the
-    batchtopk threshold start scale with the run length (a 300-step run used to sit in a 1000-step warm-up and save
-    its batchtopk SAE without a threshold); explicit values win; the resolved values are what the config holds."""
+    """Left unset, the LR follows the architecture family (TopK: 6 × Gao et al.'s 2e-4 / sqrt(F / 2^14)), the
+    warm-ups and the batchtopk threshold start scale with the run length (a 300-step run used to sit in a 1000-step
+    warm-up and save its batchtopk SAE without a threshold), the LR warm-up up to the architecture's cap (the TopK
+    family 100 steps, the others 1000); explicit values win, a spec's over the run's; the resolved values are what
+    the config holds."""
     from saecache.errors import ConfigError
     from saecache.train.optim import default_lr
 
     saes = [{"arch": "batchtopk", "hook_in": "h", "width": 1024, "k": 32},
             {"arch": "topk", "hook_in": "h", "width": 4096, "k": 32}, {"arch": "relu", "hook_in": "h", "width": 4096}]
     cfg = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=saes)
-    assert (cfg.warmup_steps, cfg.sparsity_warmup_steps) == (30, 15)
-    assert [s.lr for s in cfg.saes] == pytest.approx([3.2e-3, 1.6e-3, 1e-3])
+    assert (cfg.warmup_steps, cfg.sparsity_warmup_steps) == (None, 15) and [s.warmup_steps for s in cfg.saes] == \
+        [30, 30, 30]
+    assert [s.lr for s in cfg.saes] == pytest.approx([6 * 2e-4 * 4, 6 * 2e-4 * 2, 1e-3])
     assert default_lr("gated", 4096) == pytest.approx(3e-4) and default_lr("jumprelu", 4096) == pytest.approx(3e-4)
     assert cfg.saes[0].options["threshold_start_step"] == 30 and "threshold_start_step" not in cfg.saes[1].options
     assert cfg.saes[0].options["threshold_beta"] == pytest.approx(1 - 1 / 27)  # EMA over a tenth of the 270 steps
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
-    long = TrainConfig(stores=["s"], out=str(tmp_path), steps=100_000, saes=saes[:1])
-    assert (long.warmup_steps, long.sparsity_warmup_steps, long.saes[0].options["threshold_start_step"]) == \
-        (1000, 2000, 1000) and long.saes[0].options["threshold_beta"] == pytest.approx(0.999)
-    assert default_lr("topk", 2 ** 14, 32) == pytest.approx(8e-4)
+    long = TrainConfig(stores=["s"], out=str(tmp_path), steps=100_000, saes=saes)
+    assert (long.sparsity_warmup_steps, long.saes[0].options["threshold_start_step"]) == (2000, 1000) and \
+        long.saes[0].options["threshold_beta"] == pytest.approx(0.999)
+    assert [s.warmup_steps for s in long.saes] == [100, 100, 1000]
+    assert default_lr("topk", 2 ** 14, 32) == pytest.approx(1.2e-3)
     mine = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, lr=1e-3, warmup_steps=7, sparsity_warmup_steps=0,
-                       saes=[{**saes[0], "options": {"threshold_start_step": 100}}, {**saes[1], "lr": 5e-5}])
+                       saes=[{**saes[0], "options": {"threshold_start_step": 100}}, {**saes[1], "lr": 5e-5},
+                             {**saes[2], "warmup_steps": 0}])
     assert (mine.warmup_steps, mine.sparsity_warmup_steps) == (7, 0)
-    assert [s.lr for s in mine.saes] == [1e-3, 5e-5] and mine.saes[0].options["threshold_start_step"] == 100
+    assert [s.warmup_steps for s in mine.saes] == [7, 7, 0]
+    assert [s.lr for s in mine.saes] == [1e-3, 5e-5, 1e-3] and mine.saes[0].options["threshold_start_step"] == 100
     with pytest.raises(ConfigError, match="threshold_start_step 300 is not below the run's 300 steps"):
         TrainConfig(stores=["s"], out=str(tmp_path), steps=300, saes=[{**saes[0], "options": {"threshold_start_step": 300}}])
 

@@ -125,15 +125,23 @@ class TopK(Architecture):
     """Decay over the last half: at 3× Gao et al.'s rate, with AuxK on latents silent for a hundredth of the run, it
     halved the latents that fire on no held-out row at an unchanged held-out FVE; over the last 80 % or the whole run
     it cost FVE at 4× (bench/results/quality_lr.md)."""
+    max_warmup_steps = 100
+    """A tenth of the run, at most 100 steps: on a 20M-token run the peers' 1000-step warm-up left saecache's TopK at
+    1M tokens (the end of that warm-up) at 0.9697 held-out FVE against 0.9763 with 100 steps (lazy Adam, 4×), and
+    still behind at 3M (0.9827 against 0.9836) (bench/results/long.md's probes). Runs of up to 1000 steps are as
+    before (a tenth of the run)."""
+    lr_multiple = 6
+    """Of Gao et al.'s rate (`default_lr`)."""
 
     def default_lr(self, width: int) -> float:
-        """8e-4 / sqrt(F / 2^14) (the whole TopK family): the width scaling Gao et al. (2024, "Scaling and evaluating
+        """1.2e-3 / sqrt(F / 2^14) (the whole TopK family): the width scaling Gao et al. (2024, "Scaling and evaluating
         sparse autoencoders") fitted, 2e-4 / sqrt(F / 2^14) and the default of dictionary_learning and sparsify, times
-        4. Their rate has no gradient clip; under saecache's (`TrainConfig.grad_clip`) the early steps are capped, and
-        held-out FVE rose with the multiple up to 4× (6× still higher at F=4096, with more rarely firing latents) at
-        every width measured, with decay over the last half (bench/results/quality_lr.md: the demo model at F=1024
-        and 4096, SmolLM2-135M-Instruct's layer-3 MLP output at 4608)."""
-        return 8e-4 / (width / 2 ** 14) ** 0.5
+        6 (`lr_multiple`). Their rate has no gradient clip; under saecache's (`TrainConfig.grad_clip`) the early steps
+        are capped, and with Adam held-out FVE rose with the multiple up to 4× at every width measured and at 6× at
+        F=4096, with more rarely firing latents (bench/results/quality_lr.md). Lazy Adam keeps those latents alive, and
+        at 6× a 1M-token run beats sparsify's signum, which 4× did not, with 20M-token runs no worse
+        (bench/results/long.md)."""
+        return 2e-4 * self.lr_multiple / (width / 2 ** 14) ** 0.5
 
     def select(self, cfg):
         return topk_select(cfg.k)
@@ -239,7 +247,10 @@ class CrossLayerFamily(Architecture):
         self.optimizer = TopK.optimizer if self.needs_k else "adam"
 
     def default_lr(self, width: int) -> float:
-        return TopK().default_lr(width) if self.needs_k else self.lr
+        """The TopK family's rate at 4× Gao et al.'s (its default when bench/results/crosslayer.md ran; the single-
+        layer family's 6× and 100-step warm-up are not measured on cross-layer dictionaries, which keep the
+        base warm-up)."""
+        return 8e-4 / (width / 2 ** 14) ** 0.5 if self.needs_k else self.lr
 
     def resolve(self, c, run=None):
         """A spec's run defaults (k, lr, decay, batchtopk threshold, AuxK dead threshold); `CrossLayerConfig`

@@ -41,6 +41,8 @@ class RunDefaults:
     """The run's optimizer steps."""
     lr: float | None = None
     """The run's --lr (None: each architecture's default)."""
+    warmup_steps: int | None = None
+    """The run's --warmup-steps (None: each architecture's default)."""
     decay_start: int | None = None
     """The run's --decay-start (None: each architecture's default)."""
     resample_steps: int | None = None
@@ -107,6 +109,9 @@ class Architecture:
     """Default of `SAESpec.resample`: dead latents are resampled (the AuxK architectures keep theirs alive)."""
     threshold = False
     """Inference uses a scalar threshold buffer estimated in training (the BatchTopK family)."""
+    max_warmup_steps = 1000
+    """Default LR warm-up of an SAE (`SAESpec.warmup_steps`): a tenth of the run, at most this many steps
+    (dictionary_learning's and sparsify's fixed 1000)."""
     decay_fraction = 0.0
     """Default share of the run, at its end, over which the LR decays linearly to 0 (`SAESpec.decay_start`); 0 = none.
     The SAEs that resample never decay (their LR re-warms after each resample)."""
@@ -180,8 +185,8 @@ class Architecture:
 
         `c` holds the SAE's settings by `sae.SAEConfig` field name (None = unset; `d_in` absent while the run's
         stores are not open). From a spec of a run (`run` given) it also holds the spec's hooks, name, lr,
-        decay_start and resample, and the run's defaults apply: k (the peers' 32), name, lr, the batchtopk
-        threshold's start and EMA, AuxK's dead threshold, resample and decay_start. Without `run` (a module built
+        warmup_steps, decay_start and resample, and the run's defaults apply: k (the peers' 32), name, lr, LR
+        warm-up, the batchtopk threshold's start and EMA, AuxK's dead threshold, resample and decay_start. Without `run` (a module built
         alone, a cfg.json read back, an import) k must be given. Returns the filled copy; subclasses extend it."""
         c = dict(c)
         width = c["width"]
@@ -220,11 +225,14 @@ class Architecture:
         return c if run is None else self.resolve_for_run(c, run)
 
     def resolve_for_run(self, c: dict, run: RunDefaults) -> dict:
-        """The part of `resolve` a run decides (see there): lr, threshold schedule, AuxK dead threshold, resample,
-        decay_start; `c["name"]` names the SAE in messages."""
+        """The part of `resolve` a run decides (see there): lr, LR warm-up, threshold schedule, AuxK dead threshold,
+        resample, decay_start; `c["name"]` names the SAE in messages."""
         T, sched, name = run.steps, run.schedule, c["name"]
         if c.get("lr") is None:
             c["lr"] = run.lr if run.lr is not None else self.default_lr(c["width"])
+        if c.get("warmup_steps") is None:
+            c["warmup_steps"] = run.warmup_steps if run.warmup_steps is not None else \
+                min(self.max_warmup_steps, T // 10)
         if self.threshold:  # batchtopk, matryoshka
             for key in ("threshold_start_step", "threshold_beta"):
                 if c.get(key) is None:

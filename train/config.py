@@ -59,6 +59,10 @@ def upgrade_fields(d: dict) -> dict:
         if old in d:
             value = convert(d.pop(old), d)
             d.setdefault(new, value)
+    if isinstance(d.get("saes"), list) and isinstance(d.get("warmup_steps"), int):
+        # the run's warm-up applies to every SAE without its own (a cfg.json from before SAESpec.warmup_steps
+        # recorded the one resolved warm-up of all its SAEs there)
+        d["saes"] = [{"warmup_steps": d["warmup_steps"], **s} if isinstance(s, dict) else s for s in d["saes"]]
     if isinstance(d.get("saes"), list):  # spec fields added since (hooks_in, ...) at their defaults: the old meaning
         defaults = {f.name: f.default for f in dataclasses.fields(SAESpec) if f.default is not dataclasses.MISSING}
         d["saes"] = [{**defaults, **s} if isinstance(s, dict) else s for s in d["saes"]]
@@ -92,12 +96,14 @@ class TrainConfig:
     steps: int | None = None
     """Training length in optimizer steps, instead of --tokens."""
     lr: float | None = None
-    """Adam learning rate of every SAE; unset: each SAE's architecture-family default. The defaults: 8e-4 /
-    sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu. An `lr` in an SAE entry of a
-    --config's `saes` overrides it for that SAE. The resolved rate is recorded in each SAE's spec in cfg.json."""
+    """Adam learning rate of every SAE; unset: each SAE's architecture-family default. The defaults: 1.2e-3 /
+    sqrt(F / 2^14) for the TopK family (its cross-layer dictionaries: 8e-4 / sqrt(F / 2^14)), 1e-3 for relu, 3e-4
+    for gated and jumprelu. An `lr` in an SAE entry of a --config's `saes` overrides it for that SAE. The resolved rate is recorded in each SAE's spec in cfg.json."""
     warmup_steps: int | None = None
-    """Steps of linear LR warmup from 0; unset: a tenth of the run, at most 1000. The warmup restarts after every
-    resample, for the SAEs that resample. The value used is resolved before training, so cfg.json records it."""
+    """Steps of linear LR warm-up from 0 of every SAE; unset: each architecture's default, a tenth of the run, at
+    most 1000 steps (the TopK family: at most 100). A `warmup_steps` in an SAE entry of a --config's `saes`
+    overrides it for that SAE. The warm-up restarts after every resample, for the SAEs that resample. Each SAE's
+    resolved value is recorded in its spec in cfg.json."""
     decay_start: int | None = None
     """Step from which every SAE's LR decays linearly to 0 at the last step; unset: each architecture's default.
     By default the TopK family decays over the last half of the run and the others do not; the run's step count
@@ -208,7 +214,7 @@ class TrainConfig:
         if not self.grad_clip >= 0 or self.grad_clip == float("inf"):
             raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
         self._resolve_warmups()
-        if self.warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
+        if (self.warmup_steps or 0) < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("--warmup-steps, --sparsity-warmup-steps and --reader-threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
@@ -231,21 +237,20 @@ class TrainConfig:
             raise ConfigError(f"--log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
 
     def _resolve_warmups(self) -> None:
-        """The run's warm-ups left None: a tenth / a twentieth of the run (`optim.default_schedule`), so the config,
-        and cfg.json, say what ran. Each SAE's own defaults are its architecture's (`SAESpec.resolved`)."""
+        """The sparsity warm-up left None: a twentieth of the run (`optim.default_schedule`), so the config, and
+        cfg.json, say what ran. The LR warm-up is each SAE's, its architecture's default (`SAESpec.resolved`)."""
         from saecache.train.optim import default_schedule  # torch: imported on use, so `train --help` stays light
 
-        sched = default_schedule(self.total_steps, self.batch_size)
-        for name in ("warmup_steps", "sparsity_warmup_steps"):
-            if getattr(self, name) is None:
-                setattr(self, name, sched[name])
+        if self.sparsity_warmup_steps is None:
+            self.sparsity_warmup_steps = default_schedule(self.total_steps, self.batch_size)["sparsity_warmup_steps"]
 
     def run_defaults(self):
         """What this run gives its SAEs' defaults (`arch.RunDefaults`)."""
         from saecache.train.arch import RunDefaults  # torch: imported on use (`train --help`)
         from saecache.train.optim import default_schedule  # torch: imported on use (`train --help`)
 
-        return RunDefaults(steps=self.total_steps, lr=self.lr, decay_start=self.decay_start,
+        return RunDefaults(steps=self.total_steps, lr=self.lr, warmup_steps=self.warmup_steps,
+                           decay_start=self.decay_start,
                            resample_steps=self.resample_steps,
                            schedule=default_schedule(self.total_steps, self.batch_size))
 

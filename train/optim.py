@@ -13,27 +13,26 @@ import torch
 from saecache.errors import ConfigError
 from saecache.train.arch import DEAD_TOKENS_THRESHOLD, architecture
 
-MAX_WARMUP_STEPS, MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 1000, 2000, 1000
+MAX_SPARSITY_WARMUP_STEPS, MAX_THRESHOLD_START_STEP = 2000, 1000
 
 
 def default_lr(arch: str, width: int, k: int | None = None) -> float:
     """The learning rate of one SAE when none is given: its architecture's (`Architecture.default_lr`: the TopK
-    family 8e-4 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4). `k` changes nothing: only the TopK family
+    family 1.2e-3 / sqrt(F / 2^14), relu 1e-3, gated and jumprelu 3e-4). `k` changes nothing: only the TopK family
     takes one."""
     return architecture(arch).default_lr(width)
 
 
 def default_schedule(total_steps: int, batch_size: int) -> dict:
-    """Warm-ups that scale with the run: LR warm-up and the batchtopk threshold start at a tenth of the run (at most
-    1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000). The
+    """Warm-ups that scale with the run (the LR warm-up is each architecture's, `Architecture.max_warmup_steps`): the
+    batchtopk threshold starts at a tenth of the run (at most 1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000). The
     threshold's EMA decay averages over a tenth of the steps after its start (at most 1000: beta 0.999, again
     dictionary_learning's), so a short run's threshold reflects its last activations, not its first ones. AuxK's
     latents are dead after a hundredth of the run's rows without firing (at most 10M, sparsify's fixed value, reached
     at 1B rows): with the fixed 10M a run shorter than that never used AuxK at all."""
     start = min(MAX_THRESHOLD_START_STEP, total_steps // 10)
     window = max(1, min(1000, (total_steps - start) // 10))
-    return {"warmup_steps": min(MAX_WARMUP_STEPS, total_steps // 10),
-            "sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
+    return {"sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),
             "threshold_start_step": start, "threshold_beta": 1 - 1 / window if window > 1 else 0.0,
             "dead_tokens_threshold": max(1, min(DEAD_TOKENS_THRESHOLD, total_steps * batch_size // 100))}
 

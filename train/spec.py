@@ -1,6 +1,6 @@
 """`SAESpec`: one SAE of a training run's sweep, as a --config file's `saes` entry or the SAE flags give it.
 
-Its own fields are checked here; its defaults (k, name, lr, resample, decay_start and the options a run resolves) are
+Its own fields are checked here; its defaults (k, name, lr, warmup_steps, resample, decay_start and the options a run resolves) are
 its architecture's, filled in by `SAESpec.resolved` through `Architecture.resolve` when a `TrainConfig` takes it.
 """
 
@@ -68,13 +68,18 @@ class SAESpec:
     """Sparsity coefficient λ of the penalty; unset: the architecture's default (for E‖x‖² = 1 inputs)."""
     lr: float | None = None
     """Learning rate of this SAE; unset: the run's --lr, or when that is unset too its architecture family's
-    default. The defaults: 8e-4 / sqrt(F / 2^14) for the TopK family, 1e-3 for relu, 3e-4 for gated and jumprelu.
-    Resolved before training, and cfg.json records the resolved value."""
+    default. The defaults: 1.2e-3 / sqrt(F / 2^14) for the TopK family (its cross-layer dictionaries: 8e-4 / sqrt(F /
+    2^14)), 1e-3 for relu, 3e-4 for gated and jumprelu. Resolved before training, and cfg.json records the
+    resolved value."""
     decay_start: int | None = None
     """Step from which this SAE's LR decays linearly to 0 at the last step; unset: the run's --decay-start, or
     when that is unset too the architecture's default. The run's step count means no decay. By default the TopK
     family decays over the last half of the run; relu/gated/jumprelu and every SAE that resamples do not.
     Resolved before training, and cfg.json records the resolved value."""
+    warmup_steps: int | None = None
+    """Steps of linear LR warm-up from 0 of this SAE; unset: the run's --warmup-steps, or when that is unset too the
+    architecture's default: a tenth of the run, at most 1000 steps (the TopK family: at most 100). The warm-up
+    restarts after every resample. Resolved before training, and cfg.json records the resolved value."""
     resample: bool | None = None
     """Resample this SAE's dead latents every --resample-steps (its LR then re-warms after each resample); unset:
     the architecture's default. On for relu/gated/jumprelu, off for topk/batchtopk/matryoshka (AuxK handles their
@@ -105,13 +110,15 @@ class SAESpec:
             raise ConfigError(f"an SAE's lr must be > 0, got {self.lr}")
         if self.decay_start is not None and self.decay_start < 0:
             raise ConfigError(f"an SAE's decay_start must be >= 0, got {self.decay_start}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"an SAE's warmup_steps must be >= 0, got {self.warmup_steps}")
         self._check_options()
         if self.name is not None and not _NAME_RE.match(self.name):
             raise ConfigError(f"SAE name {self.name!r} may only use letters, digits and _.=+-")
 
     def resolved(self, run) -> SAESpec:
         """This spec with its architecture's defaults for `run` (an `arch.RunDefaults`) filled in: k, name, lr,
-        resample, decay_start, and the options a run resolves (`arch.RUN_OPTIONS`). `Architecture.resolve` holds
+        warmup_steps, resample, decay_start, and the options a run resolves (`arch.RUN_OPTIONS`). `Architecture.resolve` holds
         every rule; cfg.json records the result."""
         from saecache.train.arch import RUN_OPTIONS, architecture  # torch: imported on use (`train --help`)
 
@@ -119,7 +126,7 @@ class SAESpec:
         c = architecture(self.arch).resolve({**self.options, **fields}, run)
         if not _NAME_RE.match(c["name"]):
             raise ConfigError(f"SAE name {c['name']!r} may only use letters, digits and _.=+-")
-        return dataclasses.replace(self, **{k: c[k] for k in ("k", "name", "lr", "resample", "decay_start")},
+        return dataclasses.replace(self, **{k: c[k] for k in ("k", "name", "lr", "warmup_steps", "resample", "decay_start")},
                                    options={**self.options, **{k: c[k] for k in RUN_OPTIONS if k in c}})
 
     @property

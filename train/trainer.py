@@ -39,6 +39,8 @@ from saecache.threads import stage_threads
 # TrainConfig fields that may change between a run and its resumption without changing the result. Store URLs may
 # change (a moved or copied store): the stores' fingerprints, checked in order, are what must stay the same.
 RESUMABLE_CHANGES = {"progress", "reader_threads", "log", "log_every", "wandb_project", "device", "out", "stores"}
+SPEC_DEFAULTS = {"lr", "warmup_steps", "decay_start"}
+"""Run fields that are only defaults of its SAEs' specs: a resume compares what each spec resolved them to."""
 
 
 @dataclasses.dataclass
@@ -96,17 +98,23 @@ def _check_existing(run_dir: str, record: dict, drops_bos: bool = False) -> dict
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
-    a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES}  # today's names
-    b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES}
+    # the run's lr / warmup_steps / decay_start are defaults of its SAEs: compared as each spec resolved them
+    a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
+    b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
     diff = [k if k == "saes" else flag(k) for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))]
+    if "saes" in diff and isinstance(a.get("saes"), list) and len(a["saes"]) == len(b["saes"]):
+        diff[diff.index("saes")] = "saes: " + ", ".join(  # which spec field, started and now (a default may have moved)
+            f"{sb.get('name')}'s {k} {sa.get(k)!r} (now {sb.get(k)!r})" for sa, sb in zip(a["saes"], b["saes"])
+            for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k))
     old_sae = config_from_dict(old["sae"]).to_dict()  # under today's field names
     if old_sae != record["sae"]:  # run settings first: the run's length also resolves SAE fields (dead threshold)
         diff = [k for k in diff if k != "saes"] + [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}); rerun with the original "
                           "settings or use a new --out")
     if diff:
-        raise RunDirError(f"{run_dir} was started with a different config (differs in {', '.join(diff)}); rerun with "
-                          "the original settings or use a new --out")
+        raise RunDirError(f"{run_dir} was started with a different config (differs in {'; '.join(diff)}); rerun with "
+                          "the original settings (a default that changed since: give the started value, e.g. --lr "
+                          "or --warmup-steps) or use a new --out")
     if [s["fingerprint"] for s in old["stores"]] != [s["fingerprint"] for s in record["stores"]]:
         raise RunDirError(f"the store changed since {run_dir} was started (fingerprint differs); use a new --out")
     if "split" not in old and drops_bos:
@@ -241,7 +249,7 @@ def train_step(m: Member, batch: dict, step: int, cfg: TrainConfig, total: int, 
     if cfg.grad_clip > 0:  # after the averaging: every rank clips the same gradient alike
         torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip)
     resample_steps = cfg.resample_steps if m.spec.resample else None
-    factor = lr_factor(step, cfg.warmup_steps, total, m.spec.decay_start, resample_steps)
+    factor = lr_factor(step, m.spec.warmup_steps, total, m.spec.decay_start, resample_steps)
     for g in m.opt.param_groups:
         g["lr"] = m.lr * factor
     m.opt.step()

@@ -89,6 +89,22 @@ def test_the_sae_options_example_in_the_help_is_accepted(tiny_store, tmp_path):
         assert cfg.saes[0].options.items() >= json.loads(example).items()
 
 
+def test_the_warmup_flag_overrides_a_config_files_and_reaches_every_sae_without_its_own(tmp_path):
+    """The LR warm-up is each SAE's: the run's value (flag over --config file) is the default of every spec that
+    gives none, and a spec's own wins."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"stores": ["s"], "out": "o", "steps": 3000, "warmup_steps": 100, "saes": [
+        {"arch": "relu", "hook_in": "h", "width": 64}, {"arch": "topk", "hook_in": "h", "width": 64, "k": 4},
+        {"arch": "relu", "hook_in": "h", "width": 128, "warmup_steps": 9}]}))
+    ctx = _command("train").make_context("train", ["--config", str(config), "--warmup-steps", "5"])
+    assert [s.warmup_steps for s in build_config(ctx.params).saes] == [5, 5, 9]
+    ctx = _command("train").make_context("train", ["--config", str(config)])
+    assert [s.warmup_steps for s in build_config(ctx.params).saes] == [100, 100, 9]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "warmup_steps": None}))
+    ctx = _command("train").make_context("train", ["--config", str(config)])
+    assert [s.warmup_steps for s in build_config(ctx.params).saes] == [300, 100, 9]  # relu ≤ 1000, topk ≤ 100
+
+
 def test_old_flag_spellings_still_parse(tiny_store, tmp_path):
     ctx = _command("train").make_context("train", [
         "--store", str(tiny_store), "--out", str(tmp_path), "--total-tokens", "640", "--warmup", "3",

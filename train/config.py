@@ -59,10 +59,6 @@ def upgrade_fields(d: dict) -> dict:
         if old in d:
             value = convert(d.pop(old), d)
             d.setdefault(new, value)
-    if isinstance(d.get("saes"), list) and isinstance(d.get("warmup_steps"), int):
-        # the run's warm-up applies to every SAE without its own (a cfg.json from before SAESpec.warmup_steps
-        # recorded the one resolved warm-up of all its SAEs there)
-        d["saes"] = [{"warmup_steps": d["warmup_steps"], **s} if isinstance(s, dict) else s for s in d["saes"]]
     if isinstance(d.get("saes"), list):  # spec fields added since (hooks_in, ...) at their defaults: the old meaning
         defaults = {f.name: f.default for f in dataclasses.fields(SAESpec) if f.default is not dataclasses.MISSING}
         d["saes"] = [{**defaults, **s} if isinstance(s, dict) else s for s in d["saes"]]

@@ -98,8 +98,12 @@ def _check_existing(run_dir: str, record: dict, drops_bos: bool = False) -> dict
     if not os.path.exists(os.path.join(run_dir, rundir.CFG_FILE)):
         return None
     old = rundir.read_cfg(run_dir)
+    started = upgrade_fields(old["train"])  # today's names
+    if "warmup_steps" not in old.get("spec", {}) and isinstance(started.get("saes"), list):
+        # from before SAESpec.warmup_steps: the run's one resolved warm-up was every SAE's
+        started["saes"] = [{**s, "warmup_steps": started.get("warmup_steps")} for s in started["saes"]]
     # the run's lr / warmup_steps / decay_start are defaults of its SAEs: compared as each spec resolved them
-    a = {k: v for k, v in upgrade_fields(old["train"]).items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
+    a = {k: v for k, v in started.items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
     diff = [k if k == "saes" else flag(k) for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))]
     if "saes" in diff and isinstance(a.get("saes"), list) and len(a["saes"]) == len(b["saes"]):

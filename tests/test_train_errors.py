@@ -262,7 +262,8 @@ def test_run_dir_from_before_per_sae_resampling_and_runs_is_refused(capsys, tiny
     (run / "sae.safetensors").unlink()
     shutil.rmtree(run / "checkpoints" / "step-000000004")
     before = _tree(tmp_path / "out")
-    _fails(capsys, *argv, match="was started with a different config (differs in saes, --shuffle-run)")
+    _fails(capsys, *argv, match="was started with a different config (differs in --shuffle-run; saes: "
+           f"{run.name}'s resample None (now {arch == 'relu'})")
     assert _tree(tmp_path / "out") == before
 
 

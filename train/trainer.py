@@ -105,14 +105,16 @@ def _check_existing(run_dir: str, record: dict, drops_bos: bool = False) -> dict
     # the run's lr / warmup_steps / decay_start are defaults of its SAEs: compared as each spec resolved them
     a = {k: v for k, v in started.items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
     b = {k: v for k, v in record["train"].items() if k not in RESUMABLE_CHANGES | SPEC_DEFAULTS}
-    diff = [k if k == "saes" else flag(k) for k in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))]
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = [flag(k) for k in differ if k != "saes"] + (["saes"] if "saes" in differ else [])  # run flags first
     if "saes" in diff and isinstance(a.get("saes"), list) and len(a["saes"]) == len(b["saes"]):
-        diff[diff.index("saes")] = "saes: " + ", ".join(  # which spec field, started and now (a default may have moved)
+        diff[-1] = "saes: " + ", ".join(  # which spec field, started and now (a default may have moved)
             f"{sb.get('name')}'s {k} {sa.get(k)!r} (now {sb.get(k)!r})" for sa, sb in zip(a["saes"], b["saes"])
             for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k))
     old_sae = config_from_dict(old["sae"]).to_dict()  # under today's field names
     if old_sae != record["sae"]:  # run settings first: the run's length also resolves SAE fields (dead threshold)
-        diff = [k for k in diff if k != "saes"] + [k for k in record["sae"] if old_sae.get(k) != record["sae"][k]]
+        diff = [k for k in diff if not k.startswith("saes")] + [k for k in record["sae"]
+                                                                if old_sae.get(k) != record["sae"][k]]
         raise RunDirError(f"{run_dir} holds a different SAE (differs in {', '.join(diff)}); rerun with the original "
                           "settings or use a new --out")
     if diff:

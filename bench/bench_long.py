@@ -431,7 +431,9 @@ def write_report(res_path: Path, out: Path) -> dict:
               "saecache-topk`, `-1m`, `-3m` and `run saecache-batchtopk` (lazy Adam at 4x); today's `saecache-topk`, "
               "`saecache-batchtopk` and `saecache-topk-1m` rows by `run probe-topk-lr6x-w100`, "
               "`probe-batchtopk-lr6x-w100` and `probe-topk-1m-lr6x`, which passed today's defaults as flags "
-              "(`--lr 2.4e-3 --warmup-steps 100`; the 1M run's warm-up is 100 steps either way):", ""] + \
+              "(`--lr 2.4e-3 --warmup-steps 100`; the 1M run's warm-up is 100 steps either way), and today's "
+              "`saecache-topk-3m` row by `run saecache-topk-3m` run again. The % loss recovered entries follow their "
+              "rows' names. A command is listed once, where it first ran:", ""] + \
         [f"    {c}" for c in result.get("commands", [])]
     (out / "long.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "long.png")
@@ -443,23 +445,31 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, (_, _, steps, *_) in TRAINERS.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    floor, below = 0.94, 0  # points below the floor (early peers) are drawn on it, with their value
+    for i, (name, (_, _, steps, *_)) in enumerate(TRAINERS.items()):
         rs = [r for r in rows if r["trainer"] == name]
         if not rs:
             continue
-        xs, ys = [r["tokens"] for r in rs], [r["fve"] for r in rs]
+        xs, ys = [r["tokens"] for r in rs], [max(r["fve"], floor) for r in rs]
+        color = plt.get_cmap("tab20")(i % 20)
         if steps == STEPS:
-            ax.plot(xs, ys, marker="o", label=name, ls="-" if "batchtopk" not in name else "--")
+            ax.plot(xs, ys, marker="o", label=name, color=color, ls="-" if "batchtopk" not in name else "--")
         else:
-            ax.plot(xs, ys, marker="*", ms=12, ls="none", label=f"{name} (own schedule)")
+            ax.plot(xs, ys, marker="*", ms=12, ls="none", color=color, label=f"{name} (own schedule)")
+        for r in rs:
+            if r["fve"] < floor:
+                ax.annotate(f"{name} {r['fve']:.3f} ↓", (r["tokens"], floor), fontsize=7, xytext=(6, 4 + 10 * below),
+                            textcoords="offset points")
+                below += 1
+    ax.set_ylim(bottom=floor - 0.002)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out FVE")
     ax.set_title(f"{HOOK}, F={WIDTH}, k={K}: FVE along one 20M-token run per trainer")
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -186,8 +186,9 @@ class Architecture:
         `c` holds the SAE's settings by `sae.SAEConfig` field name (None = unset; `d_in` absent while the run's
         stores are not open). From a spec of a run (`run` given) it also holds the spec's hooks, name, lr,
         warmup_steps, decay_start and resample, and the run's defaults apply: k (the peers' 32), name, lr, LR
-        warm-up, the batchtopk threshold's start and EMA, AuxK's dead threshold, resample and decay_start. Without `run` (a module built
-        alone, a cfg.json read back, an import) k must be given. Returns the filled copy; subclasses extend it."""
+        warm-up, the batchtopk threshold's start and EMA, AuxK's dead threshold, resample and decay_start. Without
+        `run` (a module built alone, a cfg.json read back, an import) k must be given. Returns the filled copy;
+        subclasses extend it."""
         c = dict(c)
         width = c["width"]
         if run is not None and self.needs_k and c.get("k") is None:

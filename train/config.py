@@ -94,7 +94,8 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate of every SAE; unset: each SAE's architecture-family default. The defaults: 1.2e-3 /
     sqrt(F / 2^14) for the TopK family (its cross-layer dictionaries: 8e-4 / sqrt(F / 2^14)), 1e-3 for relu, 3e-4
-    for gated and jumprelu. An `lr` in an SAE entry of a --config's `saes` overrides it for that SAE. The resolved rate is recorded in each SAE's spec in cfg.json."""
+    for gated and jumprelu. An `lr` in an SAE entry of a --config's `saes` overrides it for that SAE. The resolved
+    rate is recorded in each SAE's spec in cfg.json."""
     warmup_steps: int | None = None
     """Steps of linear LR warm-up from 0 of every SAE; unset: each architecture's default, a tenth of the run, at
     most 1000 steps (the TopK family: at most 100). A `warmup_steps` in an SAE entry of a --config's `saes`

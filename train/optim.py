@@ -25,11 +25,12 @@ def default_lr(arch: str, width: int, k: int | None = None) -> float:
 
 def default_schedule(total_steps: int, batch_size: int) -> dict:
     """Warm-ups that scale with the run (the LR warm-up is each architecture's, `Architecture.max_warmup_steps`): the
-    batchtopk threshold starts at a tenth of the run (at most 1000 steps, dictionary_learning's fixed value), the sparsity-penalty warm-up at a twentieth (at most 2000). The
-    threshold's EMA decay averages over a tenth of the steps after its start (at most 1000: beta 0.999, again
-    dictionary_learning's), so a short run's threshold reflects its last activations, not its first ones. AuxK's
-    latents are dead after a hundredth of the run's rows without firing (at most 10M, sparsify's fixed value, reached
-    at 1B rows): with the fixed 10M a run shorter than that never used AuxK at all."""
+    batchtopk threshold starts at a tenth of the run (at most 1000 steps, dictionary_learning's fixed value), the
+    sparsity-penalty warm-up at a twentieth (at most 2000). The threshold's EMA decay averages over a tenth of the
+    steps after its start (at most 1000: beta 0.999, again dictionary_learning's), so a short run's threshold
+    reflects its last activations, not its first ones. AuxK's latents are dead after a hundredth of the run's rows
+    without firing (at most 10M, sparsify's fixed value, reached at 1B rows): with the fixed 10M a run shorter than
+    that never used AuxK at all."""
     start = min(MAX_THRESHOLD_START_STEP, total_steps // 10)
     window = max(1, min(1000, (total_steps - start) // 10))
     return {"sparsity_warmup_steps": min(MAX_SPARSITY_WARMUP_STEPS, total_steps // 20),

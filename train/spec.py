@@ -1,7 +1,8 @@
 """`SAESpec`: one SAE of a training run's sweep, as a --config file's `saes` entry or the SAE flags give it.
 
-Its own fields are checked here; its defaults (k, name, lr, warmup_steps, resample, decay_start and the options a run resolves) are
-its architecture's, filled in by `SAESpec.resolved` through `Architecture.resolve` when a `TrainConfig` takes it.
+Its own fields are checked here; its defaults (k, name, lr, warmup_steps, resample, decay_start and the options a run
+resolves) are its architecture's, filled in by `SAESpec.resolved` through `Architecture.resolve` when a `TrainConfig`
+takes it.
 """
 
 from __future__ import annotations
@@ -118,15 +119,16 @@ class SAESpec:
 
     def resolved(self, run) -> SAESpec:
         """This spec with its architecture's defaults for `run` (an `arch.RunDefaults`) filled in: k, name, lr,
-        warmup_steps, resample, decay_start, and the options a run resolves (`arch.RUN_OPTIONS`). `Architecture.resolve` holds
-        every rule; cfg.json records the result."""
+        warmup_steps, resample, decay_start, and the options a run resolves (`arch.RUN_OPTIONS`).
+        `Architecture.resolve` holds every rule; cfg.json records the result."""
         from saecache.train.arch import RUN_OPTIONS, architecture  # torch: imported on use (`train --help`)
 
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
         c = architecture(self.arch).resolve({**self.options, **fields}, run)
         if not _NAME_RE.match(c["name"]):
             raise ConfigError(f"SAE name {c['name']!r} may only use letters, digits and _.=+-")
-        return dataclasses.replace(self, **{k: c[k] for k in ("k", "name", "lr", "warmup_steps", "resample", "decay_start")},
+        resolved = ("k", "name", "lr", "warmup_steps", "resample", "decay_start")
+        return dataclasses.replace(self, **{k: c[k] for k in resolved},
                                    options={**self.options, **{k: c[k] for k in RUN_OPTIONS if k in c}})
 
     @property

@@ -246,6 +246,12 @@ def test_defaults_scale_with_the_run_and_width_and_cfg_records_them(tmp_path):
         long.saes[0].options["threshold_beta"] == pytest.approx(0.999)
     assert [s.warmup_steps for s in long.saes] == [100, 100, 1000]
     assert default_lr("topk", 2 ** 14, 32) == pytest.approx(1.2e-3)
+    # the cross-layer TopK dictionaries keep the rate and warm-up their bench measured (4x, at most 1000 steps)
+    clt = TrainConfig(stores=["s"], out=str(tmp_path), steps=100_000, saes=[
+        {"arch": "clt", "hooks_in": ["a.0", "a.1"], "hooks_out": ["b.0", "b.1"], "width": 4096, "k": 32},
+        {"arch": "matryoshka", "hook_in": "h", "width": 4096, "k": 32}])
+    assert [s.lr for s in clt.saes] == pytest.approx([4 * 2e-4 * 2, 6 * 2e-4 * 2])
+    assert [s.warmup_steps for s in clt.saes] == [1000, 100]
     mine = TrainConfig(stores=["s"], out=str(tmp_path), steps=300, lr=1e-3, warmup_steps=7, sparsity_warmup_steps=0,
                        saes=[{**saes[0], "options": {"threshold_start_step": 100}}, {**saes[1], "lr": 5e-5},
                              {**saes[2], "warmup_steps": 0}])

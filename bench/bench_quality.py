@@ -105,6 +105,7 @@ TRAIN_SAMPLE_ROWS = 100_000  # rows every trainer trained on, over which "dead o
 
 # ------------------------------------------------------------------------------------------------------------ runs
 def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int, extra: dict, out: Path):
+    from saecache.train.arch import gao_lr
     from saecache.train.config import TrainConfig
     from saecache.train.rundir import load_run
     from saecache.train.trainer import run_training
@@ -112,7 +113,7 @@ def _ours(store: str, hook: str, spec: dict, seed: int, tokens: int, batch: int,
     steps = -(-tokens // batch)
     extra = {key: (round(v * steps) if key == "decay_start" and v is not None else v) for key, v in extra.items()}
     if "lr_gao" in extra:  # a multiple of Gao et al.'s TopK rate 2e-4 / sqrt(F / 2^14)
-        extra["lr"] = extra.pop("lr_gao") * 2e-4 / (spec["width"] / 2 ** 14) ** 0.5
+        extra["lr"] = gao_lr(spec["width"], extra.pop("lr_gao"))
     if "options" in extra:  # SAEConfig fields of the one SAE (SAESpec.options)
         spec = {**spec, "options": {**spec.get("options", {}), **extra.pop("options")}}
     cfg = TrainConfig(stores=[store], out=str(out), saes=[{"hook_in": hook, **spec}], seed=seed, tokens=tokens,

@@ -32,6 +32,12 @@ from saecache.train.sparse_ops import (SparseCode, batch_topk_select, dead_topk_
                                        with_extra_columns)
 
 
+def gao_lr(width: int, multiple: float) -> float:
+    """`multiple` × the learning rate Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fitted against
+    the width, 2e-4 / sqrt(F / 2^14): the default of dictionary_learning and sparsify, and the TopK family's base."""
+    return multiple * 2e-4 / (width / 2 ** 14) ** 0.5
+
+
 class ReLU(Architecture):
     name, description = "relu", "ReLU + L1 or entropy penalty"
     threshold_form, dl_classes, saelens_arch = True, ("AutoEncoder", "AutoEncoderNew"), "standard"
@@ -131,17 +137,15 @@ class TopK(Architecture):
     still behind at 3M (0.9827 against 0.9836) (bench/results/long.md's probes). Runs of up to 1000 steps are as
     before (a tenth of the run)."""
     lr_multiple = 6
-    """Of Gao et al.'s rate (`default_lr`)."""
+    """Of Gao et al.'s rate (`gao_lr`, `default_lr`)."""
 
     def default_lr(self, width: int) -> float:
-        """1.2e-3 / sqrt(F / 2^14) (the whole TopK family): the width scaling Gao et al. (2024, "Scaling and evaluating
-        sparse autoencoders") fitted, 2e-4 / sqrt(F / 2^14) and the default of dictionary_learning and sparsify, times
-        6 (`lr_multiple`). Their rate has no gradient clip; under saecache's (`TrainConfig.grad_clip`) the early steps
-        are capped, and with Adam held-out FVE rose with the multiple up to 4× at every width measured and at 6× at
-        F=4096, with more rarely firing latents (bench/results/quality_lr.md). Lazy Adam keeps those latents alive, and
-        at 6× a 1M-token run beats sparsify's signum, which 4× did not, with 20M-token runs no worse
-        (bench/results/long.md)."""
-        return 2e-4 * self.lr_multiple / (width / 2 ** 14) ** 0.5
+        """1.2e-3 / sqrt(F / 2^14) (the whole TopK family): Gao et al.'s rate (`gao_lr`) times 6 (`lr_multiple`).
+        Their rate has no gradient clip; under saecache's (`TrainConfig.grad_clip`) the early steps are capped, and
+        with Adam held-out FVE rose with the multiple up to 4× at every width measured and at 6× at F=4096, with more
+        rarely firing latents (bench/results/quality_lr.md). Lazy Adam keeps those latents alive, and at 6× a
+        1M-token run beats sparsify's signum, which 4× did not, with 20M-token runs no worse (bench/results/long.md)."""
+        return gao_lr(width, self.lr_multiple)
 
     def select(self, cfg):
         return topk_select(cfg.k)
@@ -250,7 +254,7 @@ class CrossLayerFamily(Architecture):
         """The TopK family's rate at 4× Gao et al.'s (its default when bench/results/crosslayer.md ran; the single-
         layer family's 6× and 100-step warm-up are not measured on cross-layer dictionaries, which keep the
         base warm-up)."""
-        return 8e-4 / (width / 2 ** 14) ** 0.5 if self.needs_k else self.lr
+        return gao_lr(width, 4) if self.needs_k else self.lr
 
     def resolve(self, c, run=None):
         """A spec's run defaults (k, lr, decay, batchtopk threshold, AuxK dead threshold); `CrossLayerConfig`

@@ -60,6 +60,26 @@ def test_old_names_map_once_at_the_boundary():
         TrainConfig(stores=["s"], out="o", total_tokens=10, saes=[SAES[0]])
 
 
+def _killed_at_step_3(run_dir, edit=lambda rec: None) -> None:
+    """Make `run_dir` what a run killed after its step-3 checkpoint leaves: no later checkpoint, no weights, cfg.json
+    incomplete; `edit(rec)` first makes that record what an older saecache wrote."""
+    for step in rundir.list_checkpoints(str(run_dir)):
+        if step > 3:
+            shutil.rmtree(rundir.checkpoint_path(str(run_dir), step))
+    os.remove(os.path.join(run_dir, rundir.WEIGHTS_FILE))
+    rec = rundir.read_cfg(str(run_dir))
+    edit(rec)
+    rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
+    rundir.write_json_atomic(os.path.join(run_dir, rundir.CFG_FILE), rec)
+
+
+def _before_per_sae_warmup(rec: dict) -> None:
+    """The record as a saecache from before SAESpec.warmup_steps wrote it: the one resolved warm-up in "train"."""
+    rec["train"]["warmup_steps"] = rec["spec"].pop("warmup_steps")
+    for spec in rec["train"]["saes"]:
+        del spec["warmup_steps"]
+
+
 @pytest.mark.parametrize("window", [None, 3])  # steps, as 97d5ea9's resample_window; None: its default
 def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate(capsys, tiny_store, tmp_path,
                                                                                  monkeypatch, window):
@@ -68,18 +88,13 @@ def test_run_dir_and_config_in_the_old_names_resume_bit_identically_and_evaluate
     run_training(TrainConfig(**_settings(tiny_store, old_out, window)))
     # make each run dir what 97d5ea9 leaves when killed after the step-3 checkpoint: cfg.json in the old names,
     # incomplete, no weights, no later checkpoint
-    for name in ("relu", "topk"):
-        d = str(old_out / name)
-        for step in rundir.list_checkpoints(d):
-            if step > 3:
-                shutil.rmtree(rundir.checkpoint_path(d, step))
-        os.remove(os.path.join(d, rundir.WEIGHTS_FILE))
-        rec = rundir.read_cfg(d)
+    def as_97d5ea9_wrote_it(rec):
         rec["train"] = _as_97d5ea9_wrote_it(rec["train"], window)
         rec["sae"]["architecture"], rec["sae"]["n_features"] = rec["sae"].pop("arch"), rec["sae"].pop("width")
         del rec["spec"]["warmup_steps"]
-        rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
-        rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
+
+    for name in ("relu", "topk"):
+        _killed_at_step_3(old_out / name, as_97d5ea9_wrote_it)
     config = tmp_path / "old.json"  # a --config file in the old names resumes them
     config.write_text(json.dumps(_as_97d5ea9_wrote_it(_settings(tiny_store, old_out, window), window)))
     loaded, load = [], rundir.load_checkpoint
@@ -126,35 +141,14 @@ def test_a_run_dir_from_before_the_optimizer_field_resumes_with_adam(tiny_store,
     weights = lambda d: open(os.path.join(d, rundir.WEIGHTS_FILE), "rb").read()  # noqa: E731
     assert weights(adam) != weights(lazy)  # the two optimizers part within these 6 steps
     d = run_training(settings(tmp_path / "old", optimizer="adam"))[0]
-    for step in rundir.list_checkpoints(d):  # killed after the step-3 checkpoint, by a saecache without the field
-        if step > 3:
-            shutil.rmtree(rundir.checkpoint_path(d, step))
-    os.remove(os.path.join(d, rundir.WEIGHTS_FILE))
-    rec = rundir.read_cfg(d)
-    del rec["sae"]["optimizer"]
-    rec["spec"]["options"].pop("optimizer")
-    rec["train"]["saes"][0]["options"].pop("optimizer")
-    rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
-    rundir.write_json_atomic(os.path.join(d, rundir.CFG_FILE), rec)
+    def before_the_field(rec):  # killed after the step-3 checkpoint, by a saecache without the field
+        del rec["sae"]["optimizer"]
+        rec["spec"]["options"].pop("optimizer")
+        rec["train"]["saes"][0]["options"].pop("optimizer")
+
+    _killed_at_step_3(d, before_the_field)
     assert run_training(settings(tmp_path / "old"))[0] == d
     assert weights(d) == weights(adam)
-
-
-def _killed_at_step_3(run_dir: str, drop_warmup_field: bool = False) -> None:
-    """Make `run_dir` what a run killed after its step-3 checkpoint leaves (and, with `drop_warmup_field`, what a
-    saecache from before SAESpec.warmup_steps wrote: the one resolved warm-up in "train" only)."""
-    for step in rundir.list_checkpoints(run_dir):
-        if step > 3:
-            shutil.rmtree(rundir.checkpoint_path(run_dir, step))
-    os.remove(os.path.join(run_dir, rundir.WEIGHTS_FILE))
-    rec = rundir.read_cfg(run_dir)
-    if drop_warmup_field:
-        assert rec["train"]["warmup_steps"] is None  # today: unset at the run level, resolved per SAE
-        rec["train"]["warmup_steps"] = rec["spec"].pop("warmup_steps")
-        for spec in rec["train"]["saes"]:
-            del spec["warmup_steps"]
-    rec.update(complete=False, steps_done=3, tokens_seen=3 * BATCH)
-    rundir.write_json_atomic(os.path.join(run_dir, rundir.CFG_FILE), rec)
 
 
 def test_a_run_dir_from_before_the_per_sae_warmup_resumes_bit_identically(tiny_store, tmp_path):
@@ -168,7 +162,8 @@ def test_a_run_dir_from_before_the_per_sae_warmup_resumes_bit_identically(tiny_s
     ref = run_training(settings(tmp_path / "ref"))[0]
     assert rundir.read_cfg(ref)["spec"]["warmup_steps"] == 3  # relu: a tenth of the 30 steps
     d = run_training(settings(tmp_path / "old"))[0]
-    _killed_at_step_3(d, drop_warmup_field=True)
+    assert rundir.read_cfg(d)["train"]["warmup_steps"] is None  # today: unset at the run level, resolved per SAE
+    _killed_at_step_3(d, _before_per_sae_warmup)
     assert run_training(settings(tmp_path / "old"))[0] == d
     assert open(os.path.join(d, rundir.WEIGHTS_FILE), "rb").read() == \
         open(os.path.join(ref, rundir.WEIGHTS_FILE), "rb").read()

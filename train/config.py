@@ -210,7 +210,7 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
         if not self.grad_clip >= 0 or self.grad_clip == float("inf"):
             raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {self.grad_clip!r}")
-        self._resolve_warmups()
+        self._resolve_sparsity_warmup()
         if (self.warmup_steps or 0) < 0 or self.sparsity_warmup_steps < 0 or self.reader_threads < 0:
             raise ConfigError("--warmup-steps, --sparsity-warmup-steps and --reader-threads must be >= 0")
         if not 0 <= self.heldout_fraction < 1:
@@ -233,7 +233,7 @@ class TrainConfig:
         if self.log not in LOG_BACKENDS:
             raise ConfigError(f"--log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
 
-    def _resolve_warmups(self) -> None:
+    def _resolve_sparsity_warmup(self) -> None:
         """The sparsity warm-up left None: a twentieth of the run (`optim.default_schedule`), so the config, and
         cfg.json, say what ran. The LR warm-up is each SAE's, its architecture's default (`SAESpec.resolved`)."""
         from saecache.train.optim import default_schedule  # torch: imported on use, so `train --help` stays light

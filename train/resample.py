@@ -4,9 +4,9 @@ At chosen steps the training loop passes the latents that have not fired over a 
 and a batch of inputs. Each dead latent gets one input, drawn without replacement with probability ∝ the input's
 SQUARED reconstruction loss; its decoder row becomes that input's (target's, for a transcoder) unit direction, its
 encoder column the input's unit direction × 0.2 × the mean encoder norm of the alive latents, its encoder bias 0,
-and the Adam moments of exactly those rows/columns are zeroed (LazyAdam's β powers set back to 1). The loop then re-warms that SAE's LR
-(`optim.lr_factor(..., resample_steps=...)`). Only the SAEs whose `SAESpec.resample` is true are resampled (by default
-relu/gated/jumprelu; the topk family has AuxK for its dead latents).
+and the Adam moments of exactly those rows/columns are zeroed (LazyAdam's β powers set back to 1). The loop then
+re-warms that SAE's LR (`optim.lr_factor(..., resample_steps=...)`). Only the SAEs whose `SAESpec.resample` is true
+are resampled (by default relu/gated/jumprelu; the topk family has AuxK for its dead latents).
 
 Differences from dictionary_learning's `resample_neurons` (see the reference notes): probabilities use the squared
 loss (not the norm), directions are normalised before scaling, optimizer state is found by parameter object (not by
